@@ -1,0 +1,82 @@
+//! CPU contention: run-queue latency per cgroup (`RUNQ` map), and the task/cgroup layout facts
+//! the scheduler and memory programs share to find the cgroup of a task that is not `current`.
+
+use crate::RTT_BUCKETS;
+
+/// Selects the v2 (default hierarchy) cgroup of a task instead of a v1 controller's.
+pub const CGROUP_V2: u32 = u32::MAX;
+
+/// Byte offsets of task and cgroup members (from BTF), and which hierarchy to attribute to.
+///
+/// A task's cgroup id is `task->cgroups->dfl_cgrp->kn->id` (v2, the id `bpf_get_current_cgroup_id`
+/// returns) or, on a v1-only host, `task->cgroups->subsys[i]->cgroup->kn->id` for the cpu or
+/// memory controller's index `i` (`enum cgroup_subsys_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct.pid` (pid_t: the thread id).
+    pub task_pid: u32,
+    /// `task_struct.tgid` (the process id).
+    pub task_tgid: u32,
+    /// `task_struct.comm` (char[16]).
+    pub task_comm: u32,
+    /// `task_struct.cgroups` (`struct css_set *`).
+    pub task_cgroups: u32,
+    /// `css_set.dfl_cgrp` (`struct cgroup *`).
+    pub css_set_dfl_cgrp: u32,
+    /// `css_set.subsys` (array of `struct cgroup_subsys_state *`).
+    pub css_set_subsys: u32,
+    /// `cgroup_subsys_state.cgroup`.
+    pub css_cgroup: u32,
+    /// `cgroup.kn`.
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`.
+    pub kernfs_node_id: u32,
+    /// Hierarchy for CPU attribution: [`CGROUP_V2`] or the v1 cpu controller's subsys index.
+    pub cpu_hierarchy: u32,
+    /// Hierarchy for memory attribution: [`CGROUP_V2`] or the v1 memory controller's index.
+    pub memory_hierarchy: u32,
+    pub _pad: u32,
+}
+
+/// Cumulative run-queue latency of one cgroup: time from a task becoming runnable (wakeup, or
+/// preemption while still runnable) to it being switched in. CFS bandwidth throttling shows up
+/// here too: a throttled task is runnable but not picked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RunqStats {
+    pub samples: u64,
+    pub sum_us: u64,
+    /// Log-linear histogram of the latency in µs (same buckets as RTT, see [`crate::rtt_bucket`]).
+    pub buckets: [u32; RTT_BUCKETS],
+}
+
+impl RunqStats {
+    pub const ZERO: RunqStats = RunqStats {
+        samples: 0,
+        sum_us: 0,
+        buckets: [0; RTT_BUCKETS],
+    };
+}
+
+/// Bound on cgroups with run-queue stats, and on tasks waiting to run at one time.
+pub const MAX_RUNQ_CGROUPS: u32 = 4_096;
+pub const MAX_RUNNABLE_TASKS: u32 = 32_768;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] integers and arrays, explicit padding.
+    unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::RunqStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 12 * 4);
+        assert_eq!(core::mem::size_of::<RunqStats>(), 16 + 4 * RTT_BUCKETS);
+    }
+}

@@ -1,0 +1,259 @@
+//! Network latency and loss: keys and values of the `FLOWS` and `DROPS` maps.
+
+/// Number of RTT buckets: exact below 8 µs, then 8 linear sub-buckets per power of two up to
+/// 2^29 µs (~9 minutes). The widest bucket is 1/8 of its lower bound, so a bucket's midpoint is
+/// within ~6% of any value in it: fine enough to tell 20 ms from 23 ms.
+pub const RTT_BUCKETS: usize = 216;
+const SUB_BUCKET_BITS: u32 = 3;
+const SUB_BUCKETS: u32 = 1 << SUB_BUCKET_BITS;
+
+/// One (local cgroup, remote address) pair: the unit the kernel aggregates network samples by.
+///
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so both families share one key type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// cgroup v2 id (the cgroup directory's inode number) of the socket's owner.
+    pub cgroup_id: u64,
+    pub remote_addr: [u8; 16],
+    pub family: u16,
+    /// Who opened the connection, see [`flow_direction`].
+    pub direction: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The connection's direction is not known (both or neither port is ephemeral).
+pub const DIRECTION_UNKNOWN: u8 = 0;
+/// This side connected out (its local port is ephemeral, the remote's is not).
+pub const DIRECTION_OUTBOUND: u8 = 1;
+/// This side accepted the connection (the remote port is ephemeral).
+pub const DIRECTION_INBOUND: u8 = 2;
+
+/// Classifies a connection by its ports. The distinction matters for RTT: on an accepted
+/// request/response connection the ACK of each response rides on the client's next request (or
+/// its delayed-ACK timer), so the server side's smoothed RTT includes the client's think time;
+/// the connecting side's RTT is the network's.
+#[inline(always)]
+pub fn flow_direction(local_port: u16, remote_port: u16, ephemeral_port_min: u16) -> u8 {
+    let local_ephemeral = local_port >= ephemeral_port_min;
+    let remote_ephemeral = remote_port >= ephemeral_port_min;
+    if local_ephemeral && !remote_ephemeral {
+        DIRECTION_OUTBOUND
+    } else if remote_ephemeral && !local_ephemeral {
+        DIRECTION_INBOUND
+    } else {
+        DIRECTION_UNKNOWN
+    }
+}
+
+/// Cumulative counters for one [`FlowKey`]; the agent turns them into per-window deltas.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowStats {
+    /// Segments sent (`tcp_sock.segs_out` deltas seen at ACK time): the denominator of the
+    /// retransmit ratio.
+    pub segs_out: u64,
+    /// Segments retransmitted (`tcp:tcp_retransmit_skb` events weighted by the skb's segment
+    /// count, as the kernel's TcpRetransSegs counts them).
+    pub retransmits: u64,
+    /// Log-linear histogram of smoothed RTT in µs, see [`rtt_bucket`]. The sample count and the
+    /// mean come from it: two fewer shared atomic adds per ACK (~30 ns each).
+    pub rtt_buckets: [u32; RTT_BUCKETS],
+}
+
+impl FlowStats {
+    pub const ZERO: FlowStats = FlowStats {
+        segs_out: 0,
+        retransmits: 0,
+        rtt_buckets: [0; RTT_BUCKETS],
+    };
+}
+
+/// A socket contributes at most one RTT sample to its flow's histogram per this interval.
+///
+/// `tcp:tcp_probe` fires for every segment received: over a million times a second per busy
+/// connection, while the smoothed RTT it reports moves by at most 1/8 per ACK. Sampling each
+/// socket once a millisecond keeps every change that lasts longer than that, weights the histogram
+/// by time instead of by packet rate, and makes the common case (an ACK within the interval) one
+/// map lookup and a clock read, with no kernel read and no update of the shared flow entry.
+/// Segments sent lose nothing: the kernel's counter is cumulative, so each sample (and the
+/// socket leaving ESTABLISHED) adds everything sent since the previous one.
+pub const RTT_SAMPLE_INTERVAL_NS: u64 = 1_000_000;
+
+/// What the latency program remembers per socket (keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    /// The flow the socket's figures go to: its owner's cgroup (fixed at socket creation), its
+    /// peer and its direction, all resolved the first time the socket is seen.
+    pub flow: FlowKey,
+    /// The `struct sock` address, to read `tcp_sock.segs_out` without the tracepoint record.
+    pub sk: u64,
+    /// When the socket last added an RTT sample (`bpf_ktime_get_ns`).
+    pub last_sample_ns: u64,
+    /// `tcp_sock.segs_out` when the flow's `segs_out` was last brought up to date: at the previous
+    /// RTT sample (or the socket leaving ESTABLISHED, `sock:inet_sock_set_state`).
+    pub segs_out: u32,
+    pub _pad: u32,
+}
+
+impl SocketState {
+    /// Segments sent since the previous call, given the kernel's cumulative `segs_out` now
+    /// (`None` if it could not be read: nothing is counted, the next read catches up).
+    #[inline(always)]
+    pub fn take_segs_sent(&mut self, segs_out: Option<u32>) -> u32 {
+        let Some(now) = segs_out else { return 0 };
+        // The counter wraps; a cookie never names another socket, so a smaller value is a wrap.
+        let sent = now.wrapping_sub(self.segs_out);
+        self.segs_out = now;
+        sent
+    }
+}
+
+/// A kernel packet drop, keyed by who (cgroup, remote) and why (the kernel's drop reason).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DropKey {
+    /// cgroup v2 id of the socket the packet belonged to; 0 when it had none (e.g. no listener).
+    pub cgroup_id: u64,
+    /// The far end: the socket's peer, else the packet's source address.
+    pub remote_addr: [u8; 16],
+    pub family: u16,
+    /// Layer-3 protocol (ethertype, host order) as the tracepoint reports it.
+    pub protocol: u16,
+    /// `enum skb_drop_reason` value; names come from the tracepoint's format file.
+    pub reason: u32,
+}
+
+/// Index of the histogram bucket for an RTT of `us` microseconds.
+///
+/// Written without `leading_zeros` so the BPF backend never has to expand `ctlz`.
+#[inline(always)]
+pub fn rtt_bucket(us: u32) -> usize {
+    if us < SUB_BUCKETS {
+        return us as usize;
+    }
+    let msb = most_significant_bit(us);
+    let sub = (us >> (msb - SUB_BUCKET_BITS)) & (SUB_BUCKETS - 1);
+    let index = ((msb - SUB_BUCKET_BITS + 1) * SUB_BUCKETS + sub) as usize;
+    if index < RTT_BUCKETS { index } else { RTT_BUCKETS - 1 }
+}
+
+/// Lowest value (µs) that falls into bucket `index`, and the bucket's width.
+pub fn rtt_bucket_bounds(index: usize) -> (u64, u64) {
+    let index = index as u64;
+    let sub_buckets = u64::from(SUB_BUCKETS);
+    if index < sub_buckets {
+        return (index, 1);
+    }
+    let msb = index / sub_buckets + u64::from(SUB_BUCKET_BITS) - 1;
+    let sub = index % sub_buckets;
+    let shift = msb - u64::from(SUB_BUCKET_BITS);
+    ((sub_buckets + sub) << shift, 1 << shift)
+}
+
+#[inline(always)]
+fn most_significant_bit(mut v: u32) -> u32 {
+    let mut msb = 0;
+    if v >= 1 << 16 {
+        v >>= 16;
+        msb += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        msb += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        msb += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        msb += 2;
+    }
+    if v >= 1 << 1 {
+        msb += 1;
+    }
+    msb
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and arrays with explicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::SocketState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_sent_are_counted_once_across_reads_wraps_and_failed_reads() {
+        let mut state = SocketState {
+            segs_out: u32::MAX - 2,
+            ..SocketState::default()
+        };
+        assert_eq!(state.take_segs_sent(None), 0);
+        assert_eq!(state.take_segs_sent(Some(u32::MAX)), 2);
+        assert_eq!(state.take_segs_sent(Some(4)), 5, "wraps past u32::MAX");
+        assert_eq!(
+            state.take_segs_sent(None),
+            0,
+            "an unreadable counter counts nothing now…"
+        );
+        assert_eq!(state.take_segs_sent(Some(10)), 6, "…and is caught up by the next read");
+        assert_eq!(state.take_segs_sent(Some(10)), 0);
+    }
+
+    #[test]
+    fn small_values_are_exact() {
+        for us in 0..8u32 {
+            assert_eq!(rtt_bucket(us), us as usize);
+            assert_eq!(rtt_bucket_bounds(us as usize), (u64::from(us), 1));
+        }
+    }
+
+    #[test]
+    fn every_value_falls_inside_its_bucket_bounds() {
+        let mut us = 1u32;
+        while us < (1 << 29) {
+            let (low, width) = rtt_bucket_bounds(rtt_bucket(us));
+            assert!(
+                u64::from(us) >= low && u64::from(us) < low + width,
+                "{us} -> [{low}, +{width})"
+            );
+            // Relative width stays at most 1/8 of the lower bound.
+            assert!(width * 8 <= low.max(8), "bucket too wide at {us}");
+            us = us + us / 7 + 1;
+        }
+    }
+
+    #[test]
+    fn buckets_are_monotonic_and_clamped() {
+        let mut last = 0;
+        for us in (0..2_000_000u32).step_by(97) {
+            let b = rtt_bucket(us);
+            assert!(b >= last);
+            last = b;
+        }
+        assert_eq!(rtt_bucket(u32::MAX), RTT_BUCKETS - 1);
+    }
+
+    #[test]
+    fn directions_follow_the_ephemeral_range() {
+        assert_eq!(flow_direction(40_000, 7000, 32_768), DIRECTION_OUTBOUND);
+        assert_eq!(flow_direction(7000, 40_000, 32_768), DIRECTION_INBOUND);
+        assert_eq!(flow_direction(40_000, 50_000, 32_768), DIRECTION_UNKNOWN);
+        assert_eq!(flow_direction(80, 443, 32_768), DIRECTION_UNKNOWN);
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 32);
+        assert_eq!(core::mem::size_of::<DropKey>(), 32);
+        assert_eq!(core::mem::size_of::<FlowStats>(), 16 + 4 * RTT_BUCKETS);
+    }
+}

@@ -1,0 +1,227 @@
+//! CPU contention: run-queue latency per cgroup, the runqlat method. A task's clock starts when
+//! it becomes runnable (`sched_wakeup`, `sched_wakeup_new`, or being preempted while still
+//! runnable in `sched_switch`) and stops when `sched_switch` picks it. The delay lands in a
+//! log-linear histogram of the *picked* task's cgroup, so a noisy neighbour or a CFS quota shows
+//! up on the pod that waits, not on whoever happened to be running.
+//!
+//! Raw tracepoints, because the classic ones give a pid but not the task pointer needed to find
+//! the task's cgroup; the cgroup chain is read with offsets the agent resolved from BTF.
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint},
+    maps::{HashMap, LruHashMap},
+    programs::RawTracePointContext,
+};
+use graywatch_common::{
+    CGROUP_V2, LostEvent, MAX_RUNNABLE_TASKS, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket,
+};
+
+use crate::maps::{add_u32, add_u64, count_lost};
+
+/// Cumulative run-queue latency per cgroup id.
+#[map]
+pub static RUNQ: HashMap<u64, RunqStats> = HashMap::with_max_entries(MAX_RUNQ_CGROUPS, 0);
+
+/// When each runnable task (by `task_struct` address) started waiting. Keyed by address so the
+/// hot wakeup path reads nothing from the task. Entries are kept (the cached cgroup id is worth
+/// keeping) but the stamp is cleared when the task is picked, so a switch-in that no traced
+/// wakeup or preemption preceded (a task already runnable when the agent started, a wakeup path
+/// the tracepoints do not see) is skipped instead of measured from a stale stamp. LRU eviction
+/// bounds the map as tasks exit. Per-CPU LRU lists avoid a shared lock per wakeup.
+#[map]
+static RUNNABLE: LruHashMap<u64, RunnableTask> = LruHashMap::with_max_entries(MAX_RUNNABLE_TASKS, BPF_F_NO_COMMON_LRU);
+
+/// Per-task state of the run-queue clock (kernel side only).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RunnableTask {
+    /// When the task last became runnable.
+    since_ns: u64,
+    /// The task's cgroup id, cached: reading it is a chain of four kernel reads, and tasks
+    /// rarely change cgroup (re-read at most once per [`CGROUP_RECHECK_NS`]).
+    cgroup_id: u64,
+    cgroup_checked_ns: u64,
+}
+
+/// How long a cached task cgroup id is trusted; bounds misattribution after a task is moved
+/// (e.g. a container's init process, which runc forks and then moves into the pod's cgroup).
+const CGROUP_RECHECK_NS: u64 = 1_000_000_000;
+
+/// Filled in by the agent from BTF before load.
+#[unsafe(no_mangle)]
+static TASK_OFFSETS: TaskOffsets = TaskOffsets {
+    task_pid: 0,
+    task_tgid: 0,
+    task_comm: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    css_set_subsys: 0,
+    css_cgroup: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    cpu_hierarchy: CGROUP_V2,
+    memory_hierarchy: CGROUP_V2,
+    _pad: 0,
+};
+
+/// Zeroed value to insert new cgroups from (larger than the BPF stack allows).
+static ZERO_RUNQ: RunqStats = RunqStats::ZERO;
+
+/// `TASK_RUNNING`: a task switched out in this state is still runnable (preempted).
+const TASK_RUNNING: u64 = 0;
+
+#[inline(always)]
+pub fn task_offsets() -> TaskOffsets {
+    // SAFETY: a static in .rodata; volatile so the compiler cannot fold the initialiser.
+    unsafe { core::ptr::read_volatile(&TASK_OFFSETS) }
+}
+
+#[inline(always)]
+unsafe fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel validates the address; a bad one is an Err, not a fault.
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()) }
+}
+
+/// The task's thread id.
+#[inline(always)]
+pub fn task_pid(o: &TaskOffsets, task: *const u8) -> Option<u32> {
+    // SAFETY: read through bpf_probe_read_kernel.
+    match unsafe { read::<i32>(task, o.task_pid) } {
+        Ok(pid) => Some(pid as u32),
+        Err(_) => {
+            count_lost(LostEvent::TaskReadFailed);
+            None
+        }
+    }
+}
+
+/// The task's cgroup id in `hierarchy` ([`CGROUP_V2`] or a v1 controller's subsys index).
+#[inline(always)]
+pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Option<u64> {
+    let id = (|| -> Result<u64, i32> {
+        // SAFETY: all reads go through bpf_probe_read_kernel.
+        unsafe {
+            let css_set: *const u8 = read(task, o.task_cgroups)?;
+            let cgroup: *const u8 = if hierarchy == CGROUP_V2 {
+                read(css_set, o.css_set_dfl_cgrp)?
+            } else {
+                // Bounded so the verifier sees a constant-range offset.
+                let index = hierarchy & 0x3f;
+                let css: *const u8 = read(css_set, o.css_set_subsys + index * 8)?;
+                read(css, o.css_cgroup)?
+            };
+            let kn: *const u8 = read(cgroup, o.cgroup_kn)?;
+            read(kn, o.kernfs_node_id)
+        }
+    })();
+    match id {
+        Ok(id) => Some(id),
+        Err(_) => {
+            count_lost(LostEvent::TaskReadFailed);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn mark_runnable(task: u64, now: u64) {
+    // Overwrite in place when the task has an entry (the common case: no allocation, which is
+    // most of an LRU insert's cost); insert only for tasks not seen yet.
+    if let Some(entry) = RUNNABLE.get_ptr_mut(&task) {
+        // SAFETY: value pointer of a live entry; a racing writer stores the same kind of value.
+        unsafe { (*entry).since_ns = now };
+        return;
+    }
+    let entry = RunnableTask {
+        since_ns: now,
+        cgroup_id: 0,
+        cgroup_checked_ns: 0,
+    };
+    if RUNNABLE.insert(task, entry, 0).is_err() {
+        count_lost(LostEvent::RunnableMapFull);
+    }
+}
+
+/// `sched_wakeup(struct task_struct *p)`.
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    // SAFETY: a helper without preconditions.
+    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
+    0
+}
+
+/// `sched_wakeup_new(struct task_struct *p)`.
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
+    // SAFETY: a helper without preconditions.
+    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
+    0
+}
+
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state)` (prev_state is an argument since 5.18).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+    match try_sched_switch(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
+    let o = task_offsets();
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let preempt: u64 = ctx.arg(0);
+    let prev: u64 = ctx.arg(1);
+    let next: u64 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    // A preempted task is still runnable. So is one that yielded (switched out "running"
+    // without preemption), except the idle task (pid 0), which leaves the CPU that way too.
+    if preempt & 1 == 1
+        || (prev_state & 0xffff_ffff == TASK_RUNNING && task_pid(&o, prev as *const u8).is_some_and(|pid| pid != 0))
+    {
+        mark_runnable(prev, now);
+    }
+    let entry = RUNNABLE.get_ptr_mut(&next).ok_or(())?;
+    // SAFETY: value pointer of a live entry, only this CPU switches `next` in.
+    let task = unsafe { &mut *entry };
+    let since_ns = task.since_ns;
+    if since_ns == 0 {
+        // Not waiting since a stamp we saw: no sample rather than a made-up one.
+        return Ok(());
+    }
+    task.since_ns = 0;
+    let waited_us = now.saturating_sub(since_ns) / 1_000;
+    if task.cgroup_id == 0 || now.saturating_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
+        task.cgroup_id = task_cgroup_id(&o, next as *const u8, o.cpu_hierarchy).ok_or(())?;
+        task.cgroup_checked_ns = now;
+    }
+    let cgroup_id = task.cgroup_id;
+    let stats = runq_stats(cgroup_id).ok_or(())?;
+    // SAFETY: `stats` points into a live RUNQ value; fields are updated atomically.
+    unsafe {
+        add_u64(&raw mut (*stats).samples, 1);
+        add_u64(&raw mut (*stats).sum_us, waited_us);
+        let bucket = rtt_bucket(waited_us.min(u64::from(u32::MAX)) as u32);
+        if let Some(slot) = (*stats).buckets.get_mut(bucket) {
+            add_u32(slot, 1);
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {
+    if let Some(stats) = RUNQ.get_ptr_mut(&cgroup_id) {
+        return Some(stats);
+    }
+    // Concurrent first inserts of one cgroup: NOEXIST lets one win harmlessly.
+    let _ = RUNQ.insert(&cgroup_id, &ZERO_RUNQ, u64::from(BPF_NOEXIST));
+    let stats = RUNQ.get_ptr_mut(&cgroup_id);
+    if stats.is_none() {
+        count_lost(LostEvent::RunqMapFull);
+    }
+    stats
+}

@@ -1,0 +1,156 @@
+//! Maps shared by the programs, the globals the loader fills in, and the small helpers that
+//! update them.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use aya_log_ebpf::warn;
+use graywatch_common::{
+    DropKey, FlowKey, FlowStats, KernelOffsets, LostEvent, MAX_DROP_KEYS, MAX_FLOWS, MAX_TRACKED_SOCKETS, NetSettings,
+    SocketState, TCP_PROBE_RECORD_MAX,
+};
+
+/// Cumulative network statistics per (cgroup, remote address). Shared (not per-CPU) with atomic
+/// adds: a per-CPU map of histograms would cost MAX_FLOWS × 900 B × CPUs of kernel memory.
+#[map]
+pub static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Cumulative drop counts per (cgroup, remote, reason).
+#[map]
+pub static DROPS: HashMap<DropKey, u64> = HashMap::with_max_entries(MAX_DROP_KEYS, 0);
+
+/// Per-socket state by socket cookie: the socket's flow (resolved once), when it last added an
+/// RTT sample, and the last `tcp_sock.segs_out`, to turn the kernel's cumulative counter into
+/// deltas. Entries go when the connection leaves ESTABLISHED; LRU eviction covers the rest.
+#[map]
+pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+/// The socket this CPU last saw in `tcp:tcp_probe` and when that socket last added an RTT
+/// sample: consecutive ACKs on a CPU are mostly one socket's, so most probes inside the sampling
+/// interval end here without a hash lookup. Only ever behind `SOCKETS` (a stale entry makes a
+/// probe skip a sample that `SOCKETS` would also have skipped).
+#[map]
+pub static LAST_PROBED: PerCpuArray<LastProbed> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct LastProbed {
+    pub cookie: u64,
+    pub last_sample_ns: u64,
+}
+
+/// Per-CPU scratch space for the copy of a `tcp:tcp_probe` record (too big for the 512-byte stack
+/// next to everything else).
+#[map]
+pub static TCP_PROBE_SCRATCH: PerCpuArray<[u8; TCP_PROBE_RECORD_MAX]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Events a program could not record, indexed by [`LostEvent`].
+#[map]
+pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostEvent::COUNT, 0);
+
+/// Filled in by the agent from BTF before load.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    sock_family: 0,
+    sock_daddr: 0,
+    sock_v6_daddr: 0,
+    sock_cgroup: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    tcp_sock_segs_out: 0,
+    skb_sk: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_tcp_gso_segs: 0,
+    sock_cookie: 0,
+};
+
+/// Filled in by the agent from sysctls before load.
+#[unsafe(no_mangle)]
+static NET_SETTINGS: NetSettings = NetSettings {
+    ephemeral_port_min: 32_768,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn ephemeral_port_min() -> u16 {
+    // SAFETY: a static in .rodata written by the loader.
+    let settings = unsafe { core::ptr::read_volatile(&NET_SETTINGS) };
+    settings.ephemeral_port_min as u16
+}
+
+#[inline(always)]
+pub fn kernel_offsets() -> KernelOffsets {
+    // SAFETY: a static in .rodata; volatile so the compiler cannot fold the zero initialiser.
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// Zeroed value to insert new flows from: a global, because FlowStats is larger than the
+/// 512-byte BPF stack.
+static ZERO_FLOW: FlowStats = FlowStats::ZERO;
+
+/// Counts a lost event; returns true the first time this CPU loses one of this kind, so the
+/// caller can log once instead of flooding the log ring.
+#[inline(always)]
+pub fn count_lost(event: LostEvent) -> bool {
+    match LOST_EVENTS.get_ptr_mut(event as u32) {
+        Some(counter) => {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            unsafe {
+                *counter += 1;
+                *counter == 1
+            }
+        }
+        None => false,
+    }
+}
+
+/// The stats slot for `key`, created zeroed on first use. `None` (counted as lost) when full.
+#[inline(always)]
+pub fn flow_stats<C: EbpfContext>(ctx: &C, key: &FlowKey) -> Option<*mut FlowStats> {
+    if let Some(stats) = FLOWS.get_ptr_mut(key) {
+        return Some(stats);
+    }
+    // Another CPU may insert the same key concurrently: NOEXIST makes one of us lose harmlessly.
+    let _ = FLOWS.insert(key, &ZERO_FLOW, u64::from(BPF_NOEXIST));
+    let stats = FLOWS.get_ptr_mut(key);
+    if stats.is_none() && count_lost(LostEvent::FlowMapFull) {
+        warn!(
+            ctx,
+            "FLOWS map is full ({} entries): new flows are counted as lost", MAX_FLOWS
+        );
+    }
+    stats
+}
+
+#[inline(always)]
+pub fn add_u64(slot: *mut u64, value: u64) {
+    // SAFETY: `slot` points into a map value that lives as long as the map. The BPF target has
+    // no `AtomicU64::fetch_add` (no compare-and-swap); the intrinsic lowers to `lock +=`.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, value) };
+}
+
+#[inline(always)]
+pub fn add_u32(slot: *mut u32, value: u32) {
+    // SAFETY: as for add_u64.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(slot, value) };
+}
+
+#[inline(always)]
+pub fn count_drop(key: &DropKey) {
+    if let Some(count) = DROPS.get_ptr_mut(key) {
+        add_u64(count, 1);
+        return;
+    }
+    let _ = DROPS.insert(key, &0u64, u64::from(BPF_NOEXIST));
+    match DROPS.get_ptr_mut(key) {
+        Some(count) => add_u64(count, 1),
+        None => {
+            count_lost(LostEvent::DropMapFull);
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Network latency: the smoothed RTT of every established TCP socket, sampled by `tcp:tcp_probe`
+//! (which fires as segments arrive) at most once per socket and [`RTT_SAMPLE_INTERVAL_NS`], into
+//! a log-linear histogram per (cgroup, remote address). The same hook accumulates segments sent,
+//! the denominator of the retransmit ratio; `sock:inet_sock_set_state` hands over what a socket
+//! still holds when it leaves ESTABLISHED.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use graywatch_common::{
+    AF_INET, AF_INET6, FlowKey, LostEvent, RTT_SAMPLE_INTERVAL_NS, SockStateFields, SocketState, TCP_PROBE_RECORD_MAX,
+    TcpProbeFields, flow_direction, rtt_bucket,
+};
+
+use crate::{
+    maps::{LAST_PROBED, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min, flow_stats, kernel_offsets},
+    sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, tcp_segs_out},
+};
+
+#[unsafe(no_mangle)]
+static TCP_PROBE_FIELDS: TcpProbeFields = TcpProbeFields {
+    daddr: 0,
+    family: 0,
+    srtt: 0,
+    skaddr: 0,
+    sock_cookie: 0,
+    sport: 0,
+    dport: 0,
+    record_len: 0,
+};
+
+#[unsafe(no_mangle)]
+static SOCK_STATE_FIELDS: SockStateFields = SockStateFields {
+    skaddr: 0,
+    oldstate: 0,
+    protocol: 0,
+    _pad: 0,
+};
+
+const TCP_ESTABLISHED: i32 = 1;
+const IPPROTO_TCP: u16 = 6;
+
+#[tracepoint]
+pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+    match try_tcp_probe(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// Copies `N` bytes at `offset` out of the record copy (bounds-checked, so the verifier agrees).
+#[inline(always)]
+fn field<const N: usize>(record: &[u8; TCP_PROBE_RECORD_MAX], offset: u32) -> Result<[u8; N], ()> {
+    let start = offset as usize;
+    let bytes = record.get(start..start + N).ok_or(())?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    Ok(out)
+}
+
+/// Where `sock_cookie` sits in the record on the kernels we know (6.x). The verifier only allows
+/// direct loads from a tracepoint record at offsets fixed in the instruction, not at the
+/// loader-patched ones; when this kernel's format file agrees (a .rodata constant, so the
+/// verifier drops the untaken branch), the hot path reads the cookie with one load instead of a
+/// `bpf_probe_read_kernel` call.
+const USUAL_SOCK_COOKIE_OFFSET: u32 = 112;
+
+#[inline(always)]
+fn sock_cookie(ctx: &TracePointContext, fields: &TcpProbeFields) -> Result<u64, ()> {
+    if fields.sock_cookie == USUAL_SOCK_COOKIE_OFFSET {
+        // SAFETY: the record is at least `record_len` > 112 + 8 bytes (its format file says so).
+        Ok(unsafe {
+            core::ptr::read_volatile(
+                (ctx.as_ptr() as *const u8)
+                    .add(USUAL_SOCK_COOKIE_OFFSET as usize)
+                    .cast::<u64>(),
+            )
+        })
+    } else {
+        // SAFETY: the offset comes from this kernel's tracepoint format file.
+        unsafe { ctx.read_at(fields.sock_cookie as usize).map_err(|_| ()) }
+    }
+}
+
+fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), ()> {
+    // SAFETY: a static in .rodata written by the loader.
+    let fields = unsafe { core::ptr::read_volatile(&TCP_PROBE_FIELDS) };
+    let cookie = sock_cookie(ctx, &fields)?;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let last = LAST_PROBED.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    let last = unsafe { &mut *last };
+    if last.cookie == cookie && now.wrapping_sub(last.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
+        return Ok(());
+    }
+    last.cookie = cookie;
+    let Some(state) = SOCKETS.get_ptr_mut(cookie) else {
+        last.last_sample_ns = now;
+        return first_probe(ctx, &fields, cookie, now);
+    };
+    // SAFETY: value pointer of a live LRU entry; a socket's probes (and its state changes) are
+    // serialised by the socket lock.
+    let state = unsafe { &mut *state };
+    if now.wrapping_sub(state.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
+        last.last_sample_ns = state.last_sample_ns;
+        return Ok(());
+    }
+    state.last_sample_ns = now;
+    last.last_sample_ns = now;
+    let segs = state.take_segs_sent(tcp_segs_out(&kernel_offsets(), state.sk as *const u8));
+    // SAFETY: the offset comes from this kernel's tracepoint format file.
+    let srtt: u32 = unsafe { ctx.read_at(fields.srtt as usize).map_err(|_| ())? };
+    let flow = state.flow;
+    record_sample(ctx, &flow, segs, srtt)
+}
+
+/// A socket seen for the first time: resolve its flow from the record and the socket, remember
+/// it, and take its first RTT sample.
+fn first_probe(ctx: &TracePointContext, fields: &TcpProbeFields, cookie: u64, now: u64) -> Result<(), ()> {
+    // One copy of the record instead of a kernel read per field.
+    let scratch = TCP_PROBE_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
+    let record = unsafe { &mut *scratch };
+    let len = (fields.record_len as usize).min(TCP_PROBE_RECORD_MAX);
+    // SAFETY: the tracepoint record is at least `record_len` bytes (from its format file).
+    unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut record[..len]).map_err(|_| ())? };
+    let record: &[u8; TCP_PROBE_RECORD_MAX] = record;
+    let family = u16::from_ne_bytes(field(record, fields.family)?);
+    let srtt = u32::from_ne_bytes(field(record, fields.srtt)?);
+    let sk = u64::from_ne_bytes(field(record, fields.skaddr)?);
+    let sport = u16::from_ne_bytes(field(record, fields.sport)?);
+    let dport = u16::from_ne_bytes(field(record, fields.dport)?);
+    // daddr is a sockaddr_in (address at byte 4) or sockaddr_in6 (address at byte 8).
+    let remote_addr = match family {
+        AF_INET => ipv4_mapped(field(record, fields.daddr + 4)?),
+        AF_INET6 => field(record, fields.daddr + 8)?,
+        _ => return Err(()),
+    };
+    let offsets = kernel_offsets();
+    // Three dependent kernel reads, once per socket.
+    let cgroup_id = socket_cgroup_id(&offsets, sk as *const u8).ok_or(())?;
+    let flow = FlowKey {
+        cgroup_id,
+        remote_addr,
+        family,
+        direction: flow_direction(sport, dport, ephemeral_port_min()),
+        _pad: [0; 5],
+    };
+    let state = SocketState {
+        flow,
+        sk,
+        last_sample_ns: now,
+        segs_out: tcp_segs_out(&offsets, sk as *const u8).unwrap_or(0),
+        _pad: 0,
+    };
+    if SOCKETS.insert(cookie, state, 0).is_err() {
+        count_lost(LostEvent::SocketMapFull);
+    }
+    record_sample(ctx, &flow, 0, srtt)
+}
+
+/// Adds `segs` segments sent and (if non-zero) one RTT sample to the flow's entry.
+#[inline(always)]
+fn record_sample(ctx: &TracePointContext, flow: &FlowKey, segs: u32, srtt: u32) -> Result<(), ()> {
+    let stats = flow_stats(ctx, flow).ok_or(())?;
+    // SAFETY: `stats` points into a live FLOWS value; fields are updated atomically.
+    unsafe {
+        if segs > 0 {
+            add_u64(&raw mut (*stats).segs_out, u64::from(segs));
+        }
+        if srtt > 0 {
+            // The volatile read hides the index's derivation from LLVM so the bounds check in
+            // get_mut survives: the verifier loses track of bounds through the shifts above.
+            let bucket = rtt_bucket(srtt);
+            let bucket = core::ptr::read_volatile(&bucket);
+            if let Some(slot) = (*stats).rtt_buckets.get_mut(bucket) {
+                add_u32(slot, 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A TCP socket leaving ESTABLISHED: add the segments it sent since its last sample to its flow
+/// (a connection shorter than the sampling interval would otherwise count none) and forget it.
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    match try_inet_sock_set_state(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
+    // SAFETY: a static in .rodata written by the loader.
+    let fields = unsafe { core::ptr::read_volatile(&SOCK_STATE_FIELDS) };
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    let (protocol, oldstate) = unsafe {
+        (
+            ctx.read_at::<u16>(fields.protocol as usize).map_err(|_| ())?,
+            ctx.read_at::<i32>(fields.oldstate as usize).map_err(|_| ())?,
+        )
+    };
+    if protocol != IPPROTO_TCP || oldstate != TCP_ESTABLISHED {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let sk = unsafe { ctx.read_at::<u64>(fields.skaddr as usize).map_err(|_| ())? } as *const u8;
+    let offsets = kernel_offsets();
+    // A socket tcp_probe never saw has no cookie yet (0) and no state.
+    let cookie = socket_cookie(&offsets, sk).ok_or(())?;
+    if cookie == 0 {
+        return Ok(());
+    }
+    let Some(state) = SOCKETS.get_ptr_mut(cookie) else {
+        return Ok(());
+    };
+    // SAFETY: value pointer of a live LRU entry, under the socket lock.
+    let (flow, segs) = unsafe {
+        let state = &mut *state;
+        (state.flow, state.take_segs_sent(tcp_segs_out(&offsets, sk)))
+    };
+    let _ = SOCKETS.remove(cookie);
+    record_sample(ctx, &flow, segs, 0)
+}

@@ -1,0 +1,134 @@
+//! Packet loss: TCP retransmissions (`tcp:tcp_retransmit_skb`) per (cgroup, remote address), and
+//! kernel packet drops with the kernel's own reason (`skb:kfree_skb`).
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use graywatch_common::{AF_INET, AF_INET6, DropKey, FlowKey, KfreeSkbFields, TcpRetransmitFields, flow_direction};
+
+use crate::{
+    maps::{add_u64, count_drop, ephemeral_port_min, flow_stats, kernel_offsets},
+    sock::{ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_peer},
+};
+
+#[unsafe(no_mangle)]
+static TCP_RETRANSMIT_FIELDS: TcpRetransmitFields = TcpRetransmitFields {
+    skbaddr: 0,
+    skaddr: 0,
+    family: 0,
+    daddr: 0,
+    daddr_v6: 0,
+    sport: 0,
+    dport: 0,
+    err: 0,
+};
+
+#[unsafe(no_mangle)]
+static KFREE_SKB_FIELDS: KfreeSkbFields = KfreeSkbFields {
+    skbaddr: 0,
+    rx_sk: 0,
+    protocol: 0,
+    reason: 0,
+};
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    match try_tcp_retransmit_skb(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), ()> {
+    // SAFETY: a static in .rodata written by the loader.
+    let fields = unsafe { core::ptr::read_volatile(&TCP_RETRANSMIT_FIELDS) };
+    let offsets = kernel_offsets();
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    let (family, sk, skb, sport, dport) = unsafe {
+        (
+            ctx.read_at::<u16>(fields.family as usize).map_err(|_| ())?,
+            ctx.read_at::<u64>(fields.skaddr as usize).map_err(|_| ())? as *const u8,
+            ctx.read_at::<u64>(fields.skbaddr as usize).map_err(|_| ())? as *const u8,
+            ctx.read_at::<u16>(fields.sport as usize).map_err(|_| ())?,
+            ctx.read_at::<u16>(fields.dport as usize).map_err(|_| ())?,
+        )
+    };
+    // A failed retransmission sent nothing (the kernel does not count it either).
+    if fields.err != KfreeSkbFields::ABSENT {
+        // SAFETY: offset from the format file.
+        let err = unsafe { ctx.read_at::<i32>(fields.err as usize).map_err(|_| ())? };
+        if err != 0 {
+            return Ok(());
+        }
+    }
+    let remote_addr = unsafe {
+        match family {
+            AF_INET => ipv4_mapped(ctx.read_at(fields.daddr as usize).map_err(|_| ())?),
+            AF_INET6 => ctx.read_at(fields.daddr_v6 as usize).map_err(|_| ())?,
+            _ => return Err(()),
+        }
+    };
+    let cgroup_id = socket_cgroup_id(&offsets, sk).ok_or(())?;
+    // Same key as tcp_probe's, so retransmits and segments sent land in one entry.
+    let direction = flow_direction(sport, dport, ephemeral_port_min());
+    let key = FlowKey {
+        cgroup_id,
+        remote_addr,
+        family,
+        direction,
+        _pad: [0; 5],
+    };
+    let stats = flow_stats(ctx, &key).ok_or(())?;
+    let segments = u64::from(skb_tcp_segments(&offsets, skb).max(1));
+    // SAFETY: `stats` points into a live FLOWS value.
+    unsafe { add_u64(&raw mut (*stats).retransmits, segments) };
+    Ok(())
+}
+
+#[tracepoint]
+pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+    match try_kfree_skb(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
+    // SAFETY: a static in .rodata written by the loader.
+    let fields = unsafe { core::ptr::read_volatile(&KFREE_SKB_FIELDS) };
+    let offsets = kernel_offsets();
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    let (skb, protocol, reason) = unsafe {
+        (
+            ctx.read_at::<u64>(fields.skbaddr as usize).map_err(|_| ())? as *const u8,
+            ctx.read_at::<u16>(fields.protocol as usize).map_err(|_| ())?,
+            ctx.read_at::<u32>(fields.reason as usize).map_err(|_| ())?,
+        )
+    };
+    // The receiving socket if the kernel names one, else the socket the skb is charged to.
+    let mut sk: *const u8 = core::ptr::null();
+    if fields.rx_sk != KfreeSkbFields::ABSENT {
+        // SAFETY: offset from the format file.
+        sk = unsafe { ctx.read_at::<u64>(fields.rx_sk as usize).unwrap_or(0) as *const u8 };
+    }
+    if sk.is_null() {
+        sk = skb_socket(&offsets, skb);
+    }
+    let mut key = DropKey {
+        cgroup_id: 0,
+        remote_addr: [0; 16],
+        family: 0,
+        protocol,
+        reason,
+    };
+    let peer = if sk.is_null() {
+        skb_source(&offsets, skb)
+    } else {
+        key.cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0);
+        socket_peer(&offsets, sk).or_else(|| skb_source(&offsets, skb))
+    };
+    if let Some((family, addr)) = peer
+        && (family == AF_INET || family == AF_INET6)
+    {
+        key.family = family;
+        key.remote_addr = addr;
+    }
+    count_drop(&key);
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Reading the few `struct sock` / `struct sk_buff` fields the programs need, at offsets the
+//! agent resolved from BTF.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use graywatch_common::{AF_INET, AF_INET6, KernelOffsets, LostEvent};
+
+use crate::maps::count_lost;
+
+#[inline(always)]
+unsafe fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel validates the address; a bad one is an Err, not a fault.
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()) }
+}
+
+/// cgroup v2 id of the socket's owner: `sk->sk_cgrp_data.cgroup->kn->id`, the same value
+/// `bpf_get_current_cgroup_id` returns for a task in that cgroup.
+#[inline(always)]
+pub fn socket_cgroup_id(offsets: &KernelOffsets, sk: *const u8) -> Option<u64> {
+    let id = (|| -> Result<u64, i32> {
+        // SAFETY: all reads go through bpf_probe_read_kernel.
+        unsafe {
+            let cgroup: *const u8 = read(sk, offsets.sock_cgroup)?;
+            let kn: *const u8 = read(cgroup, offsets.cgroup_kn)?;
+            read(kn, offsets.kernfs_node_id)
+        }
+    })();
+    match id {
+        Ok(id) => Some(id),
+        Err(_) => {
+            count_lost(LostEvent::KernelReadFailed);
+            None
+        }
+    }
+}
+
+/// The socket's peer address as (family, IPv6 or IPv4-mapped address).
+#[inline(always)]
+pub fn socket_peer(offsets: &KernelOffsets, sk: *const u8) -> Option<(u16, [u8; 16])> {
+    // SAFETY: all reads go through bpf_probe_read_kernel.
+    let peer = unsafe {
+        let family: u16 = read(sk, offsets.sock_family).ok()?;
+        match family {
+            AF_INET => Some((family, ipv4_mapped(read(sk, offsets.sock_daddr).ok()?))),
+            AF_INET6 => Some((family, read(sk, offsets.sock_v6_daddr).ok()?)),
+            _ => None,
+        }
+    };
+    if peer.is_none() {
+        count_lost(LostEvent::KernelReadFailed);
+    }
+    peer
+}
+
+/// `sock_common.skc_cookie`: 0 until the kernel first needed the socket's cookie.
+#[inline(always)]
+pub fn socket_cookie(offsets: &KernelOffsets, sk: *const u8) -> Option<u64> {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe { read(sk, offsets.sock_cookie).ok() }
+}
+
+/// `tcp_sock.segs_out`.
+#[inline(always)]
+pub fn tcp_segs_out(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe { read(sk, offsets.tcp_sock_segs_out).ok() }
+}
+
+/// `skb->sk`, null when the packet belongs to no socket.
+#[inline(always)]
+pub fn skb_socket(offsets: &KernelOffsets, skb: *const u8) -> *const u8 {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe { read(skb, offsets.skb_sk).unwrap_or(core::ptr::null()) }
+}
+
+/// Segments in a TCP skb (`tcp_skb_pcount`), 0 if unreadable.
+#[inline(always)]
+pub fn skb_tcp_segments(offsets: &KernelOffsets, skb: *const u8) -> u16 {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe { read(skb, offsets.skb_tcp_gso_segs).unwrap_or(0) }
+}
+
+/// Source address of the IP packet in `skb` (the far end of a received packet).
+#[inline(always)]
+pub fn skb_source(offsets: &KernelOffsets, skb: *const u8) -> Option<(u16, [u8; 16])> {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe {
+        let head: *const u8 = read(skb, offsets.skb_head).ok()?;
+        let network_header: u16 = read(skb, offsets.skb_network_header).ok()?;
+        let ip = head.add(usize::from(network_header));
+        let version_ihl: u8 = read(ip, 0).ok()?;
+        match version_ihl >> 4 {
+            // IPv4 source at byte 12, IPv6 source at byte 8.
+            4 => Some((AF_INET, ipv4_mapped(read(ip, 12).ok()?))),
+            6 => Some((AF_INET6, read(ip, 8).ok()?)),
+            _ => None,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` from an IPv4 address in network order.
+#[inline(always)]
+pub fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}

@@ -1,0 +1,413 @@
+//! The agent's run loop: load the kernel programs, then every window read the signals, build a
+//! [`WindowSummary`], export it (stdout, /metrics, aggregator) until told to stop.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    cgroups::{CgroupResolver, parse_pod_cgroup},
+    config::{Config, KubeMode, OutputFormat},
+    ebpf::{KernelPrograms, LoadOptions},
+    http::{self, Health, now_ms},
+    metrics::Metrics,
+    pods::PodDirectory,
+    signals::{
+        host::{HostPaths, HostSignals},
+        net::{NetCollector, network_window},
+    },
+    summary::{PodRef, WindowSummary, Workload},
+};
+
+/// Everything that turns kernel counters into window summaries.
+pub struct Collector {
+    programs: KernelPrograms,
+    net: NetCollector,
+    host: HostSignals,
+    cgroups: CgroupResolver,
+    pods: PodDirectory,
+    node: String,
+    scope: Option<String>,
+    window_start_ms: u64,
+    window_started: Instant,
+}
+
+/// What a [`Collector`] needs to start.
+#[derive(Debug, Clone)]
+pub struct CollectorOptions {
+    pub node: String,
+    pub load: LoadOptions,
+    pub cgroup_root: Option<PathBuf>,
+    pub scope: Option<String>,
+}
+
+impl CollectorOptions {
+    /// Defaults for `node`: standard host paths, no scope.
+    pub fn for_node(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            load: LoadOptions::default(),
+            cgroup_root: None,
+            scope: None,
+        }
+    }
+}
+
+impl From<&Config> for CollectorOptions {
+    fn from(config: &Config) -> Self {
+        Self {
+            node: config.node_name.clone(),
+            load: LoadOptions {
+                tracefs: config.tracefs.clone(),
+                btf: config.btf.clone(),
+                ..LoadOptions::default()
+            },
+            cgroup_root: config.cgroup_root.clone(),
+            scope: config.cgroup_scope.clone(),
+        }
+    }
+}
+
+impl Collector {
+    /// Loads and attaches the programs and takes the first (baseline) reading.
+    pub fn start(options: &CollectorOptions, pods: PodDirectory) -> anyhow::Result<Self> {
+        let mut programs = KernelPrograms::load(&options.load).context("starting the kernel programs")?;
+        let net = NetCollector::new(&mut programs)?;
+        let host = HostSignals::new(&HostPaths::from_env(), &mut programs)?;
+        let cgroups = match CgroupResolver::discover(options.cgroup_root.as_deref(), Path::new("/proc/self/mountinfo"))
+        {
+            Ok(cgroups) => {
+                info!(root = ?cgroups.root(), layout = ?cgroups.layout(), "cgroup hierarchy");
+                cgroups
+            }
+            Err(error @ crate::cgroups::CgroupError::NoUnifiedHierarchy { .. }) => {
+                // cgroup v1-only hosts: sockets all belong to the v2 root, so network samples
+                // cannot be attributed to pods. Keep measuring the node.
+                warn!(%error, "network signals will not be attributed to pods");
+                CgroupResolver::unavailable()
+            }
+            Err(error) => return Err(error).context("finding the cgroup v2 hierarchy for pod attribution"),
+        };
+        let mut collector = Self {
+            programs,
+            net,
+            host,
+            cgroups,
+            pods,
+            node: options.node.clone(),
+            scope: options.scope.clone(),
+            window_start_ms: now_ms(),
+            window_started: Instant::now(),
+        };
+        // Counters are cumulative since load; the first read is the baseline of window one.
+        collector.net.collect().context("reading the network maps")?;
+        Ok(collector)
+    }
+
+    pub fn programs_mut(&mut self) -> &mut KernelPrograms {
+        &mut self.programs
+    }
+
+    /// Ends the current window and returns its summary. Blocking (map syscalls, cgroupfs).
+    pub fn collect(&mut self) -> anyhow::Result<WindowSummary> {
+        let delta = self.net.collect().context("reading the network maps")?;
+        let window_seconds = self.window_started.elapsed().as_secs_f64();
+        let start = self.window_start_ms;
+        self.window_started = Instant::now();
+        self.window_start_ms = now_ms();
+
+        let (cgroups, pods) = (&mut self.cgroups, &self.pods);
+        let mut network = network_window(&delta, self.programs.drop_reasons(), |id| workload(cgroups, pods, id));
+        if let Some(scope) = &self.scope {
+            let inside = |w: &Workload| w.cgroup_path.as_deref().is_some_and(|p| in_scope(p, scope));
+            network.flows.retain(|f| inside(&f.workload));
+            network.workloads.retain(|w| inside(&w.workload));
+            // Drops without a socket cannot be told apart between scopes on a shared kernel.
+            network.drops.retain(|d| d.workload.as_ref().is_some_and(inside));
+        }
+        let (mut cpu, mut memory, mut pressure) = self.host.collect(|id| workload(cgroups, pods, id));
+        if let Some(scope) = &self.scope {
+            // A scoped agent (one of several on a shared kernel, as in the demo) reports only its
+            // own cgroups; node-wide figures (steal, node PSI) stay as they are.
+            let inside = |w: &Workload| w.cgroup_path.as_deref().is_some_and(|p| in_scope(p, scope));
+            cpu.run_queue.retain(|r| inside(&r.workload));
+            memory.reclaim.retain(|r| inside(&r.workload));
+            memory.oom_kills.retain(|k| inside(&k.workload));
+            pressure.cgroups.retain(|c| in_scope(&c.path, scope));
+        }
+        let mut unavailable = BTreeMap::new();
+        for (signal, why) in self.programs.unavailable() {
+            unavailable.insert(signal.clone(), why.clone());
+        }
+        if self.cgroups.root().is_none() {
+            unavailable.insert(
+                "pod_attribution".to_owned(),
+                "no cgroup v2 hierarchy on this host (cgroup v1 only): network samples cannot be attributed to pods"
+                    .to_owned(),
+            );
+        }
+        for (signal, available) in self.host.availability() {
+            if !available {
+                unavailable
+                    .entry(signal.to_owned())
+                    .or_insert_with(|| HostSignals::why_unavailable(signal).to_owned());
+            }
+        }
+        Ok(WindowSummary {
+            node: self.node.clone(),
+            window_start_unix_ms: start,
+            window_seconds,
+            network,
+            cpu,
+            memory,
+            pressure,
+            lost_events: delta.lost_events,
+            unavailable,
+            local_scores: Vec::new(),
+        })
+    }
+
+    /// The CPU/memory collectors, e.g. to watch a test's cgroup.
+    pub fn host_mut(&mut self) -> &mut HostSignals {
+        &mut self.host
+    }
+
+    /// The cgroup resolver, e.g. to look up the id of a test's cgroup.
+    pub fn cgroups(&mut self) -> &mut CgroupResolver {
+        &mut self.cgroups
+    }
+}
+
+fn workload(cgroups: &mut CgroupResolver, pods: &PodDirectory, cgroup_id: u64) -> Workload {
+    let cgroup_path = cgroups.path_of(cgroup_id).map(str::to_owned);
+    let pod = cgroup_path.as_deref().and_then(parse_pod_cgroup).map(|pod_cgroup| {
+        let mut pod = PodRef::from(pod_cgroup);
+        if let Some(name) = pods.get(&pod.uid) {
+            pod.namespace = Some(name.namespace);
+            pod.name = Some(name.name);
+        }
+        pod
+    });
+    Workload {
+        cgroup_id,
+        cgroup_path,
+        pod,
+    }
+}
+
+/// True if cgroup `path` is `scope` or below it (whole path components only).
+pub fn in_scope(path: &str, scope: &str) -> bool {
+    let scope = scope.trim_end_matches('/');
+    scope.is_empty() || path == scope || path.strip_prefix(scope).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Runs the agent until SIGINT/SIGTERM (or after one window with `--once`).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+
+    let pods = PodDirectory::default();
+    start_pod_watch(&config, &pods, &shutdown).await?;
+
+    let mut collector = tokio::task::block_in_place(|| Collector::start(&CollectorOptions::from(&config), pods))?;
+    if let Some(logger) = collector.programs_mut().take_logger() {
+        tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
+    }
+
+    let health = Arc::new(Health::new(Metrics::new(), config.interval));
+    health.metrics.set_available("network", true);
+    for (signal, available) in collector.host_mut().availability() {
+        health.metrics.set_available(signal, available);
+    }
+    let server = match config.listen {
+        Some(addr) if !config.once => {
+            let (health, shutdown) = (health.clone(), shutdown.clone());
+            Some(tokio::spawn(async move { http::serve(addr, health, shutdown).await }))
+        }
+        _ => None,
+    };
+
+    let mut reporter = match &config.aggregator {
+        Some(endpoint) => {
+            info!(%endpoint, "streaming window summaries to every aggregator replica behind this address");
+            let template = crate::report::ReportConfig {
+                endpoint: endpoint.clone(),
+                security: config.aggregator_security.clone(),
+                ..Default::default()
+            };
+            let mut fanout = crate::fanout::Fanout::new(template)?;
+            fanout.refresh().await;
+            Some(fanout)
+        }
+        None => None,
+    };
+    let identity = crate::wire::Identity::from_host(&config.node_name, Path::new("/proc"));
+    let mut scorer = crate::scoring::LocalScorer::default();
+    let started_at = Instant::now();
+    let mut seq = 0u64;
+
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate; the baseline was just taken
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let started = Instant::now();
+        let summary = match tokio::task::block_in_place(|| collector.collect()) {
+            Ok(summary) => summary,
+            Err(error) => {
+                health.metrics.count_error("collect");
+                warn!(
+                    error = format!("{error:#}"),
+                    "window collection failed; retrying next window"
+                );
+                continue;
+            }
+        };
+        health.metrics.collect_seconds.observe(started.elapsed().as_secs_f64());
+        health.metrics.observe(&summary);
+        let scores = scorer.observe(started_at.elapsed().as_secs_f64(), &summary);
+        health.metrics.observe_scores(&scores);
+        let mut summary = summary;
+        summary.local_scores = scores
+            .iter()
+            .filter_map(|s| {
+                s.score.map(|score| crate::summary::LocalScoreView {
+                    family: s.family.as_str().to_owned(),
+                    score,
+                    reason: s.reason.clone(),
+                })
+            })
+            .collect();
+        if let Some(reporter) = &mut reporter {
+            seq += 1;
+            reporter.refresh().await;
+            reporter.push(&crate::wire::node_summary(&identity, seq, &summary, &scores));
+            health.metrics.observe_report(&reporter.stats(), reporter.buffered());
+        }
+        health.window_done();
+        debug!(
+            flows = summary.network.flows.len(),
+            drops = summary.network.drops.len(),
+            "window"
+        );
+        if config.output == OutputFormat::Json {
+            print_json(&summary)?;
+        }
+        if config.once {
+            break;
+        }
+    }
+    shutdown.cancel();
+    if let Some(reporter) = reporter {
+        reporter.shutdown().await;
+    }
+    if let Some(server) = server {
+        server.await.context("metrics server task")?.context("metrics server")?;
+    }
+    info!("stopped; kernel programs detached");
+    Ok(())
+}
+
+fn print_json(summary: &WindowSummary) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, summary).context("encoding the window summary")?;
+    stdout.write_all(b"\n").context("writing to stdout")?;
+    stdout.flush().context("writing to stdout")
+}
+
+async fn start_pod_watch(config: &Config, pods: &PodDirectory, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let wanted = match config.kube {
+        KubeMode::Off => false,
+        KubeMode::On => true,
+        KubeMode::Auto => in_cluster,
+    };
+    if !wanted {
+        info!("not resolving pod names (no cluster); workloads are reported by cgroup path and pod UID");
+        return Ok(());
+    }
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(error) if config.kube == KubeMode::Auto => {
+            warn!(%error, "no usable kube config; pod names will not be resolved");
+            return Ok(());
+        }
+        Err(error) => return Err(error).context("--kube=on but no usable kube config"),
+    };
+    let (pods, node, shutdown) = (pods.clone(), config.node_name.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = pods.watch(client, node) => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+    Ok(())
+}
+
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>, shutdown: CancellationToken) {
+    // SAFETY: the AsyncFd owns the logger, so its ring buffer fd stays open while registered.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(error) => {
+            warn!(error = %error, "cannot poll the kernel log ring");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            guard = fd.readable_mut() => match guard {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(error) => {
+                    warn!(%error, "kernel log ring failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_scope;
+
+    #[test]
+    fn scope_matches_whole_components() {
+        assert!(in_scope("/kubepods.slice/pod1", "/kubepods.slice"));
+        assert!(in_scope("/kubepods.slice", "/kubepods.slice/"));
+        assert!(!in_scope("/kubepods.slice2/x", "/kubepods.slice"));
+        assert!(in_scope("/anything", "/"));
+    }
+}

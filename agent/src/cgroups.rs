@@ -1,0 +1,303 @@
+//! cgroup ids → cgroup paths → pods.
+//!
+//! The kernel programs key everything by cgroup v2 id, which is the inode number of the cgroup's
+//! directory in the v2 hierarchy. We find that hierarchy (pure v2 at /sys/fs/cgroup, or the
+//! hybrid layout's /sys/fs/cgroup/unified), index directory inodes, and recognise kubelet's pod
+//! cgroup names for both the cgroupfs and the systemd drivers.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "no cgroup v2 hierarchy found in {mountinfo} (looked for a cgroup2 mount under {root}); \
+         per-pod attribution needs cgroup v2 (pure or hybrid). Set --cgroup-root to override"
+    )]
+    NoUnifiedHierarchy { mountinfo: String, root: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which cgroup layout the host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupLayout {
+    /// Only cgroup v2 (EKS AL2023, recent distributions).
+    Unified,
+    /// v1 controllers plus a v2 hierarchy without controllers (systemd's "hybrid").
+    Hybrid,
+}
+
+/// Finds the cgroup v2 mount point from a mountinfo text (e.g. /proc/self/mountinfo).
+///
+/// Returns the mount point and whether v1 controllers are mounted too.
+pub fn find_unified_mount(mountinfo: &str) -> Option<(PathBuf, CgroupLayout)> {
+    let mut unified = None;
+    let mut has_v1 = false;
+    for line in mountinfo.lines() {
+        // Fields: id parent major:minor root mount-point options [optional…] - fstype source …
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fstype = after.split_whitespace().next().unwrap_or_default();
+        let mount_point = before.split_whitespace().nth(4).unwrap_or_default();
+        match fstype {
+            "cgroup2" if unified.is_none() => unified = Some(PathBuf::from(unescape_mount(mount_point))),
+            "cgroup" => has_v1 = true,
+            _ => {}
+        }
+    }
+    let layout = if has_v1 {
+        CgroupLayout::Hybrid
+    } else {
+        CgroupLayout::Unified
+    };
+    unified.map(|path| (path, layout))
+}
+
+/// mountinfo escapes spaces and a few other bytes as octal `\040`.
+fn unescape_mount(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A pod's identity as far as the cgroup path tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct PodCgroup {
+    /// Pod UID with dashes (as in the Pod object).
+    pub uid: String,
+    /// Container id when the cgroup is a container's, not the pod's.
+    pub container_id: Option<String>,
+}
+
+/// Recognises kubelet pod cgroups in a cgroup path (relative to the hierarchy root):
+/// cgroupfs driver `/kubepods/burstable/pod<uid>/<container>` and systemd driver
+/// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/cri-containerd-<id>.scope`.
+pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
+    let mut components = path.split('/').filter(|c| !c.is_empty());
+    let mut uid = None;
+    for component in components.by_ref() {
+        if let Some(found) = pod_uid_from_component(component) {
+            uid = Some(found);
+            break;
+        }
+    }
+    let uid = uid?;
+    let container_id = components.next().map(container_id_from_component);
+    Some(PodCgroup { uid, container_id })
+}
+
+fn pod_uid_from_component(component: &str) -> Option<String> {
+    // systemd: kubepods-burstable-pod1234_5678.slice ; cgroupfs: pod1234-5678
+    let name = component.strip_suffix(".slice").unwrap_or(component);
+    let start = name.rfind("pod")?;
+    if start > 0 && !name[..start].ends_with('-') {
+        return None;
+    }
+    let uid = &name[start + 3..];
+    let looks_like_uid = uid.len() >= 32 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_');
+    looks_like_uid.then(|| uid.replace('_', "-"))
+}
+
+fn container_id_from_component(component: &str) -> String {
+    // cri-containerd-<id>.scope, crio-<id>.scope, docker-<id>.scope, or a bare id (cgroupfs).
+    let name = component.strip_suffix(".scope").unwrap_or(component);
+    name.rsplit('-').next().unwrap_or(name).to_owned()
+}
+
+/// Maps cgroup v2 ids to paths by indexing the hierarchy's directory inodes.
+#[derive(Debug)]
+pub struct CgroupResolver {
+    /// `None` on hosts without a cgroup v2 hierarchy.
+    root: Option<PathBuf>,
+    layout: CgroupLayout,
+    by_id: HashMap<u64, String>,
+}
+
+impl CgroupResolver {
+    /// Uses `root` if given, else the cgroup2 mount found in `mountinfo_path`.
+    pub fn discover(root: Option<&Path>, mountinfo_path: &Path) -> Result<Self, CgroupError> {
+        let mountinfo = std::fs::read_to_string(mountinfo_path).map_err(|source| CgroupError::Read {
+            path: mountinfo_path.display().to_string(),
+            source,
+        })?;
+        let found = find_unified_mount(&mountinfo);
+        let (root, layout) = match (root, found) {
+            (Some(root), found) => (root.to_owned(), found.map_or(CgroupLayout::Unified, |f| f.1)),
+            (None, Some(found)) => found,
+            (None, None) => {
+                return Err(CgroupError::NoUnifiedHierarchy {
+                    mountinfo: mountinfo_path.display().to_string(),
+                    root: "/".into(),
+                });
+            }
+        };
+        let mut resolver = Self {
+            root: Some(root),
+            layout,
+            by_id: HashMap::new(),
+        };
+        resolver.rescan();
+        Ok(resolver)
+    }
+
+    /// A resolver for a host without cgroup v2: every lookup is unknown.
+    pub fn unavailable() -> Self {
+        Self {
+            root: None,
+            layout: CgroupLayout::Hybrid,
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// The v2 hierarchy's mount point, if the host has one.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    pub fn layout(&self) -> CgroupLayout {
+        self.layout
+    }
+
+    /// The cgroup path (`/` for the root) of `id`, rescanning once on a miss for new cgroups.
+    pub fn path_of(&mut self, id: u64) -> Option<&str> {
+        if !self.by_id.contains_key(&id) {
+            self.rescan();
+        }
+        self.by_id.get(&id).map(String::as_str)
+    }
+
+    /// The id of the cgroup directory at `path` (relative to the root, `/`-separated).
+    pub fn id_of(&self, path: &str) -> Option<u64> {
+        let dir = self.root.as_ref()?.join(path.trim_start_matches('/'));
+        std::fs::metadata(dir).ok().map(|m| m.ino())
+    }
+
+    /// Re-indexes the hierarchy. Directories that vanish mid-walk are skipped.
+    pub fn rescan(&mut self) {
+        self.by_id.clear();
+        let Some(root) = self.root.clone() else { return };
+        let mut stack = vec![(root, String::from("/"))];
+        while let Some((dir, path)) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&dir) else { continue };
+            self.by_id.insert(meta.ino(), path.clone());
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let child = if path == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    stack.push((entry.path(), child));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_and_unified_mounts() {
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro - tmpfs tmpfs ro\n\
+26 25 0:23 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            find_unified_mount(hybrid),
+            Some((PathBuf::from("/sys/fs/cgroup/unified"), CgroupLayout::Hybrid))
+        );
+        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            find_unified_mount(unified),
+            Some((PathBuf::from("/sys/fs/cgroup"), CgroupLayout::Unified))
+        );
+        assert_eq!(
+            find_unified_mount("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
+            None
+        );
+        assert_eq!(find_unified_mount("garbage\n\n - \n"), None);
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        let line = "1 1 0:1 / /mnt/with\\040space rw - cgroup2 none rw\n";
+        assert_eq!(
+            find_unified_mount(line).map(|f| f.0),
+            Some(PathBuf::from("/mnt/with space"))
+        );
+    }
+
+    #[test]
+    fn recognises_cgroupfs_and_systemd_pod_paths() {
+        let uid = "8f0a3c52-7d3e-4a5e-9d2b-1c2d3e4f5a6b";
+        let cgroupfs = format!("/kubepods/burstable/pod{uid}/0123456789abcdef");
+        assert_eq!(
+            parse_pod_cgroup(&cgroupfs),
+            Some(PodCgroup {
+                uid: uid.into(),
+                container_id: Some("0123456789abcdef".into())
+            })
+        );
+        let systemd = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-abc123.scope",
+            uid.replace('-', "_")
+        );
+        assert_eq!(
+            parse_pod_cgroup(&systemd),
+            Some(PodCgroup {
+                uid: uid.into(),
+                container_id: Some("abc123".into())
+            })
+        );
+        let guaranteed = format!("/kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_"));
+        assert_eq!(
+            parse_pod_cgroup(&guaranteed),
+            Some(PodCgroup {
+                uid: uid.into(),
+                container_id: None
+            })
+        );
+        assert_eq!(parse_pod_cgroup("/system.slice/sshd.service"), None);
+        assert_eq!(parse_pod_cgroup("/user.slice/podman-pod.scope"), None);
+        assert_eq!(parse_pod_cgroup(""), None);
+    }
+
+    #[test]
+    fn resolves_this_machines_cgroup_ids() {
+        let mut resolver = CgroupResolver::discover(None, Path::new("/proc/self/mountinfo"))
+            .expect("this machine has a cgroup v2 hierarchy");
+        let root_id = resolver.id_of("/").expect("root inode");
+        assert_eq!(resolver.path_of(root_id), Some("/"));
+        let mut none = CgroupResolver::unavailable();
+        assert_eq!(none.path_of(root_id), None);
+        assert_eq!((none.root(), none.id_of("/")), (None, None));
+    }
+}

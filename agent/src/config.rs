@@ -1,0 +1,380 @@
+//! Agent configuration: command-line flags (with environment variables) over an optional TOML
+//! file over defaults, validated on start with errors that name the field.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// graywatch-agent: measures gray-failure signals on this node (TCP RTT, retransmits, kernel
+/// drops with reason, per pod) with eBPF and procfs, and serves them as window summaries,
+/// Prometheus metrics and a stream to the aggregator.
+///
+/// Standalone use (no cluster, no aggregator): `graywatch-agent --once --output json` prints
+/// one window; `--interval 5s --output json` streams them.
+#[derive(Debug, Parser)]
+#[command(name = "graywatch-agent", version, about, long_about)]
+pub struct Cli {
+    /// TOML config file; flags and environment variables override it.
+    #[arg(long, env = "GRAYWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Node name reported in summaries (in a DaemonSet: from spec.nodeName via the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Window length: how often maps are read and a summary is produced (e.g. 1s, 500ms).
+    #[arg(long, env = "GRAYWATCH_INTERVAL", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+
+    /// Print one window summary and exit.
+    #[arg(long)]
+    pub once: bool,
+
+    /// How to print window summaries on stdout.
+    #[arg(long, value_enum, env = "GRAYWATCH_OUTPUT")]
+    pub output: Option<OutputFormat>,
+
+    /// Address for /metrics and /healthz; "off" disables the server.
+    #[arg(long, env = "GRAYWATCH_LISTEN")]
+    pub listen: Option<String>,
+
+    /// tracefs mount point (tracepoint formats).
+    #[arg(long, env = "GRAYWATCH_TRACEFS")]
+    pub tracefs: Option<PathBuf>,
+
+    /// Kernel BTF file (struct layouts).
+    #[arg(long, env = "GRAYWATCH_BTF")]
+    pub btf: Option<PathBuf>,
+
+    /// cgroup v2 mount point; found from /proc/self/mountinfo when unset.
+    #[arg(long, env = "GRAYWATCH_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Only report cgroups at or below this path of the v2 hierarchy (e.g. /kubepods.slice).
+    #[arg(long, env = "GRAYWATCH_CGROUP_SCOPE")]
+    pub cgroup_scope: Option<String>,
+
+    /// Stream window summaries to this aggregator (e.g. http://graywatch-aggregator:7443).
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR")]
+    pub aggregator: Option<String>,
+
+    /// Projected ServiceAccount token presented to the aggregator (re-read on every reconnect).
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR_TOKEN_FILE")]
+    pub aggregator_token_file: Option<PathBuf>,
+
+    /// PEM CA bundle for the aggregator's TLS certificate (required for https:// aggregators).
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR_CA_FILE")]
+    pub aggregator_ca_file: Option<PathBuf>,
+
+    /// Name expected in the aggregator's certificate (default: the URL's host).
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR_TLS_SERVER_NAME")]
+    pub aggregator_tls_server_name: Option<String>,
+
+    /// PEM client certificate and key for mTLS to the aggregator.
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR_CLIENT_CERT_FILE")]
+    pub aggregator_client_cert_file: Option<PathBuf>,
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR_CLIENT_KEY_FILE")]
+    pub aggregator_client_key_file: Option<PathBuf>,
+
+    /// Resolve pod names from the API server: auto (when in a cluster), on, off.
+    #[arg(long, value_enum, env = "GRAYWATCH_KUBE")]
+    pub kube: Option<KubeMode>,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. info or graywatch_agent=debug).
+    #[arg(long, env = "GRAYWATCH_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format.
+    #[arg(long, value_enum, env = "GRAYWATCH_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// One JSON object per window, one per line.
+    Json,
+    /// No summaries on stdout (metrics and the aggregator stream only).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeMode {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The config file's shape; every field optional, unknown fields rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_name: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    pub output: Option<OutputFormat>,
+    pub listen: Option<String>,
+    pub tracefs: Option<PathBuf>,
+    pub btf: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub cgroup_scope: Option<String>,
+    pub kube: Option<KubeMode>,
+    pub aggregator: Option<String>,
+    pub aggregator_token_file: Option<PathBuf>,
+    pub aggregator_ca_file: Option<PathBuf>,
+    pub aggregator_tls_server_name: Option<String>,
+    pub aggregator_client_cert_file: Option<PathBuf>,
+    pub aggregator_client_key_file: Option<PathBuf>,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub interval: Duration,
+    pub once: bool,
+    pub output: OutputFormat,
+    pub listen: Option<SocketAddr>,
+    pub tracefs: PathBuf,
+    pub btf: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+    pub cgroup_scope: Option<String>,
+    pub kube: KubeMode,
+    pub aggregator: Option<String>,
+    /// TLS and token for the aggregator stream.
+    pub aggregator_security: crate::stream_security::StreamSecurity,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9101";
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+impl Config {
+    /// Merges flags over the file (if any) over defaults, and validates.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::from_path(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    pub fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let node_name = cli
+            .node_name
+            .clone()
+            .or(file.node_name)
+            .or_else(hostname)
+            .ok_or(ConfigError::Invalid {
+                field: "node_name",
+                reason: "not set and no hostname".into(),
+            })?;
+        if node_name.is_empty() || node_name.len() > 253 {
+            return Err(ConfigError::Invalid {
+                field: "node_name",
+                reason: format!("must be 1-253 characters, got {:?}", node_name),
+            });
+        }
+        let interval = cli.interval.or(file.interval).unwrap_or(Duration::from_secs(1));
+        if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval) {
+            return Err(ConfigError::Invalid {
+                field: "interval",
+                reason: format!("{interval:?} is outside {MIN_INTERVAL:?}..={MAX_INTERVAL:?}"),
+            });
+        }
+        let listen = cli
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = match listen.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                field: "listen",
+                reason: format!("{addr:?} is not host:port ({e})"),
+            })?),
+        };
+        let cgroup_scope = cli.cgroup_scope.clone().or(file.cgroup_scope);
+        if let Some(scope) = &cgroup_scope
+            && !scope.starts_with('/')
+        {
+            return Err(ConfigError::Invalid {
+                field: "cgroup_scope",
+                reason: format!("{scope:?} must be an absolute cgroup path like /kubepods.slice"),
+            });
+        }
+        let aggregator = cli.aggregator.clone().or(file.aggregator);
+        if let Some(url) = &aggregator
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                field: "aggregator",
+                reason: format!("{url:?} must be a URL like http://graywatch-aggregator:7443"),
+            });
+        }
+        let aggregator_security = crate::stream_security::StreamSecurity {
+            token_file: cli.aggregator_token_file.clone().or(file.aggregator_token_file),
+            ca_file: cli.aggregator_ca_file.clone().or(file.aggregator_ca_file),
+            tls_server_name: cli
+                .aggregator_tls_server_name
+                .clone()
+                .or(file.aggregator_tls_server_name),
+            client_cert_file: cli
+                .aggregator_client_cert_file
+                .clone()
+                .or(file.aggregator_client_cert_file),
+            client_key_file: cli
+                .aggregator_client_key_file
+                .clone()
+                .or(file.aggregator_client_key_file),
+        };
+        if aggregator.as_deref().is_some_and(|u| u.starts_with("https://")) != aggregator_security.tls() {
+            return Err(ConfigError::Invalid {
+                field: "aggregator_ca_file",
+                reason: "an https:// aggregator needs aggregator_ca_file, and aggregator_ca_file needs https://".into(),
+            });
+        }
+        if aggregator_security.client_cert_file.is_some() != aggregator_security.client_key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "aggregator_client_cert_file",
+                reason: "aggregator_client_cert_file and aggregator_client_key_file go together".into(),
+            });
+        }
+        Ok(Config {
+            aggregator,
+            aggregator_security,
+            node_name,
+            interval,
+            once: cli.once,
+            output: cli.output.or(file.output).unwrap_or(if cli.once {
+                OutputFormat::Json
+            } else {
+                OutputFormat::None
+            }),
+            listen,
+            tracefs: cli
+                .tracefs
+                .clone()
+                .or(file.tracefs)
+                .unwrap_or_else(|| crate::tracefs::DEFAULT_TRACEFS.into()),
+            btf: cli
+                .btf
+                .clone()
+                .or(file.btf)
+                .unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
+            cgroup_root: cli.cgroup_root.clone().or(file.cgroup_root),
+            cgroup_scope,
+            kube: cli.kube.or(file.kube).unwrap_or(KubeMode::Auto),
+        })
+    }
+}
+
+impl FileConfig {
+    pub fn from_path(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+fn hostname() -> Option<String> {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 1s, 500ms, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("graywatch-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig = toml::from_str("interval = \"5s\"\nnode_name = \"from-file\"\n").expect("toml");
+        let config = Config::merge(&cli(&["--node-name", "from-flag"]), file).expect("valid");
+        assert_eq!(config.node_name, "from-flag");
+        assert_eq!(config.interval, Duration::from_secs(5));
+        assert_eq!(config.listen, Some(DEFAULT_LISTEN.parse().expect("addr")));
+    }
+
+    #[test]
+    fn once_defaults_to_json_output() {
+        let config = Config::merge(&cli(&["--once", "--node-name", "n"]), FileConfig::default()).expect("valid");
+        assert_eq!(config.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = Config::merge(&cli(&["--node-name", "n", "--interval", "1ms"]), FileConfig::default())
+            .expect_err("too short");
+        assert!(err.to_string().contains("`interval`"), "{err}");
+        let err = Config::merge(&cli(&["--node-name", "n", "--listen", "nope"]), FileConfig::default())
+            .expect_err("bad addr");
+        assert!(err.to_string().contains("`listen`"), "{err}");
+        let err = Config::merge(
+            &cli(&["--node-name", "n", "--cgroup-scope", "kubepods"]),
+            FileConfig::default(),
+        )
+        .expect_err("relative scope");
+        assert!(err.to_string().contains("`cgroup_scope`"), "{err}");
+        let err = Config::merge(
+            &cli(&["--node-name", "n", "--aggregator", "aggregator:7443"]),
+            FileConfig::default(),
+        )
+        .expect_err("no scheme");
+        assert!(err.to_string().contains("`aggregator`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_fields_are_rejected() {
+        let err = toml::from_str::<FileConfig>("intervall = \"1s\"").expect_err("typo");
+        assert!(err.to_string().contains("intervall"), "{err}");
+    }
+
+    #[test]
+    fn listen_off_disables_the_server() {
+        let config =
+            Config::merge(&cli(&["--node-name", "n", "--listen", "off"]), FileConfig::default()).expect("valid");
+        assert_eq!(config.listen, None);
+    }
+}

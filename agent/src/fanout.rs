@@ -1,0 +1,212 @@
+//! Reporting to every aggregator replica, not just one.
+//!
+//! The aggregator runs as two replicas with one leader; a follower must have the whole fleet's
+//! windows to take over without a blind spot, so each agent streams to every replica. The
+//! aggregator address names a headless Service; its DNS answers are re-resolved periodically and
+//! one [`Reporter`] runs per replica address (new pods are picked up, vanished ones dropped). An IP
+//! address or a name with one answer behaves like a single stream.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use graywatch_proto::v1::NodeSummary;
+use tracing::{info, warn};
+
+use crate::report::{ReportConfig, ReportStats, Reporter};
+
+/// How often replica addresses are re-resolved.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid aggregator address {0:?}: expected http(s)://host:port")]
+pub struct BadEndpoint(String);
+
+/// `scheme`, `host` and `port` of an `http(s)://host:port` URL.
+pub fn split_endpoint(endpoint: &str) -> Result<(String, String, u16), BadEndpoint> {
+    let bad = || BadEndpoint(endpoint.to_owned());
+    let (scheme, rest) = endpoint.split_once("://").ok_or_else(bad)?;
+    if scheme != "http" && scheme != "https" {
+        return Err(bad());
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+        (host, after.strip_prefix(':').ok_or_else(bad)?)
+    } else {
+        authority.rsplit_once(':').ok_or_else(bad)?
+    };
+    let port = port.parse().map_err(|_| bad())?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((scheme.to_owned(), host.to_owned(), port))
+}
+
+/// One stream per aggregator replica.
+pub struct Fanout {
+    scheme: String,
+    host: String,
+    port: u16,
+    template: ReportConfig,
+    reporters: BTreeMap<SocketAddr, Reporter>,
+    last_refresh: Option<Instant>,
+    /// Totals of reporters already shut down, so the exported counters never go backwards.
+    retired: ReportStats,
+}
+
+impl Fanout {
+    pub fn new(template: ReportConfig) -> Result<Self, BadEndpoint> {
+        let (scheme, host, port) = split_endpoint(&template.endpoint)?;
+        Ok(Self {
+            scheme,
+            host,
+            port,
+            template,
+            reporters: BTreeMap::new(),
+            last_refresh: None,
+            retired: ReportStats::default(),
+        })
+    }
+
+    fn config_for(&self, addr: SocketAddr) -> ReportConfig {
+        let mut config = self.template.clone();
+        config.endpoint = format!("{}://{addr}", self.scheme);
+        // The certificate names the Service, not the pod IP we dial.
+        if config.security.tls_server_name.is_none() && self.host.parse::<IpAddr>().is_err() {
+            config.security.tls_server_name = Some(self.host.clone());
+        }
+        config
+    }
+
+    /// Re-resolves the replicas if due: starts streams to new addresses, stops streams to
+    /// addresses DNS no longer lists. A failed lookup keeps the current streams.
+    pub async fn refresh(&mut self) {
+        if self.last_refresh.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return;
+        }
+        self.last_refresh = Some(Instant::now());
+        let lookup = tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((self.host.as_str(), self.port)),
+        )
+        .await;
+        let addrs: BTreeSet<SocketAddr> = match lookup {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(error)) => {
+                warn!(host = %self.host, %error, "cannot resolve the aggregator; keeping current streams");
+                return;
+            }
+            Err(_) => {
+                warn!(host = %self.host, "resolving the aggregator timed out; keeping current streams");
+                return;
+            }
+        };
+        if addrs.is_empty() {
+            return;
+        }
+        let gone: Vec<SocketAddr> = self.reporters.keys().filter(|a| !addrs.contains(a)).copied().collect();
+        for addr in gone {
+            if let Some(reporter) = self.reporters.remove(&addr) {
+                info!(%addr, "aggregator replica gone from DNS; closing its stream");
+                add_into(&self.retired, reporter.stats());
+                reporter.shutdown().await;
+            }
+        }
+        for addr in addrs {
+            if !self.reporters.contains_key(&addr) {
+                info!(%addr, host = %self.host, "streaming to aggregator replica");
+                let config = self.config_for(addr);
+                self.reporters.insert(addr, Reporter::spawn(config));
+            }
+        }
+    }
+
+    /// Queues the window for every replica.
+    pub fn push(&self, summary: &NodeSummary) {
+        for reporter in self.reporters.values() {
+            reporter.push(summary.clone());
+        }
+    }
+
+    /// Counters summed over all streams, past and present.
+    pub fn stats(&self) -> ReportStats {
+        let total = ReportStats::default();
+        add_into(&total, &self.retired);
+        for reporter in self.reporters.values() {
+            add_into(&total, reporter.stats());
+        }
+        total
+    }
+
+    /// The largest backlog of any stream.
+    pub fn buffered(&self) -> usize {
+        self.reporters.values().map(Reporter::buffered).max().unwrap_or(0)
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.reporters.len()
+    }
+
+    pub async fn shutdown(self) {
+        for reporter in self.reporters.into_values() {
+            reporter.shutdown().await;
+        }
+    }
+}
+
+fn add_into(total: &ReportStats, more: &ReportStats) {
+    let add = |into: &AtomicU64, from: &AtomicU64| {
+        into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+    };
+    add(&total.sent, &more.sent);
+    add(&total.acked, &more.acked);
+    add(&total.dropped, &more.dropped);
+    add(&total.reconnects, &more.reconnects);
+    add(&total.rejected, &more.rejected);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_split_into_scheme_host_port() {
+        assert_eq!(
+            split_endpoint("http://graywatch-aggregator.graywatch:7443").expect("valid"),
+            ("http".into(), "graywatch-aggregator.graywatch".into(), 7443)
+        );
+        assert_eq!(
+            split_endpoint("https://[fd00::1]:7443").expect("valid"),
+            ("https".into(), "fd00::1".into(), 7443)
+        );
+        assert!(split_endpoint("graywatch:7443").is_err());
+        assert!(split_endpoint("http://graywatch").is_err());
+        assert!(split_endpoint("ftp://x:1").is_err());
+    }
+
+    #[tokio::test]
+    async fn one_stream_per_resolved_address_with_the_service_name_for_tls() {
+        let template = ReportConfig {
+            endpoint: "https://localhost:7443".into(),
+            ..Default::default()
+        };
+        let mut fanout = Fanout::new(template).expect("valid endpoint");
+        fanout.refresh().await;
+        // localhost resolves to 127.0.0.1 and possibly ::1: one reporter each.
+        assert!(fanout.replicas() >= 1);
+        let addr = *fanout.reporters.keys().next().expect("an address");
+        let config = fanout.config_for(addr);
+        assert_eq!(config.security.tls_server_name.as_deref(), Some("localhost"));
+        assert!(config.endpoint.starts_with("https://"));
+        // Not due again: a second refresh changes nothing.
+        let before = fanout.replicas();
+        fanout.refresh().await;
+        assert_eq!(fanout.replicas(), before);
+        fanout.shutdown().await;
+    }
+}

@@ -1,0 +1,554 @@
+//! Agent → aggregator: the `graywatch.v1.Ingest/Report` client stream.
+//!
+//! [`Reporter::push`] never blocks the agent: windows go into a bounded buffer of recent windows
+//! (oldest dropped first when full, drops counted). A background task keeps one stream open,
+//! sends every buffered window it has not sent on this connection, forgets windows the
+//! aggregator acknowledged, and on any failure reconnects with exponential backoff and jitter,
+//! replaying what is still buffered (the aggregator drops replays it has already seen). The
+//! latest `ConfigChange` directive is published on a watch channel.
+//!
+//! Depends only on the wire types (graywatch-proto), tokio and tonic.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use graywatch_proto::v1::{ConfigChange, NodeSummary, directive, ingest_client::IngestClient};
+use tokio::sync::{Notify, mpsc, watch};
+use tonic::transport::Endpoint;
+
+#[derive(Debug, Clone)]
+pub struct ReportConfig {
+    /// Aggregator address, e.g. `http://graywatch-aggregator.graywatch:7443`.
+    pub endpoint: String,
+    /// Windows kept while disconnected (or not yet acknowledged).
+    pub buffer_windows: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// TLS and the bearer token (see stream_security.rs).
+    pub security: crate::stream_security::StreamSecurity,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://graywatch-aggregator.graywatch:7443".into(),
+            buffer_windows: 120,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            security: crate::stream_security::StreamSecurity::default(),
+        }
+    }
+}
+
+/// Cumulative counters for the agent's metrics.
+#[derive(Debug, Default)]
+pub struct ReportStats {
+    /// Windows written to a stream (replays included).
+    pub sent: AtomicU64,
+    /// Acknowledgements received.
+    pub acked: AtomicU64,
+    /// Windows dropped from a full buffer (oldest first).
+    pub dropped: AtomicU64,
+    /// Streams that failed (or could not be opened) and were retried.
+    pub reconnects: AtomicU64,
+    /// Streams the aggregator ended with an error status (bad message, wrong version, restart).
+    pub rejected: AtomicU64,
+}
+
+/// Bounded FIFO of recent windows, ordered by window seq.
+#[derive(Debug)]
+pub struct WindowBuffer {
+    windows: VecDeque<NodeSummary>,
+    cap: usize,
+}
+
+fn seq_of(s: &NodeSummary) -> u64 {
+    s.window.as_ref().map_or(0, |w| w.seq)
+}
+
+impl WindowBuffer {
+    #[must_use]
+    pub fn new(cap: usize) -> Self {
+        Self {
+            windows: VecDeque::with_capacity(cap.min(4096)),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Adds a window; returns how many old windows were dropped to make room.
+    pub fn push(&mut self, s: NodeSummary) -> u64 {
+        let mut dropped = 0;
+        while self.windows.len() >= self.cap {
+            self.windows.pop_front();
+            dropped += 1;
+        }
+        self.windows.push_back(s);
+        dropped
+    }
+
+    /// Forgets windows up to and including `seq`.
+    pub fn ack(&mut self, seq: u64) {
+        while self.windows.front().is_some_and(|w| seq_of(w) <= seq) {
+            self.windows.pop_front();
+        }
+    }
+
+    /// Buffered windows with a seq above `after` (all of them for `None`), oldest first.
+    #[must_use]
+    pub fn after(&self, after: Option<u64>) -> Vec<NodeSummary> {
+        self.windows
+            .iter()
+            .filter(|w| after.is_none_or(|a| seq_of(w) > a))
+            .cloned()
+            .collect()
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.windows.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+}
+
+/// Backoff before reconnect attempt `attempt` (0-based): exponential from `initial`, capped at
+/// `max`, with jitter: uniform in [d/2, d] from `random` (any u64).
+#[must_use]
+pub fn backoff(attempt: u32, initial: Duration, max: Duration, random: u64) -> Duration {
+    let exp = initial.saturating_mul(2u32.saturating_pow(attempt.min(20))).min(max);
+    let half = exp / 2;
+    let span = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+    let jitter = if span == 0 { 0 } else { random % (span + 1) };
+    half + Duration::from_micros(jitter)
+}
+
+struct Shared {
+    buf: Mutex<WindowBuffer>,
+    notify: Notify,
+    closed: AtomicBool,
+    stats: ReportStats,
+}
+
+/// The client; see the module docs.
+pub struct Reporter {
+    shared: Arc<Shared>,
+    directives: watch::Receiver<Option<ConfigChange>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("aggregator status {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("stream closed")]
+    Closed,
+    #[error(transparent)]
+    Security(#[from] crate::stream_security::SecurityError),
+}
+
+impl Reporter {
+    /// Starts the background stream task (needs a tokio runtime).
+    #[must_use]
+    pub fn spawn(cfg: ReportConfig) -> Self {
+        let shared = Arc::new(Shared {
+            buf: Mutex::new(WindowBuffer::new(cfg.buffer_windows)),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            stats: ReportStats::default(),
+        });
+        let (dir_tx, directives) = watch::channel(None);
+        let task = tokio::spawn(run(shared.clone(), cfg, dir_tx));
+        Self {
+            shared,
+            directives,
+            task,
+        }
+    }
+
+    /// Queues one window; never blocks. The oldest window is dropped (and counted) if full.
+    pub fn push(&self, summary: NodeSummary) {
+        let dropped = self
+            .shared
+            .buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(summary);
+        if dropped > 0 {
+            self.shared.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+        self.shared.notify.notify_one();
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> &ReportStats {
+        &self.shared.stats
+    }
+
+    /// Windows buffered (not yet acknowledged).
+    #[must_use]
+    pub fn buffered(&self) -> usize {
+        self.shared.buf.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// The latest config directive from the aggregator (e.g. the report interval).
+    #[must_use]
+    pub fn directives(&self) -> watch::Receiver<Option<ConfigChange>> {
+        self.directives.clone()
+    }
+
+    /// Stops the stream task; unsent windows are discarded.
+    pub async fn shutdown(self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        self.shared.notify.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    ((t as u64) ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+async fn run(shared: Arc<Shared>, cfg: ReportConfig, dir_tx: watch::Sender<Option<ConfigChange>>) {
+    let mut rng = seed();
+    let mut attempt = 0u32;
+    while !shared.closed.load(Ordering::Relaxed) {
+        let mut healthy = false;
+        match session(&shared, &cfg, &dir_tx, &mut healthy).await {
+            Ok(()) => return,
+            Err(e) => {
+                if matches!(e, SessionError::Status(_)) {
+                    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(endpoint = %cfg.endpoint, error = %e, attempt, "report stream down; reconnecting");
+            }
+        }
+        if healthy {
+            attempt = 0;
+        }
+        shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        let wait = backoff(attempt, cfg.backoff_initial, cfg.backoff_max, xorshift(&mut rng));
+        attempt = attempt.saturating_add(1);
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        // Wake early only to shut down; pushes during the backoff just fill the buffer.
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                () = shared.notify.notified() => {
+                    if shared.closed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One connection. `Ok(())` only on shutdown. Sets `healthy` once the aggregator acknowledged
+/// something (so the backoff starts over).
+async fn session(
+    shared: &Shared,
+    cfg: &ReportConfig,
+    dir_tx: &watch::Sender<Option<ConfigChange>>,
+    healthy: &mut bool,
+) -> Result<(), SessionError> {
+    let channel = cfg
+        .security
+        .apply(Endpoint::from_shared(cfg.endpoint.clone())?)?
+        .connect_timeout(cfg.connect_timeout)
+        .connect()
+        .await?;
+    let mut client = IngestClient::new(channel)
+        .max_decoding_message_size(graywatch_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(graywatch_proto::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<NodeSummary>(32);
+    let mut request = tonic::Request::new(tokio_stream_shim::ReceiverStream::new(rx));
+    // Read on every connection: projected tokens rotate.
+    if let Some(token) = cfg.security.bearer()? {
+        request.metadata_mut().insert("authorization", token);
+    }
+    let mut inbound = client.report(request).await?.into_inner();
+    // Replay everything still buffered on a new connection.
+    let mut sent_upto: Option<u64> = None;
+    loop {
+        if shared.closed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let pending = shared
+            .buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .after(sent_upto);
+        for s in pending {
+            let seq = seq_of(&s);
+            tx.send(s).await.map_err(|_| SessionError::Closed)?;
+            shared.stats.sent.fetch_add(1, Ordering::Relaxed);
+            sent_upto = Some(seq);
+        }
+        tokio::select! {
+            () = shared.notify.notified() => {}
+            msg = inbound.message() => match msg? {
+                Some(d) => match d.kind {
+                    Some(directive::Kind::Ack(a)) => {
+                        *healthy = true;
+                        shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+                        shared.buf.lock().unwrap_or_else(PoisonError::into_inner).ack(a.seq);
+                    }
+                    Some(directive::Kind::Config(c)) => {
+                        dir_tx.send_replace(Some(c));
+                    }
+                    None => {}
+                },
+                None => return Err(SessionError::Closed),
+            },
+        }
+    }
+}
+
+/// A minimal `Stream` over an mpsc receiver (keeps this module free of tokio-stream).
+mod tokio_stream_shim {
+    use std::{
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    pub struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+    impl<T> ReceiverStream<T> {
+        pub fn new(rx: tokio::sync::mpsc::Receiver<T>) -> Self {
+            Self(rx)
+        }
+    }
+
+    impl<T> futures::Stream for ReceiverStream<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, pin::Pin, sync::atomic::AtomicUsize};
+
+    use futures::{Stream, StreamExt};
+    use graywatch_proto::{
+        PROTOCOL_VERSION,
+        v1::{Ack, Directive, NodeIdentity, Window, ingest_server},
+    };
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn window(seq: u64) -> NodeSummary {
+        NodeSummary {
+            protocol_version: PROTOCOL_VERSION,
+            node: Some(NodeIdentity {
+                node_name: "n1".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            }),
+            window: Some(Window {
+                seq,
+                start_unix_ms: 0,
+                end_unix_ms: 1,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn buffer_drops_oldest_first_and_counts() {
+        let mut b = WindowBuffer::new(3);
+        let dropped: u64 = (1..=5).map(|s| b.push(window(s))).sum();
+        assert_eq!(dropped, 2);
+        assert_eq!(b.after(None).iter().map(seq_of).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(b.after(Some(3)).iter().map(seq_of).collect::<Vec<_>>(), vec![4, 5]);
+        b.ack(4);
+        assert_eq!(b.after(None).iter().map(seq_of).collect::<Vec<_>>(), vec![5]);
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_is_bounded_and_jittered(attempt in 0u32..64, r in any::<u64>()) {
+            let init = Duration::from_millis(100);
+            let max = Duration::from_secs(10);
+            let d = backoff(attempt, init, max, r);
+            prop_assert!(d <= max);
+            let exp = init.saturating_mul(2u32.saturating_pow(attempt.min(20))).min(max);
+            prop_assert!(d >= exp / 2);
+        }
+    }
+
+    /// In-process aggregator stand-in: records seqs, acks them, and ends the first stream with
+    /// an error after `fail_after` summaries (to force a reconnect).
+    #[derive(Clone, Default)]
+    struct Fake {
+        seen: Arc<Mutex<Vec<u64>>>,
+        fail_after: Arc<AtomicUsize>,
+    }
+
+    type Out = Pin<Box<dyn Stream<Item = Result<Directive, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl ingest_server::Ingest for Fake {
+        type ReportStream = Out;
+        async fn report(
+            &self,
+            req: tonic::Request<tonic::Streaming<NodeSummary>>,
+        ) -> Result<tonic::Response<Out>, tonic::Status> {
+            let mut inbound = req.into_inner();
+            let this = self.clone();
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                let hello = ConfigChange {
+                    report_interval_ms: 1234,
+                    ..Default::default()
+                };
+                let _ = tx
+                    .send(Ok(Directive {
+                        protocol_version: 1,
+                        kind: Some(directive::Kind::Config(hello)),
+                    }))
+                    .await;
+                while let Some(Ok(s)) = inbound.next().await {
+                    let seq = seq_of(&s);
+                    this.seen.lock().unwrap_or_else(PoisonError::into_inner).push(seq);
+                    if this.fail_after.load(Ordering::SeqCst) == 1 {
+                        this.fail_after.store(0, Ordering::SeqCst);
+                        let _ = tx.send(Err(tonic::Status::unavailable("restarting"))).await;
+                        return;
+                    }
+                    this.fail_after
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                        .ok();
+                    let _ = tx
+                        .send(Ok(Directive {
+                            protocol_version: 1,
+                            kind: Some(directive::Kind::Ack(Ack { seq })),
+                        }))
+                        .await;
+                }
+            });
+            let out = tokio_stream_shim::ReceiverStream::new(rx);
+            Ok(tonic::Response::new(Box::pin(out) as Out))
+        }
+    }
+
+    async fn serve(fake: Fake, listener: tokio::net::TcpListener) {
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            Some((r, l))
+        });
+        let _ = tonic::transport::Server::builder()
+            .add_service(ingest_server::IngestServer::new(fake))
+            .serve_with_incoming(incoming)
+            .await;
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn cfg(addr: SocketAddr, cap: usize) -> ReportConfig {
+        ReportConfig {
+            endpoint: format!("http://{addr}"),
+            buffer_windows: cap,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(2),
+            security: crate::stream_security::StreamSecurity::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn buffers_while_down_then_replays_in_order() {
+        // Reserve a port, but nobody listens yet: the agent starts before the aggregator.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        let rep = Reporter::spawn(cfg(addr, 4));
+        for s in 1..=6 {
+            rep.push(window(s));
+        }
+        assert_eq!(rep.stats().dropped.load(Ordering::Relaxed), 2, "oldest two dropped");
+        until("a failed connection attempt", || {
+            rep.stats().reconnects.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        let fake = Fake::default();
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        tokio::spawn(serve(fake.clone(), listener));
+        let seen = fake.seen.clone();
+        until("replay of 3..=6", || {
+            *seen.lock().unwrap_or_else(PoisonError::into_inner) == vec![3, 4, 5, 6]
+        })
+        .await;
+        until("acks empty the buffer", || rep.buffered() == 0).await;
+        let mut dir = rep.directives();
+        let got = dir.wait_for(Option::is_some).await.expect("directive").clone();
+        assert_eq!(got.map(|c| c.report_interval_ms), Some(1234));
+        rep.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn reconnects_after_stream_error_and_resends_unacked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake::default();
+        // Ack 2 windows, then fail the stream on the 3rd (unacked).
+        fake.fail_after.store(3, Ordering::SeqCst);
+        tokio::spawn(serve(fake.clone(), listener));
+        let rep = Reporter::spawn(cfg(addr, 16));
+        for s in 1..=3 {
+            rep.push(window(s));
+        }
+        let seen = fake.seen.clone();
+        until("3 is resent on the new stream", || {
+            let v = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            v.iter().filter(|s| **s == 3).count() == 2
+        })
+        .await;
+        rep.push(window(4));
+        until("4 arrives", || {
+            seen.lock().unwrap_or_else(PoisonError::into_inner).contains(&4)
+        })
+        .await;
+        until("all acked", || rep.buffered() == 0).await;
+        assert!(rep.stats().rejected.load(Ordering::Relaxed) >= 1);
+        assert_eq!(rep.stats().dropped.load(Ordering::Relaxed), 0);
+        // 1 and 2 were acknowledged before the failure and never resent.
+        let v = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(v.iter().filter(|s| **s == 1).count(), 1, "{v:?}");
+        assert_eq!(v.iter().filter(|s| **s == 2).count(), 1, "{v:?}");
+        rep.shutdown().await;
+    }
+}

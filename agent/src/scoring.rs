@@ -1,0 +1,317 @@
+//! The node's local gray-failure score: one streaming scorer per series (RTT and retransmit
+//! ratio per peer, steal, run-queue delay, memory PSI), folded into one score per family with the
+//! worst series' reason. Pure over window summaries; no I/O.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use graywatch_detect::{Family, FamilyScore, SignalScorer, SignalScorerConfig};
+
+use crate::summary::{Direction, WindowSummary};
+
+/// Forget a peer's scorers after this many windows without traffic to it.
+const PEER_IDLE_WINDOWS: u32 = 300;
+
+/// A family's local verdict for one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalFamilyScore {
+    pub family: Family,
+    /// `None` while every series of the family is warming up or absent (→ Unknown upstream).
+    pub score: Option<f64>,
+    pub reason: String,
+}
+
+struct Series {
+    label: String,
+    unit: &'static str,
+    scorer: SignalScorer,
+    idle_windows: u32,
+}
+
+impl Series {
+    fn new(label: String, unit: &'static str, config: SignalScorerConfig) -> Self {
+        let scorer = SignalScorer::new(config).unwrap_or_else(|_| {
+            // The default config is validated by the detect crate's tests; fall back to it.
+            SignalScorer::new(SignalScorerConfig::default()).expect("default scorer config is valid")
+        });
+        Self {
+            label,
+            unit,
+            scorer,
+            idle_windows: 0,
+        }
+    }
+}
+
+/// Per-node local scoring state.
+pub struct LocalScorer {
+    config: SignalScorerConfig,
+    families: HashMap<Family, HashMap<String, Series>>,
+}
+
+impl Default for LocalScorer {
+    fn default() -> Self {
+        Self::new(SignalScorerConfig::default())
+    }
+}
+
+impl LocalScorer {
+    pub fn new(config: SignalScorerConfig) -> Self {
+        Self {
+            config,
+            families: HashMap::new(),
+        }
+    }
+
+    fn feed(&mut self, family: Family, key: String, unit: &'static str, t: f64, value: f64) {
+        let config = self.config;
+        let series = self.families.entry(family).or_default();
+        let entry = series
+            .entry(key.clone())
+            .or_insert_with(|| Series::new(key, unit, config));
+        entry.scorer.update(t, value);
+        entry.idle_windows = 0;
+    }
+
+    /// Feeds one window (at `t` seconds) and returns every family's score.
+    pub fn observe(&mut self, t: f64, summary: &WindowSummary) -> Vec<LocalFamilyScore> {
+        for series in self.families.values_mut().flat_map(HashMap::values_mut) {
+            series.idle_windows += 1;
+        }
+        for peer in peers(summary) {
+            if let Some(p99) = peer.rtt_p99_us {
+                self.feed(
+                    Family::NetworkLatency,
+                    format!("rtt p99 to {}", peer.remote),
+                    "µs",
+                    t,
+                    p99,
+                );
+            }
+            if peer.segments_out > 0 {
+                let pct = 100.0 * peer.retransmits as f64 / peer.segments_out as f64;
+                self.feed(
+                    Family::PacketLoss,
+                    format!("retransmits to {}", peer.remote),
+                    "%",
+                    t,
+                    pct,
+                );
+            }
+        }
+        if let Some(steal) = &summary.cpu.steal {
+            self.feed(Family::CpuContention, "cpu steal".into(), "%", t, steal.node_pct);
+        }
+        let worst_runq = summary
+            .cpu
+            .run_queue
+            .iter()
+            .map(|w| w.latency.p99_us)
+            .fold(f64::NAN, f64::max);
+        if worst_runq.is_finite() {
+            self.feed(
+                Family::CpuContention,
+                "run-queue p99 (worst workload)".into(),
+                "µs",
+                t,
+                worst_runq,
+            );
+        }
+        if let Some(pct) = summary.pressure.node.memory.as_ref().and_then(|m| m.some_pct) {
+            self.feed(Family::MemoryPressure, "memory PSI some".into(), "%", t, pct);
+        }
+        for series in self.families.values_mut() {
+            series.retain(|_, s| s.idle_windows < PEER_IDLE_WINDOWS);
+        }
+        Family::ALL.iter().map(|&family| self.score(family)).collect()
+    }
+
+    fn score(&self, family: Family) -> LocalFamilyScore {
+        let Some(series) = self.families.get(&family) else {
+            return LocalFamilyScore {
+                family,
+                score: None,
+                reason: "no data".into(),
+            };
+        };
+        // Only series fed in this window count: a silent peer is no evidence either way.
+        let live: Vec<&Series> = series.values().filter(|s| s.idle_windows == 0).collect();
+        let combined = FamilyScore::combine(family, live.iter().map(|s| &s.scorer));
+        let reason = combined
+            .worst
+            .and_then(|i| live.get(i))
+            .map_or_else(|| "warming up".to_owned(), |s| s.scorer.reason(&s.label, s.unit));
+        LocalFamilyScore {
+            family,
+            score: combined.value,
+            reason,
+        }
+    }
+}
+
+/// What the node measured towards one remote address, over all its workloads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerWindow {
+    pub remote: IpAddr,
+    pub rtt_samples: u64,
+    pub rtt_p50_us: Option<f64>,
+    pub rtt_p99_us: Option<f64>,
+    pub rtt_histogram: Option<hdrhistogram::Histogram<u64>>,
+    pub segments_out: u64,
+    pub retransmits: u64,
+}
+
+/// Folds the window's flows by remote address (all workloads together). RTT comes from the
+/// connections this node opened when there are any: on accepted connections the smoothed RTT
+/// includes the clients' think time (their ACKs ride on the next request).
+pub fn peers(summary: &WindowSummary) -> Vec<PeerWindow> {
+    #[derive(Default)]
+    struct Fold {
+        segments_out: u64,
+        retransmits: u64,
+        outbound: Option<(u64, hdrhistogram::Histogram<u64>)>,
+        other: Option<(u64, hdrhistogram::Histogram<u64>)>,
+    }
+    fn add(
+        slot: &mut Option<(u64, hdrhistogram::Histogram<u64>)>,
+        samples: u64,
+        histogram: &hdrhistogram::Histogram<u64>,
+    ) {
+        match slot {
+            Some((n, total)) => {
+                *n += samples;
+                // Same bounds everywhere (signals::net), so adding cannot fail.
+                let _ = total.add(histogram);
+            }
+            None => *slot = Some((samples, histogram.clone())),
+        }
+    }
+    let mut by_remote: HashMap<IpAddr, Fold> = HashMap::new();
+    for flow in &summary.network.flows {
+        let fold = by_remote.entry(flow.remote).or_default();
+        fold.segments_out += flow.segments_sent;
+        fold.retransmits += flow.retransmits;
+        if let (Some(rtt), Some(histogram)) = (&flow.rtt, &flow.rtt_histogram) {
+            let slot = if flow.direction == Direction::Outbound {
+                &mut fold.outbound
+            } else {
+                &mut fold.other
+            };
+            add(slot, rtt.samples, histogram);
+        }
+    }
+    let mut peers: Vec<PeerWindow> = by_remote
+        .into_iter()
+        .map(|(remote, fold)| {
+            let rtt = fold.outbound.or(fold.other);
+            PeerWindow {
+                remote,
+                rtt_samples: rtt.as_ref().map_or(0, |(n, _)| *n),
+                rtt_p50_us: rtt.as_ref().map(|(_, h)| h.value_at_quantile(0.5) as f64),
+                rtt_p99_us: rtt.as_ref().map(|(_, h)| h.value_at_quantile(0.99) as f64),
+                rtt_histogram: rtt.map(|(_, h)| h),
+                segments_out: fold.segments_out,
+                retransmits: fold.retransmits,
+            }
+        })
+        .collect();
+    peers.sort_by_key(|p| p.remote);
+    peers
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{collections::BTreeMap, net::Ipv4Addr};
+
+    use graywatch_common::{FlowStats, RTT_BUCKETS, rtt_bucket};
+
+    use super::*;
+    use crate::{
+        signals::net::{FlowDelta, NetDelta, network_window},
+        summary::Workload,
+    };
+
+    /// A window with one flow to `remote` whose RTT samples are all `rtt_us`.
+    pub(crate) fn window_with(
+        remote: Ipv4Addr,
+        rtt_us: u32,
+        samples: u32,
+        segments: u64,
+        retransmits: u64,
+    ) -> WindowSummary {
+        let mut stats = FlowStats::ZERO;
+        stats.rtt_buckets[rtt_bucket(rtt_us).min(RTT_BUCKETS - 1)] = samples;
+        stats.segs_out = segments;
+        stats.retransmits = retransmits;
+        let mut key = graywatch_common::FlowKey {
+            cgroup_id: 5,
+            family: graywatch_common::AF_INET,
+            direction: graywatch_common::DIRECTION_OUTBOUND,
+            ..Default::default()
+        };
+        key.remote_addr[10] = 0xff;
+        key.remote_addr[11] = 0xff;
+        key.remote_addr[12..].copy_from_slice(&remote.octets());
+        let delta = NetDelta {
+            flows: vec![(key, FlowDelta::between(None, &stats))],
+            ..Default::default()
+        };
+        WindowSummary {
+            node: "n".into(),
+            window_start_unix_ms: 1_000,
+            window_seconds: 1.0,
+            network: network_window(&delta, &HashMap::new(), |id| Workload {
+                cgroup_id: id,
+                cgroup_path: None,
+                pod: None,
+            }),
+            cpu: Default::default(),
+            memory: Default::default(),
+            pressure: Default::default(),
+            lost_events: BTreeMap::new(),
+            unavailable: BTreeMap::new(),
+            local_scores: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_latency_step_to_one_peer_raises_the_network_latency_score() {
+        let peer = Ipv4Addr::new(10, 0, 0, 2);
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        for i in 0..120 {
+            // A little natural variation around 200 µs.
+            let scores = scorer.observe(t, &window_with(peer, 190 + (i % 5) * 5, 100, 1000, 0));
+            t += 1.0;
+            if i > 100 {
+                let latency = &scores[0];
+                assert_eq!(latency.family, Family::NetworkLatency);
+                assert!(latency.score.is_some_and(|s| s < 0.3), "quiet baseline: {latency:?}");
+            }
+        }
+        let mut last = None;
+        for _ in 0..10 {
+            last = Some(scorer.observe(t, &window_with(peer, 20_000, 100, 1000, 0)));
+            t += 1.0;
+        }
+        let latency = &last.expect("scored")[0];
+        assert!(latency.score.is_some_and(|s| s > 0.7), "{latency:?}");
+        assert!(latency.reason.contains("rtt p99 to 10.0.0.2"), "{}", latency.reason);
+        // Families with no data have no score (Unknown upstream), never a healthy zero.
+        let memory = scorer.observe(t, &window_with(peer, 20_000, 100, 1000, 0)).remove(3);
+        assert_eq!(memory.family, Family::MemoryPressure);
+        assert_eq!(memory.score, None);
+    }
+
+    #[test]
+    fn peers_fold_flows_by_remote() {
+        let summary = window_with(Ipv4Addr::new(10, 0, 0, 3), 1_000, 50, 200, 4);
+        let peers = peers(&summary);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            (peers[0].segments_out, peers[0].retransmits, peers[0].rtt_samples),
+            (200, 4, 50)
+        );
+        let p50 = peers[0].rtt_p50_us.expect("rtt");
+        assert!((p50 - 1_000.0).abs() < 70.0, "{p50}");
+    }
+}

@@ -1,0 +1,697 @@
+//! Per-pod cgroup statistics in every layout the field has: pure cgroup v2 (EKS AL2023), pure v1
+//! (older AMIs) and hybrid (v1 controllers under `<root>/<controller>`, a controller-less v2 at
+//! `<root>/unified` that still carries PSI files, as on the dev/CI machine).
+//!
+//! Read per cgroup: `memory.pressure` / `cpu.pressure` (v2 only: PSI has no v1 interface),
+//! OOM and `high` events (v2 `memory.events`, v1 `memory.oom_control`) and CFS throttling
+//! (`cpu.stat`: v2 `throttled_usec`, v1 `throttled_time` in ns). A source the layout lacks is
+//! `None`; nothing is ever reported as a zero it did not read.
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::psi::{Psi, PsiError, PsiWindow, is_unavailable, parse_psi, window};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupFileError {
+    #[error("{file}:{line}: {reason}")]
+    Malformed { file: String, line: usize, reason: String },
+    #[error("{file}: missing key {key:?}")]
+    MissingKey { file: String, key: &'static str },
+    #[error(transparent)]
+    Psi(#[from] PsiError),
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Parses a cgroup "flat keyed" file (`key value` per line: memory.events, cpu.stat,
+/// memory.oom_control). Borrowed keys, in file order.
+pub fn parse_flat_keyed<'a>(text: &'a str, file: &str) -> Result<Vec<(&'a str, u64)>, CgroupFileError> {
+    let mut out = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let malformed = |reason: String| CgroupFileError::Malformed {
+            file: file.to_owned(),
+            line: index + 1,
+            reason,
+        };
+        let mut words = line.split_ascii_whitespace();
+        let (Some(key), Some(value), None) = (words.next(), words.next(), words.next()) else {
+            return Err(malformed(format!("expected `key value`, got {line:?}")));
+        };
+        let value = value
+            .parse::<u64>()
+            .map_err(|_| malformed(format!("bad number {value:?} for {key}")))?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn key(pairs: &[(&str, u64)], name: &str) -> Option<u64> {
+    pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+}
+
+/// OOM and limit events of one memory cgroup (cumulative).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryEvents {
+    /// Processes killed by the OOM killer in this cgroup (and, on v2, its descendants).
+    pub oom_kill: u64,
+    /// Times the cgroup hit its limit and the OOM killer was invoked (v2 `oom`; v1 lacks it).
+    pub oom: Option<u64>,
+    /// Times usage went over `memory.high` and was throttled (v2 only).
+    pub high: Option<u64>,
+    /// Times usage hit `memory.max` (v2 only).
+    pub max: Option<u64>,
+}
+
+/// v2 `memory.events`.
+pub fn parse_memory_events(text: &str, file: &str) -> Result<MemoryEvents, CgroupFileError> {
+    let pairs = parse_flat_keyed(text, file)?;
+    Ok(MemoryEvents {
+        oom_kill: key(&pairs, "oom_kill").ok_or(CgroupFileError::MissingKey {
+            file: file.to_owned(),
+            key: "oom_kill",
+        })?,
+        oom: key(&pairs, "oom"),
+        high: key(&pairs, "high"),
+        max: key(&pairs, "max"),
+    })
+}
+
+/// v1 `memory.oom_control` (`oom_kill` exists since 4.13).
+pub fn parse_oom_control(text: &str, file: &str) -> Result<MemoryEvents, CgroupFileError> {
+    let pairs = parse_flat_keyed(text, file)?;
+    Ok(MemoryEvents {
+        oom_kill: key(&pairs, "oom_kill").ok_or(CgroupFileError::MissingKey {
+            file: file.to_owned(),
+            key: "oom_kill",
+        })?,
+        oom: None,
+        high: None,
+        max: None,
+    })
+}
+
+/// CFS bandwidth throttling of one cpu cgroup (cumulative).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpuThrottle {
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_us: u64,
+}
+
+/// `cpu.stat`, either version. `Ok(None)` for a v2 cgroup without the cpu controller, whose
+/// cpu.stat has usage but no throttling keys (the hybrid layout's unified hierarchy).
+pub fn parse_cpu_stat(text: &str, file: &str) -> Result<Option<CpuThrottle>, CgroupFileError> {
+    let pairs = parse_flat_keyed(text, file)?;
+    let (Some(nr_periods), Some(nr_throttled)) = (key(&pairs, "nr_periods"), key(&pairs, "nr_throttled")) else {
+        return Ok(None);
+    };
+    let throttled_us = match (key(&pairs, "throttled_usec"), key(&pairs, "throttled_time")) {
+        (Some(us), _) => us,
+        (None, Some(ns)) => ns / 1_000,
+        (None, None) => {
+            return Err(CgroupFileError::MissingKey {
+                file: file.to_owned(),
+                key: "throttled_usec",
+            });
+        }
+    };
+    Ok(Some(CpuThrottle {
+        nr_periods,
+        nr_throttled,
+        throttled_us,
+    }))
+}
+
+/// Where the hierarchies are. Detected from the cgroup mount root (default `/sys/fs/cgroup`,
+/// overridable for a DaemonSet that mounts the host's at e.g. `/host/sys/fs/cgroup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// Pure v2: everything under the root.
+    Unified { root: PathBuf },
+    /// v1 controllers under `root/<controller>`, v2 (no controllers, PSI only) at `unified`.
+    Hybrid { root: PathBuf, unified: PathBuf },
+    /// v1 only.
+    Legacy { root: PathBuf },
+}
+
+impl CgroupLayout {
+    pub fn detect(root: &Path) -> Self {
+        if root.join("cgroup.controllers").exists() {
+            return CgroupLayout::Unified { root: root.to_owned() };
+        }
+        let unified = root.join("unified");
+        if unified.join("cgroup.controllers").exists() {
+            return CgroupLayout::Hybrid {
+                root: root.to_owned(),
+                unified,
+            };
+        }
+        CgroupLayout::Legacy { root: root.to_owned() }
+    }
+
+    /// The v2 hierarchy (where PSI files and the eBPF cgroup ids live), if any.
+    pub fn v2_root(&self) -> Option<&Path> {
+        match self {
+            CgroupLayout::Unified { root } => Some(root),
+            CgroupLayout::Hybrid { unified, .. } => Some(unified),
+            CgroupLayout::Legacy { .. } => None,
+        }
+    }
+
+    /// The v1 hierarchy of `controller` (`cpu`, `memory`), if the layout has v1.
+    pub fn v1_root(&self, controller: &str) -> Option<PathBuf> {
+        match self {
+            CgroupLayout::Unified { .. } => None,
+            CgroupLayout::Hybrid { root, .. } | CgroupLayout::Legacy { root } => {
+                // Some distributions co-mount cpu and cpuacct as `cpu,cpuacct`, with `cpu` a symlink.
+                let dir = root.join(controller);
+                dir.exists().then_some(dir)
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            CgroupLayout::Unified { .. } => "v2",
+            CgroupLayout::Hybrid { .. } => "hybrid",
+            CgroupLayout::Legacy { .. } => "v1",
+        }
+    }
+}
+
+/// Kubernetes QoS class as encoded in the cgroup path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+/// A pod-level cgroup recognised from its path, relative to a hierarchy root.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct PodCgroup {
+    /// Path relative to the hierarchy root, e.g. `kubepods/burstable/pod<uid>` or
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`.
+    pub path: String,
+    /// Pod UID with dashes (the systemd driver writes it with underscores).
+    pub pod_uid: String,
+    pub qos: QosClass,
+}
+
+/// Recognises a pod cgroup path from either kubelet cgroup driver (cgroupfs or systemd), at
+/// any prefix (e.g. a `kubelet.slice` parent). Container cgroups below a pod yield the pod.
+pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let start = parts.iter().position(|p| *p == "kubepods" || *p == "kubepods.slice")?;
+    let mut qos = QosClass::Guaranteed;
+    for (i, part) in parts.iter().enumerate().skip(start + 1) {
+        let part = part.strip_suffix(".slice").unwrap_or(part);
+        // cgroupfs: `burstable`, `besteffort`, `pod<uid>`; systemd: `kubepods-burstable`,
+        // `kubepods-burstable-pod<uid_with_underscores>`, `kubepods-pod<uid>`.
+        let mut name = part.strip_prefix("kubepods-").unwrap_or(part);
+        for (class, label) in [(QosClass::Burstable, "burstable"), (QosClass::BestEffort, "besteffort")] {
+            if let Some(rest) = name.strip_prefix(label) {
+                qos = class;
+                name = rest.strip_prefix('-').unwrap_or(rest);
+            }
+        }
+        if name.is_empty() {
+            continue;
+        }
+        let uid = name.strip_prefix("pod")?;
+        if uid.len() < 32 || !uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_') {
+            return None;
+        }
+        return Some(PodCgroup {
+            path: parts[..=i].join("/"),
+            pod_uid: uid.replace('_', "-"),
+            qos,
+        });
+    }
+    None
+}
+
+/// Pod cgroups found under a hierarchy root (depth-limited walk of the kubepods subtree).
+pub fn find_pod_cgroups(hierarchy: &Path) -> Vec<PodCgroup> {
+    let mut found = Vec::new();
+    let mut stack = vec![(hierarchy.to_owned(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(rel) = path.strip_prefix(hierarchy) else {
+                continue;
+            };
+            let rel = rel.to_string_lossy();
+            if let Some(pod) = parse_pod_cgroup(&rel) {
+                found.push(pod);
+            } else if depth < 4 && (rel.contains("kubepods") || depth < 1) {
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}
+
+/// One reading of a cgroup. Every field is `None` when the layout/kernel does not offer it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CgroupStats {
+    pub memory_pressure: Option<Psi>,
+    pub cpu_pressure: Option<Psi>,
+    pub memory_events: Option<MemoryEvents>,
+    pub cpu_throttle: Option<CpuThrottle>,
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, CgroupFileError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if is_unavailable(&e) => Ok(None),
+        Err(source) => Err(CgroupFileError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Reads the statistics of the cgroup at `rel` (same relative path in every hierarchy, as
+/// kubelet and our test bench create them). Blocking.
+pub fn read_cgroup_stats(layout: &CgroupLayout, rel: &str) -> Result<CgroupStats, CgroupFileError> {
+    let rel = rel.trim_start_matches('/');
+    let mut stats = CgroupStats::default();
+    let label = |p: &Path| p.display().to_string();
+    if let Some(v2) = layout.v2_root() {
+        let dir = v2.join(rel);
+        for (name, slot) in [
+            ("memory.pressure", &mut stats.memory_pressure),
+            ("cpu.pressure", &mut stats.cpu_pressure),
+        ] {
+            let path = dir.join(name);
+            if let Some(text) = read_optional(&path)? {
+                *slot = Some(parse_psi(&text, &label(&path))?);
+            }
+        }
+        let path = dir.join("memory.events");
+        if let Some(text) = read_optional(&path)? {
+            stats.memory_events = Some(parse_memory_events(&text, &label(&path))?);
+        }
+        let path = dir.join("cpu.stat");
+        if let Some(text) = read_optional(&path)? {
+            stats.cpu_throttle = parse_cpu_stat(&text, &label(&path))?;
+        }
+    }
+    if stats.memory_events.is_none()
+        && let Some(memory) = layout.v1_root("memory")
+    {
+        let path = memory.join(rel).join("memory.oom_control");
+        if let Some(text) = read_optional(&path)? {
+            stats.memory_events = Some(parse_oom_control(&text, &label(&path))?);
+        }
+    }
+    if stats.cpu_throttle.is_none()
+        && let Some(cpu) = layout.v1_root("cpu")
+    {
+        let path = cpu.join(rel).join("cpu.stat");
+        if let Some(text) = read_optional(&path)? {
+            stats.cpu_throttle = parse_cpu_stat(&text, &label(&path))?;
+        }
+    }
+    Ok(stats)
+}
+
+/// A cgroup's figures over one window. Deltas are `None` on the first window and when the source
+/// is missing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CgroupWindow {
+    pub path: String,
+    pub pod_uid: Option<String>,
+    pub memory_pressure: Option<PsiWindow>,
+    pub cpu_pressure: Option<PsiWindow>,
+    pub oom_kills: Option<u64>,
+    pub memory_high_events: Option<u64>,
+    pub throttled_periods: Option<u64>,
+    /// Throttled periods / elapsed periods in the window, in %.
+    pub throttled_pct: Option<f64>,
+    pub throttled_ms: Option<f64>,
+}
+
+/// Turns two readings of one cgroup into a window.
+pub fn cgroup_window(path: &str, prev: Option<&CgroupStats>, now: &CgroupStats, elapsed: Duration) -> CgroupWindow {
+    let delta = |a: Option<u64>, b: Option<u64>| b?.checked_sub(a?);
+    let prev_events = prev.and_then(|p| p.memory_events);
+    let prev_throttle = prev.and_then(|p| p.cpu_throttle);
+    let throttled_periods = delta(
+        prev_throttle.map(|t| t.nr_throttled),
+        now.cpu_throttle.map(|t| t.nr_throttled),
+    );
+    let periods = delta(
+        prev_throttle.map(|t| t.nr_periods),
+        now.cpu_throttle.map(|t| t.nr_periods),
+    );
+    CgroupWindow {
+        path: path.to_owned(),
+        pod_uid: parse_pod_cgroup(path).map(|p| p.pod_uid),
+        memory_pressure: now
+            .memory_pressure
+            .map(|psi| window(prev.and_then(|p| p.memory_pressure.as_ref()), psi, elapsed)),
+        cpu_pressure: now
+            .cpu_pressure
+            .map(|psi| window(prev.and_then(|p| p.cpu_pressure.as_ref()), psi, elapsed)),
+        oom_kills: delta(prev_events.map(|e| e.oom_kill), now.memory_events.map(|e| e.oom_kill)),
+        memory_high_events: delta(prev_events.and_then(|e| e.high), now.memory_events.and_then(|e| e.high)),
+        throttled_periods,
+        throttled_pct: match (throttled_periods, periods) {
+            (Some(t), Some(p)) if p > 0 => Some(t as f64 / p as f64 * 100.0),
+            _ => None,
+        },
+        throttled_ms: delta(
+            prev_throttle.map(|t| t.throttled_us),
+            now.cpu_throttle.map(|t| t.throttled_us),
+        )
+        .map(|us| us as f64 / 1_000.0),
+    }
+}
+
+/// Tracks a set of cgroups (pods found under kubepods, plus any explicitly watched path) and
+/// yields one window per cgroup per call. Blocking: call from `spawn_blocking`.
+#[derive(Debug)]
+pub struct CgroupStatsCollector {
+    layout: CgroupLayout,
+    extra: Vec<String>,
+    last: HashMap<String, (CgroupStats, Instant)>,
+    logged_no_v2: bool,
+}
+
+impl CgroupStatsCollector {
+    pub fn new(cgroup_root: &Path) -> Self {
+        let layout = CgroupLayout::detect(cgroup_root);
+        tracing::info!(layout = layout.name(), root = %cgroup_root.display(), "cgroup layout");
+        Self {
+            layout,
+            extra: Vec::new(),
+            last: HashMap::new(),
+            logged_no_v2: false,
+        }
+    }
+
+    pub fn layout(&self) -> &CgroupLayout {
+        &self.layout
+    }
+
+    /// Also watch `rel` (a cgroup outside kubepods, e.g. a bench cgroup or a system slice).
+    pub fn watch(&mut self, rel: impl Into<String>) {
+        self.extra.push(rel.into());
+    }
+
+    /// Whether per-cgroup PSI can exist at all (needs a v2 hierarchy).
+    pub fn pressure_available(&self) -> bool {
+        self.layout.v2_root().is_some()
+    }
+
+    pub fn collect(&mut self) -> Vec<CgroupWindow> {
+        if !self.pressure_available() && !self.logged_no_v2 {
+            self.logged_no_v2 = true;
+            tracing::warn!("no cgroup v2 hierarchy: per-pod memory/cpu pressure unavailable");
+        }
+        let mut paths: Vec<String> = [
+            self.layout.v2_root().map(Path::to_owned),
+            self.layout.v1_root("memory"),
+            self.layout.v1_root("cpu"),
+        ]
+        .into_iter()
+        .flatten()
+        .flat_map(|root| find_pod_cgroups(&root))
+        .map(|p| p.path)
+        .chain(self.extra.iter().cloned())
+        .collect();
+        paths.sort();
+        paths.dedup();
+        let mut out = Vec::with_capacity(paths.len());
+        let mut seen = HashMap::with_capacity(paths.len());
+        for path in paths {
+            let now_t = Instant::now();
+            match read_cgroup_stats(&self.layout, &path) {
+                Ok(stats) => {
+                    let prev = self.last.get(&path);
+                    let elapsed = prev.map_or(Duration::ZERO, |(_, t)| now_t - *t);
+                    out.push(cgroup_window(&path, prev.map(|(s, _)| s), &stats, elapsed));
+                    seen.insert(path, (stats, now_t));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, cgroup = %path, "unreadable cgroup statistics")
+                }
+            }
+        }
+        // Pods that went away are forgotten: no stale deltas when a UID is reused.
+        self.last = seen;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEMORY_EVENTS: &str = include_str!("../../tests/fixtures/cgroup/memory.events");
+    const OOM_CONTROL: &str = include_str!("../../tests/fixtures/cgroup/memory.oom_control");
+    const CPU_STAT_V1: &str = include_str!("../../tests/fixtures/cgroup/cpu.stat.v1");
+    const CPU_STAT_V2: &str = include_str!("../../tests/fixtures/cgroup/cpu.stat.v2");
+    const CPU_STAT_V2_NO_CONTROLLER: &str = include_str!("../../tests/fixtures/cgroup/cpu.stat.v2-nocontroller");
+
+    #[test]
+    fn parses_captured_files() {
+        let e = parse_memory_events(MEMORY_EVENTS, "memory.events").expect("parses");
+        assert_eq!(
+            e,
+            MemoryEvents {
+                oom_kill: 2,
+                oom: Some(3),
+                high: Some(17),
+                max: Some(40)
+            }
+        );
+        let v1 = parse_oom_control(OOM_CONTROL, "memory.oom_control").expect("parses");
+        assert_eq!((v1.oom_kill, v1.high), (1, None));
+        let t1 = parse_cpu_stat(CPU_STAT_V1, "cpu.stat")
+            .expect("parses")
+            .expect("has throttling");
+        assert_eq!(
+            t1,
+            CpuThrottle {
+                nr_periods: 1200,
+                nr_throttled: 950,
+                throttled_us: 75_123_456
+            }
+        );
+        let t2 = parse_cpu_stat(CPU_STAT_V2, "cpu.stat")
+            .expect("parses")
+            .expect("has throttling");
+        assert_eq!(t2.throttled_us, 3_000_000);
+        assert_eq!(
+            parse_cpu_stat(CPU_STAT_V2_NO_CONTROLLER, "cpu.stat").expect("parses"),
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_lines_name_file_and_line() {
+        for (text, line) in [
+            ("oom 1\noom_kill x\n", 2),
+            ("oom_kill\n", 1),
+            ("a 1 2\n", 1),
+            ("a -1\n", 1),
+        ] {
+            match parse_memory_events(text, "/sys/fs/cgroup/x/memory.events") {
+                Err(CgroupFileError::Malformed { file, line: l, .. }) => {
+                    assert_eq!(file, "/sys/fs/cgroup/x/memory.events");
+                    assert_eq!(l, line, "{text:?}");
+                }
+                other => panic!("{text:?} gave {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse_memory_events("oom 1\n", "f"),
+            Err(CgroupFileError::MissingKey { key: "oom_kill", .. })
+        ));
+        assert!(matches!(
+            parse_cpu_stat("nr_periods 1\nnr_throttled 1\n", "f"),
+            Err(CgroupFileError::MissingKey { .. })
+        ));
+    }
+
+    #[test]
+    fn recognises_pod_cgroups_of_both_drivers() {
+        let uid = "0b5c6f8e-2f4c-4a51-9d0e-5a1d2c3b4a59";
+        let under = uid.replace('-', "_");
+        let cases = [
+            (
+                format!("kubepods/burstable/pod{uid}/0123abcd"),
+                format!("kubepods/burstable/pod{uid}"),
+                QosClass::Burstable,
+            ),
+            (
+                format!("kubepods/pod{uid}"),
+                format!("kubepods/pod{uid}"),
+                QosClass::Guaranteed,
+            ),
+            (
+                format!("kubepods/besteffort/pod{uid}"),
+                format!("kubepods/besteffort/pod{uid}"),
+                QosClass::BestEffort,
+            ),
+            (
+                format!(
+                    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{under}.slice/cri-containerd-ab.scope"
+                ),
+                format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{under}.slice"),
+                QosClass::Burstable,
+            ),
+            (
+                format!("kubelet.slice/kubepods.slice/kubepods-pod{under}.slice"),
+                format!("kubelet.slice/kubepods.slice/kubepods-pod{under}.slice"),
+                QosClass::Guaranteed,
+            ),
+        ];
+        for (input, path, qos) in cases {
+            let pod = parse_pod_cgroup(&input).unwrap_or_else(|| panic!("{input} not recognised"));
+            assert_eq!(
+                pod,
+                PodCgroup {
+                    path,
+                    pod_uid: uid.to_owned(),
+                    qos
+                }
+            );
+        }
+        for not_pod in [
+            "system.slice/sshd.service",
+            "kubepods/burstable",
+            "kubepods.slice",
+            "kubepods/podzz",
+            "",
+        ] {
+            assert_eq!(parse_pod_cgroup(not_pod), None, "{not_pod}");
+        }
+    }
+
+    #[test]
+    fn detects_layouts_and_finds_pods_in_a_fake_tree() {
+        let root = std::env::temp_dir().join(format!("gw-cgroup-{}", std::process::id()));
+        let uid = "0b5c6f8e-2f4c-4a51-9d0e-5a1d2c3b4a59";
+        let pod = root.join(format!("memory/kubepods/burstable/pod{uid}"));
+        std::fs::create_dir_all(&pod).expect("tmp dir");
+        std::fs::create_dir_all(root.join("cpu/kubepods")).expect("tmp dir");
+        std::fs::write(pod.join("memory.oom_control"), OOM_CONTROL).expect("write");
+        let layout = CgroupLayout::detect(&root);
+        assert_eq!(layout, CgroupLayout::Legacy { root: root.clone() });
+        let mut collector = CgroupStatsCollector::new(&root);
+        assert!(!collector.pressure_available());
+        let first = collector.collect();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].pod_uid.as_deref(), Some(uid));
+        assert_eq!(first[0].oom_kills, None, "first window has no delta");
+        assert_eq!(first[0].memory_pressure, None, "v1 has no PSI: none, not zero");
+        std::fs::write(
+            pod.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n",
+        )
+        .expect("write");
+        let second = collector.collect();
+        assert_eq!(second[0].oom_kills, Some(3));
+
+        std::fs::create_dir_all(root.join("unified")).expect("tmp dir");
+        std::fs::write(root.join("unified/cgroup.controllers"), "").expect("write");
+        assert!(matches!(CgroupLayout::detect(&root), CgroupLayout::Hybrid { .. }));
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory").expect("write");
+        assert!(matches!(CgroupLayout::detect(&root), CgroupLayout::Unified { .. }));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn reads_a_pure_v2_systemd_pod() {
+        let root = std::env::temp_dir().join(format!("gw-cgroup2-{}", std::process::id()));
+        let under = "0b5c6f8e_2f4c_4a51_9d0e_5a1d2c3b4a59";
+        let pod = root.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{under}.slice"
+        ));
+        std::fs::create_dir_all(pod.join("cri-containerd-abc.scope")).expect("tmp dir");
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory io").expect("write");
+        let psi = |total: u64| {
+            format!(
+                "some avg10=1.00 avg60=0.50 avg300=0.10 total={total}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+            )
+        };
+        let write_all = |psi_total: u64, oom_kill: u64, throttled: u64, usec: u64| {
+            std::fs::write(pod.join("memory.pressure"), psi(psi_total)).expect("write");
+            std::fs::write(pod.join("cpu.pressure"), psi(psi_total / 2)).expect("write");
+            std::fs::write(
+                pod.join("memory.events"),
+                format!("low 0\nhigh 5\nmax 9\noom 1\noom_kill {oom_kill}\n"),
+            )
+            .expect("write");
+            std::fs::write(
+                pod.join("cpu.stat"),
+                format!(
+                    "usage_usec 1\nnr_periods {}\nnr_throttled {throttled}\nthrottled_usec {usec}\n",
+                    throttled * 2
+                ),
+            )
+            .expect("write");
+        };
+        write_all(1_000, 0, 10, 1_000);
+        let mut collector = CgroupStatsCollector::new(&root);
+        assert!(matches!(collector.layout(), CgroupLayout::Unified { .. }));
+        let first = collector.collect();
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(
+            first[0].pod_uid.as_deref(),
+            Some("0b5c6f8e-2f4c-4a51-9d0e-5a1d2c3b4a59")
+        );
+        assert_eq!(first[0].memory_pressure.map(|p| p.now.some.avg10), Some(1.0));
+        write_all(501_000, 1, 20, 51_000);
+        let second = collector.collect();
+        assert_eq!(second[0].oom_kills, Some(1));
+        assert_eq!(second[0].memory_high_events, Some(0));
+        assert_eq!(second[0].throttled_periods, Some(10));
+        assert_eq!(second[0].throttled_pct, Some(50.0));
+        assert_eq!(second[0].throttled_ms, Some(50.0));
+        assert!(
+            second[0]
+                .memory_pressure
+                .and_then(|p| p.some_pct)
+                .is_some_and(|p| p > 0.0)
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn parsers_never_panic(text in "([a-z_]{0,12}( [0-9x-]{0,22}){0,3}\n){0,6}\\PC{0,30}") {
+            let _ = parse_memory_events(&text, "fuzz");
+            let _ = parse_oom_control(&text, "fuzz");
+            let _ = parse_cpu_stat(&text, "fuzz");
+        }
+
+        #[test]
+        fn pod_paths_never_panic(path in "(kubepods(\\.slice)?/)?([a-z_\\-0-9.]{0,40}/){0,4}") {
+            let _ = parse_pod_cgroup(&path);
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Memory pressure from the kernel programs: reclaim stalls per (cgroup, kind) from `RECLAIM`,
+//! and OOM kills from the `OOM_EVENTS` ring buffer (with `OOM_KILLS` counters as the
+//! loss-proof total).
+
+use std::collections::HashMap;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, RingBuf};
+use graywatch_common::{OomEvent, ReclaimKey, ReclaimKind, ReclaimStats};
+use serde::Serialize;
+
+use super::cpu_contention::{bucket_deltas, quantile_us};
+use crate::tracefs::EventFormat;
+
+/// (program, category, event) of the classic tracepoints of this family.
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin"),
+    ("direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end"),
+    ("memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin"),
+    ("memcg_reclaim_end", "vmscan", "mm_vmscan_memcg_reclaim_end"),
+];
+/// (program, raw tracepoint).
+pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[("mark_victim", "mark_victim")];
+
+pub const RECLAIM_MAP: &str = "RECLAIM";
+pub const OOM_KILLS_MAP: &str = "OOM_KILLS";
+pub const OOM_EVENTS_MAP: &str = "OOM_EVENTS";
+
+/// Whether `oom:mark_victim`'s first raw argument is the victim's task pointer: kernels that
+/// pass the task also record its comm in the event (a `comm` field in the format).
+pub fn oom_arg_is_task(mark_victim: &EventFormat) -> bool {
+    mark_victim.field("comm").is_ok()
+}
+
+/// One (cgroup, reclaim kind) over one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReclaimWindow {
+    pub cgroup_id: u64,
+    /// `direct` (node short of memory) or `memcg` (cgroup at its limit).
+    pub kind: &'static str,
+    pub events: u64,
+    pub pages_reclaimed: u64,
+    pub total_stall_ms: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+pub fn reclaim_window(key: &ReclaimKey, prev: Option<&ReclaimStats>, now: &ReclaimStats) -> Option<ReclaimWindow> {
+    let events = now.events.wrapping_sub(prev.map_or(0, |p| p.events));
+    if events == 0 {
+        return None;
+    }
+    let buckets = bucket_deltas(prev.map(|p| &p.buckets), &now.buckets);
+    Some(ReclaimWindow {
+        cgroup_id: key.cgroup_id,
+        kind: ReclaimKind::from_u32(key.kind).map_or("unknown", ReclaimKind::label),
+        events,
+        pages_reclaimed: now.pages_reclaimed.wrapping_sub(prev.map_or(0, |p| p.pages_reclaimed)),
+        total_stall_ms: now.sum_us.wrapping_sub(prev.map_or(0, |p| p.sum_us)) as f64 / 1_000.0,
+        p50_us: quantile_us(&buckets, 0.5)?,
+        p99_us: quantile_us(&buckets, 0.99)?,
+    })
+}
+
+/// An OOM kill as reported by the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OomKill {
+    /// Victim's cgroup id in the attributed hierarchy (v2 when the host has one).
+    pub cgroup_id: u64,
+    pub cgroup_v2_id: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub timestamp_ns: u64,
+}
+
+impl From<&OomEvent> for OomKill {
+    fn from(e: &OomEvent) -> Self {
+        let end = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+        OomKill {
+            cgroup_id: e.cgroup_id,
+            cgroup_v2_id: e.cgroup_v2_id,
+            pid: e.pid,
+            tgid: e.tgid,
+            comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
+            timestamp_ns: e.timestamp_ns,
+        }
+    }
+}
+
+/// Decodes one ring buffer record; `None` if it is too short (never trusted blindly).
+pub fn decode_oom_event(bytes: &[u8]) -> Option<OomEvent> {
+    if bytes.len() < std::mem::size_of::<OomEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; OomEvent is plain integers (any bit pattern valid); unaligned read.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<OomEvent>()) })
+}
+
+/// Memory figures of one window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MemoryKernelWindow {
+    pub reclaim: Vec<ReclaimWindow>,
+    pub oom_kills: Vec<OomKill>,
+    /// OOM kills per cgroup during the window from the counters (includes any the ring lost).
+    pub oom_kill_counts: Vec<(u64, u64)>,
+}
+
+/// Reads the memory maps once per window. Blocking: call from `spawn_blocking`.
+pub struct MemoryPressureReader {
+    reclaim: BpfHashMap<MapData, ReclaimKey, ReclaimStats>,
+    oom_kills: BpfHashMap<MapData, u64, u64>,
+    oom_events: RingBuf<MapData>,
+    last_reclaim: HashMap<ReclaimKey, ReclaimStats>,
+    last_oom: HashMap<u64, u64>,
+    primed: bool,
+}
+
+impl std::fmt::Debug for MemoryPressureReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPressureReader")
+            .field("reclaim_keys", &self.last_reclaim.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryPressureReader {
+    pub fn new(
+        reclaim: BpfHashMap<MapData, ReclaimKey, ReclaimStats>,
+        oom_kills: BpfHashMap<MapData, u64, u64>,
+        oom_events: RingBuf<MapData>,
+    ) -> Self {
+        Self {
+            reclaim,
+            oom_kills,
+            oom_events,
+            last_reclaim: HashMap::new(),
+            last_oom: HashMap::new(),
+            primed: false,
+        }
+    }
+
+    /// Everything since the previous call. The first call sets the baseline for cumulative
+    /// counters (earlier stalls are not this window's); OOM events are always reported.
+    pub fn collect(&mut self) -> Result<MemoryKernelWindow, MapError> {
+        let mut out = MemoryKernelWindow::default();
+        while let Some(item) = self.oom_events.next() {
+            match decode_oom_event(&item) {
+                Some(event) => {
+                    let kill = OomKill::from(&event);
+                    tracing::warn!(cgroup_id = kill.cgroup_id, pid = kill.pid, comm = %kill.comm, "OOM kill");
+                    out.oom_kills.push(kill);
+                }
+                None => tracing::warn!(len = item.len(), "short OOM event record ignored"),
+            }
+        }
+        let mut reclaim = HashMap::with_capacity(self.last_reclaim.len());
+        for entry in self.reclaim.iter() {
+            let (key, stats) = entry?;
+            reclaim.insert(key, stats);
+        }
+        let mut oom = HashMap::with_capacity(self.last_oom.len());
+        for entry in self.oom_kills.iter() {
+            let (id, count) = entry?;
+            oom.insert(id, count);
+        }
+        if self.primed {
+            out.reclaim = reclaim
+                .iter()
+                .filter_map(|(k, s)| reclaim_window(k, self.last_reclaim.get(k), s))
+                .collect();
+            out.reclaim.sort_by_key(|w| (w.cgroup_id, w.kind));
+            out.oom_kill_counts = oom
+                .iter()
+                .filter_map(|(id, n)| {
+                    let d = n.wrapping_sub(self.last_oom.get(id).copied().unwrap_or(0));
+                    (d > 0).then_some((*id, d))
+                })
+                .collect();
+            out.oom_kill_counts.sort_unstable();
+        }
+        self.primed = true;
+        self.last_reclaim = reclaim;
+        self.last_oom = oom;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use graywatch_common::rtt_bucket;
+
+    use super::*;
+
+    #[test]
+    fn reclaim_window_is_a_delta() {
+        let key = ReclaimKey {
+            cgroup_id: 9,
+            kind: ReclaimKind::Memcg as u32,
+            _pad: 0,
+        };
+        let mut before = ReclaimStats::ZERO;
+        before.events = 2;
+        before.sum_us = 100;
+        before.buckets[rtt_bucket(50)] = 2;
+        let mut after = before;
+        after.events = 5;
+        after.sum_us = 100 + 3 * 2_000;
+        after.pages_reclaimed = 96;
+        after.buckets[rtt_bucket(2_000)] = 3;
+        let w = reclaim_window(&key, Some(&before), &after).expect("window");
+        assert_eq!((w.kind, w.events, w.pages_reclaimed), ("memcg", 3, 96));
+        assert!((w.total_stall_ms - 6.0).abs() < 1e-9);
+        assert!((w.p50_us - 2_000.0).abs() / 2_000.0 < 0.07);
+        assert!(reclaim_window(&key, Some(&after), &after).is_none());
+    }
+
+    #[test]
+    fn oom_events_decode_and_reject_short_records() {
+        let mut event = OomEvent {
+            cgroup_id: 42,
+            cgroup_v2_id: 42,
+            timestamp_ns: 1,
+            pid: 7,
+            tgid: 7,
+            comm: [0; 16],
+        };
+        event.comm[..4].copy_from_slice(b"tail");
+        // SAFETY: viewing a plain #[repr(C)] value as bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const event).cast::<u8>(), std::mem::size_of::<OomEvent>()) };
+        let kill = OomKill::from(&decode_oom_event(bytes).expect("full record"));
+        assert_eq!((kill.cgroup_id, kill.pid, kill.comm.as_str()), (42, 7, "tail"));
+        assert!(decode_oom_event(&bytes[..10]).is_none());
+    }
+}

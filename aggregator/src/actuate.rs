@@ -1,0 +1,380 @@
+//! Actuators: apply a plan to the cluster. They decide nothing; every write is one the core
+//! planned. All writes carry the one field manager `graywatch-aggregator`; conditions, snapshots
+//! and NodePool requirements use server-side apply.
+
+use futures::{StreamExt, stream};
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Event, EventSource, Node, ObjectReference},
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use tokio::sync::watch;
+
+use crate::{
+    cluster::{SNAPSHOT_LABEL, nodeclaim_resource, nodepool_resource, snapshot_name},
+    core::{
+        model::Millis,
+        plan::{ConditionWrite, EventKind, EventTarget, Plan, PlannedEvent, PoolChange},
+        policy::Policy,
+    },
+    metrics::Metrics,
+};
+
+/// The one field manager for everything the aggregator writes.
+pub const FIELD_MANAGER: &str = "graywatch-aggregator";
+/// Namespace for Events about cluster-scoped objects (where the kubelet puts Node events).
+pub const EVENT_NAMESPACE: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error("{what} {name}: {source}")]
+    Kube {
+        what: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("taint on {0}: the Node kept changing under us")]
+    TaintConflict(String),
+    #[error("lost leadership before {0}")]
+    NotLeader(String),
+}
+
+impl ActError {
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ActError::Kube { what, .. } => what,
+            ActError::TaintConflict(_) => "taint",
+            ActError::NotLeader(_) => "not_leader",
+        }
+    }
+}
+
+/// Result of applying a plan, for feedback into the engine.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub failed_condition_nodes: Vec<String>,
+    pub errors: u32,
+}
+
+pub struct Actuator {
+    pub client: Client,
+    pub namespace: String,
+    pub identity: String,
+    pub policy: Policy,
+    /// Writes in flight at once within one phase of a plan (`max_concurrent_writes`).
+    pub max_concurrent_writes: usize,
+}
+
+fn ts(ms: Millis) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn kube_err(what: &'static str, name: &str) -> impl FnOnce(kube::Error) -> ActError {
+    let name = name.to_string();
+    move |source| ActError::Kube { what, name, source }
+}
+
+impl Actuator {
+    /// The actuator the aggregator's configuration describes.
+    #[must_use]
+    pub fn new(client: Client, cfg: &crate::config::FileConfig) -> Self {
+        Self {
+            client,
+            namespace: cfg.namespace.clone(),
+            identity: cfg.identity.clone(),
+            policy: cfg.policy.clone(),
+            max_concurrent_writes: cfg.max_concurrent_writes,
+        }
+    }
+
+    /// Applies `plan` in a safe order: conditions, then taints, then NodePool changes (a
+    /// snapshot before each exclusion), then NodeClaim deletions, Events last. Condition and taint
+    /// writes are independent (one Node each) and run at most `max_concurrent_writes` at once,
+    /// so a burst of condition writes (a new leader's first step over thousands of nodes) takes
+    /// seconds instead of holding the decision loop for minutes. Leadership is checked before
+    /// every write; a follower writes nothing.
+    pub async fn apply(
+        &self,
+        plan: &Plan,
+        now_ms: Millis,
+        leader: &watch::Receiver<bool>,
+        metrics: &Metrics,
+    ) -> Applied {
+        let mut out = Applied::default();
+        let is_leader = || *leader.borrow();
+        let record = |kind: &'static str, r: Result<(), ActError>, out: &mut Applied| match r {
+            Ok(()) => metrics.action(kind, true),
+            Err(e) => {
+                metrics.action(e.metric_label(), false);
+                out.errors += 1;
+                tracing::warn!(error = %e, kind, "action failed");
+            }
+        };
+        for (w, r) in self
+            .each_while_leader(&plan.conditions, leader, |w| self.write_conditions(w, now_ms))
+            .await
+        {
+            if r.is_err() {
+                out.failed_condition_nodes.push(w.node.clone());
+            }
+            record("conditions", r, &mut out);
+        }
+        for (t, r) in self
+            .each_while_leader(&plan.taints, leader, |t| self.set_taint(&t.node, t.add))
+            .await
+        {
+            tracing::info!(node = %t.node, add = t.add, ok = r.is_ok(), "taint");
+            record("taint", r, &mut out);
+        }
+        // Few and ordered (snapshot, then pool): one at a time.
+        for p in &plan.pools {
+            if !is_leader() {
+                return out;
+            }
+            let r = self.change_pool(p).await;
+            record("nodepool", r, &mut out);
+        }
+        for c in &plan.claim_deletions {
+            if !is_leader() {
+                return out;
+            }
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodeclaim_resource());
+            let r = api
+                .delete(&c.claim, &DeleteParams::default())
+                .await
+                .map(|_| ())
+                .map_err(kube_err("NodeClaim", &c.claim));
+            tracing::info!(node = %c.node, claim = %c.claim, ok = r.is_ok(), "nodeclaim deletion");
+            record("nodeclaim", r, &mut out);
+        }
+        // In plan order, one at a time: the audit trail reads in the order things happened.
+        for e in &plan.events {
+            if !is_leader() {
+                return out;
+            }
+            let r = self.event(e, now_ms).await;
+            record("event", r, &mut out);
+        }
+        out
+    }
+
+    /// Runs `write` for every item, at most `max_concurrent_writes` at once, in the items' order
+    /// of start. An item whose turn comes after leadership was lost is skipped (not a failure).
+    async fn each_while_leader<'a, T, F, Fut>(
+        &self,
+        items: &'a [T],
+        leader: &watch::Receiver<bool>,
+        write: F,
+    ) -> Vec<(&'a T, Result<(), ActError>)>
+    where
+        F: Fn(&'a T) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ActError>>,
+    {
+        let results: Vec<Option<(&T, Result<(), ActError>)>> = stream::iter(items)
+            .map(|item| {
+                // Checked when the write starts, not when the stream is built.
+                let fut = (*leader.borrow()).then(|| write(item));
+                async move {
+                    match fut {
+                        Some(f) => Some((item, f.await)),
+                        None => None,
+                    }
+                }
+            })
+            .buffered(self.max_concurrent_writes.max(1))
+            .collect()
+            .await;
+        results.into_iter().flatten().collect()
+    }
+
+    async fn write_conditions(&self, w: &ConditionWrite, now_ms: Millis) -> Result<(), ActError> {
+        let conditions: Vec<serde_json::Value> = w
+            .conditions
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "type": c.type_,
+                    "status": c.status.as_str(),
+                    "reason": c.reason,
+                    "message": c.message,
+                    "lastTransitionTime": Time(ts(c.last_transition_ms)),
+                    "lastHeartbeatTime": Time(ts(now_ms)),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": w.node},
+            "status": {"conditions": conditions},
+        });
+        let api: Api<Node> = Api::all(self.client.clone());
+        api.patch_status(
+            &w.node,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+        .map_err(kube_err("Node status", &w.node))
+    }
+
+    /// Adds or removes our taint with a merge patch guarded by the resourceVersion we read.
+    ///
+    /// Why not server-side apply here: on a 1.20 apiserver managedFields do not separate the
+    /// status subresource (that came in 1.22), so our status applies (conditions) would drop our
+    /// ownership of the taint and a later apply without it would leave it behind. An optimistic
+    /// read-modify-write touches only our key and still records our single field manager.
+    async fn set_taint(&self, node: &str, add: bool) -> Result<(), ActError> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        for _ in 0..5 {
+            let n = api.get(node).await.map_err(kube_err("Node", node))?;
+            let rv = n.metadata.resource_version.clone().unwrap_or_default();
+            let mut taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+            let has = taints.iter().any(|t| t.key == self.policy.taint_key);
+            if has == add {
+                return Ok(());
+            }
+            if add {
+                taints.push(k8s_openapi::api::core::v1::Taint {
+                    key: self.policy.taint_key.clone(),
+                    value: Some("gray-failure".into()),
+                    effect: "NoSchedule".into(),
+                    time_added: None,
+                });
+            } else {
+                taints.retain(|t| t.key != self.policy.taint_key);
+            }
+            // resourceVersion in the patch makes the apiserver refuse it (409) if the Node changed.
+            let patch = serde_json::json!({
+                "metadata": {"resourceVersion": rv},
+                "spec": {"taints": taints},
+            });
+            let pp = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            match api.patch(node, &pp, &Patch::Merge(&patch)).await {
+                Ok(_) => return Ok(()),
+                // Someone else changed the Node: read again.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(kube_err("Node", node)(e)),
+            }
+        }
+        Err(ActError::TaintConflict(node.into()))
+    }
+
+    async fn change_pool(&self, change: &PoolChange) -> Result<(), ActError> {
+        let pools: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let apply = PatchParams::apply(FIELD_MANAGER).force();
+        let pool_body = |pool: &str, reqs: &serde_json::Value| {
+            serde_json::json!({
+                "apiVersion": "karpenter.sh/v1",
+                "kind": "NodePool",
+                "metadata": {"name": pool},
+                "spec": {"template": {"spec": {"requirements": reqs}}},
+            })
+        };
+        match change {
+            PoolChange::Exclude {
+                pool,
+                snapshot,
+                requirements,
+            } => {
+                // Snapshot first: if we crash after it, the next leader knows what to restore.
+                let name = snapshot_name(pool);
+                let cm = serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": name,
+                        "namespace": self.namespace,
+                        "labels": {SNAPSHOT_LABEL: pool, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+                    },
+                    "data": {
+                        "requirements": snapshot.requirements.to_string(),
+                        "excluded": serde_json::to_string(&snapshot.excluded).unwrap_or_default(),
+                    },
+                });
+                cms.patch(&name, &apply, &Patch::Apply(&cm))
+                    .await
+                    .map_err(kube_err("ConfigMap", &name))?;
+                pools
+                    .patch(pool, &apply, &Patch::Apply(&pool_body(pool, requirements)))
+                    .await
+                    .map_err(kube_err("NodePool", pool))?;
+                tracing::info!(pool = %pool, excluded = ?snapshot.excluded, "nodepool excluded");
+            }
+            PoolChange::Restore { pool, requirements } => {
+                pools
+                    .patch(pool, &apply, &Patch::Apply(&pool_body(pool, requirements)))
+                    .await
+                    .map_err(kube_err("NodePool", pool))?;
+                let name = snapshot_name(pool);
+                match cms.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(kube_err("ConfigMap", &name)(e)),
+                }
+                tracing::info!(pool = %pool, "nodepool restored");
+            }
+        }
+        Ok(())
+    }
+
+    async fn event(&self, e: &PlannedEvent, now_ms: Millis) -> Result<(), ActError> {
+        let (kind, api_version, name) = match &e.target {
+            EventTarget::Node(n) => ("Node", "v1", n.clone()),
+            EventTarget::NodePool(p) => ("NodePool", "karpenter.sh/v1", p.clone()),
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let ev = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}.{nanos:x}")),
+                namespace: Some(EVENT_NAMESPACE.into()),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                kind: Some(kind.into()),
+                api_version: Some(api_version.into()),
+                name: Some(name.clone()),
+                ..ObjectReference::default()
+            },
+            reason: Some(e.reason.clone()),
+            message: Some(e.note.chars().take(1024).collect()),
+            action: Some(e.action.clone()),
+            type_: Some(
+                match e.kind {
+                    EventKind::Normal => "Normal",
+                    EventKind::Warning => "Warning",
+                }
+                .into(),
+            ),
+            source: Some(EventSource {
+                component: Some(FIELD_MANAGER.into()),
+                host: None,
+            }),
+            reporting_component: Some(FIELD_MANAGER.into()),
+            reporting_instance: Some(self.identity.clone()),
+            first_timestamp: Some(Time(ts(now_ms))),
+            last_timestamp: Some(Time(ts(now_ms))),
+            count: Some(1),
+            ..Event::default()
+        };
+        tracing::info!(object = %name, kind, reason = %e.reason, note = %e.note, "event");
+        let api: Api<Event> = Api::namespaced(self.client.clone(), EVENT_NAMESPACE);
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        api.create(&pp, &ev).await.map(|_| ()).map_err(kube_err("Event", &name))
+    }
+}

@@ -1,0 +1,250 @@
+//! Reads the cluster into the core's plain data: Nodes (from a watch-fed reflector store),
+//! Karpenter NodePools / NodeClaims and our NodePool snapshots (listed each step; few objects).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{
+    engine::EKS_NETWORKING_CONDITION,
+    model::{CondStatus, Input, Millis, NodeReport, NodeView, ObservedCondition, PoolSnapshot, PoolView},
+    policy::Policy,
+};
+
+/// Label on our snapshot ConfigMaps naming the NodePool.
+pub const SNAPSHOT_LABEL: &str = "graywatch.io/snapshot-of-nodepool";
+
+#[must_use]
+pub fn nodepool_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"), "nodepools")
+}
+
+#[must_use]
+pub fn nodeclaim_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"), "nodeclaims")
+}
+
+#[must_use]
+pub fn snapshot_name(pool: &str) -> String {
+    format!("graywatch-nodepool-{pool}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("listing {what}: {source}")]
+    List { what: &'static str, source: kube::Error },
+    #[error("snapshot ConfigMap {name}: {problem}")]
+    Snapshot { name: String, problem: String },
+}
+
+pub struct ClusterReader {
+    client: Client,
+    namespace: String,
+    policy: Policy,
+    nodes: reflector::Store<Node>,
+}
+
+impl ClusterReader {
+    /// Starts the Node watch (until `shutdown`) and waits for its first full list.
+    pub async fn start(client: Client, namespace: String, policy: Policy, shutdown: CancellationToken) -> Self {
+        let (store, writer) = reflector::store();
+        let stream = reflector(
+            writer,
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    ev = stream.next() => match ev {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => tracing::warn!(error = %e, "node watch error (retrying with backoff)"),
+                        None => return,
+                    },
+                }
+            }
+        });
+        let _ = store.wait_until_ready().await;
+        Self {
+            client,
+            namespace,
+            policy,
+            nodes: store,
+        }
+    }
+
+    /// One consistent-enough view for a decision step.
+    pub async fn read(
+        &self,
+        now_ms: Millis,
+        reports: BTreeMap<String, NodeReport>,
+        actuator_failures: u32,
+    ) -> Result<Input, ReadError> {
+        let mut nodes: BTreeMap<String, NodeView> = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), node_view(n, &self.policy)))
+            .collect();
+        let mut pools = BTreeMap::new();
+        if self.policy.karpenter_exclude || self.policy.karpenter_replace {
+            let pool_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
+            match pool_api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    let snaps = self.snapshots().await?;
+                    for p in list {
+                        let name = p.name_any();
+                        let requirements = p.data["spec"]["template"]["spec"]["requirements"].clone();
+                        let requirements = if requirements.is_null() {
+                            serde_json::json!([])
+                        } else {
+                            requirements
+                        };
+                        pools.insert(
+                            name.clone(),
+                            PoolView {
+                                snapshot: snaps.get(&name).cloned(),
+                                name,
+                                requirements,
+                            },
+                        );
+                    }
+                }
+                // No Karpenter in this cluster.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(source) => {
+                    return Err(ReadError::List {
+                        what: "NodePools",
+                        source,
+                    });
+                }
+            }
+            let claim_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodeclaim_resource());
+            match claim_api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    for c in list {
+                        if let Some(node) = c.data["status"]["nodeName"].as_str()
+                            && let Some(v) = nodes.get_mut(node)
+                        {
+                            v.nodeclaim = Some(c.name_any());
+                        }
+                    }
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(source) => {
+                    return Err(ReadError::List {
+                        what: "NodeClaims",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(Input {
+            now_ms,
+            nodes,
+            reports,
+            pools,
+            actuator_failures,
+        })
+    }
+
+    async fn snapshots(&self) -> Result<BTreeMap<String, PoolSnapshot>, ReadError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let list = api
+            .list(&ListParams::default().labels(SNAPSHOT_LABEL))
+            .await
+            .map_err(|source| ReadError::List {
+                what: "snapshot ConfigMaps",
+                source,
+            })?;
+        let mut out = BTreeMap::new();
+        for cm in list {
+            let name = cm.name_any();
+            let Some(pool) = cm.labels().get(SNAPSHOT_LABEL).cloned() else {
+                continue;
+            };
+            let data = cm.data.unwrap_or_default();
+            let parse = |key: &str| -> Result<serde_json::Value, ReadError> {
+                let text = data.get(key).ok_or_else(|| ReadError::Snapshot {
+                    name: name.clone(),
+                    problem: format!("no {key}"),
+                })?;
+                serde_json::from_str(text).map_err(|e| ReadError::Snapshot {
+                    name: name.clone(),
+                    problem: format!("{key}: {e}"),
+                })
+            };
+            let requirements = parse("requirements")?;
+            let excluded: Vec<(String, String)> =
+                serde_json::from_value(parse("excluded")?).map_err(|e| ReadError::Snapshot {
+                    name: name.clone(),
+                    problem: format!("excluded: {e}"),
+                })?;
+            out.insert(pool, PoolSnapshot { requirements, excluded });
+        }
+        Ok(out)
+    }
+}
+
+/// The core's view of one Node.
+#[must_use]
+pub fn node_view(n: &Node, p: &Policy) -> NodeView {
+    let status = n.status.as_ref();
+    let spec = n.spec.as_ref();
+    let internal_ips = status
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    if let Some(c) = spec.and_then(|s| s.pod_cidr.clone()) {
+        cidrs.push(c);
+    }
+    let mut pod_cidrs: Vec<ipnet::IpNet> = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+    pod_cidrs.dedup();
+    let conditions = status
+        .and_then(|s| s.conditions.as_ref())
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c.type_.starts_with(&p.condition_prefix) || c.type_ == EKS_NETWORKING_CONDITION)
+                .map(|c| {
+                    (
+                        c.type_.clone(),
+                        ObservedCondition {
+                            status: CondStatus::parse(&c.status),
+                            reason: c.reason.clone().unwrap_or_default(),
+                            message: c.message.clone().unwrap_or_default(),
+                            last_transition_ms: c.last_transition_time.as_ref().map_or(0, |t| t.0.as_millisecond()),
+                        },
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let tainted = spec
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|ts| ts.iter().any(|t| t.key == p.taint_key));
+    NodeView {
+        name: n.name_any(),
+        labels: n.labels().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        internal_ips,
+        pod_cidrs,
+        conditions,
+        tainted,
+        nodeclaim: None,
+    }
+}

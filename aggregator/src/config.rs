@@ -1,0 +1,278 @@
+//! Configuration: command-line flags (each also an environment variable) plus an optional TOML
+//! file, validated on start; errors name the offending field.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::policy::{Policy, PolicyError};
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "graywatch-aggregator", about = "graywatch fleet aggregator", version)]
+pub struct Args {
+    /// TOML config file (see `FileConfig`); flags override it.
+    #[arg(long, env = "GRAYWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address for agents.
+    #[arg(long, env = "GRAYWATCH_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP listen address for /metrics and /healthz.
+    #[arg(long, env = "GRAYWATCH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Our identity in the leader Lease (the pod name in a Deployment).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Namespace for the Lease, Events of pools, and NodePool snapshots.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Dry-run / shadow mode: only Events and logs of what would be done.
+    #[arg(long, env = "GRAYWATCH_DRY_RUN")]
+    pub dry_run: bool,
+    /// Node writes (conditions, taints) in flight at once within a decision step, 1-256
+    /// (file: `max_concurrent_writes`, default 16).
+    #[arg(long, env = "GRAYWATCH_MAX_CONCURRENT_WRITES")]
+    pub max_concurrent_writes: Option<usize>,
+    /// Log as JSON lines.
+    #[arg(long, env = "GRAYWATCH_LOG_JSON")]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub identity: String,
+    pub namespace: String,
+    /// Decision period.
+    pub tick_ms: u64,
+    /// Node writes in flight at once within one phase of a plan (conditions, then taints).
+    /// Bounds the apiserver load of a burst, e.g. a new leader's first step over every node.
+    pub max_concurrent_writes: usize,
+    pub ingest: IngestConfig,
+    pub leader: LeaderConfig,
+    pub policy: Policy,
+    /// Agent authentication, TLS and per-identity limits (see security.rs).
+    pub security: crate::security::SecurityConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Largest accepted message (bytes); larger ones get OUT_OF_RANGE before decoding.
+    pub max_message_bytes: usize,
+    /// Most peers per summary.
+    pub max_peers: usize,
+    /// Report interval the aggregator asks agents for (sent as a Directive on connect).
+    pub report_interval_ms: u32,
+    /// Detector settings sent to every agent on connect (`ConfigChange.settings`).
+    pub agent_settings: std::collections::HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaderConfig {
+    pub lease_name: String,
+    pub lease_duration_ms: u64,
+    pub renew_interval_ms: u64,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            identity: String::new(),
+            namespace: "graywatch".into(),
+            tick_ms: 1000,
+            max_concurrent_writes: 16,
+            ingest: IngestConfig::default(),
+            leader: LeaderConfig::default(),
+            policy: Policy::default(),
+            security: crate::security::SecurityConfig::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: graywatch_proto::MAX_MESSAGE_BYTES,
+            max_peers: 4096,
+            report_interval_ms: 1000,
+            agent_settings: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self {
+            lease_name: "graywatch-aggregator".into(),
+            lease_duration_ms: 15_000,
+            renew_interval_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: {problem}")]
+    Invalid { field: &'static str, problem: String },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+impl FileConfig {
+    /// File (if any) + flags, validated.
+    pub fn load(args: &Args) -> Result<Self, ConfigError> {
+        let mut cfg = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Self::default(),
+        };
+        if let Some(a) = args.grpc_listen {
+            cfg.grpc_listen = a;
+        }
+        if let Some(a) = args.http_listen {
+            cfg.http_listen = a;
+        }
+        if let Some(i) = &args.identity {
+            cfg.identity.clone_from(i);
+        }
+        if let Some(n) = &args.namespace {
+            cfg.namespace.clone_from(n);
+        }
+        if args.dry_run {
+            cfg.policy.dry_run = true;
+        }
+        if let Some(n) = args.max_concurrent_writes {
+            cfg.max_concurrent_writes = n;
+        }
+        if cfg.identity.is_empty() {
+            cfg.identity = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("graywatch-{}", std::process::id()));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, problem: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                problem: problem.into(),
+            })
+        };
+        if self.tick_ms == 0 {
+            return bad("tick_ms", "must be positive");
+        }
+        if !(1..=256).contains(&self.max_concurrent_writes) {
+            return bad("max_concurrent_writes", "must be between 1 and 256");
+        }
+        if self.namespace.is_empty() {
+            return bad("namespace", "must not be empty");
+        }
+        if self.ingest.max_message_bytes < 1024 {
+            return bad("ingest.max_message_bytes", "must be at least 1024");
+        }
+        if self.ingest.max_peers == 0 {
+            return bad("ingest.max_peers", "must be positive");
+        }
+        if self.leader.lease_duration_ms < 1000 || !self.leader.lease_duration_ms.is_multiple_of(1000) {
+            return bad(
+                "leader.lease_duration_ms",
+                "must be a whole number of seconds, at least 1000",
+            );
+        }
+        if self.leader.renew_interval_ms == 0 || self.leader.renew_interval_ms >= self.leader.lease_duration_ms {
+            return bad(
+                "leader.renew_interval_ms",
+                "must be positive and below leader.lease_duration_ms",
+            );
+        }
+        self.policy.validate()?;
+        self.security.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_toml_overrides_defaults() {
+        let cfg = FileConfig::from_toml(
+            r#"
+            tick_ms = 200
+            [policy]
+            dry_run = true
+            taint_mode = "nrc"
+            blast_radius = 0.1
+            [leader]
+            lease_duration_ms = 3000
+            renew_interval_ms = 1000
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(cfg.tick_ms, 200);
+        assert!(cfg.policy.dry_run);
+        assert_eq!(cfg.policy.taint_mode, crate::core::policy::TaintMode::Nrc);
+        assert_eq!(cfg.policy.degrade_windows, Policy::default().degrade_windows);
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let err = FileConfig::from_toml("[policy]\nblast_radiuss = 0.1\n").expect_err("typo");
+        assert!(err.to_string().contains("blast_radiuss"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cfg = FileConfig {
+            leader: LeaderConfig {
+                renew_interval_ms: 20_000,
+                ..LeaderConfig::default()
+            },
+            ..FileConfig::default()
+        };
+        let err = cfg.validate().expect_err("renew above duration");
+        assert!(err.to_string().starts_with("leader.renew_interval_ms"), "{err}");
+        for writes in [0, 257] {
+            let cfg = FileConfig {
+                max_concurrent_writes: writes,
+                ..FileConfig::default()
+            };
+            let err = cfg.validate().expect_err("write concurrency out of range");
+            assert!(err.to_string().starts_with("max_concurrent_writes"), "{err}");
+        }
+        let mut cfg = FileConfig::default();
+        cfg.policy.blast_radius = 0.9;
+        assert!(
+            cfg.validate()
+                .expect_err("radius")
+                .to_string()
+                .starts_with("policy.blast_radius")
+        );
+    }
+}

@@ -1,0 +1,380 @@
+//! Evidence against a node beyond its own detectors:
+//! * peer: robust z of the node's figure against its peer group (median / MAD);
+//! * vantage: what other nodes measure towards this node's addresses (Pingmesh / 007-style vote,
+//!   each observer judged against its own median towards everyone, so a slow observer does not
+//!   accuse the fleet).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use super::model::{Family, NodeReport, NodeView};
+
+/// Floor of the MAD-based scale per family, so an idle, perfectly uniform group does not turn
+/// tiny differences into huge z: (absolute, relative to the median).
+fn scale_floor(family: Family, median: f64) -> f64 {
+    let (abs, rel): (f64, f64) = match family {
+        Family::CpuSteal => (1.0, 0.1),         // percent
+        Family::CpuContention => (50.0, 0.2),   // µs
+        Family::NetworkLatency => (100.0, 0.2), // µs
+        Family::PacketLoss => (0.5, 0.2),       // percent
+        Family::MemoryPressure => (2.0, 0.2),   // percent
+    };
+    abs.max(rel * median.abs())
+}
+
+/// Median of a non-empty slice (NaNs must be filtered out by the caller).
+#[must_use]
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Median and robust scale of a peer group, computed once per step and group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupStats {
+    pub median: f64,
+    /// 1.4826·MAD, floored per family.
+    pub scale: f64,
+    pub n: usize,
+}
+
+impl GroupStats {
+    /// `None` for an empty group (non-finite values are ignored).
+    #[must_use]
+    pub fn of(family: Family, group: &[f64]) -> Option<Self> {
+        let mut g: Vec<f64> = group.iter().copied().filter(|v| v.is_finite()).collect();
+        if g.is_empty() {
+            return None;
+        }
+        let med = median(&mut g);
+        let mut dev: Vec<f64> = g.iter().map(|v| (v - med).abs()).collect();
+        let mad = median(&mut dev);
+        let scale = (1.4826 * mad).max(scale_floor(family, med));
+        Some(Self {
+            median: med,
+            scale,
+            n: g.len(),
+        })
+    }
+
+    /// Robust z of `x` (0 for non-finite input or result).
+    #[must_use]
+    pub fn z(&self, x: f64) -> f64 {
+        if !x.is_finite() {
+            return 0.0;
+        }
+        let z = (x - self.median) / self.scale;
+        if z.is_nan() { 0.0 } else { z }
+    }
+}
+
+/// Robust z of `x` against `group` (median and 1.4826·MAD, scale floored).
+#[must_use]
+pub fn robust_z(family: Family, x: f64, group: &[f64]) -> f64 {
+    GroupStats::of(family, group).map_or(0.0, |g| g.z(x))
+}
+
+/// Linear ramp of `z` between `low` (0) and `high` (1).
+#[must_use]
+pub fn ramp(z: f64, low: f64, high: f64) -> f64 {
+    if !z.is_finite() {
+        return 0.0;
+    }
+    ((z - low) / (high - low)).clamp(0.0, 1.0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PeerEvidence {
+    pub z: f64,
+    pub median: f64,
+    pub group_size: usize,
+}
+
+/// Maps remote addresses to nodes via Node InternalIPs (exact) and pod CIDRs (longest prefix).
+/// Nodes are numbered; lookups cost one hash probe per distinct prefix length (usually one or
+/// two), not a scan of the fleet's CIDRs.
+#[derive(Debug, Default)]
+pub struct AddressBook {
+    names: Vec<String>,
+    by_name: HashMap<String, usize>,
+    exact: HashMap<IpAddr, usize>,
+    /// By prefix length, longest first: network → node.
+    cidrs: BTreeMap<std::cmp::Reverse<u8>, HashMap<ipnet::IpNet, usize>>,
+}
+
+impl AddressBook {
+    #[must_use]
+    pub fn new<'a>(nodes: impl IntoIterator<Item = &'a NodeView>) -> Self {
+        let mut book = Self::default();
+        for n in nodes {
+            let id = book.names.len();
+            book.names.push(n.name.clone());
+            book.by_name.insert(n.name.clone(), id);
+            for ip in &n.internal_ips {
+                book.exact.insert(*ip, id);
+            }
+            for c in &n.pod_cidrs {
+                book.cidrs
+                    .entry(std::cmp::Reverse(c.prefix_len()))
+                    .or_default()
+                    .insert(c.trunc(), id);
+            }
+        }
+        book
+    }
+
+    fn id_of(&self, addr: &IpAddr) -> Option<usize> {
+        if let Some(id) = self.exact.get(addr) {
+            return Some(*id);
+        }
+        self.cidrs.iter().find_map(|(len, nets)| {
+            let net = ipnet::IpNet::new(*addr, len.0).ok()?.trunc();
+            nets.get(&net).copied()
+        })
+    }
+
+    #[must_use]
+    pub fn node_of(&self, addr: &IpAddr) -> Option<&str> {
+        self.id_of(addr).map(|id| self.names[id].as_str())
+    }
+}
+
+/// Vantage tally for one target node and family.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct VantageEvidence {
+    pub observers: usize,
+    pub flagged: usize,
+}
+
+impl VantageEvidence {
+    #[must_use]
+    pub fn score(&self, min_observers: usize) -> f64 {
+        if self.observers < min_observers.max(1) {
+            0.0
+        } else {
+            self.flagged as f64 / self.observers as f64
+        }
+    }
+}
+
+/// Minimum absolute excess over the observer's baseline before a flag counts (µs / percent).
+fn vantage_floor(family: Family) -> f64 {
+    match family {
+        Family::NetworkLatency => 200.0,
+        Family::PacketLoss => 1.0,
+        _ => f64::INFINITY,
+    }
+}
+
+fn peer_figure(family: Family, p: &super::model::PeerObservation) -> Option<f64> {
+    match family {
+        Family::NetworkLatency if p.rtt_samples > 0 && p.rtt_p99_us.is_finite() => Some(p.rtt_p99_us),
+        Family::PacketLoss if p.segments_out > 0 => Some(p.retrans_pct()),
+        _ => None,
+    }
+}
+
+/// Vantage evidence for every node from the fresh observers' reports.
+#[must_use]
+pub fn vantage<'a>(
+    family: Family,
+    book: &AddressBook,
+    fresh_reports: impl IntoIterator<Item = (&'a str, &'a NodeReport)>,
+    ratio: f64,
+) -> BTreeMap<String, VantageEvidence> {
+    // Pass 1: each observer's figure per target node (worst of its addresses) and its baseline.
+    let mut observers: Vec<(Vec<(usize, f64)>, f64)> = Vec::new();
+    for (observer, report) in fresh_reports {
+        let me = book.by_name.get(observer).copied();
+        let mut per_target: Vec<(usize, f64)> = report
+            .peers
+            .iter()
+            .filter_map(|p| Some((book.id_of(&p.addr)?, peer_figure(family, p)?)))
+            .filter(|(t, _)| Some(*t) != me)
+            .collect();
+        per_target.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        per_target.dedup_by_key(|(t, _)| *t);
+        // A baseline needs a few targets; otherwise this observer abstains.
+        if per_target.len() < 3 {
+            continue;
+        }
+        let mut vals: Vec<f64> = per_target.iter().map(|(_, v)| *v).collect();
+        let base = median(&mut vals);
+        observers.push((per_target, base));
+    }
+    // An observer that sees (almost) everyone as bad is itself the problem (its own link is
+    // slow): it abstains instead of diluting the vote against the nodes that are bad.
+    let mut bases: Vec<f64> = observers.iter().map(|o| o.1).collect();
+    let fleet_base = median(&mut bases);
+    let mut tally = vec![VantageEvidence::default(); book.names.len()];
+    for (per_target, base) in observers {
+        if observer_unreliable(family, base, fleet_base, ratio) {
+            continue;
+        }
+        for (target, v) in per_target {
+            let e = &mut tally[target];
+            e.observers += 1;
+            if v >= base * ratio && v - base >= vantage_floor(family) {
+                e.flagged += 1;
+            }
+        }
+    }
+    tally
+        .into_iter()
+        .enumerate()
+        .filter(|(_, e)| e.observers > 0)
+        .map(|(id, e)| (book.names[id].clone(), e))
+        .collect()
+}
+
+fn observer_unreliable(family: Family, base: f64, fleet_base: f64, ratio: f64) -> bool {
+    base >= fleet_base * ratio && base - fleet_base >= vantage_floor(family)
+}
+
+/// Noisy-or of weighted evidence scores: 1 − Π(1 − wᵢ·sᵢ).
+#[must_use]
+pub fn combine(parts: &[(f64, f64)]) -> f64 {
+    let miss: f64 = parts
+        .iter()
+        .map(|(w, s)| {
+            let s = if s.is_finite() { s.clamp(0.0, 1.0) } else { 0.0 };
+            1.0 - w.clamp(0.0, 1.0) * s
+        })
+        .product();
+    (1.0 - miss).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::model::PeerObservation;
+
+    #[test]
+    fn robust_z_flags_outlier_not_inliers() {
+        let g = [300.0, 310.0, 305.0, 290.0, 4000.0, 300.0, 295.0];
+        assert!(robust_z(Family::NetworkLatency, 4000.0, &g) > 10.0);
+        assert!(robust_z(Family::NetworkLatency, 310.0, &g).abs() < 1.0);
+    }
+
+    #[test]
+    fn robust_z_of_uniform_group_uses_floor() {
+        let g = [300.0; 8];
+        let z = robust_z(Family::NetworkLatency, 301.0, &g);
+        assert!(z.abs() < 0.1, "{z}");
+    }
+
+    #[test]
+    fn address_book_prefers_exact_then_longest_prefix() {
+        let a = NodeView {
+            name: "a".into(),
+            internal_ips: vec!["10.0.0.1".parse().expect("ip")],
+            pod_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+            ..Default::default()
+        };
+        let b = NodeView {
+            name: "b".into(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
+            ..Default::default()
+        };
+        let book = AddressBook::new([&a, &b]);
+        assert_eq!(book.node_of(&"10.0.0.1".parse().expect("ip")), Some("a"));
+        assert_eq!(book.node_of(&"10.244.1.7".parse().expect("ip")), Some("b"));
+        assert_eq!(book.node_of(&"10.244.2.7".parse().expect("ip")), Some("a"));
+        assert_eq!(book.node_of(&"192.168.0.1".parse().expect("ip")), None);
+    }
+
+    fn node(i: u8) -> NodeView {
+        NodeView {
+            name: format!("n{i}"),
+            internal_ips: vec![IpAddr::from([10, 0, 0, i])],
+            ..Default::default()
+        }
+    }
+
+    fn report_towards(targets: &[(u8, f64)]) -> NodeReport {
+        NodeReport {
+            peers: targets
+                .iter()
+                .map(|(i, rtt)| PeerObservation {
+                    addr: IpAddr::from([10, 0, 0, *i]),
+                    rtt_samples: 100,
+                    rtt_p99_us: *rtt,
+                    segments_out: 1000,
+                    retransmits: 0,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn vantage_votes_against_the_slow_node_only() {
+        let nodes: Vec<NodeView> = (1..=5).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        // n5 is slow: everyone sees it slow; n5 sees everyone slow (its own link).
+        let mut reports = BTreeMap::new();
+        for i in 1..=4u8 {
+            let t: Vec<(u8, f64)> = (1..=5u8)
+                .filter(|j| *j != i)
+                .map(|j| (j, if j == 5 { 5000.0 } else { 300.0 }))
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        reports.insert(
+            "n5".into(),
+            report_towards(&[(1, 5000.0), (2, 5000.0), (3, 5000.0), (4, 5000.0)]),
+        );
+        let v = vantage(
+            Family::NetworkLatency,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(
+            v["n5"],
+            VantageEvidence {
+                observers: 4,
+                flagged: 4
+            }
+        );
+        for i in 1..=4 {
+            assert_eq!(v[&format!("n{i}")].flagged, 0, "n{i}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn combine_is_monotone_and_bounded(a in 0.0..=1.0f64, b in 0.0..=1.0f64, d in 0.0..=1.0f64) {
+            let c1 = combine(&[(0.8, a), (0.9, b)]);
+            let c2 = combine(&[(0.8, (a + d).min(1.0)), (0.9, b)]);
+            prop_assert!((0.0..=1.0).contains(&c1));
+            prop_assert!(c2 >= c1 - 1e-12);
+        }
+
+        #[test]
+        fn robust_z_is_shift_invariant(xs in proptest::collection::vec(0.0..1e4f64, 3..20), shift in 0.0..1e3f64, x in 0.0..1e4f64) {
+            // With a purely absolute floor (medians small relative to it this is not exact), check sign only.
+            let z1 = robust_z(Family::NetworkLatency, x, &xs);
+            let shifted: Vec<f64> = xs.iter().map(|v| v + shift).collect();
+            let z2 = robust_z(Family::NetworkLatency, x + shift, &shifted);
+            prop_assert_eq!(z1 > 0.0, z2 > 0.0);
+        }
+
+        #[test]
+        fn robust_z_never_nan(xs in proptest::collection::vec(prop::num::f64::ANY, 0..10), x in prop::num::f64::ANY) {
+            prop_assert!(!robust_z(Family::PacketLoss, x, &xs).is_nan());
+        }
+    }
+}

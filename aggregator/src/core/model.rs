@@ -1,0 +1,166 @@
+//! Plain data the decision core works on: what the cluster looks like, what the agents reported,
+//! and the policy. No I/O, no clocks (time is an input).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch (an input; the core never reads a clock).
+pub type Millis = i64;
+
+/// The signal families; one Node condition each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    CpuSteal,
+    CpuContention,
+    NetworkLatency,
+    PacketLoss,
+    MemoryPressure,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] = [
+        Family::CpuSteal,
+        Family::CpuContention,
+        Family::NetworkLatency,
+        Family::PacketLoss,
+        Family::MemoryPressure,
+    ];
+
+    /// CamelCase name used in condition types and reasons.
+    #[must_use]
+    pub fn camel(self) -> &'static str {
+        match self {
+            Family::CpuSteal => "CpuSteal",
+            Family::CpuContention => "CpuContention",
+            Family::NetworkLatency => "NetworkLatency",
+            Family::PacketLoss => "PacketLoss",
+            Family::MemoryPressure => "MemoryPressure",
+        }
+    }
+
+    /// Whether other nodes can observe this family towards a node (vantage evidence).
+    #[must_use]
+    pub fn has_vantage(self) -> bool {
+        matches!(self, Family::NetworkLatency | Family::PacketLoss)
+    }
+}
+
+/// What the cluster says about one Node (from a watch of Nodes), including what we wrote before.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    /// Label values by label key (only the ones the policy groups by are needed).
+    pub labels: BTreeMap<String, String>,
+    pub internal_ips: Vec<IpAddr>,
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// Our own conditions currently on the Node, by type.
+    pub conditions: BTreeMap<String, ObservedCondition>,
+    /// Whether our taint is on the Node.
+    pub tainted: bool,
+    /// The Karpenter NodeClaim backing this Node, if any.
+    pub nodeclaim: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedCondition {
+    pub status: CondStatus,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_ms: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CondStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl CondStatus {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CondStatus::True => "True",
+            CondStatus::False => "False",
+            CondStatus::Unknown => "Unknown",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "True" => CondStatus::True,
+            "False" => CondStatus::False,
+            _ => CondStatus::Unknown,
+        }
+    }
+}
+
+/// The latest window an agent reported, reduced to what the core needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeReport {
+    /// Window sequence number (per agent boot); the state machines advance once per new window.
+    pub seq: u64,
+    /// Agent boot id; a change restarts the sequence.
+    pub boot_id: String,
+    /// When the aggregator received it.
+    pub received_ms: Millis,
+    /// Headline figure per family (larger = worse).
+    pub figures: BTreeMap<Family, f64>,
+    /// The agent's own detector scores in [0,1] with reasons.
+    pub local: BTreeMap<Family, (f64, String)>,
+    /// What this node measured towards remote addresses.
+    pub peers: Vec<PeerObservation>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerObservation {
+    pub addr: IpAddr,
+    pub rtt_samples: u64,
+    pub rtt_p99_us: f64,
+    pub segments_out: u64,
+    pub retransmits: u64,
+}
+
+impl PeerObservation {
+    /// Retransmitted / sent segments in percent (0 when nothing was sent).
+    #[must_use]
+    pub fn retrans_pct(&self) -> f64 {
+        if self.segments_out == 0 {
+            0.0
+        } else {
+            100.0 * self.retransmits as f64 / self.segments_out as f64
+        }
+    }
+}
+
+/// A Karpenter NodePool as the core sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolView {
+    pub name: String,
+    /// `spec.template.spec.requirements`, verbatim.
+    pub requirements: serde_json::Value,
+    /// Our saved snapshot, if we changed this pool (read back from the ConfigMap on start).
+    pub snapshot: Option<PoolSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSnapshot {
+    /// The requirements before our first change, restored exactly on recovery.
+    pub requirements: serde_json::Value,
+    /// The (label key, value) pairs we excluded, e.g. ("topology.kubernetes.io/zone", "zone-a").
+    pub excluded: Vec<(String, String)>,
+}
+
+/// Everything the core reads for one step.
+#[derive(Debug, Clone, Default)]
+pub struct Input {
+    pub now_ms: Millis,
+    pub nodes: BTreeMap<String, NodeView>,
+    pub reports: BTreeMap<String, NodeReport>,
+    pub pools: BTreeMap<String, PoolView>,
+    /// Consecutive actuator failures reported by the shell (feeds the circuit breaker).
+    pub actuator_failures: u32,
+}

@@ -1,0 +1,95 @@
+//! The plan: plain data the actuators apply. Nothing here does I/O.
+
+use super::model::{CondStatus, Millis, PoolSnapshot};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub dry_run: bool,
+    pub conditions: Vec<ConditionWrite>,
+    pub taints: Vec<TaintChange>,
+    pub pools: Vec<PoolChange>,
+    pub claim_deletions: Vec<ClaimDeletion>,
+    /// One audit Event per action or suppressed action (dry-run: what would have been done).
+    pub events: Vec<PlannedEvent>,
+    pub breaker_open: bool,
+    /// The fleet view is settled (see `Settling`); until then no new action is taken.
+    pub settled: bool,
+    /// Group verdicts in force, as (label, value).
+    pub verdicts: Vec<(String, String)>,
+}
+
+impl Plan {
+    /// Whether applying the plan changes anything but Events.
+    #[must_use]
+    pub fn writes(&self) -> bool {
+        !(self.conditions.is_empty()
+            && self.taints.is_empty()
+            && self.pools.is_empty()
+            && self.claim_deletions.is_empty())
+    }
+}
+
+/// The full set of our conditions for one node (server-side apply owns exactly these).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionWrite {
+    pub node: String,
+    pub conditions: Vec<DesiredCondition>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredCondition {
+    pub type_: String,
+    pub status: CondStatus,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_ms: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaintChange {
+    pub node: String,
+    pub add: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolChange {
+    /// Save `snapshot` (ConfigMap) first, then set the pool's requirements.
+    Exclude {
+        pool: String,
+        snapshot: PoolSnapshot,
+        requirements: serde_json::Value,
+    },
+    /// Put the saved requirements back exactly, then delete the snapshot.
+    Restore {
+        pool: String,
+        requirements: serde_json::Value,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimDeletion {
+    pub node: String,
+    pub claim: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventTarget {
+    Node(String),
+    NodePool(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Normal,
+    Warning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub target: EventTarget,
+    pub kind: EventKind,
+    /// CamelCase.
+    pub reason: String,
+    pub action: String,
+    pub note: String,
+}

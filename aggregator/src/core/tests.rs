@@ -1,0 +1,702 @@
+//! Engine scenarios on a simulated fleet (plans are applied to the simulated cluster between
+//! steps), plus property tests of the guardrails and the state machine.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use proptest::prelude::*;
+
+use super::{
+    engine::{Engine, FamilyState, Phase, Settling, advance, blast_allowance, overall_phase},
+    model::{
+        CondStatus, Family, Input, NodeReport, NodeView, ObservedCondition, PeerObservation, PoolSnapshot, PoolView,
+    },
+    plan::{EventTarget, Plan, PoolChange},
+    policy::{Policy, TaintMode},
+};
+
+const ZONE: &str = "topology.kubernetes.io/zone";
+
+/// A simulated cluster + fleet of agents.
+struct Sim {
+    input: Input,
+    round: u64,
+    events: Vec<(EventTarget, String)>,
+    /// Bad nodes also report a local detector score of 1.
+    local_bad: bool,
+}
+
+fn zone_of(i: usize, per_zone: usize) -> String {
+    format!("zone-{}", (b'a' + (i / per_zone) as u8) as char)
+}
+
+fn ip(i: usize) -> IpAddr {
+    IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1])
+}
+
+impl Sim {
+    fn new(n: usize, per_zone: usize) -> Self {
+        let mut input = Input::default();
+        for i in 0..n {
+            let name = format!("node-{i}");
+            let labels = BTreeMap::from([
+                (ZONE.to_string(), zone_of(i, per_zone)),
+                ("karpenter.sh/nodepool".to_string(), "default".to_string()),
+                ("node.kubernetes.io/instance-type".to_string(), "m5.large".to_string()),
+            ]);
+            input.nodes.insert(
+                name.clone(),
+                NodeView {
+                    name,
+                    labels,
+                    internal_ips: vec![ip(i)],
+                    ..Default::default()
+                },
+            );
+        }
+        input.pools.insert(
+            "default".into(),
+            PoolView {
+                name: "default".into(),
+                requirements: serde_json::json!([{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]),
+                snapshot: None,
+            },
+        );
+        Self {
+            input,
+            round: 0,
+            events: Vec::new(),
+            local_bad: false,
+        }
+    }
+
+    /// One round: every node in `reporting` reports a window; nodes in `bad` are slow and lossy.
+    fn round(&mut self, bad: &BTreeSet<usize>, reporting: impl Fn(usize) -> bool) {
+        self.round += 1;
+        self.input.now_ms = self.round as i64 * 1000;
+        let n = self.input.nodes.len();
+        for i in (0..n).filter(|i| reporting(*i)) {
+            let peers = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| {
+                    let slow = bad.contains(&i) || bad.contains(&j);
+                    PeerObservation {
+                        addr: ip(j),
+                        rtt_samples: 50,
+                        rtt_p99_us: if slow { 8000.0 } else { 300.0 + (j % 7) as f64 * 5.0 },
+                        segments_out: 1000,
+                        retransmits: if slow { 60 } else { 1 },
+                    }
+                })
+                .collect();
+            let slow = bad.contains(&i);
+            let report = NodeReport {
+                seq: self.round,
+                boot_id: "b".into(),
+                received_ms: self.input.now_ms,
+                figures: BTreeMap::from([
+                    (
+                        Family::NetworkLatency,
+                        if slow { 8000.0 } else { 300.0 + (i % 5) as f64 * 7.0 },
+                    ),
+                    (Family::PacketLoss, if slow { 6.0 } else { 0.1 }),
+                    (Family::CpuSteal, 0.5),
+                ]),
+                local: if slow && self.local_bad {
+                    BTreeMap::from([(Family::NetworkLatency, (1.0, "local detector".to_string()))])
+                } else {
+                    BTreeMap::new()
+                },
+                peers,
+            };
+            self.input.reports.insert(format!("node-{i}"), report);
+        }
+    }
+
+    /// Applies a plan the way the actuators would.
+    fn apply(&mut self, plan: &Plan) {
+        for w in &plan.conditions {
+            let v = self.input.nodes.get_mut(&w.node).expect("node exists");
+            for c in &w.conditions {
+                v.conditions.insert(
+                    c.type_.clone(),
+                    ObservedCondition {
+                        status: c.status,
+                        reason: c.reason.clone(),
+                        message: c.message.clone(),
+                        last_transition_ms: c.last_transition_ms,
+                    },
+                );
+            }
+        }
+        for t in &plan.taints {
+            self.input.nodes.get_mut(&t.node).expect("node exists").tainted = t.add;
+        }
+        for p in &plan.pools {
+            match p {
+                PoolChange::Exclude {
+                    pool,
+                    snapshot,
+                    requirements,
+                } => {
+                    let pv = self.input.pools.get_mut(pool).expect("pool");
+                    pv.snapshot = Some(snapshot.clone());
+                    pv.requirements = requirements.clone();
+                }
+                PoolChange::Restore { pool, requirements } => {
+                    let pv = self.input.pools.get_mut(pool).expect("pool");
+                    pv.snapshot = None;
+                    pv.requirements = requirements.clone();
+                }
+            }
+        }
+        self.events
+            .extend(plan.events.iter().map(|e| (e.target.clone(), e.reason.clone())));
+    }
+
+    fn run(&mut self, eng: &mut Engine, bad: &BTreeSet<usize>, rounds: usize) -> Vec<Plan> {
+        (0..rounds)
+            .map(|_| {
+                self.round(bad, |_| true);
+                let plan = eng.step(&self.input);
+                self.apply(&plan);
+                plan
+            })
+            .collect()
+    }
+
+    fn overall(&self, p: &Policy, i: usize) -> Option<CondStatus> {
+        self.input.nodes[&format!("node-{i}")]
+            .conditions
+            .get(&p.overall_condition())
+            .map(|c| c.status)
+    }
+
+    fn tainted(&self) -> BTreeSet<String> {
+        self.input
+            .nodes
+            .values()
+            .filter(|v| v.tainted)
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    fn count(&self, reason: &str) -> usize {
+        self.events.iter().filter(|(_, r)| r == reason).count()
+    }
+}
+
+fn set(xs: &[usize]) -> BTreeSet<usize> {
+    xs.iter().copied().collect()
+}
+
+#[test]
+fn one_slow_node_is_flagged_tainted_and_released_after_hysteresis() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 3);
+    assert!((0..10).all(|i| sim.overall(&p, i) == Some(CondStatus::True)));
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+
+    // Suspect first, Degraded only after degrade_windows bad windows.
+    sim.run(&mut eng, &set(&[3]), p.degrade_windows as usize - 1);
+    assert_eq!(sim.overall(&p, 3), Some(CondStatus::True));
+    assert!(sim.tainted().is_empty());
+    sim.run(&mut eng, &set(&[3]), 1);
+    assert_eq!(sim.overall(&p, 3), Some(CondStatus::False));
+    let nl = &sim.input.nodes["node-3"].conditions[&p.family_condition(Family::NetworkLatency)];
+    assert_eq!(nl.status, CondStatus::False);
+    assert!(nl.message.contains("peers see it degraded"), "{}", nl.message);
+    assert_eq!(
+        sim.input.nodes["node-3"].conditions[&p.family_condition(Family::CpuSteal)].status,
+        CondStatus::True
+    );
+    assert_eq!(sim.tainted(), BTreeSet::from(["node-3".to_string()]));
+    assert_eq!(sim.count("GrayFailureDetected"), 1);
+    assert_eq!(sim.count("GrayFailureTaint"), 1);
+    for i in (0..10).filter(|i| *i != 3) {
+        assert_eq!(sim.overall(&p, i), Some(CondStatus::True), "node-{i}");
+    }
+    // Staying bad repeats nothing.
+    sim.run(&mut eng, &set(&[3]), 5);
+    assert_eq!(sim.count("GrayFailureTaint"), 1);
+    assert!(eng.verdicts().is_empty());
+
+    // Recovery: Recovering (still False, still tainted) until recover_windows good windows.
+    sim.run(&mut eng, &set(&[]), p.recover_windows as usize - 1);
+    assert_eq!(sim.overall(&p, 3), Some(CondStatus::False));
+    assert_eq!(sim.tainted().len(), 1);
+    sim.run(&mut eng, &set(&[]), 1);
+    assert_eq!(sim.overall(&p, 3), Some(CondStatus::True));
+    assert!(sim.tainted().is_empty());
+    assert_eq!(sim.count("GrayFailureUntaint"), 1);
+    assert_eq!(sim.count("GrayFailureCleared"), 1);
+}
+
+#[test]
+fn zone_wide_degradation_is_one_verdict_and_restores_pool_exactly() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    let original = sim.input.pools["default"].requirements.clone();
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(eng.verdicts().contains(&(ZONE.to_string(), "zone-a".to_string())));
+    let zone_a_tainted = sim.tainted().len();
+    assert!(
+        zone_a_tainted <= blast_allowance(p.blast_radius, 5),
+        "tainted {zone_a_tainted}"
+    );
+    let pool = &sim.input.pools["default"];
+    let snap = pool.snapshot.as_ref().expect("snapshot saved");
+    assert_eq!(snap.requirements, original);
+    assert_eq!(snap.excluded, vec![(ZONE.to_string(), "zone-a".to_string())]);
+    let reqs = pool.requirements.as_array().expect("array");
+    assert!(
+        reqs.iter()
+            .any(|r| r["key"] == ZONE && r["operator"] == "NotIn" && r["values"][0] == "zone-a")
+    );
+    assert_eq!(sim.count("NodePoolExcluded"), 1);
+    // Conditions still tell the truth per node.
+    for i in 0..3 {
+        assert_eq!(sim.overall(&p, i), Some(CondStatus::False));
+    }
+    // Recovery.
+    sim.run(&mut eng, &set(&[]), 10);
+    assert!(eng.verdicts().is_empty());
+    assert_eq!(sim.input.pools["default"].requirements, original);
+    assert!(sim.input.pools["default"].snapshot.is_none());
+    assert_eq!(sim.count("NodePoolRestored"), 1);
+    assert!(sim.tainted().is_empty());
+}
+
+#[test]
+fn stale_agent_goes_unknown_never_false() {
+    let p = Policy {
+        stale_after_ms: 3000,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    sim.run(&mut eng, &set(&[]), 2);
+    for _ in 0..6 {
+        sim.round(&set(&[]), |i| i != 4);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+        assert_ne!(sim.overall(&p, 4), Some(CondStatus::False));
+    }
+    let c = &sim.input.nodes["node-4"].conditions;
+    assert_eq!(c[&p.overall_condition()].status, CondStatus::Unknown);
+    assert_eq!(c[&p.overall_condition()].reason, "AgentStale");
+    assert!(
+        Family::ALL
+            .iter()
+            .all(|f| c[&p.family_condition(*f)].status == CondStatus::Unknown)
+    );
+}
+
+#[test]
+fn restart_reads_existing_state_and_does_not_repeat_actions() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[7]), 6);
+    assert_eq!(sim.count("GrayFailureTaint"), 1);
+    // A new engine (restart / new leader) sees the same cluster.
+    let mut eng2 = Engine::new(p.clone());
+    let plans = sim.run(&mut eng2, &set(&[7]), 4);
+    assert_eq!(sim.count("GrayFailureTaint"), 1);
+    assert_eq!(sim.count("GrayFailureDetected"), 1);
+    assert!(plans.iter().all(|pl| pl.taints.is_empty()));
+    assert_eq!(sim.overall(&p, 7), Some(CondStatus::False));
+    // It still recovers the node.
+    sim.run(&mut eng2, &set(&[]), 4);
+    assert!(sim.tainted().is_empty());
+}
+
+#[test]
+fn dry_run_writes_nothing_but_events() {
+    let p = Policy {
+        dry_run: true,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    let plans = sim.run(&mut eng, &set(&[2]), 6);
+    assert!(plans.iter().all(|pl| !pl.writes()));
+    assert_eq!(sim.count("DryRunGrayFailureTaint"), 1);
+    assert_eq!(sim.count("DryRunGrayFailureDetected"), 1);
+    assert!(sim.events.iter().all(|(_, r)| r.starts_with("DryRun")));
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(plans.iter().all(|pl| !pl.writes()));
+    assert_eq!(sim.count("DryRunNodePoolExcluded"), 1);
+}
+
+#[test]
+fn breaker_blocks_actions_when_most_of_the_fleet_degrades() {
+    // Fleet-wide slowness is no gray failure: peer and vantage evidence see nothing odd.
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[0, 1, 2, 3, 5, 6, 7, 8]), 8);
+    assert!(sim.tainted().is_empty());
+    // If the local detectors alone are trusted enough to degrade most of the fleet, the breaker
+    // opens and nothing disruptive happens.
+    let p = Policy {
+        weight_local: 1.0,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.local_bad = true;
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2, 3, 5, 6, 7, 8]), 8);
+    assert!(plans.last().is_some_and(|pl| pl.breaker_open));
+    assert_eq!(sim.overall(&p, 0), Some(CondStatus::False));
+    assert!(sim.tainted().is_empty());
+    assert_eq!(sim.count("NodePoolExcluded"), 0);
+}
+
+#[test]
+fn breaker_opens_on_actuator_failures() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.input.actuator_failures = p.breaker_failures;
+    let plans = sim.run(&mut eng, &set(&[3]), 6);
+    assert!(plans.iter().all(|pl| pl.breaker_open));
+    assert!(sim.tainted().is_empty());
+    sim.input.actuator_failures = 0;
+    sim.run(&mut eng, &set(&[3]), 1);
+    assert_eq!(sim.tainted().len(), 1);
+}
+
+#[test]
+fn nrc_mode_writes_conditions_but_no_taints() {
+    let p = Policy {
+        taint_mode: TaintMode::Nrc,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[3]), 5);
+    assert_eq!(sim.overall(&p, 3), Some(CondStatus::False));
+    assert!(sim.tainted().is_empty());
+}
+
+#[test]
+fn eks_mirror_condition_follows_network_families() {
+    let p = Policy {
+        mirror_eks: true,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[3]), 5);
+    assert_eq!(
+        sim.input.nodes["node-3"].conditions["NetworkingReady"].status,
+        CondStatus::False
+    );
+    assert_eq!(
+        sim.input.nodes["node-4"].conditions["NetworkingReady"].status,
+        CondStatus::True
+    );
+}
+
+#[test]
+fn rate_limit_caps_new_taints() {
+    // 40 nodes, 4 zones; 4 slow nodes in different zones, rate limit 2.
+    let p = Policy {
+        rate_limit: 2,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(40, 10);
+    sim.run(&mut eng, &set(&[1, 11, 21, 31]), 6);
+    assert_eq!(sim.tainted().len(), 2);
+    assert!(sim.count("ActionSuppressed") >= 2);
+}
+
+#[test]
+fn unchanged_conditions_are_rewritten_at_most_once_per_refresh_period() {
+    let p = Policy {
+        condition_refresh_ms: 10_000,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    let plans = sim.run(&mut eng, &set(&[]), 25);
+    // 1 s per round: first write, then at most one per 10 s.
+    let writes_node0 = plans
+        .iter()
+        .filter(|pl| pl.conditions.iter().any(|w| w.node == "node-0"))
+        .count();
+    assert_eq!(writes_node0, 3);
+}
+
+#[test]
+fn policy_validation_names_the_field() {
+    let bad = Policy {
+        blast_radius: 0.5,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("blast_radius"));
+    let bad = Policy {
+        recover_confidence: 0.9,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("recover_confidence"));
+    assert!(Policy::default().validate().is_ok());
+}
+
+fn arb_policy() -> impl Strategy<Value = Policy> {
+    (1u32..5, 1u32..5, 0.05f64..=0.2).prop_map(|(d, r, b)| Policy {
+        degrade_windows: d,
+        recover_windows: r,
+        blast_radius: b,
+        ..Policy::default()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Degraded needs `degrade_windows` consecutive bad windows; Healthy after Degraded needs
+    /// `recover_windows` consecutive good ones.
+    #[test]
+    fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
+        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: "" };
+        let mut bad_run = 0u32;
+        let mut good_run = 0u32;
+        for c in confs {
+            let before = st.phase;
+            advance(&mut st, c, &p);
+            if c >= p.degrade_confidence { bad_run += 1; good_run = 0; } else if c < p.recover_confidence { good_run += 1; bad_run = 0; } else { bad_run = 0; }
+            if st.phase == Phase::Degraded && !matches!(before, Phase::Degraded | Phase::Recovering) {
+                prop_assert!(bad_run >= p.degrade_windows);
+            }
+            if st.phase == Phase::Healthy && matches!(before, Phase::Degraded | Phase::Recovering) {
+                prop_assert!(good_run >= p.recover_windows);
+            }
+        }
+    }
+
+    /// Whatever degrades, direct taints never exceed the blast radius of any zone or the pool,
+    /// and a node without fresh data is never False.
+    #[test]
+    fn guardrails_hold_on_random_fleets(
+        p in arb_policy(),
+        bad in proptest::collection::btree_set(0usize..20, 0..10),
+        silent in proptest::collection::btree_set(0usize..20, 0..4),
+        rounds in 4usize..10,
+    ) {
+        let p = Policy { stale_after_ms: 2500, ..p };
+        let mut eng = Engine::new(p.clone());
+        let mut sim = Sim::new(20, 5);
+        sim.run(&mut eng, &BTreeSet::new(), 2);
+        for _ in 0..rounds {
+            sim.round(&bad, |i| !silent.contains(&i));
+            let plan = eng.step(&sim.input);
+            sim.apply(&plan);
+            let tainted = sim.tainted();
+            for z in ["zone-a", "zone-b", "zone-c", "zone-d"] {
+                let in_zone = tainted.iter().filter(|n| sim.input.nodes[*n].labels[ZONE] == z).count();
+                prop_assert!(in_zone <= blast_allowance(p.blast_radius, 5), "zone {} has {} tainted", z, in_zone);
+            }
+            prop_assert!(tainted.len() <= blast_allowance(p.blast_radius, 20));
+        }
+        for i in &silent {
+            // Silent for >= 3 rounds at 1 s per round with a 2.5 s stale timeout.
+            if rounds >= 3 {
+                prop_assert_eq!(sim.overall(&p, *i), Some(CondStatus::Unknown));
+            }
+            prop_assert_ne!(sim.overall(&p, *i), Some(CondStatus::False));
+        }
+        let _ = overall_phase;
+    }
+
+    /// Pool snapshots restore exactly, whatever the original requirements were.
+    #[test]
+    fn pool_restore_is_exact(extra in proptest::collection::vec(("[a-z]{1,8}", "[a-z0-9]{1,6}"), 0..4)) {
+        let p = Policy::default();
+        let mut eng = Engine::new(p.clone());
+        let mut sim = Sim::new(10, 5);
+        let reqs: Vec<serde_json::Value> = extra.iter().map(|(k, v)| serde_json::json!({"key": format!("example.com/{k}"), "operator": "In", "values": [v]})).collect();
+        sim.input.pools.get_mut("default").expect("pool").requirements = serde_json::Value::Array(reqs);
+        let original = sim.input.pools["default"].requirements.clone();
+        sim.run(&mut eng, &set(&[5, 6, 7]), 8);
+        prop_assert!(sim.input.pools["default"].snapshot.is_some());
+        prop_assert_ne!(&sim.input.pools["default"].requirements, &original);
+        sim.run(&mut eng, &set(&[]), 10);
+        prop_assert_eq!(&sim.input.pools["default"].requirements, &original);
+        let _ = PoolSnapshot { requirements: original, excluded: vec![] };
+    }
+}
+
+#[test]
+fn instance_type_wide_degradation_excludes_the_type() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(12, 6);
+    // Nodes 0..4 are c5.xlarge across both zones, the rest m5.large.
+    for i in [0usize, 1, 6, 7] {
+        sim.input
+            .nodes
+            .get_mut(&format!("node-{i}"))
+            .expect("node")
+            .labels
+            .insert("node.kubernetes.io/instance-type".into(), "c5.xlarge".into());
+    }
+    sim.run(&mut eng, &set(&[0, 1, 6, 7]), 8);
+    let it = "node.kubernetes.io/instance-type".to_string();
+    assert!(
+        eng.verdicts().contains(&(it.clone(), "c5.xlarge".to_string())),
+        "{:?}",
+        eng.verdicts()
+    );
+    assert!(
+        !eng.verdicts().iter().any(|(l, _)| l == ZONE),
+        "not a zone problem: {:?}",
+        eng.verdicts()
+    );
+    let reqs = sim.input.pools["default"]
+        .requirements
+        .as_array()
+        .expect("array")
+        .clone();
+    assert!(
+        reqs.iter()
+            .any(|r| r["key"] == it.as_str() && r["operator"] == "NotIn" && r["values"][0] == "c5.xlarge")
+    );
+}
+
+#[test]
+fn lagging_watch_does_not_duplicate_a_taint() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    let mut taints = 0;
+    for _ in 0..8 {
+        sim.round(&set(&[3]), |_| true);
+        let plan = eng.step(&sim.input);
+        taints += plan.taints.iter().filter(|t| t.add).count();
+        // Apply everything but the taint: the watch has not delivered it yet.
+        let mut lagged = plan.clone();
+        lagged.taints.clear();
+        sim.apply(&lagged);
+    }
+    assert_eq!(taints, 1);
+}
+
+#[test]
+fn restart_with_empty_fleet_view_keeps_state_until_stale_timeout() {
+    let p = Policy {
+        stale_after_ms: 5000,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(sim.input.pools["default"].snapshot.is_some());
+    let events_before = sim.events.len();
+    // Restart: a new engine, and the aggregator has not heard from any agent yet.
+    let mut eng2 = Engine::new(p.clone());
+    sim.input.reports.clear();
+    for _ in 0..3 {
+        sim.input.now_ms += 1000;
+        let plan = eng2.step(&sim.input);
+        assert!(
+            plan.pools.is_empty(),
+            "no NodePool restore on restart: {:?}",
+            plan.pools
+        );
+        assert!(plan.taints.is_empty());
+        assert!(
+            plan.conditions.is_empty(),
+            "no rewrite of what is there: {:?}",
+            plan.conditions
+        );
+        sim.apply(&plan);
+    }
+    assert_eq!(sim.events.len(), events_before);
+    assert_eq!(sim.overall(&p, 0), Some(CondStatus::False));
+    // Agents back, still degraded: nothing changes; then recovery restores the pool once.
+    sim.run(&mut eng2, &set(&[0, 1, 2]), 3);
+    assert!(sim.input.pools["default"].snapshot.is_some());
+    sim.run(&mut eng2, &set(&[]), 10);
+    assert!(sim.input.pools["default"].snapshot.is_none());
+    assert_eq!(sim.count("NodePoolRestored"), 1);
+    assert_eq!(sim.count("NodePoolExcluded"), 1);
+}
+
+#[test]
+fn restart_with_agents_returning_one_by_one_acts_only_on_the_settled_view() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(sim.input.pools["default"].snapshot.is_some());
+    let events_before = sim.events.clone();
+    // Restart while zone-a is still degraded; agents reconnect in an unlucky order: zone-a's
+    // healthy nodes first (zone-a looks recovered), then its bad nodes (most of what reports is
+    // degraded), then everyone.
+    let mut eng2 = Engine::new(p.clone());
+    sim.input.reports.clear();
+    let bad = set(&[0, 1, 2]);
+    let waves: [&dyn Fn(usize) -> bool; 3] = [&|i| i == 3 || i == 4, &|i| i < 5, &|_| true];
+    let mut plans = Vec::new();
+    for wave in waves {
+        sim.round(&bad, wave);
+        let plan = eng2.step(&sim.input);
+        sim.apply(&plan);
+        plans.push(plan);
+    }
+    assert_ne!(
+        eng2.settling(),
+        Settling::Settled,
+        "a window from each node after the view was complete is due"
+    );
+    plans.extend(sim.run(&mut eng2, &bad, 6));
+    assert_eq!(eng2.settling(), Settling::Settled);
+    assert!(
+        plans.iter().all(|pl| !pl.breaker_open),
+        "breaker judged on a partial view"
+    );
+    assert!(plans.iter().all(|pl| pl.pools.is_empty() && pl.taints.is_empty()));
+    assert!(eng2.verdicts().contains(&(ZONE.to_string(), "zone-a".to_string())));
+    assert_eq!(sim.events, events_before, "a restart repeats no Event");
+    for i in 0..3 {
+        assert_eq!(sim.overall(&p, i), Some(CondStatus::False));
+    }
+}
+
+#[test]
+fn fresh_engine_waits_for_silent_nodes_only_until_the_stale_timeout() {
+    let p = Policy {
+        stale_after_ms: 5000,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    // node-9 never reports: the view never completes, so the engine settles on the timeout.
+    let mut settled_at = None;
+    for r in 1..=10 {
+        sim.round(&set(&[7]), |i| i != 9);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+        if plan.settled && settled_at.is_none() {
+            settled_at = Some(r);
+        }
+        if !plan.settled {
+            assert!(plan.taints.is_empty() && plan.events.iter().all(|e| e.reason != "ActionSuppressed"));
+        }
+    }
+    // Round 1 is the first step (t = 1 s); 5 s later the view is settled.
+    assert_eq!(settled_at, Some(6));
+    assert_eq!(sim.tainted(), BTreeSet::from(["node-7".to_string()]));
+}

@@ -1,0 +1,382 @@
+//! gRPC ingest: the `graywatch.v1.Ingest/Report` stream. Each summary is validated, reduced to
+//! a [`NodeReport`] and stored in the [`FleetStore`]; replays (same boot id, seq not newer) are
+//! acknowledged and dropped. A bad message ends the stream with a status naming the problem:
+//! FAILED_PRECONDITION for an unsupported protocol version, INVALID_ARGUMENT for content;
+//! tonic itself answers OUT_OF_RANGE for oversized and INTERNAL for undecodable messages.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use futures::{Stream, StreamExt};
+use graywatch_proto::{
+    PROTOCOL_VERSION,
+    v1::{self, Directive, NodeSummary, directive, ingest_server::Ingest},
+};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    core::model::{Family, Millis, NodeReport, PeerObservation},
+    metrics::Metrics,
+};
+
+/// Latest report per node, shared by the ingest streams and the decision loop.
+///
+/// Reports are behind `Arc`s so the decision loop's snapshot holds the lock only to copy
+/// pointers (the deep copy happens outside it): at 10,000 agents a deep copy under the lock once
+/// a second stalled every summary arriving meanwhile.
+#[derive(Debug, Default, Clone)]
+pub struct FleetStore {
+    inner: Arc<Mutex<BTreeMap<String, Arc<NodeReport>>>>,
+}
+
+/// What storing a summary did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Replay,
+}
+
+impl FleetStore {
+    pub fn store(&self, node: &str, report: NodeReport) -> Stored {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get_mut(node) {
+            Some(prev) if prev.boot_id == report.boot_id && prev.seq >= report.seq => return Stored::Replay,
+            Some(prev) => *prev = Arc::new(report),
+            None => {
+                map.insert(node.to_string(), Arc::new(report));
+            }
+        }
+        Stored::New
+    }
+
+    #[must_use]
+    pub fn snapshot(&self) -> BTreeMap<String, NodeReport> {
+        let shared = self.inner.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        shared
+            .into_iter()
+            .map(|(node, report)| (node, Arc::unwrap_or_clone(report)))
+            .collect()
+    }
+}
+
+fn family_of(raw: i32) -> Option<Family> {
+    match v1::Family::try_from(raw).ok()? {
+        v1::Family::CpuSteal => Some(Family::CpuSteal),
+        v1::Family::CpuContention => Some(Family::CpuContention),
+        v1::Family::NetworkLatency => Some(Family::NetworkLatency),
+        v1::Family::PacketLoss => Some(Family::PacketLoss),
+        v1::Family::MemoryPressure => Some(Family::MemoryPressure),
+        v1::Family::Unspecified => None,
+    }
+}
+
+/// Validates a summary and reduces it to a report. Errors carry the status to send.
+pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(String, NodeReport), Status> {
+    if !graywatch_proto::version_supported(s.protocol_version) {
+        return Err(Status::failed_precondition(format!(
+            "unsupported protocol_version {} (this aggregator accepts {}..={}); upgrade the agent or aggregator",
+            s.protocol_version,
+            graywatch_proto::MIN_SUPPORTED_PROTOCOL_VERSION,
+            PROTOCOL_VERSION
+        )));
+    }
+    let node = s
+        .node
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("node: missing"))?;
+    let name = node.node_name.as_str();
+    let valid_name = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !valid_name {
+        return Err(Status::invalid_argument(format!(
+            "node.node_name: {name:?} is not a valid Node name"
+        )));
+    }
+    let window = s
+        .window
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("window: missing"))?;
+    if window.seq == 0 {
+        return Err(Status::invalid_argument("window.seq: must start at 1"));
+    }
+    if window.end_unix_ms < window.start_unix_ms {
+        return Err(Status::invalid_argument("window: end_unix_ms before start_unix_ms"));
+    }
+    if s.peers.len() > max_peers {
+        return Err(Status::invalid_argument(format!(
+            "peers: {} entries, at most {max_peers}",
+            s.peers.len()
+        )));
+    }
+    let mut figures = BTreeMap::new();
+    for (i, f) in s.families.iter().enumerate() {
+        if !f.value.is_finite() || f.value < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "families[{i}].value: {} is not a finite figure >= 0",
+                f.value
+            )));
+        }
+        if let Some(fam) = family_of(f.family) {
+            figures.insert(fam, f.value);
+        }
+    }
+    let mut local = BTreeMap::new();
+    for (i, sc) in s.scores.iter().enumerate() {
+        if !(0.0..=1.0).contains(&sc.score) {
+            return Err(Status::invalid_argument(format!(
+                "scores[{i}].score: {} not in [0, 1]",
+                sc.score
+            )));
+        }
+        if let Some(fam) = family_of(sc.family) {
+            local.insert(fam, (sc.score, sc.reason.chars().take(256).collect()));
+        }
+    }
+    let mut peers = Vec::with_capacity(s.peers.len());
+    for (i, p) in s.peers.iter().enumerate() {
+        let addr: IpAddr = p.remote_addr.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "peers[{i}].remote_addr: {:?} is not an IP address",
+                p.remote_addr
+            ))
+        })?;
+        if !p.rtt_p99_us.is_finite() || p.rtt_p99_us < 0.0 || !p.rtt_p50_us.is_finite() {
+            return Err(Status::invalid_argument(format!(
+                "peers[{i}]: RTT must be finite and >= 0"
+            )));
+        }
+        peers.push(PeerObservation {
+            addr,
+            rtt_samples: p.rtt_samples,
+            rtt_p99_us: p.rtt_p99_us,
+            segments_out: p.segments_out,
+            retransmits: p.retransmits,
+        });
+    }
+    Ok((
+        name.to_string(),
+        NodeReport {
+            seq: window.seq,
+            boot_id: node.boot_id.clone(),
+            received_ms: now_ms,
+            figures,
+            local,
+            peers,
+        },
+    ))
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct IngestService {
+    pub store: FleetStore,
+    /// Authentication, node binding and per-identity limits (gate.rs).
+    pub gate: crate::gate::Gate,
+    pub metrics: Arc<Metrics>,
+    pub max_peers: usize,
+    pub report_interval_ms: u32,
+    /// Detector settings handed to every agent in the first `ConfigChange`.
+    pub agent_settings: std::collections::HashMap<String, String>,
+    /// Ends every open stream (UNAVAILABLE, "shutting down") so the server can drain.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+type DirectiveStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type ReportStream = DirectiveStream;
+
+    async fn report(&self, request: Request<Streaming<NodeSummary>>) -> Result<Response<Self::ReportStream>, Status> {
+        let mut admission = self.gate.admit(&request).await?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(16);
+        let this = self.clone();
+        // Tell the agent how often to report.
+        let hello = Directive {
+            protocol_version: PROTOCOL_VERSION,
+            kind: Some(directive::Kind::Config(v1::ConfigChange {
+                report_interval_ms: this.report_interval_ms,
+                settings: this.agent_settings.clone(),
+            })),
+        };
+        let _ = tx.send(Ok(hello)).await;
+        tokio::spawn(async move {
+            let mut node: Option<String> = None;
+            loop {
+                let msg = tokio::select! {
+                    () = this.shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("aggregator shutting down; reconnect"))).await;
+                        return;
+                    }
+                    msg = inbound.next() => match msg {
+                        Some(m) => m,
+                        None => return,
+                    },
+                };
+                let summary = match msg {
+                    Ok(s) => s,
+                    Err(status) => {
+                        // Decode errors (malformed / oversized) arrive here; tell the agent why.
+                        this.metrics.rejected(status.code());
+                        tracing::warn!(node = node.as_deref().unwrap_or("?"), code = ?status.code(), message = status.message(), "ingest stream error");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                match validate(&summary, this.max_peers, now_ms()) {
+                    Ok((name, report)) => {
+                        if let Err(status) = this.gate.check(&mut admission, &name) {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                        let seq = report.seq;
+                        let stored = this.store.store(&name, report);
+                        this.metrics.ingested(stored == Stored::Replay);
+                        node = Some(name);
+                        let ack = Directive {
+                            protocol_version: PROTOCOL_VERSION,
+                            kind: Some(directive::Kind::Ack(v1::Ack { seq })),
+                        };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        this.metrics.rejected(status.code());
+                        tracing::warn!(node = node.as_deref().unwrap_or("?"), code = ?status.code(), message = status.message(), "rejected summary");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(out) as DirectiveStream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use graywatch_proto::v1::{FamilyFigures, LocalScore, NodeIdentity, PeerStats, Window};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn good() -> NodeSummary {
+        NodeSummary {
+            protocol_version: PROTOCOL_VERSION,
+            node: Some(NodeIdentity {
+                node_name: "node-1".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            }),
+            window: Some(Window {
+                seq: 1,
+                start_unix_ms: 0,
+                end_unix_ms: 1000,
+            }),
+            families: vec![FamilyFigures {
+                family: v1::Family::NetworkLatency as i32,
+                value: 300.0,
+                ..Default::default()
+            }],
+            peers: vec![PeerStats {
+                remote_addr: "10.0.0.2".into(),
+                rtt_samples: 3,
+                rtt_p99_us: 300.0,
+                ..Default::default()
+            }],
+            scores: vec![LocalScore {
+                family: v1::Family::NetworkLatency as i32,
+                score: 0.1,
+                reason: "ok".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn accepts_good_and_rejects_bad_with_clear_codes() {
+        let (name, r) = validate(&good(), 10, 5).expect("valid");
+        assert_eq!(name, "node-1");
+        assert_eq!(r.figures[&Family::NetworkLatency], 300.0);
+        let bad_version = NodeSummary {
+            protocol_version: 99,
+            ..good()
+        };
+        let e = validate(&bad_version, 10, 5).expect_err("version");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("99"));
+        let mut s = good();
+        s.peers[0].remote_addr = "not-an-ip".into();
+        assert_eq!(
+            validate(&s, 10, 5).expect_err("addr").code(),
+            tonic::Code::InvalidArgument
+        );
+        let mut s = good();
+        s.scores[0].score = f64::NAN;
+        assert!(
+            validate(&s, 10, 5)
+                .expect_err("nan")
+                .message()
+                .starts_with("scores[0].score")
+        );
+        let mut s = good();
+        s.node = None;
+        assert_eq!(validate(&s, 10, 5).expect_err("node").message(), "node: missing");
+        assert!(
+            validate(&good(), 0, 5)
+                .expect_err("peers")
+                .message()
+                .starts_with("peers:")
+        );
+    }
+
+    #[test]
+    fn replays_are_dropped() {
+        let store = FleetStore::default();
+        let (_, r) = validate(&good(), 10, 5).expect("valid");
+        assert_eq!(store.store("node-1", r.clone()), Stored::New);
+        assert_eq!(store.store("node-1", r.clone()), Stored::Replay);
+        let newer = NodeReport { seq: 2, ..r.clone() };
+        assert_eq!(store.store("node-1", newer), Stored::New);
+        let rebooted = NodeReport {
+            boot_id: "c".into(),
+            ..r
+        };
+        assert_eq!(store.store("node-1", rebooted), Stored::New);
+    }
+
+    proptest! {
+        /// Arbitrary field values never panic the validator.
+        #[test]
+        fn validate_never_panics(
+            version in any::<u32>(), name in ".{0,20}", seq in any::<u64>(),
+            value in any::<f64>(), score in any::<f64>(), addr in ".{0,20}", rtt in any::<f64>(),
+        ) {
+            let mut s = good();
+            s.protocol_version = version;
+            if let Some(n) = s.node.as_mut() { n.node_name = name; }
+            if let Some(w) = s.window.as_mut() { w.seq = seq; }
+            s.families[0].value = value;
+            s.scores[0].score = score;
+            s.peers[0].remote_addr = addr;
+            s.peers[0].rtt_p99_us = rtt;
+            let _ = validate(&s, 10, 0);
+        }
+    }
+}

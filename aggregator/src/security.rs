@@ -1,0 +1,190 @@
+//! The `[security]` config section: agent authentication, TLS on the ingest stream and the
+//! per-identity limits; plus building the gRPC server and the ingest [`Gate`] from it.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+
+use crate::{
+    auth::AuthMode,
+    config::ConfigError,
+    gate::Gate,
+    limits::{Limits, LimitsConfig},
+    metrics::Metrics,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// `token-review` (projected ServiceAccount tokens, bound to the pod's node) or
+    /// `insecure-none` (no authentication; development and demo only, logged as a warning).
+    pub auth: AuthMode,
+    /// Audience agent tokens must carry (the projected volume's `audience`).
+    pub token_audience: String,
+    /// `namespace:name` of the agent ServiceAccount(s); empty = any pod-bound token with our audience.
+    pub allowed_service_accounts: Vec<String>,
+    /// Concurrent streams per identity (pod; in insecure mode: per claimed node).
+    pub max_streams_per_identity: usize,
+    /// Sustained summaries per second per identity, and the burst (covers a reconnect replay).
+    pub summaries_per_second: f64,
+    pub summary_burst: u32,
+    /// Stream authentications (TokenReviews) per second over all clients, and the burst.
+    pub auth_attempts_per_second: f64,
+    pub auth_attempt_burst: u32,
+    /// PEM server certificate chain and key; both or neither (then the stream is plaintext).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle: when set, agents must present a client certificate it signed (mTLS).
+    pub tls_client_ca_file: Option<PathBuf>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            auth: AuthMode::default(),
+            token_audience: "graywatch".into(),
+            allowed_service_accounts: Vec::new(),
+            max_streams_per_identity: 4,
+            summaries_per_second: 20.0,
+            summary_burst: 300,
+            auth_attempts_per_second: 50.0,
+            auth_attempt_burst: 200,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+        }
+    }
+}
+
+impl SecurityConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, problem: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                problem: problem.into(),
+            })
+        };
+        if self.auth == AuthMode::TokenReview && self.token_audience.trim().is_empty() {
+            return bad(
+                "security.token_audience",
+                "must not be empty with auth = \"token-review\"",
+            );
+        }
+        if let Some(sa) = self
+            .allowed_service_accounts
+            .iter()
+            .find(|s| s.split_once(':').is_none_or(|(ns, n)| ns.is_empty() || n.is_empty()))
+        {
+            return bad(
+                "security.allowed_service_accounts",
+                &format!("{sa:?} is not `namespace:name`"),
+            );
+        }
+        if self.max_streams_per_identity == 0 {
+            return bad("security.max_streams_per_identity", "must be positive");
+        }
+        if !(self.summaries_per_second.is_finite() && self.summaries_per_second > 0.0) {
+            return bad("security.summaries_per_second", "must be a positive number");
+        }
+        if !(self.auth_attempts_per_second.is_finite() && self.auth_attempts_per_second > 0.0) {
+            return bad("security.auth_attempts_per_second", "must be a positive number");
+        }
+        if self.summary_burst == 0 || self.auth_attempt_burst == 0 {
+            return bad("security.summary_burst", "bursts must be positive");
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return bad("security.tls_cert_file", "tls_cert_file and tls_key_file go together");
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return bad("security.tls_client_ca_file", "needs tls_cert_file and tls_key_file");
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn limits(&self) -> LimitsConfig {
+        LimitsConfig {
+            max_streams_per_identity: self.max_streams_per_identity,
+            summaries_per_second: self.summaries_per_second,
+            summary_burst: self.summary_burst,
+            auth_attempts_per_second: self.auth_attempts_per_second,
+            auth_attempt_burst: self.auth_attempt_burst,
+        }
+    }
+
+    /// The gate for the ingest service (logs a loud warning in insecure mode).
+    #[must_use]
+    pub fn gate(&self, client: &kube::Client, metrics: Arc<Metrics>) -> Gate {
+        Gate {
+            auth: crate::auth::build(self.auth, client, &self.token_audience, &self.allowed_service_accounts),
+            limits: Limits::new(self.limits()),
+            metrics,
+        }
+    }
+
+    /// A gRPC server builder, with TLS (and client-certificate verification) when configured.
+    pub fn server(&self) -> anyhow::Result<Server> {
+        let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) else {
+            tracing::warn!("INSECURE: the ingest stream is plaintext (set security.tls_cert_file and tls_key_file)");
+            return Ok(Server::builder());
+        };
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &self.tls_client_ca_file {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        tracing::info!(cert = %cert.display(), mtls = self.tls_client_ca_file.is_some(), "ingest stream uses TLS");
+        Server::builder()
+            .tls_config(tls)
+            .context("configuring TLS for the ingest stream (certificate/key)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_mistakes_name_the_field() {
+        assert!(SecurityConfig::default().validate().is_ok());
+        let c = SecurityConfig {
+            tls_cert_file: Some("/x".into()),
+            ..SecurityConfig::default()
+        };
+        assert!(
+            c.validate()
+                .expect_err("key missing")
+                .to_string()
+                .starts_with("security.tls_cert_file")
+        );
+        let c = SecurityConfig {
+            allowed_service_accounts: vec!["graywatch".into()],
+            ..SecurityConfig::default()
+        };
+        assert!(
+            c.validate()
+                .expect_err("no colon")
+                .to_string()
+                .starts_with("security.allowed_service_accounts")
+        );
+        let c = SecurityConfig {
+            summaries_per_second: f64::NAN,
+            ..SecurityConfig::default()
+        };
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn parses_from_toml() {
+        let c: SecurityConfig = toml::from_str(
+            "auth = \"token-review\"\ntoken_audience = \"gw\"\nallowed_service_accounts = [\"graywatch:agent\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(c.auth, AuthMode::TokenReview);
+        assert_eq!(c.token_audience, "gw");
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<SecurityConfig>("auth = \"none\"\n").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! A real etcd + kube-apiserver per test, on loopback, killed on drop.
+//!
+//! The apiserver is v1.20.2 built from Debian's `kubernetes` source package by
+//! `cargo xtask k8s build` and cached under `~/.cache/graywatch/k8s/v1.20.2/bin` (override with
+//! `GRAYWATCH_KUBE_APISERVER` or `GRAYWATCH_CACHE`); etcd is Debian's `etcd-server`. Each instance
+//! gets its own ports, data directory, CA and static bearer token. If the binary is missing the
+//! start fails loudly with the exact command to build it; `GRAYWATCH_SKIP_K8S=1` turns that into a
+//! loud skip (ignored when `GRAYWATCH_REQUIRE_K8S=1`, which `cargo xtask test` sets).
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+#[cfg(feature = "client")]
+mod instance;
+#[cfg(feature = "client")]
+pub use instance::TestApiserver;
+
+/// The Kubernetes version the tests run against (the Debian bookworm source package).
+pub const K8S_VERSION: &str = "v1.20.2";
+/// Bearer token of the `system:masters` user every instance accepts.
+pub const TOKEN: &str = "graywatch-test-token";
+/// The command that builds the apiserver binary.
+pub const BUILD_COMMAND: &str = "cargo xtask k8s build";
+
+/// CRDs the tests install (upstream copies, see crds/SOURCES.md).
+pub const KARPENTER_NODEPOOL_CRD: &str = include_str!("../crds/karpenter.sh_nodepools.yaml");
+pub const KARPENTER_NODECLAIM_CRD: &str = include_str!("../crds/karpenter.sh_nodeclaims.yaml");
+pub const NRC_RULE_CRD: &str = include_str!("../crds/readiness.node.x-k8s.io_nodereadinessrules.yaml");
+
+/// Root of graywatch's cache (`GRAYWATCH_CACHE` or `~/.cache/graywatch`).
+#[must_use]
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GRAYWATCH_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/graywatch")
+}
+
+/// Directory of everything cached for [`K8S_VERSION`] (apt lists, sources, the binary).
+#[must_use]
+pub fn k8s_cache_dir() -> PathBuf {
+    cache_dir().join("k8s").join(K8S_VERSION)
+}
+
+/// Where the built kube-apiserver lives.
+#[must_use]
+pub fn apiserver_binary() -> PathBuf {
+    std::env::var_os("GRAYWATCH_KUBE_APISERVER")
+        .map_or_else(|| k8s_cache_dir().join("bin/kube-apiserver"), PathBuf::from)
+}
+
+/// Debian's etcd (`etcd-server`), or `ETCD`.
+#[must_use]
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("ETCD").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from)
+}
+
+/// The etcd command line for a data dir and ports (loopback only).
+#[must_use]
+pub fn etcd_args(dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    vec![
+        "--name=test".into(),
+        format!("--data-dir={}", dir.join("etcd-data").display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=test={peer}"),
+        "--quota-backend-bytes=1073741824".into(),
+    ]
+}
+
+/// The kube-apiserver command line (static token, AlwaysAllow, no controllers).
+#[must_use]
+pub fn apiserver_args(dir: &Path, port: u16, etcd_port: u16) -> Vec<String> {
+    let pki = dir.join("pki");
+    let p = |f: &str| pki.join(f).display().to_string();
+    vec![
+        format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--secure-port={port}"),
+        "--insecure-port=0".into(),
+        format!("--tls-cert-file={}", p("apiserver.crt")),
+        format!("--tls-private-key-file={}", p("apiserver.key")),
+        format!("--client-ca-file={}", p("ca.crt")),
+        format!("--token-auth-file={}", p("tokens.csv")),
+        "--authorization-mode=AlwaysAllow".into(),
+        "--service-account-issuer=https://kubernetes.default.svc".into(),
+        format!("--service-account-key-file={}", p("sa.pub")),
+        format!("--service-account-signing-key-file={}", p("sa.key")),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--endpoint-reconciler-type=none".into(),
+        "--disable-admission-plugins=ServiceAccount".into(),
+        format!("--cert-dir={}", p("generated")),
+    ]
+}
+
+/// A self-signed CA, a serving certificate for 127.0.0.1/localhost, a service-account key pair
+/// and the static token file, made with Debian's `openssl`.
+pub fn gen_pki(pki: &Path) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(pki)
+            .output()
+            .context("running openssl (Debian package `openssl`)")?;
+        if !out.status.success() {
+            bail!("openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=graywatch-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+    ])?;
+    std::fs::write(
+        pki.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "apiserver.crt",
+    ])?;
+    run(&["genrsa", "-out", "sa.key", "2048"])?;
+    run(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    std::fs::write(
+        pki.join("tokens.csv"),
+        format!("{TOKEN},admin,admin-uid,system:masters\n"),
+    )?;
+    Ok(())
+}
+
+/// Writes `<dir>/kubeconfig` pointing at `https://127.0.0.1:<port>` with the static token.
+pub fn write_kubeconfig(dir: &Path, port: u16) -> anyhow::Result<()> {
+    let ca = dir.join("pki/ca.crt");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {TOKEN}\ncontexts:\n- name: local\n  context: {{cluster: local, user: admin}}\ncurrent-context: local\n",
+        ca.display()
+    );
+    std::fs::write(dir.join("kubeconfig"), text)?;
+    Ok(())
+}
+
+/// Three distinct free loopback ports (bound together, then released).
+pub fn free_ports() -> anyhow::Result<[u16; 3]> {
+    let a = TcpListener::bind("127.0.0.1:0")?;
+    let b = TcpListener::bind("127.0.0.1:0")?;
+    let c = TcpListener::bind("127.0.0.1:0")?;
+    Ok([a.local_addr()?.port(), b.local_addr()?.port(), c.local_addr()?.port()])
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    Ok(cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?)
+}

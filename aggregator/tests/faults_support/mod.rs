@@ -1,0 +1,422 @@
+//! Fault-test harness: the aggregator binary on fixed ports (so it can be restarted where the
+//! agents look for it), a fleet of the agent's real report clients (bounded buffer, replay,
+//! reconnect with backoff) each behind its own loopback TCP proxy (pass / blackhole / refuse),
+//! per-node clock skew, and a recorder of every condition and taint the cluster ever showed.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use graywatch_agent::report::{ReportConfig, Reporter};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use crate::common::{Cluster, OVERALL, TAINT, condition, node_name, summary};
+
+/// The aggregator binary on given ports; SIGKILLed on drop.
+pub struct AggProc {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub identity: String,
+    dir: std::path::PathBuf,
+}
+
+impl AggProc {
+    pub fn spawn(cluster: &Cluster, identity: &str, config_text: &str, grpc_port: u16) -> Self {
+        let [http_port, _, _] = graywatch_k8s_testkit::free_ports().unwrap();
+        let dir = std::env::temp_dir().join(format!("graywatch-fault-{}-{identity}-{grpc_port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.toml"), config_text).unwrap();
+        let log = std::fs::File::create(dir.join("aggregator.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_graywatch-aggregator"))
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--identity", identity])
+            .env("KUBECONFIG", cluster.api.kubeconfig_path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
+            identity: identity.into(),
+            dir,
+        }
+    }
+
+    /// SIGKILL (a crash: no lease release).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("aggregator.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AggProc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- aggregator {} log ---\n{}", self.identity, self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a proxy does with an agent's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Pass,
+    /// Connections stay open but no byte moves (a partition: the stream is blocked).
+    Blackhole,
+    /// Existing connections are closed and new ones refused (the agent is disconnected).
+    Refuse,
+}
+
+/// A loopback TCP proxy in front of the aggregator for one agent.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    link: watch::Sender<Link>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn wait_pass(link: &mut watch::Receiver<Link>) -> bool {
+    loop {
+        match *link.borrow_and_update() {
+            Link::Pass => return true,
+            Link::Refuse => return false,
+            Link::Blackhole => {}
+        }
+        if link.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut link: watch::Receiver<Link>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !wait_pass(&mut link).await {
+            return;
+        }
+        let n = tokio::select! {
+            r = r.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = link.changed() => continue,
+        };
+        // Bytes read while the link changes are held until it passes again.
+        if !wait_pass(&mut link).await || w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (link, rx) = watch::channel(Link::Pass);
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                if *rx.borrow() == Link::Refuse {
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pump(dr, uw, rx.clone()));
+                tokio::spawn(pump(ur, dw, rx.clone()));
+            }
+        });
+        Self { addr, link, task }
+    }
+
+    pub fn set(&self, l: Link) {
+        self.link.send_replace(l);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.link.send_replace(Link::Refuse);
+        self.task.abort();
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Scenario {
+    pub bad: BTreeSet<usize>,
+    /// Offset added to a node's window timestamps (its clock), ms.
+    pub skew_ms: BTreeMap<usize, i64>,
+}
+
+/// `n` agents (the agent's real `Reporter`), one window each every round, each through its
+/// own proxy to `aggregator`.
+pub struct AgentFleet {
+    pub scenario: Arc<Mutex<Scenario>>,
+    pub reporters: Arc<Vec<Reporter>>,
+    pub proxies: Vec<Proxy>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AgentFleet {
+    pub async fn start(n: usize, aggregator: SocketAddr) -> Self {
+        let mut proxies = Vec::new();
+        let mut reporters = Vec::new();
+        for _ in 0..n {
+            let p = Proxy::start(aggregator).await;
+            reporters.push(Reporter::spawn(ReportConfig {
+                endpoint: format!("http://{}", p.addr),
+                buffer_windows: 600,
+                backoff_initial: Duration::from_millis(100),
+                backoff_max: Duration::from_millis(500),
+                connect_timeout: Duration::from_secs(2),
+                ..Default::default()
+            }));
+            proxies.push(p);
+        }
+        let reporters = Arc::new(reporters);
+        let scenario = Arc::new(Mutex::new(Scenario::default()));
+        let (reps, sc) = (reporters.clone(), scenario.clone());
+        let task = tokio::spawn(async move {
+            let mut seq = 0u64;
+            loop {
+                seq += 1;
+                let cur = sc.lock().unwrap().clone();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64;
+                for (i, rep) in reps.iter().enumerate() {
+                    // Every agent keeps measuring whatever its link does.
+                    let mut s = summary(i, n, seq, &cur.bad);
+                    let skew = cur.skew_ms.get(&i).copied().unwrap_or(0);
+                    if let Some(w) = s.window.as_mut() {
+                        w.start_unix_ms = now + skew - 150;
+                        w.end_unix_ms = now + skew;
+                    }
+                    rep.push(s);
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        });
+        Self {
+            scenario,
+            reporters,
+            proxies,
+            task,
+        }
+    }
+
+    pub fn set_bad(&self, bad: &[usize]) {
+        self.scenario.lock().unwrap().bad = bad.iter().copied().collect();
+    }
+
+    pub fn set_skew(&self, node: usize, ms: i64) {
+        self.scenario.lock().unwrap().skew_ms.insert(node, ms);
+    }
+
+    pub fn link(&self, nodes: &[usize], l: Link) {
+        for i in nodes {
+            self.proxies[*i].set(l);
+        }
+    }
+
+    /// Windows dropped from full agent buffers, over all agents.
+    pub fn dropped(&self) -> u64 {
+        self.reporters
+            .iter()
+            .map(|r| r.stats().dropped.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Most windows any agent holds unacknowledged.
+    pub fn max_buffered(&self) -> usize {
+        self.reporters.iter().map(Reporter::buffered).max().unwrap_or(0)
+    }
+}
+
+impl Drop for AgentFleet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Everything the cluster ever showed: per node the overall condition statuses and whether it
+/// was tainted, polled from the apiserver until dropped.
+pub struct History {
+    pub seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl History {
+    pub fn record(cluster: &Cluster) -> Self {
+        let api: Api<Node> = Api::all(cluster.client.clone());
+        let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(list) = api.list(&ListParams::default()).await {
+                    let mut s = s.lock().unwrap();
+                    for n in &list.items {
+                        let name = n.metadata.name.clone().unwrap_or_default();
+                        let e = s.entry(name).or_default();
+                        if let Some(c) = condition(n, OVERALL) {
+                            e.insert(c);
+                        }
+                        let tainted = n
+                            .spec
+                            .as_ref()
+                            .and_then(|sp| sp.taints.as_ref())
+                            .is_some_and(|ts| ts.iter().any(|t| t.key == TAINT));
+                        if tainted {
+                            e.insert("Tainted".into());
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Forgets what was seen so far (e.g. the start-up, when nodes have no report yet).
+    pub fn reset(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+
+    /// Nodes that were ever False or tainted.
+    pub fn acted_on(&self) -> BTreeSet<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s.contains("False") || s.contains("Tainted"))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    pub fn statuses(&self, node: usize) -> BTreeSet<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .get(&node_name(node))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every graywatch action Event in the cluster as (node, reason).
+pub async fn actions(cluster: &Cluster) -> Vec<(String, String)> {
+    cluster
+        .events()
+        .await
+        .into_iter()
+        .filter(|(_, r, _)| r.starts_with("GrayFailure") || r == "NodeClaimReplaced")
+        .map(|(o, r, _)| (o, r))
+        .collect()
+}
+
+/// The kube-apiserver's pid (found by its port in /proc; it is this test's own child's child).
+pub fn apiserver_pid(cluster: &Cluster) -> u32 {
+    let port = cluster.api.url().rsplit(':').next().unwrap().to_string();
+    let needle = format!("--secure-port={port}");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("kube-apiserver")) && args.contains(&needle) {
+            return pid;
+        }
+    }
+    panic!("no kube-apiserver with {needle}");
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A kube-apiserver this test restarted (same binary, flags, port, certificates and etcd) after
+/// killing the testkit's one; killed on drop.
+pub struct RestartedApiserver {
+    child: Child,
+}
+
+impl Drop for RestartedApiserver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the apiserver (SIGKILL: the port closes, clients get connection refused) and returns
+/// what is needed to start the same one again.
+pub fn kill_apiserver(cluster: &Cluster) -> (std::path::PathBuf, Vec<String>) {
+    let pid = apiserver_pid(cluster);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmd
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .skip(1)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    signal(pid, "KILL");
+    (exe, args)
+}
+
+pub fn start_apiserver(exe: &std::path::Path, args: &[String]) -> RestartedApiserver {
+    let log = std::env::temp_dir().join(format!("graywatch-fault-apiserver-{}.log", std::process::id()));
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    RestartedApiserver { child }
+}

@@ -1,0 +1,1361 @@
+//! The Helm chart, checked three ways:
+//! 1. rendered by the real `helm template` in every mode, with the security properties and the
+//!    RBAC rules asserted exactly;
+//! 2. cross-checked against the binaries' sources (flags, config-file fields, the kube resources
+//!    the aggregator and agent call);
+//! 3. created on a real kube-apiserver v1.20.2 (dry-run for every variant; for real, with RBAC
+//!    enforced, to prove each call the binaries make is allowed by the chart's roles in each mode
+//!    and that calls outside them are refused).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context;
+use graywatch_chart_tests::{apiserver_with_crds, create, create_namespace, find, render, render_text, workspace_root};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Event, Node, Pod, Secret},
+};
+use kube::{
+    Api, Client,
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch, PatchParams,
+        PostParams, WatchParams,
+    },
+};
+use serde_json::{Value, json};
+
+/// A chart configuration under test: release, namespace, `--set` values.
+struct Variant {
+    release: &'static str,
+    namespace: &'static str,
+    set: &'static [&'static str],
+}
+
+const DEFAULTS: Variant = Variant {
+    release: "gw",
+    namespace: "graywatch",
+    set: &[],
+};
+const DRY_RUN_KARPENTER: Variant = Variant {
+    release: "dry",
+    namespace: "gw-dry",
+    set: &["mode=dry-run", "karpenter.enabled=true"],
+};
+const NRC: Variant = Variant {
+    release: "nrc",
+    namespace: "gw-nrc",
+    set: &[
+        "mode=nrc",
+        "nodeReadinessRules.create=true",
+        "nodeReadinessRules.files={gray-failure.yaml,network.yaml,bootstrap-only.yaml,noexecute-dry-run.yaml}",
+        "serviceMonitor.enabled=true",
+        "grafanaDashboard.enabled=true",
+    ],
+};
+const DIRECT_KARPENTER: Variant = Variant {
+    release: "direct",
+    namespace: "gw-direct",
+    set: &[
+        "mode=direct-taint",
+        "karpenter.enabled=true",
+        "karpenter.replaceNodes=true",
+        "serviceMonitor.enabled=true",
+        "security.auth=token-review",
+        "security.tls.secretName=gw-tls",
+    ],
+};
+const DIRECT_NO_KARPENTER: Variant = Variant {
+    release: "plain",
+    namespace: "gw-plain",
+    set: &["mode=direct-taint", "karpenter.enabled=false"],
+};
+
+const VARIANTS: [&Variant; 5] = [
+    &DEFAULTS,
+    &DRY_RUN_KARPENTER,
+    &NRC,
+    &DIRECT_KARPENTER,
+    &DIRECT_NO_KARPENTER,
+];
+
+/// The aggregator's field manager (aggregator/src/actuate.rs FIELD_MANAGER).
+const FIELD_MANAGER: &str = "graywatch-aggregator";
+
+impl Variant {
+    fn args(&self, kube_version: &str) -> Vec<String> {
+        let mut args = vec!["--kube-version".to_string(), kube_version.to_string()];
+        for s in self.set {
+            args.push("--set".into());
+            args.push((*s).into());
+        }
+        args
+    }
+
+    fn render(&self, kube_version: &str) -> anyhow::Result<Vec<Value>> {
+        let args = self.args(kube_version);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        render(self.release, self.namespace, &args).with_context(|| format!("rendering {:?}", self.set))
+    }
+
+    fn mode(&self) -> &str {
+        self.set
+            .iter()
+            .find_map(|s| s.strip_prefix("mode="))
+            .unwrap_or("dry-run")
+    }
+
+    fn token_review(&self) -> bool {
+        self.set.contains(&"security.auth=token-review")
+    }
+
+    fn tls(&self) -> bool {
+        self.set.iter().any(|s| s.starts_with("security.tls.secretName="))
+    }
+
+    fn karpenter(&self) -> bool {
+        self.set.contains(&"karpenter.enabled=true")
+    }
+
+    fn fullname(&self) -> String {
+        format!("{}-graywatch", self.release)
+    }
+
+    fn sa_user(&self, component: &str) -> String {
+        format!(
+            "system:serviceaccount:{}:{}-{component}",
+            self.namespace,
+            self.fullname()
+        )
+    }
+}
+
+/// A rule as a set of (apiGroup, resource, resourceName or "", verb) grants.
+type Grants = BTreeSet<(String, String, String, String)>;
+
+fn grants(role: &Value) -> anyhow::Result<Grants> {
+    let mut out = Grants::new();
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    };
+    for rule in role["rules"].as_array().context("role without rules")? {
+        let names = strings(&rule["resourceNames"]);
+        let names = if names.is_empty() { vec![String::new()] } else { names };
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for n in &names {
+                    for v in strings(&rule["verbs"]) {
+                        out.insert((g.clone(), r.clone(), n.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn g(group: &str, resource: &str, name: &str, verbs: &[&str]) -> Grants {
+    verbs
+        .iter()
+        .map(|v| (group.into(), resource.into(), name.into(), (*v).into()))
+        .collect()
+}
+
+/// What the aggregator's roles must grant in a variant — exactly this, nothing more.
+fn expected_aggregator_grants(v: &Variant) -> (Grants, Grants, Grants) {
+    let writes = v.mode() != "dry-run";
+    let mut cluster = g("", "nodes", "", &["get", "list", "watch"]);
+    if writes {
+        cluster.extend(g("", "nodes/status", "", &["patch"]));
+    }
+    if writes && v.mode() == "direct-taint" {
+        cluster.extend(g("", "nodes", "", &["patch"]));
+    }
+    let mut ns = g("coordination.k8s.io", "leases", "", &["create"]);
+    ns.extend(g(
+        "coordination.k8s.io",
+        "leases",
+        &format!("{}-aggregator", v.fullname()),
+        &["get", "update"],
+    ));
+    if v.karpenter() {
+        cluster.extend(g("karpenter.sh", "nodepools", "", &["get", "list", "watch"]));
+        cluster.extend(g("karpenter.sh", "nodeclaims", "", &["get", "list", "watch"]));
+        ns.extend(g("", "configmaps", "", &["list"]));
+        if writes {
+            cluster.extend(g("karpenter.sh", "nodepools", "", &["patch"]));
+            ns.extend(g("", "configmaps", "", &["create", "patch", "delete"]));
+        }
+        if writes && v.set.contains(&"karpenter.replaceNodes=true") {
+            cluster.extend(g("karpenter.sh", "nodeclaims", "", &["delete"]));
+        }
+    }
+    if v.token_review() {
+        cluster.extend(g("authentication.k8s.io", "tokenreviews", "", &["create"]));
+        ns.extend(g("", "pods", "", &["get"]));
+    }
+    (cluster, ns, g("", "events", "", &["create"]))
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .with_context(|| format!("no container {name}"))
+}
+
+fn str_list(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::Result<()> {
+    for v in VARIANTS {
+        let objs = v.render("1.20.2")?;
+        let ctx = || format!("variant {:?}", v.set);
+
+        // Agent: host network, no host PID, not privileged, exactly three capabilities.
+        let ds = find(&objs, "DaemonSet", "-agent")?;
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true, "{}", ctx());
+        assert_eq!(pod["hostPID"], false, "{}", ctx());
+        assert_eq!(pod["serviceAccountName"], format!("{}-agent", v.fullname()));
+        let agent = container(ds, "agent")?;
+        let sc = &agent["securityContext"];
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(str_list(&sc["capabilities"]["drop"]), ["ALL"]);
+        let added: BTreeSet<&str> = str_list(&sc["capabilities"]["add"]).into_iter().collect();
+        assert_eq!(added, BTreeSet::from(["BPF", "PERFMON", "NET_ADMIN"]), "{}", ctx());
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+        // Host mounts: the four host paths, each read-only.
+        let host_paths: BTreeMap<&str, &str> = pod["volumes"]
+            .as_array()
+            .context("volumes")?
+            .iter()
+            .filter_map(|vol| Some((vol["name"].as_str()?, vol["hostPath"]["path"].as_str()?)))
+            .collect();
+        assert_eq!(
+            host_paths,
+            BTreeMap::from([
+                ("btf", "/sys/kernel/btf"),
+                ("cgroup", "/sys/fs/cgroup"),
+                ("proc", "/proc"),
+                ("tracefs", "/sys/kernel/tracing")
+            ])
+        );
+        let mounts = agent["volumeMounts"].as_array().context("volumeMounts")?;
+        assert_eq!(mounts.len(), 4 + usize::from(v.token_review()) + usize::from(v.tls()));
+        // The agent's side of the stream security: token file, CA, scheme.
+        let stream_args = str_list(&agent["args"]);
+        let scheme = if v.tls() { "https" } else { "http" };
+        // Every replica, through the headless Service; TLS still checks the main Service name.
+        let url = format!(
+            "--aggregator={scheme}://{}-aggregator-replicas.{}.svc:7443",
+            v.fullname(),
+            v.namespace
+        );
+        assert!(stream_args.contains(&url.as_str()), "{stream_args:?}");
+        let server_name = format!(
+            "--aggregator-tls-server-name={}-aggregator.{}.svc",
+            v.fullname(),
+            v.namespace
+        );
+        assert_eq!(stream_args.contains(&server_name.as_str()), v.tls(), "{stream_args:?}");
+        let token_file = "--aggregator-token-file=/var/run/secrets/graywatch/token";
+        assert_eq!(stream_args.contains(&token_file), v.token_review());
+        let ca_file = "--aggregator-ca-file=/var/run/secrets/graywatch-tls/ca.crt";
+        assert_eq!(stream_args.contains(&ca_file), v.tls());
+        assert!(
+            mounts.iter().all(|m| m["readOnly"] == true),
+            "every agent mount read-only: {mounts:?}"
+        );
+        let env = agent["env"].as_array().context("env")?;
+        let node_name = env.iter().find(|e| e["name"] == "NODE_NAME").context("NODE_NAME")?;
+        assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+        let args = str_list(&agent["args"]);
+        for want in [
+            "--tracefs=/host/sys/kernel/tracing",
+            "--btf=/host/sys/kernel/btf/vmlinux",
+            "--cgroup-root=/host/sys/fs/cgroup",
+        ] {
+            assert!(args.contains(&want), "agent args {args:?} lack {want}");
+        }
+        // Every hostPath the agent is given is below a read-only mount.
+        for a in args.iter().filter_map(|a| a.split_once("=/host").map(|(_, p)| p)) {
+            assert!(
+                mounts.iter().any(|m| m["mountPath"]
+                    .as_str()
+                    .is_some_and(|mp| format!("/host{a}").starts_with(mp))),
+                "{a} is not under a mount"
+            );
+        }
+
+        // Aggregator: 2 replicas, non-root, no capabilities, PDB keeps one.
+        let dep = find(&objs, "Deployment", "-aggregator")?;
+        assert_eq!(dep["spec"]["replicas"], 2);
+        assert_eq!(dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+        let agg = container(dep, "aggregator")?;
+        assert_eq!(agg["securityContext"]["privileged"], false);
+        assert_eq!(str_list(&agg["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+        assert!(agg["securityContext"]["capabilities"]["add"].is_null());
+        let pdb = find(&objs, "PodDisruptionBudget", "-aggregator")?;
+        assert_eq!(pdb["apiVersion"], "policy/v1beta1", "1.20 has no policy/v1");
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        assert_eq!(pdb["spec"]["selector"], dep["spec"]["selector"]);
+        let svc = find(&objs, "Service", "-aggregator")?;
+        assert_eq!(svc["spec"]["selector"], dep["spec"]["selector"]["matchLabels"]);
+
+        // RBAC: nothing privileged; the agent reads pods; the aggregator exactly its list.
+        for o in objs
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+        {
+            let text = o["rules"].to_string();
+            assert!(!text.contains("\"*\""), "wildcard in {}: {text}", o["metadata"]["name"]);
+        }
+        let agent_role = find(&objs, "ClusterRole", "-agent")?;
+        assert_eq!(
+            grants(agent_role)?,
+            g("", "pods", "", &["get", "list", "watch"]),
+            "{}",
+            ctx()
+        );
+        let (cluster, ns, events) = expected_aggregator_grants(v);
+        assert_eq!(
+            grants(find(&objs, "ClusterRole", "-aggregator")?)?,
+            cluster,
+            "{}",
+            ctx()
+        );
+        let role = find(&objs, "Role", "-aggregator")?;
+        assert_eq!(role["metadata"]["namespace"], v.namespace);
+        assert_eq!(grants(role)?, ns, "{}", ctx());
+        let ev_role = find(&objs, "Role", "-aggregator-events")?;
+        assert_eq!(ev_role["metadata"]["namespace"], "default");
+        assert_eq!(grants(ev_role)?, events);
+        let roles: usize = objs
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+            .count();
+        assert_eq!(
+            roles, 4,
+            "agent ClusterRole, aggregator ClusterRole, Role and events Role only"
+        );
+        // Every binding names a role of this release and the right ServiceAccount.
+        for b in objs
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+        {
+            let role_kind = if b["kind"] == "RoleBinding" {
+                "Role"
+            } else {
+                "ClusterRole"
+            };
+            assert_eq!(b["roleRef"]["kind"], role_kind);
+            assert_eq!(b["roleRef"]["name"], b["metadata"]["name"]);
+            let component = if b["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-agent")) {
+                "agent"
+            } else {
+                "aggregator"
+            };
+            assert_eq!(b["subjects"][0]["name"], format!("{}-{component}", v.fullname()));
+            assert_eq!(b["subjects"][0]["namespace"], v.namespace);
+        }
+
+        // Mode → aggregator config; optional objects only when asked for.
+        let toml_text = find(&objs, "ConfigMap", "-aggregator")?["data"]["aggregator.toml"]
+            .as_str()
+            .context("toml")?;
+        let cfg: toml::Table = toml_text
+            .parse()
+            .with_context(|| format!("aggregator.toml:\n{toml_text}"))?;
+        let policy = cfg["policy"].as_table().context("[policy]")?;
+        assert_eq!(policy["dry_run"].as_bool(), Some(v.mode() == "dry-run"), "{}", ctx());
+        let taint_mode = if v.mode() == "nrc" { "nrc" } else { "direct" };
+        assert_eq!(policy["taint_mode"].as_str(), Some(taint_mode));
+        assert_eq!(policy["karpenter_exclude"].as_bool(), Some(v.karpenter()));
+        assert_eq!(policy["blast_radius"].as_float(), Some(0.2));
+        assert_eq!(
+            cfg["leader"]["lease_name"].as_str(),
+            Some(format!("{}-aggregator", v.fullname()).as_str())
+        );
+        let has = |kind: &str| objs.iter().any(|o| o["kind"] == kind);
+        assert_eq!(has("ServiceMonitor"), v.set.contains(&"serviceMonitor.enabled=true"));
+        assert_eq!(
+            has("NodeReadinessRule"),
+            v.set.contains(&"nodeReadinessRules.create=true")
+        );
+        // The rules are deploy/nrc/'s files, labelled, with the CRD's CEL rules (not enforced by
+        // 1.20) checked here: taint keys under readiness.k8s.io/, conditions of ours.
+        let rules: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "NodeReadinessRule").collect();
+        let wanted = v
+            .set
+            .iter()
+            .find_map(|s| s.strip_prefix("nodeReadinessRules.files="))
+            .map_or(usize::from(v.set.contains(&"nodeReadinessRules.create=true")), |f| {
+                f.split(',').count()
+            });
+        assert_eq!(rules.len(), wanted, "{}", ctx());
+        for rule in rules {
+            let name = rule["metadata"]["name"].as_str().context("rule name")?;
+            let shipped: Value = serde_yaml::from_str(&nrc_file_with_rule(name)?)?;
+            assert_eq!(rule["spec"], shipped["spec"], "{name} differs from deploy/nrc");
+            assert_eq!(rule["metadata"]["labels"]["app.kubernetes.io/instance"], v.release);
+            assert!(
+                rule["spec"]["taint"]["key"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("readiness.k8s.io/"))
+            );
+            for c in rule["spec"]["conditions"].as_array().context("conditions")? {
+                assert!(
+                    c["type"].as_str().is_some_and(|t| t.starts_with("graywatch.io/")),
+                    "{c}"
+                );
+            }
+        }
+        // Every namespaced object lands in the release namespace (the events Role excepted).
+        for o in &objs {
+            let ns = o["metadata"]["namespace"].as_str();
+            let name = o["metadata"]["name"].as_str().unwrap_or_default();
+            if name.ends_with("-aggregator-events") {
+                continue;
+            }
+            assert!(ns.is_none() || ns == Some(v.namespace), "{name} in {ns:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_pdb_api_version_follows_the_kubernetes_version() -> anyhow::Result<()> {
+    for (version, api) in [
+        ("1.20.2", "policy/v1beta1"),
+        ("1.21.0", "policy/v1"),
+        ("1.30.0", "policy/v1"),
+    ] {
+        let objs = DEFAULTS.render(version)?;
+        assert_eq!(
+            find(&objs, "PodDisruptionBudget", "-aggregator")?["apiVersion"],
+            api,
+            "kube {version}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn invalid_values_stop_the_render_with_the_reason() -> anyhow::Result<()> {
+    for (set, reason) in [
+        (vec!["mode=shadow"], "mode must be one of"),
+        (
+            vec!["blastRadius.fraction=0.5"],
+            "blastRadius.fraction must be in (0, 0.2]",
+        ),
+        (
+            vec![
+                "mode=nrc",
+                "nodeReadinessRules.create=true",
+                "nodeReadinessRules.files={nope.yaml}",
+            ],
+            "no nope.yaml in deploy/nrc/",
+        ),
+        (
+            vec![
+                "mode=nrc",
+                "nodeReadinessRules.create=true",
+                "conditions.prefix=example.com/",
+            ],
+            "but conditions.prefix is example.com/",
+        ),
+        (
+            vec!["mode=direct-taint", "nodeReadinessRules.create=true"],
+            "nodeReadinessRules.create needs mode: nrc",
+        ),
+        (
+            vec!["karpenter.replaceNodes=true"],
+            "karpenter.replaceNodes needs karpenter.enabled",
+        ),
+        (
+            vec!["thresholds.recoverConfidence=0.8"],
+            "recoverConfidence must be below",
+        ),
+        // values.schema.json: typos and wrong types stop the install instead of being ignored.
+        (
+            vec!["blastRadious.fraction=0.1"],
+            "Additional property blastRadious is not allowed",
+        ),
+        (
+            vec!["aggregator.replicas=1"],
+            "aggregator.pdb.minAvailable must be below aggregator.replicas",
+        ),
+        (
+            vec!["aggregator.replicas=3", "aggregator.pdb.minAvailable=3"],
+            "aggregator.pdb.minAvailable must be below aggregator.replicas",
+        ),
+        (
+            vec!["thresholds.degradeConfidence=1.5"],
+            "thresholds.degradeConfidence: Does not match pattern",
+        ),
+        (vec!["agent.kube=maybe"], "agent.kube must be one of the following"),
+        (
+            vec!["aggregator.replicas=0"],
+            "aggregator.replicas: Must be greater than or equal to 1",
+        ),
+        (
+            vec!["aggregator.leaseDurationMs=1500"],
+            "leaseDurationMs must be a whole number of seconds",
+        ),
+        (
+            vec!["aggregator.renewIntervalMs=15000"],
+            "renewIntervalMs must be positive and below",
+        ),
+    ] {
+        let mut args = Vec::new();
+        for s in &set {
+            args.extend(["--set", s]);
+        }
+        match render_text("gw", "graywatch", &args)? {
+            Ok(_) => panic!("{set:?} rendered"),
+            Err(stderr) => assert!(stderr.contains(reason), "{set:?}: {stderr}"),
+        }
+    }
+    Ok(())
+}
+
+/// `pub name:` fields of `pub struct <name>` in a Rust source file.
+fn struct_fields(source: &str, name: &str) -> anyhow::Result<BTreeSet<String>> {
+    let start = source
+        .find(&format!("pub struct {name} {{"))
+        .with_context(|| format!("no struct {name}"))?;
+    let body = &source[start..];
+    let end = body.find("\n}").context("unterminated struct")?;
+    Ok(body[..end]
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("pub ")?
+                .split_once(':')
+                .map(|(f, _)| f.trim().to_string())
+        })
+        .filter(|f| f.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect())
+}
+
+fn read_source(path: &str) -> anyhow::Result<String> {
+    let p = workspace_root().join(path);
+    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+#[test]
+fn the_rendered_config_and_flags_are_ones_the_binaries_accept() -> anyhow::Result<()> {
+    let config_rs = read_source("aggregator/src/config.rs")?;
+    let policy_rs = read_source("aggregator/src/core/policy.rs")?;
+    let security_rs = read_source("aggregator/src/security.rs")?;
+    let agent_rs = read_source("agent/src/config.rs")?;
+    // The aggregator's file config rejects unknown fields (exit code 2): every key must exist.
+    for v in VARIANTS {
+        let objs = v.render("1.20.2")?;
+        let text = find(&objs, "ConfigMap", "-aggregator")?["data"]["aggregator.toml"]
+            .as_str()
+            .context("toml")?;
+        let cfg: toml::Table = text.parse()?;
+        let top = struct_fields(&config_rs, "FileConfig")?;
+        for (key, value) in &cfg {
+            assert!(
+                top.contains(key),
+                "aggregator.toml key {key} is not a FileConfig field ({top:?})"
+            );
+            if let Some(table) = value.as_table() {
+                let struct_name = match key.as_str() {
+                    "ingest" => "IngestConfig",
+                    "leader" => "LeaderConfig",
+                    "policy" => "Policy",
+                    "security" => "SecurityConfig",
+                    other => panic!("unexpected table [{other}]"),
+                };
+                let source = match struct_name {
+                    "Policy" => &policy_rs,
+                    "SecurityConfig" => &security_rs,
+                    _ => &config_rs,
+                };
+                let fields = struct_fields(source, struct_name)?;
+                for k in table.keys() {
+                    assert!(
+                        fields.contains(k),
+                        "[{key}] {k} is not a {struct_name} field ({fields:?})"
+                    );
+                }
+            }
+        }
+        // Aggregator flags and environment: the ones its Args has.
+        let dep = find(&objs, "Deployment", "-aggregator")?;
+        let agg = container(dep, "aggregator")?;
+        let agg_fields = struct_fields(&config_rs, "Args")?;
+        for a in str_list(&agg["args"]) {
+            let flag = a
+                .trim_start_matches("--")
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .replace('-', "_");
+            assert!(
+                agg_fields.contains(&flag),
+                "aggregator flag {a} not in Args ({agg_fields:?})"
+            );
+        }
+        for e in agg["env"].as_array().context("env")? {
+            let name = e["name"].as_str().context("env name")?;
+            assert!(
+                config_rs.contains(&format!("env = \"{name}\"")),
+                "aggregator env {name} is not read"
+            );
+        }
+        // Agent flags: each one a field of its Cli.
+        let ds = find(&objs, "DaemonSet", "-agent")?;
+        let cli = struct_fields(&agent_rs, "Cli")?;
+        for a in str_list(&container(ds, "agent")?["args"]) {
+            let flag = a
+                .trim_start_matches("--")
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .replace('-', "_");
+            assert!(cli.contains(&flag), "agent flag {a} not in Cli ({cli:?})");
+        }
+    }
+    Ok(())
+}
+
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = entry?.path();
+        if p.is_dir() {
+            rust_files(&p, out)?;
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The kube resources a crate's sources call: `Api<T>` / `Api::<T>` types and the Karpenter
+/// `ApiResource` helpers, mapped to (group, resource).
+fn kube_resources_used(src_dir: &str) -> anyhow::Result<BTreeSet<(String, String)>> {
+    let mut files = Vec::new();
+    rust_files(&workspace_root().join(src_dir), &mut files)?;
+    let mut out = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        for marker in ["Api<", "Api::<"] {
+            for (i, _) in text.match_indices(marker) {
+                let ty: String = text[i + marker.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let res = match ty.as_str() {
+                    "Node" => ("", "nodes"),
+                    "Event" => ("", "events"),
+                    "ConfigMap" => ("", "configmaps"),
+                    "Pod" => ("", "pods"),
+                    "Lease" => ("coordination.k8s.io", "leases"),
+                    "TokenReview" => ("authentication.k8s.io", "tokenreviews"),
+                    // Dynamic types are resolved by the *_resource() helpers below.
+                    "DynamicObject" | "K" | "T" => continue,
+                    other => panic!("{}: kube Api<{other}> is not covered by the chart's RBAC", f.display()),
+                };
+                out.insert((res.0.to_string(), res.1.to_string()));
+            }
+        }
+        if text.contains("nodepool_resource()") {
+            out.insert(("karpenter.sh".into(), "nodepools".into()));
+        }
+        if text.contains("nodeclaim_resource()") {
+            out.insert(("karpenter.sh".into(), "nodeclaims".into()));
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_resources_the_binaries_call_are_the_ones_the_chart_grants() -> anyhow::Result<()> {
+    let objs = DIRECT_KARPENTER.render("1.20.2")?;
+    let granted = |roles: &[&str]| -> anyhow::Result<BTreeSet<(String, String)>> {
+        let mut out = BTreeSet::new();
+        for r in roles {
+            let (kind, suffix) = r.split_once(' ').context("kind suffix")?;
+            for (group, resource, _, _) in grants(find(&objs, kind, suffix)?)? {
+                out.insert((group, resource.split('/').next().unwrap_or_default().to_string()));
+            }
+        }
+        Ok(out)
+    };
+    let aggregator = kube_resources_used("aggregator/src")?;
+    assert_eq!(
+        aggregator,
+        granted(&["ClusterRole -aggregator", "Role -aggregator", "Role -aggregator-events"])?,
+        "the aggregator's kube calls and the chart's aggregator roles disagree"
+    );
+    assert_eq!(kube_resources_used("agent/src")?, granted(&["ClusterRole -agent"])?);
+    // Events go to the namespace the chart's events Role is in.
+    let actuate = read_source("aggregator/src/actuate.rs")?;
+    let ns = find(&objs, "Role", "-aggregator-events")?["metadata"]["namespace"]
+        .as_str()
+        .context("ns")?
+        .to_string();
+    assert!(
+        actuate.contains(&format!("pub const EVENT_NAMESPACE: &str = \"{ns}\";")),
+        "aggregator/src/actuate.rs EVENT_NAMESPACE is not {ns:?} (aggregator.eventNamespace)"
+    );
+    assert!(actuate.contains(&format!("pub const FIELD_MANAGER: &str = \"{FIELD_MANAGER}\";")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_variant_is_accepted_by_the_apiserver_in_dry_run() -> anyhow::Result<()> {
+    let (_server, admin, discovery) = apiserver_with_crds("dry-run").await?;
+    for v in VARIANTS {
+        create_namespace(&admin, v.namespace).await?;
+        let objs = v.render("1.20.2")?;
+        assert!(objs.len() >= 16, "{} objects", objs.len());
+        for o in &objs {
+            create(&admin, &discovery, o, true)
+                .await
+                .with_context(|| format!("variant {:?}", v.set))?;
+        }
+        // Dry-run: nothing was stored.
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(admin.clone(), v.namespace);
+        assert!(
+            sa.list(&ListParams::default()).await?.items.is_empty(),
+            "dry-run stored objects"
+        );
+    }
+    // And the apiserver does refuse what is wrong: a DaemonSet without containers.
+    let mut broken = find(&DEFAULTS.render("1.20.2")?, "DaemonSet", "-agent")?.clone();
+    broken["spec"]["template"]["spec"]["containers"] = json!([]);
+    let err = create(&admin, &discovery, &broken, true)
+        .await
+        .expect_err("invalid DaemonSet accepted");
+    assert!(format!("{err:#}").contains("containers"), "{err:#}");
+    Ok(())
+}
+
+fn nodepool_ar() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"), "nodepools")
+}
+
+fn nodeclaim_ar() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"), "nodeclaims")
+}
+
+/// Ok → allowed; a 403 → forbidden; anything else is a test failure.
+fn allowed<T>(what: &str, r: Result<T, kube::Error>) -> bool {
+    match r {
+        Ok(_) => true,
+        Err(kube::Error::Api(e)) if e.code == 403 => false,
+        Err(e) => panic!("{what}: unexpected error {e}"),
+    }
+}
+
+/// The calls the aggregator makes (aggregator/src/{cluster,actuate,leader}.rs), each made as the
+/// chart's aggregator ServiceAccount; returns which were allowed.
+async fn aggregator_calls(c: &Client, v: &Variant, node: &str) -> anyhow::Result<BTreeMap<&'static str, bool>> {
+    let mut out = BTreeMap::new();
+    let nodes: Api<Node> = Api::all(c.clone());
+    out.insert(
+        "nodes list",
+        allowed("nodes list", nodes.list(&ListParams::default()).await),
+    );
+    out.insert(
+        "nodes watch",
+        allowed("nodes watch", nodes.watch(&WatchParams::default(), "0").await.map(drop)),
+    );
+    let got = nodes.get(node).await;
+    let rv = got.as_ref().ok().and_then(|n| n.metadata.resource_version.clone());
+    out.insert("nodes get", allowed("nodes get", got));
+    let status = json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+        "status": {"conditions": [{
+            "type": "graywatch.io/Healthy", "status": "True", "reason": "Healthy",
+            "message": "all reported families healthy",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": "2026-01-01T00:00:00Z"
+        }]},
+    });
+    out.insert(
+        "nodes/status apply",
+        allowed(
+            "nodes/status",
+            nodes
+                .patch_status(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&status))
+                .await,
+        ),
+    );
+    let rv = rv.unwrap_or_default();
+    let taint = json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": [{"key": "graywatch.io/degraded", "value": "gray-failure", "effect": "NoSchedule"}]}});
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    // A 409 (the status write above changed the resourceVersion) still means allowed.
+    let taint_result = match nodes.patch(node, &pp, &Patch::Merge(&taint)).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        r => r.map(drop),
+    };
+    out.insert("nodes patch", allowed("nodes patch", taint_result));
+    out.insert(
+        "nodes delete",
+        allowed(
+            "nodes delete",
+            nodes
+                .delete(
+                    node,
+                    &DeleteParams {
+                        dry_run: true,
+                        ..DeleteParams::default()
+                    },
+                )
+                .await
+                .map(drop),
+        ),
+    );
+
+    let events: Api<Event> = Api::namespaced(c.clone(), "default");
+    let ev = |ns: &str| Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{node}.{}", v.release)),
+            namespace: Some(ns.into()),
+            ..ObjectMeta::default()
+        },
+        involved_object: k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(node.into()),
+            ..Default::default()
+        },
+        reason: Some("GrayFailureDetected".into()),
+        ..Event::default()
+    };
+    out.insert(
+        "events create (default)",
+        allowed("event", events.create(&PostParams::default(), &ev("default")).await),
+    );
+    let own_events: Api<Event> = Api::namespaced(c.clone(), v.namespace);
+    out.insert(
+        "events create (own ns)",
+        allowed(
+            "event own ns",
+            own_events.create(&PostParams::default(), &ev(v.namespace)).await,
+        ),
+    );
+
+    let leases: Api<Lease> = Api::namespaced(c.clone(), v.namespace);
+    let lease_name = format!("{}-aggregator", v.fullname());
+    let first = leases.get_opt(&lease_name).await;
+    out.insert("lease get", allowed("lease get", first));
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(lease_name.clone()),
+            ..ObjectMeta::default()
+        },
+        ..Lease::default()
+    };
+    out.insert(
+        "lease create",
+        allowed("lease create", leases.create(&PostParams::default(), &lease).await),
+    );
+    if let Ok(current) = leases.get(&lease_name).await {
+        out.insert(
+            "lease update",
+            allowed(
+                "lease update",
+                leases.replace(&lease_name, &PostParams::default(), &current).await,
+            ),
+        );
+    }
+    out.insert(
+        "other lease get",
+        allowed("other lease", leases.get_opt("someone-else").await),
+    );
+
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), v.namespace);
+    out.insert(
+        "configmaps list",
+        allowed(
+            "cm list",
+            cms.list(&ListParams::default().labels("graywatch.io/snapshot-of-nodepool"))
+                .await,
+        ),
+    );
+    let snap = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "graywatch-nodepool-default", "namespace": v.namespace,
+                     "labels": {"graywatch.io/snapshot-of-nodepool": "default"}},
+        "data": {"requirements": "[]", "excluded": "[]"},
+    });
+    out.insert(
+        "configmaps apply",
+        allowed(
+            "cm apply",
+            cms.patch(
+                "graywatch-nodepool-default",
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&snap),
+            )
+            .await,
+        ),
+    );
+    if out["configmaps apply"] {
+        out.insert(
+            "configmaps delete",
+            allowed(
+                "cm delete",
+                cms.delete("graywatch-nodepool-default", &DeleteParams::default())
+                    .await
+                    .map(drop),
+            ),
+        );
+    }
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), v.namespace);
+    out.insert(
+        "secrets list",
+        allowed("secrets", secrets.list(&ListParams::default()).await),
+    );
+    let pods: Api<Pod> = Api::all(c.clone());
+    out.insert("pods list", allowed("pods", pods.list(&ListParams::default()).await));
+    // Agent authentication (auth.rs): a TokenReview, then the token's pod in our namespace.
+    let review = k8s_openapi::api::authentication::v1::TokenReview {
+        spec: k8s_openapi::api::authentication::v1::TokenReviewSpec {
+            token: Some("not-a-token".into()),
+            audiences: Some(vec!["graywatch".into()]),
+        },
+        ..Default::default()
+    };
+    let reviews: Api<k8s_openapi::api::authentication::v1::TokenReview> = Api::all(c.clone());
+    out.insert(
+        "tokenreviews create",
+        allowed("tokenreview", reviews.create(&PostParams::default(), &review).await),
+    );
+    let own_pods: Api<Pod> = Api::namespaced(c.clone(), v.namespace);
+    out.insert(
+        "pods get (own ns)",
+        allowed("pod get", own_pods.get_opt("agent-x").await),
+    );
+
+    let pools: Api<DynamicObject> = Api::all_with(c.clone(), &nodepool_ar());
+    out.insert(
+        "nodepools list",
+        allowed("nodepools list", pools.list(&ListParams::default()).await),
+    );
+    let pool = json!({
+        "apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": "default"},
+        "spec": {"template": {"spec": {"requirements": [
+            {"key": "topology.kubernetes.io/zone", "operator": "NotIn", "values": ["eu-west-1a"]}
+        ]}}},
+    });
+    out.insert(
+        "nodepools apply",
+        allowed(
+            "nodepools apply",
+            pools
+                .patch(
+                    "default",
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&pool),
+                )
+                .await,
+        ),
+    );
+    out.insert(
+        "nodepools delete",
+        allowed(
+            "nodepools delete",
+            pools
+                .delete(
+                    "default",
+                    &DeleteParams {
+                        dry_run: true,
+                        ..DeleteParams::default()
+                    },
+                )
+                .await
+                .map(drop),
+        ),
+    );
+    let claims: Api<DynamicObject> = Api::all_with(c.clone(), &nodeclaim_ar());
+    out.insert(
+        "nodeclaims list",
+        allowed("nodeclaims list", claims.list(&ListParams::default()).await),
+    );
+    out.insert(
+        "nodeclaims delete",
+        allowed(
+            "nodeclaims delete",
+            claims
+                .delete(&format!("claim-{}", v.release), &DeleteParams::default())
+                .await
+                .map(drop),
+        ),
+    );
+    Ok(out)
+}
+
+/// What the chart must allow the aggregator in a variant (everything else must be refused).
+fn expected_aggregator_calls(v: &Variant) -> BTreeSet<&'static str> {
+    let writes = v.mode() != "dry-run";
+    let mut ok = BTreeSet::from([
+        "nodes list",
+        "nodes watch",
+        "nodes get",
+        "events create (default)",
+        "lease get",
+        "lease create",
+        "lease update",
+    ]);
+    if writes {
+        ok.insert("nodes/status apply");
+    }
+    if writes && v.mode() == "direct-taint" {
+        ok.insert("nodes patch");
+    }
+    if v.karpenter() {
+        ok.extend(["nodepools list", "nodeclaims list", "configmaps list"]);
+        if writes {
+            ok.extend(["nodepools apply", "configmaps apply", "configmaps delete"]);
+        }
+        if v.set.contains(&"karpenter.replaceNodes=true") {
+            ok.insert("nodeclaims delete");
+        }
+    }
+    if v.token_review() {
+        ok.extend(["tokenreviews create", "pods get (own ns)"]);
+    }
+    ok
+}
+
+#[tokio::test]
+async fn the_chart_rbac_allows_exactly_the_calls_the_binaries_make() -> anyhow::Result<()> {
+    let (server, admin, discovery) = apiserver_with_crds("rbac").await?;
+    // The objects the calls act on, made by the admin.
+    let node = "ip-10-0-1-17.eu-west-1.compute.internal";
+    let n = Node {
+        metadata: ObjectMeta {
+            name: Some(node.into()),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    };
+    Api::<Node>::all(admin.clone())
+        .create(&PostParams::default(), &n)
+        .await?;
+    let pool = json!({
+        "apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": "default"},
+        "spec": {"template": {"spec": {"nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"},
+                  "requirements": []}}},
+    });
+    Api::<DynamicObject>::all_with(admin.clone(), &nodepool_ar())
+        .create(&PostParams::default(), &serde_json::from_value(pool)?)
+        .await?;
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("web-0".into()),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: "web".into(),
+                image: Some("nginx".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Pod::default()
+    };
+    Api::<Pod>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &pod)
+        .await?;
+
+    for v in [&DRY_RUN_KARPENTER, &NRC, &DIRECT_KARPENTER, &DIRECT_NO_KARPENTER] {
+        create_namespace(&admin, v.namespace).await?;
+        for o in v.render("1.20.2")? {
+            create(&admin, &discovery, &o, false).await?;
+        }
+        // The NodeClaim this variant's aggregator tries to delete.
+        let body = json!({
+            "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "metadata": {"name": format!("claim-{}", v.release)},
+            "spec": {"nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"}, "requirements": []},
+        });
+        Api::<DynamicObject>::all_with(admin.clone(), &nodeclaim_ar())
+            .create(&PostParams::default(), &serde_json::from_value(body)?)
+            .await?;
+
+        let aggregator = server.impersonating(&v.sa_user("aggregator")).await?;
+        let got = aggregator_calls(&aggregator, v, node).await?;
+        let allowed_calls: BTreeSet<&str> = got.iter().filter(|(_, ok)| **ok).map(|(k, _)| *k).collect();
+        assert_eq!(
+            allowed_calls,
+            expected_aggregator_calls(v),
+            "aggregator of {:?}; all calls: {got:?}",
+            v.set
+        );
+
+        // The agent: its pod watch (field-selected to its node) and nothing else.
+        let agent = server.impersonating(&v.sa_user("agent")).await?;
+        let pods: Api<Pod> = Api::all(agent.clone());
+        let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        let listed = pods.list(&lp).await?;
+        assert_eq!(listed.items.len(), 1);
+        drop(
+            pods.watch(&WatchParams::default().fields(&format!("spec.nodeName={node}")), "0")
+                .await?,
+        );
+        Api::<Pod>::namespaced(agent.clone(), "default").get("web-0").await?;
+        let forbidden = [
+            (
+                "nodes get",
+                allowed("agent nodes", Api::<Node>::all(agent.clone()).get(node).await),
+            ),
+            (
+                "pods delete",
+                allowed(
+                    "agent pod delete",
+                    Api::<Pod>::namespaced(agent.clone(), "default")
+                        .delete(
+                            "web-0",
+                            &DeleteParams {
+                                dry_run: true,
+                                ..DeleteParams::default()
+                            },
+                        )
+                        .await
+                        .map(drop),
+                ),
+            ),
+            (
+                "secrets list",
+                allowed(
+                    "agent secrets",
+                    Api::<Secret>::all(agent.clone()).list(&ListParams::default()).await,
+                ),
+            ),
+            (
+                "configmaps list",
+                allowed(
+                    "agent cms",
+                    Api::<ConfigMap>::all(agent.clone()).list(&ListParams::default()).await,
+                ),
+            ),
+        ];
+        for (what, ok) in forbidden {
+            assert!(!ok, "agent of {:?} may {what}", v.set);
+        }
+    }
+    // The direct-taint run really wrote: our condition and taint are on the Node.
+    let n = Api::<Node>::all(admin.clone()).get(node).await?;
+    let conds = n.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(conds.iter().any(|c| c.type_ == "graywatch.io/Healthy"), "{conds:?}");
+    Ok(())
+}
+
+/// Metric names registered by a source file: the first string literal after each `register(`.
+fn registered_metrics(path: &str, prefix: &str) -> anyhow::Result<BTreeSet<String>> {
+    let text = read_source(path)?;
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices(".register(") {
+        let rest = &text[i..];
+        let start = rest.find('"').context("register without a name")? + 1;
+        let end = start + rest[start..].find('"').context("unterminated name")?;
+        out.insert(format!("{prefix}{}", &rest[start..end]));
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_dashboard_queries_metrics_the_binaries_export() -> anyhow::Result<()> {
+    let mut known = registered_metrics("agent/src/metrics.rs", "graywatch_")?;
+    known.extend(registered_metrics("agent/src/signals/host.rs", "graywatch_")?);
+    known.extend(registered_metrics(
+        "aggregator/src/metrics.rs",
+        "graywatch_aggregator_",
+    )?);
+    assert!(known.len() > 20, "{known:?}");
+    let text = read_source("deploy/grafana/graywatch.json")?;
+    let dash: Value = serde_json::from_str(&text)?;
+    let panels = dash["panels"].as_array().context("panels")?;
+    let mut ids = BTreeSet::new();
+    let mut used = BTreeSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().context("panel id")?),
+            "duplicate panel id {}",
+            p["id"]
+        );
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().context("expr")?;
+            for (i, _) in expr.match_indices("graywatch_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used.insert(name);
+            }
+        }
+    }
+    assert!(used.len() > 20, "{used:?}");
+    for name in &used {
+        // OpenMetrics suffixes of counters and histograms.
+        let base = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            known.contains(base),
+            "dashboard queries {name}, which no binary registers"
+        );
+    }
+    // The chart ships the same file (dashboards/ links to deploy/grafana/).
+    let objs = NRC.render("1.20.2")?;
+    let cm = find(&objs, "ConfigMap", "-dashboard")?;
+    let shipped: Value = serde_json::from_str(cm["data"]["graywatch.json"].as_str().context("data")?)?;
+    assert_eq!(shipped, dash);
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    Ok(())
+}
+
+#[test]
+fn the_agent_environment_is_read_by_the_agent_and_it_reaches_the_aggregator() -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    rust_files(&workspace_root().join("agent/src"), &mut files)?;
+    let mut sources = String::new();
+    for f in files {
+        sources.push_str(&std::fs::read_to_string(f)?);
+    }
+    let objs = DEFAULTS.render("1.20.2")?;
+    let agent = container(find(&objs, "DaemonSet", "-agent")?, "agent")?;
+    let env = agent["env"].as_array().context("env")?;
+    assert!(env.len() >= 2);
+    for e in env {
+        let name = e["name"].as_str().context("name")?;
+        assert!(sources.contains(&format!("\"{name}\"")), "the agent never reads {name}");
+    }
+    // The agent streams to every aggregator replica (headless Service).
+    let args = str_list(&agent["args"]);
+    assert!(
+        args.contains(&"--aggregator=http://gw-graywatch-aggregator-replicas.graywatch.svc:7443"),
+        "{args:?}"
+    );
+    let replicas = find(&objs, "Service", "-aggregator-replicas")?;
+    assert_eq!(replicas["spec"]["clusterIP"], "None");
+    let svc = find(&objs, "Service", "-aggregator")?;
+    assert_eq!(svc["metadata"]["name"], "gw-graywatch-aggregator");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 7443);
+    Ok(())
+}
+
+/// The text of the deploy/nrc/ file that defines the rule `name`.
+fn nrc_file_with_rule(name: &str) -> anyhow::Result<String> {
+    for entry in std::fs::read_dir(workspace_root().join("deploy/nrc"))? {
+        let p = entry?.path();
+        if p.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&p)?;
+            let v: Value = serde_yaml::from_str(&text)?;
+            if v["metadata"]["name"] == name {
+                return Ok(text);
+            }
+        }
+    }
+    anyhow::bail!("no deploy/nrc/*.yaml defines {name}")
+}
+
+#[test]
+fn node_readiness_rules_can_be_forced_into_dry_run() -> anyhow::Result<()> {
+    let files = "nodeReadinessRules.files={gray-failure.yaml,network.yaml}";
+    for dry_run in [false, true] {
+        let flag = format!("nodeReadinessRules.dryRun={dry_run}");
+        let objs = render(
+            "gw",
+            "graywatch",
+            &[
+                "--set",
+                "mode=nrc",
+                "--set",
+                "nodeReadinessRules.create=true",
+                "--set",
+                files,
+                "--set",
+                &flag,
+            ],
+        )?;
+        let rules: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "NodeReadinessRule").collect();
+        assert_eq!(rules.len(), 2);
+        for r in rules {
+            // Off: the file's own setting (these two have none); on: forced.
+            assert_eq!(
+                r["spec"]["dryRun"].as_bool().unwrap_or(false),
+                dry_run,
+                "{}",
+                r["metadata"]["name"]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn helm_lint_strict_passes_for_every_variant() -> anyhow::Result<()> {
+    let helm = graywatch_chart_tests::helm_binary()?;
+    for v in VARIANTS {
+        let mut cmd = std::process::Command::new(&helm);
+        cmd.args(["lint", "--strict"]).arg(graywatch_chart_tests::chart_dir());
+        for s in v.set {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "helm lint {:?}:\n{stdout}{}",
+            v.set,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("0 chart(s) failed"), "{stdout}");
+    }
+    Ok(())
+}
+
+#[test]
+fn decimal_values_from_set_reach_the_aggregator_config_as_numbers() -> anyhow::Result<()> {
+    // helm --set passes decimals as strings; the chart must still write TOML floats.
+    let objs = render(
+        "gw",
+        "graywatch",
+        &[
+            "--set",
+            "thresholds.degradeConfidence=0.9",
+            "--set",
+            "thresholds.minActionConfidence=1",
+            "--set",
+            "blastRadius.fraction=.1",
+            "--set",
+            "extraPolicy.peer_min_group=6",
+        ],
+    )?;
+    let text = find(&objs, "ConfigMap", "-aggregator")?["data"]["aggregator.toml"]
+        .as_str()
+        .context("toml")?;
+    let cfg: toml::Table = text.parse()?;
+    let policy = cfg["policy"].as_table().context("[policy]")?;
+    assert_eq!(policy["degrade_confidence"].as_float(), Some(0.9));
+    assert_eq!(
+        policy["min_action_confidence"].as_float(),
+        Some(1.0),
+        "a whole number stays a float"
+    );
+    assert_eq!(policy["blast_radius"].as_float(), Some(0.1));
+    assert_eq!(policy["peer_min_group"].as_integer(), Some(6));
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Turning detector outputs into a local score per signal and per family, with a reason.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::detectors::{Cusum, CusumConfig, Direction, RobustZ, RobustZConfig};
+use crate::filters::{Persistence, WarmUp, WarmUpConfig};
+use crate::{ConfigError, Detector, Family, check_range};
+
+/// Config of one [`SignalScorer`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalScorerConfig {
+    /// Robust z-score against the EWMA baseline (spikes and steps).
+    pub robust: RobustZConfig,
+    /// CUSUM (small sustained drifts).
+    pub cusum: CusumConfig,
+    /// Which direction is bad (latency/loss/pressure: up).
+    pub direction: Direction,
+    /// A sample is "elevated" when its raw score reaches this.
+    pub elevated: f64,
+    /// k of the k-of-n persistence rule.
+    pub persist_k: u32,
+    /// n of the k-of-n persistence rule (≤ 64).
+    pub persist_n: u32,
+    /// Scores that are not persistent are capped here, below any Suspect threshold.
+    pub transient_cap: f64,
+    /// Warm-up after start / pod start.
+    pub warmup: WarmUpConfig,
+    /// Longest time the baseline stays frozen during an anomaly before the level is accepted
+    /// as the new normal, in seconds.
+    pub max_freeze_secs: f64,
+    /// Ratios to baseline below this are never elevated (e.g. RTT 0.1 ms → 0.15 ms is noise
+    /// however small the variance was). 1.0 disables.
+    pub min_ratio: f64,
+}
+
+impl Default for SignalScorerConfig {
+    fn default() -> Self {
+        Self {
+            robust: RobustZConfig {
+                direction: Direction::Up,
+                ..RobustZConfig::default()
+            },
+            cusum: CusumConfig {
+                direction: Direction::Up,
+                ..CusumConfig::default()
+            },
+            direction: Direction::Up,
+            elevated: 0.5,
+            persist_k: 3,
+            persist_n: 5,
+            transient_cap: 0.3,
+            warmup: WarmUpConfig::default(),
+            max_freeze_secs: 600.0,
+            min_ratio: 1.5,
+        }
+    }
+}
+
+/// Scores one series (e.g. "rtt p99 to 10.0.2.7") in `[0, 1]`: robust z + CUSUM, warm-up,
+/// k-of-n persistence, and a baseline frozen while the signal is anomalous.
+#[derive(Debug, Clone)]
+pub struct SignalScorer {
+    cfg: SignalScorerConfig,
+    z: RobustZ,
+    cusum: Cusum,
+    persist: Persistence,
+    warm: WarmUp,
+    last_t: f64,
+    last_x: f64,
+    last_z: f64,
+    last_score: f64,
+    ready: bool,
+    /// Start of the current persistent anomaly (baseline frozen since then).
+    anomalous_since: Option<f64>,
+    /// Baseline at the moment the anomaly started, for the reason.
+    frozen_baseline: f64,
+}
+
+impl SignalScorer {
+    /// Build from a validated config.
+    ///
+    /// # Errors
+    /// A parameter out of range.
+    pub fn new(cfg: SignalScorerConfig) -> Result<Self, ConfigError> {
+        check_range("elevated", cfg.elevated, 0.0, 1.0, "0..=1")?;
+        check_range("transient_cap", cfg.transient_cap, 0.0, 1.0, "0..=1")?;
+        check_range("max_freeze_secs", cfg.max_freeze_secs, 0.0, 1e9, "non-negative")?;
+        check_range("min_ratio", cfg.min_ratio, 0.0, 1e9, "non-negative")?;
+        Ok(Self {
+            z: RobustZ::new(cfg.robust)?,
+            cusum: Cusum::new(cfg.cusum)?,
+            persist: Persistence::new(cfg.persist_k, cfg.persist_n)?,
+            warm: WarmUp::new(cfg.warmup),
+            cfg,
+            last_t: f64::NAN,
+            last_x: f64::NAN,
+            last_z: 0.0,
+            last_score: 0.0,
+            ready: false,
+            anomalous_since: None,
+            frozen_baseline: f64::NAN,
+        })
+    }
+
+    /// The pod behind this series (re)started at `t`: restart the warm-up and the baselines.
+    pub fn restart(&mut self, t: f64) {
+        self.z.reset();
+        self.cusum.reset();
+        self.persist.clear();
+        self.warm.restart(t);
+        self.anomalous_since = None;
+        self.ready = false;
+        self.last_score = 0.0;
+    }
+
+    /// Feed one sample; returns the score in `[0, 1]` (0 while warming up or for a NaN).
+    pub fn update(&mut self, t: f64, x: f64) -> f64 {
+        if x.is_nan() {
+            return self.last_score;
+        }
+        let warm = self.warm.observe(t);
+        let frozen = self
+            .anomalous_since
+            .is_some_and(|s| t.is_finite() && t - s < self.cfg.max_freeze_secs);
+        let zo = if frozen { self.z.peek(x) } else { self.z.update(t, x) };
+        // The CUSUM keeps learning: its slow baseline is the drift reference.
+        let co = self.cusum.update(t, x);
+        let mut raw = zo.score.max(co.score);
+        let base = self.z.baseline();
+        let ratio_ok = match self.cfg.direction {
+            Direction::Up => x >= base * self.cfg.min_ratio || base <= 0.0,
+            Direction::Down => x * self.cfg.min_ratio <= base || base <= 0.0,
+            Direction::Both => true,
+        };
+        if !ratio_ok {
+            raw = raw.min(self.cfg.transient_cap);
+        }
+        self.ready = warm && zo.ready;
+        if !self.ready {
+            raw = 0.0;
+        }
+        let elevated = raw >= self.cfg.elevated;
+        let persistent = self.persist.push(elevated);
+        let score = if persistent {
+            raw
+        } else {
+            raw.min(self.cfg.transient_cap)
+        };
+        if !persistent {
+            self.anomalous_since = None;
+        } else if self.anomalous_since.is_none() {
+            self.anomalous_since = Some(t);
+            self.frozen_baseline = base;
+        } else if !frozen {
+            // Freeze expired: accept the current level as the new normal.
+            self.anomalous_since = None;
+            self.persist.clear();
+        }
+        self.last_t = t;
+        self.last_x = x;
+        self.last_z = zo.z;
+        self.last_score = score.clamp(0.0, 1.0);
+        self.last_score
+    }
+
+    /// Last score.
+    #[must_use]
+    pub fn score(&self) -> f64 {
+        self.last_score
+    }
+
+    /// Whether warm-up is over and the last sample carried evidence.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Human-readable reason, e.g. `rtt p99 to 10.0.2.7 8.1 ms vs baseline 0.4 ms, z=9.3, for
+    /// 6 s`. Allocates: call it on a state change or on demand, not per sample.
+    #[must_use]
+    pub fn reason(&self, what: &str, unit: &str) -> String {
+        let mut s = String::with_capacity(96);
+        let base = if self.anomalous_since.is_some() {
+            self.frozen_baseline
+        } else {
+            self.z.baseline()
+        };
+        let _ = write!(
+            s,
+            "{what} {} {unit} vs baseline {} {unit}, z={:.1}",
+            fmt_num(self.last_x),
+            fmt_num(base),
+            self.last_z
+        );
+        if let Some(since) = self.anomalous_since {
+            let _ = write!(s, ", for {:.0} s", (self.last_t - since).max(0.0));
+        }
+        s
+    }
+}
+
+/// Up to 3 significant digits, no exponent for everyday magnitudes.
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if !v.is_finite() {
+        "n/a".to_owned()
+    } else if a >= 100.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.1}")
+    } else if a >= 0.01 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.2e}")
+    }
+}
+
+/// A family's local score and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    /// In `[0, 1]`.
+    pub value: f64,
+    /// Human-readable, with the numbers.
+    pub reason: String,
+}
+
+/// Combines the signals of one family (e.g. RTT to every peer) into one score: the family is
+/// as bad as its worst ready signal; signals still warming up are ignored, and a family with no
+/// ready signal has no score (→ Unknown, never Degraded).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FamilyScore {
+    /// The family.
+    pub family: Family,
+    /// Max over ready signals, `None` if none is ready.
+    pub value: Option<f64>,
+    /// Index (in the caller's order) of the signal that set the value.
+    pub worst: Option<usize>,
+}
+
+impl FamilyScore {
+    /// Fold the current scores of a family's signals (no allocation).
+    pub fn combine<'a>(family: Family, signals: impl IntoIterator<Item = &'a SignalScorer>) -> Self {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, s) in signals.into_iter().enumerate() {
+            if !s.is_ready() {
+                continue;
+            }
+            if best.is_none_or(|(_, v)| s.score() > v) {
+                best = Some((i, s.score()));
+            }
+        }
+        Self {
+            family,
+            value: best.map(|(_, v)| v),
+            worst: best.map(|(i, _)| i),
+        }
+    }
+
+    /// Materialise the [`Score`] with the worst signal's reason (`describe(i)` returns its
+    /// label and unit). Allocates; call on a state change or on demand.
+    pub fn to_score<'a>(
+        &self,
+        signals: &[SignalScorer],
+        describe: impl Fn(usize) -> (&'a str, &'a str),
+    ) -> Option<Score> {
+        let v = self.value?;
+        let i = self.worst?;
+        let s = signals.get(i)?;
+        let (what, unit) = describe(i);
+        Some(Score {
+            value: v,
+            reason: s.reason(what, unit),
+        })
+    }
+}
+
+impl Detector for SignalScorer {
+    fn update(&mut self, t_secs: f64, x: f64) -> crate::DetectorOutput {
+        let score = SignalScorer::update(self, t_secs, x);
+        crate::DetectorOutput {
+            score,
+            z: self.last_z,
+            ready: self.ready,
+        }
+    }
+    fn reset(&mut self) {
+        let t = self.last_t;
+        self.restart(if t.is_finite() { t } else { 0.0 });
+    }
+    fn name(&self) -> &'static str {
+        "signal_scorer"
+    }
+}

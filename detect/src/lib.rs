@@ -1,0 +1,180 @@
+//! Streaming gray-failure detectors and scoring for graywatch.
+//!
+//! Everything here is pure: no I/O, no clocks, no threads. Callers pass the sample time
+//! (`t_secs`, any monotonic-ish origin) and the value; the library never reads the clock.
+//!
+//! * [`detectors`]: O(1)-memory streaming detectors behind the [`Detector`] trait — robust
+//!   EWMA z-score ([`detectors::RobustZ`]), [`detectors::Cusum`], [`detectors::PageHinkley`],
+//!   [`detectors::HalfSpaceTrees`], and a Holt forecaster ([`detectors::Holt`]) that can say
+//!   "will cross the threshold in N s".
+//! * [`filters`]: k-of-n persistence (ignore transient spikes) and warm-up suppression.
+//! * [`ensemble`]: [`ensemble::GrayDetector`], the combination we ship by default (and the
+//!   one evaluated on NAB).
+//! * [`combine`]: per-signal [`combine::SignalScorer`] and per-family [`combine::FamilyScore`]
+//!   with a human-readable reason, built only on demand.
+//! * [`state`]: the per-family health state machine
+//!   (Unknown / Healthy → Suspect → Degraded → Recovering) with hysteresis and dwell.
+//! * `eval` (feature `eval`): NAB and Microsoft cloud-monitoring loaders and scorers, used by
+//!   `cargo xtask eval`. The agent does not enable it.
+//!
+//! No function allocates per sample; detectors that need tables (Half-Space Trees) allocate
+//! them once at construction.
+
+pub mod combine;
+pub mod detectors;
+pub mod ensemble;
+pub mod filters;
+mod robust;
+pub mod state;
+mod tail;
+
+#[cfg(feature = "eval")]
+pub mod eval;
+
+pub use combine::{FamilyScore, Score, SignalScorer, SignalScorerConfig};
+pub use detectors::{Cusum, HalfSpaceTrees, Holt, PageHinkley, RobustZ};
+pub use ensemble::{GrayDetector, GrayDetectorConfig};
+pub use state::{HealthMachine, HealthState, StateConfig, Transition};
+
+use serde::{Deserialize, Serialize};
+
+/// Signal families scored independently (one state machine per node and family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Family {
+    /// RTT towards peers (tcp srtt histograms).
+    NetworkLatency,
+    /// Retransmits and kernel drops.
+    PacketLoss,
+    /// CPU steal and run-queue latency.
+    CpuContention,
+    /// PSI memory, direct reclaim, OOM kills.
+    MemoryPressure,
+}
+
+impl Family {
+    /// All families, in a stable order.
+    pub const ALL: [Family; 4] = [
+        Family::NetworkLatency,
+        Family::PacketLoss,
+        Family::CpuContention,
+        Family::MemoryPressure,
+    ];
+
+    /// CamelCase name, as used in Node condition types and reasons.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::NetworkLatency => "NetworkLatency",
+            Family::PacketLoss => "PacketLoss",
+            Family::CpuContention => "CpuContention",
+            Family::MemoryPressure => "MemoryPressure",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a detector says about one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DetectorOutput {
+    /// Anomaly score in `[0, 1]`; 0 = normal. Always finite.
+    pub score: f64,
+    /// Signed deviation from the detector's baseline in robust standard deviations (0 when the
+    /// detector has no such notion or is not ready). Clamped to `[-1e6, 1e6]`.
+    pub z: f64,
+    /// False while the detector is warming up or when the sample was rejected (NaN/inf):
+    /// callers should treat the score as "no evidence", not as "healthy".
+    pub ready: bool,
+}
+
+impl DetectorOutput {
+    /// Output for a sample that carried no evidence (rejected or warming up).
+    pub const NONE: DetectorOutput = DetectorOutput {
+        score: 0.0,
+        z: 0.0,
+        ready: false,
+    };
+}
+
+/// A streaming, O(1)-memory detector over one series.
+///
+/// `update` must not allocate, must not panic on any `f64` (NaN, ±inf, huge values) and must
+/// tolerate time going backwards (such samples are treated as arriving at the last seen time).
+pub trait Detector {
+    /// Feed one sample at time `t_secs` and get the score for it.
+    fn update(&mut self, t_secs: f64, x: f64) -> DetectorOutput;
+    /// Forget everything (e.g. after a pod restart).
+    fn reset(&mut self);
+    /// Short stable name, for tables and metrics labels.
+    fn name(&self) -> &'static str;
+}
+
+impl<D: Detector + ?Sized> Detector for Box<D> {
+    fn update(&mut self, t_secs: f64, x: f64) -> DetectorOutput {
+        (**self).update(t_secs, x)
+    }
+    fn reset(&mut self) {
+        (**self).reset();
+    }
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+}
+
+/// Invalid configuration.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    /// A parameter is outside its valid range.
+    #[error("invalid detector config: {field} = {value} ({why})")]
+    OutOfRange {
+        /// Which field.
+        field: &'static str,
+        /// The offending value.
+        value: f64,
+        /// What the valid range is.
+        why: &'static str,
+    },
+}
+
+pub(crate) fn check_range(
+    field: &'static str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+    why: &'static str,
+) -> Result<(), ConfigError> {
+    if value.is_finite() && value >= lo && value <= hi {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { field, value, why })
+    }
+}
+
+/// Largest magnitude a detector keeps in its state. Inputs beyond it are clamped so that
+/// squares and differences stay finite.
+pub(crate) const MAX_ABS: f64 = 1e100;
+
+/// Clamp a raw sample into the range detectors can do arithmetic on; `None` for NaN.
+#[inline]
+pub(crate) fn sanitize(x: f64) -> Option<f64> {
+    if x.is_nan() {
+        None
+    } else {
+        Some(x.clamp(-MAX_ABS, MAX_ABS))
+    }
+}
+
+/// Map a non-negative deviation (in robust sigmas) to `[0, 1)` without saturating, so that
+/// thresholds can still rank large deviations: `z² / (z² + half²)`; `half` maps to 0.5.
+#[inline]
+#[must_use]
+pub fn squash(z: f64, half: f64) -> f64 {
+    let z = z.abs().min(1e6);
+    let z2 = z * z;
+    let s = z2 / (z2 + half * half);
+    if s.is_finite() { s.clamp(0.0, 1.0) } else { 0.0 }
+}

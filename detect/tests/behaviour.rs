@@ -1,0 +1,328 @@
+//! Behaviour of each detector, filter, the combiner and the state machine on small scripted
+//! series.
+
+use graywatch_detect::detectors::{
+    CusumConfig, Direction, HalfSpaceTreesConfig, HoltConfig, PageHinkleyConfig, RobustZConfig,
+};
+use graywatch_detect::filters::{Persistence, WarmUp, WarmUpConfig};
+use graywatch_detect::{
+    Cusum, Detector, Family, FamilyScore, GrayDetector, GrayDetectorConfig, HalfSpaceTrees, HealthMachine, HealthState,
+    Holt, PageHinkley, RobustZ, SignalScorer, SignalScorerConfig, StateConfig,
+};
+
+/// Deterministic noise in [-1, 1].
+fn noise(i: u32) -> f64 {
+    let x = (f64::from(i) * 12.9898).sin() * 43_758.545_3;
+    2.0 * (x - x.floor()) - 1.0
+}
+
+/// Feed `n` noisy samples around `level`; returns the max score seen.
+fn feed(d: &mut dyn Detector, t: &mut f64, n: u32, level: f64, amp: f64) -> f64 {
+    let mut max = 0.0f64;
+    for i in 0..n {
+        *t += 1.0;
+        let o = d.update(*t, level + amp * noise(i + (*t as u32)));
+        max = max.max(o.score);
+    }
+    max
+}
+
+#[test]
+fn robust_z_flags_a_step_and_not_noise() {
+    let mut d = RobustZ::new(RobustZConfig::default()).expect("config");
+    let mut t = 0.0;
+    let quiet = feed(&mut d, &mut t, 500, 100.0, 1.0);
+    assert!(quiet < 0.3, "noise scored {quiet}");
+    let o = d.update(t + 1.0, 130.0);
+    assert!(o.score > 0.8 && o.z > 10.0, "{o:?}");
+    assert!((d.baseline() - 100.0).abs() < 1.0);
+}
+
+#[test]
+fn robust_z_direction_up_ignores_drops() {
+    let cfg = RobustZConfig {
+        direction: Direction::Up,
+        ..RobustZConfig::default()
+    };
+    let mut d = RobustZ::new(cfg).expect("config");
+    let mut t = 0.0;
+    feed(&mut d, &mut t, 300, 100.0, 1.0);
+    assert!(d.update(t + 1.0, 50.0).score < 1e-9);
+    assert!(d.update(t + 2.0, 150.0).score > 0.8);
+}
+
+#[test]
+fn cusum_catches_a_small_sustained_drift_that_z_misses() {
+    let mut c = Cusum::new(CusumConfig::default()).expect("config");
+    let mut z = RobustZ::new(RobustZConfig::default()).expect("config");
+    let mut t = 0.0;
+    feed(&mut c, &mut t, 400, 10.0, 1.0);
+    let mut t2 = 0.0;
+    feed(&mut z, &mut t2, 400, 10.0, 1.0);
+    // +1.5 σ shift (σ of uniform noise ≈ 0.58): too small for a single-sample z alarm.
+    let c_max = feed(&mut c, &mut t, 60, 10.9, 1.0);
+    let z_max = feed(&mut z, &mut t2, 60, 10.9, 1.0);
+    assert!(c_max > 0.5, "cusum {c_max}");
+    assert!(z_max < 0.5, "z {z_max}");
+}
+
+#[test]
+fn page_hinkley_detects_a_mean_shift() {
+    let mut d = PageHinkley::new(PageHinkleyConfig::default()).expect("config");
+    let mut t = 0.0;
+    let before = feed(&mut d, &mut t, 500, 5.0, 1.0);
+    let after = feed(&mut d, &mut t, 100, 8.0, 1.0);
+    assert!(before < 0.5, "{before}");
+    assert!(after > 0.5, "{after}");
+}
+
+#[test]
+fn half_space_trees_score_novel_points_higher() {
+    let mut d = HalfSpaceTrees::new(HalfSpaceTreesConfig::default()).expect("config");
+    let mut t = 0.0;
+    feed(&mut d, &mut t, 1000, 0.0, 1.0);
+    let mut normal = 0.0;
+    for i in 0..50 {
+        t += 1.0;
+        normal += d.update(t, noise(i + 7)).score / 50.0;
+    }
+    let novel = d.update(t + 1.0, 40.0).score;
+    assert!(novel > normal + 0.3, "novel {novel} normal {normal}");
+}
+
+#[test]
+fn holt_predicts_time_to_threshold_on_a_ramp() {
+    let mut h = Holt::new(HoltConfig::default()).expect("config");
+    // 0.5 units per second, sampled every 2 s.
+    for i in 0..100 {
+        let t = f64::from(i) * 2.0;
+        h.update(t, 10.0 + 0.5 * t);
+    }
+    // Last sample at t = 198 → value 109; 150 is 41 units ahead → 82 s.
+    let eta = h.time_to_cross(150.0).expect("rising towards threshold");
+    assert!((eta - 82.0).abs() < 2.0, "eta {eta}");
+    assert!(h.time_to_cross(50.0).is_none(), "moving away from a lower threshold");
+    assert!((h.trend_per_sec() - 0.5).abs() < 0.02);
+}
+
+#[test]
+fn persistence_needs_k_of_n() {
+    let mut p = Persistence::new(3, 5).expect("config");
+    assert!(!p.push(true));
+    assert!(!p.push(false));
+    assert!(!p.push(true));
+    assert!(p.push(true));
+    assert_eq!(p.run_length(), 2);
+    // The oldest elevated sample leaves the window after five more pushes.
+    for _ in 0..3 {
+        p.push(false);
+    }
+    assert!(!p.holds());
+    assert!(Persistence::new(6, 5).is_err());
+    assert!(Persistence::new(1, 65).is_err());
+}
+
+#[test]
+fn warm_up_needs_samples_and_seconds_and_restarts() {
+    let mut w = WarmUp::new(WarmUpConfig {
+        samples: 3,
+        seconds: 10.0,
+    });
+    assert!(!w.observe(100.0));
+    assert!(!w.observe(101.0));
+    assert!(!w.observe(102.0), "3 samples but only 2 s");
+    assert!(w.observe(110.0));
+    w.restart(200.0);
+    assert!(!w.observe(215.0), "pod restarted: samples count again");
+}
+
+fn scorer() -> SignalScorer {
+    SignalScorer::new(SignalScorerConfig {
+        warmup: WarmUpConfig {
+            samples: 30,
+            seconds: 30.0,
+        },
+        ..SignalScorerConfig::default()
+    })
+    .expect("config")
+}
+
+#[test]
+fn signal_scorer_ignores_a_transient_spike_but_not_a_sustained_rise() {
+    let mut s = scorer();
+    let mut t = 0.0;
+    for i in 0..200 {
+        t += 1.0;
+        s.update(t, 0.4 + 0.02 * noise(i));
+    }
+    assert!(s.is_ready());
+    t += 1.0;
+    let spike = s.update(t, 8.0);
+    assert!(spike <= 0.3, "single spike scored {spike}");
+    for i in 0..5 {
+        t += 1.0;
+        s.update(t, 0.4 + 0.02 * noise(i + 300));
+    }
+    let mut last = 0.0;
+    for _ in 0..6 {
+        t += 1.0;
+        last = s.update(t, 8.1);
+    }
+    assert!(last > 0.9, "sustained rise scored {last}");
+    let reason = s.reason("rtt p99 to 10.0.2.7", "ms");
+    assert!(
+        reason.starts_with("rtt p99 to 10.0.2.7 8.1 ms vs baseline 0.4"),
+        "{reason}"
+    );
+    // Anomalous since the third elevated sample (3-of-5 persistence).
+    assert!(reason.ends_with(", for 3 s"), "{reason}");
+}
+
+#[test]
+fn signal_scorer_keeps_the_baseline_frozen_during_a_long_fault() {
+    let mut s = scorer();
+    let mut t = 0.0;
+    for i in 0..200 {
+        t += 1.0;
+        s.update(t, 1.0 + 0.05 * noise(i));
+    }
+    // Five minutes of a 5× latency: still anomalous at the end (baseline not absorbed).
+    let mut last = 0.0;
+    for _ in 0..300 {
+        t += 1.0;
+        last = s.update(t, 5.0);
+    }
+    assert!(last > 0.9, "{last}");
+}
+
+#[test]
+fn signal_scorer_reports_nothing_while_warming_up() {
+    let mut s = scorer();
+    for i in 0..20 {
+        assert!(s.update(f64::from(i), 1000.0 * f64::from(i % 2)) < 1e-12);
+    }
+    assert!(!s.is_ready());
+}
+
+#[test]
+fn family_score_is_the_worst_ready_signal_and_none_without_data() {
+    let mut a = scorer();
+    let mut b = scorer();
+    let cold = scorer();
+    let mut t = 0.0;
+    for i in 0..200 {
+        t += 1.0;
+        a.update(t, 1.0 + 0.05 * noise(i));
+        b.update(t, 2.0 + 0.05 * noise(i + 1000));
+    }
+    for _ in 0..5 {
+        t += 1.0;
+        a.update(t, 1.0);
+        b.update(t, 20.0);
+    }
+    let signals = [a, b, cold];
+    let f = FamilyScore::combine(Family::NetworkLatency, &signals);
+    assert_eq!(f.worst, Some(1));
+    let score = f
+        .to_score(&signals, |i| (["rtt to a", "rtt to b", "rtt to c"][i], "ms"))
+        .expect("score");
+    assert!(score.value > 0.9);
+    assert!(score.reason.starts_with("rtt to b 20.0 ms"), "{}", score.reason);
+    let none = FamilyScore::combine(Family::PacketLoss, &signals[2..]);
+    assert_eq!(none.value, None);
+}
+
+#[test]
+fn state_machine_walks_through_every_state_with_dwell_and_hysteresis() {
+    let cfg = StateConfig::default();
+    let mut m = HealthMachine::new(cfg).expect("config");
+    assert_eq!(m.state(), HealthState::Unknown);
+    assert_eq!(m.step(0.0, Some(0.1)).to, HealthState::Healthy);
+    assert_eq!(m.step(1.0, Some(0.95)).to, HealthState::Suspect);
+    // High, but the Suspect dwell (5 s) has not passed.
+    assert_eq!(m.step(3.0, Some(0.95)).to, HealthState::Suspect);
+    let tr = m.step(6.0, Some(0.95));
+    assert!(tr.changed());
+    assert_eq!(tr.to, HealthState::Degraded);
+    // Between clear_below and suspect_enter: hysteresis keeps Degraded.
+    assert_eq!(m.step(40.0, Some(0.4)).to, HealthState::Degraded);
+    assert_eq!(m.step(41.0, Some(0.1)).to, HealthState::Recovering);
+    // Relapse.
+    assert_eq!(m.step(42.0, Some(0.8)).to, HealthState::Degraded);
+    assert_eq!(m.step(80.0, Some(0.1)).to, HealthState::Recovering);
+    assert_eq!(m.step(100.0, Some(0.1)).to, HealthState::Recovering);
+    assert_eq!(m.step(141.0, Some(0.1)).to, HealthState::Healthy);
+    // Data stops: Unknown once stale, not before.
+    assert_eq!(m.step(150.0, None).to, HealthState::Healthy);
+    assert_eq!(m.step(171.0, None).to, HealthState::Unknown);
+    // A short blip in Suspect falls back to Healthy after the clear dwell.
+    m.step(200.0, Some(0.1));
+    assert_eq!(m.step(201.0, Some(0.6)).to, HealthState::Suspect);
+    assert_eq!(m.step(202.0, Some(0.1)).to, HealthState::Suspect);
+    assert_eq!(m.step(207.0, Some(0.1)).to, HealthState::Healthy);
+}
+
+#[test]
+fn state_config_rejects_inverted_thresholds() {
+    let bad = StateConfig {
+        suspect_enter: 0.8,
+        degraded_enter: 0.6,
+        ..StateConfig::default()
+    };
+    assert!(HealthMachine::new(bad).is_err());
+}
+
+#[test]
+fn configs_deserialize_with_defaults() {
+    let cfg: GrayDetectorConfig = serde_json::from_str(r#"{"z_half": 5.0}"#).expect("partial config");
+    assert!((cfg.z_half - 5.0).abs() < f64::EPSILON);
+    assert_eq!(cfg.warmup, GrayDetectorConfig::default().warmup);
+    assert!(serde_json::from_str::<GrayDetectorConfig>(r#"{"nope": 1}"#).is_err());
+    let s: StateConfig = serde_json::from_str("{}").expect("empty config");
+    assert_eq!(s, StateConfig::default());
+}
+
+#[test]
+fn gray_detector_alarms_once_per_event() {
+    let mut d = GrayDetector::new(GrayDetectorConfig::default()).expect("config");
+    let mut t = 0.0;
+    for i in 0..2000 {
+        t += 300.0;
+        d.update(t, 50.0 + 5.0 * noise(i));
+    }
+    // A plateau: the first sample alarms, the following ones are damped.
+    t += 300.0;
+    let first = d.update(t, 120.0).score;
+    t += 300.0;
+    let second = d.update(t, 121.0).score;
+    assert!(first > 0.5, "{first}");
+    assert!(second < first * 0.5, "second {second} vs first {first}");
+}
+
+#[test]
+fn gray_detector_discounts_values_inside_the_range_already_seen() {
+    let run = |in_range_factor: f64, last: f64| {
+        let cfg = GrayDetectorConfig {
+            in_range_factor,
+            seasonal: false,
+            refractory_half_life: 0.0,
+            ..GrayDetectorConfig::default()
+        };
+        let mut d = GrayDetector::new(cfg).expect("config");
+        let mut t = 0.0;
+        for i in 0..2000 {
+            t += 60.0;
+            // One early excursion to 140 sets the range.
+            let x = if i == 300 { 140.0 } else { 50.0 + 5.0 * noise(i) };
+            d.update(t, x);
+        }
+        d.update(t + 60.0, last).score
+    };
+    // 110 is inside the range (below the decayed max of the early excursion): discounted.
+    let (full, half) = (run(1.0, 110.0), run(0.5, 110.0));
+    assert!(full > 0.3, "{full}");
+    assert!((half - 0.5 * full).abs() < 1e-9, "full {full} half {half}");
+    // 200 is a new extreme: no discount.
+    let (full, half) = (run(1.0, 200.0), run(0.5, 200.0));
+    assert!((full - half).abs() < 1e-12, "full {full} half {half}");
+}

@@ -1,0 +1,542 @@
+//! The README demo: a real etcd + kube-apiserver, Node objects for a few network-namespace
+//! "nodes" with real traffic between them, one graywatch-agent per node, the aggregator, an
+//! injected gray failure on one node, and the resulting conditions, Events and taint.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use graywatch_k8s_testkit::TestApiserver;
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+
+use graywatch_testbench::{
+    fault::{LinkEmulator, LinkSpec},
+    netns::{Bench, TestCgroup2, exec_in},
+};
+
+/// Label values of the demo's two zones.
+const ZONES: [&str; 2] = ["demo-zone-a", "demo-zone-b"];
+const TRAFFIC_PORT: u16 = 7000;
+
+/// Everything the demo needs to know.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub nodes: u8,
+    pub target: Option<String>,
+    pub fault: LinkSpec,
+    pub baseline: Duration,
+    /// Give up waiting for a reaction after this long.
+    pub max_wait: Duration,
+    pub keep: bool,
+    pub bin_dir: PathBuf,
+    /// Aggregator config file (TOML) with demo-speed thresholds.
+    pub aggregator_config: Option<PathBuf>,
+}
+
+/// Measured outcome.
+#[derive(Debug, Clone, Default)]
+pub struct DemoResult {
+    pub fault_to_condition: Option<Duration>,
+    pub fault_to_taint: Option<Duration>,
+    pub recovery: Option<Duration>,
+}
+
+/// Child processes killed (and reaped) on drop.
+#[derive(Default)]
+struct Processes(Vec<(String, Child)>);
+
+impl Processes {
+    fn spawn(&mut self, name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<()> {
+        let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.0.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Fails if any process has exited (with the name and the tail of its log).
+    fn check(&mut self, logs: &Path) -> anyhow::Result<()> {
+        for (name, child) in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                bail!("{name} exited ({status}); last log lines:\n{}", tail.join("\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            // SIGTERM first so agents detach their programs and the aggregator drains.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for (_, child) in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn step(n: u8, total: u8, what: &str) {
+    println!("\n[{n}/{total}] {what}");
+    let _ = std::io::stdout().flush();
+}
+
+/// One line per node: zone, our conditions, taint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeView {
+    zone: String,
+    conditions: BTreeMap<String, (String, String)>,
+    tainted: bool,
+}
+
+async fn node_views(nodes: &Api<Node>, prefix: &str, taint_key: &str) -> anyhow::Result<BTreeMap<String, NodeView>> {
+    let mut views = BTreeMap::new();
+    for node in nodes
+        .list(&ListParams::default().labels("graywatch.io/demo=true"))
+        .await?
+    {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
+            .unwrap_or_default();
+        let conditions = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| c.type_.starts_with(prefix))
+                    .map(|c| {
+                        (
+                            c.type_.trim_start_matches(prefix).to_owned(),
+                            (c.status.clone(), c.message.clone().unwrap_or_default()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(|t| t.key == taint_key));
+        views.insert(
+            name,
+            NodeView {
+                zone,
+                conditions,
+                tainted,
+            },
+        );
+    }
+    Ok(views)
+}
+
+fn print_view(elapsed: Duration, views: &BTreeMap<String, NodeView>) {
+    println!(
+        "  t={:>5.1}s   condition=status(confidence) per family; Overall = graywatch.io/Healthy",
+        elapsed.as_secs_f64()
+    );
+    for (name, view) in views {
+        let conditions: Vec<String> = view
+            .conditions
+            .iter()
+            .map(|(kind, (status, message))| {
+                let family = kind.trim_end_matches("Healthy");
+                let family = if family.is_empty() { "Overall" } else { family };
+                match confidence(message) {
+                    Some(c) => format!("{family}={status}({c})"),
+                    None => format!("{family}={status}"),
+                }
+            })
+            .collect();
+        let conditions = if conditions.is_empty() {
+            "(no graywatch conditions yet)".to_owned()
+        } else {
+            conditions.join(" ")
+        };
+        println!(
+            "    {name:<8} {:<12} {conditions}{}",
+            view.zone,
+            if view.tainted { "  TAINTED" } else { "" }
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The aggregator's confidence from a condition message ("confidence 0.93: …").
+fn confidence(message: &str) -> Option<&str> {
+    let rest = message.split("confidence ").nth(1)?;
+    rest.split(|c: char| c == ':' || c.is_whitespace()).next()
+}
+
+/// The condition messages of one node (the reasons, with the numbers).
+fn print_reasons(name: &str, view: &NodeView) {
+    for (kind, (status, message)) in &view.conditions {
+        if status != "True" {
+            println!("    {name} {kind}={status}: {message}");
+        }
+    }
+}
+
+async fn print_new_events(events: &Api<Event>, seen: &mut BTreeSet<String>) -> anyhow::Result<()> {
+    for event in events.list(&ListParams::default()).await? {
+        let uid = event.metadata.uid.clone().unwrap_or_default();
+        if !seen.insert(uid) {
+            continue;
+        }
+        let object = event.involved_object.name.clone().unwrap_or_default();
+        println!(
+            "    EVENT {} {} on {}: {}",
+            event.type_.clone().unwrap_or_default(),
+            event.reason.clone().unwrap_or_default(),
+            object,
+            event.message.clone().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn overall(view: &NodeView) -> Option<&str> {
+    view.conditions
+        .get("GrayFailureHealthy")
+        .or_else(|| view.conditions.get("Healthy"))
+        .map(|(s, _)| s.as_str())
+}
+
+/// Runs the demo end to end and returns the measured times. Requires root.
+pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
+    const STEPS: u8 = 7;
+    let started = Instant::now();
+    let work = std::env::temp_dir().join(format!("graywatch-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let logs = work.join("logs");
+    std::fs::create_dir_all(&logs)?;
+
+    step(
+        1,
+        STEPS,
+        "starting etcd + kube-apiserver v1.20.2 (built from Debian's source package)",
+    );
+    let apiserver = TestApiserver::start()
+        .await?
+        .context("the apiserver binary is missing: run `cargo xtask k8s build`")?;
+    apiserver.install_crds().await?;
+    let client: Client = apiserver.client().await?;
+    println!(
+        "  ready at {} ({:.1}s); KUBECONFIG={}",
+        apiserver.url(),
+        started.elapsed().as_secs_f64(),
+        apiserver.kubeconfig_path().display()
+    );
+
+    step(
+        2,
+        STEPS,
+        &format!(
+            "creating {} nodes: a network namespace each, joined by a bridge, and a Node object",
+            options.nodes
+        ),
+    );
+    let bench = Bench::new(options.nodes)?;
+    let names: Vec<String> = (0..options.nodes)
+        .map(|i| format!("node-{}", char::from(b'a' + i)))
+        .collect();
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    for (i, node) in bench.nodes.iter().enumerate() {
+        let zone = ZONES[i * ZONES.len() / bench.nodes.len()];
+        let body: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": names[i], "labels": {
+                "graywatch.io/demo": "true",
+                "topology.kubernetes.io/zone": zone,
+                "node.kubernetes.io/instance-type": "m7i.large",
+                "karpenter.sh/nodepool": "default"}},
+        }))?;
+        nodes_api.create(&PostParams::default(), &body).await?;
+        // Play kubelet: report the node Ready with its InternalIP (the netns address).
+        let status = json!({"status": {
+            "addresses": [{"type": "InternalIP", "address": node.ipv4.to_string()}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "demo kubelet",
+                             "lastHeartbeatTime": now_rfc3339(), "lastTransitionTime": now_rfc3339()}]}});
+        nodes_api
+            .patch_status(
+                &names[i],
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&status),
+            )
+            .await?;
+        println!("  {} = netns {} ({}), {zone}", names[i], node.netns, node.ipv4);
+    }
+
+    step(
+        3,
+        STEPS,
+        "starting traffic: every node serves TCP and calls every other node 50 times per second",
+    );
+    let cgroup_root = graywatch_agent::cgroups::find_unified_mount(&std::fs::read_to_string("/proc/self/mountinfo")?)
+        .map(|(root, _)| root)
+        .context("no cgroup v2 hierarchy")?;
+    let cgroups: Vec<TestCgroup2> = names
+        .iter()
+        .map(|name| TestCgroup2::create(&cgroup_root, &format!("demo-{name}")))
+        .collect::<Result<_, _>>()?;
+    let traffic = options.bin_dir.join("graywatch-traffic");
+    let mut processes = Processes::default();
+    for (i, node) in bench.nodes.iter().enumerate() {
+        let mut cmd = node.command(&traffic, &[cgroups[i].procs()])?;
+        cmd.args(["server", "--listen", &format!("0.0.0.0:{TRAFFIC_PORT}")]);
+        processes.spawn(
+            &format!("server-{}", names[i]),
+            &mut cmd,
+            &logs.join(format!("server-{}.log", names[i])),
+        )?;
+    }
+    // Give the servers their listen sockets before clients connect (clients retry anyway).
+    wait_for_listeners(&bench, Duration::from_secs(10))?;
+    for (i, node) in bench.nodes.iter().enumerate() {
+        for (j, peer) in bench.nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let mut cmd = node.command(&traffic, &[cgroups[i].procs()])?;
+            cmd.args([
+                "client",
+                "--connect",
+                &format!("{}:{TRAFFIC_PORT}", peer.ipv4),
+                "--rate",
+                "50",
+                "--duration",
+                "2h",
+            ]);
+            let name = format!("client-{}-{}", names[i], names[j]);
+            processes.spawn(&name, &mut cmd, &logs.join(format!("{name}.log")))?;
+        }
+    }
+
+    step(
+        4,
+        STEPS,
+        "starting graywatch-aggregator (direct-taint mode) and one graywatch-agent per node",
+    );
+    let grpc_port = free_port()?;
+    let http_port = free_port()?;
+    let mut aggregator = Command::new(options.bin_dir.join("graywatch-aggregator"));
+    aggregator
+        .env("KUBECONFIG", apiserver.kubeconfig_path())
+        .args([
+            "--grpc-listen",
+            &format!("127.0.0.1:{grpc_port}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .args(["--identity", "demo-aggregator", "--namespace", "default"]);
+    if let Some(config) = &options.aggregator_config {
+        aggregator.arg("--config").arg(config);
+    }
+    processes.spawn("aggregator", &mut aggregator, &logs.join("aggregator.log"))?;
+    for (i, name) in names.iter().enumerate() {
+        let mut agent = Command::new(options.bin_dir.join("graywatch-agent"));
+        agent
+            .args([
+                "--node-name",
+                name,
+                "--interval",
+                "1s",
+                "--listen",
+                "off",
+                "--kube",
+                "off",
+            ])
+            .args([
+                "--cgroup-scope",
+                &cgroups[i].cgroup_path,
+                "--aggregator",
+                &format!("http://127.0.0.1:{grpc_port}"),
+            ]);
+        processes.spawn(
+            &format!("agent-{name}"),
+            &mut agent,
+            &logs.join(format!("agent-{name}.log")),
+        )?;
+    }
+
+    let policy_prefix = "graywatch.io/";
+    let taint_key = "graywatch.io/degraded";
+    let events_api: Api<Event> = Api::all(client.clone());
+    let mut seen_events = BTreeSet::new();
+
+    step(
+        5,
+        STEPS,
+        &format!(
+            "learning the baseline for {}s (detectors warm up on normal traffic)",
+            options.baseline.as_secs()
+        ),
+    );
+    let baseline_until = Instant::now() + options.baseline;
+    while Instant::now() < baseline_until {
+        processes.check(&logs)?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        print_view(
+            started.elapsed(),
+            &node_views(&nodes_api, policy_prefix, taint_key).await?,
+        );
+    }
+
+    let target_index = match &options.target {
+        Some(t) => names
+            .iter()
+            .position(|n| n == t)
+            .with_context(|| format!("--node {t}: the demo's nodes are {names:?}"))?,
+        None => 1,
+    };
+    let target = &names[target_index];
+    let target_node = bench.node(target_index);
+    let peers: Vec<_> = bench
+        .nodes
+        .iter()
+        .filter(|n| n.netns != target_node.netns)
+        .map(|n| n.ipv4)
+        .collect();
+    step(
+        6,
+        STEPS,
+        &format!(
+            "injecting a gray failure on {target}: {:?} towards every peer",
+            options.fault
+        ),
+    );
+    let fault = LinkEmulator::start(&target_node.netns, target_node.ipv4, "eth0", &peers, options.fault)?;
+    let injected = Instant::now();
+    let mut result = DemoResult::default();
+    let mut last_print = Instant::now();
+    while Instant::now() - injected < options.max_wait
+        && (result.fault_to_condition.is_none() || result.fault_to_taint.is_none())
+    {
+        processes.check(&logs)?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let views = node_views(&nodes_api, policy_prefix, taint_key).await?;
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            print_view(started.elapsed(), &views);
+            last_print = Instant::now();
+        }
+        if let Some(view) = views.get(target) {
+            if result.fault_to_condition.is_none() && overall(view) == Some("False") {
+                result.fault_to_condition = Some(injected.elapsed());
+                println!(
+                    "  >> {target}: condition False after {:.1}s",
+                    injected.elapsed().as_secs_f64()
+                );
+                print_view(started.elapsed(), &views);
+                print_reasons(target, view);
+                print_new_events(&events_api, &mut seen_events).await?;
+            }
+            if result.fault_to_taint.is_none() && view.tainted {
+                result.fault_to_taint = Some(injected.elapsed());
+                println!(
+                    "  >> {target}: tainted {taint_key}:NoSchedule after {:.1}s",
+                    injected.elapsed().as_secs_f64()
+                );
+                print_view(started.elapsed(), &views);
+                print_new_events(&events_api, &mut seen_events).await?;
+            }
+        }
+    }
+
+    step(7, STEPS, "removing the fault; waiting for recovery (hysteresis)");
+    drop(fault);
+    let removed = Instant::now();
+    while Instant::now() - removed < options.max_wait * 3 {
+        processes.check(&logs)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let views = node_views(&nodes_api, policy_prefix, taint_key).await?;
+        if views
+            .get(target)
+            .is_some_and(|v| overall(v) == Some("True") && !v.tainted)
+        {
+            result.recovery = Some(removed.elapsed());
+            print_view(started.elapsed(), &views);
+            print_new_events(&events_api, &mut seen_events).await?;
+            break;
+        }
+    }
+
+    if options.keep {
+        println!(
+            "\n--keep: everything stays up. KUBECONFIG={} ; logs in {}",
+            apiserver.kubeconfig_path().display(),
+            logs.display()
+        );
+        println!("press Ctrl-C to clean up");
+        tokio::signal::ctrl_c().await?;
+    }
+    drop(processes);
+    drop(cgroups);
+    drop(bench);
+    drop(apiserver);
+    Ok(result)
+}
+
+fn wait_for_listeners(bench: &Bench, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    for node in &bench.nodes {
+        loop {
+            let out = exec_in(&node.netns, "ss", &["-Hltn", &format!("sport = :{TRAFFIC_PORT}")])?;
+            if !out.stdout.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("traffic server in {} did not start listening", node.netns);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}

@@ -1,0 +1,134 @@
+//! graywatch-traffic: TCP request/response and bulk load between bench nodes.
+//!
+//!   graywatch-traffic server --listen [::]:7000
+//!   graywatch-traffic client --connect 10.231.1.2:7000 --count 200            # transactions
+//!   graywatch-traffic client --connect 10.231.1.2:7000 --bulk 20000000        # bytes
+//!
+//! The client prints one JSON report line. With `--hold` it then prints `holding` and keeps
+//! the connection open until its stdin closes, so tests can inspect the live socket (ss).
+
+use std::{
+    io::{BufRead, Write},
+    net::SocketAddr,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use graywatch_testbench::traffic::{RrLoad, connect, run_bulk, run_rr, serve};
+
+#[derive(Parser)]
+#[command(name = "graywatch-traffic", about = "TCP load for the graywatch bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve request/response and bulk clients.
+    Server {
+        #[arg(long, default_value = "[::]:7000")]
+        listen: SocketAddr,
+    },
+    /// Generate load against a server.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of transactions (request/response mode).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Run for this long, e.g. 10s (request/response mode).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Transactions per second per connection (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 64)]
+        request: u32,
+        #[arg(long, default_value_t = 64)]
+        response: u32,
+        /// Send this many bytes in one bulk transfer instead of transactions.
+        #[arg(long)]
+        bulk: Option<u64>,
+        /// Keep the connection open after the report until stdin closes.
+        #[arg(long)]
+        hold: bool,
+        /// Connect timeout.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        connect_timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Server { listen } => match serve(listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("graywatch-traffic server {listen}: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Client {
+            connect: addr,
+            count,
+            duration,
+            rate,
+            request,
+            response,
+            bulk,
+            hold,
+            connect_timeout,
+        } => {
+            let mut stream = match connect(addr, connect_timeout) {
+                Ok(stream) => stream,
+                Err(error) => {
+                    eprintln!("graywatch-traffic: connect {addr}: {error}");
+                    return ExitCode::from(3);
+                }
+            };
+            let result = match bulk {
+                Some(bytes) => run_bulk(&mut stream, bytes),
+                None => {
+                    let count = if count.is_none() && duration.is_none() {
+                        Some(100)
+                    } else {
+                        count
+                    };
+                    run_rr(
+                        &mut stream,
+                        &RrLoad {
+                            request,
+                            response,
+                            count,
+                            duration,
+                            rate,
+                        },
+                    )
+                }
+            };
+            match result {
+                Ok(report) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = serde_json::to_writer(&mut out, &report);
+                    let _ = writeln!(out);
+                    if hold {
+                        let _ = writeln!(out, "holding");
+                    }
+                    let _ = out.flush();
+                    drop(out);
+                    if hold {
+                        // Wait for the test to close stdin; the socket stays open meanwhile.
+                        let _ = std::io::stdin().lock().lines().count();
+                    }
+                    drop(stream);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("graywatch-traffic: {addr}: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

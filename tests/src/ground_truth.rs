@@ -1,0 +1,59 @@
+//! The kernel's own view of a node's TCP state, to check the agent against: `ss -tin` smoothed
+//! RTT per connection and `nstat` TcpRetransSegs.
+
+use std::net::IpAddr;
+
+use crate::netns::{BenchError, exec_in};
+
+/// Smoothed RTTs (ms) of the established TCP connections in `netns` towards `peer`.
+pub fn ss_srtt_ms(netns: &str, peer: IpAddr) -> Result<Vec<f64>, BenchError> {
+    let output = exec_in(netns, "ss", &["-tin", "state", "established", "dst", &peer.to_string()])?;
+    Ok(parse_ss_rtts(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Extracts every `rtt:<srtt>/<rttvar>` from `ss -i` output.
+pub fn parse_ss_rtts(text: &str) -> Vec<f64> {
+    text.split_whitespace()
+        .filter_map(|word| word.strip_prefix("rtt:"))
+        .filter_map(|value| value.split('/').next())
+        .filter_map(|srtt| srtt.parse().ok())
+        .collect()
+}
+
+/// The namespace's cumulative TcpRetransSegs counter.
+pub fn nstat_retrans_segs(netns: &str) -> Result<u64, BenchError> {
+    nstat_counter(netns, "TcpRetransSegs")
+}
+
+/// The kernel's absolute value of an `nstat` counter (e.g. `TcpOutSegs`) in `netns`.
+pub fn nstat_counter(netns: &str, counter: &str) -> Result<u64, BenchError> {
+    // -a: absolute values, -s: don't touch nstat's history file, -z: print zero counters too.
+    let output = exec_in(netns, "nstat", &["-asz", counter])?;
+    parse_nstat(&String::from_utf8_lossy(&output.stdout), counter).ok_or_else(|| BenchError::Command {
+        command: format!("nstat -asz {counter}"),
+        stderr: format!("no {counter} line"),
+    })
+}
+
+pub fn parse_nstat(text: &str, counter: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some(counter))
+            .then(|| words.next().and_then(|v| v.parse().ok()))
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ss_and_nstat() {
+        let ss = "Recv-Q Send-Q Local Address:Port Peer Address:Port\n0 0 10.0.0.1:4000 10.0.0.2:7000\n\t cubic wscale:7,7 rto:224 rtt:20.512/0.31 ato:40 mss:1448\n";
+        assert_eq!(parse_ss_rtts(ss), vec![20.512]);
+        let nstat = "#kernel\nTcpRetransSegs                  42                 0.0\n";
+        assert_eq!(parse_nstat(nstat, "TcpRetransSegs"), Some(42));
+        assert_eq!(parse_nstat("#kernel\n", "TcpRetransSegs"), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! A small TCP load generator with a server: request/response transactions (latency) and bulk
+//! transfers (throughput, loss), so the bench drives real traffic without extra packages.
+//!
+//! Wire protocol: the client's first byte picks the mode. `R`: repeated transactions, each an
+//! 8-byte header (request length, response length; big-endian u32) and the request bytes,
+//! answered with response-length bytes. `B`: bulk bytes until EOF, answered with the total
+//! received as a big-endian u64.
+
+use std::{
+    io::{self, BufRead, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+const MAX_MESSAGE: u32 = 16 << 20;
+
+/// Serves connections until the process is killed; prints `listening <addr>` when ready.
+pub fn serve(listen: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    println!("listening {}", listener.local_addr()?);
+    io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                eprintln!("accept: {error}");
+                continue;
+            }
+        };
+        std::thread::spawn(move || {
+            if let Err(error) = handle(stream)
+                && error.kind() != io::ErrorKind::UnexpectedEof
+                && error.kind() != io::ErrorKind::ConnectionReset
+            {
+                eprintln!("connection: {error}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn handle(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    stream.read_exact(&mut mode)?;
+    match mode[0] {
+        b'R' => {
+            let mut header = [0u8; 8];
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match stream.read_exact(&mut header) {
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    other => other?,
+                }
+                let request = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+                let response = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                if request > MAX_MESSAGE || response > MAX_MESSAGE {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "message too large"));
+                }
+                discard(&mut stream, u64::from(request), &mut buf)?;
+                send_zeros(&mut stream, u64::from(response), &buf)?;
+            }
+        }
+        b'B' => {
+            let mut buf = vec![0u8; 256 << 10];
+            let mut total = 0u64;
+            loop {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            stream.write_all(&total.to_be_bytes())
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown mode byte {other}"),
+        )),
+    }
+}
+
+fn discard(stream: &mut TcpStream, mut remaining: u64, buf: &mut [u8]) -> io::Result<()> {
+    while remaining > 0 {
+        let want = usize::try_from(remaining.min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = stream.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        remaining -= n as u64;
+    }
+    Ok(())
+}
+
+fn send_zeros(stream: &mut TcpStream, mut remaining: u64, zeros: &[u8]) -> io::Result<()> {
+    while remaining > 0 {
+        let n = usize::try_from(remaining.min(zeros.len() as u64)).unwrap_or(zeros.len());
+        stream.write_all(&zeros[..n])?;
+        remaining -= n as u64;
+    }
+    Ok(())
+}
+
+/// What a client run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientReport {
+    pub transactions: u64,
+    pub bytes: u64,
+    pub elapsed_seconds: f64,
+    pub transactions_per_second: f64,
+}
+
+/// Request/response load on one connection.
+#[derive(Debug, Clone)]
+pub struct RrLoad {
+    pub request: u32,
+    pub response: u32,
+    /// Stop after this many transactions…
+    pub count: Option<u64>,
+    /// …or after this long.
+    pub duration: Option<Duration>,
+    /// Transactions per second (None: as fast as possible).
+    pub rate: Option<f64>,
+}
+
+pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+pub fn run_rr(stream: &mut TcpStream, load: &RrLoad) -> io::Result<ClientReport> {
+    stream.write_all(b"R")?;
+    let mut header = [0u8; 8];
+    header[..4].copy_from_slice(&load.request.to_be_bytes());
+    header[4..].copy_from_slice(&load.response.to_be_bytes());
+    let mut buf = vec![0u8; (load.request.max(load.response) as usize).clamp(1, 1 << 20)];
+    let started = Instant::now();
+    let mut transactions = 0u64;
+    let mut bytes = 0u64;
+    let pace = load.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
+    loop {
+        if load.count.is_some_and(|c| transactions >= c) || load.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        stream.write_all(&header)?;
+        send_zeros(stream, u64::from(load.request), &buf)?;
+        discard(stream, u64::from(load.response), &mut buf)?;
+        transactions += 1;
+        bytes += u64::from(load.request) + u64::from(load.response);
+        if let Some(pace) = pace {
+            // Open-loop pacing of the load itself (not test synchronisation).
+            let due = pace.mul_f64(transactions as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    Ok(report(transactions, bytes, started))
+}
+
+pub fn run_bulk(stream: &mut TcpStream, total: u64) -> io::Result<ClientReport> {
+    stream.write_all(b"B")?;
+    let chunk = vec![0u8; 256 << 10];
+    let started = Instant::now();
+    send_zeros(stream, total, &chunk)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut ack = [0u8; 8];
+    stream.read_exact(&mut ack)?;
+    let received = u64::from_be_bytes(ack);
+    if received != total {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("server got {received} of {total} bytes"),
+        ));
+    }
+    Ok(report(1, total, started))
+}
+
+fn report(transactions: u64, bytes: u64, started: Instant) -> ClientReport {
+    let elapsed = started.elapsed().as_secs_f64();
+    ClientReport {
+        transactions,
+        bytes,
+        elapsed_seconds: elapsed,
+        transactions_per_second: if elapsed > 0.0 {
+            transactions as f64 / elapsed
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Reads lines from `reader` until one starts with `prefix`; returns it.
+pub fn await_line(reader: &mut impl BufRead, prefix: &str) -> io::Result<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("stream ended before `{prefix}`"),
+            ));
+        }
+        if line.starts_with(prefix) {
+            return Ok(line.trim_end().to_owned());
+        }
+    }
+}

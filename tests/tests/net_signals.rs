@@ -1,0 +1,405 @@
+//! The agent's network signals against real faults on the real kernel (run as root by
+//! `cargo xtask test`): kernel programs loaded and attached, traffic between network
+//! namespaces, faults from our injector, and the kernel's own counters (ss, nstat) as truth.
+
+use std::{
+    io::BufReader,
+    net::{IpAddr, SocketAddr},
+    process::{Child, ChildStdout},
+    time::Duration,
+};
+
+use graywatch_agent::{
+    app::{Collector, CollectorOptions},
+    pods::PodDirectory,
+    summary::{Direction, FlowWindow, WindowSummary},
+};
+use graywatch_testbench::{
+    fault::{LinkEmulator, LinkSpec, NftDrop},
+    ground_truth::{nstat_counter, nstat_retrans_segs, ss_srtt_ms},
+    netns::{Bench, Node, TestCgroup2, spawn_piped},
+    traffic::await_line,
+};
+
+const TRAFFIC: &str = env!("CARGO_BIN_EXE_graywatch-traffic");
+const PORT: u16 = 7000;
+
+fn collector() -> Collector {
+    Collector::start(&CollectorOptions::for_node("bench"), PodDirectory::default())
+        .expect("load and attach the kernel programs (root, tracefs, BTF)")
+}
+
+fn cgroup(collector: &mut Collector, name: &str) -> TestCgroup2 {
+    let root = collector
+        .cgroups()
+        .root()
+        .expect("this machine has a cgroup v2 hierarchy")
+        .to_owned();
+    TestCgroup2::create(&root, name).expect("create a cgroup v2 directory")
+}
+
+/// A traffic server on `node`, ready when this returns.
+struct Server(Child);
+
+impl Server {
+    fn start(node: &Node) -> Self {
+        let mut cmd = node.command(TRAFFIC, &[]).expect("server command");
+        cmd.args(["server", "--listen", &format!("[::]:{PORT}")]);
+        let mut child = spawn_piped(&mut cmd).expect("spawn server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        await_line(&mut BufReader::new(stdout), "listening").expect("server ready");
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client run on `node` inside `cgroup`; `--hold` keeps its connection open until dropped.
+struct Client {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Client {
+    fn start(node: &Node, cgroup: &TestCgroup2, target: SocketAddr, args: &[&str]) -> Self {
+        let mut cmd = node.command(TRAFFIC, &[cgroup.procs()]).expect("client command");
+        cmd.args(["client", "--connect", &target.to_string()]).args(args);
+        let mut child = spawn_piped(&mut cmd).expect("spawn client");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Client { child, stdout }
+    }
+
+    /// Waits for the client's report line (its load is done).
+    fn report(&mut self) -> serde_json::Value {
+        let line = await_line(&mut self.stdout, "{").expect("client report");
+        serde_json::from_str(&line).expect("report is JSON")
+    }
+
+    /// Waits until a `--hold` client has finished its load and holds the connection.
+    fn await_holding(&mut self) -> serde_json::Value {
+        let report = self.report();
+        await_line(&mut self.stdout, "holding").expect("client holds its connection");
+        report
+    }
+
+    fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.child.stdin.take());
+        self.child.wait().expect("client exits")
+    }
+}
+
+fn flow<'a>(summary: &'a WindowSummary, cgroup: &TestCgroup2, remote: IpAddr) -> Option<&'a FlowWindow> {
+    summary
+        .network
+        .flows
+        .iter()
+        .find(|f| f.workload.cgroup_path.as_deref() == Some(cgroup.cgroup_path.as_str()) && f.remote == remote)
+}
+
+fn flows_of<'a>(summary: &'a WindowSummary, cgroup: &TestCgroup2) -> Vec<&'a FlowWindow> {
+    summary
+        .network
+        .flows
+        .iter()
+        .filter(|f| f.workload.cgroup_path.as_deref() == Some(cgroup.cgroup_path.as_str()))
+        .collect()
+}
+
+#[test]
+fn rtt_matches_injected_delay_and_the_kernels_own_srtt() {
+    let bench = Bench::new(3).expect("bench");
+    let (client_node, delayed, direct) = (bench.node(0), bench.node(1), bench.node(2));
+    let _servers = [Server::start(delayed), Server::start(direct)];
+    let mut agent = collector();
+    let slow = cgroup(&mut agent, "rtt-delayed");
+    let fast = cgroup(&mut agent, "rtt-direct");
+    let delay = Duration::from_millis(20);
+    let _fault = LinkEmulator::start(
+        &client_node.netns,
+        client_node.ipv4,
+        "eth0",
+        &[delayed.ipv4],
+        LinkSpec {
+            delay,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+        },
+    )
+    .expect("start the link emulator");
+
+    let mut slow_client = Client::start(
+        client_node,
+        &slow,
+        SocketAddr::new(delayed.ipv4.into(), PORT),
+        &["--count", "100", "--hold"],
+    );
+    let mut fast_client = Client::start(
+        client_node,
+        &fast,
+        SocketAddr::new(direct.ipv4.into(), PORT),
+        // A socket adds at most one RTT sample per millisecond: run long enough for many.
+        &["--duration", "1s", "--hold"],
+    );
+    slow_client.await_holding();
+    fast_client.await_holding();
+    let summary = agent.collect().expect("collect a window");
+    let kernel_srtt_ms = ss_srtt_ms(&client_node.netns, delayed.ipv4.into()).expect("ss");
+
+    let baseline = flow(&summary, &fast, direct.ipv4.into()).expect("baseline flow reported");
+    let baseline_rtt = baseline.rtt.as_ref().expect("baseline RTT samples");
+    let faulted = flow(&summary, &slow, delayed.ipv4.into()).expect("delayed flow reported");
+    let faulted_rtt = faulted.rtt.as_ref().expect("delayed RTT samples");
+    eprintln!(
+        "baseline p50 {} us (n={}), delayed p50 {} us p99 {} us (n={}), ss srtt {:?} ms",
+        baseline_rtt.p50_us,
+        baseline_rtt.samples,
+        faulted_rtt.p50_us,
+        faulted_rtt.p99_us,
+        faulted_rtt.samples,
+        kernel_srtt_ms
+    );
+
+    assert!(
+        baseline_rtt.p50_us < 1_000,
+        "no-fault RTT p50 must be under 1 ms: {baseline_rtt:?}"
+    );
+    // The clients connected out from ephemeral ports to port 7000.
+    assert_eq!(
+        (faulted.direction, baseline.direction),
+        (Direction::Outbound, Direction::Outbound)
+    );
+    let expected = delay.as_micros() as f64 + baseline_rtt.p50_us as f64;
+    let error = (faulted_rtt.p50_us as f64 - expected).abs() / expected;
+    assert!(
+        error <= 0.15,
+        "delayed p50 {} us vs expected {expected} us ({:.1}% off)",
+        faulted_rtt.p50_us,
+        error * 100.0
+    );
+    assert_eq!(
+        kernel_srtt_ms.len(),
+        1,
+        "one connection to the delayed node: {kernel_srtt_ms:?}"
+    );
+    let kernel_us = kernel_srtt_ms[0] * 1000.0;
+    let disagreement = (faulted_rtt.p50_us as f64 - kernel_us).abs() / kernel_us;
+    assert!(
+        disagreement <= 0.15,
+        "agent p50 {} us vs ss srtt {kernel_us} us",
+        faulted_rtt.p50_us
+    );
+
+    // Attribution: each cgroup's samples only towards the node it talked to.
+    assert!(flow(&summary, &slow, direct.ipv4.into()).is_none());
+    assert!(flow(&summary, &fast, delayed.ipv4.into()).is_none());
+    assert!(slow_client.finish().success());
+    assert!(fast_client.finish().success());
+}
+
+#[test]
+fn retransmits_follow_injected_loss_and_agree_with_nstat() {
+    let bench = Bench::new(3).expect("bench");
+    let (client_node, lossy, clean) = (bench.node(0), bench.node(1), bench.node(2));
+    let _servers = [Server::start(lossy), Server::start(clean)];
+    let mut agent = collector();
+    let lossy_cgroup = cgroup(&mut agent, "loss-lossy");
+    let clean_cgroup = cgroup(&mut agent, "loss-clean");
+    let _fault = LinkEmulator::start(
+        &client_node.netns,
+        client_node.ipv4,
+        "eth0",
+        &[lossy.ipv4],
+        LinkSpec {
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.02,
+        },
+    )
+    .expect("start the link emulator");
+    let retrans_before = nstat_retrans_segs(&client_node.netns).expect("nstat");
+
+    // One transfer at a time, so the clean one does not compete for the two CPUs (receive
+    // buffer pressure would cause real, but unwanted, drops).
+    let bytes = (20u64 << 20).to_string();
+    for (cgroup, target) in [(&lossy_cgroup, lossy), (&clean_cgroup, clean)] {
+        let mut client = Client::start(
+            client_node,
+            cgroup,
+            SocketAddr::new(target.ipv4.into(), PORT),
+            &["--bulk", &bytes],
+        );
+        client.report();
+        assert!(client.finish().success());
+    }
+    let summary = agent.collect().expect("collect a window");
+    let retrans_after = nstat_retrans_segs(&client_node.netns).expect("nstat");
+    let kernel_retransmits = retrans_after - retrans_before;
+
+    let lossy_flow = flow(&summary, &lossy_cgroup, lossy.ipv4.into()).expect("lossy flow reported");
+    let clean_flow = flow(&summary, &clean_cgroup, clean.ipv4.into()).expect("clean flow reported");
+    for d in &summary.network.drops {
+        eprintln!("drop {} x{} remote {:?}", d.reason, d.count, d.remote);
+    }
+    let agent_retransmits: u64 = flows_of(&summary, &lossy_cgroup)
+        .iter()
+        .chain(&flows_of(&summary, &clean_cgroup))
+        .map(|f| f.retransmits)
+        .sum();
+    eprintln!(
+        "lossy: {} retransmits / {} segments (ratio {:?}); clean: {} / {} ; nstat TcpRetransSegs delta {kernel_retransmits}",
+        lossy_flow.retransmits,
+        lossy_flow.segments_sent,
+        lossy_flow.retransmit_ratio,
+        clean_flow.retransmits,
+        clean_flow.segments_sent
+    );
+
+    assert!(lossy_flow.retransmits > 0, "2% loss must cause retransmits");
+    let ratio = lossy_flow.retransmit_ratio.expect("segments were sent");
+    assert!(
+        (0.005..=0.08).contains(&ratio),
+        "retransmit ratio {ratio} should be in proportion to 2% loss"
+    );
+    // Without injected loss there are no drops; the rare retransmit left is a spurious timeout
+    // when the two-core machine is busy, so bound it well below the lossy flow's ratio.
+    let clean_ratio = clean_flow.retransmit_ratio.expect("segments were sent");
+    assert!(
+        clean_ratio < 0.005 && clean_ratio < ratio / 4.0,
+        "no loss should mean ~no retransmits, got {clean_ratio}"
+    );
+    // Both count retransmitted segments of the node's sockets; our clients are its only senders.
+    let disagreement = agent_retransmits.abs_diff(kernel_retransmits) as f64 / kernel_retransmits as f64;
+    assert!(
+        disagreement <= 0.05,
+        "agent {agent_retransmits} vs nstat {kernel_retransmits}"
+    );
+}
+
+#[test]
+fn drops_are_reported_with_the_kernels_reason() {
+    let bench = Bench::new(3).expect("bench");
+    let (client_node, closed, firewalled) = (bench.node(0), bench.node(1), bench.node(2));
+    let _server = Server::start(firewalled);
+    let mut agent = collector();
+    let blocked = cgroup(&mut agent, "drops-blocked");
+    let _fault = NftDrop::start(
+        &client_node.netns,
+        "output",
+        &format!("ip daddr {} tcp dport {PORT}", firewalled.ipv4),
+        100,
+    )
+    .expect("nftables drop rule");
+
+    // Nothing listens on port 7999: the SYN is dropped at `closed` with NO_SOCKET.
+    let mut refused = Client::start(client_node, &blocked, SocketAddr::new(closed.ipv4.into(), 7999), &[]);
+    // The firewall drops our SYN on the way out: NETFILTER_DROP, charged to our socket.
+    let mut filtered = Client::start(
+        client_node,
+        &blocked,
+        SocketAddr::new(firewalled.ipv4.into(), PORT),
+        &["--connect-timeout", "1500ms"],
+    );
+    let refused_status = refused.child.wait().expect("refused client exits");
+    let filtered_status = filtered.child.wait().expect("filtered client exits");
+    assert!(
+        !refused_status.success() && !filtered_status.success(),
+        "both connections must fail"
+    );
+    drop(refused.child.stdin.take());
+    drop(filtered.child.stdin.take());
+    let summary = agent.collect().expect("collect a window");
+    for d in &summary.network.drops {
+        eprintln!(
+            "drop {} x{} remote {:?} workload {:?}",
+            d.reason,
+            d.count,
+            d.remote,
+            d.workload.as_ref().and_then(|w| w.cgroup_path.clone())
+        );
+    }
+
+    let no_socket = summary
+        .network
+        .drops
+        .iter()
+        .find(|d| d.reason == "NO_SOCKET" && d.remote == Some(client_node.ipv4.into()))
+        .expect("the SYN to a closed port is reported as NO_SOCKET from the client's address");
+    assert!(no_socket.count >= 1);
+    let netfilter = summary
+        .network
+        .drops
+        .iter()
+        .find(|d| d.reason == "NETFILTER_DROP" && d.remote == Some(firewalled.ipv4.into()))
+        .expect("the firewalled SYN is reported as NETFILTER_DROP towards the firewalled node");
+    assert_eq!(
+        netfilter.workload.as_ref().and_then(|w| w.cgroup_path.as_deref()),
+        Some(blocked.cgroup_path.as_str()),
+        "the drop is charged to the socket's cgroup"
+    );
+}
+
+#[test]
+fn ipv6_flows_are_attributed_to_their_cgroup() {
+    let bench = Bench::new(2).expect("bench");
+    let (client_node, server_node) = (bench.node(0), bench.node(1));
+    let _server = Server::start(server_node);
+    let mut agent = collector();
+    let v6 = cgroup(&mut agent, "ipv6");
+    let mut client = Client::start(
+        client_node,
+        &v6,
+        SocketAddr::new(server_node.ipv6.into(), PORT),
+        // Long enough for many RTT samples: a socket adds at most one per millisecond.
+        &["--duration", "1s"],
+    );
+    let report = client.report();
+    assert!(client.finish().success());
+    let summary = agent.collect().expect("collect a window");
+    let v6_flow = flow(&summary, &v6, server_node.ipv6.into()).expect("IPv6 flow reported under its cgroup");
+    let rtt = v6_flow.rtt.as_ref().expect("RTT samples over IPv6");
+    assert!(rtt.samples >= 100, "{rtt:?} for {report}");
+    assert_eq!(flows_of(&summary, &v6).len(), 1, "only the one peer");
+}
+
+#[test]
+fn short_connections_count_the_segments_they_sent() {
+    // A socket hands its segment count to its flow with an RTT sample (at most once a
+    // millisecond) or when it leaves ESTABLISHED; a connection shorter than that interval is
+    // counted only by the second path. Without it, these connections would count ~0 segments.
+    let bench = Bench::new(2).expect("bench");
+    let (client_node, server_node) = (bench.node(0), bench.node(1));
+    let _server = Server::start(server_node);
+    let mut agent = collector();
+    let short = cgroup(&mut agent, "short-connections");
+    let out_before = nstat_counter(&client_node.netns, "TcpOutSegs").expect("nstat");
+    const CONNECTIONS: u64 = 20;
+    for _ in 0..CONNECTIONS {
+        let mut client = Client::start(
+            client_node,
+            &short,
+            SocketAddr::new(server_node.ipv4.into(), PORT),
+            &["--count", "5"],
+        );
+        client.report();
+        assert!(client.finish().success());
+    }
+    let summary = agent.collect().expect("collect a window");
+    let kernel_out = nstat_counter(&client_node.netns, "TcpOutSegs").expect("nstat") - out_before;
+    let flow = flow(&summary, &short, server_node.ipv4.into()).expect("flow reported under its cgroup");
+    eprintln!(
+        "{CONNECTIONS} short connections: agent {} segments sent, kernel TcpOutSegs +{kernel_out}",
+        flow.segments_sent
+    );
+    // The kernel also counts what a socket sends after ESTABLISHED (its FIN and last ACK, about
+    // 2 of the ~9 segments of each of these connections); the agent stops counting there.
+    assert!(
+        flow.segments_sent <= kernel_out && flow.segments_sent * 2 >= kernel_out,
+        "agent {} vs kernel {kernel_out}",
+        flow.segments_sent
+    );
+}

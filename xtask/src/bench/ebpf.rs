@@ -1,0 +1,336 @@
+//! `cargo xtask bench ebpf`: the kernel's own cost accounting (`bpf_stats`: run_time_ns / run_cnt)
+//! of every program graywatch attaches, side by side with a peer observer on the same hooks, under
+//! one fixed TCP load (request/response, then bulk) on the veth bench; the same load with nothing
+//! attached is the floor. Configurations alternate round by round.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::{
+    Binaries, CommonArgs, binaries, finite, fmt,
+    kernel::{BpfStats, Counters, hook_label},
+    load::{ClientResult, Rr, TrafficBed, total},
+    median, min_max,
+    observer::{Kind, Observer, peer_unavailable},
+    print_table, verdict, write_result,
+};
+
+#[derive(clap::Args)]
+pub struct EbpfArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Rounds; each runs the load once per configuration (none, graywatch, peer), order rotating.
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Request/response transactions per run (64-byte request, 64-byte response, one connection).
+    #[arg(long)]
+    pub rr_count: Option<u64>,
+    /// Bytes of the bulk transfer per run.
+    #[arg(long)]
+    pub bulk_bytes: Option<u64>,
+}
+
+/// One program's share of one run.
+#[derive(Debug, Clone)]
+struct ProgramRun {
+    hook: String,
+    program: String,
+    events: u64,
+    run_time_ns: u64,
+}
+
+struct Run {
+    round: usize,
+    kind: Kind,
+    rr: ClientResult,
+    bulk: ClientResult,
+    programs: Vec<ProgramRun>,
+}
+
+/// The aggregate over rounds of one observer's program on one hook.
+#[derive(Default)]
+struct HookCost {
+    program: String,
+    events: u64,
+    run_time_ns: u64,
+}
+
+impl HookCost {
+    fn ns_per_event(&self) -> f64 {
+        if self.events > 0 {
+            self.run_time_ns as f64 / self.events as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// The hooks on which the budget "< 100 ns/event" applies: every packet or every context switch.
+const HOT_HOOKS: &[&str] = &["tcp_probe", "kfree_skb", "sched_wakeup", "sched_switch"];
+const BUDGET_NS: f64 = 100.0;
+/// Table order: network hooks, scheduler hooks, then the rest by name.
+const HOOK_ORDER: &[&str] = &[
+    "tcp_probe",
+    "tcp_retransmit_skb",
+    "kfree_skb",
+    "inet_sock_set_state",
+    "sched_wakeup",
+    "sched_wakeup_new",
+    "sched_switch",
+];
+
+pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
+    let quick = args.common.quick;
+    let rounds = args.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    let rr_count = args.rr_count.unwrap_or(if quick { 20_000 } else { 200_000 });
+    let bulk_bytes = args
+        .bulk_bytes
+        .unwrap_or(if quick { 500_000_000 } else { 2_000_000_000 });
+    let binaries = binaries(&args.common)?;
+    let _stats = BpfStats::enable()?;
+    let not_runnable = peer_unavailable();
+    let bed = TrafficBed::new(&binaries)?;
+    let load = Rr {
+        count: Some(rr_count),
+        duration: None,
+        rate: None,
+        request: 64,
+        response: 64,
+    };
+    println!(
+        "ebpf: {rounds} round(s) × (none, graywatch, peer); load per run: {rr_count} RR transactions (64 B/64 B, 1 connection) + {} MB bulk",
+        bulk_bytes / 1_000_000
+    );
+    // Warm-up, unobserved: first connections, page cache, CPU frequency.
+    bed.rr(
+        1,
+        &Rr {
+            count: Some(rr_count / 10),
+            ..load
+        },
+    )?;
+
+    let mut runs = Vec::new();
+    let mut unavailable = not_runnable.clone();
+    for round in 0..rounds {
+        for offset in 0..Kind::ALL.len() {
+            let kind = Kind::ALL[(round + offset) % Kind::ALL.len()];
+            let run = one_run(&binaries, &bed, kind, round, &load, bulk_bytes, &mut unavailable)?;
+            println!(
+                "  round {round} {:<9}  RR {:>8.0} tx/s  bulk {:>6.2} Gbit/s  programs {}",
+                kind.label(),
+                run.rr.transactions_per_second(),
+                run.bulk.gbit_per_second(),
+                run.programs.len()
+            );
+            runs.push(run);
+        }
+    }
+    unavailable.sort();
+    unavailable.dedup();
+    report(&runs, &unavailable, rounds, rr_count, bulk_bytes, quick)
+}
+
+fn one_run(
+    binaries: &Binaries,
+    bed: &TrafficBed,
+    kind: Kind,
+    round: usize,
+    load: &Rr,
+    bulk_bytes: u64,
+    unavailable: &mut Vec<(String, String)>,
+) -> anyhow::Result<Run> {
+    let observer = Observer::start(kind, binaries)?;
+    unavailable.extend(observer.unavailable.iter().cloned());
+    let before = observer.counters()?;
+    let rr = total(&bed.rr(1, load)?);
+    let bulk = bed.bulk(bulk_bytes)?;
+    let after = observer.counters()?;
+    observer.stop()?;
+    let programs = after
+        .iter()
+        .map(|((hook, id), (program, now))| {
+            let then = before
+                .get(&(hook.clone(), *id))
+                .map_or(Counters::default(), |(_, c)| *c);
+            ProgramRun {
+                hook: hook.clone(),
+                program: program.clone(),
+                events: now.run_cnt.saturating_sub(then.run_cnt),
+                run_time_ns: now.run_time_ns.saturating_sub(then.run_time_ns),
+            }
+        })
+        .collect();
+    Ok(Run {
+        round,
+        kind,
+        rr,
+        bulk,
+        programs,
+    })
+}
+
+fn report(
+    runs: &[Run],
+    unavailable: &[(String, String)],
+    rounds: usize,
+    rr_count: u64,
+    bulk_bytes: u64,
+    quick: bool,
+) -> anyhow::Result<()> {
+    // Per observer and hook, summed over rounds.
+    let mut costs: BTreeMap<(Kind, String), HookCost> = BTreeMap::new();
+    for run in runs {
+        for p in &run.programs {
+            let cost = costs.entry((run.kind, p.hook.clone())).or_default();
+            cost.program.clone_from(&p.program);
+            cost.events += p.events;
+            cost.run_time_ns += p.run_time_ns;
+        }
+    }
+    let mut hooks: Vec<String> = costs.keys().map(|(_, h)| h.clone()).collect();
+    hooks.sort_by_key(|h| {
+        (
+            HOOK_ORDER.iter().position(|o| o == h).unwrap_or(HOOK_ORDER.len()),
+            h.clone(),
+        )
+    });
+    hooks.dedup();
+
+    let mut rows = Vec::new();
+    let mut hook_json = Vec::new();
+    let mut budget_met = true;
+    let mut peer_met = true;
+    for hook in &hooks {
+        let gw = costs.get(&(Kind::Graywatch, hook.clone()));
+        let peer = costs.get(&(Kind::Peer, hook.clone()));
+        let gw_ns = gw.map_or(f64::NAN, HookCost::ns_per_event);
+        let peer_ns = peer.map_or(f64::NAN, HookCost::ns_per_event);
+        let ratio = gw_ns / peer_ns;
+        let hot = HOT_HOOKS.contains(&hook.as_str());
+        if hot && gw_ns.is_finite() && gw_ns >= BUDGET_NS {
+            budget_met = false;
+        }
+        if ratio.is_finite() && ratio > 1.0 {
+            peer_met = false;
+        }
+        rows.push(vec![
+            format!("{}{}", hook_label(hook), if hot { " *" } else { "" }),
+            gw.map_or("—".into(), |c| c.program.clone()),
+            gw.map_or("—".into(), |c| c.events.to_string()),
+            fmt(gw_ns, 1),
+            peer.map_or("—".into(), |c| c.program.clone()),
+            peer.map_or("—".into(), |c| c.events.to_string()),
+            fmt(peer_ns, 1),
+            fmt(ratio, 2),
+        ]);
+        hook_json.push(json!({
+            "hook": hook_label(hook),
+            "hot": hot,
+            "graywatch": gw.map(|c| json!({"program": c.program, "events": c.events, "run_time_ns": c.run_time_ns, "ns_per_event": finite(c.ns_per_event())})),
+            "peer": peer.map(|c| json!({"program": c.program, "events": c.events, "run_time_ns": c.run_time_ns, "ns_per_event": finite(c.ns_per_event())})),
+            "graywatch_over_peer": finite(ratio),
+        }));
+    }
+    print_table(
+        &format!(
+            "Kernel cost per event (bpf_stats, summed over {rounds} round(s); * = hot hook, budget < {BUDGET_NS} ns)"
+        ),
+        &[
+            "hook",
+            "graywatch program",
+            "events",
+            "ns/event",
+            "peer program",
+            "events",
+            "ns/event",
+            "gw/peer",
+        ],
+        &rows,
+    );
+
+    // The load itself under each observer, as ratios to the floor of the same round.
+    let mut load_rows = Vec::new();
+    let mut load_json = Vec::new();
+    for kind in Kind::ALL {
+        let of = |f: fn(&Run) -> f64| -> Vec<f64> { runs.iter().filter(|r| r.kind == kind).map(f).collect() };
+        let ratio_of = |f: fn(&Run) -> f64| -> Vec<f64> {
+            runs.iter()
+                .filter(|r| r.kind == kind)
+                .filter_map(|r| {
+                    let floor = runs.iter().find(|b| b.kind == Kind::None && b.round == r.round)?;
+                    Some(f(r) / f(floor))
+                })
+                .collect()
+        };
+        let rr_tps = of(|r| r.rr.transactions_per_second());
+        let bulk = of(|r| r.bulk.gbit_per_second());
+        let rr_ratio = ratio_of(|r| r.rr.transactions_per_second());
+        let bulk_ratio = ratio_of(|r| r.bulk.gbit_per_second());
+        let program_ms: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e6)
+            .collect();
+        let (rr_lo, rr_hi) = min_max(&rr_ratio);
+        load_rows.push(vec![
+            kind.label().to_owned(),
+            fmt(median(&rr_tps), 0),
+            format!("{} [{}–{}]", fmt(median(&rr_ratio), 3), fmt(rr_lo, 3), fmt(rr_hi, 3)),
+            fmt(median(&bulk), 2),
+            fmt(median(&bulk_ratio), 3),
+            fmt(median(&program_ms), 1),
+        ]);
+        load_json.push(json!({
+            "observer": kind.label(),
+            "rr_tps": rr_tps,
+            "rr_ratio_to_none": rr_ratio,
+            "bulk_gbit_s": bulk,
+            "bulk_ratio_to_none": bulk_ratio,
+            "program_time_ms_per_run": program_ms,
+        }));
+    }
+    print_table(
+        "The fixed load under each observer (medians over rounds; ratio to `none` of the same round [min–max])",
+        &["observer", "RR tx/s", "×none", "bulk Gbit/s", "×none", "program ms/run"],
+        &load_rows,
+    );
+    if !unavailable.is_empty() {
+        println!("\nPeer tools that do not run on this kernel (not part of the peer column):");
+        for (tool, why) in unavailable {
+            println!("  - {tool}: {why}");
+        }
+    }
+    println!(
+        "\nGoals: < {BUDGET_NS} ns/event on hot hooks: {}; ≤ peer's cost on the same hooks: {}",
+        verdict(budget_met),
+        verdict(peer_met)
+    );
+    let runs_json: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "round": r.round,
+                "observer": r.kind.label(),
+                "rr": {"transactions": r.rr.transactions, "seconds": r.rr.elapsed_seconds, "tps": finite(r.rr.transactions_per_second())},
+                "bulk": {"bytes": r.bulk.bytes, "seconds": r.bulk.elapsed_seconds, "gbit_s": finite(r.bulk.gbit_per_second())},
+                "programs": r.programs.iter().map(|p| json!({"hook": hook_label(&p.hook), "program": p.program, "events": p.events, "run_time_ns": p.run_time_ns})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    write_result(
+        "ebpf",
+        quick,
+        json!({
+            "config": {"rounds": rounds, "rr_transactions": rr_count, "rr_request_bytes": 64, "rr_response_bytes": 64, "bulk_bytes": bulk_bytes,
+                       "peer": {"bpftrace": super::observer::BPFTRACE_SCRIPT, "runqlat": "libbpf-tools runqlat (default: one histogram)"}},
+            "hooks": hook_json,
+            "load": load_json,
+            "peer_unavailable": unavailable.iter().map(|(t, w)| json!({"tool": t, "why": w})).collect::<Vec<_>>(),
+            "goals": {"hot_hooks_under_100ns": budget_met, "not_above_peer": peer_met},
+            "runs": runs_json,
+        }),
+    )?;
+    Ok(())
+}
