@@ -68,7 +68,11 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         lease_duration: Duration::from_millis(cfg.leader.lease_duration_ms),
         renew_interval: Duration::from_millis(cfg.leader.renew_interval_ms),
     };
-    let leader_task = tokio::spawn(elector.run(leader_tx, shutdown.clone()));
+    // The Lease outlives the decision loop: on shutdown the step in flight finishes applying its
+    // plan (an applied taint keeps its Event) while we still lead, and only then is the Lease
+    // released. Cancelling the elector together with the loop would drop the rest of that plan.
+    let release_lease = CancellationToken::new();
+    let leader_task = tokio::spawn(elector.run(leader_tx, release_lease.clone()));
 
     let reader = ClusterReader::start(
         client.clone(),
@@ -156,6 +160,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         metrics.step_duration.observe(step_started.elapsed().as_secs_f64());
     }
     tracing::info!("shutting down");
+    release_lease.cancel();
     let _ = leader_task.await;
     // Streams end on the token; bound the drain anyway so a stuck client cannot hold us.
     let drain = Duration::from_secs(5);
