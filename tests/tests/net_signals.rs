@@ -221,12 +221,15 @@ fn retransmits_follow_injected_loss_and_agree_with_nstat() {
         },
     )
     .expect("start the link emulator");
-    let retrans_before = nstat_retrans_segs(&client_node.netns).expect("nstat");
-
     // One transfer at a time, so the clean one does not compete for the two CPUs (receive
-    // buffer pressure would cause real, but unwanted, drops).
+    // buffer pressure would cause real, but unwanted, drops). The kernel's count is taken around
+    // each transfer: our clients are the node's only senders, so each delta is the truth for
+    // that one flow, whatever the kernel did (a clean link still retransmits now and then, e.g.
+    // a spurious timeout on a busy two-core machine).
     let bytes = (20u64 << 20).to_string();
+    let mut kernel_retransmits = Vec::new();
     for (cgroup, target) in [(&lossy_cgroup, lossy), (&clean_cgroup, clean)] {
+        let before = nstat_retrans_segs(&client_node.netns).expect("nstat");
         let mut client = Client::start(
             client_node,
             cgroup,
@@ -235,23 +238,22 @@ fn retransmits_follow_injected_loss_and_agree_with_nstat() {
         );
         client.report();
         assert!(client.finish().success());
+        let after = nstat_retrans_segs(&client_node.netns).expect("nstat");
+        kernel_retransmits.push(after - before);
     }
     let summary = agent.collect().expect("collect a window");
-    let retrans_after = nstat_retrans_segs(&client_node.netns).expect("nstat");
-    let kernel_retransmits = retrans_after - retrans_before;
+    let (kernel_lossy, kernel_clean) = (kernel_retransmits[0], kernel_retransmits[1]);
 
     let lossy_flow = flow(&summary, &lossy_cgroup, lossy.ipv4.into()).expect("lossy flow reported");
     let clean_flow = flow(&summary, &clean_cgroup, clean.ipv4.into()).expect("clean flow reported");
     for d in &summary.network.drops {
         eprintln!("drop {} x{} remote {:?}", d.reason, d.count, d.remote);
     }
-    let agent_retransmits: u64 = flows_of(&summary, &lossy_cgroup)
-        .iter()
-        .chain(&flows_of(&summary, &clean_cgroup))
-        .map(|f| f.retransmits)
-        .sum();
+    let retransmits_of =
+        |cgroup: &TestCgroup2| -> u64 { flows_of(&summary, cgroup).iter().map(|f| f.retransmits).sum() };
+    let (agent_lossy, agent_clean) = (retransmits_of(&lossy_cgroup), retransmits_of(&clean_cgroup));
     eprintln!(
-        "lossy: {} retransmits / {} segments (ratio {:?}); clean: {} / {} ; nstat TcpRetransSegs delta {kernel_retransmits}",
+        "lossy: {} retransmits / {} segments (ratio {:?}), nstat {kernel_lossy}; clean: {} / {}, nstat {kernel_clean}",
         lossy_flow.retransmits,
         lossy_flow.segments_sent,
         lossy_flow.retransmit_ratio,
@@ -265,19 +267,19 @@ fn retransmits_follow_injected_loss_and_agree_with_nstat() {
         (0.005..=0.08).contains(&ratio),
         "retransmit ratio {ratio} should be in proportion to 2% loss"
     );
-    // Without injected loss there are no drops; the rare retransmit left is a spurious timeout
-    // when the two-core machine is busy, so bound it well below the lossy flow's ratio.
-    let clean_ratio = clean_flow.retransmit_ratio.expect("segments were sent");
+    // The injected loss must be charged to the lossy flow only, and each flow must carry what
+    // the kernel retransmitted while it ran. Slack: 5 %, and 2 segments for a FIN retransmitted
+    // between the kernel's read and the agent's window.
+    let agrees = |agent: u64, kernel: u64| agent.abs_diff(kernel) <= (kernel / 20).max(2);
     assert!(
-        clean_ratio < 0.005 && clean_ratio < ratio / 4.0,
-        "no loss should mean ~no retransmits, got {clean_ratio}"
+        agrees(agent_lossy, kernel_lossy),
+        "lossy flow: agent {agent_lossy} vs nstat {kernel_lossy}"
     );
-    // Both count retransmitted segments of the node's sockets; our clients are its only senders.
-    let disagreement = agent_retransmits.abs_diff(kernel_retransmits) as f64 / kernel_retransmits as f64;
     assert!(
-        disagreement <= 0.05,
-        "agent {agent_retransmits} vs nstat {kernel_retransmits}"
+        agrees(agent_clean, kernel_clean),
+        "clean flow: agent {agent_clean} vs nstat {kernel_clean} (the lossy flow's retransmits must not leak into it)"
     );
+    assert!(clean_flow.segments_sent > 0, "the clean flow sent segments");
 }
 
 #[test]
