@@ -311,10 +311,20 @@ fn stop_child(name: &str, mut child: Child, log: &Path) -> anyhow::Result<()> {
     }
     child.kill().ok();
     child.wait().ok();
-    bail!(
-        "{name} did not stop within 15 s of signal {signal}; killed (log {})",
+    // Our agent must honour SIGTERM (a DaemonSet rollout depends on it): that is a failure. A
+    // peer tool slow to exit after its figures were taken (bpftrace detaching hundreds of probes
+    // on a busy machine) does not change what was measured: killed, said, and the run goes on.
+    if name == "graywatch-agent" {
+        bail!(
+            "{name} did not stop within 15 s of signal {signal}; killed (log {})",
+            log.display()
+        )
+    }
+    eprintln!(
+        "warning: {name} did not stop within 15 s of signal {signal}; killed it (log {})",
         log.display()
-    )
+    );
+    Ok(())
 }
 
 /// utime + stime of a process in clock ticks; 0 when it is gone.
