@@ -1,5 +1,5 @@
 //! NRC mode: conditions only (plus the EKS `NetworkingReady` mirror), never a taint; and every
-//! NodeReadinessRule example under deploy/nrc/ is accepted by the NRC CRD on a real apiserver.
+//! NodeReadinessRule example under deploy/helm/graywatch/nrc/ is accepted by the NRC CRD on a real apiserver.
 
 mod common;
 
@@ -26,7 +26,7 @@ async fn nrc_mode_writes_conditions_only_and_examples_are_valid() -> anyhow::Res
     // the target dir.
     let dir = std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), std::path::PathBuf::from)
-        .join("../deploy/nrc");
+        .join("../deploy/helm/graywatch/nrc");
     let mut created = 0;
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();

@@ -11,7 +11,7 @@ pub enum TaintMode {
     /// We put our own NoSchedule taint on the node.
     #[default]
     Direct,
-    /// Conditions only; a NodeReadinessRule (deploy/nrc/) turns them into taints.
+    /// Conditions only; a NodeReadinessRule (deploy/helm/graywatch/nrc/) turns them into taints.
     Nrc,
 }
 

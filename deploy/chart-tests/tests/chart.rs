@@ -390,7 +390,7 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
             has("NodeReadinessRule"),
             v.set.contains(&"nodeReadinessRules.create=true")
         );
-        // The rules are deploy/nrc/'s files, labelled, with the CRD's CEL rules (not enforced by
+        // The rules are deploy/helm/graywatch/nrc/'s files, labelled, with the CRD's CEL rules (not enforced by
         // 1.20) checked here: taint keys under readiness.k8s.io/, conditions of ours.
         let rules: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "NodeReadinessRule").collect();
         let wanted = v
@@ -404,7 +404,10 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
         for rule in rules {
             let name = rule["metadata"]["name"].as_str().context("rule name")?;
             let shipped: Value = serde_yaml::from_str(&nrc_file_with_rule(name)?)?;
-            assert_eq!(rule["spec"], shipped["spec"], "{name} differs from deploy/nrc");
+            assert_eq!(
+                rule["spec"], shipped["spec"],
+                "{name} differs from deploy/helm/graywatch/nrc"
+            );
             assert_eq!(rule["metadata"]["labels"]["app.kubernetes.io/instance"], v.release);
             assert!(
                 rule["spec"]["taint"]["key"]
@@ -462,7 +465,7 @@ fn invalid_values_stop_the_render_with_the_reason() -> anyhow::Result<()> {
                 "nodeReadinessRules.create=true",
                 "nodeReadinessRules.files={nope.yaml}",
             ],
-            "no nope.yaml in deploy/nrc/",
+            "no nope.yaml in deploy/helm/graywatch/nrc/",
         ),
         (
             vec![
@@ -1183,7 +1186,7 @@ fn the_dashboard_queries_metrics_the_binaries_export() -> anyhow::Result<()> {
         "graywatch_aggregator_",
     )?);
     assert!(known.len() > 20, "{known:?}");
-    let text = read_source("deploy/grafana/graywatch.json")?;
+    let text = read_source("deploy/helm/graywatch/dashboards/graywatch.json")?;
     let dash: Value = serde_json::from_str(&text)?;
     let panels = dash["panels"].as_array().context("panels")?;
     let mut ids = BTreeSet::new();
@@ -1217,7 +1220,7 @@ fn the_dashboard_queries_metrics_the_binaries_export() -> anyhow::Result<()> {
             "dashboard queries {name}, which no binary registers"
         );
     }
-    // The chart ships the same file (dashboards/ links to deploy/grafana/).
+    // The ConfigMap carries the chart's file, unchanged.
     let objs = NRC.render("1.20.2")?;
     let cm = find(&objs, "ConfigMap", "-dashboard")?;
     let shipped: Value = serde_json::from_str(cm["data"]["graywatch.json"].as_str().context("data")?)?;
@@ -1256,9 +1259,9 @@ fn the_agent_environment_is_read_by_the_agent_and_it_reaches_the_aggregator() ->
     Ok(())
 }
 
-/// The text of the deploy/nrc/ file that defines the rule `name`.
+/// The text of the deploy/helm/graywatch/nrc/ file that defines the rule `name`.
 fn nrc_file_with_rule(name: &str) -> anyhow::Result<String> {
-    for entry in std::fs::read_dir(workspace_root().join("deploy/nrc"))? {
+    for entry in std::fs::read_dir(workspace_root().join("deploy/helm/graywatch/nrc"))? {
         let p = entry?.path();
         if p.extension().is_some_and(|e| e == "yaml") {
             let text = std::fs::read_to_string(&p)?;
@@ -1268,7 +1271,7 @@ fn nrc_file_with_rule(name: &str) -> anyhow::Result<String> {
             }
         }
     }
-    anyhow::bail!("no deploy/nrc/*.yaml defines {name}")
+    anyhow::bail!("no deploy/helm/graywatch/nrc/*.yaml defines {name}")
 }
 
 #[test]
