@@ -227,8 +227,7 @@ fn retransmits_follow_injected_loss_and_agree_with_nstat() {
     // that one flow, whatever the kernel did (a clean link still retransmits now and then, e.g.
     // a spurious timeout on a busy two-core machine).
     let bytes = (20u64 << 20).to_string();
-    let mut kernel_retransmits = Vec::new();
-    for (cgroup, target) in [(&lossy_cgroup, lossy), (&clean_cgroup, clean)] {
+    let transfer = |cgroup: &TestCgroup2, target: &Node| -> u64 {
         let before = nstat_retrans_segs(&client_node.netns).expect("nstat");
         let mut client = Client::start(
             client_node,
@@ -238,11 +237,11 @@ fn retransmits_follow_injected_loss_and_agree_with_nstat() {
         );
         client.report();
         assert!(client.finish().success());
-        let after = nstat_retrans_segs(&client_node.netns).expect("nstat");
-        kernel_retransmits.push(after - before);
-    }
+        nstat_retrans_segs(&client_node.netns).expect("nstat") - before
+    };
+    let kernel_lossy = transfer(&lossy_cgroup, lossy);
+    let kernel_clean = transfer(&clean_cgroup, clean);
     let summary = agent.collect().expect("collect a window");
-    let (kernel_lossy, kernel_clean) = (kernel_retransmits[0], kernel_retransmits[1]);
 
     let lossy_flow = flow(&summary, &lossy_cgroup, lossy.ipv4.into()).expect("lossy flow reported");
     let clean_flow = flow(&summary, &clean_cgroup, clean.ipv4.into()).expect("clean flow reported");

@@ -294,11 +294,8 @@ fn stop_child(name: &str, mut child: Child, log: &Path) -> anyhow::Result<()> {
     if child.try_wait()?.is_some() {
         return Ok(());
     }
-    let signal = if name == "graywatch-agent" {
-        libc::SIGTERM
-    } else {
-        libc::SIGINT
-    };
+    let is_agent = name == "graywatch-agent";
+    let signal = if is_agent { libc::SIGTERM } else { libc::SIGINT };
     let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
     // SAFETY: kill(2) on the pid of a child we started and have not reaped yet.
     unsafe { libc::kill(pid, signal) };
@@ -314,7 +311,7 @@ fn stop_child(name: &str, mut child: Child, log: &Path) -> anyhow::Result<()> {
     // Our agent must honour SIGTERM (a DaemonSet rollout depends on it): that is a failure. A
     // peer tool slow to exit after its figures were taken (bpftrace detaching hundreds of probes
     // on a busy machine) does not change what was measured: killed, said, and the run goes on.
-    if name == "graywatch-agent" {
+    if is_agent {
         bail!(
             "{name} did not stop within 15 s of signal {signal}; killed (log {})",
             log.display()
