@@ -4,10 +4,12 @@
 //! fresh machine only needs the two commands in README.md.
 
 mod bench;
+mod cluster;
 mod demo;
 mod ebpf;
 mod eval;
 mod fuzz;
+mod image;
 mod k8s;
 mod setup;
 mod test;
@@ -38,6 +40,10 @@ enum Command {
     K8s(k8s::K8sArgs),
     /// Benchmarks against the performance budgets (ebpf, overhead, fleet, detect); results in target/bench/.
     Bench(bench::BenchArgs),
+    /// Container images of the agent and aggregator (buildah, from scratch) into target/images/.
+    Image(image::ImageArgs),
+    /// A real single-node cluster: control plane, containerd, kubelet, kube-proxy, CNI.
+    Cluster(cluster::ClusterArgs),
     /// Fuzz targets (bounded proptest over untrusted input) with many cases, optimised.
     Fuzz(fuzz::FuzzArgs),
 }
@@ -52,5 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::K8s(args) => k8s::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
+        Command::Image(args) => image::run(&args),
+        Command::Cluster(args) => cluster::run(&args),
     }
 }

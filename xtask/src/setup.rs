@@ -11,6 +11,17 @@ use crate::util::{cache_dir, is_root, run_cmd, succeeds};
 const EBPF_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 const BENCH_PACKAGES: &[&str] = &["iproute2", "nftables", "stress-ng", "bpftool", "kmod"];
 const K8S_PACKAGES: &[&str] = &["etcd-server", "golang-1.19-go"];
+/// `cargo xtask cluster` and `cargo xtask image`: container runtime, CNI, daemonless image builds.
+pub const CLUSTER_PACKAGES: &[&str] = &[
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "buildah",
+    "skopeo",
+    "libc6-dev",
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -39,6 +50,7 @@ fn ensure_packages(with_k8s: bool) -> anyhow::Result<()> {
     let mut wanted: Vec<&str> = EBPF_PACKAGES.iter().chain(BENCH_PACKAGES).copied().collect();
     if with_k8s {
         wanted.extend(K8S_PACKAGES);
+        wanted.extend(CLUSTER_PACKAGES);
     }
     let missing: Vec<&str> = wanted.into_iter().filter(|p| !package_installed(p)).collect();
     if missing.is_empty() {

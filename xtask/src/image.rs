@@ -1,0 +1,319 @@
+//! `cargo xtask image`: the agent and aggregator container images, built without a daemon.
+//!
+//! Release binaries (the agent with its eBPF object embedded), debug info stripped, in `scratch`
+//! images holding only the binary and the shared libraries `ldd` names, made with Debian's
+//! buildah in a private storage under ~/.cache/graywatch/buildah. Tagged exactly as the chart's
+//! defaults (`ghcr.io/graywatch/<name>:<Chart appVersion>`) and written as docker archives to
+//! target/images/, which `cargo xtask cluster up` loads into the cluster's containerd.
+//! The Containerfile at the repository root builds the same layout for CI releases.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+
+use crate::util::{cache_dir, run_cmd, workspace_root};
+
+pub const REGISTRY: &str = "ghcr.io/graywatch";
+/// Debian packages for building images without a daemon.
+const PACKAGES: [&str; 2] = ["buildah", "skopeo"];
+/// The aggregator needs no privileges: the conventional "nonroot" uid/gid of distroless images.
+const NONROOT: &str = "65532:65532";
+
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    /// Also import the images into the running `cargo xtask cluster` containerd.
+    #[arg(long)]
+    pub load: bool,
+}
+
+struct Spec {
+    package: &'static str,
+    bin: &'static str,
+    user: Option<&'static str>,
+    description: &'static str,
+}
+
+const SPECS: [Spec; 2] = [
+    Spec {
+        package: "graywatch-agent",
+        bin: "graywatch-agent",
+        // Loads eBPF programs: the chart grants the capabilities; the uid stays root.
+        user: None,
+        description: "graywatch node agent: eBPF gray-failure signals",
+    },
+    Spec {
+        package: "graywatch-aggregator",
+        bin: "graywatch-aggregator",
+        user: Some(NONROOT),
+        description: "graywatch aggregator: fleet-wide gray-failure decisions",
+    },
+];
+
+pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !crate::cluster::package_installed(p))
+        .collect();
+    crate::cluster::install_packages(&missing)?;
+    let root = workspace_root();
+    let version = chart_app_version(&root)?;
+    let revision = git_output(&root, &["rev-parse", "HEAD"])?;
+    let source = repository_url(&root)?;
+
+    let mut build = Command::new("cargo");
+    build.args(["build", "--release"]).current_dir(&root);
+    for s in &SPECS {
+        build.args(["-p", s.package]);
+    }
+    // A stub eBPF object in an image would only fail at run time: make it a build error.
+    run_cmd(build.env("GRAYWATCH_REQUIRE_EBPF", "1"))
+        .context("building release binaries (needs `cargo xtask setup`)")?;
+
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let out = root.join("target/images");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut built = Vec::new();
+    for s in &SPECS {
+        let tag = format!("{REGISTRY}/{}:{version}", s.bin);
+        let rootfs = out.join(format!("{}.rootfs", s.bin));
+        let _ = std::fs::remove_dir_all(&rootfs);
+        let dest = Path::new("usr/local/bin").join(s.bin);
+        stage_binary(&target_dir.join("release").join(s.bin), &rootfs, &dest)?;
+        let labels = vec![
+            ("org.opencontainers.image.source".to_string(), source.clone()),
+            ("org.opencontainers.image.version".to_string(), version.clone()),
+            ("org.opencontainers.image.revision".to_string(), revision.clone()),
+            ("org.opencontainers.image.title".to_string(), s.bin.to_string()),
+            (
+                "org.opencontainers.image.description".to_string(),
+                s.description.to_string(),
+            ),
+            (
+                "org.opencontainers.image.licenses".to_string(),
+                "Apache-2.0".to_string(),
+            ),
+        ];
+        let archive = out.join(format!("{}-{version}.tar", s.bin));
+        let entry = format!("/{}", dest.display());
+        build_scratch(
+            &ScratchImage {
+                tag: &tag,
+                rootfs: &rootfs,
+                entrypoint: &[&entry],
+                user: s.user,
+                labels: &labels,
+            },
+            &archive,
+        )?;
+        let _ = std::fs::remove_dir_all(&rootfs);
+        built.push((tag, archive));
+    }
+    println!("{:<48} {:>10} {:>12}  archive", "image", "size", "gzip");
+    for (tag, archive) in &built {
+        let size = std::fs::metadata(archive)?.len();
+        println!(
+            "{tag:<48} {:>10} {:>12}  {}",
+            human(size),
+            human(gzip_size(archive)?),
+            archive.display()
+        );
+    }
+    if args.load {
+        match crate::cluster::running() {
+            Some(info) => {
+                for (_, archive) in &built {
+                    crate::cluster::import_image(&info.containerd_socket, archive)?;
+                }
+            }
+            None => bail!("--load: no cluster is running; `cargo xtask cluster up` loads target/images/ itself"),
+        }
+    }
+    Ok(())
+}
+
+/// `appVersion` of deploy/helm/graywatch/Chart.yaml: the chart's default image tag.
+fn chart_app_version(root: &Path) -> anyhow::Result<String> {
+    let chart = root.join("deploy/helm/graywatch/Chart.yaml");
+    let text = std::fs::read_to_string(&chart).with_context(|| format!("reading {}", chart.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_string())
+        .filter(|v| !v.is_empty())
+        .with_context(|| format!("no appVersion in {}", chart.display()))
+}
+
+fn repository_url(root: &Path) -> anyhow::Result<String> {
+    let manifest = root.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("repository"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .map(str::to_string)
+        .with_context(|| format!("no repository in {}", manifest.display()))
+}
+
+fn git_output(root: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .context("running git")?;
+    if !out.status.success() {
+        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Copies `bin` (debug info stripped, symbols kept for backtraces) to `rootfs/dest` and every
+/// shared library `ldd` names, the dynamic loader included, to the same path in `rootfs`.
+pub fn stage_binary(bin: &Path, rootfs: &Path, dest: &Path) -> anyhow::Result<()> {
+    let target = rootfs.join(dest);
+    std::fs::create_dir_all(target.parent().context("binary path has a parent")?)?;
+    run_cmd(Command::new("objcopy").arg("--strip-debug").arg(bin).arg(&target))
+        .with_context(|| format!("stripping {} (is it built?)", bin.display()))?;
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let out = Command::new("ldd").arg(bin).output().context("running ldd")?;
+    for lib in ldd_paths(&String::from_utf8_lossy(&out.stdout)) {
+        let to = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
+        std::fs::create_dir_all(to.parent().context("library path has a parent")?)?;
+        // fs::copy follows the symlinks (libc.so.6 -> ...), so the image holds real files.
+        std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    Ok(())
+}
+
+/// Absolute library paths in `ldd` output (`libc.so.6 => /lib/.../libc.so.6 (0x..)`,
+/// `/lib64/ld-linux-x86-64.so.2 (0x..)`; the vdso has none).
+fn ldd_paths(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let rest = l.split_once("=>").map_or(l, |(_, r)| r.trim());
+            rest.split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+                .map(PathBuf::from)
+        })
+        .collect()
+}
+
+/// A `FROM scratch` image: the contents of `rootfs` as its one layer.
+pub struct ScratchImage<'a> {
+    pub tag: &'a str,
+    pub rootfs: &'a Path,
+    pub entrypoint: &'a [&'a str],
+    pub user: Option<&'a str>,
+    pub labels: &'a [(String, String)],
+}
+
+fn buildah() -> Command {
+    let store = cache_dir().join("buildah");
+    let mut c = Command::new("buildah");
+    // A private vfs store: no overlay mounts left behind, nothing in /var/lib/containers.
+    c.arg("--root")
+        .arg(store.join("storage"))
+        .arg("--runroot")
+        .arg(store.join("run"))
+        .args(["--storage-driver", "vfs"]);
+    c
+}
+
+fn buildah_output(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = buildah();
+    cmd.args(args);
+    let out = cmd.output().context("running buildah (Debian package `buildah`)")?;
+    if !out.status.success() {
+        bail!("buildah {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Builds `img` with buildah and writes it to `archive` as a docker archive tagged `img.tag`
+/// (an oci-archive without a reference name imports into containerd as nothing).
+pub fn build_scratch(img: &ScratchImage, archive: &Path) -> anyhow::Result<()> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let ctr = buildah_output(&["from", "scratch"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let src = format!("{}/", img.rootfs.display());
+        buildah_output(&["copy", &ctr, &src, "/"])?;
+        let entrypoint = serde_json::to_string(img.entrypoint)?;
+        let mut config: Vec<String> = vec![
+            "config".into(),
+            "--entrypoint".into(),
+            entrypoint,
+            "--os".into(),
+            "linux".into(),
+            "--arch".into(),
+            arch.into(),
+            "--workingdir".into(),
+            "/".into(),
+        ];
+        if let Some(user) = img.user {
+            config.extend(["--user".into(), user.into()]);
+        }
+        for (k, v) in img.labels {
+            config.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        config.push(ctr.clone());
+        let config: Vec<&str> = config.iter().map(String::as_str).collect();
+        buildah_output(&config)?;
+        buildah_output(&["commit", "--rm", &ctr, img.tag])?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = buildah_output(&["rm", &ctr]);
+    }
+    result?;
+    // docker-archive refuses to write over an existing file.
+    let _ = std::fs::remove_file(archive);
+    let dest = format!("docker-archive:{}:{}", archive.display(), img.tag);
+    let pushed = buildah_output(&["push", "--quiet", img.tag, &dest]);
+    // The archive is the product; the store only holds copies.
+    let _ = buildah_output(&["rmi", img.tag]);
+    pushed?;
+    Ok(())
+}
+
+fn gzip_size(path: &Path) -> anyhow::Result<u64> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("gzip -c \"$1\" | wc -c")
+        .arg("sh")
+        .arg(path)
+        .output()
+        .context("running gzip")?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("gzip size")
+}
+
+fn human(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_000_000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_names_libraries_and_loader() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x1)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x2)\n\t/lib64/ld-linux-x86-64.so.2 (0x3)\n";
+        let paths = ldd_paths(text);
+        assert_eq!(
+            paths,
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+}
