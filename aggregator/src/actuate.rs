@@ -4,7 +4,7 @@
 
 use futures::{StreamExt, stream};
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Event, EventSource, Node, ObjectReference},
+    api::core::v1::{ConfigMap, Event, EventSource, Node, NodeCondition, ObjectReference},
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
@@ -41,6 +41,10 @@ pub enum ActError {
     TaintConflict(String),
     #[error("lost leadership before {0}")]
     NotLeader(String),
+    #[error("conditions on {0}: the Node kept changing under us")]
+    ConditionConflict(String),
+    #[error("building a patch: {0}")]
+    Patch(String),
 }
 
 impl ActError {
@@ -50,6 +54,8 @@ impl ActError {
             ActError::Kube { what, .. } => what,
             ActError::TaintConflict(_) => "taint",
             ActError::NotLeader(_) => "not_leader",
+            ActError::ConditionConflict(_) => "conditions",
+            ActError::Patch(_) => "patch",
         }
     }
 }
@@ -230,7 +236,7 @@ impl Actuator {
     /// status subresource (that came in 1.22), so our status applies (conditions) would drop our
     /// ownership of the taint and a later apply without it would leave it behind. An optimistic
     /// read-modify-write touches only our key and still records our single field manager.
-    async fn set_taint(&self, node: &str, add: bool) -> Result<(), ActError> {
+    pub async fn set_taint(&self, node: &str, add: bool) -> Result<(), ActError> {
         let api: Api<Node> = Api::all(self.client.clone());
         for _ in 0..5 {
             let n = api.get(node).await.map_err(kube_err("Node", node))?;
@@ -269,7 +275,8 @@ impl Actuator {
         Err(ActError::TaintConflict(node.into()))
     }
 
-    async fn change_pool(&self, change: &PoolChange) -> Result<(), ActError> {
+    /// Applies one NodePool change (also used by `cleanup` to restore every snapshot).
+    pub async fn change_pool(&self, change: &PoolChange) -> Result<(), ActError> {
         let pools: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let apply = PatchParams::apply(FIELD_MANAGER).force();
@@ -316,16 +323,75 @@ impl Actuator {
                     .patch(pool, &apply, &Patch::Apply(&pool_body(pool, requirements)))
                     .await
                     .map_err(kube_err("NodePool", pool))?;
-                let name = snapshot_name(pool);
-                match cms.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(kube_err("ConfigMap", &name)(e)),
-                }
+                self.delete_snapshot(&snapshot_name(pool)).await?;
                 tracing::info!(pool = %pool, "nodepool restored");
             }
         }
         Ok(())
+    }
+
+    /// Deletes the snapshot ConfigMap `name` (gone already is fine).
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), ActError> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        match cms.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(kube_err("ConfigMap", name)(e)),
+        }
+    }
+
+    /// Removes the Node's status conditions that `ours` selects; returns the types removed.
+    ///
+    /// A JSON patch of `/status` that removes exactly those list entries, guarded twice: it sets
+    /// the resourceVersion we read (the apiserver refuses it with 409 if the Node changed) and
+    /// tests each entry's type before removing it. Not server-side apply: on a 1.20 apiserver an
+    /// apply of an empty list only drops the entries no other manager co-owns, and the conditions
+    /// are ours by type whoever last touched them.
+    pub async fn remove_conditions(
+        &self,
+        node: &str,
+        ours: impl Fn(&Node, &NodeCondition) -> bool,
+    ) -> Result<Vec<String>, ActError> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        for _ in 0..5 {
+            let n = api.get(node).await.map_err(kube_err("Node", node))?;
+            let rv = n.metadata.resource_version.clone().unwrap_or_default();
+            let conditions = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .map_or(&[][..], Vec::as_slice);
+            let doomed: Vec<(usize, String)> = conditions
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| ours(&n, c))
+                .map(|(i, c)| (i, c.type_.clone()))
+                .collect();
+            if doomed.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut ops = vec![serde_json::json!({"op": "replace", "path": "/metadata/resourceVersion", "value": rv})];
+            // From the end, so the earlier indices stay valid.
+            for (i, ty) in doomed.iter().rev() {
+                ops.push(
+                    serde_json::json!({"op": "test", "path": format!("/status/conditions/{i}/type"), "value": ty}),
+                );
+                ops.push(serde_json::json!({"op": "remove", "path": format!("/status/conditions/{i}")}));
+            }
+            let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+                .map_err(|e| ActError::Patch(format!("conditions of {node}: {e}")))?;
+            let pp = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            match api.patch_status(node, &pp, &Patch::<()>::Json(patch)).await {
+                Ok(_) => return Ok(doomed.into_iter().map(|(_, ty)| ty).collect()),
+                // The Node changed since we read it (409), or an entry moved (failed test): read again.
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {}
+                Err(e) => return Err(kube_err("Node status", node)(e)),
+            }
+        }
+        Err(ActError::ConditionConflict(node.into()))
     }
 
     async fn event(&self, e: &PlannedEvent, now_ms: Millis) -> Result<(), ActError> {

@@ -159,41 +159,64 @@ impl ClusterReader {
     }
 
     async fn snapshots(&self) -> Result<BTreeMap<String, PoolSnapshot>, ReadError> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-        let list = api
-            .list(&ListParams::default().labels(SNAPSHOT_LABEL))
-            .await
-            .map_err(|source| ReadError::List {
-                what: "snapshot ConfigMaps",
-                source,
-            })?;
         let mut out = BTreeMap::new();
-        for cm in list {
-            let name = cm.name_any();
-            let Some(pool) = cm.labels().get(SNAPSHOT_LABEL).cloned() else {
-                continue;
-            };
-            let data = cm.data.unwrap_or_default();
-            let parse = |key: &str| -> Result<serde_json::Value, ReadError> {
-                let text = data.get(key).ok_or_else(|| ReadError::Snapshot {
-                    name: name.clone(),
-                    problem: format!("no {key}"),
-                })?;
-                serde_json::from_str(text).map_err(|e| ReadError::Snapshot {
-                    name: name.clone(),
-                    problem: format!("{key}: {e}"),
-                })
-            };
-            let requirements = parse("requirements")?;
+        for s in list_snapshots(&self.client, &self.namespace).await? {
+            out.insert(s.pool, s.snapshot?);
+        }
+        Ok(out)
+    }
+}
+
+/// One of our NodePool snapshot ConfigMaps, parsed.
+#[derive(Debug)]
+pub struct SavedSnapshot {
+    /// The ConfigMap's name.
+    pub name: String,
+    /// The NodePool it is a snapshot of (its `SNAPSHOT_LABEL`).
+    pub pool: String,
+    /// What it holds, or why it cannot be read.
+    pub snapshot: Result<PoolSnapshot, ReadError>,
+}
+
+/// Our snapshot ConfigMaps in `namespace` (selected by `SNAPSHOT_LABEL`), each parsed on its
+/// own: one unreadable snapshot does not hide the others.
+pub async fn list_snapshots(client: &Client, namespace: &str) -> Result<Vec<SavedSnapshot>, ReadError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let list = api
+        .list(&ListParams::default().labels(SNAPSHOT_LABEL))
+        .await
+        .map_err(|source| ReadError::List {
+            what: "snapshot ConfigMaps",
+            source,
+        })?;
+    let mut out = Vec::new();
+    for cm in list {
+        let name = cm.name_any();
+        let Some(pool) = cm.labels().get(SNAPSHOT_LABEL).cloned() else {
+            continue;
+        };
+        let data = cm.data.unwrap_or_default();
+        let parse = |key: &str| -> Result<serde_json::Value, ReadError> {
+            let text = data.get(key).ok_or_else(|| ReadError::Snapshot {
+                name: name.clone(),
+                problem: format!("no {key}"),
+            })?;
+            serde_json::from_str(text).map_err(|e| ReadError::Snapshot {
+                name: name.clone(),
+                problem: format!("{key}: {e}"),
+            })
+        };
+        let snapshot = parse("requirements").and_then(|requirements| {
             let excluded: Vec<(String, String)> =
                 serde_json::from_value(parse("excluded")?).map_err(|e| ReadError::Snapshot {
                     name: name.clone(),
                     problem: format!("excluded: {e}"),
                 })?;
-            out.insert(pool, PoolSnapshot { requirements, excluded });
-        }
-        Ok(out)
+            Ok(PoolSnapshot { requirements, excluded })
+        });
+        out.push(SavedSnapshot { name, pool, snapshot });
     }
+    Ok(out)
 }
 
 /// The core's view of one Node.

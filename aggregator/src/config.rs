@@ -35,6 +35,17 @@ pub struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "GRAYWATCH_LOG_JSON")]
     pub log_json: bool,
+    /// Without a subcommand: run the aggregator.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Remove everything the aggregator wrote to the cluster and exit: our taint and conditions
+    /// on every Node, NodePools restored from our snapshots (then deleted). Run by the chart's
+    /// pre-delete hook on `helm uninstall`. Exit code 1 if a write failed.
+    Cleanup(crate::cleanup::CleanupArgs),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,10 +2,12 @@
 //! failures with peer and vantage evidence, and applies guarded plans to the cluster.
 //!
 //! `core` is the pure decision core; `cluster` reads and `actuate` writes the cluster;
-//! `ingest` is the gRPC server; `leader` the Lease election; `run` wires them together.
+//! `ingest` is the gRPC server; `leader` the Lease election; `run` wires them together;
+//! `cleanup` undoes every write (the chart's uninstall hook).
 
 pub mod actuate;
 pub mod auth;
+pub mod cleanup;
 pub mod cluster;
 pub mod config;
 pub mod core;

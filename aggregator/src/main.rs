@@ -1,7 +1,8 @@
-//! `graywatch-aggregator`: thin entry point (config, logging, signals); see `run.rs`.
+//! `graywatch-aggregator`: thin entry point (config, logging, signals); see `run.rs`, and
+//! `cleanup.rs` for the `cleanup` subcommand.
 
 use clap::Parser;
-use graywatch_aggregator::config::{Args, FileConfig};
+use graywatch_aggregator::config::{Args, Command, FileConfig};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -18,6 +19,14 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API (KUBECONFIG or in-cluster): {e}"))?;
+    if let Some(Command::Cleanup(cleanup)) = &args.command {
+        let report = graywatch_aggregator::cleanup::run(client, &cfg, cleanup).await;
+        println!("{}", report.summary());
+        if !report.ok() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     graywatch_aggregator::run::run(cfg, client, shutdown).await
