@@ -12,7 +12,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use graywatch_common::{
     DropKey, FlowKey, FlowStats, KernelOffsets, LostEvent, MAX_DROP_KEYS, MAX_FLOWS, MAX_TRACKED_SOCKETS, NetSettings,
-    SocketState, TCP_PROBE_RECORD_MAX,
+    SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SocketState, TCP_PROBE_RECORD_MAX,
 };
 
 /// Cumulative network statistics per (cgroup, remote address). Shared (not per-CPU) with atomic
@@ -67,13 +67,16 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     skb_network_header: 0,
     skb_tcp_gso_segs: 0,
     sock_cookie: 0,
+    tcp_sock_srtt_us: 0,
+    sock_dport: 0,
+    sock_num: 0,
 };
 
 /// Filled in by the agent from sysctls before load.
 #[unsafe(no_mangle)]
 static NET_SETTINGS: NetSettings = NetSettings {
     ephemeral_port_min: 32_768,
-    _pad: 0,
+    socket_key: SOCKET_KEY_COOKIE,
 };
 
 #[inline(always)]
@@ -81,6 +84,15 @@ pub fn ephemeral_port_min() -> u16 {
     // SAFETY: a static in .rodata written by the loader.
     let settings = unsafe { core::ptr::read_volatile(&NET_SETTINGS) };
     settings.ephemeral_port_min as u16
+}
+
+/// Whether per-socket state is keyed by the socket's address rather than its cookie
+/// ([`graywatch_common::SOCKET_KEY_ADDRESS`]).
+#[inline(always)]
+pub fn socket_key_is_address() -> bool {
+    // SAFETY: a static in .rodata written by the loader.
+    let settings = unsafe { core::ptr::read_volatile(&NET_SETTINGS) };
+    settings.socket_key == SOCKET_KEY_ADDRESS
 }
 
 #[inline(always)]

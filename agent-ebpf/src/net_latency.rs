@@ -7,8 +7,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use graywatch_common::{
     AF_INET, AF_INET6, FlowKey, LostEvent, RTT_SAMPLE_INTERVAL_NS, SockStateFields, SocketState, TCP_PROBE_RECORD_MAX,
@@ -16,8 +16,11 @@ use graywatch_common::{
 };
 
 use crate::{
-    maps::{LAST_PROBED, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min, flow_stats, kernel_offsets},
-    sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, tcp_segs_out},
+    maps::{
+        LAST_PROBED, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min, flow_stats,
+        kernel_offsets, socket_key_is_address,
+    },
+    sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, socket_peer, socket_ports, tcp_segs_out, tcp_srtt_us},
 };
 
 #[unsafe(no_mangle)]
@@ -88,18 +91,84 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a static in .rodata written by the loader.
     let fields = unsafe { core::ptr::read_volatile(&TCP_PROBE_FIELDS) };
     let cookie = sock_cookie(ctx, &fields)?;
+    sample_socket(
+        ctx,
+        cookie,
+        || first_probe(ctx, &fields),
+        // SAFETY: the offset comes from this kernel's tracepoint format file.
+        || unsafe { ctx.read_at(fields.srtt as usize).map_err(|_| ()) },
+    )
+}
+
+/// `tcp_probe` where the tracepoint record has no socket address (6.1: `skaddr` came later):
+/// the raw tracepoint hands over the `struct sock *` itself, and everything is read from it at
+/// BTF offsets. Per-socket state is then keyed by that address (see `socket_key_is_address`).
+#[raw_tracepoint(tracepoint = "tcp_probe")]
+pub fn tcp_probe_raw(ctx: RawTracePointContext) -> u32 {
+    match try_tcp_probe_raw(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_tcp_probe_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
+    // TP_PROTO(struct sock *sk, struct sk_buff *skb)
+    let sk: u64 = ctx.arg(0);
+    let offsets = kernel_offsets();
+    sample_socket(
+        ctx,
+        sk,
+        || {
+            let sk_ptr = sk as *const u8;
+            let (family, remote_addr) = socket_peer(&offsets, sk_ptr).ok_or(())?;
+            let (sport, dport) = socket_ports(&offsets, sk_ptr).ok_or(())?;
+            let cgroup_id = socket_cgroup_id(&offsets, sk_ptr).ok_or(())?;
+            let flow = FlowKey {
+                cgroup_id,
+                remote_addr,
+                family,
+                direction: flow_direction(sport, dport, ephemeral_port_min()),
+                _pad: [0; 5],
+            };
+            Ok((flow, sk, tcp_srtt_us(&offsets, sk_ptr).ok_or(())?))
+        },
+        || tcp_srtt_us(&offsets, sk as *const u8).ok_or(()),
+    )
+}
+
+/// One probe of socket `key`: at most one RTT sample per socket and [`RTT_SAMPLE_INTERVAL_NS`].
+/// `first` resolves a socket seen for the first time to (flow, `struct sock` address, srtt);
+/// `srtt` reads the smoothed RTT of a known one.
+#[inline(always)]
+fn sample_socket<C: EbpfContext>(
+    ctx: &C,
+    key: u64,
+    first: impl FnOnce() -> Result<(FlowKey, u64, u32), ()>,
+    srtt: impl FnOnce() -> Result<u32, ()>,
+) -> Result<(), ()> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let last = LAST_PROBED.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's slot, used only while this program runs on it.
     let last = unsafe { &mut *last };
-    if last.cookie == cookie && now.wrapping_sub(last.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
+    if last.cookie == key && now.wrapping_sub(last.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
         return Ok(());
     }
-    last.cookie = cookie;
-    let Some(state) = SOCKETS.get_ptr_mut(cookie) else {
+    last.cookie = key;
+    let Some(state) = SOCKETS.get_ptr_mut(key) else {
         last.last_sample_ns = now;
-        return first_probe(ctx, &fields, cookie, now);
+        // Remember the socket, and take its first RTT sample.
+        let (flow, sk, srtt) = first()?;
+        let state = SocketState {
+            flow,
+            sk,
+            last_sample_ns: now,
+            segs_out: tcp_segs_out(&kernel_offsets(), sk as *const u8).unwrap_or(0),
+            _pad: 0,
+        };
+        if SOCKETS.insert(key, state, 0).is_err() {
+            count_lost(LostEvent::SocketMapFull);
+        }
+        return record_sample(ctx, &flow, 0, srtt);
     };
     // SAFETY: value pointer of a live LRU entry; a socket's probes (and its state changes) are
     // serialised by the socket lock.
@@ -111,16 +180,13 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), ()> {
     state.last_sample_ns = now;
     last.last_sample_ns = now;
     let segs = state.take_segs_sent(tcp_segs_out(&kernel_offsets(), state.sk as *const u8));
-    // SAFETY: the offset comes from this kernel's tracepoint format file.
-    let srtt: u32 = unsafe { ctx.read_at(fields.srtt as usize).map_err(|_| ())? };
     let flow = state.flow;
-    record_sample(ctx, &flow, segs, srtt)
+    record_sample(ctx, &flow, segs, srtt()?)
 }
 
-/// A socket seen for the first time: resolve its flow from the record and the socket, remember
-/// it, and take its first RTT sample.
-fn first_probe(ctx: &TracePointContext, fields: &TcpProbeFields, cookie: u64, now: u64) -> Result<(), ()> {
-    // One copy of the record instead of a kernel read per field.
+/// A socket seen for the first time by `tcp:tcp_probe`: its flow, address and srtt from the
+/// record (copied once instead of a kernel read per field) and the socket.
+fn first_probe(ctx: &TracePointContext, fields: &TcpProbeFields) -> Result<(FlowKey, u64, u32), ()> {
     let scratch = TCP_PROBE_SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch slot, used only while this program runs on it.
     let record = unsafe { &mut *scratch };
@@ -139,9 +205,8 @@ fn first_probe(ctx: &TracePointContext, fields: &TcpProbeFields, cookie: u64, no
         AF_INET6 => field(record, fields.daddr + 8)?,
         _ => return Err(()),
     };
-    let offsets = kernel_offsets();
     // Three dependent kernel reads, once per socket.
-    let cgroup_id = socket_cgroup_id(&offsets, sk as *const u8).ok_or(())?;
+    let cgroup_id = socket_cgroup_id(&kernel_offsets(), sk as *const u8).ok_or(())?;
     let flow = FlowKey {
         cgroup_id,
         remote_addr,
@@ -149,22 +214,12 @@ fn first_probe(ctx: &TracePointContext, fields: &TcpProbeFields, cookie: u64, no
         direction: flow_direction(sport, dport, ephemeral_port_min()),
         _pad: [0; 5],
     };
-    let state = SocketState {
-        flow,
-        sk,
-        last_sample_ns: now,
-        segs_out: tcp_segs_out(&offsets, sk as *const u8).unwrap_or(0),
-        _pad: 0,
-    };
-    if SOCKETS.insert(cookie, state, 0).is_err() {
-        count_lost(LostEvent::SocketMapFull);
-    }
-    record_sample(ctx, &flow, 0, srtt)
+    Ok((flow, sk, srtt))
 }
 
 /// Adds `segs` segments sent and (if non-zero) one RTT sample to the flow's entry.
 #[inline(always)]
-fn record_sample(ctx: &TracePointContext, flow: &FlowKey, segs: u32, srtt: u32) -> Result<(), ()> {
+fn record_sample<C: EbpfContext>(ctx: &C, flow: &FlowKey, segs: u32, srtt: u32) -> Result<(), ()> {
     let stats = flow_stats(ctx, flow).ok_or(())?;
     // SAFETY: `stats` points into a live FLOWS value; fields are updated atomically.
     unsafe {
@@ -209,12 +264,16 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: as above.
     let sk = unsafe { ctx.read_at::<u64>(fields.skaddr as usize).map_err(|_| ())? } as *const u8;
     let offsets = kernel_offsets();
-    // A socket tcp_probe never saw has no cookie yet (0) and no state.
-    let cookie = socket_cookie(&offsets, sk).ok_or(())?;
-    if cookie == 0 {
+    let key = if socket_key_is_address() {
+        sk as u64
+    } else {
+        // A socket tcp_probe never saw has no cookie yet (0) and no state.
+        socket_cookie(&offsets, sk).ok_or(())?
+    };
+    if key == 0 {
         return Ok(());
     }
-    let Some(state) = SOCKETS.get_ptr_mut(cookie) else {
+    let Some(state) = SOCKETS.get_ptr_mut(key) else {
         return Ok(());
     };
     // SAFETY: value pointer of a live LRU entry, under the socket lock.
@@ -222,6 +281,6 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
         let state = &mut *state;
         (state.flow, state.take_segs_sent(tcp_segs_out(&offsets, sk)))
     };
-    let _ = SOCKETS.remove(cookie);
+    let _ = SOCKETS.remove(key);
     record_sample(ctx, &flow, segs, 0)
 }

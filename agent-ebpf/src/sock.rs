@@ -58,6 +58,29 @@ pub fn socket_cookie(offsets: &KernelOffsets, sk: *const u8) -> Option<u64> {
     unsafe { read(sk, offsets.sock_cookie).ok() }
 }
 
+/// (local, remote) port in host order: `skc_num` is kept in host order, `skc_dport` in network
+/// order.
+#[inline(always)]
+pub fn socket_ports(offsets: &KernelOffsets, sk: *const u8) -> Option<(u16, u16)> {
+    // SAFETY: bpf_probe_read_kernel.
+    let ports = unsafe {
+        let local: u16 = read(sk, offsets.sock_num).ok()?;
+        let remote: u16 = read(sk, offsets.sock_dport).ok()?;
+        Some((local, u16::from_be(remote)))
+    };
+    if ports.is_none() {
+        count_lost(LostEvent::KernelReadFailed);
+    }
+    ports
+}
+
+/// Smoothed RTT in µs, as `tcp:tcp_probe` reports it (`tcp_sock.srtt_us` keeps it << 3).
+#[inline(always)]
+pub fn tcp_srtt_us(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe { read::<u32>(sk, offsets.tcp_sock_srtt_us).ok().map(|v| v >> 3) }
+}
+
 /// `tcp_sock.segs_out`.
 #[inline(always)]
 pub fn tcp_segs_out(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> {

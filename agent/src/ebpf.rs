@@ -11,7 +11,10 @@ use aya::{
     maps::Map,
     programs::{ProgramError, RawTracePoint, TracePoint},
 };
-use graywatch_common::{KfreeSkbFields, NetSettings, SockStateFields, TcpProbeFields, TcpRetransmitFields};
+use graywatch_common::{
+    KfreeSkbFields, NetSettings, SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SockStateFields, TcpProbeFields,
+    TcpRetransmitFields,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -29,6 +32,7 @@ pub struct LoadOptions {
     pub btf: PathBuf,
     /// procfs root (sysctls), `PROCFS_ROOT` or /proc by default.
     pub procfs: PathBuf,
+    pub rtt_source: RttSource,
 }
 
 impl Default for LoadOptions {
@@ -37,9 +41,51 @@ impl Default for LoadOptions {
             tracefs: crate::tracefs::DEFAULT_TRACEFS.into(),
             btf: "/sys/kernel/btf/vmlinux".into(),
             procfs: crate::signals::host::HostPaths::from_env().procfs,
+            rtt_source: RttSource::default(),
         }
     }
 }
+
+/// Which program samples TCP RTT (both hook `tcp_probe`, which fires as segments arrive).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RttSource {
+    /// The tracepoint when its record has what the program needs, else the raw tracepoint.
+    #[default]
+    Auto,
+    /// `tcp:tcp_probe`: reads the record the kernel prepares (needs its `skaddr` field, which
+    /// 6.1 lacks), with the socket cookie as key.
+    Tracepoint,
+    /// `raw_tp/tcp_probe`: reads `struct sock` at BTF offsets; works on every kernel line.
+    RawTracepoint,
+}
+
+/// The signals each network program feeds, for `unavailable` and `signal_available`.
+fn network_signals(program: &str) -> &'static [&'static str] {
+    match program {
+        "tcp_probe" | "tcp_probe_raw" => &["rtt", "segments_sent"],
+        "tcp_retransmit_skb" => &["retransmits"],
+        "kfree_skb" => &["drops"],
+        "inet_sock_set_state" => &["segments_sent_at_close"],
+        _ => &[],
+    }
+}
+
+/// The record layout of `program`'s tracepoint, or (when this kernel lacks it) zeroes and the
+/// program noted as not to be attached.
+fn fields_or_skip<T: Default>(
+    skipped: &mut Vec<(&'static str, String)>,
+    program: &'static str,
+    fields: Result<T, TracefsError>,
+) -> T {
+    fields.unwrap_or_else(|error| {
+        skipped.push((program, error.to_string()));
+        T::default()
+    })
+}
+
+/// Every signal a network program can feed (each reported as available or not).
+pub const NETWORK_SIGNALS: &[&str] = &["rtt", "segments_sent", "retransmits", "drops", "segments_sent_at_close"];
 
 /// A kernel program and the tracepoint it attaches to.
 struct TracepointProgram {
@@ -48,12 +94,13 @@ struct TracepointProgram {
     event: &'static str,
 }
 
+const TCP_PROBE: TracepointProgram = TracepointProgram {
+    program: "tcp_probe",
+    category: "tcp",
+    event: "tcp_probe",
+};
+
 const NETWORK_TRACEPOINTS: &[TracepointProgram] = &[
-    TracepointProgram {
-        program: "tcp_probe",
-        category: "tcp",
-        event: "tcp_probe",
-    },
     TracepointProgram {
         program: "tcp_retransmit_skb",
         category: "tcp",
@@ -151,18 +198,56 @@ impl KernelPrograms {
         let tracefs = Tracefs::open(&options.tracefs)?;
         let layout = KernelLayout::from_file(&options.btf)?;
         let offsets = layout.kernel_offsets()?;
-        let tcp_probe = TcpProbeFields::try_from(&tracefs.event("tcp", "tcp_probe")?)?;
-        let tcp_retransmit = TcpRetransmitFields::try_from(&tracefs.event("tcp", "tcp_retransmit_skb")?)?;
-        let sock_state = SockStateFields::try_from(&tracefs.event("sock", "inet_sock_set_state")?)?;
-        let kfree_skb_format = tracefs.event("skb", "kfree_skb")?;
-        let kfree_skb = KfreeSkbFields::try_from(&kfree_skb_format)?;
-        let drop_reasons = kfree_skb_format.symbolic_names("reason");
+        // Each network program needs its tracepoint's record layout; one this kernel lacks
+        // disables that program (and its signals), not the agent.
+        let mut unavailable_programs: Vec<(&'static str, String)> = Vec::new();
+        let tcp_probe_fields = tracefs
+            .event("tcp", "tcp_probe")
+            .and_then(|format| TcpProbeFields::try_from(&format));
+        let rtt_program = match (options.rtt_source, &tcp_probe_fields) {
+            (RttSource::Tracepoint, _) | (RttSource::Auto, Ok(_)) => "tcp_probe",
+            (RttSource::RawTracepoint, _) => "tcp_probe_raw",
+            (RttSource::Auto, Err(why)) => {
+                info!(%why, "tcp:tcp_probe's record lacks what the RTT program reads; sampling RTT from the raw tracepoint");
+                "tcp_probe_raw"
+            }
+        };
+        let tcp_probe = if rtt_program == "tcp_probe" {
+            fields_or_skip(&mut unavailable_programs, "tcp_probe", tcp_probe_fields)
+        } else {
+            TcpProbeFields::default()
+        };
+        let tcp_retransmit = fields_or_skip(
+            &mut unavailable_programs,
+            "tcp_retransmit_skb",
+            tracefs
+                .event("tcp", "tcp_retransmit_skb")
+                .and_then(|format| TcpRetransmitFields::try_from(&format)),
+        );
+        let sock_state = fields_or_skip(
+            &mut unavailable_programs,
+            "inet_sock_set_state",
+            tracefs
+                .event("sock", "inet_sock_set_state")
+                .and_then(|format| SockStateFields::try_from(&format)),
+        );
+        let kfree_skb_format = tracefs.event("skb", "kfree_skb");
+        let drop_reasons = kfree_skb_format
+            .as_ref()
+            .map(|format| format.symbolic_names("reason"))
+            .unwrap_or_default();
+        let kfree_skb = fields_or_skip(
+            &mut unavailable_programs,
+            "kfree_skb",
+            kfree_skb_format.and_then(|format| KfreeSkbFields::try_from(&format)),
+        );
         debug!(
             ?offsets,
             ?tcp_probe,
             ?tcp_retransmit,
             ?sock_state,
             ?kfree_skb,
+            rtt_program,
             "kernel layout resolved"
         );
         // CPU/memory programs: optional, a kernel lacking what they need still runs the rest.
@@ -179,7 +264,11 @@ impl KernelPrograms {
 
         let net_settings = NetSettings {
             ephemeral_port_min: ephemeral_port_min(&options.procfs),
-            _pad: 0,
+            socket_key: if rtt_program == "tcp_probe" {
+                SOCKET_KEY_COOKIE
+            } else {
+                SOCKET_KEY_ADDRESS
+            },
         };
         let mut ebpf = EbpfLoader::new()
             // rustc emits no CO-RE relocations, the only use aya has for the kernel's BTF
@@ -215,8 +304,11 @@ impl KernelPrograms {
             attached_programs: Vec::new(),
             unavailable: Vec::new(),
         };
-        for tp in NETWORK_TRACEPOINTS {
-            programs.attach_tracepoint(tp)?;
+        programs.attach_network_programs(rtt_program, &unavailable_programs);
+        if programs.attached_programs.is_empty() && !unavailable_programs.is_empty() {
+            // Not one network program: the first reason is the one a user must fix.
+            let (program, why) = &unavailable_programs[0];
+            warn!(program, %why, "no network program could be attached on this kernel");
         }
         programs.attach_host_programs(host_unavailable);
         info!(programs = ?programs.attached, "kernel programs attached");
@@ -257,6 +349,37 @@ impl KernelPrograms {
         self.attached.push(format!("{}:{}", tp.category, tp.event));
         self.attached_programs.push(tp.program);
         Ok(())
+    }
+
+    /// Attaches the network programs (`rtt_program` for RTT); a program that cannot attach
+    /// disables its signals (logged, listed by [`KernelPrograms::unavailable`]) and the others
+    /// keep working.
+    fn attach_network_programs(&mut self, rtt_program: &'static str, skipped: &[(&'static str, String)]) {
+        let disable = |programs: &mut Self, program: &'static str, why: String| {
+            warn!(program, %why, "kernel program not attached; its signals are unavailable on this kernel");
+            for signal in network_signals(program) {
+                programs
+                    .unavailable
+                    .push(((*signal).to_owned(), format!("{program}: {why}")));
+            }
+        };
+        let rtt = if rtt_program == "tcp_probe" {
+            Some(&TCP_PROBE)
+        } else {
+            None
+        };
+        for tp in rtt.into_iter().chain(NETWORK_TRACEPOINTS) {
+            if let Some((_, why)) = skipped.iter().find(|(p, _)| *p == tp.program) {
+                disable(self, tp.program, why.clone());
+            } else if let Err(error) = self.attach_tracepoint(tp) {
+                disable(self, tp.program, error.to_string());
+            }
+        }
+        if rtt.is_none()
+            && let Err(error) = self.attach_raw_tracepoint(rtt_program, TCP_PROBE.event)
+        {
+            disable(self, rtt_program, error.to_string());
+        }
     }
 
     /// Attaches the CPU/memory programs; a failure disables that signal (logged once, listed by

@@ -99,6 +99,9 @@ impl KernelLayout {
             skb_network_header: self.offset_of("sk_buff.network_header")?,
             skb_tcp_gso_segs: self.offset_of("sk_buff.cb")? + self.offset_of("tcp_skb_cb.tcp_gso_segs")?,
             sock_cookie: self.offset_of("sock.__sk_common.skc_cookie")?,
+            tcp_sock_srtt_us: self.offset_of("tcp_sock.srtt_us")?,
+            sock_dport: self.offset_of("sock.__sk_common.skc_dport")?,
+            sock_num: self.offset_of("sock.__sk_common.skc_num")?,
         })
     }
 

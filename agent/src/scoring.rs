@@ -77,6 +77,10 @@ impl LocalScorer {
         for series in self.families.values_mut().flat_map(HashMap::values_mut) {
             series.idle_windows += 1;
         }
+        // A ratio whose numerator or denominator this kernel cannot count is no measurement.
+        let loss_measured = !["retransmits", "segments_sent"]
+            .iter()
+            .any(|signal| summary.unavailable.contains_key(*signal));
         for peer in peers(summary) {
             if let Some(p99) = peer.rtt_p99_us {
                 self.feed(
@@ -87,7 +91,7 @@ impl LocalScorer {
                     p99,
                 );
             }
-            if peer.segments_out > 0 {
+            if loss_measured && peer.segments_out > 0 {
                 let pct = 100.0 * peer.retransmits as f64 / peer.segments_out as f64;
                 self.feed(
                     Family::PacketLoss,
@@ -313,5 +317,29 @@ pub(crate) mod tests {
         );
         let p50 = peers[0].rtt_p50_us.expect("rtt");
         assert!((p50 - 1_000.0).abs() < 70.0, "{p50}");
+    }
+
+    #[test]
+    fn loss_is_not_scored_where_the_kernel_cannot_count_retransmits() {
+        let peer = Ipv4Addr::new(10, 0, 0, 4);
+        let mut scorer = LocalScorer::default();
+        let mut window = window_with(peer, 1_000, 50, 200, 0);
+        let loss = |scores: Vec<LocalFamilyScore>| {
+            scores
+                .into_iter()
+                .find(|s| s.family == Family::PacketLoss)
+                .expect("every family is scored")
+        };
+        assert_ne!(
+            loss(scorer.observe(0.0, &window)).reason,
+            "no data",
+            "measured: a series exists"
+        );
+        let mut blind = LocalScorer::default();
+        window
+            .unavailable
+            .insert("retransmits".into(), "tcp_retransmit_skb: not on this kernel".into());
+        let score = loss(blind.observe(0.0, &window));
+        assert_eq!((score.score, score.reason.as_str()), (None, "no data"));
     }
 }

@@ -11,6 +11,7 @@ use std::{
 
 use graywatch_agent::{
     app::{Collector, CollectorOptions},
+    ebpf::RttSource,
     pods::PodDirectory,
     summary::{Direction, FlowWindow, WindowSummary},
 };
@@ -25,7 +26,15 @@ const TRAFFIC: &str = env!("CARGO_BIN_EXE_graywatch-traffic");
 const PORT: u16 = 7000;
 
 fn collector() -> Collector {
-    Collector::start(&CollectorOptions::for_node("bench"), PodDirectory::default())
+    collector_with(RttSource::Auto)
+}
+
+/// A collector whose RTT program is `source`: the raw tracepoint is what kernels without the
+/// tracepoint record's socket address (6.1) run, and it must measure the same.
+fn collector_with(source: RttSource) -> Collector {
+    let mut options = CollectorOptions::for_node("bench");
+    options.load.rtt_source = source;
+    Collector::start(&options, PodDirectory::default())
         .expect("load and attach the kernel programs (root, tracefs, BTF)")
 }
 
@@ -112,10 +121,19 @@ fn flows_of<'a>(summary: &'a WindowSummary, cgroup: &TestCgroup2) -> Vec<&'a Flo
 
 #[test]
 fn rtt_matches_injected_delay_and_the_kernels_own_srtt() {
+    rtt_matches_injected_delay(RttSource::Tracepoint);
+}
+
+#[test]
+fn rtt_from_the_raw_tracepoint_matches_injected_delay_and_the_kernels_own_srtt() {
+    rtt_matches_injected_delay(RttSource::RawTracepoint);
+}
+
+fn rtt_matches_injected_delay(source: RttSource) {
     let bench = Bench::new(3).expect("bench");
     let (client_node, delayed, direct) = (bench.node(0), bench.node(1), bench.node(2));
     let _servers = [Server::start(delayed), Server::start(direct)];
-    let mut agent = collector();
+    let mut agent = collector_with(source);
     let slow = cgroup(&mut agent, "rtt-delayed");
     let fast = cgroup(&mut agent, "rtt-direct");
     let delay = Duration::from_millis(20);
@@ -369,13 +387,23 @@ fn ipv6_flows_are_attributed_to_their_cgroup() {
 
 #[test]
 fn short_connections_count_the_segments_they_sent() {
+    short_connections_count_their_segments(RttSource::Tracepoint);
+}
+
+#[test]
+fn short_connections_count_their_segments_with_the_raw_tracepoint() {
+    // Per-socket state is keyed by socket address there; the close hand-over must find it.
+    short_connections_count_their_segments(RttSource::RawTracepoint);
+}
+
+fn short_connections_count_their_segments(source: RttSource) {
     // A socket hands its segment count to its flow with an RTT sample (at most once a
     // millisecond) or when it leaves ESTABLISHED; a connection shorter than that interval is
     // counted only by the second path. Without it, these connections would count ~0 segments.
     let bench = Bench::new(2).expect("bench");
     let (client_node, server_node) = (bench.node(0), bench.node(1));
     let _server = Server::start(server_node);
-    let mut agent = collector();
+    let mut agent = collector_with(source);
     let short = cgroup(&mut agent, "short-connections");
     let out_before = nstat_counter(&client_node.netns, "TcpOutSegs").expect("nstat");
     const CONNECTIONS: u64 = 20;

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::bail;
 
 use crate::{
-    ebpf, k8s, setup,
+    ebpf, k8s, kernels, setup,
     util::{is_root, run_cmd, workspace_root},
 };
 
@@ -28,6 +28,8 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     // once from Debian's source package and cached); with GRAYWATCH_REQUIRE_K8S=1 they fail
     // instead of skipping when it is missing.
     k8s::ensure_apiserver()?;
+    // The kernel-matrix test boots the EKS kernel lines (6.1, 6.12) in QEMU guests with the agent.
+    let kernels = kernels::ensure()?;
     // The end-to-end demo test runs the agent, aggregator and traffic binaries.
     run_cmd(
         Command::new("cargo")
@@ -43,6 +45,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             .args(&args.cargo_args)
             .args(["--", "--test-threads=1"])
             .env("GRAYWATCH_REQUIRE_EBPF", "1")
-            .env("GRAYWATCH_REQUIRE_K8S", "1"),
+            .env("GRAYWATCH_REQUIRE_K8S", "1")
+            .env("GRAYWATCH_KERNELS", &kernels),
     )
 }

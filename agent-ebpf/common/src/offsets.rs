@@ -32,6 +32,13 @@ pub struct KernelOffsets {
     pub skb_tcp_gso_segs: u32,
     /// `struct sock_common.skc_cookie` (u64; 0 until the kernel first needs the cookie).
     pub sock_cookie: u32,
+    /// `struct tcp_sock.srtt_us` (u32, smoothed RTT in µs << 3): read directly where the
+    /// `tcp:tcp_probe` record cannot be used (see [`NetSettings::socket_key`]).
+    pub tcp_sock_srtt_us: u32,
+    /// `struct sock_common.skc_dport` (__be16, remote port).
+    pub sock_dport: u32,
+    /// `struct sock_common.skc_num` (u16, local port in host order).
+    pub sock_num: u32,
 }
 
 /// Field offsets inside the `tcp:tcp_probe` tracepoint record.
@@ -62,8 +69,19 @@ pub const TCP_PROBE_RECORD_MAX: usize = 192;
 pub struct NetSettings {
     /// Low end of `net.ipv4.ip_local_port_range`: ports at or above it are ephemeral.
     pub ephemeral_port_min: u32,
-    pub _pad: u32,
+    /// How the programs key per-socket state: [`SOCKET_KEY_COOKIE`] when RTT comes from the
+    /// `tcp:tcp_probe` tracepoint record (it carries the socket cookie), [`SOCKET_KEY_ADDRESS`]
+    /// when it comes from the raw tracepoint (kernels whose record has no socket address, 6.1).
+    pub socket_key: u32,
 }
+
+/// Per-socket state is keyed by the socket cookie (unique for the socket's lifetime).
+pub const SOCKET_KEY_COOKIE: u32 = 0;
+/// Per-socket state is keyed by the `struct sock` address: the raw tracepoint sees no cookie
+/// (the kernel makes one lazily, and only the tracepoint record's assignment asks for it).
+/// An address can be reused after the socket is freed; entries leave when the socket leaves
+/// ESTABLISHED, so a reuse finds no stale entry unless that hand-over was missed (LRU then).
+pub const SOCKET_KEY_ADDRESS: u32 = 1;
 
 /// Field offsets inside the `tcp:tcp_retransmit_skb` tracepoint record.
 #[repr(C)]
