@@ -83,8 +83,9 @@ const SYSCTLS: [&str; 9] = [
 
 /// Host paths kubelet/containerd/CNI create outside their configured directories (hard-coded in
 /// these versions); `down` removes the ones that did not exist before `up`.
-const HOST_PATHS: [&str; 6] = [
+const HOST_PATHS: [&str; 7] = [
     "/run/containerd",
+    "/etc/cni",
     "/var/log/pods",
     "/var/log/containers",
     "/var/lib/cni",
@@ -227,14 +228,14 @@ pub fn up() -> anyhow::Result<ClusterInfo> {
         down()?;
     }
     ensure_packages()?;
-    preflight()?;
+    let node_link = preflight()?;
     ensure_binaries(&p)?;
     let pause = ensure_pause_image(&p)?;
     eprintln!(
         "cluster: starting (binaries ready after {:.1} s)",
         t0.elapsed().as_secs_f64()
     );
-    let result = start(&p, &pause);
+    let result = start(&p, &pause, node_link);
     if let Err(e) = result {
         eprintln!("cluster: start failed, removing what was started: {e:#}");
         if let Err(e2) = down() {
@@ -283,7 +284,8 @@ pub fn package_installed(name: &str) -> bool {
 }
 
 /// Checks the kernel and the ports before anything is started, so a failure names its reason.
-fn preflight() -> anyhow::Result<()> {
+/// Returns the link type for the node address.
+fn preflight() -> anyhow::Result<&'static str> {
     let filesystems = std::fs::read_to_string("/proc/filesystems").context("reading /proc/filesystems")?;
     if !filesystems.contains("\toverlay") {
         bail!("the kernel has no overlay file system (containerd's snapshotter needs CONFIG_OVERLAY_FS)");
@@ -299,22 +301,26 @@ fn preflight() -> anyhow::Result<()> {
     if !succeeds(Command::new("iptables").args(["-w", "-t", "nat", "-S"])) {
         bail!("`iptables -t nat -S` fails: the kernel lacks the nat table (kube-proxy and CNI portmap need it)");
     }
-    // Probe the two link types by creating throw-away ones: the failure names the missing module.
-    for kind in ["dummy", "bridge"] {
-        let probe = "gw-probe0";
+    // Probe the link types by creating throw-away ones, so a failure names the missing module.
+    // The node address goes on a dummy interface, or on a port-less bridge where the kernel has
+    // no dummy driver (this VM's): either way it is a local address that routes nowhere.
+    let probe = |kind: &str| -> anyhow::Result<Result<(), String>> {
         let out = Command::new("ip")
-            .args(["link", "add", probe, "type", kind])
+            .args(["link", "add", "gw-probe0", "type", kind])
             .output()
             .context("running ip (iproute2)")?;
         if !out.status.success() {
-            bail!(
-                "cannot create a {kind} interface ({}); the kernel lacks CONFIG_{}",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                kind.to_uppercase()
-            );
+            return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }
-        let _ = succeeds(Command::new("ip").args(["link", "del", probe]));
+        let _ = succeeds(Command::new("ip").args(["link", "del", "gw-probe0"]));
+        Ok(Ok(()))
+    };
+    if let Err(why) = probe("bridge")? {
+        bail!(
+            "cannot create a bridge interface ({why}); the kernel lacks CONFIG_BRIDGE (the CNI bridge plugin needs it)"
+        );
     }
+    let node_link = if probe("dummy")?.is_ok() { "dummy" } else { "bridge" };
     if Path::new("/sys/class/net").join(NODE_NAME).exists() || Path::new("/sys/class/net").join(BRIDGE).exists() {
         bail!(
             "interface {NODE_NAME} or {BRIDGE} already exists but no cluster is recorded; \
@@ -335,7 +341,7 @@ fn preflight() -> anyhow::Result<()> {
             bail!("port {port} ({what}) is in use: {e}; stop whatever listens there (`ss -ltnp 'sport = {port}'`)");
         }
     }
-    Ok(())
+    Ok(node_link)
 }
 
 /// kubelet, kube-controller-manager, kube-scheduler and kube-proxy from the kube-apiserver's
@@ -417,11 +423,11 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
     Ok(archive)
 }
 
-fn start(p: &Paths, pause: &Path) -> anyhow::Result<()> {
+fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(p.run.join("pki"))?;
     record_host_state(p)?;
     // The node address.
-    run_cmd(Command::new("ip").args(["link", "add", NODE_NAME, "type", "dummy"]))?;
+    run_cmd(Command::new("ip").args(["link", "add", NODE_NAME, "type", node_link]))?;
     run_cmd(Command::new("ip").args(["addr", "add", &format!("{NODE_IP}/32"), "dev", NODE_NAME]))?;
     run_cmd(Command::new("ip").args(["link", "set", NODE_NAME, "up"]))?;
 
