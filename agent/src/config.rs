@@ -43,7 +43,9 @@ pub struct Cli {
     #[arg(long, env = "GRAYWATCH_LISTEN")]
     pub listen: Option<String>,
 
-    /// tracefs mount point (tracepoint formats).
+    /// tracefs mount point (tracepoint formats). Must be the tracefs the eBPF library attaches
+    /// through: /sys/kernel/tracing (or /sys/kernel/debug/tracing) in this mount namespace; the
+    /// agent refuses to start otherwise, or when it is not a mounted tracefs.
     #[arg(long, env = "GRAYWATCH_TRACEFS")]
     pub tracefs: Option<PathBuf>,
 
@@ -62,6 +64,20 @@ pub struct Cli {
     /// Stream window summaries to this aggregator (e.g. http://graywatch-aggregator:7443).
     #[arg(long, env = "GRAYWATCH_AGGREGATOR")]
     pub aggregator: Option<String>,
+
+    /// Find the aggregator replicas through the Kubernetes API, not DNS: watch the Endpoints of
+    /// this Service, given as <namespace>/<service>[:<port-name>] (e.g.
+    /// graywatch/graywatch-aggregator-replicas:grpc), and stream to every ready address. Without
+    /// a port name: the only port, or the one numbered as in --aggregator. --aggregator still
+    /// gives the scheme and the TLS server name, and its DNS name is the fallback while the API
+    /// is unreachable or lists no ready replica. Needs RBAC: endpoints get/list/watch in that
+    /// namespace.
+    #[arg(
+        long,
+        env = "GRAYWATCH_AGGREGATOR_ENDPOINTS",
+        value_name = "NAMESPACE/SERVICE[:PORT]"
+    )]
+    pub aggregator_endpoints: Option<String>,
 
     /// Projected ServiceAccount token presented to the aggregator (re-read on every reconnect).
     #[arg(long, env = "GRAYWATCH_AGGREGATOR_TOKEN_FILE")]
@@ -132,6 +148,7 @@ pub struct FileConfig {
     pub cgroup_scope: Option<String>,
     pub kube: Option<KubeMode>,
     pub aggregator: Option<String>,
+    pub aggregator_endpoints: Option<String>,
     pub aggregator_token_file: Option<PathBuf>,
     pub aggregator_ca_file: Option<PathBuf>,
     pub aggregator_tls_server_name: Option<String>,
@@ -153,6 +170,8 @@ pub struct Config {
     pub cgroup_scope: Option<String>,
     pub kube: KubeMode,
     pub aggregator: Option<String>,
+    /// The Service whose Endpoints list the aggregator replicas (API discovery instead of DNS).
+    pub aggregator_endpoints: Option<crate::discovery::ServiceRef>,
     /// TLS and token for the aggregator stream.
     pub aggregator_security: crate::stream_security::StreamSecurity,
 }
@@ -242,6 +261,24 @@ impl Config {
                 reason: format!("{url:?} must be a URL like http://graywatch-aggregator:7443"),
             });
         }
+        let aggregator_endpoints = cli
+            .aggregator_endpoints
+            .clone()
+            .or(file.aggregator_endpoints)
+            .map(|s| {
+                s.parse::<crate::discovery::ServiceRef>()
+                    .map_err(|e| ConfigError::Invalid {
+                        field: "aggregator_endpoints",
+                        reason: e.to_string(),
+                    })
+            })
+            .transpose()?;
+        if aggregator_endpoints.is_some() && aggregator.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "aggregator_endpoints",
+                reason: "needs `aggregator` too (its scheme, TLS server name and DNS fallback)".into(),
+            });
+        }
         let aggregator_security = crate::stream_security::StreamSecurity {
             token_file: cli.aggregator_token_file.clone().or(file.aggregator_token_file),
             ca_file: cli.aggregator_ca_file.clone().or(file.aggregator_ca_file),
@@ -272,6 +309,7 @@ impl Config {
         }
         Ok(Config {
             aggregator,
+            aggregator_endpoints,
             aggregator_security,
             node_name,
             interval,
@@ -363,6 +401,40 @@ mod tests {
         )
         .expect_err("no scheme");
         assert!(err.to_string().contains("`aggregator`"), "{err}");
+    }
+
+    #[test]
+    fn aggregator_endpoints_from_flag_or_file() {
+        let file: FileConfig = toml::from_str(
+            "aggregator = \"http://agg.graywatch.svc:7443\"\naggregator_endpoints = \"graywatch/agg:grpc\"\n",
+        )
+        .expect("toml");
+        let config = Config::merge(&cli(&["--node-name", "n"]), file).expect("valid");
+        let service = config.aggregator_endpoints.expect("set");
+        assert_eq!(
+            (service.namespace.as_str(), service.name.as_str()),
+            ("graywatch", "agg")
+        );
+        assert_eq!(service.port_name.as_deref(), Some("grpc"));
+        let err = Config::merge(
+            &cli(&["--node-name", "n", "--aggregator-endpoints", "graywatch/agg"]),
+            FileConfig::default(),
+        )
+        .expect_err("no aggregator URL");
+        assert!(err.to_string().contains("`aggregator_endpoints`"), "{err}");
+        let err = Config::merge(
+            &cli(&[
+                "--node-name",
+                "n",
+                "--aggregator",
+                "http://agg:7443",
+                "--aggregator-endpoints",
+                "agg",
+            ]),
+            FileConfig::default(),
+        )
+        .expect_err("no namespace");
+        assert!(err.to_string().contains("`aggregator_endpoints`"), "{err}");
     }
 
     #[test]

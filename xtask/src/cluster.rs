@@ -237,7 +237,7 @@ pub fn up() -> anyhow::Result<ClusterInfo> {
     );
     let result = start(&p, &pause, node_link);
     if let Err(e) = result {
-        eprintln!("cluster: start failed, removing what was started: {e:#}");
+        eprintln!("cluster: start failed; removing what was started");
         if let Err(e2) = down() {
             eprintln!("cluster: cleanup after the failed start also failed: {e2:#}");
         }
@@ -527,7 +527,6 @@ fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
             "--container-runtime=remote".into(),
             format!("--container-runtime-endpoint={sock}"),
             format!("--image-service-endpoint={sock}"),
-            "--runtime-request-timeout=5m".into(),
             format!("--root-dir={}", kubelet_dir.join("root").display()),
             // Both default to /var/lib/kubelet/... whatever --root-dir says.
             format!("--cert-dir={}", kubelet_dir.join("pki").display()),
@@ -843,6 +842,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}}
 volumePluginDir: {plugins}
 serializeImagePulls: false
+runtimeRequestTimeout: 5m
 "#,
         ca = p.pki("ca.crt").display(),
         plugins = dir.join("volume-plugins").display(),
