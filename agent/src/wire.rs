@@ -18,10 +18,27 @@ pub struct Identity {
     pub node_name: String,
     pub boot_id: String,
     pub addresses: Vec<String>,
+    /// This agent incarnation: when it started, in ns of CLOCK_BOOTTIME (see [`boottime_ns`]).
+    pub agent_started_ns: u64,
+}
+
+/// Now on the node's CLOCK_BOOTTIME, in ns (0 if the clock cannot be read, which the aggregator
+/// treats as "incarnation unknown").
+///
+/// The clock is the kernel's, shared by every container on the node and monotonic for the whole
+/// boot (suspend included, no wall-clock steps), so an agent started later on the same boot id
+/// always reads a larger value: the aggregator orders agent incarnations by it.
+#[must_use]
+pub fn boottime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        let ns = i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
+        u64::try_from(ns).unwrap_or(0)
+    })
 }
 
 impl Identity {
-    /// The node's identity from the host: boot id from procfs and non-loopback addresses.
+    /// The node's identity from the host: boot id from procfs and non-loopback addresses; the
+    /// incarnation is now.
     pub fn from_host(node_name: &str, procfs: &std::path::Path) -> Self {
         let boot_id = std::fs::read_to_string(procfs.join("sys/kernel/random/boot_id"))
             .map(|s| s.trim().to_owned())
@@ -46,6 +63,7 @@ impl Identity {
             node_name: node_name.to_owned(),
             boot_id,
             addresses,
+            agent_started_ns: boottime_ns(),
         }
     }
 }
@@ -156,6 +174,7 @@ pub fn node_summary(
             boot_id: identity.boot_id.clone(),
             addresses: identity.addresses.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_started_ns: identity.agent_started_ns,
         }),
         window: Some(Window {
             seq,
@@ -199,6 +218,15 @@ mod tests {
     use crate::scoring::tests::window_with;
 
     #[test]
+    fn a_later_incarnation_reads_a_larger_boottime() {
+        let first = Identity::from_host("n", std::path::Path::new("/proc"));
+        let second = Identity::from_host("n", std::path::Path::new("/proc"));
+        assert!(first.agent_started_ns > 0);
+        assert!(second.agent_started_ns > first.agent_started_ns);
+        assert_eq!(first.boot_id, second.boot_id);
+    }
+
+    #[test]
     fn summary_carries_figures_peers_and_ready_scores_only() {
         let window = window_with(Ipv4Addr::new(10, 0, 0, 9), 2_000, 40, 1_000, 25);
         let scores = vec![
@@ -217,9 +245,11 @@ mod tests {
             node_name: "node-a".into(),
             boot_id: "b".into(),
             addresses: vec!["10.0.0.1".into()],
+            agent_started_ns: 11,
         };
         let msg = node_summary(&identity, 7, &window, &scores);
         assert_eq!(msg.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(msg.node.as_ref().map(|n| n.agent_started_ns), Some(11));
         assert_eq!(msg.window.as_ref().map(|w| (w.seq, w.end_unix_ms)), Some((7, 2_000)));
         let latency = msg
             .families

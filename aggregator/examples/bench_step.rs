@@ -89,6 +89,7 @@ fn main() {
                 NodeReport {
                     seq: round as u64,
                     boot_id: "b".into(),
+                    agent_started_ns: 1,
                     received_ms: input.now_ms,
                     figures: BTreeMap::from([
                         (Family::NetworkLatency, if bad { 8000.0 } else { 300.0 }),

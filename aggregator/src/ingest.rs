@@ -1,6 +1,7 @@
 //! gRPC ingest: the `graywatch.v1.Ingest/Report` stream. Each summary is validated, reduced to
-//! a [`NodeReport`] and stored in the [`FleetStore`]; replays (same boot id, seq not newer) are
-//! acknowledged and dropped. A bad message ends the stream with a status naming the problem:
+//! a [`NodeReport`] and stored in the [`FleetStore`]; replays (same boot id and agent incarnation,
+//! seq not newer) and windows of a superseded agent incarnation are acknowledged and dropped
+//! (see [`classify`]). A bad message ends the stream with a status naming the problem:
 //! FAILED_PRECONDITION for an unsupported protocol version, INVALID_ARGUMENT for content;
 //! tonic itself answers OUT_OF_RANGE for oversized and INTERNAL for undecodable messages.
 
@@ -37,21 +38,67 @@ pub struct FleetStore {
 /// What storing a summary did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
+    /// A newer window (of the same incarnation, a restarted agent, or a rebooted node): stored.
     New,
+    /// Already seen (seq not newer within the same incarnation): dropped.
     Replay,
+    /// From an agent incarnation older than the one last stored for this boot (a late replay
+    /// of an agent that has since been restarted): dropped, so state never rolls back.
+    Superseded,
+}
+
+/// Whether `next` replaces `prev`, the latest stored report of the same node.
+///
+/// * Another boot id: the node rebooted; `next` is new (a boot id cannot be ordered, and a
+///   reboot restarts every agent).
+/// * Same boot, a later-started agent (`agent_started_ns` larger): a restarted agent whose seq
+///   started again at 1; new whatever its seq.
+/// * Same boot, an earlier-started agent: superseded, dropped (the old process' replay after the
+///   new one started must not roll the node back).
+/// * Same incarnation: new only if seq is larger.
+///
+/// `agent_started_ns` 0 is an agent that predates the field: it cannot be ordered against a
+/// known incarnation, so it is compared by seq alone (the former behaviour).
+#[must_use]
+pub fn classify(prev: &NodeReport, next: &NodeReport) -> Stored {
+    use std::cmp::Ordering;
+    if prev.boot_id != next.boot_id {
+        return Stored::New;
+    }
+    match next.agent_started_ns.cmp(&prev.agent_started_ns) {
+        Ordering::Greater => Stored::New,
+        Ordering::Less if next.agent_started_ns != 0 => Stored::Superseded,
+        Ordering::Less | Ordering::Equal if next.seq > prev.seq => Stored::New,
+        Ordering::Less | Ordering::Equal => Stored::Replay,
+    }
 }
 
 impl FleetStore {
     pub fn store(&self, node: &str, report: NodeReport) -> Stored {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match map.get_mut(node) {
-            Some(prev) if prev.boot_id == report.boot_id && prev.seq >= report.seq => return Stored::Replay,
-            Some(prev) => *prev = Arc::new(report),
+            Some(prev) => {
+                let stored = classify(prev, &report);
+                if stored == Stored::New {
+                    if prev.boot_id == report.boot_id && prev.agent_started_ns != report.agent_started_ns {
+                        tracing::info!(
+                            node,
+                            boot_id = %report.boot_id,
+                            previous_agent_started_ns = prev.agent_started_ns,
+                            agent_started_ns = report.agent_started_ns,
+                            seq = report.seq,
+                            "agent restarted: its windows replace the previous incarnation's"
+                        );
+                    }
+                    *prev = Arc::new(report);
+                }
+                stored
+            }
             None => {
                 map.insert(node.to_string(), Arc::new(report));
+                Stored::New
             }
         }
-        Stored::New
     }
 
     #[must_use]
@@ -166,6 +213,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
         NodeReport {
             seq: window.seq,
             boot_id: node.boot_id.clone(),
+            agent_started_ns: node.agent_started_ns,
             received_ms: now_ms,
             figures,
             local,
@@ -246,7 +294,10 @@ impl Ingest for IngestService {
                         }
                         let seq = report.seq;
                         let stored = this.store.store(&name, report);
-                        this.metrics.ingested(stored == Stored::Replay);
+                        if stored == Stored::Superseded {
+                            tracing::debug!(node = %name, seq, "dropped a window of a superseded agent incarnation");
+                        }
+                        this.metrics.ingested(stored != Stored::New);
                         node = Some(name);
                         let ack = Directive {
                             protocol_version: PROTOCOL_VERSION,
@@ -344,6 +395,57 @@ mod tests {
                 .message()
                 .starts_with("peers:")
         );
+    }
+
+    fn incarnation(started_ns: u64, seq: u64) -> NodeReport {
+        NodeReport {
+            boot_id: "b".into(),
+            agent_started_ns: started_ns,
+            seq,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_replaces_the_old_one_whatever_its_seq() {
+        let store = FleetStore::default();
+        assert_eq!(store.store("node-1", incarnation(100, 500)), Stored::New);
+        // The rollout's new agent starts at seq 1 on the same boot.
+        assert_eq!(store.store("node-1", incarnation(200, 1)), Stored::New);
+        assert_eq!(store.snapshot()["node-1"].seq, 1);
+        assert_eq!(store.store("node-1", incarnation(200, 2)), Stored::New);
+        assert_eq!(store.store("node-1", incarnation(200, 2)), Stored::Replay);
+        // A late replay of the old agent (higher seq) does not roll the node back.
+        assert_eq!(store.store("node-1", incarnation(100, 501)), Stored::Superseded);
+        let kept = &store.snapshot()["node-1"];
+        assert_eq!((kept.agent_started_ns, kept.seq), (200, 2));
+        assert_eq!(store.store("node-1", incarnation(200, 3)), Stored::New);
+    }
+
+    #[test]
+    fn agents_without_an_incarnation_compare_by_seq() {
+        // An old agent (0) upgraded to one that sends its start time: the new one wins at seq 1.
+        assert_eq!(classify(&incarnation(0, 40), &incarnation(7, 1)), Stored::New);
+        // Downgraded back to an old agent: it cannot be ordered, so seq decides as before.
+        assert_eq!(classify(&incarnation(7, 40), &incarnation(0, 3)), Stored::Replay);
+        assert_eq!(classify(&incarnation(7, 40), &incarnation(0, 41)), Stored::New);
+        assert_eq!(classify(&incarnation(0, 4), &incarnation(0, 4)), Stored::Replay);
+        // A reboot restarts everything whatever the incarnation says.
+        let rebooted = NodeReport {
+            boot_id: "c".into(),
+            ..incarnation(1, 1)
+        };
+        assert_eq!(classify(&incarnation(9, 99), &rebooted), Stored::New);
+    }
+
+    #[test]
+    fn validate_carries_the_incarnation() {
+        let mut s = good();
+        if let Some(n) = s.node.as_mut() {
+            n.agent_started_ns = 42;
+        }
+        let (_, r) = validate(&s, 10, 5).expect("valid");
+        assert_eq!(r.window_id().agent_started_ns, 42);
     }
 
     #[test]

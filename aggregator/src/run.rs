@@ -84,7 +84,8 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     let actuator = Actuator::new(client, &cfg);
 
     let mut engine: Option<Engine> = None;
-    let mut seen_windows: std::collections::HashMap<String, (String, u64)> = std::collections::HashMap::new();
+    let mut seen_windows: std::collections::HashMap<String, crate::core::model::WindowId> =
+        std::collections::HashMap::new();
     let mut failures = 0u32;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -146,7 +147,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         // the end of applying the plan: a step stalled on slow writes shows as latency.
         let decided = now_ms();
         for (node, r) in &input.reports {
-            let key = (r.boot_id.clone(), r.seq);
+            let key = r.window_id();
             if seen_windows.get(node) != Some(&key) {
                 // Windows that were already stale (e.g. ingested while we were a follower) are
                 // not latency samples.

@@ -17,15 +17,6 @@ use faults_support::*;
 
 const N: usize = 10;
 
-async fn all_true(cluster: &Cluster, nodes: impl IntoIterator<Item = usize>) {
-    for i in nodes {
-        eventually(60, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
-}
-
 async fn fault_on(cluster: &Cluster, fleet: &AgentFleet, node: usize) {
     fleet.set_bad(&[node]);
     eventually(60, &format!("node-{node} tainted"), || async {
@@ -170,7 +161,7 @@ async fn partitioned_agent_goes_unknown_then_replays() -> anyhow::Result<()> {
     })
     .await;
     eventually(60, "node-6's agent buffers while blocked", || async {
-        (fleet.reporters[6].buffered() > 20).then_some(())
+        (fleet.buffered(6) > 20).then_some(())
     })
     .await;
     fleet.link(&[6], Link::Pass);

@@ -41,6 +41,7 @@ fn valid() -> NodeSummary {
             boot_id: "boot".into(),
             addresses: vec!["10.0.0.1".into()],
             agent_version: "t".into(),
+            agent_started_ns: 1,
         }),
         window: Some(Window {
             seq: 7,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::{
     evidence::{self, AddressBook, VantageEvidence},
-    model::{CondStatus, Family, Input, Millis, NodeReport, NodeView, PoolSnapshot},
+    model::{CondStatus, Family, Input, Millis, NodeReport, NodeView, PoolSnapshot, WindowId},
     plan::{
         ClaimDeletion, ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent, PoolChange,
         TaintChange,
@@ -119,8 +119,8 @@ pub fn advance(st: &mut FamilyState, conf: f64, p: &Policy) {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeState {
     pub families: BTreeMap<Family, FamilyState>,
-    /// (boot id, seq) of the last window evaluated.
-    pub last_window: Option<(String, u64)>,
+    /// The last window evaluated.
+    pub last_window: Option<WindowId>,
     /// When the aggregator received that window.
     pub last_window_received_ms: Option<Millis>,
     /// Consecutive windows with the overall phase Degraded.
@@ -382,7 +382,7 @@ impl Engine {
                 st.degraded_windows = 0;
                 continue;
             };
-            let window = (report.boot_id.clone(), report.seq);
+            let window = report.window_id();
             if st.last_window.as_ref() == Some(&window) {
                 continue;
             }

@@ -105,6 +105,9 @@ pub struct NodeReport {
     pub seq: u64,
     /// Agent boot id; a change restarts the sequence.
     pub boot_id: String,
+    /// When the reporting agent process started (ns of the node's CLOCK_BOOTTIME; 0 = unknown):
+    /// the agent incarnation. A restarted agent restarts the sequence too.
+    pub agent_started_ns: u64,
     /// When the aggregator received it.
     pub received_ms: Millis,
     /// Headline figure per family (larger = worse).
@@ -113,6 +116,26 @@ pub struct NodeReport {
     pub local: BTreeMap<Family, (f64, String)>,
     /// What this node measured towards remote addresses.
     pub peers: Vec<PeerObservation>,
+}
+
+impl NodeReport {
+    /// Which window of which agent incarnation this is.
+    #[must_use]
+    pub fn window_id(&self) -> WindowId {
+        WindowId {
+            boot_id: self.boot_id.clone(),
+            agent_started_ns: self.agent_started_ns,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Identifies one window: (boot id, agent incarnation, seq).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WindowId {
+    pub boot_id: String,
+    pub agent_started_ns: u64,
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -95,6 +95,7 @@ impl Sim {
             let report = NodeReport {
                 seq: self.round,
                 boot_id: "b".into(),
+                agent_started_ns: 1,
                 received_ms: self.input.now_ms,
                 figures: BTreeMap::from([
                     (

@@ -417,6 +417,8 @@ pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSumma
             boot_id: "boot-1".into(),
             addresses: vec![node_ip(i)],
             agent_version: "test".into(),
+            // One incarnation per simulated agent for the whole test (see `AgentFleet::restart`).
+            agent_started_ns: 1,
         }),
         window: Some(Window {
             seq,

@@ -22,7 +22,17 @@ use tokio::{
     sync::watch,
 };
 
-use crate::common::{Cluster, OVERALL, TAINT, condition, node_name, summary};
+use crate::common::{Cluster, OVERALL, TAINT, condition, eventually, node_name, summary};
+
+/// Waits until every node in `nodes` has our overall condition True.
+pub async fn all_true(cluster: &Cluster, nodes: impl IntoIterator<Item = usize>) {
+    for i in nodes {
+        eventually(60, &format!("node-{i} Healthy=True"), || async {
+            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
+    }
+}
 
 /// The aggregator binary on given ports; SIGKILLed on drop.
 pub struct AggProc {
@@ -176,11 +186,37 @@ pub struct Scenario {
     pub skew_ms: BTreeMap<usize, i64>,
 }
 
+/// One simulated agent process: the real report client, its window sequence and incarnation.
+pub struct Agent {
+    pub reporter: Reporter,
+    /// The last window seq pushed (the first window of an incarnation is 1).
+    pub seq: u64,
+    /// `NodeIdentity.agent_started_ns`: the real agent's clock reading (CLOCK_BOOTTIME) at start.
+    pub started_ns: u64,
+}
+
+impl Agent {
+    fn start(proxy: &Proxy) -> Self {
+        Self {
+            reporter: Reporter::spawn(ReportConfig {
+                endpoint: format!("http://{}", proxy.addr),
+                buffer_windows: 600,
+                backoff_initial: Duration::from_millis(100),
+                backoff_max: Duration::from_millis(500),
+                connect_timeout: Duration::from_secs(2),
+                ..Default::default()
+            }),
+            seq: 0,
+            started_ns: graywatch_agent::wire::boottime_ns(),
+        }
+    }
+}
+
 /// `n` agents (the agent's real `Reporter`), one window each every round, each through its
 /// own proxy to `aggregator`.
 pub struct AgentFleet {
     pub scenario: Arc<Mutex<Scenario>>,
-    pub reporters: Arc<Vec<Reporter>>,
+    pub agents: Arc<Mutex<Vec<Agent>>>,
     pub proxies: Vec<Proxy>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -188,50 +224,65 @@ pub struct AgentFleet {
 impl AgentFleet {
     pub async fn start(n: usize, aggregator: SocketAddr) -> Self {
         let mut proxies = Vec::new();
-        let mut reporters = Vec::new();
+        let mut agents = Vec::new();
         for _ in 0..n {
             let p = Proxy::start(aggregator).await;
-            reporters.push(Reporter::spawn(ReportConfig {
-                endpoint: format!("http://{}", p.addr),
-                buffer_windows: 600,
-                backoff_initial: Duration::from_millis(100),
-                backoff_max: Duration::from_millis(500),
-                connect_timeout: Duration::from_secs(2),
-                ..Default::default()
-            }));
+            agents.push(Agent::start(&p));
             proxies.push(p);
         }
-        let reporters = Arc::new(reporters);
+        let agents = Arc::new(Mutex::new(agents));
         let scenario = Arc::new(Mutex::new(Scenario::default()));
-        let (reps, sc) = (reporters.clone(), scenario.clone());
+        let (ags, sc) = (agents.clone(), scenario.clone());
         let task = tokio::spawn(async move {
-            let mut seq = 0u64;
             loop {
-                seq += 1;
                 let cur = sc.lock().unwrap().clone();
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap()
                     .as_millis() as i64;
-                for (i, rep) in reps.iter().enumerate() {
+                for (i, agent) in ags.lock().unwrap().iter_mut().enumerate() {
                     // Every agent keeps measuring whatever its link does.
-                    let mut s = summary(i, n, seq, &cur.bad);
+                    agent.seq += 1;
+                    let mut s = summary(i, n, agent.seq, &cur.bad);
+                    if let Some(node) = s.node.as_mut() {
+                        node.agent_started_ns = agent.started_ns;
+                    }
                     let skew = cur.skew_ms.get(&i).copied().unwrap_or(0);
                     if let Some(w) = s.window.as_mut() {
                         w.start_unix_ms = now + skew - 150;
                         w.end_unix_ms = now + skew;
                     }
-                    rep.push(s);
+                    agent.reporter.push(s);
                 }
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         });
         Self {
             scenario,
-            reporters,
+            agents,
             proxies,
             task,
         }
+    }
+
+    /// Restarts node `i`'s agent as a rollout does: the old process stops (its unsent windows
+    /// are lost) and a new one starts on the same boot, its window seq again from 1. Returns
+    /// the last seq the old agent pushed.
+    pub async fn restart(&self, i: usize) -> u64 {
+        let fresh = Agent::start(&self.proxies[i]);
+        let old = std::mem::replace(&mut self.agents.lock().unwrap()[i], fresh);
+        old.reporter.shutdown().await;
+        old.seq
+    }
+
+    /// The last window seq node `i`'s current agent pushed.
+    pub fn seq(&self, i: usize) -> u64 {
+        self.agents.lock().unwrap()[i].seq
+    }
+
+    /// Windows node `i`'s current agent holds unacknowledged.
+    pub fn buffered(&self, i: usize) -> usize {
+        self.agents.lock().unwrap()[i].reporter.buffered()
     }
 
     pub fn set_bad(&self, bad: &[usize]) {
@@ -250,15 +301,23 @@ impl AgentFleet {
 
     /// Windows dropped from full agent buffers, over all agents.
     pub fn dropped(&self) -> u64 {
-        self.reporters
+        self.agents
+            .lock()
+            .unwrap()
             .iter()
-            .map(|r| r.stats().dropped.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|a| a.reporter.stats().dropped.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
     }
 
     /// Most windows any agent holds unacknowledged.
     pub fn max_buffered(&self) -> usize {
-        self.reporters.iter().map(Reporter::buffered).max().unwrap_or(0)
+        self.agents
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.reporter.buffered())
+            .max()
+            .unwrap_or(0)
     }
 }
 

@@ -740,6 +740,7 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
             boot_id: format!("boot-{i}"),
             addresses: vec![node_ip(i)],
             agent_version: "bench".into(),
+            ..Default::default()
         }),
         window: Some(Window {
             seq,
