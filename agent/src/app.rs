@@ -80,6 +80,8 @@ impl From<&Config> for CollectorOptions {
 impl Collector {
     /// Loads and attaches the programs and takes the first (baseline) reading.
     pub fn start(options: &CollectorOptions, pods: PodDirectory) -> anyhow::Result<Self> {
+        // Fail with the fix named rather than with aya's bare "tracefs not found" at attach.
+        crate::tracefs::check_attachable(&options.load.tracefs).context("checking tracefs")?;
         let mut programs = KernelPrograms::load(&options.load).context("starting the kernel programs")?;
         let net = NetCollector::new(&mut programs)?;
         let host = HostSignals::new(&HostPaths::from_env(), &mut programs)?;
@@ -216,7 +218,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(signal_shutdown(shutdown.clone()));
 
     let pods = PodDirectory::default();
-    start_pod_watch(&config, &pods, &shutdown).await?;
+    let kube = kube_client(&config).await?;
+    start_pod_watch(&config, &pods, kube.as_ref(), &shutdown);
 
     let mut collector = tokio::task::block_in_place(|| Collector::start(&CollectorOptions::from(&config), pods))?;
     if let Some(logger) = collector.programs_mut().take_logger() {
@@ -245,6 +248,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut fanout = crate::fanout::Fanout::new(template)?;
+            match (&config.aggregator_endpoints, &kube) {
+                (Some(service), Some(client)) => {
+                    info!(%service, "finding aggregator replicas through the Kubernetes API (DNS as fallback)");
+                    let view =
+                        crate::discovery::spawn_watch(client.clone(), service.clone(), fanout.port(), shutdown.clone());
+                    fanout = fanout.with_api(view);
+                }
+                (Some(service), None) => {
+                    warn!(%service, "no Kubernetes API client; finding aggregator replicas through DNS only");
+                }
+                (None, _) => {}
+            }
             fanout.refresh().await;
             Some(fanout)
         }
@@ -327,24 +342,38 @@ fn print_json(summary: &WindowSummary) -> anyhow::Result<()> {
     stdout.flush().context("writing to stdout")
 }
 
-async fn start_pod_watch(config: &Config, pods: &PodDirectory, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let wanted = match config.kube {
+/// Whether pod names are resolved from the API server (`--kube`).
+fn pod_names_wanted(config: &Config) -> bool {
+    match config.kube {
         KubeMode::Off => false,
         KubeMode::On => true,
-        KubeMode::Auto => in_cluster,
-    };
-    if !wanted {
-        info!("not resolving pod names (no cluster); workloads are reported by cgroup path and pod UID");
-        return Ok(());
+        KubeMode::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
     }
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
-        Err(error) if config.kube == KubeMode::Auto => {
-            warn!(%error, "no usable kube config; pod names will not be resolved");
-            return Ok(());
+}
+
+/// A client for the API server if anything needs one (pod names, aggregator discovery).
+/// Required only with `--kube=on`; otherwise its absence is logged and the agent does without.
+async fn kube_client(config: &Config) -> anyhow::Result<Option<kube::Client>> {
+    if !pod_names_wanted(config) && config.aggregator_endpoints.is_none() {
+        return Ok(None);
+    }
+    match kube::Client::try_default().await {
+        Ok(client) => Ok(Some(client)),
+        Err(error) if config.kube != KubeMode::On => {
+            warn!(%error, "no usable kube config; no pod names, aggregator replicas through DNS only");
+            Ok(None)
         }
-        Err(error) => return Err(error).context("--kube=on but no usable kube config"),
+        Err(error) => Err(error).context("--kube=on but no usable kube config"),
+    }
+}
+
+fn start_pod_watch(config: &Config, pods: &PodDirectory, client: Option<&kube::Client>, shutdown: &CancellationToken) {
+    let client = match client {
+        Some(client) if pod_names_wanted(config) => client.clone(),
+        _ => {
+            info!("not resolving pod names (no cluster); workloads are reported by cgroup path and pod UID");
+            return;
+        }
     };
     let (pods, node, shutdown) = (pods.clone(), config.node_name.clone(), shutdown.clone());
     tokio::spawn(async move {
@@ -353,7 +382,6 @@ async fn start_pod_watch(config: &Config, pods: &PodDirectory, shutdown: &Cancel
             () = shutdown.cancelled() => {}
         }
     });
-    Ok(())
 }
 
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>, shutdown: CancellationToken) {

@@ -1,10 +1,15 @@
 //! Reporting to every aggregator replica, not just one.
 //!
 //! The aggregator runs as two replicas with one leader; a follower must have the whole fleet's
-//! windows to take over without a blind spot, so each agent streams to every replica. The
-//! aggregator address names a headless Service; its DNS answers are re-resolved periodically and
-//! one [`Reporter`] runs per replica address (new pods are picked up, vanished ones dropped). An IP
-//! address or a name with one answer behaves like a single stream.
+//! windows to take over without a blind spot, so each agent streams to every replica. One
+//! [`Reporter`] runs per replica address (new pods are picked up, vanished ones dropped).
+//!
+//! The replicas come from the Kubernetes API when configured (the Endpoints of the headless
+//! Service, see discovery.rs: no dependence on cluster DNS), applied as soon as they change.
+//! Whenever the API offers no address (not configured, unreachable, not synced, no ready
+//! replica), the aggregator address' DNS answers are used instead, re-resolved periodically. An
+//! IP address or a name with one answer behaves like a single stream. Either way TLS verifies the
+//! certificate against the Service name (`tls_server_name` or the URL host), not the pod IP.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,7 +21,10 @@ use std::{
 use graywatch_proto::v1::NodeSummary;
 use tracing::{info, warn};
 
-use crate::report::{ReportConfig, ReportStats, Reporter};
+use crate::{
+    discovery::{ApiView, diff},
+    report::{ReportConfig, ReportStats, Reporter},
+};
 
 /// How often replica addresses are re-resolved.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
@@ -54,6 +62,10 @@ pub struct Fanout {
     port: u16,
     template: ReportConfig,
     reporters: BTreeMap<SocketAddr, Reporter>,
+    /// Replicas from the Kubernetes API (discovery.rs), when configured.
+    api: Option<tokio::sync::watch::Receiver<ApiView>>,
+    /// Whether the running streams follow the API's view (else DNS').
+    from_api: bool,
     last_refresh: Option<Instant>,
     /// Totals of reporters already shut down, so the exported counters never go backwards.
     retired: ReportStats,
@@ -68,9 +80,25 @@ impl Fanout {
             port,
             template,
             reporters: BTreeMap::new(),
+            api: None,
+            from_api: false,
             last_refresh: None,
             retired: ReportStats::default(),
         })
+    }
+
+    /// Follows the replicas the API lists (see [`crate::discovery::spawn_watch`]); DNS stays the
+    /// fallback while that view is empty.
+    #[must_use]
+    pub fn with_api(mut self, view: tokio::sync::watch::Receiver<ApiView>) -> Self {
+        self.api = Some(view);
+        self
+    }
+
+    /// The port of the aggregator URL (what the Endpoints port defaults to).
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn config_for(&self, addr: SocketAddr) -> ReportConfig {
@@ -83,18 +111,43 @@ impl Fanout {
         config
     }
 
-    /// Re-resolves the replicas if due: starts streams to new addresses, stops streams to
-    /// addresses DNS no longer lists. A failed lookup keeps the current streams.
+    /// Follows the replicas: the API's view as soon as it changes; else DNS, re-resolved if
+    /// due. Starts streams to new addresses, stops streams to addresses no longer listed. A
+    /// failed lookup keeps the current streams.
     pub async fn refresh(&mut self) {
+        let api_view = self.api.as_mut().and_then(|rx| {
+            let changed = rx.has_changed().unwrap_or(false);
+            let view = rx.borrow_and_update().clone().filter(|addrs| !addrs.is_empty());
+            view.map(|addrs| (changed, addrs))
+        });
+        match api_view {
+            Some((changed, addrs)) => {
+                if changed || !self.from_api {
+                    if !self.from_api {
+                        info!(
+                            replicas = addrs.len(),
+                            "following the aggregator replicas the API lists"
+                        );
+                    }
+                    self.from_api = true;
+                    self.apply(&addrs, "the API").await;
+                }
+                return;
+            }
+            None if self.from_api => {
+                // Fall back at once: the API's last view may be what went stale.
+                info!(host = %self.host, "no aggregator replicas from the API; resolving the Service name");
+                self.from_api = false;
+                self.last_refresh = None;
+            }
+            None => {}
+        }
         if self.last_refresh.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
             return;
         }
         self.last_refresh = Some(Instant::now());
-        let lookup = tokio::time::timeout(
-            RESOLVE_TIMEOUT,
-            tokio::net::lookup_host((self.host.as_str(), self.port)),
-        )
-        .await;
+        let host = self.host.clone();
+        let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), self.port))).await;
         let addrs: BTreeSet<SocketAddr> = match lookup {
             Ok(Ok(addrs)) => addrs.collect(),
             Ok(Err(error)) => {
@@ -109,20 +162,23 @@ impl Fanout {
         if addrs.is_empty() {
             return;
         }
-        let gone: Vec<SocketAddr> = self.reporters.keys().filter(|a| !addrs.contains(a)).copied().collect();
-        for addr in gone {
+        self.apply(&addrs, "DNS").await;
+    }
+
+    /// Makes the streams match `addrs` (listed by `source`).
+    async fn apply(&mut self, addrs: &BTreeSet<SocketAddr>, source: &'static str) {
+        let change = diff(self.reporters.keys(), addrs);
+        for addr in change.removed {
             if let Some(reporter) = self.reporters.remove(&addr) {
-                info!(%addr, "aggregator replica gone from DNS; closing its stream");
+                info!(%addr, source, "aggregator replica no longer listed; closing its stream");
                 add_into(&self.retired, reporter.stats());
                 reporter.shutdown().await;
             }
         }
-        for addr in addrs {
-            if !self.reporters.contains_key(&addr) {
-                info!(%addr, host = %self.host, "streaming to aggregator replica");
-                let config = self.config_for(addr);
-                self.reporters.insert(addr, Reporter::spawn(config));
-            }
+        for addr in change.added {
+            info!(%addr, source, host = %self.host, "streaming to aggregator replica");
+            let config = self.config_for(addr);
+            self.reporters.insert(addr, Reporter::spawn(config));
         }
     }
 
@@ -207,6 +263,33 @@ mod tests {
         let before = fanout.replicas();
         fanout.refresh().await;
         assert_eq!(fanout.replicas(), before);
+        fanout.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn follows_the_api_view_and_keeps_the_service_name_for_tls() {
+        let template = ReportConfig {
+            endpoint: "https://graywatch-aggregator-replicas.graywatch.svc:7443".into(),
+            ..Default::default()
+        };
+        let one: SocketAddr = "127.0.0.1:7443".parse().expect("addr");
+        let two: SocketAddr = "127.0.0.2:7443".parse().expect("addr");
+        let (tx, rx) = tokio::sync::watch::channel(Some(BTreeSet::from([one, two])));
+        let mut fanout = Fanout::new(template).expect("valid endpoint").with_api(rx);
+        // The API lists the replicas: no DNS lookup of the Service name is needed.
+        fanout.refresh().await;
+        assert_eq!(fanout.reporters.keys().copied().collect::<Vec<_>>(), vec![one, two]);
+        let config = fanout.config_for(one);
+        assert_eq!(config.endpoint, "https://127.0.0.1:7443");
+        assert_eq!(
+            config.security.tls_server_name.as_deref(),
+            Some("graywatch-aggregator-replicas.graywatch.svc")
+        );
+        // A replica replaced: applied on the next refresh, not after the DNS period.
+        let three: SocketAddr = "127.0.0.3:7443".parse().expect("addr");
+        tx.send_replace(Some(BTreeSet::from([two, three])));
+        fanout.refresh().await;
+        assert_eq!(fanout.reporters.keys().copied().collect::<Vec<_>>(), vec![two, three]);
         fanout.shutdown().await;
     }
 }

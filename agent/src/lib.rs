@@ -8,6 +8,7 @@
 pub mod app;
 pub mod cgroups;
 pub mod config;
+pub mod discovery;
 pub mod ebpf;
 pub mod fanout;
 pub mod http;

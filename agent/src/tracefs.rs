@@ -11,8 +11,36 @@ use graywatch_common::{KfreeSkbFields, SockStateFields, TcpProbeFields, TcpRetra
 /// Where tracefs is mounted on current kernels (debugfs' `tracing/` is the legacy location).
 pub const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
 
+/// Where aya's `TracePoint::attach` looks for tracefs, in this order: the first existing,
+/// non-empty directory wins (aya 0.14 `programs::utils::find_tracefs_path`). It ignores our
+/// `--tracefs`, so the two must agree.
+pub const AYA_TRACEFS_PATHS: [&str; 2] = [DEFAULT_TRACEFS, "/sys/kernel/debug/tracing"];
+
+/// How to get a tracefs where it is needed, for the error messages.
+const MOUNT_FIX: &str = "on the host run `mount -t tracefs nodev /sys/kernel/tracing` (or add it to \
+     /etc/fstab); in the Helm chart, agent.hostPaths.tracefs names the host's tracefs, which is \
+     mounted at /sys/kernel/tracing in the agent container";
+
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
+    #[error(
+        "{path} is not a mounted tracefs (the directory exists but {why}): {fix}",
+        fix = MOUNT_FIX
+    )]
+    NotTracefs { path: String, why: &'static str },
+    #[error(
+        "tracepoints are attached through tracefs at {aya} (where the eBPF library looks; it \
+         ignores --tracefs), but --tracefs is {configured}: mount the host's tracefs at \
+         {DEFAULT_TRACEFS} in this container and use --tracefs={DEFAULT_TRACEFS}; {fix}",
+        fix = MOUNT_FIX
+    )]
+    Mismatch { configured: String, aya: String },
+    #[error(
+        "no tracefs at {DEFAULT_TRACEFS} or /sys/kernel/debug/tracing, where the eBPF library \
+         attaches tracepoints (it ignores --tracefs {configured}): {fix}",
+        fix = MOUNT_FIX
+    )]
+    NoneForAttach { configured: String },
     #[error(
         "tracefs is not mounted at {0}: mount it with `mount -t tracefs nodev {0}` (in a \
          DaemonSet, mount the host's /sys/kernel/tracing)"
@@ -131,6 +159,70 @@ impl EventFormat {
             }
         }
         names
+    }
+}
+
+/// Checks, before anything is loaded, that tracepoints can be attached: `configured` (the
+/// `--tracefs` directory, read for event formats) is a mounted tracefs, and it is the one aya
+/// attaches through (the first of [`AYA_TRACEFS_PATHS`] that exists and is not empty).
+///
+/// Catches the two ways a DaemonSet gets this wrong: a hostPath `Directory` mount of a host
+/// where tracefs is not mounted (the directory exists, empty), and `--tracefs` pointing at a
+/// mount other than the one aya uses.
+pub fn check_attachable(configured: &Path) -> Result<(), TracefsError> {
+    check_attachable_via(configured, &AYA_TRACEFS_PATHS.map(Path::new))
+}
+
+/// [`check_attachable`] with aya's candidate directories given.
+fn check_attachable_via(configured: &Path, aya_paths: &[&Path]) -> Result<(), TracefsError> {
+    check_mounted(configured)?;
+    let aya = aya_paths
+        .iter()
+        .copied()
+        .find(|p| non_empty_dir(p))
+        .ok_or_else(|| TracefsError::NoneForAttach {
+            configured: configured.display().to_string(),
+        })?;
+    // The same directory of the same filesystem, whatever the path (bind mounts of the host's
+    // tracefs, symlinks, debugfs' tracing/ automount all qualify).
+    let id = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok()
+    };
+    let same = matches!((id(configured), id(aya)), (Some(a), Some(b)) if a == b);
+    if !same {
+        return Err(TracefsError::Mismatch {
+            configured: configured.display().to_string(),
+            aya: aya.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn non_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_some())
+}
+
+/// `path` is a mounted tracefs: a non-empty directory with `events/` on a tracefs filesystem.
+pub fn check_mounted(path: &Path) -> Result<(), TracefsError> {
+    let not = |why| TracefsError::NotTracefs {
+        path: path.display().to_string(),
+        why,
+    };
+    if !path.is_dir() {
+        return Err(TracefsError::NotMounted(path.display().to_string()));
+    }
+    if !non_empty_dir(path) {
+        return Err(not("is empty"));
+    }
+    if !path.join("events").is_dir() {
+        return Err(not("has no events/ directory"));
+    }
+    match nix::sys::statfs::statfs(path) {
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TRACEFS_MAGIC => Ok(()),
+        Ok(_) => Err(not("is on another filesystem, not tracefs")),
+        // Cannot tell the type: the layout looked right, let the format reads decide.
+        Err(_) => Ok(()),
     }
 }
 
@@ -307,6 +399,54 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
             err.to_string().contains("x:y") && err.to_string().contains("daddr"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_empty_or_plain_directory_is_not_a_tracefs() {
+        let dir = std::env::temp_dir().join(format!("graywatch-tracefs-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // What a hostPath Directory mount of a host without tracefs looks like.
+        let err = check_attachable(&dir).expect_err("empty directory");
+        let text = err.to_string();
+        assert!(matches!(err, TracefsError::NotTracefs { .. }), "{text}");
+        assert!(text.contains(&dir.display().to_string()), "names the path: {text}");
+        assert!(
+            text.contains("mount -t tracefs nodev /sys/kernel/tracing") && text.contains("agent.hostPaths.tracefs"),
+            "names the fix: {text}"
+        );
+        // Looks like tracefs, is not one.
+        std::fs::create_dir_all(dir.join("events/tcp")).expect("events dir");
+        let err = check_mounted(&dir).expect_err("tmp is not tracefs");
+        assert!(err.to_string().contains("not tracefs"), "{err}");
+        let err = check_mounted(&dir.join("missing")).expect_err("missing");
+        assert!(matches!(err, TracefsError::NotMounted(_)), "{err}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn the_tracefs_aya_uses_is_accepted_and_another_one_is_named() {
+        let tracefs = Path::new(DEFAULT_TRACEFS);
+        check_attachable(tracefs).expect("tracefs must be mounted for the test suite (cargo xtask test mounts it)");
+        let dir = std::env::temp_dir().join(format!("graywatch-tracefs-aya-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (empty, other, link) = (dir.join("empty"), dir.join("other"), dir.join("link"));
+        std::fs::create_dir_all(&empty).expect("temp dir");
+        std::fs::create_dir_all(other.join("events")).expect("temp dir");
+        std::os::unix::fs::symlink(tracefs, &link).expect("symlink");
+        // Like aya: an empty candidate is skipped; the same tracefs by another path is fine.
+        check_attachable_via(&link, &[&empty, tracefs]).expect("same tracefs");
+        // aya would attach through another directory than --tracefs names: refused, both named.
+        let err = check_attachable_via(tracefs, &[&other, tracefs]).expect_err("mismatch");
+        let text = err.to_string();
+        assert!(matches!(err, TracefsError::Mismatch { .. }), "{text}");
+        assert!(
+            text.contains(&other.display().to_string()) && text.contains(DEFAULT_TRACEFS),
+            "{text}"
+        );
+        let err = check_attachable_via(tracefs, &[&empty]).expect_err("aya finds none");
+        assert!(matches!(err, TracefsError::NoneForAttach { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
