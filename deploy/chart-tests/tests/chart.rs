@@ -198,6 +198,82 @@ fn expected_aggregator_grants(v: &Variant) -> (Grants, Grants, Grants) {
     (cluster, ns, g("", "events", "", &["create"]))
 }
 
+/// What the uninstall hook's roles must grant (aggregator/src/cleanup.rs and the actuator calls it
+/// makes) — in every mode.
+fn expected_cleanup_grants(v: &Variant) -> (Grants, Grants) {
+    let mut cluster = g("", "nodes", "", &["get", "list", "patch"]);
+    cluster.extend(g("", "nodes/status", "", &["patch"]));
+    cluster.extend(g("karpenter.sh", "nodepools", "", &["get", "patch"]));
+    let mut ns = g("", "configmaps", "", &["list", "delete"]);
+    ns.extend(g("coordination.k8s.io", "leases", "", &["create"]));
+    ns.extend(g(
+        "coordination.k8s.io",
+        "leases",
+        &format!("{}-aggregator", v.fullname()),
+        &["get", "update"],
+    ));
+    (cluster, ns)
+}
+
+/// The cleanup objects are pre-delete hooks: ServiceAccount and RBAC before the Job (lower
+/// weight), all deleted once the hooks succeeded; the Job runs `graywatch-aggregator cleanup` with
+/// the aggregator's image and config, as the hook's ServiceAccount.
+fn check_cleanup_hook(objs: &[Value], v: &Variant) -> anyhow::Result<()> {
+    let name = format!("{}-cleanup", v.fullname());
+    let hooks: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["metadata"]["annotations"]["helm.sh/hook"].is_string())
+        .collect();
+    let kinds: BTreeSet<&str> = hooks.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Job",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ])
+    );
+    for h in &hooks {
+        let a = &h["metadata"]["annotations"];
+        assert_eq!(h["metadata"]["name"], name.as_str());
+        assert_eq!(a["helm.sh/hook"], "pre-delete");
+        assert_eq!(a["helm.sh/hook-delete-policy"], "before-hook-creation,hook-succeeded");
+        let weight: i32 = a["helm.sh/hook-weight"].as_str().context("weight")?.parse()?;
+        if h["kind"] == "Job" {
+            assert_eq!(weight, 0);
+        } else {
+            assert!(weight < 0, "{} must exist before the Job", h["kind"]);
+        }
+    }
+    let job = find(objs, "Job", "-cleanup")?;
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], name.as_str());
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let c = container(job, "cleanup")?;
+    let agg = container(find(objs, "Deployment", "-aggregator")?, "aggregator")?;
+    assert_eq!(c["image"], agg["image"]);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(str_list(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+    let args = str_list(&c["args"]);
+    assert_eq!(args.first(), Some(&"--config=/etc/graywatch/aggregator.toml"));
+    let sub = args
+        .iter()
+        .position(|a| *a == "cleanup")
+        .context("no cleanup subcommand")?;
+    assert_eq!(&args[sub + 1..], ["--hold-lease-seconds=300"]);
+    assert_eq!(c["env"], agg["env"], "identity and namespace as the aggregator's");
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        format!("{}-aggregator", v.fullname()),
+        "the aggregator's own config"
+    );
+    Ok(())
+}
+
 fn container<'a>(workload: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
     workload["spec"]["template"]["spec"]["containers"]
         .as_array()
@@ -279,21 +355,62 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
         assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
         let args = str_list(&agent["args"]);
         for want in [
-            "--tracefs=/host/sys/kernel/tracing",
+            // tracefs where aya's tracepoint attach looks for it, not under /host.
+            "--tracefs=/sys/kernel/tracing",
             "--btf=/host/sys/kernel/btf/vmlinux",
             "--cgroup-root=/host/sys/fs/cgroup",
         ] {
             assert!(args.contains(&want), "agent args {args:?} lack {want}");
         }
-        // Every hostPath the agent is given is below a read-only mount.
-        for a in args.iter().filter_map(|a| a.split_once("=/host").map(|(_, p)| p)) {
+        let mount_of = |name: &str| {
+            mounts
+                .iter()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["mountPath"].as_str())
+        };
+        assert_eq!(mount_of("tracefs"), Some("/sys/kernel/tracing"));
+        for (name, path) in [
+            ("btf", "/host/sys/kernel/btf"),
+            ("cgroup", "/host/sys/fs/cgroup"),
+            ("proc", "/host/proc"),
+        ] {
+            assert_eq!(mount_of(name), Some(path), "{name}");
+        }
+        // Every path the agent is given is below a read-only mount.
+        let paths = args
+            .iter()
+            .filter_map(|a| a.split_once('=').map(|(_, p)| p))
+            .filter(|p| p.starts_with('/'))
+            .chain(
+                env.iter()
+                    .filter(|e| e["name"] == "PROCFS_ROOT")
+                    .filter_map(|e| e["value"].as_str()),
+            );
+        for a in paths {
             assert!(
-                mounts.iter().any(|m| m["mountPath"]
-                    .as_str()
-                    .is_some_and(|mp| format!("/host{a}").starts_with(mp))),
+                mounts
+                    .iter()
+                    .any(|m| m["mountPath"].as_str().is_some_and(|mp| a.starts_with(mp))),
                 "{a} is not under a mount"
             );
         }
+        // The aggregator replicas through the API (agent/src/discovery.rs), DNS as the fallback.
+        let endpoints = format!(
+            "--aggregator-endpoints={}/{}-aggregator-replicas",
+            v.namespace,
+            v.fullname()
+        );
+        assert!(args.contains(&endpoints.as_str()), "{args:?}");
+        // EKS: never on Fargate or hybrid nodes; no SELinux label unless asked for.
+        assert_eq!(
+            pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            json!([{"matchExpressions": [{"key": "eks.amazonaws.com/compute-type", "operator": "NotIn", "values": ["fargate", "hybrid"]}]}])
+        );
+        assert!(sc["seLinuxOptions"].is_null());
+        assert!(
+            !objs.iter().any(|o| o["kind"] == "Namespace"),
+            "no Namespace unless namespace.create"
+        );
 
         // Aggregator: 2 replicas, non-root, no capabilities, PDB keeps one.
         let dep = find(&objs, "Deployment", "-aggregator")?;
@@ -325,6 +442,20 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
             "{}",
             ctx()
         );
+        let agent_ns_role = find(&objs, "Role", "-agent")?;
+        assert_eq!(agent_ns_role["metadata"]["namespace"], v.namespace);
+        assert_eq!(
+            grants(agent_ns_role)?,
+            g("", "endpoints", "", &["get", "list", "watch"])
+        );
+        // The uninstall hook: the same rules in every mode (what there is to undo depends on the
+        // modes the release ran in before).
+        let (cleanup_cluster, cleanup_ns) = expected_cleanup_grants(v);
+        assert_eq!(grants(find(&objs, "ClusterRole", "-cleanup")?)?, cleanup_cluster);
+        let cleanup_role = find(&objs, "Role", "-cleanup")?;
+        assert_eq!(cleanup_role["metadata"]["namespace"], v.namespace);
+        assert_eq!(grants(cleanup_role)?, cleanup_ns);
+        check_cleanup_hook(&objs, v)?;
         let (cluster, ns, events) = expected_aggregator_grants(v);
         assert_eq!(
             grants(find(&objs, "ClusterRole", "-aggregator")?)?,
@@ -343,8 +474,8 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
             .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
             .count();
         assert_eq!(
-            roles, 4,
-            "agent ClusterRole, aggregator ClusterRole, Role and events Role only"
+            roles, 7,
+            "agent ClusterRole and Role, aggregator ClusterRole, Role and events Role, cleanup ClusterRole and Role only"
         );
         // Every binding names a role of this release and the right ServiceAccount.
         for b in objs
@@ -358,8 +489,11 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
             };
             assert_eq!(b["roleRef"]["kind"], role_kind);
             assert_eq!(b["roleRef"]["name"], b["metadata"]["name"]);
-            let component = if b["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-agent")) {
+            let name = b["metadata"]["name"].as_str().unwrap_or_default();
+            let component = if name.ends_with("-agent") {
                 "agent"
+            } else if name.ends_with("-cleanup") {
+                "cleanup"
             } else {
                 "aggregator"
             };
@@ -618,6 +752,28 @@ fn the_rendered_config_and_flags_are_ones_the_binaries_accept() -> anyhow::Resul
                 "aggregator env {name} is not read"
             );
         }
+        // The uninstall hook: the aggregator's flags, the `cleanup` subcommand (a variant of
+        // Command), then CleanupArgs' flags.
+        let cleanup_rs = read_source("aggregator/src/cleanup.rs")?;
+        let cleanup_fields = struct_fields(&cleanup_rs, "CleanupArgs")?;
+        let job = find(&objs, "Job", "-cleanup")?;
+        let mut sub = false;
+        for a in str_list(&container(job, "cleanup")?["args"]) {
+            if a == "cleanup" {
+                assert!(config_rs.contains("Cleanup(crate::cleanup::CleanupArgs)"));
+                sub = true;
+                continue;
+            }
+            let flag = a
+                .trim_start_matches("--")
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .replace('-', "_");
+            let fields = if sub { &cleanup_fields } else { &agg_fields };
+            assert!(fields.contains(&flag), "cleanup flag {a} not accepted ({fields:?})");
+        }
+        assert!(sub, "the hook runs the cleanup subcommand");
         // Agent flags: each one a field of its Cli.
         let ds = find(&objs, "DaemonSet", "-agent")?;
         let cli = struct_fields(&agent_rs, "Cli")?;
@@ -665,6 +821,7 @@ fn kube_resources_used(src_dir: &str) -> anyhow::Result<BTreeSet<(String, String
                     "Event" => ("", "events"),
                     "ConfigMap" => ("", "configmaps"),
                     "Pod" => ("", "pods"),
+                    "Endpoints" => ("", "endpoints"),
                     "Lease" => ("coordination.k8s.io", "leases"),
                     "TokenReview" => ("authentication.k8s.io", "tokenreviews"),
                     // Dynamic types are resolved by the *_resource() helpers below.
@@ -703,7 +860,10 @@ fn the_resources_the_binaries_call_are_the_ones_the_chart_grants() -> anyhow::Re
         granted(&["ClusterRole -aggregator", "Role -aggregator", "Role -aggregator-events"])?,
         "the aggregator's kube calls and the chart's aggregator roles disagree"
     );
-    assert_eq!(kube_resources_used("agent/src")?, granted(&["ClusterRole -agent"])?);
+    assert_eq!(
+        kube_resources_used("agent/src")?,
+        granted(&["ClusterRole -agent", "Role -agent"])?
+    );
     // Events go to the namespace the chart's events Role is in.
     let actuate = read_source("aggregator/src/actuate.rs")?;
     let ns = find(&objs, "Role", "-aggregator-events")?["metadata"]["namespace"]
@@ -1360,5 +1520,303 @@ fn decimal_values_from_set_reach_the_aggregator_config_as_numbers() -> anyhow::R
     );
     assert_eq!(policy["blast_radius"].as_float(), Some(0.1));
     assert_eq!(policy["peer_min_group"].as_integer(), Some(6));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_eks_values_render_and_are_stored_by_the_apiserver() -> anyhow::Result<()> {
+    let (_server, admin, discovery) = apiserver_with_crds("eks").await?;
+    // The namespace comes from the chart (not created beforehand), labelled for Pod Security.
+    let objs = render(
+        "eks",
+        "gw-eks",
+        &[
+            "--kube-version",
+            "1.20.2",
+            "--set",
+            "namespace.create=true",
+            "--set",
+            "namespace.labels.team=platform",
+            "--set",
+            "agent.seLinuxOptions.type=control_t",
+        ],
+    )?;
+    assert_eq!(objs[0]["kind"], "Namespace", "helm orders the Namespace first");
+    for o in &objs {
+        create(&admin, &discovery, o, false).await?;
+    }
+    let ns = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .get("gw-eks")
+        .await?;
+    let labels = ns.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get("pod-security.kubernetes.io/enforce").map(String::as_str),
+        Some("privileged")
+    );
+    assert_eq!(labels.get("team").map(String::as_str), Some("platform"));
+    let ds = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(admin.clone(), "gw-eks")
+        .get("eks-graywatch-agent")
+        .await?;
+    let pod = ds.spec.and_then(|s| s.template.spec).context("pod spec")?;
+    let se = pod.containers[0]
+        .security_context
+        .as_ref()
+        .and_then(|s| s.se_linux_options.as_ref())
+        .context("seLinuxOptions stored")?;
+    assert_eq!(se.type_.as_deref(), Some("control_t"));
+    let terms = pod
+        .affinity
+        .and_then(|a| a.node_affinity)
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+        .context("required node affinity stored")?
+        .node_selector_terms;
+    let expr = &terms[0].match_expressions.as_ref().context("expressions")?[0];
+    assert_eq!(expr.key, "eks.amazonaws.com/compute-type");
+    assert_eq!(expr.operator, "NotIn");
+    assert_eq!(
+        expr.values.as_deref(),
+        Some(&["fargate".to_string(), "hybrid".to_string()][..])
+    );
+
+    // Other Pod Security levels, and the default affinity can be dropped or replaced.
+    let objs = render(
+        "eks",
+        "gw-eks",
+        &[
+            "--set",
+            "namespace.create=true",
+            "--set",
+            "namespace.podSecurity=baseline",
+            "--set",
+            "agent.affinity.nodeAffinity=null",
+        ],
+    )?;
+    assert_eq!(
+        find(&objs, "Namespace", "gw-eks")?["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "baseline"
+    );
+    assert!(find(&objs, "DaemonSet", "-agent")?["spec"]["template"]["spec"]["affinity"].is_null());
+    // The values schema refuses what must not be: the unconfined SELinux type, unknown levels.
+    for (set, reason) in [
+        ("agent.seLinuxOptions.type=super_t", "agent.seLinuxOptions.type"),
+        ("namespace.podSecurity=open", "namespace.podSecurity"),
+        ("cleanup.holdLeaseSeconds=0", "cleanup.holdLeaseSeconds"),
+    ] {
+        let err = render_text("eks", "gw-eks", &["--set", set])?.expect_err(set);
+        assert!(err.contains(reason), "{set}: {err}");
+    }
+    Ok(())
+}
+
+/// The uninstall hook's ServiceAccount runs the aggregator's real `cleanup` code against a real
+/// apiserver with RBAC enforced, in dry-run mode (where the aggregator itself may write nothing):
+/// everything there is to undo is undone, and calls outside cleanup's needs are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Result<()> {
+    use graywatch_aggregator::{
+        actuate::Actuator,
+        cleanup::{self, CleanupArgs},
+        config::FileConfig,
+        core::{engine::with_exclusions, model::PoolSnapshot, plan::PoolChange},
+    };
+    let (server, admin, discovery) = apiserver_with_crds("cleanup").await?;
+    let v = &DRY_RUN_KARPENTER;
+    create_namespace(&admin, v.namespace).await?;
+    let objs = v.render("1.20.2")?;
+    for o in &objs {
+        create(&admin, &discovery, o, false).await?;
+    }
+    let text = find(&objs, "ConfigMap", "-aggregator")?["data"]["aggregator.toml"]
+        .as_str()
+        .context("toml")?;
+    let mut cfg = FileConfig::from_toml(text)?;
+    // What the Job's POD_NAME / POD_NAMESPACE give it.
+    cfg.identity = "gw-cleanup-x7k2p".into();
+    cfg.namespace = v.namespace.into();
+    cfg.validate()?;
+
+    // Left behind by an earlier direct-taint run (made by the admin): taint, conditions, an
+    // excluded NodePool with its snapshot; plus someone else's taint.
+    let node = "ip-10-0-1-17.eu-west-1.compute.internal";
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let n: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+        "spec": {"taints": [{"key": "graywatch.io/degraded", "value": "gray-failure", "effect": "NoSchedule"},
+                            {"key": "example.com/maintenance", "value": "x", "effect": "NoSchedule"}]}}))?;
+    nodes.create(&PostParams::default(), &n).await?;
+    let status = json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+        "status": {"conditions": [
+            {"type": "graywatch.io/Healthy", "status": "False", "reason": "NetworkLatency", "message": "x",
+             "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
+            {"type": "graywatch.io/NetworkLatencyHealthy", "status": "False", "reason": "Degraded", "message": "x",
+             "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": "2026-01-01T00:00:00Z"}]},
+    });
+    nodes
+        .patch_status(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&status))
+        .await?;
+    let reqs = json!([{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]);
+    let pool = json!({
+        "apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": "default"},
+        "spec": {"template": {"spec": {"nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"},
+                  "requirements": reqs}}},
+    });
+    let pools: Api<DynamicObject> = Api::all_with(admin.clone(), &nodepool_ar());
+    pools
+        .create(&PostParams::default(), &serde_json::from_value(pool)?)
+        .await?;
+    let excluded = vec![("topology.kubernetes.io/zone".to_string(), "eu-west-1a".to_string())];
+    Actuator::new(admin.clone(), &cfg)
+        .change_pool(&PoolChange::Exclude {
+            pool: "default".into(),
+            snapshot: PoolSnapshot {
+                requirements: reqs.clone(),
+                excluded: excluded.clone(),
+            },
+            requirements: with_exclusions(&reqs, &excluded),
+        })
+        .await?;
+
+    // The hook's ServiceAccount runs the cleanup.
+    let hook = server.impersonating(&v.sa_user("cleanup")).await?;
+    let report = cleanup::run(
+        hook.clone(),
+        &cfg,
+        &CleanupArgs {
+            hold_lease_seconds: 300,
+        },
+    )
+    .await;
+    assert!(report.ok(), "{}", report.summary());
+    assert_eq!(report.taints_removed, [node]);
+    assert_eq!(report.pools_restored, ["default"]);
+    assert_eq!(report.snapshots_deleted, ["graywatch-nodepool-default"]);
+    assert_eq!(
+        report.conditions_removed.get(node).map(Vec::len),
+        Some(2),
+        "{}",
+        report.summary()
+    );
+    let after = nodes.get(node).await?;
+    let taints: Vec<String> = after
+        .spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
+    // Ours gone; the foreign one (and any the node lifecycle controller added) kept.
+    assert!(!taints.iter().any(|t| t == "graywatch.io/degraded"), "{taints:?}");
+    assert!(taints.iter().any(|t| t == "example.com/maintenance"), "{taints:?}");
+    let conditions: Vec<String> = after
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.type_)
+        .collect();
+    assert!(
+        !conditions.iter().any(|c| c.starts_with("graywatch.io/")),
+        "{conditions:?}"
+    );
+    assert_eq!(
+        pools.get("default").await?.data["spec"]["template"]["spec"]["requirements"],
+        reqs
+    );
+    let lease = Api::<Lease>::namespaced(admin.clone(), v.namespace)
+        .get(&format!("{}-aggregator", v.fullname()))
+        .await?;
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("gw-cleanup-x7k2p")
+    );
+
+    // Nothing beyond that.
+    let no_dry = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    let forbidden = [
+        (
+            "nodes delete",
+            allowed(
+                "nodes delete",
+                Api::<Node>::all(hook.clone()).delete(node, &no_dry).await.map(drop),
+            ),
+        ),
+        (
+            "secrets list",
+            allowed(
+                "secrets",
+                Api::<Secret>::namespaced(hook.clone(), v.namespace)
+                    .list(&ListParams::default())
+                    .await,
+            ),
+        ),
+        (
+            "configmaps get",
+            allowed(
+                "cm get",
+                Api::<ConfigMap>::namespaced(hook.clone(), v.namespace)
+                    .get_opt("anything")
+                    .await,
+            ),
+        ),
+        (
+            "configmaps list (other ns)",
+            allowed(
+                "cm list default",
+                Api::<ConfigMap>::namespaced(hook.clone(), "default")
+                    .list(&ListParams::default())
+                    .await,
+            ),
+        ),
+        (
+            "other lease get",
+            allowed(
+                "other lease",
+                Api::<Lease>::namespaced(hook.clone(), v.namespace)
+                    .get_opt("someone-else")
+                    .await,
+            ),
+        ),
+        (
+            "nodepools delete",
+            allowed(
+                "nodepools delete",
+                Api::<DynamicObject>::all_with(hook.clone(), &nodepool_ar())
+                    .delete("default", &no_dry)
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "nodeclaims list",
+            allowed(
+                "nodeclaims list",
+                Api::<DynamicObject>::all_with(hook.clone(), &nodeclaim_ar())
+                    .list(&ListParams::default())
+                    .await,
+            ),
+        ),
+        (
+            "pods list",
+            allowed("pods", Api::<Pod>::all(hook.clone()).list(&ListParams::default()).await),
+        ),
+    ];
+    for (what, ok) in forbidden {
+        assert!(!ok, "the cleanup hook may {what}");
+    }
+    // Idempotent under the same RBAC: a second run finds nothing and still succeeds.
+    let again = cleanup::run(
+        hook,
+        &cfg,
+        &CleanupArgs {
+            hold_lease_seconds: 300,
+        },
+    )
+    .await;
+    assert!(again.ok(), "{}", again.summary());
+    assert!(again.taints_removed.is_empty() && again.conditions_removed.is_empty() && again.pools_restored.is_empty());
     Ok(())
 }
