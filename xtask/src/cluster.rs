@@ -424,6 +424,7 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
 }
 
 fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
+    let t0 = Instant::now();
     std::fs::create_dir_all(p.run.join("pki"))?;
     record_host_state(p)?;
     // The node address.
@@ -454,6 +455,14 @@ fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
         "kube-apiserver",
         Command::new(p.bin_of("kube-apiserver")).args(apiserver_args(p)),
     )?;
+    // containerd does not need the apiserver: start it while the apiserver comes up.
+    spawn(
+        p,
+        "containerd",
+        Command::new("containerd")
+            .arg("--config")
+            .arg(p.run.join("containerd/config.toml")),
+    )?;
     wait_for(
         p,
         "the apiserver's /readyz",
@@ -466,14 +475,8 @@ fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
                 .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"ok"))
         },
     )?;
+    eprintln!("cluster: apiserver ready after {:.1} s", t0.elapsed().as_secs_f64());
 
-    spawn(
-        p,
-        "containerd",
-        Command::new("containerd")
-            .arg("--config")
-            .arg(p.run.join("containerd/config.toml")),
-    )?;
     wait_for(
         p,
         "containerd's socket",
@@ -485,6 +488,10 @@ fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
     for archive in project_images()? {
         import_image(&p.containerd_socket(), &archive)?;
     }
+    eprintln!(
+        "cluster: containerd ready, images imported after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 
     let pki = |f: &str| p.pki(f).display().to_string();
     spawn(
@@ -843,6 +850,9 @@ evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.availab
 volumePluginDir: {plugins}
 serializeImagePulls: false
 runtimeRequestTimeout: 5m
+# The first status after registration is NotReady (PLEG not yet run); the default 10 s until
+# the next one is most of a warm `up`.
+nodeStatusUpdateFrequency: 2s
 "#,
         ca = p.pki("ca.crt").display(),
         plugins = dir.join("volume-plugins").display(),
