@@ -4,21 +4,23 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use graywatch_detect::eval::datasets;
 use graywatch_detect::eval::nab::{NabCorpus, score_at, score_corpus, sweep_file};
 
+/// nab-dev: `datasets/nab-dev.tar.xz` unpacked into this test's target tmp dir on first use, or
+/// `$GRAYWATCH_DATASETS/nab-dev`.
 fn nab_dev() -> PathBuf {
-    std::env::var_os("GRAYWATCH_DATASETS")
-        .map_or_else(
-            || {
-                // cargo's run-time value first: the compiled-in one can come from another checkout
-                // sharing the target dir.
-                std::env::var_os("CARGO_MANIFEST_DIR")
-                    .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-                    .join("../../shared/datasets")
-            },
-            PathBuf::from,
-        )
-        .join("nab-dev")
+    // cargo's run-time value first: the compiled-in one can come from another checkout sharing
+    // the target dir.
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let workspace = manifest.parent().map_or_else(|| PathBuf::from(".."), PathBuf::from);
+    datasets::locate(
+        "nab-dev",
+        &workspace,
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("datasets"),
+    )
+    .unwrap_or_else(|e| panic!("nab-dev dataset (datasets/nab-dev.tar.xz, or set GRAYWATCH_DATASETS): {e}"))
 }
 
 /// The corpus and the three detectors' reference scores, loaded once for both tests (CSV

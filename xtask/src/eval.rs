@@ -24,16 +24,19 @@ enum EvalCommand {
 
 #[derive(clap::Args)]
 struct NabArgs {
-    /// Corpus root: data/, labels/combined_windows.json, config/profiles.json.
-    #[arg(long, default_value = "../shared/datasets/nab-dev")]
-    data: PathBuf,
+    /// Corpus root: data/, labels/combined_windows.json, config/profiles.json. Default: the
+    /// repository's datasets/nab-dev.tar.xz, unpacked into the target dir (or
+    /// $GRAYWATCH_DATASETS/nab-dev).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Comma-separated detectors to run (default: all).
     #[arg(long, value_delimiter = ',')]
     detectors: Vec<String>,
     /// Score NAB-format result files instead of running our detectors: DIR/<det>/<category>/
     /// <det>_<file>.csv for every detector directory in DIR, or DIR/<category>/... for one.
+    /// Without DIR: the corpus's own reference/ (NAB's published outputs).
     #[arg(long)]
-    reference: Option<PathBuf>,
+    reference: Option<Option<PathBuf>>,
     /// Also write {"<detector>": {"standard": x, "reward_low_FP": y, "reward_low_FN": z}} here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -48,9 +51,11 @@ struct NabArgs {
 
 #[derive(clap::Args)]
 struct MsArgs {
-    /// Dataset root (holding data/<domain>/<series>.csv).
-    #[arg(long, default_value = "../shared/datasets/ms-cloud-monitoring")]
-    data: PathBuf,
+    /// Dataset root (holding data/<domain>/<series>.csv). Default: the repository's
+    /// datasets/ms-cloud-monitoring.tar.xz, unpacked into the target dir (or
+    /// $GRAYWATCH_DATASETS/ms-cloud-monitoring).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Comma-separated detectors to run (default: all).
     #[arg(long, value_delimiter = ',')]
     detectors: Vec<String>,
@@ -67,6 +72,17 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         EvalCommand::Nab(a) => run_nab(a),
         EvalCommand::Ms(a) => run_ms(a),
     }
+}
+
+/// `--data`, else the shipped dataset `name` (see `graywatch_detect::eval::datasets`).
+fn dataset_dir(data: Option<&PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(d) = data {
+        return Ok(d.clone());
+    }
+    let root = crate::util::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    eval::datasets::locate(name, &root, &target.join("graywatch-datasets"))
+        .with_context(|| format!("dataset {name} (datasets/{name}.tar.xz, or set GRAYWATCH_DATASETS)"))
 }
 
 fn detector_list(requested: &[String]) -> Vec<String> {
@@ -109,11 +125,12 @@ fn reference_detectors(dir: &Path, corpus: &nab::NabCorpus) -> anyhow::Result<Ve
 
 fn run_nab(a: &NabArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let corpus = nab::NabCorpus::load(&a.data).with_context(|| format!("loading NAB corpus {}", a.data.display()))?;
+    let data = dataset_dir(a.data.as_ref(), "nab-dev")?;
+    let corpus = nab::NabCorpus::load(&data).with_context(|| format!("loading NAB corpus {}", data.display()))?;
     let rows: usize = corpus.series.iter().map(|s| s.values.len()).sum();
     println!(
         "NAB corpus {}: {} files, {} rows, {} windows (loaded in {:.2} s)",
-        a.data.display(),
+        data.display(),
         corpus.series.len(),
         rows,
         corpus.window_count(),
@@ -121,7 +138,8 @@ fn run_nab(a: &NabArgs) -> anyhow::Result<()> {
     );
     let mut jobs: Vec<(String, Vec<Vec<f64>>, f64)> = Vec::new();
     if let Some(dir) = &a.reference {
-        for (det, path) in reference_detectors(dir, &corpus)? {
+        let dir = dir.clone().unwrap_or_else(|| data.join("reference"));
+        for (det, path) in reference_detectors(&dir, &corpus)? {
             let t = Instant::now();
             let scores = corpus.load_results(&path, &det)?;
             let secs = t.elapsed().as_secs_f64();
@@ -202,11 +220,12 @@ fn run_nab(a: &NabArgs) -> anyhow::Result<()> {
 
 fn run_ms(a: &MsArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let series = ms::load(&a.data).with_context(|| format!("loading MS dataset {}", a.data.display()))?;
+    let data = dataset_dir(a.data.as_ref(), "ms-cloud-monitoring")?;
+    let series = ms::load(&data).with_context(|| format!("loading MS dataset {}", data.display()))?;
     let rows: usize = series.iter().map(|s| s.values.len()).sum();
     println!(
         "MS cloud-monitoring {}: {} series, {} rows",
-        a.data.display(),
+        data.display(),
         series.len(),
         rows
     );

@@ -1,6 +1,7 @@
 //! Offline evaluation (feature `eval`): dataset loaders and scorers for NAB and the Microsoft
 //! cloud-monitoring set. This is the only part of the crate that touches files.
 
+pub mod datasets;
 pub mod ms;
 pub mod nab;
 
