@@ -1277,6 +1277,13 @@ async fn the_chart_rbac_allows_exactly_the_calls_the_binaries_make() -> anyhow::
                 .await?,
         );
         Api::<Pod>::namespaced(agent.clone(), "default").get("web-0").await?;
+        // agent/src/discovery.rs: the aggregator replicas' Endpoints, in the release namespace.
+        let own_endpoints: Api<k8s_openapi::api::core::v1::Endpoints> = Api::namespaced(agent.clone(), v.namespace);
+        own_endpoints.list(&ListParams::default()).await?;
+        drop(own_endpoints.watch(&WatchParams::default(), "0").await?);
+        own_endpoints
+            .get_opt(&format!("{}-aggregator-replicas", v.fullname()))
+            .await?;
         let forbidden = [
             (
                 "nodes get",
@@ -1296,6 +1303,15 @@ async fn the_chart_rbac_allows_exactly_the_calls_the_binaries_make() -> anyhow::
                         )
                         .await
                         .map(drop),
+                ),
+            ),
+            (
+                "endpoints list (other ns)",
+                allowed(
+                    "agent endpoints default",
+                    Api::<k8s_openapi::api::core::v1::Endpoints>::namespaced(agent.clone(), "default")
+                        .list(&ListParams::default())
+                        .await,
                 ),
             ),
             (
