@@ -69,6 +69,7 @@ impl From<&Config> for CollectorOptions {
             load: LoadOptions {
                 tracefs: config.tracefs.clone(),
                 btf: config.btf.clone(),
+                rtt_source: config.rtt_source,
                 ..LoadOptions::default()
             },
             cgroup_root: config.cgroup_root.clone(),
@@ -227,7 +228,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let health = Arc::new(Health::new(Metrics::new(), config.interval));
-    health.metrics.set_available("network", true);
+    for signal in crate::ebpf::NETWORK_SIGNALS {
+        let missing = collector.programs_mut().unavailable().iter().any(|(s, _)| s == signal);
+        health.metrics.set_available(signal, !missing);
+    }
     for (signal, available) in collector.host_mut().availability() {
         health.metrics.set_available(signal, available);
     }

@@ -53,6 +53,12 @@ pub struct Cli {
     #[arg(long, env = "GRAYWATCH_BTF")]
     pub btf: Option<PathBuf>,
 
+    /// Where TCP RTT samples come from: `auto` takes the `tcp:tcp_probe` tracepoint when its
+    /// record carries the socket address (kernels after 6.1) and the raw tracepoint of the same
+    /// hook otherwise (6.1); `tracepoint` and `raw-tracepoint` force one.
+    #[arg(long, value_enum, env = "GRAYWATCH_RTT_SOURCE")]
+    pub rtt_source: Option<crate::ebpf::RttSource>,
+
     /// cgroup v2 mount point; found from /proc/self/mountinfo when unset.
     #[arg(long, env = "GRAYWATCH_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -144,6 +150,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub tracefs: Option<PathBuf>,
     pub btf: Option<PathBuf>,
+    pub rtt_source: Option<crate::ebpf::RttSource>,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
     pub kube: Option<KubeMode>,
@@ -166,6 +173,7 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub tracefs: PathBuf,
     pub btf: PathBuf,
+    pub rtt_source: crate::ebpf::RttSource,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
     pub kube: KubeMode,
@@ -333,6 +341,7 @@ impl Config {
             cgroup_root: cli.cgroup_root.clone().or(file.cgroup_root),
             cgroup_scope,
             kube: cli.kube.or(file.kube).unwrap_or(KubeMode::Auto),
+            rtt_source: cli.rtt_source.or(file.rtt_source).unwrap_or_default(),
         })
     }
 }

@@ -11,6 +11,7 @@ mod eval;
 mod fuzz;
 mod image;
 mod k8s;
+mod kernels;
 mod setup;
 mod test;
 mod util;

@@ -52,7 +52,12 @@ fn ensure_packages(with_k8s: bool) -> anyhow::Result<()> {
         wanted.extend(K8S_PACKAGES);
         wanted.extend(CLUSTER_PACKAGES);
     }
-    let missing: Vec<&str> = wanted.into_iter().filter(|p| !package_installed(p)).collect();
+    ensure_debian_packages(&wanted)
+}
+
+/// Installs those of `packages` that are missing (apt-get, as root).
+pub fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
