@@ -237,24 +237,34 @@ impl Actuator {
     /// ownership of the taint and a later apply without it would leave it behind. An optimistic
     /// read-modify-write touches only our key and still records our single field manager.
     pub async fn set_taint(&self, node: &str, add: bool) -> Result<(), ActError> {
+        self.set_taint_key(node, &self.policy.taint_key, add).await
+    }
+
+    /// Removes every taint with `key` from the Node (`cleanup`: ours, and those of the chart's
+    /// NodeReadinessRules once the rules are gone), the same guarded way as [`Self::set_taint`].
+    pub async fn remove_taint(&self, node: &str, key: &str) -> Result<(), ActError> {
+        self.set_taint_key(node, key, false).await
+    }
+
+    async fn set_taint_key(&self, node: &str, key: &str, add: bool) -> Result<(), ActError> {
         let api: Api<Node> = Api::all(self.client.clone());
         for _ in 0..5 {
             let n = api.get(node).await.map_err(kube_err("Node", node))?;
             let rv = n.metadata.resource_version.clone().unwrap_or_default();
             let mut taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
-            let has = taints.iter().any(|t| t.key == self.policy.taint_key);
+            let has = taints.iter().any(|t| t.key == key);
             if has == add {
                 return Ok(());
             }
             if add {
                 taints.push(k8s_openapi::api::core::v1::Taint {
-                    key: self.policy.taint_key.clone(),
+                    key: key.to_string(),
                     value: Some("gray-failure".into()),
                     effect: "NoSchedule".into(),
                     time_added: None,
                 });
             } else {
-                taints.retain(|t| t.key != self.policy.taint_key);
+                taints.retain(|t| t.key != key);
             }
             // resourceVersion in the patch makes the apiserver refuse it (409) if the Node changed.
             let patch = serde_json::json!({

@@ -5,7 +5,10 @@
 //!    replica acts while we clean up or until Helm has deleted them; when someone else held it,
 //!    wait `leader.lease_duration_ms`, the bound within which a leader that lost the Lease has
 //!    stopped writing (`leader.rs`).
-//! 2. Our taint (`policy.taint_key`) off every Node (`Actuator::set_taint`).
+//! 2. The chart's NodeReadinessRules named with `--node-readiness-rule` deleted (mode nrc: else
+//!    the Node Readiness Controller would taint every node once our conditions are gone), and
+//!    then their taints, with our taint (`policy.taint_key`), off every Node
+//!    (`Actuator::set_taint` / `remove_taint`).
 //! 3. NodePools restored from our snapshot ConfigMaps, then the snapshots deleted
 //!    (`Actuator::change_pool` with `PoolChange::Restore`, as on recovery); a snapshot of a
 //!    NodePool that no longer exists is only deleted.
@@ -28,7 +31,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DynamicObject, ListParams, ObjectMeta, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams},
 };
 
 use crate::{
@@ -44,6 +47,19 @@ pub struct CleanupArgs {
     /// replica takes it back before `helm uninstall` has deleted them.
     #[arg(long, env = "GRAYWATCH_CLEANUP_HOLD_LEASE_SECONDS", default_value_t = 300)]
     pub hold_lease_seconds: u32,
+    /// A NodeReadinessRule of ours (repeatable): deleted before our conditions are removed, and
+    /// its taint removed from every Node.
+    #[arg(long, value_name = "NAME")]
+    pub node_readiness_rule: Vec<String>,
+}
+
+/// The Node Readiness Controller's rules (readiness.node.x-k8s.io/v1alpha1).
+#[must_use]
+pub fn node_readiness_rule_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("readiness.node.x-k8s.io", "v1alpha1", "NodeReadinessRule"),
+        "nodereadinessrules",
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +75,12 @@ pub enum CleanupError {
 /// What a cleanup did.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// NodeReadinessRules deleted.
+    pub rules_deleted: Vec<String>,
     /// Nodes our taint was removed from.
     pub taints_removed: Vec<String>,
+    /// Node → taint keys of deleted NodeReadinessRules removed from it.
+    pub rule_taints_removed: BTreeMap<String, Vec<String>>,
     /// Node → condition types removed.
     pub conditions_removed: BTreeMap<String, Vec<String>>,
     /// NodePools put back to their snapshot.
@@ -82,6 +102,25 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(", ") };
+        if !self.rules_deleted.is_empty() {
+            let _ = writeln!(
+                s,
+                "nodereadinessrules deleted: {} ({})",
+                self.rules_deleted.len(),
+                list(&self.rules_deleted)
+            );
+            let taints: Vec<String> = self
+                .rule_taints_removed
+                .iter()
+                .map(|(n, ks)| format!("{n}: {}", ks.join(" ")))
+                .collect();
+            let _ = writeln!(
+                s,
+                "their taints removed: {} ({})",
+                self.rule_taints_removed.values().map(Vec::len).sum::<usize>(),
+                list(&taints)
+            );
+        }
         let _ = writeln!(
             s,
             "taints removed: {} ({})",
@@ -236,6 +275,8 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         }
     }
 
+    let rule_taints = delete_rules(&client, &args.node_readiness_rule, &mut report).await;
+
     let nodes = match list_nodes(&client).await {
         Ok(n) => n,
         Err(e) => {
@@ -247,12 +288,29 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
 
     for n in &nodes {
         let name = n.name_any();
-        let tainted = n
+        let keys: Vec<&str> = n
             .spec
             .as_ref()
             .and_then(|s| s.taints.as_ref())
-            .is_some_and(|ts| ts.iter().any(|t| t.key == cfg.policy.taint_key));
-        if !tainted {
+            .map(|ts| ts.iter().map(|t| t.key.as_str()).collect())
+            .unwrap_or_default();
+        for key in rule_taints.iter().filter(|k| keys.contains(&k.as_str())) {
+            match actuator.remove_taint(&name, key).await {
+                Ok(()) => {
+                    tracing::info!(node = %name, taint = %key, "removed NodeReadinessRule taint");
+                    report
+                        .rule_taints_removed
+                        .entry(name.clone())
+                        .or_default()
+                        .push(key.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, taint = %key, error = %e, "could not remove the taint");
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
+        if !keys.contains(&cfg.policy.taint_key.as_str()) {
             continue;
         }
         match actuator.set_taint(&name, false).await {
@@ -292,6 +350,7 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         }
     }
     tracing::info!(
+        rules = report.rules_deleted.len(),
         taints = report.taints_removed.len(),
         nodes_with_conditions = report.conditions_removed.len(),
         pools = report.pools_restored.len(),
@@ -300,6 +359,41 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         "cleanup finished"
     );
     report
+}
+
+/// Deletes the named NodeReadinessRules; returns the taint keys of those that existed.
+async fn delete_rules(client: &Client, names: &[String], report: &mut Report) -> Vec<String> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &node_readiness_rule_resource());
+    let mut keys = Vec::new();
+    for name in names {
+        let rule = match api.get_opt(name).await {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            // No NRC CRD: nothing to delete.
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => {
+                tracing::warn!(rule = %name, error = %e, "cannot read the NodeReadinessRule");
+                report.errors.push(format!("NodeReadinessRule {name}: {e}"));
+                continue;
+            }
+        };
+        let key = rule.data["spec"]["taint"]["key"].as_str().map(str::to_string);
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(rule = %name, error = %e, "could not delete the NodeReadinessRule");
+                report.errors.push(format!("NodeReadinessRule {name}: {e}"));
+                continue;
+            }
+        }
+        tracing::info!(rule = %name, taint = ?key, "deleted NodeReadinessRule");
+        report.rules_deleted.push(name.clone());
+        keys.extend(key.filter(|k| !k.is_empty()));
+    }
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 async fn restore_pools(client: &Client, cfg: &FileConfig, actuator: &Actuator, report: &mut Report) {

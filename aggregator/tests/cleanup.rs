@@ -307,3 +307,79 @@ async fn cleanup_removes_ours_and_keeps_everything_else() -> anyhow::Result<()> 
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Mode nrc: the chart's NodeReadinessRules go first (else the Node Readiness Controller would
+/// taint every node once our conditions are gone), and so do their taints; other rules and
+/// their taints stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_our_node_readiness_rules_and_their_taints() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::start(2, 2).await? else {
+        return Ok(());
+    };
+    cluster.api.install_crds().await?;
+    let rules: Api<kube::api::DynamicObject> = Api::all_with(
+        cluster.client.clone(),
+        &graywatch_aggregator::cleanup::node_readiness_rule_resource(),
+    );
+    for (name, key, ty) in [
+        (
+            "graywatch-gray-failure",
+            "readiness.k8s.io/graywatch-gray-failure",
+            "graywatch.io/Healthy",
+        ),
+        ("cni-ready", "readiness.k8s.io/cni", "example.net/CNIReady"),
+    ] {
+        let rule = serde_json::from_value(json!({
+            "apiVersion": "readiness.node.x-k8s.io/v1alpha1", "kind": "NodeReadinessRule",
+            "metadata": {"name": name},
+            "spec": {"conditions": [{"type": ty, "requiredStatus": "True"}],
+                     "taint": {"key": key, "value": "x", "effect": "NoSchedule"},
+                     "enforcementMode": "continuous", "nodeSelector": {}}}))?;
+        rules.create(&PostParams::default(), &rule).await?;
+    }
+    add_taints(
+        &cluster,
+        0,
+        &["readiness.k8s.io/graywatch-gray-failure", "readiness.k8s.io/cni", TAINT],
+    )
+    .await?;
+    add_taints(&cluster, 1, &["readiness.k8s.io/graywatch-gray-failure"]).await?;
+    apply_conditions(&cluster, 0, FIELD_MANAGER, &[cond("graywatch.io/Healthy", "False")]).await?;
+
+    let dir = std::env::temp_dir().join(format!("graywatch-cleanup-nrc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config_path = dir.join("aggregator.toml");
+    std::fs::write(&config_path, config("taint_mode = \"nrc\""))?;
+    let out = Command::new(env!("CARGO_BIN_EXE_graywatch-aggregator"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--identity", IDENTITY, "cleanup"])
+        // The second one does not exist (already deleted): nothing to do for it.
+        .args([
+            "--node-readiness-rule=graywatch-gray-failure",
+            "--node-readiness-rule=graywatch-network",
+        ])
+        .env("KUBECONFIG", cluster.api.kubeconfig_path())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nodereadinessrules deleted: 1 (graywatch-gray-failure)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("their taints removed: 2 ("), "{stdout}");
+    assert!(stdout.contains("taints removed: 1 (node-0)"), "{stdout}");
+    assert!(stdout.contains("errors: 0"), "{stdout}");
+    assert!(rules.get_opt("graywatch-gray-failure").await?.is_none());
+    assert!(rules.get_opt("cni-ready").await?.is_some(), "someone else's rule kept");
+    assert_eq!(taints(&cluster.node(0).await), ["readiness.k8s.io/cni"]);
+    assert!(taints(&cluster.node(1).await).is_empty());
+    assert_eq!(conditions(&cluster.node(0).await), ["Ready"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -200,10 +200,18 @@ fn expected_aggregator_grants(v: &Variant) -> (Grants, Grants, Grants) {
 
 /// What the uninstall hook's roles must grant (aggregator/src/cleanup.rs and the actuator calls it
 /// makes) — in every mode.
-fn expected_cleanup_grants(v: &Variant) -> (Grants, Grants) {
+fn expected_cleanup_grants(v: &Variant) -> anyhow::Result<(Grants, Grants)> {
     let mut cluster = g("", "nodes", "", &["get", "list", "patch"]);
     cluster.extend(g("", "nodes/status", "", &["patch"]));
     cluster.extend(g("karpenter.sh", "nodepools", "", &["get", "patch"]));
+    for rule in nrc_rule_names(v)? {
+        cluster.extend(g(
+            "readiness.node.x-k8s.io",
+            "nodereadinessrules",
+            &rule,
+            &["get", "delete"],
+        ));
+    }
     let mut ns = g("", "configmaps", "", &["list", "delete"]);
     ns.extend(g("coordination.k8s.io", "leases", "", &["create"]));
     ns.extend(g(
@@ -212,7 +220,34 @@ fn expected_cleanup_grants(v: &Variant) -> (Grants, Grants) {
         &format!("{}-aggregator", v.fullname()),
         &["get", "update"],
     ));
-    (cluster, ns)
+    Ok((cluster, ns))
+}
+
+/// The names of the NodeReadinessRules a variant installs (metadata.name of its nrc/ files).
+fn nrc_rule_names(v: &Variant) -> anyhow::Result<Vec<String>> {
+    if !v.set.contains(&"nodeReadinessRules.create=true") {
+        return Ok(Vec::new());
+    }
+    let files = v
+        .set
+        .iter()
+        .find_map(|s| s.strip_prefix("nodeReadinessRules.files="))
+        .map_or_else(
+            || vec!["gray-failure.yaml".to_string()],
+            |f| {
+                f.trim_matches(|c| c == '{' || c == '}')
+                    .split(',')
+                    .map(str::to_string)
+                    .collect()
+            },
+        );
+    let mut names = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(workspace_root().join("deploy/helm/graywatch/nrc").join(&f))?;
+        let rule: Value = serde_yaml::from_str(&text)?;
+        names.push(rule["metadata"]["name"].as_str().context("rule name")?.to_string());
+    }
+    Ok(names)
 }
 
 /// The cleanup objects are pre-delete hooks: ServiceAccount and RBAC before the Job (lower
@@ -264,7 +299,10 @@ fn check_cleanup_hook(objs: &[Value], v: &Variant) -> anyhow::Result<()> {
         .iter()
         .position(|a| *a == "cleanup")
         .context("no cleanup subcommand")?;
-    assert_eq!(&args[sub + 1..], ["--hold-lease-seconds=300"]);
+    let mut want = vec!["--hold-lease-seconds=300".to_string()];
+    // mode nrc: the rules are deleted (and their taints removed) before our conditions.
+    want.extend(nrc_rule_names(v)?.iter().map(|r| format!("--node-readiness-rule={r}")));
+    assert_eq!(&args[sub + 1..], want);
     assert_eq!(c["env"], agg["env"], "identity and namespace as the aggregator's");
     assert_eq!(
         pod["volumes"][0]["configMap"]["name"],
@@ -450,7 +488,7 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
         );
         // The uninstall hook: the same rules in every mode (what there is to undo depends on the
         // modes the release ran in before).
-        let (cleanup_cluster, cleanup_ns) = expected_cleanup_grants(v);
+        let (cleanup_cluster, cleanup_ns) = expected_cleanup_grants(v)?;
         assert_eq!(grants(find(&objs, "ClusterRole", "-cleanup")?)?, cleanup_cluster);
         let cleanup_role = find(&objs, "Role", "-cleanup")?;
         assert_eq!(cleanup_role["metadata"]["namespace"], v.namespace);
@@ -807,9 +845,15 @@ fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> anyho
 fn kube_resources_used(src_dir: &str) -> anyhow::Result<BTreeSet<(String, String)>> {
     let mut files = Vec::new();
     rust_files(&workspace_root().join(src_dir), &mut files)?;
+    // The uninstall cleanup runs under its own hook roles (checked on its own below).
+    files.retain(|f| !f.ends_with("aggregator/src/cleanup.rs"));
+    kube_resources_in(&files)
+}
+
+fn kube_resources_in(files: &[std::path::PathBuf]) -> anyhow::Result<BTreeSet<(String, String)>> {
     let mut out = BTreeSet::new();
     for f in files {
-        let text = std::fs::read_to_string(&f)?;
+        let text = std::fs::read_to_string(f)?;
         for marker in ["Api<", "Api::<"] {
             for (i, _) in text.match_indices(marker) {
                 let ty: String = text[i + marker.len()..]
@@ -836,6 +880,9 @@ fn kube_resources_used(src_dir: &str) -> anyhow::Result<BTreeSet<(String, String
         }
         if text.contains("nodeclaim_resource()") {
             out.insert(("karpenter.sh".into(), "nodeclaims".into()));
+        }
+        if text.contains("node_readiness_rule_resource()") {
+            out.insert(("readiness.node.x-k8s.io".into(), "nodereadinessrules".into()));
         }
     }
     Ok(out)
@@ -864,6 +911,19 @@ fn the_resources_the_binaries_call_are_the_ones_the_chart_grants() -> anyhow::Re
         kube_resources_used("agent/src")?,
         granted(&["ClusterRole -agent", "Role -agent"])?
     );
+    // The uninstall cleanup: its own calls, plus the snapshot ConfigMaps it lists
+    // (cluster.rs list_snapshots) and deletes (actuate.rs delete_snapshot), under the hook's
+    // roles (with NodeReadinessRules in mode nrc).
+    let nrc = NRC.render("1.20.2")?;
+    let mut cleanup = kube_resources_in(&[workspace_root().join("aggregator/src/cleanup.rs")])?;
+    cleanup.insert((String::new(), "configmaps".into()));
+    let mut hook = BTreeSet::new();
+    for (kind, suffix) in [("ClusterRole", "-cleanup"), ("Role", "-cleanup")] {
+        for (group, resource, _, _) in grants(find(&nrc, kind, suffix)?)? {
+            hook.insert((group, resource.split('/').next().unwrap_or_default().to_string()));
+        }
+    }
+    assert_eq!(cleanup, hook, "cleanup's kube calls and the hook's roles disagree");
     // Events go to the namespace the chart's events Role is in.
     let actuate = read_source("aggregator/src/actuate.rs")?;
     let ns = find(&objs, "Role", "-aggregator-events")?["metadata"]["namespace"]
@@ -1612,6 +1672,14 @@ async fn the_eks_values_render_and_are_stored_by_the_apiserver() -> anyhow::Resu
         "baseline"
     );
     assert!(find(&objs, "DaemonSet", "-agent")?["spec"]["template"]["spec"]["affinity"].is_null());
+    // Without the uninstall hook: no cleanup object at all.
+    let objs = render("eks", "gw-eks", &["--set", "cleanup.enabled=false"])?;
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-cleanup"))),
+        "cleanup objects rendered with cleanup.enabled=false"
+    );
     // The values schema refuses what must not be: the unconfined SELinux type, unknown levels.
     for (set, reason) in [
         ("agent.seLinuxOptions.type=super_t", "agent.seLinuxOptions.type"),
@@ -1700,6 +1768,7 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         &cfg,
         &CleanupArgs {
             hold_lease_seconds: 300,
+            node_readiness_rule: Vec::new(),
         },
     )
     .await;
@@ -1829,10 +1898,63 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         &cfg,
         &CleanupArgs {
             hold_lease_seconds: 300,
+            node_readiness_rule: Vec::new(),
         },
     )
     .await;
     assert!(again.ok(), "{}", again.summary());
     assert!(again.taints_removed.is_empty() && again.conditions_removed.is_empty() && again.pools_restored.is_empty());
+
+    // Mode nrc: the hook deletes exactly the chart's NodeReadinessRules (the Job's
+    // --node-readiness-rule flags), no other rule.
+    let nrc = &NRC;
+    create_namespace(&admin, nrc.namespace).await?;
+    let nrc_objs = nrc.render("1.20.2")?;
+    for o in &nrc_objs {
+        create(&admin, &discovery, o, false).await?;
+    }
+    let rules: Api<DynamicObject> = Api::all_with(admin.clone(), &cleanup::node_readiness_rule_resource());
+    let other = json!({
+        "apiVersion": "readiness.node.x-k8s.io/v1alpha1", "kind": "NodeReadinessRule",
+        "metadata": {"name": "cni-ready"},
+        "spec": {"conditions": [{"type": "example.net/CNIReady", "requiredStatus": "True"}],
+                 "taint": {"key": "readiness.k8s.io/cni", "effect": "NoSchedule"},
+                 "enforcementMode": "continuous", "nodeSelector": {}}});
+    rules
+        .create(&PostParams::default(), &serde_json::from_value(other)?)
+        .await?;
+    let text = find(&nrc_objs, "ConfigMap", "-aggregator")?["data"]["aggregator.toml"]
+        .as_str()
+        .context("toml")?;
+    let mut nrc_cfg = FileConfig::from_toml(text)?;
+    nrc_cfg.identity = "nrc-cleanup-4b7zq".into();
+    nrc_cfg.namespace = nrc.namespace.into();
+    let nrc_hook = server.impersonating(&nrc.sa_user("cleanup")).await?;
+    let names = nrc_rule_names(nrc)?;
+    let report = cleanup::run(
+        nrc_hook.clone(),
+        &nrc_cfg,
+        &CleanupArgs {
+            hold_lease_seconds: 300,
+            node_readiness_rule: names.clone(),
+        },
+    )
+    .await;
+    assert!(report.ok(), "{}", report.summary());
+    assert_eq!(report.rules_deleted, names);
+    for n in &names {
+        assert!(rules.get_opt(n).await?.is_none(), "{n} deleted");
+    }
+    assert!(
+        !allowed(
+            "other rule delete",
+            Api::<DynamicObject>::all_with(nrc_hook, &cleanup::node_readiness_rule_resource())
+                .delete("cni-ready", &no_dry)
+                .await
+                .map(drop)
+        ),
+        "the hook may delete someone else's NodeReadinessRule"
+    );
+    assert!(rules.get_opt("cni-ready").await?.is_some());
     Ok(())
 }
