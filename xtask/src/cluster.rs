@@ -426,6 +426,8 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
 fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(p.run.join("pki"))?;
+    // Private keys and kubeconfigs with client keys live here: owner only.
+    std::fs::set_permissions(&p.run, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     record_host_state(p)?;
     // The node address.
     run_cmd(Command::new("ip").args(["link", "add", NODE_NAME, "type", node_link]))?;
@@ -723,7 +725,10 @@ fn write_kubeconfig(p: &Paths, who: &str, cert: &str) -> anyhow::Result<()> {
         p.pki(&format!("{cert}.crt")).display(),
         p.pki(&format!("{cert}.key")).display(),
     );
-    std::fs::write(p.kubeconfig(who), text)?;
+    let path = p.kubeconfig(who);
+    std::fs::write(&path, text)?;
+    // helm and kubectl warn about group/world-readable kubeconfigs.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(())
 }
 
