@@ -63,6 +63,10 @@ pub struct FamilyState {
     pub detail: String,
     /// Why the phase is Unknown (CamelCase), if it is.
     pub unknown_reason: &'static str,
+    /// Observers whose vantage evidence alone would make this family bad, without corroboration
+    /// by the node's own measurements or a majority of its traffic partners (empty = none). Such
+    /// evidence raises Suspect at most: no False condition, no action, no group verdict.
+    pub uncorroborated: Vec<String>,
 }
 
 impl FamilyState {
@@ -74,6 +78,7 @@ impl FamilyState {
             confidence: 0.0,
             detail: String::new(),
             unknown_reason: "NoReport",
+            uncorroborated: Vec::new(),
         }
     }
 }
@@ -422,11 +427,27 @@ impl Engine {
                         g.n
                     ));
                 }
+                // Vantage evidence counts only when corroborated: by the node's own measurements
+                // (its detector, its position in its peer group, or its own view of everyone) or
+                // by a strict majority of the nodes it reports traffic with. Other nodes' words
+                // alone raise Suspect at most.
                 let mut vantage_score = 0.0;
+                let mut raw_vantage = 0.0;
+                let mut observers_alone: Option<&VantageEvidence> = None;
                 if let Some(v) = vantage.get(&f).and_then(|m| m.get(name)) {
-                    vantage_score = v.score(p.vantage_min_observers);
+                    raw_vantage = v.score(p.vantage_min_observers);
                     if v.observers > 0 {
                         detail.push(format!("{}/{} peers see it degraded", v.flagged, v.observers));
+                    }
+                    let own = local_score >= p.recover_confidence || peer_score > 0.0 || v.own_link_slow;
+                    if own || v.majority_of_partners(p.vantage_min_observers) {
+                        vantage_score = raw_vantage;
+                    } else if raw_vantage > 0.0 {
+                        observers_alone = Some(v);
+                        detail.push(format!(
+                            "not corroborated (own figures healthy, {} of its {} traffic partners agree)",
+                            v.flagged_partners, v.partners
+                        ));
                     }
                 }
                 let conf = evidence::combine(&[
@@ -434,8 +455,36 @@ impl Engine {
                     (p.weight_peer, peer_score),
                     (p.weight_vantage, vantage_score),
                 ]);
+                let raw_conf = evidence::combine(&[
+                    (p.weight_local, local_score),
+                    (p.weight_peer, peer_score),
+                    (p.weight_vantage, raw_vantage),
+                ]);
                 advance(fs, conf, &p);
                 fs.detail = format!("confidence {}: {}", fmt_num(conf), detail.join("; "));
+                let alone: Vec<String> = match observers_alone {
+                    Some(v) if raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => v.flagged_by.clone(),
+                    _ => Vec::new(),
+                };
+                if !alone.is_empty() {
+                    if fs.phase == Phase::Healthy {
+                        fs.phase = Phase::Suspect;
+                    }
+                    if fs.uncorroborated.is_empty() {
+                        plan.events.push(PlannedEvent {
+                            target: EventTarget::Node(name.clone()),
+                            kind: EventKind::Warning,
+                            reason: "UncorroboratedVantage".into(),
+                            action: "None".into(),
+                            note: format!(
+                                "{}: {} report it degraded, but neither its own measurements nor a majority of its traffic partners agree: Suspect only, no action",
+                                f.camel(),
+                                alone.join(", ")
+                            ),
+                        });
+                    }
+                }
+                fs.uncorroborated = alone;
             }
             if overall_phase(st) == Phase::Degraded {
                 st.degraded_windows = st.degraded_windows.saturating_add(1);
@@ -538,7 +587,7 @@ impl Engine {
                 };
                 let e = by_value.entry(v.as_str()).or_default();
                 e.0 += 1;
-                if self.nodes.get(*n).is_some_and(|s| overall_phase(s).is_unhealthy()) {
+                if self.nodes.get(*n).is_some_and(counts_unhealthy) {
                     e.1 += 1;
                 }
             }
@@ -890,6 +939,14 @@ pub fn overall_phase(st: &NodeState) -> Phase {
         .filter(|p| *p != Phase::Unknown)
         .max()
         .unwrap_or(Phase::Unknown)
+}
+
+/// Unhealthy for group verdicts: a family Suspect only on uncorroborated vantage evidence does
+/// not count (other nodes' words must not exclude a zone either).
+fn counts_unhealthy(st: &NodeState) -> bool {
+    st.families
+        .values()
+        .any(|f| f.phase.is_unhealthy() && (f.phase != Phase::Suspect || f.uncorroborated.is_empty()))
 }
 
 fn reason_of(fs: &FamilyState) -> String {

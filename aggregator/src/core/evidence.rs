@@ -150,10 +150,27 @@ impl AddressBook {
 }
 
 /// Vantage tally for one target node and family.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+///
+/// Other nodes' words alone never degrade a node (see the security section of the README):
+/// the tally also carries what is needed to check corroboration, either by the target's own
+/// view (`own_link_slow`) or by a strict majority of the nodes the target itself reports
+/// traffic with (`partners`, `flagged_partners`): a node cannot be made to list traffic with an
+/// observer it never talked to, whereas any authenticated agent can claim to observe anyone.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct VantageEvidence {
+    /// Reliable observers reporting a figure towards the target.
     pub observers: usize,
+    /// Of those, how many flag it.
     pub flagged: usize,
+    /// Names of the flagging observers (sorted), for the audit trail.
+    pub flagged_by: Vec<String>,
+    /// Fresh reporters the target itself reports traffic with in this family (its partners).
+    pub partners: usize,
+    /// Flagging observers among the target's partners.
+    pub flagged_partners: usize,
+    /// The target's own measurements towards everyone sit far above the fleet's (its own link is
+    /// slow; TCP RTT and retransmits are seen by both ends of a connection).
+    pub own_link_slow: bool,
 }
 
 impl VantageEvidence {
@@ -164,6 +181,13 @@ impl VantageEvidence {
         } else {
             self.flagged as f64 / self.observers as f64
         }
+    }
+
+    /// A strict majority of the target's own traffic partners flag it, and at least
+    /// `min_observers` of them do.
+    #[must_use]
+    pub fn majority_of_partners(&self, min_observers: usize) -> bool {
+        self.flagged_partners >= min_observers.max(1) && 2 * self.flagged_partners > self.partners
     }
 }
 
@@ -193,47 +217,87 @@ pub fn vantage<'a>(
     ratio: f64,
 ) -> BTreeMap<String, VantageEvidence> {
     // Pass 1: each observer's figure per target node (worst of its addresses) and its baseline.
-    let mut observers: Vec<(Vec<(usize, f64)>, f64)> = Vec::new();
+    // Every fresh reporter that maps to a node also lists its traffic partners (whatever its
+    // number of targets), so a target's partner set comes from its own report only.
+    struct Observer {
+        id: usize,
+        per_target: Vec<(usize, f64)>,
+        base: Option<f64>,
+    }
+    let mut observers: Vec<Observer> = Vec::new();
     for (observer, report) in fresh_reports {
-        let me = book.by_name.get(observer).copied();
+        let Some(me) = book.by_name.get(observer).copied() else {
+            continue;
+        };
         let mut per_target: Vec<(usize, f64)> = report
             .peers
             .iter()
             .filter_map(|p| Some((book.id_of(&p.addr)?, peer_figure(family, p)?)))
-            .filter(|(t, _)| Some(*t) != me)
+            .filter(|(t, _)| *t != me)
             .collect();
         per_target.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
         per_target.dedup_by_key(|(t, _)| *t);
         // A baseline needs a few targets; otherwise this observer abstains.
-        if per_target.len() < 3 {
-            continue;
-        }
-        let mut vals: Vec<f64> = per_target.iter().map(|(_, v)| *v).collect();
-        let base = median(&mut vals);
-        observers.push((per_target, base));
+        let base = (per_target.len() >= 3).then(|| {
+            let mut vals: Vec<f64> = per_target.iter().map(|(_, v)| *v).collect();
+            median(&mut vals)
+        });
+        observers.push(Observer {
+            id: me,
+            per_target,
+            base,
+        });
     }
     // An observer that sees (almost) everyone as bad is itself the problem (its own link is
     // slow): it abstains instead of diluting the vote against the nodes that are bad.
-    let mut bases: Vec<f64> = observers.iter().map(|o| o.1).collect();
+    let mut bases: Vec<f64> = observers.iter().filter_map(|o| o.base).collect();
     let fleet_base = median(&mut bases);
     let mut tally = vec![VantageEvidence::default(); book.names.len()];
-    for (per_target, base) in observers {
+    let mut flagged_sets: Vec<Vec<usize>> = vec![Vec::new(); book.names.len()];
+    let reporting: Vec<bool> = {
+        let mut r = vec![false; book.names.len()];
+        for o in &observers {
+            r[o.id] = true;
+        }
+        r
+    };
+    for o in &observers {
+        let Some(base) = o.base else {
+            continue;
+        };
         if observer_unreliable(family, base, fleet_base, ratio) {
+            tally[o.id].own_link_slow = true;
             continue;
         }
-        for (target, v) in per_target {
-            let e = &mut tally[target];
+        for (target, v) in &o.per_target {
+            let e = &mut tally[*target];
             e.observers += 1;
-            if v >= base * ratio && v - base >= vantage_floor(family) {
+            if *v >= base * ratio && *v - base >= vantage_floor(family) {
                 e.flagged += 1;
+                flagged_sets[*target].push(o.id);
             }
         }
     }
+    for o in &observers {
+        let e = &mut tally[o.id];
+        let partners: Vec<usize> = o.per_target.iter().map(|(t, _)| *t).filter(|t| reporting[*t]).collect();
+        e.partners = partners.len();
+        e.flagged_partners = flagged_sets[o.id]
+            .iter()
+            .filter(|f| partners.binary_search(f).is_ok())
+            .count();
+    }
     tally
         .into_iter()
+        .zip(flagged_sets)
         .enumerate()
-        .filter(|(_, e)| e.observers > 0)
-        .map(|(id, e)| (book.names[id].clone(), e))
+        .filter(|(_, (e, _))| e.observers > 0 || e.own_link_slow)
+        .map(|(id, (mut e, flagged))| {
+            let mut names: Vec<String> = flagged.into_iter().map(|f| book.names[f].clone()).collect();
+            names.sort();
+            e.flagged_by = names;
+            (book.names[id].clone(), e)
+        })
         .collect()
 }
 
@@ -342,16 +406,73 @@ mod tests {
             reports.iter().map(|(k, r)| (k.as_str(), r)),
             3.0,
         );
-        assert_eq!(
-            v["n5"],
-            VantageEvidence {
-                observers: 4,
-                flagged: 4
-            }
-        );
+        assert_eq!((v["n5"].observers, v["n5"].flagged), (4, 4));
+        assert_eq!(v["n5"].flagged_by, ["n1", "n2", "n3", "n4"]);
+        // n5 talked with all four, all four flag it: a majority of its partners.
+        assert_eq!((v["n5"].partners, v["n5"].flagged_partners), (4, 4));
+        assert!(v["n5"].majority_of_partners(3));
+        // Its own view corroborates too: it sees everyone slow.
+        assert!(v["n5"].own_link_slow);
         for i in 1..=4 {
             assert_eq!(v[&format!("n{i}")].flagged, 0, "n{i}");
+            assert!(!v[&format!("n{i}")].own_link_slow, "n{i}");
         }
+    }
+
+    /// n1..n3 lie about n9 (20 ms towards it, 300 µs towards the rest); n4..n8 are honest and
+    /// never talk to n9; n9 itself talks only with n4 and n5 and sees them fine.
+    fn liars_fleet(liar_base: f64) -> BTreeMap<String, NodeReport> {
+        let mut reports = BTreeMap::new();
+        for i in 1..=3u8 {
+            let t: Vec<(u8, f64)> = (1..=8u8)
+                .filter(|j| *j != i)
+                .map(|j| (j, liar_base))
+                .chain([(9, 20_000.0)])
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        for i in 4..=8u8 {
+            let mut t: Vec<(u8, f64)> = (1..=8u8).filter(|j| *j != i).map(|j| (j, 300.0)).collect();
+            if i <= 5 {
+                t.push((9, 300.0));
+            }
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        reports.insert("n9".into(), report_towards(&[(4, 300.0), (5, 300.0), (6, 300.0)]));
+        reports
+    }
+
+    #[test]
+    fn liars_who_never_talked_with_the_target_are_not_its_partners() {
+        let nodes: Vec<NodeView> = (1..=9).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        for liar_base in [300.0, 10.0] {
+            let reports = liars_fleet(liar_base);
+            let v = vantage(
+                Family::NetworkLatency,
+                &book,
+                reports.iter().map(|(k, r)| (k.as_str(), r)),
+                3.0,
+            );
+            let e = &v["n9"];
+            assert_eq!(e.flagged_by, ["n1", "n2", "n3"], "base {liar_base}");
+            // Its partners are n4, n5, n6 (from its own report); none of them flags it.
+            assert_eq!((e.partners, e.flagged_partners), (3, 0), "base {liar_base}");
+            assert!(!e.majority_of_partners(3));
+            assert!(!e.own_link_slow);
+        }
+    }
+
+    #[test]
+    fn a_majority_of_partners_needs_more_liars_than_honest_partners() {
+        let e = |partners, flagged_partners| VantageEvidence {
+            partners,
+            flagged_partners,
+            ..VantageEvidence::default()
+        };
+        assert!(!e(6, 3).majority_of_partners(3));
+        assert!(e(5, 3).majority_of_partners(3));
+        assert!(!e(2, 2).majority_of_partners(3));
     }
 
     proptest! {

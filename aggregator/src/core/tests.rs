@@ -452,6 +452,146 @@ fn policy_validation_names_the_field() {
     assert!(Policy::default().validate().is_ok());
 }
 
+/// `liars` report `victim` at 20 ms with 10% retransmits; with `low_base` they also report
+/// everyone else at 10 µs (dragging the fleet baseline down so honest observers abstain). With
+/// `sparse` no honest node exchanges traffic with the victim (its own report lists no node).
+fn lie(sim: &mut Sim, liars: &BTreeSet<usize>, victim: usize, low_base: bool, sparse: bool) {
+    if sparse {
+        for (name, r) in &mut sim.input.reports {
+            if *name == format!("node-{victim}") {
+                r.peers.clear();
+            } else {
+                r.peers.retain(|p| p.addr != ip(victim));
+            }
+        }
+        for l in liars {
+            if let Some(r) = sim.input.reports.get_mut(&format!("node-{l}")) {
+                r.peers.push(PeerObservation {
+                    addr: ip(victim),
+                    rtt_samples: 50,
+                    rtt_p99_us: 300.0,
+                    segments_out: 1000,
+                    retransmits: 0,
+                });
+            }
+        }
+    }
+    for l in liars {
+        let Some(r) = sim.input.reports.get_mut(&format!("node-{l}")) else {
+            continue;
+        };
+        for peer in &mut r.peers {
+            if peer.addr == ip(victim) {
+                peer.rtt_p99_us = 20_000.0;
+                peer.retransmits = 100;
+            } else if low_base {
+                peer.rtt_p99_us = 10.0;
+                peer.retransmits = 0;
+            }
+        }
+    }
+}
+
+/// Runs `rounds` rounds with `liars` lying about `victim`; returns the worst overall status the
+/// victim ever had and whether it was ever tainted.
+#[allow(clippy::too_many_arguments)]
+fn run_with_liars(
+    sim: &mut Sim,
+    eng: &mut Engine,
+    p: &Policy,
+    liars: &BTreeSet<usize>,
+    victim: usize,
+    low_base: bool,
+    sparse: bool,
+    rounds: usize,
+) -> (bool, bool) {
+    let mut ever_false = false;
+    let mut ever_tainted = false;
+    for _ in 0..rounds {
+        sim.round(&BTreeSet::new(), |_| true);
+        lie(sim, liars, victim, low_base, sparse);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+        ever_false |= sim.overall(p, victim) == Some(CondStatus::False)
+            || sim.input.nodes[&format!("node-{victim}")]
+                .conditions
+                .values()
+                .any(|c| c.status == CondStatus::False);
+        ever_tainted |= sim.tainted().contains(&format!("node-{victim}"));
+    }
+    (ever_false, ever_tainted)
+}
+
+#[test]
+fn three_liars_about_a_healthy_node_raise_suspect_and_an_event_only() {
+    for mode in [TaintMode::Direct, TaintMode::Nrc] {
+        let p = Policy {
+            taint_mode: mode,
+            mirror_eks: true,
+            ..Policy::default()
+        };
+        let mut eng = Engine::new(p.clone());
+        let mut sim = Sim::new(10, 5);
+        sim.run(&mut eng, &set(&[]), 3);
+        let liars = set(&[0, 1, 2]);
+        let (ever_false, ever_tainted) = run_with_liars(&mut sim, &mut eng, &p, &liars, 9, false, true, 12);
+        assert!(!ever_false, "{mode:?}: liars made node-9 False");
+        assert!(!ever_tainted, "{mode:?}: liars got node-9 tainted");
+        let nl = &sim.input.nodes["node-9"].conditions[&p.family_condition(Family::NetworkLatency)];
+        assert_eq!(
+            (nl.status, nl.reason.as_str()),
+            (CondStatus::True, "Suspect"),
+            "{mode:?}"
+        );
+        assert!(nl.message.contains("not corroborated"), "{}", nl.message);
+        let st = eng.node_state("node-9").expect("victim state");
+        assert_eq!(
+            st.families[&Family::NetworkLatency].uncorroborated,
+            ["node-0", "node-1", "node-2"]
+        );
+        // One Event per family naming the observers, not one per window.
+        assert_eq!(sim.count("UncorroboratedVantage"), 2, "{mode:?}: {:?}", sim.events);
+        assert!(eng.verdicts().is_empty());
+        assert!(sim.input.pools["default"].snapshot.is_none());
+    }
+}
+
+#[test]
+fn three_liars_cannot_exclude_a_zone_through_suspects() {
+    // Liars accuse three of zone-b's five nodes (a verdict's fraction): Suspect at most, which
+    // counts towards no group verdict.
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 3);
+    let liars = set(&[0, 1, 2]);
+    for _ in 0..10 {
+        sim.round(&BTreeSet::new(), |_| true);
+        for v in 5..8 {
+            lie(&mut sim, &liars, v, false, true);
+        }
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+    }
+    assert!(eng.verdicts().is_empty(), "{:?}", eng.verdicts());
+    assert!(sim.input.pools["default"].snapshot.is_none());
+    assert!(sim.tainted().is_empty());
+    assert_eq!(sim.count("UncorroboratedVantage"), 6, "{:?}", sim.events);
+}
+
+#[test]
+fn corroborated_vantage_still_degrades() {
+    // The node's own figures agree with its observers: tainted as before.
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 3);
+    sim.run(&mut eng, &set(&[4]), 4);
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::False));
+    assert_eq!(sim.tainted(), BTreeSet::from(["node-4".to_string()]));
+    assert_eq!(sim.count("UncorroboratedVantage"), 0);
+}
+
 fn arb_policy() -> impl Strategy<Value = Policy> {
     (1u32..5, 1u32..5, 0.05f64..=0.2).prop_map(|(d, r, b)| Policy {
         degrade_windows: d,
@@ -468,7 +608,7 @@ proptest! {
     /// `recover_windows` consecutive good ones.
     #[test]
     fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
-        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: "" };
+        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: "", uncorroborated: Vec::new() };
         let mut bad_run = 0u32;
         let mut good_run = 0u32;
         for c in confs {
@@ -516,6 +656,30 @@ proptest! {
             prop_assert_ne!(sim.overall(&p, *i), Some(CondStatus::False));
         }
         let _ = overall_phase;
+    }
+
+    /// The bound: with k liars among a healthy node's h = 19 - k honest traffic partners, no
+    /// k <= 9 (k <= h) makes it False or tainted, whether or not the liars also drag the fleet
+    /// baseline down to make honest observers abstain; and when no honest node exchanges
+    /// traffic with it (`sparse`, its own report lists none), any number of liars changes
+    /// nothing.
+    #[test]
+    fn liars_short_of_a_partner_majority_change_nothing(
+        liars in proptest::collection::btree_set(0usize..19, 0..=9),
+        low_base in any::<bool>(),
+        sparse in any::<bool>(),
+        nrc in any::<bool>(),
+    ) {
+        let p = Policy { taint_mode: if nrc { TaintMode::Nrc } else { TaintMode::Direct }, mirror_eks: nrc, ..Policy::default() };
+        let mut eng = Engine::new(p.clone());
+        let mut sim = Sim::new(20, 5);
+        sim.run(&mut eng, &BTreeSet::new(), 2);
+        let (ever_false, ever_tainted) = run_with_liars(&mut sim, &mut eng, &p, &liars, 19, low_base, sparse, 8);
+        prop_assert!(!ever_false);
+        prop_assert!(!ever_tainted);
+        for i in 0..19 {
+            prop_assert_ne!(sim.overall(&p, i), Some(CondStatus::False), "node-{}", i);
+        }
     }
 
     /// Pool snapshots restore exactly, whatever the original requirements were.

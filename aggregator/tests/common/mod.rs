@@ -317,6 +317,9 @@ impl Drop for Aggregator {
 pub struct FleetState {
     pub bad: BTreeSet<usize>,
     pub silent: BTreeSet<usize>,
+    /// (liars, victim): the liars report the victim at 20 ms with 6% retransmits while no
+    /// honest node exchanges traffic with it and the victim's own figures stay healthy.
+    pub lies: Option<(BTreeSet<usize>, usize)>,
 }
 
 /// Simulated agents: one gRPC stream per node per aggregator, a window per node every round.
@@ -336,7 +339,10 @@ impl Fleet {
                 seq += 1;
                 let cur = st.lock().unwrap().clone();
                 for i in (0..n).filter(|i| !cur.silent.contains(i)) {
-                    let s = summary(i, n, seq, &cur.bad);
+                    let mut s = summary(i, n, seq, &cur.bad);
+                    if let Some((liars, victim)) = &cur.lies {
+                        lie(&mut s, i, liars, *victim);
+                    }
                     for (e, ep) in endpoints.iter().enumerate() {
                         let key = (e, i);
                         let alive = match streams.get(&key) {
@@ -364,6 +370,10 @@ impl Fleet {
         self.state.lock().unwrap().bad = bad.iter().copied().collect();
     }
 
+    pub fn set_lies(&self, liars: &[usize], victim: usize) {
+        self.state.lock().unwrap().lies = Some((liars.iter().copied().collect(), victim));
+    }
+
     pub fn set_silent(&self, silent: &[usize]) {
         self.state.lock().unwrap().silent = silent.iter().copied().collect();
     }
@@ -385,6 +395,23 @@ async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
         .into_inner();
     tokio::spawn(async move { while let Ok(Some(_)) = resp.message().await {} });
     Some(tx)
+}
+
+/// Rewrites node `i`'s window for [`FleetState::lies`]: a sparse victim (its own report lists
+/// no node; honest nodes list no traffic with it) that only the liars claim to see degraded.
+pub fn lie(s: &mut NodeSummary, i: usize, liars: &BTreeSet<usize>, victim: usize) {
+    let victim_addrs = [node_ip(victim), format!("10.244.{victim}.17")];
+    if i == victim {
+        s.peers.clear();
+    } else if liars.contains(&i) {
+        for p in s.peers.iter_mut().filter(|p| victim_addrs.contains(&p.remote_addr)) {
+            p.rtt_p50_us = 15_000.0;
+            p.rtt_p99_us = 20_000.0;
+            p.retransmits = 120;
+        }
+    } else {
+        s.peers.retain(|p| !victim_addrs.contains(&p.remote_addr));
+    }
 }
 
 /// One window of node `i`: RTT/retransmit figures and per-peer stats towards every other node;
