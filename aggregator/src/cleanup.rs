@@ -16,6 +16,12 @@
 //!    the EKS `NetworkingReady` only where our field manager owns it
 //!    (`Actuator::remove_conditions`).
 //!
+//! With `--only taint` only step 2's taint of ours is removed (mode direct-taint → nrc: the
+//! conditions stay for the Node Readiness Controller). With `--stop-deployment NAME` (the chart's
+//! pre-upgrade mode-change hook) step 1 first scales that aggregator Deployment to 0 and waits
+//! until its pods are gone (`stop.rs`), takes the Lease without waiting, and releases it at the
+//! end instead of holding it; a failed cleanup scales the Deployment back.
+//!
 //! Idempotent: a second run finds nothing and changes nothing. Every removal is logged with the
 //! object's name; a failed write is logged, counted, and the rest still runs.
 
@@ -51,6 +57,56 @@ pub struct CleanupArgs {
     /// its taint removed from every Node.
     #[arg(long, value_name = "NAME")]
     pub node_readiness_rule: Vec<String>,
+    /// What to remove: `all` (taints, NodePool changes, conditions) or only our `taint`.
+    #[arg(long, value_enum, default_value_t = Only::All)]
+    pub only: Only,
+    /// The aggregator Deployment (release namespace) to scale to 0 first, waiting until its
+    /// pods are gone: the fence of a `helm upgrade` (`stop.rs`). The Lease is then released at
+    /// the end instead of held, and the Deployment scaled back if the cleanup fails.
+    #[arg(long, value_name = "NAME")]
+    pub stop_deployment: Option<String>,
+    /// Longest wait for the Deployment's pods to be gone (seconds).
+    #[arg(long, default_value_t = 300)]
+    pub stop_timeout_seconds: u64,
+    /// Why, for the logs and the summary: the mode the release ran in before
+    /// (`dry-run`, `nrc`, `direct-taint`) ...
+    #[arg(long, value_name = "MODE")]
+    pub from_mode: Option<String>,
+    /// ... and the mode it is upgraded to.
+    #[arg(long, value_name = "MODE")]
+    pub to_mode: Option<String>,
+}
+
+impl Default for CleanupArgs {
+    fn default() -> Self {
+        Self {
+            hold_lease_seconds: 300,
+            node_readiness_rule: Vec::new(),
+            only: Only::All,
+            stop_deployment: None,
+            stop_timeout_seconds: 300,
+            from_mode: None,
+            to_mode: None,
+        }
+    }
+}
+
+/// What a cleanup removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// Everything the aggregator wrote (uninstall; a change to mode dry-run).
+    All,
+    /// Our taint only (a change from direct-taint to nrc: the conditions stay for NRC).
+    Taint,
+}
+
+impl Only {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Taint => "taint",
+        }
+    }
 }
 
 /// The Node Readiness Controller's rules (readiness.node.x-k8s.io/v1alpha1).
@@ -89,6 +145,12 @@ pub struct Report {
     pub snapshots_deleted: Vec<String>,
     /// Every write or read that failed (the cleanup went on with the rest).
     pub errors: Vec<String>,
+    /// `--stop-deployment`: the Deployment scaled to 0 (and back, when the cleanup failed).
+    pub stopped: Option<crate::stop::Stopped>,
+    /// `--stop-deployment`: the Lease was released at the end.
+    pub lease_released: bool,
+    /// "<from> → <to>" when the cleanup runs for a mode change.
+    pub reason: Option<String>,
 }
 
 impl Report {
@@ -102,6 +164,18 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(", ") };
+        if let Some(r) = &self.reason {
+            let _ = writeln!(s, "mode change: {r}");
+        }
+        if let Some(st) = &self.stopped {
+            let _ = writeln!(
+                s,
+                "deployment stopped: {} ({} → 0 replicas; pods waited for: {})",
+                st.name,
+                st.previous_replicas,
+                list(&st.pods_waited_for)
+            );
+        }
         if !self.rules_deleted.is_empty() {
             let _ = writeln!(
                 s,
@@ -248,14 +322,96 @@ async fn fence(client: &Client, cfg: &FileConfig, hold: u32) -> Result<Option<St
     Err(CleanupError::LeaseConflict(name.clone()))
 }
 
-/// Runs the whole cleanup; never stops at the first failure.
+/// Runs the whole cleanup; never stops at the first failure (but cleans nothing while the
+/// aggregator Deployment named by `--stop-deployment` could not be stopped).
 pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report {
-    let mut report = Report::default();
+    let mut report = Report {
+        reason: match (&args.from_mode, &args.to_mode) {
+            (Some(f), Some(t)) => Some(format!("{f} → {t}")),
+            _ => None,
+        },
+        ..Report::default()
+    };
+    tracing::info!(
+        from_mode = args.from_mode.as_deref().unwrap_or("-"),
+        to_mode = args.to_mode.as_deref().unwrap_or("-"),
+        only = args.only.as_str(),
+        stop_deployment = args.stop_deployment.as_deref().unwrap_or("-"),
+        "cleanup starting"
+    );
+    let mut stopped_deployment = false;
+    if let Some(name) = &args.stop_deployment {
+        let timeout = Duration::from_secs(args.stop_timeout_seconds);
+        match crate::stop::stop_deployment(&client, &cfg.namespace, name, timeout).await {
+            Ok(stopped) => {
+                stopped_deployment = true;
+                report.stopped = stopped;
+            }
+            Err(e) => {
+                // An old-mode replica may still write: cleaning up now would race with it.
+                tracing::error!(deployment = %name, error = %e, "could not stop the aggregator; nothing cleaned");
+                report.errors.push(e.to_string());
+                restore_after_failure(&client, cfg, name, &mut report).await;
+                return report;
+            }
+        }
+    }
+    report = clean(client.clone(), cfg, args, stopped_deployment, report).await;
+    if let Some(name) = &args.stop_deployment {
+        if report.ok() {
+            match release(&client, cfg).await {
+                Ok(released) => {
+                    report.lease_released = released;
+                    tracing::info!(lease = %cfg.leader.lease_name, released, "leader lease released for the upgraded aggregator");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the leader lease");
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
+        if !report.ok() {
+            restore_after_failure(&client, cfg, name, &mut report).await;
+        }
+    }
+    report
+}
+
+/// After a failed mode-change cleanup: the aggregator back at the replica count it had (the
+/// upgrade fails with the hook; the old mode goes on as before).
+async fn restore_after_failure(client: &Client, cfg: &FileConfig, name: &str, report: &mut Report) {
+    let stopped = match &report.stopped {
+        Some(s) => s.clone(),
+        // Not found, or not stopped (stop.rs scales back itself when the wait fails).
+        None => return,
+    };
+    match crate::stop::restore(client, &cfg.namespace, &stopped).await {
+        Ok(()) => tracing::warn!(
+            deployment = %name,
+            replicas = stopped.previous_replicas,
+            "cleanup failed; scaled the aggregator back (the upgrade fails with this hook)"
+        ),
+        Err(e) => {
+            tracing::error!(deployment = %name, error = %e, "could not scale the aggregator back");
+            report.errors.push(e.to_string());
+        }
+    }
+}
+
+async fn clean(client: Client, cfg: &FileConfig, args: &CleanupArgs, stopped: bool, mut report: Report) -> Report {
     let actuator = Actuator::new(client.clone(), cfg);
 
     match fence(&client, cfg, args.hold_lease_seconds).await {
         Ok(None) => {
             tracing::info!(lease = %cfg.leader.lease_name, identity = %cfg.identity, "holding the leader lease");
+        }
+        Ok(Some(previous)) if stopped => {
+            tracing::info!(
+                lease = %cfg.leader.lease_name,
+                identity = %cfg.identity,
+                previous = %previous,
+                "took the leader lease; the previous leader's pod is gone, no wait"
+            );
         }
         Ok(Some(previous)) => {
             let wait = Duration::from_millis(cfg.leader.lease_duration_ms);
@@ -274,8 +430,14 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
             report.errors.push(e.to_string());
         }
     }
+    let all = args.only == Only::All;
+    let why = report.reason.clone().unwrap_or_else(|| "cleanup".into());
 
-    let rule_taints = delete_rules(&client, &args.node_readiness_rule, &mut report).await;
+    let rule_taints = if all {
+        delete_rules(&client, &args.node_readiness_rule, &mut report).await
+    } else {
+        Vec::new()
+    };
 
     let nodes = match list_nodes(&client).await {
         Ok(n) => n,
@@ -315,7 +477,7 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         }
         match actuator.set_taint(&name, false).await {
             Ok(()) => {
-                tracing::info!(node = %name, taint = %cfg.policy.taint_key, "removed taint");
+                tracing::info!(node = %name, taint = %cfg.policy.taint_key, why = %why, "removed taint");
                 report.taints_removed.push(name);
             }
             Err(e) => {
@@ -325,6 +487,10 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         }
     }
 
+    if !all {
+        tracing::info!(why = %why, "only our taint: conditions and NodePools kept");
+        return finished(report);
+    }
     restore_pools(&client, cfg, &actuator, &mut report).await;
 
     for n in &nodes {
@@ -340,7 +506,7 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         match actuator.remove_conditions(&name, |node, c| is_ours(cfg, node, c)).await {
             Ok(types) if types.is_empty() => {}
             Ok(types) => {
-                tracing::info!(node = %name, conditions = ?types, "removed conditions");
+                tracing::info!(node = %name, conditions = ?types, why = %why, "removed conditions");
                 report.conditions_removed.insert(name, types);
             }
             Err(e) => {
@@ -349,7 +515,12 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
             }
         }
     }
+    finished(report)
+}
+
+fn finished(report: Report) -> Report {
     tracing::info!(
+        reason = report.reason.as_deref().unwrap_or("-"),
         rules = report.rules_deleted.len(),
         taints = report.taints_removed.len(),
         nodes_with_conditions = report.conditions_removed.len(),
@@ -359,6 +530,37 @@ pub async fn run(client: Client, cfg: &FileConfig, args: &CleanupArgs) -> Report
         "cleanup finished"
     );
     report
+}
+
+/// Gives the leader Lease up (holder cleared, as `leader.rs` does on shutdown) so the upgraded
+/// aggregator's first replica leads at once. `false` when someone else holds it.
+async fn release(client: &Client, cfg: &FileConfig) -> Result<bool, CleanupError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let name = &cfg.leader.lease_name;
+    let err = |source| CleanupError::Lease {
+        name: name.clone(),
+        source,
+    };
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    for _ in 0..5 {
+        let Some(mut lease) = api.get_opt(name).await.map_err(err)? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        match api.replace(name, &pp, &lease).await {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(CleanupError::LeaseConflict(name.clone()))
 }
 
 /// Deletes the named NodeReadinessRules; returns the taint keys of those that existed.

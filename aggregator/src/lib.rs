@@ -3,7 +3,8 @@
 //!
 //! `core` is the pure decision core; `cluster` reads and `actuate` writes the cluster;
 //! `ingest` is the gRPC server; `leader` the Lease election; `run` wires them together;
-//! `cleanup` undoes every write (the chart's uninstall hook).
+//! `cleanup` undoes every write (the chart's uninstall hook); `stop` scales the aggregator
+//! Deployment down for the chart's mode-change hook.
 
 pub mod actuate;
 pub mod auth;
@@ -18,3 +19,4 @@ pub mod limits;
 pub mod metrics;
 pub mod run;
 pub mod security;
+pub mod stop;

@@ -383,3 +383,220 @@ async fn cleanup_deletes_our_node_readiness_rules_and_their_taints() -> anyhow::
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// The aggregator Deployment the mode-change tests stop, with `replicas` and a selector.
+async fn create_deployment(cluster: &Cluster, replicas: i32) -> anyhow::Result<()> {
+    let dep: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "graywatch-aggregator", "namespace": NS},
+        "spec": {"replicas": replicas,
+                 "selector": {"matchLabels": {"app.kubernetes.io/component": "aggregator"}},
+                 "template": {"metadata": {"labels": {"app.kubernetes.io/component": "aggregator"}},
+                              "spec": {"containers": [{"name": "aggregator", "image": "x"}]}}}}))?;
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(cluster.client.clone(), NS)
+        .create(&PostParams::default(), &dep)
+        .await?;
+    Ok(())
+}
+
+async fn create_pod(cluster: &Cluster, name: &str, component: &str) -> anyhow::Result<()> {
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"app.kubernetes.io/component": component}},
+        "spec": {"containers": [{"name": "c", "image": "x"}]}}))?;
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), NS)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    Ok(())
+}
+
+fn mode_change(cluster: &Cluster, config: &std::path::Path, only: &str, from: &str, to: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_graywatch-aggregator"))
+        .arg("--config")
+        .arg(config)
+        .args(["--identity", IDENTITY, "--log-json", "cleanup"])
+        .args([
+            format!("--only={only}"),
+            "--stop-deployment=graywatch-aggregator".into(),
+            format!("--from-mode={from}"),
+            format!("--to-mode={to}"),
+        ])
+        .env("KUBECONFIG", cluster.api.kubeconfig_path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run graywatch-aggregator cleanup")
+}
+
+async fn finish(child: std::process::Child) -> anyhow::Result<Run> {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    Ok(Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// The chart's mode-change hook (direct-taint → nrc): the aggregator Deployment is scaled to 0
+/// and nothing is cleaned while one of its pods still exists (it could re-taint); then only our
+/// taint goes — the conditions stay for the Node Readiness Controller — and the Lease is
+/// released for the upgraded aggregator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode_change_stops_the_deployment_then_removes_only_the_taint() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::start(2, 2).await? else {
+        return Ok(());
+    };
+    create_deployment(&cluster, 2).await?;
+    // No controllers here: the test plays the ReplicaSet's pod, and someone else's pod.
+    create_pod(&cluster, "graywatch-aggregator-7d9f-abcde", "aggregator").await?;
+    create_pod(&cluster, "graywatch-agent-xyz12", "agent").await?;
+    apply_conditions(
+        &cluster,
+        0,
+        FIELD_MANAGER,
+        &[
+            cond("graywatch.io/Healthy", "False"),
+            cond("graywatch.io/NetworkLatencyHealthy", "False"),
+        ],
+    )
+    .await?;
+    add_taints(&cluster, 0, &[TAINT, "example.com/maintenance"]).await?;
+    add_taints(&cluster, 1, &[TAINT]).await?;
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), NS);
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("graywatch-aggregator".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("graywatch-aggregator-7d9f-abcde".into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::now(),
+            )),
+            ..LeaseSpec::default()
+        }),
+    };
+    leases.create(&PostParams::default(), &lease).await?;
+
+    let dir = std::env::temp_dir().join(format!("graywatch-mode-change-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config_path = dir.join("aggregator.toml");
+    std::fs::write(&config_path, config(""))?;
+    let mut child = mode_change(&cluster, &config_path, "taint", "direct-taint", "nrc");
+
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(cluster.client.clone(), NS);
+    let scaled = kube::runtime::wait::await_condition(
+        deployments.clone(),
+        "graywatch-aggregator",
+        |d: Option<&k8s_openapi::api::apps::v1::Deployment>| d.and_then(|d| d.spec.as_ref()?.replicas) == Some(0),
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(60), scaled).await??;
+    // Scaled down, but its pod is still there: the cleanup waits and has removed nothing.
+    assert!(
+        child.try_wait()?.is_none(),
+        "the cleanup ended while an aggregator pod exists"
+    );
+    assert_eq!(taints(&cluster.node(0).await), [TAINT, "example.com/maintenance"]);
+    assert_eq!(taints(&cluster.node(1).await), [TAINT]);
+
+    // The pod goes (its kubelet confirmed the stop): now the cleanup runs.
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), NS)
+        .delete("graywatch-aggregator-7d9f-abcde", &kube::api::DeleteParams::default())
+        .await?;
+    let run = finish(child).await?;
+    assert_eq!(run.code, Some(0), "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("mode change: direct-taint → nrc"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains(
+            "deployment stopped: graywatch-aggregator (2 → 0 replicas; pods waited for: graywatch-aggregator-7d9f-abcde)"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("taints removed: 2 (node-0, node-1)"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("conditions removed: 0 (-)"), "{}", run.stdout);
+    assert!(run.stdout.contains("errors: 0"), "{}", run.stdout);
+    let logged = |message: &str, field: &str, value: &str| {
+        run.stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|l| l["fields"]["message"] == message && l["fields"][field] == value)
+    };
+    assert!(logged("removed taint", "why", "direct-taint → nrc"), "{}", run.stderr);
+    assert!(
+        logged(
+            "took the leader lease; the previous leader's pod is gone, no wait",
+            "previous",
+            "graywatch-aggregator-7d9f-abcde"
+        ),
+        "{}",
+        run.stderr
+    );
+
+    // Only the taint: conditions kept, the foreign taint and pod kept, the Lease free.
+    assert_eq!(taints(&cluster.node(0).await), ["example.com/maintenance"]);
+    assert!(taints(&cluster.node(1).await).is_empty());
+    assert_eq!(
+        conditions(&cluster.node(0).await),
+        ["Ready", "graywatch.io/Healthy", "graywatch.io/NetworkLatencyHealthy"]
+    );
+    assert_eq!(cluster.lease_holder().await, None, "lease released");
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), NS)
+            .get_opt("graywatch-agent-xyz12")
+            .await?
+            .is_some()
+    );
+    // Left at 0: Helm's upgrade applies the chart's replica count next.
+    let dep = deployments.get("graywatch-aggregator").await?;
+    assert_eq!(dep.spec.and_then(|s| s.replicas), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A mode-change cleanup that fails (an unreadable NodePool snapshot is never guessed at) scales
+/// the aggregator back to the replicas it had and keeps the Lease: the upgrade fails with the
+/// hook and the old mode goes on as before. The rest of `--only all` is still done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_mode_change_scales_the_aggregator_back() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::start(1, 1).await? else {
+        return Ok(());
+    };
+    create_deployment(&cluster, 3).await?;
+    add_taints(&cluster, 0, &[TAINT]).await?;
+    apply_conditions(&cluster, 0, FIELD_MANAGER, &[cond("graywatch.io/Healthy", "False")]).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);
+    let bad: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "graywatch-nodepool-broken", "namespace": NS,
+                     "labels": {"graywatch.io/snapshot-of-nodepool": "broken"}},
+        "data": {"requirements": "not json", "excluded": "[]"}}))?;
+    cms.create(&PostParams::default(), &bad).await?;
+    let dir = std::env::temp_dir().join(format!("graywatch-mode-change-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config_path = dir.join("aggregator.toml");
+    std::fs::write(&config_path, config(""))?;
+
+    let run = finish(mode_change(&cluster, &config_path, "all", "nrc", "dry-run")).await?;
+    assert_eq!(run.code, Some(1), "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("graywatch-nodepool-broken"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("conditions removed: 1 (node-0: graywatch.io/Healthy)"),
+        "{}",
+        run.stdout
+    );
+    let dep = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(cluster.client.clone(), NS)
+        .get("graywatch-aggregator")
+        .await?;
+    assert_eq!(dep.spec.and_then(|s| s.replicas), Some(3), "scaled back");
+    assert_eq!(cluster.lease_holder().await.as_deref(), Some(IDENTITY), "not released");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
