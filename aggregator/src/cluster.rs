@@ -165,6 +165,14 @@ impl ClusterReader {
         }
         Ok(out)
     }
+
+    /// Whether a name is a Node, from the Node watch (the ingest gate refuses other names; the
+    /// decision loop evicts the reports of deleted Nodes).
+    #[must_use]
+    pub fn node_lookup(&self) -> crate::gate::NodeLookup {
+        let nodes = self.nodes.clone();
+        std::sync::Arc::new(move |name: &str| nodes.get(&reflector::ObjectRef::new(name)).is_some())
+    }
 }
 
 /// One of our NodePool snapshot ConfigMaps, parsed.

@@ -221,7 +221,7 @@ impl FileConfig {
             );
         }
         self.policy.validate()?;
-        self.security.validate()?;
+        self.security.validate_for(!self.policy.dry_run)?;
         Ok(())
     }
 }
@@ -250,6 +250,15 @@ mod tests {
         assert_eq!(cfg.policy.taint_mode, crate::core::policy::TaintMode::Nrc);
         assert_eq!(cfg.policy.degrade_windows, Policy::default().degrade_windows);
         assert!(cfg.validate().is_ok());
+        // Acting (not dry-run) without agent identity is refused unless loudly allowed.
+        let acting = FileConfig::from_toml("[policy]\ntaint_mode = \"nrc\"\n").expect("parses");
+        let err = acting.validate().expect_err("nrc + insecure-none");
+        assert!(err.to_string().starts_with("security.auth"), "{err}");
+        let allowed = FileConfig::from_toml(
+            "[policy]\ntaint_mode = \"nrc\"\n[security]\ninsecure_allow_acting_without_identity = true\n",
+        )
+        .expect("parses");
+        assert!(allowed.validate().is_ok());
     }
 
     #[test]
@@ -266,6 +275,13 @@ mod tests {
                 ..LeaderConfig::default()
             },
             ..FileConfig::default()
+        };
+        let cfg = FileConfig {
+            policy: Policy {
+                dry_run: true,
+                ..Policy::default()
+            },
+            ..cfg
         };
         let err = cfg.validate().expect_err("renew above duration");
         assert!(err.to_string().starts_with("leader.renew_interval_ms"), "{err}");

@@ -10,12 +10,27 @@ use crate::{
     metrics::Metrics,
 };
 
+/// Whether a name is a Node of the cluster (the aggregator's Node watch).
+pub type NodeLookup = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Shared by all streams.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Gate {
     pub auth: Arc<dyn Authenticator>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    /// Summaries for names that are not Node objects are refused (`None`: no check; tests).
+    pub known_nodes: Option<NodeLookup>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("auth", &self.auth)
+            .field("limits", &self.limits)
+            .field("known_nodes", &self.known_nodes.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One admitted stream.
@@ -34,6 +49,7 @@ impl Gate {
             auth: Arc::new(InsecureNoAuth),
             limits: Limits::new(limits),
             metrics,
+            known_nodes: None,
         }
     }
 
@@ -79,6 +95,14 @@ impl Gate {
                 "node.node_name {node:?} is not this agent's node: its token is bound to a pod on {bound:?}"
             ));
             return Err(self.deny("node_mismatch", status, &adm.peer, &adm.identity.subject));
+        }
+        if let Some(known) = &self.known_nodes
+            && !known(node)
+        {
+            let status = tonic::Status::not_found(format!(
+                "node.node_name {node:?} is not a Node of this cluster; reports are accepted for existing Nodes only"
+            ));
+            return Err(self.deny("unknown_node", status, &adm.peer, &adm.identity.subject));
         }
         if adm.slot.is_none() {
             // Unauthenticated (insecure) streams are limited per claimed node.

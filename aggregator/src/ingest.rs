@@ -101,6 +101,19 @@ impl FleetStore {
         }
     }
 
+    /// Forgets the reports of nodes `keep` rejects (deleted Nodes); returns how many remain.
+    pub fn retain_nodes(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|node, _| {
+            let kept = keep(node);
+            if !kept {
+                tracing::info!(node, "Node deleted: its report is evicted from the fleet view");
+            }
+            kept
+        });
+        map.len()
+    }
+
     #[must_use]
     pub fn snapshot(&self) -> BTreeMap<String, NodeReport> {
         let shared = self.inner.lock().unwrap_or_else(PoisonError::into_inner).clone();

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub fleet_view_settled: Gauge,
     pub verdicts: Gauge,
     pub nodes: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Nodes with a report in the fleet view (reports of deleted Nodes are evicted).
+    pub fleet_reports: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub leader_steps: Counter<u64, AtomicU64>,
     /// Seconds from a summary's arrival to the end of the decision step that first used it.
     pub ingest_to_decision: prometheus_client::metrics::histogram::Histogram,
@@ -74,6 +76,7 @@ impl Default for Metrics {
             fleet_view_settled: Gauge::default(),
             verdicts: Gauge::default(),
             nodes: Gauge::default(),
+            fleet_reports: Gauge::default(),
             leader_steps: Counter::default(),
             ingest_to_decision: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS_SECONDS),
             step_duration: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS_SECONDS),
@@ -120,6 +123,11 @@ impl Default for Metrics {
             m.verdicts.clone(),
         );
         registry.register("nodes", "Nodes in the fleet view", m.nodes.clone());
+        registry.register(
+            "fleet_reports",
+            "Nodes with a stored report (reports of deleted Nodes are evicted)",
+            m.fleet_reports.clone(),
+        );
         registry.register(
             "denied",
             "Ingest streams or summaries refused by authentication, node binding or limits, by reason",

@@ -33,9 +33,17 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         .with_context(|| format!("binding http_listen {}", cfg.http_listen))?;
     tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, identity = %cfg.identity, dry_run = cfg.policy.dry_run, "listening");
 
+    // Reports are accepted for Nodes only; the lookup is the Node watch, started below (until
+    // its first list, every name is refused and the agents retry).
+    let known_nodes: Arc<std::sync::OnceLock<crate::gate::NodeLookup>> = Arc::default();
+    let mut gate = cfg.security.gate(&client, metrics.clone());
+    gate.known_nodes = Some({
+        let known = known_nodes.clone();
+        Arc::new(move |node: &str| known.get().is_some_and(|f| f(node)))
+    });
     let svc = IngestService {
         store: store.clone(),
-        gate: cfg.security.gate(&client, metrics.clone()),
+        gate,
         metrics: metrics.clone(),
         max_peers: cfg.ingest.max_peers,
         report_interval_ms: cfg.ingest.report_interval_ms,
@@ -95,6 +103,9 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
             _ = tick.tick() => {}
         }
         metrics.steps.inc();
+        let is_node = known_nodes.get_or_init(|| reader.node_lookup());
+        let kept = store.retain_nodes(|n| is_node(n));
+        metrics.fleet_reports.set(i64::try_from(kept).unwrap_or(i64::MAX));
         let leader = *leader_rx.borrow();
         metrics.is_leader.set(i64::from(leader));
         if !leader {

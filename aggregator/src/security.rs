@@ -38,6 +38,10 @@ pub struct SecurityConfig {
     pub tls_key_file: Option<PathBuf>,
     /// PEM CA bundle: when set, agents must present a client certificate it signed (mTLS).
     pub tls_client_ca_file: Option<PathBuf>,
+    /// INSECURE, development only: let an acting mode (not dry-run) run with
+    /// `auth = "insecure-none"`, i.e. let anyone who reaches the gRPC port report for any node.
+    /// Refused at start without it.
+    pub insecure_allow_acting_without_identity: bool,
 }
 
 impl Default for SecurityConfig {
@@ -54,11 +58,32 @@ impl Default for SecurityConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            insecure_allow_acting_without_identity: false,
         }
     }
 }
 
 impl SecurityConfig {
+    /// Checks that what the aggregator would do with the cluster (`acting`: any mode but
+    /// dry-run) is backed by agent identity, unless the loudly named override says otherwise.
+    pub fn validate_for(&self, acting: bool) -> Result<(), ConfigError> {
+        if acting && self.auth == AuthMode::InsecureNone && !self.insecure_allow_acting_without_identity {
+            return Err(ConfigError::Invalid {
+                field: "security.auth",
+                problem: "\"insecure-none\" with an acting mode (policy.dry_run = false): anyone who reaches the \
+                          gRPC port could report for any node and get it tainted. Use auth = \"token-review\", \
+                          run in dry-run, or set security.insecure_allow_acting_without_identity = true to accept that"
+                    .into(),
+            });
+        }
+        if acting && self.auth == AuthMode::InsecureNone {
+            tracing::warn!(
+                "INSECURE: security.insecure_allow_acting_without_identity = true: acting on reports nobody authenticated"
+            );
+        }
+        self.validate()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &'static str, problem: &str| {
             Err(ConfigError::Invalid {
@@ -121,6 +146,7 @@ impl SecurityConfig {
             auth: crate::auth::build(self.auth, client, &self.token_audience, &self.allowed_service_accounts),
             limits: Limits::new(self.limits()),
             metrics,
+            known_nodes: None,
         }
     }
 
@@ -174,6 +200,28 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn acting_without_identity_needs_the_loud_override() {
+        let c = SecurityConfig::default();
+        assert!(c.validate_for(false).is_ok(), "dry-run may run unauthenticated");
+        let err = c.validate_for(true).expect_err("acting + insecure-none");
+        assert!(err.to_string().starts_with("security.auth"), "{err}");
+        assert!(
+            err.to_string().contains("insecure_allow_acting_without_identity"),
+            "{err}"
+        );
+        let c = SecurityConfig {
+            insecure_allow_acting_without_identity: true,
+            ..SecurityConfig::default()
+        };
+        assert!(c.validate_for(true).is_ok());
+        let c = SecurityConfig {
+            auth: AuthMode::TokenReview,
+            ..SecurityConfig::default()
+        };
+        assert!(c.validate_for(true).is_ok());
     }
 
     #[test]

@@ -169,9 +169,9 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let token_a = token_for(&cluster, &pod_a, AUDIENCE).await;
 
     let security = format!(
-        "[security]\nauth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nallowed_service_accounts = [\"{NS}:agent\"]\n"
+        "auth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nallowed_service_accounts = [\"{NS}:agent\"]\n"
     );
-    let agg = Aggregator::spawn(&cluster, "agg-0", &format!("{}{security}", config("")));
+    let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
     let ep = agg.endpoint();
     let none = Default::default();
@@ -270,10 +270,10 @@ async fn per_identity_stream_and_rate_limits() -> anyhow::Result<()> {
     let token_a = token_for(&cluster, &pod_a, AUDIENCE).await;
     // Rate ~0: the burst is all there is, so the count is exact whatever the timing.
     let security = format!(
-        "[security]\nauth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nmax_streams_per_identity = 1\n\
+        "auth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nmax_streams_per_identity = 1\n\
          summaries_per_second = 0.0001\nsummary_burst = 3\n"
     );
-    let agg = Aggregator::spawn(&cluster, "agg-0", &format!("{}{security}", config("")));
+    let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
     let ep = agg.endpoint();
     let none = Default::default();

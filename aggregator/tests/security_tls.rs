@@ -109,12 +109,12 @@ async fn ingest_stream_requires_tls_and_client_certificates() -> anyhow::Result<
     let pki = gen_certs(&base.join("good"), "graywatch-test-ca");
     let rogue = gen_certs(&base.join("rogue"), "rogue-ca");
     let security = format!(
-        "[security]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_client_ca_file = \"{}\"\n",
+        "insecure_allow_acting_without_identity = true\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_client_ca_file = \"{}\"\n",
         pki.join("server.crt").display(),
         pki.join("server.key").display(),
         pki.join("ca.crt").display()
     );
-    let agg = Aggregator::spawn(&cluster, "agg-0", &format!("{}{security}", config("")));
+    let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     let https = format!("https://{}", agg.grpc);
     let tls = |ca: &Path, client: Option<&Path>| {
         let mut t = ClientTlsConfig::new()

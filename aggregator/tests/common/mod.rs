@@ -200,11 +200,18 @@ where
     }
 }
 
-/// Test-speed config: short ticks, lease and stale timeout. Hysteresis stays in windows.
+/// Test-speed config: short ticks, lease and stale timeout. Hysteresis stays in windows. The
+/// simulated agents are not authenticated, so acting modes need the loudly named override.
 pub fn config(extra_policy: &str) -> String {
+    config_with_security(extra_policy, "insecure_allow_acting_without_identity = true\n")
+}
+
+/// Like [`config`] with the given `[security]` section body (nothing insecure allowed unless
+/// it says so).
+pub fn config_with_security(extra_policy: &str, security: &str) -> String {
     format!(
         "tick_ms = 200\nnamespace = \"{NS}\"\n[leader]\nlease_duration_ms = 2000\nrenew_interval_ms = 500\n\
-         [policy]\nstale_after_ms = 2500\ndegrade_windows = 3\nrecover_windows = 3\n{extra_policy}\n"
+         [security]\n{security}\n[policy]\nstale_after_ms = 2500\ndegrade_windows = 3\nrecover_windows = 3\n{extra_policy}\n"
     )
 }
 
@@ -273,6 +280,20 @@ impl Aggregator {
                 return status;
             }
             assert!(Instant::now() < deadline, "aggregator did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The exit status once the process has exited by itself (bounded wait), e.g. refusing its
+    /// configuration.
+    pub async fn exited(&mut self, secs: u64) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "aggregator still running after {secs} s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -395,6 +416,44 @@ async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
         .into_inner();
     tokio::spawn(async move { while let Ok(Some(_)) = resp.message().await {} });
     Some(tx)
+}
+
+/// One raw ingest stream (real gRPC client): the summary sender and the directives, or the
+/// status that refused the stream.
+pub async fn open_stream(
+    endpoint: &str,
+) -> Result<
+    (
+        mpsc::Sender<NodeSummary>,
+        tonic::Streaming<graywatch_proto::v1::Directive>,
+    ),
+    tonic::Status,
+> {
+    let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    let resp = client.report(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    Ok((tx, resp.into_inner()))
+}
+
+/// Sends `s` on an open stream; the acknowledged seq, or the status that ended the stream.
+pub async fn send_summary(
+    stream: &mut (
+        mpsc::Sender<NodeSummary>,
+        tonic::Streaming<graywatch_proto::v1::Directive>,
+    ),
+    s: NodeSummary,
+) -> Result<u64, tonic::Status> {
+    stream.0.send(s).await.unwrap();
+    loop {
+        match stream.1.message().await? {
+            Some(graywatch_proto::v1::Directive {
+                kind: Some(graywatch_proto::v1::directive::Kind::Ack(a)),
+                ..
+            }) => return Ok(a.seq),
+            Some(_) => {}
+            None => panic!("stream ended without status"),
+        }
+    }
 }
 
 /// Rewrites node `i`'s window for [`FleetState::lies`]: a sparse victim (its own report lists
