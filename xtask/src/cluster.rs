@@ -8,9 +8,14 @@
 //!
 //! Everything the cluster writes lives under `~/.cache/graywatch/cluster/run` (deleted by `down`);
 //! the built binaries and the pause image are cached under `~/.cache/graywatch`. The node has its
-//! own address on a dummy interface (`gw-node0`, 10.250.0.1/32) because a kubelet's node IP must
-//! not be loopback; it never carries traffic off the machine. `down` removes every process, mount,
-//! interface, iptables chain, cgroup and sysctl change the cluster made.
+//! own address (`gw-node0`, 10.250.0.1/32, on a dummy interface, or a port-less bridge on kernels
+//! without the dummy driver) because a kubelet's node IP must not be loopback; it never carries
+//! traffic off the machine. `down` removes every process, mount, interface, iptables chain,
+//! cgroup, sysctl change and host directory the cluster made; `up` checks root, the kernel and the
+//! ports first, and a failed `up` runs `down`.
+//!
+//! Integration tests: `ensure_up()` (or the command `cargo xtask cluster up`, idempotent) and the
+//! kubeconfig it returns; images from `cargo xtask image` (target/images/) are loaded at `up`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -101,7 +106,7 @@ pub struct ClusterArgs {
 
 #[derive(clap::Subcommand)]
 pub enum ClusterCommand {
-    /// Start the cluster (builds the binaries once, ~6 min cold) and wait until the Node is Ready.
+    /// Start the cluster (builds the binaries once, ~10 min cold on 2 cores) and wait until the Node is Ready.
     Up,
     /// Stop everything and remove every trace: processes, mounts, interfaces, iptables rules.
     Down,
