@@ -177,6 +177,12 @@ impl RbacApiserver {
         Ok(Client::try_from(cfg)?)
     }
 
+    /// The admin kubeconfig (for `helm --kubeconfig`).
+    #[must_use]
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
     async fn config(&self) -> anyhow::Result<Config> {
         let kc = Kubeconfig::read_from(self.dir.join("kubeconfig"))?;
         Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)

@@ -845,8 +845,9 @@ fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> anyho
 fn kube_resources_used(src_dir: &str) -> anyhow::Result<BTreeSet<(String, String)>> {
     let mut files = Vec::new();
     rust_files(&workspace_root().join(src_dir), &mut files)?;
-    // The uninstall cleanup runs under its own hook roles (checked on its own below).
-    files.retain(|f| !f.ends_with("aggregator/src/cleanup.rs"));
+    // The uninstall cleanup and the mode-change hook's Deployment stop run under their own hook
+    // roles (checked on their own below and in mode_changes_*).
+    files.retain(|f| !f.ends_with("aggregator/src/cleanup.rs") && !f.ends_with("aggregator/src/stop.rs"));
     kube_resources_in(&files)
 }
 
@@ -865,6 +866,7 @@ fn kube_resources_in(files: &[std::path::PathBuf]) -> anyhow::Result<BTreeSet<(S
                     "Event" => ("", "events"),
                     "ConfigMap" => ("", "configmaps"),
                     "Pod" => ("", "pods"),
+                    "Deployment" => ("apps", "deployments"),
                     "Endpoints" => ("", "endpoints"),
                     "Lease" => ("coordination.k8s.io", "leases"),
                     "TokenReview" => ("authentication.k8s.io", "tokenreviews"),
@@ -1769,6 +1771,7 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         &CleanupArgs {
             hold_lease_seconds: 300,
             node_readiness_rule: Vec::new(),
+            ..CleanupArgs::default()
         },
     )
     .await;
@@ -1899,6 +1902,7 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         &CleanupArgs {
             hold_lease_seconds: 300,
             node_readiness_rule: Vec::new(),
+            ..CleanupArgs::default()
         },
     )
     .await;
@@ -1937,6 +1941,7 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         &CleanupArgs {
             hold_lease_seconds: 300,
             node_readiness_rule: names.clone(),
+            ..CleanupArgs::default()
         },
     )
     .await;
@@ -1956,5 +1961,508 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         "the hook may delete someone else's NodeReadinessRule"
     );
     assert!(rules.get_opt("cni-ready").await?.is_some());
+    Ok(())
+}
+
+/// The release the mode-change test upgrades through every transition.
+const MODE_CHANGE: Variant = Variant {
+    release: "mc",
+    namespace: "gw-mc",
+    set: &[],
+};
+
+/// `helm --kubeconfig <the RBAC apiserver's admin> <args>`: helm's stdout.
+fn helm_on(server: &graywatch_chart_tests::RbacApiserver, args: &[&str]) -> anyhow::Result<String> {
+    let helm = graywatch_chart_tests::helm_binary()?;
+    let out = std::process::Command::new(&helm)
+        .arg("--kubeconfig")
+        .arg(server.kubeconfig_path())
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", helm.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The mode-change hook objects Helm rendered (with `lookup` against the live release) for the
+/// release's latest revision.
+fn mode_change_hooks(server: &graywatch_chart_tests::RbacApiserver, v: &Variant) -> anyhow::Result<Vec<Value>> {
+    let text = helm_on(server, &["get", "hooks", v.release, "-n", v.namespace])?;
+    Ok(graywatch_chart_tests::parse_objects(&text)?
+        .into_iter()
+        .filter(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-mode-change"))
+        })
+        .collect())
+}
+
+/// What the mode-change hook's roles must grant for a scope ("taint" or "all").
+fn expected_mode_change_grants(v: &Variant, scope: &str) -> (Grants, Grants) {
+    let mut cluster = g("", "nodes", "", &["get", "list", "patch"]);
+    let mut ns = g(
+        "apps",
+        "deployments",
+        &format!("{}-aggregator", v.fullname()),
+        &["get", "patch"],
+    );
+    ns.extend(g("", "pods", "", &["list", "watch"]));
+    ns.extend(g("coordination.k8s.io", "leases", "", &["create"]));
+    ns.extend(g(
+        "coordination.k8s.io",
+        "leases",
+        &format!("{}-aggregator", v.fullname()),
+        &["get", "update"],
+    ));
+    if scope == "all" {
+        cluster.extend(g("", "nodes/status", "", &["patch"]));
+        cluster.extend(g("karpenter.sh", "nodepools", "", &["get", "patch"]));
+        ns.extend(g("", "configmaps", "", &["list", "delete"]));
+    }
+    (cluster, ns)
+}
+
+/// The hook objects: pre-upgrade, RBAC before the Job, all deleted after success; the Job runs
+/// `cleanup` with the scope, the Deployment to stop and the reason, on the running (old) config.
+/// Returns the Job's arguments parsed as the binary's `CleanupArgs`.
+fn check_mode_change_hook(
+    hooks: &[Value],
+    v: &Variant,
+    scope: &str,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<graywatch_aggregator::cleanup::CleanupArgs> {
+    use graywatch_aggregator::cleanup::{CleanupArgs, Only};
+    let name = format!("{}-mode-change", v.fullname());
+    let kinds: BTreeSet<&str> = hooks.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Job",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ])
+    );
+    for h in hooks {
+        let a = &h["metadata"]["annotations"];
+        assert_eq!(h["metadata"]["name"], name.as_str());
+        assert_eq!(a["helm.sh/hook"], "pre-upgrade");
+        assert_eq!(a["helm.sh/hook-delete-policy"], "before-hook-creation,hook-succeeded");
+        let weight: i32 = a["helm.sh/hook-weight"].as_str().context("weight")?.parse()?;
+        assert_eq!(weight < 0, h["kind"] != "Job", "{} weight {weight}", h["kind"]);
+    }
+    let (cluster, ns) = expected_mode_change_grants(v, scope);
+    assert_eq!(grants(find(hooks, "ClusterRole", "-mode-change")?)?, cluster, "{scope}");
+    let role = find(hooks, "Role", "-mode-change")?;
+    assert_eq!(role["metadata"]["namespace"], v.namespace);
+    assert_eq!(grants(role)?, ns, "{scope}");
+    for kind in ["ClusterRoleBinding", "RoleBinding"] {
+        let b = find(hooks, kind, "-mode-change")?;
+        assert_eq!(b["roleRef"]["name"], name.as_str());
+        assert_eq!(b["subjects"][0]["name"], name.as_str());
+        assert_eq!(b["subjects"][0]["namespace"], v.namespace);
+    }
+    let job = find(hooks, "Job", "-mode-change")?;
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], name.as_str());
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        format!("{}-aggregator", v.fullname()),
+        "the running aggregator's config"
+    );
+    // The Job's pods must not match the Deployment's selector (it waits for those to be gone).
+    assert_eq!(
+        job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
+        "mode-change"
+    );
+    let c = container(job, "mode-change")?;
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let args = str_list(&c["args"]);
+    assert_eq!(args.first(), Some(&"--config=/etc/graywatch/aggregator.toml"));
+    let sub = args
+        .iter()
+        .position(|a| *a == "cleanup")
+        .context("no cleanup subcommand")?;
+    assert_eq!(
+        args[sub + 1..],
+        [
+            format!("--only={scope}").as_str(),
+            &format!("--stop-deployment={}-aggregator", v.fullname()),
+            "--stop-timeout-seconds=300",
+            "--hold-lease-seconds=15",
+            &format!("--from-mode={from}"),
+            &format!("--to-mode={to}"),
+        ]
+    );
+    // Each flag is one of CleanupArgs' (the binary's parser); parsed as it would be.
+    let fields = struct_fields(&read_source("aggregator/src/cleanup.rs")?, "CleanupArgs")?;
+    let mut parsed = CleanupArgs::default();
+    for a in &args[sub + 1..] {
+        let (flag, value) = a.trim_start_matches("--").split_once('=').context("flag=value")?;
+        assert!(fields.contains(&flag.replace('-', "_")), "{flag} not in CleanupArgs");
+        match flag {
+            "only" => {
+                parsed.only = match value {
+                    "taint" => Only::Taint,
+                    "all" => Only::All,
+                    other => anyhow::bail!("--only={other}"),
+                }
+            }
+            "stop-deployment" => parsed.stop_deployment = Some(value.into()),
+            "stop-timeout-seconds" => parsed.stop_timeout_seconds = value.parse()?,
+            "hold-lease-seconds" => parsed.hold_lease_seconds = value.parse()?,
+            "from-mode" => parsed.from_mode = Some(value.into()),
+            "to-mode" => parsed.to_mode = Some(value.into()),
+            other => anyhow::bail!("unexpected flag {other}"),
+        }
+    }
+    Ok(parsed)
+}
+
+/// Deletes a rendered object if it exists (Helm's before-hook-creation).
+async fn delete_if_present(client: &Client, discovery: &kube::discovery::Discovery, obj: &Value) -> anyhow::Result<()> {
+    let api_version = obj["apiVersion"].as_str().context("apiVersion")?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, obj["kind"].as_str().context("kind")?);
+    let (ar, caps) = discovery.resolve_gvk(&gvk).context("resolve")?;
+    let api: Api<DynamicObject> = match caps.scope {
+        kube::discovery::Scope::Namespaced => Api::namespaced_with(
+            client.clone(),
+            obj["metadata"]["namespace"].as_str().context("ns")?,
+            &ar,
+        ),
+        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &ar),
+    };
+    match api
+        .delete(
+            obj["metadata"]["name"].as_str().context("name")?,
+            &DeleteParams::default(),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `helm upgrade` through every mode transition against a real apiserver with RBAC (the
+/// previous mode comes from `lookup` of the live ConfigMap, which `helm template` cannot show):
+/// the mode-change hook renders for direct-taint → nrc (scope taint) and nrc / direct-taint →
+/// dry-run (scope all) only. Where it renders, its objects are created and its ServiceAccount
+/// runs the real cleanup with the Job's arguments: the aggregator Deployment goes to 0 and
+/// nothing is removed while one of its pods exists, then exactly the scope's writes are made,
+/// the Lease is released, and calls outside the scope are refused. The next `helm upgrade`
+/// puts the chart's replica count back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind() -> anyhow::Result<()> {
+    use graywatch_aggregator::{cleanup, config::FileConfig};
+    use k8s_openapi::api::apps::v1::Deployment;
+    let (server, admin, discovery) = apiserver_with_crds("mode-change").await?;
+    let v = &MODE_CHANGE;
+    create_namespace(&admin, v.namespace).await?;
+    let chart = graywatch_chart_tests::chart_dir().display().to_string();
+    let base = |verb: &str| -> Vec<String> {
+        [verb, v.release, chart.as_str(), "-n", v.namespace]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect()
+    };
+    // `helm template` (no cluster) never renders it: every_mode_renders_* sees pre-delete hooks
+    // only. A first install has no previous mode either.
+    let mut install = base("install");
+    install.extend(["--set".into(), "mode=dry-run".into()]);
+    helm_on(&server, &install.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert!(mode_change_hooks(&server, v)?.is_empty(), "hook on a first install");
+
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), v.namespace);
+    let dep_name = format!("{}-aggregator", v.fullname());
+    let configs: Api<ConfigMap> = Api::namespaced(admin.clone(), v.namespace);
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node = "ip-10-0-3-41.eu-west-1.compute.internal";
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))?,
+        )
+        .await?;
+    let mut from = "dry-run";
+    for (to, scope) in [
+        ("nrc", None),
+        ("nrc", None),
+        ("direct-taint", None),
+        ("direct-taint", None),
+        ("nrc", Some("taint")),
+        ("dry-run", Some("all")),
+        ("dry-run", None),
+        ("direct-taint", None),
+        ("dry-run", Some("all")),
+        ("nrc", None),
+    ] {
+        let transition = format!("{from} → {to}");
+        // The config the hook's Job would mount: Helm runs pre-upgrade hooks before it updates.
+        let running = configs.get(&dep_name).await?.data.unwrap_or_default();
+        let running = running.get("aggregator.toml").context("aggregator.toml")?.clone();
+        let mut upgrade = base("upgrade");
+        // The hook is not run by Helm here (no Job controller): it is checked and run below.
+        upgrade.extend(["--no-hooks".into(), "--set".into(), format!("mode={to}")]);
+        helm_on(&server, &upgrade.iter().map(String::as_str).collect::<Vec<_>>())?;
+        // Whatever the hook did to the Deployment, the upgrade applies the chart's replicas.
+        let replicas = deployments.get(&dep_name).await?.spec.and_then(|s| s.replicas);
+        assert_eq!(replicas, Some(2), "{transition}: replicas after the upgrade");
+        let hooks = mode_change_hooks(&server, v)?;
+        let Some(scope) = scope else {
+            assert!(hooks.is_empty(), "{transition}: unexpected mode-change hook {hooks:?}");
+            from = to;
+            continue;
+        };
+        let args = check_mode_change_hook(&hooks, v, scope, from, to).with_context(|| transition.clone())?;
+        for o in hooks.iter().filter(|o| o["kind"] != "Job") {
+            delete_if_present(&admin, &discovery, o).await?;
+            create(&admin, &discovery, o, false).await?;
+        }
+
+        // What the mode being left wrote (as the admin): our taint and conditions, a foreign taint.
+        nodes
+            .patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"taints": [
+                    {"key": "graywatch.io/degraded", "value": "gray-failure", "effect": "NoSchedule"},
+                    {"key": "example.com/maintenance", "value": "x", "effect": "NoSchedule"}]}})),
+            )
+            .await?;
+        let status = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+            "status": {"conditions": [{"type": "graywatch.io/Healthy", "status": "False", "reason": "NetworkLatency",
+                "message": "x", "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": "2026-01-01T00:00:00Z"}]}});
+        nodes
+            .patch_status(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&status))
+            .await?;
+        // One pod of the old aggregator (no controllers here: the test plays its ReplicaSet).
+        let selector = deployments.get(&dep_name).await?.spec.context("spec")?.selector;
+        let old_pod = format!("{dep_name}-5c8d7-q2x4z");
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), v.namespace);
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": old_pod, "labels": selector.match_labels},
+                "spec": {"containers": [{"name": "aggregator", "image": "x"}]}}))?,
+        )
+        .await?;
+
+        let mut cfg = FileConfig::from_toml(&running)?;
+        cfg.identity = "mc-graywatch-mode-change-q8x2z".into();
+        cfg.namespace = v.namespace.into();
+        let hook = server.impersonating(&v.sa_user("mode-change")).await?;
+        let run = tokio::spawn({
+            let hook = hook.clone();
+            async move { cleanup::run(hook, &cfg, &args).await }
+        });
+        let scaled = kube::runtime::wait::await_condition(deployments.clone(), &dep_name, |d: Option<&Deployment>| {
+            d.and_then(|d| d.spec.as_ref()?.replicas) == Some(0)
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(60), scaled).await??;
+        assert!(
+            !run.is_finished(),
+            "{transition}: the cleanup ended while an aggregator pod exists"
+        );
+        let taints = |n: &Node| -> Vec<String> {
+            n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .map(|ts| ts.iter().map(|t| t.key.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert!(
+            taints(&nodes.get(node).await?).contains(&"graywatch.io/degraded".to_string()),
+            "{transition}: removed while an old replica could still write"
+        );
+        pods.delete(&old_pod, &DeleteParams::default()).await?;
+        let report = run.await?;
+        assert!(report.ok(), "{transition}: {}", report.summary());
+        assert_eq!(report.taints_removed, [node], "{transition}");
+        assert_eq!(report.reason.as_deref(), Some(transition.as_str()));
+        assert_eq!(report.stopped.as_ref().map(|s| s.previous_replicas), Some(2));
+        assert!(report.lease_released, "{transition}");
+        let after = nodes.get(node).await?;
+        assert_eq!(taints(&after), ["example.com/maintenance"], "{transition}");
+        let ours: Vec<String> = after
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.type_)
+            .filter(|t| t.starts_with("graywatch.io/"))
+            .collect();
+        // Going to nrc the conditions stay (NRC taints from them); to dry-run nothing of ours.
+        let want: &[&str] = if scope == "taint" {
+            &["graywatch.io/Healthy"]
+        } else {
+            &[]
+        };
+        assert_eq!(ours, want, "{transition}");
+        let lease = Api::<Lease>::namespaced(admin.clone(), v.namespace)
+            .get(&format!("{}-aggregator", v.fullname()))
+            .await?;
+        assert_eq!(
+            lease.spec.and_then(|s| s.holder_identity),
+            None,
+            "{transition}: lease released"
+        );
+        assert_eq!(
+            deployments.get(&dep_name).await?.spec.and_then(|s| s.replicas),
+            Some(0),
+            "{transition}: left at 0 for Helm's apply"
+        );
+
+        // Nothing beyond the scope.
+        let dry = PatchParams {
+            dry_run: true,
+            ..PatchParams::default()
+        };
+        let no_dry = DeleteParams {
+            dry_run: true,
+            ..DeleteParams::default()
+        };
+        let scale = Patch::Merge(json!({"spec": {"replicas": 0}}));
+        let mut forbidden = vec![
+            (
+                "another Deployment patch",
+                allowed(
+                    "dep patch",
+                    Api::<Deployment>::namespaced(hook.clone(), v.namespace)
+                        .patch("someone-else", &dry, &scale)
+                        .await,
+                ),
+            ),
+            (
+                "deployments list",
+                allowed(
+                    "dep list",
+                    Api::<Deployment>::namespaced(hook.clone(), v.namespace)
+                        .list(&ListParams::default())
+                        .await,
+                ),
+            ),
+            (
+                "deployment delete",
+                allowed(
+                    "dep delete",
+                    Api::<Deployment>::namespaced(hook.clone(), v.namespace)
+                        .delete(&dep_name, &no_dry)
+                        .await
+                        .map(drop),
+                ),
+            ),
+            (
+                "pods list (other ns)",
+                allowed(
+                    "pods default",
+                    Api::<Pod>::namespaced(hook.clone(), "default")
+                        .list(&ListParams::default())
+                        .await,
+                ),
+            ),
+            (
+                "pods delete",
+                allowed(
+                    "pods delete",
+                    Api::<Pod>::namespaced(hook.clone(), v.namespace)
+                        .delete("x", &no_dry)
+                        .await
+                        .map(drop),
+                ),
+            ),
+            (
+                "secrets list",
+                allowed(
+                    "secrets",
+                    Api::<Secret>::namespaced(hook.clone(), v.namespace)
+                        .list(&ListParams::default())
+                        .await,
+                ),
+            ),
+            (
+                "nodes delete",
+                allowed(
+                    "nodes delete",
+                    Api::<Node>::all(hook.clone()).delete(node, &no_dry).await.map(drop),
+                ),
+            ),
+            (
+                "other lease get",
+                allowed(
+                    "other lease",
+                    Api::<Lease>::namespaced(hook.clone(), v.namespace)
+                        .get_opt("someone-else")
+                        .await,
+                ),
+            ),
+        ];
+        if scope == "taint" {
+            forbidden.extend([
+                (
+                    "nodes/status patch",
+                    allowed(
+                        "status",
+                        Api::<Node>::all(hook.clone())
+                            .patch_status(node, &dry, &Patch::Merge(json!({})))
+                            .await,
+                    ),
+                ),
+                (
+                    "configmaps list",
+                    allowed(
+                        "cm list",
+                        Api::<ConfigMap>::namespaced(hook.clone(), v.namespace)
+                            .list(&ListParams::default())
+                            .await,
+                    ),
+                ),
+                (
+                    "nodepools get",
+                    allowed(
+                        "pools",
+                        Api::<DynamicObject>::all_with(hook.clone(), &nodepool_ar())
+                            .get_opt("default")
+                            .await,
+                    ),
+                ),
+            ]);
+        }
+        for (what, ok) in forbidden {
+            assert!(!ok, "{transition}: the mode-change hook may {what}");
+        }
+        from = to;
+    }
+
+    // The kube calls of cleanup.rs and stop.rs are the resources of the widest scope's roles
+    // (NodeReadinessRules excepted: only the uninstall hook deletes those).
+    let mut used = kube_resources_in(&[
+        workspace_root().join("aggregator/src/cleanup.rs"),
+        workspace_root().join("aggregator/src/stop.rs"),
+    ])?;
+    used.insert((String::new(), "configmaps".into()));
+    used.remove(&("readiness.node.x-k8s.io".to_string(), "nodereadinessrules".to_string()));
+    let (cluster, ns) = expected_mode_change_grants(v, "all");
+    let granted: BTreeSet<(String, String)> = cluster
+        .into_iter()
+        .chain(ns)
+        .map(|(g, r, _, _)| (g, r.split('/').next().unwrap_or_default().to_string()))
+        .collect();
+    assert_eq!(
+        used, granted,
+        "cleanup's and stop's kube calls and the mode-change hook's roles disagree"
+    );
     Ok(())
 }

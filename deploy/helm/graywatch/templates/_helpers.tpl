@@ -68,6 +68,43 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+The mode an aggregator.toml was rendered for ("" when it is not one of ours): dry_run = true →
+dry-run, else taint_mode "nrc" → nrc, "direct" → direct-taint.
+*/}}
+{{- define "graywatch.modeOfConfig" -}}
+{{- if regexMatch "(?m)^\\s*dry_run\\s*=\\s*true\\s*(#.*)?$" . }}dry-run
+{{- else if regexMatch "(?m)^\\s*taint_mode\\s*=\\s*\"nrc\"" . }}nrc
+{{- else if regexMatch "(?m)^\\s*taint_mode\\s*=\\s*\"direct\"" . }}direct-taint
+{{- end }}
+{{- end }}
+
+{{/*
+The mode the release runs in now, from the live aggregator ConfigMap (`lookup`): "" under
+`helm template`, `--dry-run` and on a first install (lookup returns nothing), then no
+mode-change hook renders.
+*/}}
+{{- define "graywatch.previousMode" -}}
+{{- $cm := lookup "v1" "ConfigMap" .Release.Namespace (printf "%s-aggregator" (include "graywatch.fullname" .)) }}
+{{- if $cm }}
+{{- include "graywatch.modeOfConfig" (index ($cm.data | default dict) "aggregator.toml" | default "") }}
+{{- end }}
+{{- end }}
+
+{{/*
+What a mode change must remove before the new mode runs (dict "previous" "mode"): "all" (our
+taint, NodePool changes and conditions) going to dry-run from a mode that wrote; "taint" from
+direct-taint to nrc (the conditions stay: NRC taints from them); "" otherwise (from dry-run,
+which wrote nothing; to direct-taint, which owns our taint and conditions; mode unchanged).
+*/}}
+{{- define "graywatch.modeChangeScope" -}}
+{{- if and (has .previous (list "nrc" "direct-taint")) (ne .previous .mode) }}
+{{- if eq .mode "dry-run" }}all
+{{- else if and (eq .previous "direct-taint") (eq .mode "nrc") }}taint
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Writes happen in every mode but dry-run. */}}
 {{- define "graywatch.writes" -}}
 {{- if ne .Values.mode "dry-run" }}true{{ end }}
