@@ -407,7 +407,13 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
     step_down(&admin, &cfg, shutdown, task).await?;
 
     // nrc: conditions and Events, never a taint; no Karpenter access.
-    let cfg = install(&admin, &discovery, "nrc", "gw-nrc", &["mode=nrc"]).await?;
+    let cfg = install(
+        &admin,
+        &discovery,
+        "nrc",
+        "gw-nrc",
+        &["mode=nrc", "security.insecureAllowActingWithoutIdentity=true"],
+    ).await?;
     let agg = impersonate(&server, "gw-nrc", "nrc").await?;
     let (leader, shutdown, task) = lead(&agg, &cfg).await?;
     let reader = tokio::time::timeout(

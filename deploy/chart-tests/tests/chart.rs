@@ -46,6 +46,8 @@ const NRC: Variant = Variant {
     namespace: "gw-nrc",
     set: &[
         "mode=nrc",
+        // Acting without agent identity: refused unless loudly allowed (chart security-guard).
+        "security.insecureAllowActingWithoutIdentity=true",
         "nodeReadinessRules.create=true",
         "nodeReadinessRules.files={gray-failure.yaml,network.yaml,bootstrap-only.yaml,noexecute-dry-run.yaml}",
         "serviceMonitor.enabled=true",
@@ -67,7 +69,11 @@ const DIRECT_KARPENTER: Variant = Variant {
 const DIRECT_NO_KARPENTER: Variant = Variant {
     release: "plain",
     namespace: "gw-plain",
-    set: &["mode=direct-taint", "karpenter.enabled=false"],
+    set: &[
+        "mode=direct-taint",
+        "karpenter.enabled=false",
+        "security.insecureAllowActingWithoutIdentity=true",
+    ],
 };
 
 const VARIANTS: [&Variant; 5] = [
@@ -1524,6 +1530,8 @@ fn node_readiness_rules_can_be_forced_into_dry_run() -> anyhow::Result<()> {
                 "--set",
                 "mode=nrc",
                 "--set",
+                "security.insecureAllowActingWithoutIdentity=true",
+                "--set",
                 "nodeReadinessRules.create=true",
                 "--set",
                 files,
@@ -2216,6 +2224,8 @@ async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind()
         let mut upgrade = base("upgrade");
         // The hook is not run by Helm here (no Job controller): it is checked and run below.
         upgrade.extend(["--no-hooks".into(), "--set".into(), format!("mode={to}")]);
+        // The simulated fleet is not authenticated: acting modes need the loud override.
+        upgrade.extend(["--set".into(), "security.insecureAllowActingWithoutIdentity=true".into()]);
         helm_on(&server, &upgrade.iter().map(String::as_str).collect::<Vec<_>>())?;
         // Whatever the hook did to the Deployment, the upgrade applies the chart's replicas.
         let replicas = deployments.get(&dep_name).await?.spec.and_then(|s| s.replicas);
