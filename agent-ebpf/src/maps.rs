@@ -6,6 +6,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
@@ -130,6 +131,15 @@ pub fn flow_stats<C: EbpfContext>(ctx: &C, key: &FlowKey) -> Option<*mut FlowSta
     // Another CPU may insert the same key concurrently: NOEXIST makes one of us lose harmlessly.
     let _ = FLOWS.insert(key, &ZERO_FLOW, u64::from(BPF_NOEXIST));
     let stats = FLOWS.get_ptr_mut(key);
+    if let Some(stats) = stats {
+        // SAFETY: `stats` points into a live FLOWS value. Both racing creators write a time of
+        // the same instant; the agent only compares it with the value of the previous window.
+        unsafe {
+            if (*stats).created_ns == 0 {
+                (*stats).created_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
     if stats.is_none() && count_lost(LostEvent::FlowMapFull) {
         warn!(
             ctx,

@@ -221,8 +221,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let pods = PodDirectory::default();
     let kube = kube_client(&config).await?;
     start_pod_watch(&config, &pods, kube.as_ref(), &shutdown);
+    let peer_book = crate::peers::SharedPeerBook::default();
+    if let Some(client) = kube.as_ref().filter(|_| pod_names_wanted(&config)) {
+        let (book, client, shutdown) = (peer_book.clone(), client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = book.watch_nodes(client) => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
 
-    let mut collector = tokio::task::block_in_place(|| Collector::start(&CollectorOptions::from(&config), pods))?;
+    let mut collector =
+        tokio::task::block_in_place(|| Collector::start(&CollectorOptions::from(&config), pods.clone()))?;
     if let Some(logger) = collector.programs_mut().take_logger() {
         tokio::spawn(forward_kernel_logs(logger, shutdown.clone()));
     }
@@ -296,7 +307,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         health.metrics.collect_seconds.observe(started.elapsed().as_secs_f64());
         health.metrics.observe(&summary);
-        let scores = scorer.observe(started_at.elapsed().as_secs_f64(), &summary);
+        // Once per window, for the scorer and the wire summary alike.
+        let peers = crate::peers::peers(&summary, &peer_book.get(), crate::peers::PeerLimits::default());
+        health.metrics.observe_peers(&peers);
+        let scores = scorer.observe(started_at.elapsed().as_secs_f64(), &summary, &peers);
         health.metrics.observe_scores(&scores);
         let mut summary = summary;
         summary.local_scores = scores
@@ -312,12 +326,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Some(reporter) = &mut reporter {
             seq += 1;
             reporter.refresh().await;
-            reporter.push(&crate::wire::node_summary(&identity, seq, &summary, &scores));
+            if pods.pod_addresses_generation() > 0 {
+                let (generation, addresses) = pods.pod_addresses();
+                reporter.set_pod_addresses(generation, addresses);
+            }
+            reporter.push(&crate::wire::node_summary(&identity, seq, &summary, &peers, &scores));
             health.metrics.observe_report(&reporter.stats(), reporter.buffered());
         }
         health.window_done();
         debug!(
             flows = summary.network.flows.len(),
+            peers = peers.len(),
             drops = summary.network.drops.len(),
             "window"
         );

@@ -69,6 +69,8 @@ pub struct Fanout {
     last_refresh: Option<Instant>,
     /// Totals of reporters already shut down, so the exported counters never go backwards.
     retired: ReportStats,
+    /// The node's latest pod IPs (generation, addresses), handed to every stream.
+    pod_addresses: Option<(u64, Vec<String>)>,
 }
 
 impl Fanout {
@@ -84,6 +86,7 @@ impl Fanout {
             from_api: false,
             last_refresh: None,
             retired: ReportStats::default(),
+            pod_addresses: None,
         })
     }
 
@@ -178,8 +181,24 @@ impl Fanout {
         for addr in change.added {
             info!(%addr, source, host = %self.host, "streaming to aggregator replica");
             let config = self.config_for(addr);
-            self.reporters.insert(addr, Reporter::spawn(config));
+            let reporter = Reporter::spawn(config);
+            if let Some((generation, addresses)) = &self.pod_addresses {
+                reporter.set_pod_addresses(*generation, addresses.clone());
+            }
+            self.reporters.insert(addr, reporter);
         }
+    }
+
+    /// The node's pod IPs for every stream (see [`Reporter::set_pod_addresses`]); a generation
+    /// already handed over is ignored.
+    pub fn set_pod_addresses(&mut self, generation: u64, addresses: Vec<String>) {
+        if self.pod_addresses.as_ref().is_some_and(|(g, _)| *g >= generation) {
+            return;
+        }
+        for reporter in self.reporters.values() {
+            reporter.set_pod_addresses(generation, addresses.clone());
+        }
+        self.pod_addresses = Some((generation, addresses));
     }
 
     /// Queues the window for every replica.
@@ -224,6 +243,7 @@ fn add_into(total: &ReportStats, more: &ReportStats) {
     add(&total.dropped, &more.dropped);
     add(&total.reconnects, &more.reconnects);
     add(&total.rejected, &more.rejected);
+    add(&total.invalid, &more.invalid);
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod http;
 pub mod kernel_layout;
 pub mod metrics;
+pub mod peers;
 pub mod pods;
 pub mod report;
 pub mod scoring;

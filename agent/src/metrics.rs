@@ -63,8 +63,10 @@ pub struct Metrics {
     host: crate::signals::host::HostMetrics,
     local_score: Family<FamilyLabels, GaugeF64>,
     report: Family<KindLabels, Counter>,
-    report_seen: std::sync::Mutex<[u64; 5]>,
+    report_seen: std::sync::Mutex<[u64; 6]>,
     report_buffered: Gauge,
+    window_peers: Family<KindLabels, Gauge>,
+    window_remote_addresses: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,8 +96,10 @@ impl Metrics {
             errors: Family::default(),
             local_score: Family::default(),
             report: Family::default(),
-            report_seen: std::sync::Mutex::new([0; 5]),
+            report_seen: std::sync::Mutex::new([0; 6]),
             report_buffered: Gauge::default(),
+            window_peers: Family::default(),
+            window_remote_addresses: Gauge::default(),
             registry: Registry::default(),
             host: crate::signals::host::HostMetrics::default(),
         };
@@ -148,13 +152,23 @@ impl Metrics {
         );
         registry.register(
             "report_windows",
-            "Window summaries by fate on the aggregator stream: sent (replays included), acked, dropped (buffer full), plus reconnects and rejected streams",
+            "Window summaries by fate on the aggregator stream: sent (replays included), acked, dropped (buffer full), invalid_dropped (refused by the aggregator as invalid, not replayed), plus reconnects and rejected streams",
             m.report.clone(),
         );
         registry.register(
             "report_buffered_windows",
             "Windows buffered for the aggregator (not yet acknowledged)",
             m.report_buffered.clone(),
+        );
+        registry.register(
+            "window_peers",
+            "Peers in the last window's summary by kind: node (remote addresses of one Node folded together), address (top-N others), external (everything else, at most one)",
+            m.window_peers.clone(),
+        );
+        registry.register(
+            "window_remote_addresses",
+            "Distinct remote addresses in the last window, before folding into peers",
+            m.window_remote_addresses.clone(),
         );
         let host = crate::signals::host::HostMetrics::register(&mut registry);
         Metrics { registry, host, ..m }
@@ -189,6 +203,27 @@ impl Metrics {
         }
     }
 
+    /// How the last window's remotes were folded into peers.
+    pub fn observe_peers(&self, peers: &[crate::peers::PeerWindow]) {
+        let mut counts = [0i64; 3];
+        let mut addresses = 0i64;
+        for p in peers {
+            let kind = match (&p.node, p.external) {
+                (Some(_), _) => 0,
+                (None, false) => 1,
+                (None, true) => 2,
+            };
+            counts[kind] += 1;
+            addresses += i64::from(p.addresses);
+        }
+        for (kind, count) in ["node", "address", "external"].into_iter().zip(counts) {
+            self.window_peers
+                .get_or_create(&KindLabels { kind: kind.to_owned() })
+                .set(count);
+        }
+        self.window_remote_addresses.set(addresses);
+    }
+
     /// The local scores of one window; families without a score are removed (not zeroed).
     pub fn observe_scores(&self, scores: &[crate::scoring::LocalFamilyScore]) {
         self.local_score.clear();
@@ -212,12 +247,13 @@ impl Metrics {
             stats.dropped.load(Relaxed),
             stats.reconnects.load(Relaxed),
             stats.rejected.load(Relaxed),
+            stats.invalid.load(Relaxed),
         ];
         let mut seen = self
             .report_seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (i, kind) in ["sent", "acked", "dropped", "reconnects", "rejected"]
+        for (i, kind) in ["sent", "acked", "dropped", "reconnects", "rejected", "invalid_dropped"]
             .into_iter()
             .enumerate()
         {

@@ -61,6 +61,9 @@ pub struct ReportStats {
     pub reconnects: AtomicU64,
     /// Streams the aggregator ended with an error status (bad message, wrong version, restart).
     pub rejected: AtomicU64,
+    /// Windows the aggregator refused as invalid (INVALID_ARGUMENT, OUT_OF_RANGE): dropped, not
+    /// replayed, or one bad window would end every stream for as long as it stays buffered.
+    pub invalid: AtomicU64,
 }
 
 /// Bounded FIFO of recent windows, ordered by window seq.
@@ -92,6 +95,11 @@ impl WindowBuffer {
         }
         self.windows.push_back(s);
         dropped
+    }
+
+    /// Removes and returns the oldest window.
+    pub fn pop_front(&mut self) -> Option<NodeSummary> {
+        self.windows.pop_front()
     }
 
     /// Forgets windows up to and including `seq`.
@@ -138,6 +146,14 @@ struct Shared {
     notify: Notify,
     closed: AtomicBool,
     stats: ReportStats,
+    /// The node's pod IPs and their generation (see [`Reporter::set_pod_addresses`]).
+    pod_addresses: Mutex<Option<(u64, Vec<String>)>>,
+}
+
+/// Whether the aggregator refused the window itself (so replaying it can only fail again),
+/// rather than the stream (auth, limits, shutdown, version).
+fn window_is_invalid(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::OutOfRange)
 }
 
 /// The client; see the module docs.
@@ -168,6 +184,7 @@ impl Reporter {
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             stats: ReportStats::default(),
+            pod_addresses: Mutex::new(None),
         });
         let (dir_tx, directives) = watch::channel(None);
         let task = tokio::spawn(run(shared.clone(), cfg, dir_tx));
@@ -190,6 +207,17 @@ impl Reporter {
             self.shared.stats.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
         self.shared.notify.notify_one();
+    }
+
+    /// The node's pod IPs, generation `generation` (larger = newer). They ride on the first
+    /// window of every stream and on the next window after each change, never on every window.
+    pub fn set_pod_addresses(&self, generation: u64, addresses: Vec<String>) {
+        let mut current = self.shared.pod_addresses.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_none_or(|(g, _)| *g < generation) {
+            *current = Some((generation, addresses));
+            drop(current);
+            self.shared.notify.notify_one();
+        }
     }
 
     #[must_use]
@@ -239,8 +267,27 @@ async fn run(shared: Arc<Shared>, cfg: ReportConfig, dir_tx: watch::Sender<Optio
         match session(&shared, &cfg, &dir_tx, &mut healthy).await {
             Ok(()) => return,
             Err(e) => {
-                if matches!(e, SessionError::Status(_)) {
+                if let SessionError::Status(status) = &e {
                     shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    if window_is_invalid(status) {
+                        // The aggregator takes windows in order and acknowledged every one before
+                        // this (those acks were read before its status): the oldest buffered
+                        // window is the one it refused.
+                        let dropped = shared.buf.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                        if let Some(window) = dropped {
+                            shared.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                endpoint = %cfg.endpoint,
+                                seq = seq_of(&window),
+                                peers = window.peers.len(),
+                                code = ?status.code(),
+                                reason = status.message(),
+                                "aggregator refused a window as invalid; dropped, not replayed"
+                            );
+                        }
+                        // Not the connection's fault: reconnect without backing off further.
+                        healthy = true;
+                    }
                 }
                 tracing::warn!(endpoint = %cfg.endpoint, error = %e, attempt, "report stream down; reconnecting");
             }
@@ -293,6 +340,8 @@ async fn session(
     let mut inbound = client.report(request).await?.into_inner();
     // Replay everything still buffered on a new connection.
     let mut sent_upto: Option<u64> = None;
+    // The pod IPs go out again on every new stream (the aggregator may have restarted).
+    let mut pods_sent: Option<u64> = None;
     loop {
         if shared.closed.load(Ordering::Relaxed) {
             return Ok(());
@@ -302,8 +351,19 @@ async fn session(
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .after(sent_upto);
-        for s in pending {
+        for mut s in pending {
             let seq = seq_of(&s);
+            let pods = shared
+                .pod_addresses
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .filter(|(generation, _)| pods_sent != Some(*generation))
+                .cloned();
+            if let Some((generation, addresses)) = pods {
+                s.pod_addresses = Some(graywatch_proto::v1::PodAddresses { addresses });
+                pods_sent = Some(generation);
+            }
             tx.send(s).await.map_err(|_| SessionError::Closed)?;
             shared.stats.sent.fetch_add(1, Ordering::Relaxed);
             sent_upto = Some(seq);
@@ -404,12 +464,19 @@ mod tests {
         }
     }
 
+    /// (seq, the pod addresses the window carried).
+    type SeenPods = (u64, Option<Vec<String>>);
+
     /// In-process aggregator stand-in: records seqs, acks them, and ends the first stream with
     /// an error after `fail_after` summaries (to force a reconnect).
     #[derive(Clone, Default)]
     struct Fake {
         seen: Arc<Mutex<Vec<u64>>>,
         fail_after: Arc<AtomicUsize>,
+        /// A window seq refused as invalid every time it arrives (0 = none).
+        invalid_seq: Arc<AtomicU64>,
+        /// (seq, pod addresses it carried) of every window received.
+        pods: Arc<Mutex<Vec<SeenPods>>>,
     }
 
     type Out = Pin<Box<dyn Stream<Item = Result<Directive, tonic::Status>> + Send>>;
@@ -438,6 +505,14 @@ mod tests {
                 while let Some(Ok(s)) = inbound.next().await {
                     let seq = seq_of(&s);
                     this.seen.lock().unwrap_or_else(PoisonError::into_inner).push(seq);
+                    this.pods
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((seq, s.pod_addresses.map(|p| p.addresses)));
+                    if this.invalid_seq.load(Ordering::SeqCst) == seq {
+                        let _ = tx.send(Err(tonic::Status::invalid_argument("peers: too many"))).await;
+                        return;
+                    }
                     if this.fail_after.load(Ordering::SeqCst) == 1 {
                         this.fail_after.store(0, Ordering::SeqCst);
                         let _ = tx.send(Err(tonic::Status::unavailable("restarting"))).await;
@@ -549,6 +624,71 @@ mod tests {
         let v = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
         assert_eq!(v.iter().filter(|s| **s == 1).count(), 1, "{v:?}");
         assert_eq!(v.iter().filter(|s| **s == 2).count(), 1, "{v:?}");
+        rep.shutdown().await;
+    }
+
+    /// Issue 16: a window the aggregator refuses as invalid came back first on every reconnect,
+    /// so nothing after it was ever accepted. Now it is dropped (counted) and the rest flows.
+    #[tokio::test]
+    async fn a_window_refused_as_invalid_is_dropped_not_replayed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake::default();
+        fake.invalid_seq.store(2, Ordering::SeqCst);
+        tokio::spawn(serve(fake.clone(), listener));
+        let rep = Reporter::spawn(cfg(addr, 16));
+        for s in 1..=4 {
+            rep.push(window(s));
+        }
+        let seen = fake.seen.clone();
+        until("3 and 4 arrive after the refused 2", || {
+            let v = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            v.contains(&3) && v.contains(&4)
+        })
+        .await;
+        until("all acked", || rep.buffered() == 0).await;
+        rep.push(window(5));
+        until("5 arrives", || {
+            seen.lock().unwrap_or_else(PoisonError::into_inner).contains(&5)
+        })
+        .await;
+        let v = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(v.iter().filter(|s| **s == 2).count(), 1, "never replayed: {v:?}");
+        assert_eq!(rep.stats().invalid.load(Ordering::Relaxed), 1);
+        rep.shutdown().await;
+    }
+
+    /// The node's pod IPs ride on the first window of each stream and after a change only.
+    #[tokio::test]
+    async fn pod_addresses_go_on_the_first_window_of_a_stream_and_on_changes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake::default();
+        // Ack 1 and 2, fail the stream on 3: it is resent on a new stream.
+        fake.fail_after.store(3, Ordering::SeqCst);
+        tokio::spawn(serve(fake.clone(), listener));
+        let rep = Reporter::spawn(cfg(addr, 16));
+        rep.set_pod_addresses(1, vec!["192.168.7.9".into()]);
+        rep.push(window(1));
+        let pods = fake.pods.clone();
+        let got = |n: usize| {
+            let pods = pods.clone();
+            move || pods.lock().unwrap_or_else(PoisonError::into_inner).len() >= n
+        };
+        until("1", got(1)).await;
+        rep.push(window(2));
+        until("2", got(2)).await;
+        rep.set_pod_addresses(2, vec!["192.168.7.9".into(), "192.168.7.10".into()]);
+        rep.set_pod_addresses(1, vec!["stale".into()]);
+        rep.push(window(3));
+        until("3 twice (the stream failed on it)", got(4)).await;
+        let v = pods.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let one = Some(vec!["192.168.7.9".to_owned()]);
+        let two = Some(vec!["192.168.7.9".to_owned(), "192.168.7.10".to_owned()]);
+        assert_eq!(v[0], (1, one), "first window of the stream");
+        assert_eq!(v[1], (2, None), "unchanged");
+        assert_eq!(v[2], (3, two.clone()), "changed (an older generation never wins)");
+        assert_eq!(v[3], (3, two), "first window of the new stream");
         rep.shutdown().await;
     }
 }

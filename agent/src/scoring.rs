@@ -2,14 +2,18 @@
 //! ratio per peer, steal, run-queue delay, memory PSI), folded into one score per family with the
 //! worst series' reason. Pure over window summaries; no I/O.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::collections::HashMap;
 
 use graywatch_detect::{Family, FamilyScore, SignalScorer, SignalScorerConfig};
 
-use crate::summary::{Direction, WindowSummary};
+use crate::{peers::PeerWindow, summary::WindowSummary};
 
 /// Forget a peer's scorers after this many windows without traffic to it.
 const PEER_IDLE_WINDOWS: u32 = 300;
+
+/// At most this many series per family: the longest idle go first (peers come and go on a busy
+/// node; the window's own peers are bounded, their turnover is not).
+const MAX_SERIES_PER_FAMILY: usize = 4_096;
 
 /// A family's local verdict for one window.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,8 +76,10 @@ impl LocalScorer {
         entry.idle_windows = 0;
     }
 
-    /// Feeds one window (at `t` seconds) and returns every family's score.
-    pub fn observe(&mut self, t: f64, summary: &WindowSummary) -> Vec<LocalFamilyScore> {
+    /// Feeds one window (at `t` seconds) with its peers (see [`crate::peers::peers`]) and
+    /// returns every family's score. The external bucket is not scored: it mixes every remote
+    /// the node talks to beyond its top-N, so its figures move with the mix, not the network.
+    pub fn observe(&mut self, t: f64, summary: &WindowSummary, peers: &[PeerWindow]) -> Vec<LocalFamilyScore> {
         for series in self.families.values_mut().flat_map(HashMap::values_mut) {
             series.idle_windows += 1;
         }
@@ -81,11 +87,11 @@ impl LocalScorer {
         let loss_measured = !["retransmits", "segments_sent"]
             .iter()
             .any(|signal| summary.unavailable.contains_key(*signal));
-        for peer in peers(summary) {
+        for peer in peers.iter().filter(|p| !p.external) {
             if let Some(p99) = peer.rtt_p99_us {
                 self.feed(
                     Family::NetworkLatency,
-                    format!("rtt p99 to {}", peer.remote),
+                    format!("rtt p99 to {}", peer.label()),
                     "µs",
                     t,
                     p99,
@@ -95,7 +101,7 @@ impl LocalScorer {
                 let pct = 100.0 * peer.retransmits as f64 / peer.segments_out as f64;
                 self.feed(
                     Family::PacketLoss,
-                    format!("retransmits to {}", peer.remote),
+                    format!("retransmits to {}", peer.label()),
                     "%",
                     t,
                     pct,
@@ -125,6 +131,13 @@ impl LocalScorer {
         }
         for series in self.families.values_mut() {
             series.retain(|_, s| s.idle_windows < PEER_IDLE_WINDOWS);
+            if series.len() > MAX_SERIES_PER_FAMILY {
+                let mut idle: Vec<(u32, String)> = series.iter().map(|(k, s)| (s.idle_windows, k.clone())).collect();
+                idle.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+                for (_, key) in idle.into_iter().take(series.len() - MAX_SERIES_PER_FAMILY) {
+                    series.remove(&key);
+                }
+            }
         }
         Family::ALL.iter().map(|&family| self.score(family)).collect()
     }
@@ -152,79 +165,12 @@ impl LocalScorer {
     }
 }
 
-/// What the node measured towards one remote address, over all its workloads.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeerWindow {
-    pub remote: IpAddr,
-    pub rtt_samples: u64,
-    pub rtt_p50_us: Option<f64>,
-    pub rtt_p99_us: Option<f64>,
-    pub rtt_histogram: Option<hdrhistogram::Histogram<u64>>,
-    pub segments_out: u64,
-    pub retransmits: u64,
-}
-
-/// Folds the window's flows by remote address (all workloads together). RTT comes from the
-/// connections this node opened when there are any: on accepted connections the smoothed RTT
-/// includes the clients' think time (their ACKs ride on the next request).
-pub fn peers(summary: &WindowSummary) -> Vec<PeerWindow> {
-    #[derive(Default)]
-    struct Fold {
-        segments_out: u64,
-        retransmits: u64,
-        outbound: Option<(u64, hdrhistogram::Histogram<u64>)>,
-        other: Option<(u64, hdrhistogram::Histogram<u64>)>,
-    }
-    fn add(
-        slot: &mut Option<(u64, hdrhistogram::Histogram<u64>)>,
-        samples: u64,
-        histogram: &hdrhistogram::Histogram<u64>,
-    ) {
-        match slot {
-            Some((n, total)) => {
-                *n += samples;
-                // Same bounds everywhere (signals::net), so adding cannot fail.
-                let _ = total.add(histogram);
-            }
-            None => *slot = Some((samples, histogram.clone())),
-        }
-    }
-    let mut by_remote: HashMap<IpAddr, Fold> = HashMap::new();
-    for flow in &summary.network.flows {
-        let fold = by_remote.entry(flow.remote).or_default();
-        fold.segments_out += flow.segments_sent;
-        fold.retransmits += flow.retransmits;
-        if let (Some(rtt), Some(histogram)) = (&flow.rtt, &flow.rtt_histogram) {
-            let slot = if flow.direction == Direction::Outbound {
-                &mut fold.outbound
-            } else {
-                &mut fold.other
-            };
-            add(slot, rtt.samples, histogram);
-        }
-    }
-    let mut peers: Vec<PeerWindow> = by_remote
-        .into_iter()
-        .map(|(remote, fold)| {
-            let rtt = fold.outbound.or(fold.other);
-            PeerWindow {
-                remote,
-                rtt_samples: rtt.as_ref().map_or(0, |(n, _)| *n),
-                rtt_p50_us: rtt.as_ref().map(|(_, h)| h.value_at_quantile(0.5) as f64),
-                rtt_p99_us: rtt.as_ref().map(|(_, h)| h.value_at_quantile(0.99) as f64),
-                rtt_histogram: rtt.map(|(_, h)| h),
-                segments_out: fold.segments_out,
-                retransmits: fold.retransmits,
-            }
-        })
-        .collect();
-    peers.sort_by_key(|p| p.remote);
-    peers
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::{collections::BTreeMap, net::Ipv4Addr};
+    use std::{
+        collections::BTreeMap,
+        net::{IpAddr, Ipv4Addr},
+    };
 
     use graywatch_common::{FlowStats, RTT_BUCKETS, rtt_bucket};
 
@@ -242,21 +188,49 @@ pub(crate) mod tests {
         segments: u64,
         retransmits: u64,
     ) -> WindowSummary {
-        let mut stats = FlowStats::ZERO;
-        stats.rtt_buckets[rtt_bucket(rtt_us).min(RTT_BUCKETS - 1)] = samples;
-        stats.segs_out = segments;
-        stats.retransmits = retransmits;
-        let mut key = graywatch_common::FlowKey {
-            cgroup_id: 5,
-            family: graywatch_common::AF_INET,
-            direction: graywatch_common::DIRECTION_OUTBOUND,
-            ..Default::default()
-        };
-        key.remote_addr[10] = 0xff;
-        key.remote_addr[11] = 0xff;
-        key.remote_addr[12..].copy_from_slice(&remote.octets());
+        window_with_flows(&[(IpAddr::V4(remote), rtt_us, samples, segments, retransmits)])
+    }
+
+    /// The peers of `summary` with an empty book and the default limits.
+    pub(crate) fn peers_of(summary: &WindowSummary) -> Vec<PeerWindow> {
+        crate::peers::peers(
+            summary,
+            &crate::peers::PeerBook::default(),
+            crate::peers::PeerLimits::default(),
+        )
+    }
+
+    /// A window with one outbound flow per (remote, rtt µs, RTT samples, segments, retransmits).
+    pub(crate) fn window_with_flows(flows: &[(IpAddr, u32, u32, u64, u64)]) -> WindowSummary {
+        let flows = flows
+            .iter()
+            .map(|&(remote, rtt_us, samples, segments, retransmits)| {
+                let mut stats = FlowStats::ZERO;
+                stats.rtt_buckets[rtt_bucket(rtt_us).min(RTT_BUCKETS - 1)] = samples;
+                stats.segs_out = segments;
+                stats.retransmits = retransmits;
+                let mut key = graywatch_common::FlowKey {
+                    cgroup_id: 5,
+                    family: graywatch_common::AF_INET,
+                    direction: graywatch_common::DIRECTION_OUTBOUND,
+                    ..Default::default()
+                };
+                match remote {
+                    IpAddr::V4(v4) => {
+                        key.remote_addr[10] = 0xff;
+                        key.remote_addr[11] = 0xff;
+                        key.remote_addr[12..].copy_from_slice(&v4.octets());
+                    }
+                    IpAddr::V6(v6) => {
+                        key.family = graywatch_common::AF_INET6;
+                        key.remote_addr = v6.octets();
+                    }
+                }
+                (key, FlowDelta::between(None, &stats))
+            })
+            .collect();
         let delta = NetDelta {
-            flows: vec![(key, FlowDelta::between(None, &stats))],
+            flows,
             ..Default::default()
         };
         WindowSummary {
@@ -284,7 +258,8 @@ pub(crate) mod tests {
         let mut t = 0.0;
         for i in 0..120 {
             // A little natural variation around 200 µs.
-            let scores = scorer.observe(t, &window_with(peer, 190 + (i % 5) * 5, 100, 1000, 0));
+            let window = window_with(peer, 190 + (i % 5) * 5, 100, 1000, 0);
+            let scores = scorer.observe(t, &window, &peers_of(&window));
             t += 1.0;
             if i > 100 {
                 let latency = &scores[0];
@@ -293,15 +268,16 @@ pub(crate) mod tests {
             }
         }
         let mut last = None;
+        let slow = window_with(peer, 20_000, 100, 1000, 0);
         for _ in 0..10 {
-            last = Some(scorer.observe(t, &window_with(peer, 20_000, 100, 1000, 0)));
+            last = Some(scorer.observe(t, &slow, &peers_of(&slow)));
             t += 1.0;
         }
         let latency = &last.expect("scored")[0];
         assert!(latency.score.is_some_and(|s| s > 0.7), "{latency:?}");
         assert!(latency.reason.contains("rtt p99 to 10.0.0.2"), "{}", latency.reason);
         // Families with no data have no score (Unknown upstream), never a healthy zero.
-        let memory = scorer.observe(t, &window_with(peer, 20_000, 100, 1000, 0)).remove(3);
+        let memory = scorer.observe(t, &slow, &peers_of(&slow)).remove(3);
         assert_eq!(memory.family, Family::MemoryPressure);
         assert_eq!(memory.score, None);
     }
@@ -309,7 +285,7 @@ pub(crate) mod tests {
     #[test]
     fn peers_fold_flows_by_remote() {
         let summary = window_with(Ipv4Addr::new(10, 0, 0, 3), 1_000, 50, 200, 4);
-        let peers = peers(&summary);
+        let peers = peers_of(&summary);
         assert_eq!(peers.len(), 1);
         assert_eq!(
             (peers[0].segments_out, peers[0].retransmits, peers[0].rtt_samples),
@@ -331,7 +307,7 @@ pub(crate) mod tests {
                 .expect("every family is scored")
         };
         assert_ne!(
-            loss(scorer.observe(0.0, &window)).reason,
+            loss(scorer.observe(0.0, &window, &peers_of(&window))).reason,
             "no data",
             "measured: a series exists"
         );
@@ -339,7 +315,7 @@ pub(crate) mod tests {
         window
             .unavailable
             .insert("retransmits".into(), "tcp_retransmit_skb: not on this kernel".into());
-        let score = loss(blind.observe(0.0, &window));
+        let score = loss(blind.observe(0.0, &window, &peers_of(&window)));
         assert_eq!((score.score, score.reason.as_str()), (None, "no data"));
     }
 }

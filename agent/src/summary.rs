@@ -126,9 +126,10 @@ pub struct FlowWindow {
     pub retransmits: u64,
     /// retransmits / segments sent; `None` when nothing was sent.
     pub retransmit_ratio: Option<f64>,
-    /// The window's RTT histogram (µs), for the wire summary.
+    /// The window's RTT distribution as the kernel's bucket counts (small: the per-flow HDR
+    /// histograms of ~24 KiB each were most of a busy node's memory), for the wire summary.
     #[serde(skip)]
-    pub rtt_histogram: Option<hdrhistogram::Histogram<u64>>,
+    pub rtt_buckets: crate::signals::net::RttBuckets,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,10 +7,11 @@ use graywatch_proto::{
 };
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 
-use crate::{
-    scoring::{LocalFamilyScore, peers},
-    summary::WindowSummary,
-};
+use crate::{peers::PeerWindow, scoring::LocalFamilyScore, signals::net::RttBuckets, summary::WindowSummary};
+
+/// Per-peer RTT histograms stop being attached once they add up to this many bytes (node peers
+/// come first): the aggregator refuses summaries over 1 MiB, and the figures stay either way.
+const PEER_HISTOGRAM_BUDGET_BYTES: usize = 256 * 1024;
 
 /// Who is reporting (stable for the agent's lifetime).
 #[derive(Debug, Clone, Default)]
@@ -87,37 +88,29 @@ fn serialize(histogram: &hdrhistogram::Histogram<u64>) -> Vec<u8> {
     bytes
 }
 
-/// Builds the wire summary of window `seq`.
+/// Builds the wire summary of window `seq` from the window and its peers (computed once per
+/// window, see [`crate::peers::peers`]).
 pub fn node_summary(
     identity: &Identity,
     seq: u64,
     summary: &WindowSummary,
+    peers: &[PeerWindow],
     scores: &[LocalFamilyScore],
 ) -> NodeSummary {
-    let peers = peers(summary);
     let mut families = Vec::new();
 
     // Network latency: the node's RTT p99 over every peer, with the merged distribution.
-    let mut all_rtt: Option<hdrhistogram::Histogram<u64>> = None;
-    let mut rtt_samples = 0;
-    for peer in &peers {
-        if let Some(h) = &peer.rtt_histogram {
-            rtt_samples += peer.rtt_samples;
-            match &mut all_rtt {
-                Some(total) => {
-                    let _ = total.add(h);
-                }
-                None => all_rtt = Some(h.clone()),
-            }
-        }
+    let mut all_rtt = RttBuckets::default();
+    for rtt in peers.iter().filter_map(|p| p.rtt.as_ref()) {
+        all_rtt.add(rtt);
     }
-    if let Some(h) = &all_rtt {
+    if let Some(p99) = all_rtt.quantile_us(0.99) {
         families.push(FamilyFigures {
             family: Family::NetworkLatency.into(),
-            value: h.value_at_quantile(0.99) as f64,
+            value: p99 as f64,
             unit: "us".into(),
-            samples: rtt_samples,
-            hdr_histogram: serialize(h),
+            samples: all_rtt.samples(),
+            hdr_histogram: serialize(&all_rtt.to_histogram()),
         });
     }
     let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
@@ -182,18 +175,41 @@ pub fn node_summary(
             end_unix_ms: i64::try_from(end).unwrap_or(i64::MAX),
         }),
         families,
-        peers: peers
-            .iter()
-            .map(|p| PeerStats {
-                remote_addr: p.remote.to_string(),
-                rtt_samples: p.rtt_samples,
-                rtt_p50_us: p.rtt_p50_us.unwrap_or(0.0),
-                rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
-                rtt_hdr_histogram: p.rtt_histogram.as_ref().map(serialize).unwrap_or_default(),
-                segments_out: p.segments_out,
-                retransmits: p.retransmits,
-            })
-            .collect(),
+        peers: {
+            // One HDR histogram (~24 KiB) alive at a time, within the byte budget.
+            let mut budget = PEER_HISTOGRAM_BUDGET_BYTES;
+            peers
+                .iter()
+                .map(|p| {
+                    let mut histogram = Vec::new();
+                    if budget > 0
+                        && let Some(rtt) = &p.rtt
+                    {
+                        histogram = serialize(&rtt.to_histogram());
+                        if histogram.len() > budget {
+                            histogram.clear();
+                            budget = 0;
+                        } else {
+                            budget -= histogram.len();
+                        }
+                    }
+                    PeerStats {
+                        remote_addr: p.remote.to_string(),
+                        rtt_samples: p.rtt_samples,
+                        rtt_p50_us: p.rtt_p50_us.unwrap_or(0.0),
+                        rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
+                        rtt_hdr_histogram: histogram,
+                        segments_out: p.segments_out,
+                        retransmits: p.retransmits,
+                        node_name: p.node.as_deref().unwrap_or_default().to_owned(),
+                        remote_addresses: p.addresses,
+                        external: p.external,
+                    }
+                })
+                .collect()
+        },
+        pod_addresses: None,
+        lost_events: summary.lost_events.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         // Families still warming up send no score: the aggregator treats that as no evidence.
         scores: scores
             .iter()
@@ -215,7 +231,7 @@ mod tests {
     use hdrhistogram::serialization::Deserializer;
 
     use super::*;
-    use crate::scoring::tests::window_with;
+    use crate::scoring::tests::{peers_of, window_with, window_with_flows};
 
     #[test]
     fn a_later_incarnation_reads_a_larger_boottime() {
@@ -247,7 +263,7 @@ mod tests {
             addresses: vec!["10.0.0.1".into()],
             agent_started_ns: 11,
         };
-        let msg = node_summary(&identity, 7, &window, &scores);
+        let msg = node_summary(&identity, 7, &window, &peers_of(&window), &scores);
         assert_eq!(msg.protocol_version, PROTOCOL_VERSION);
         assert_eq!(msg.node.as_ref().map(|n| n.agent_started_ns), Some(11));
         assert_eq!(msg.window.as_ref().map(|w| (w.seq, w.end_unix_ms)), Some((7, 2_000)));
@@ -269,6 +285,7 @@ mod tests {
         assert!((loss.value - 2.5).abs() < 1e-9);
         assert_eq!(msg.peers.len(), 1);
         assert_eq!(msg.peers[0].remote_addr, "10.0.0.9");
+        assert_eq!(msg.peers[0].remote_addresses, 1);
         assert_eq!(msg.scores.len(), 1, "warming-up families send no score");
         // Nothing measured for CPU or memory: no figures invented.
         assert!(
@@ -276,5 +293,31 @@ mod tests {
                 .iter()
                 .any(|f| f.family == i32::from(Family::MemoryPressure))
         );
+    }
+
+    /// Issue 16: 5,000 remote addresses made a summary of 5,000 peers (the aggregator refuses
+    /// more than 4,096, or 1 MiB) that ended the stream; the same window came back on every
+    /// reconnect. Now the summary stays within both limits.
+    #[test]
+    fn five_thousand_remotes_fit_the_aggregators_limits() {
+        use prost::Message;
+        let flows: Vec<(std::net::IpAddr, u32, u32, u64, u64)> = (0..5_000u32)
+            .map(|i| {
+                let addr = std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0002_0000u128 + u128::from(i));
+                (addr.into(), 100 + i * 997 % 90_000, 3, 5, 0)
+            })
+            .collect();
+        let window = window_with_flows(&flows);
+        let peers = peers_of(&window);
+        let msg = node_summary(&Identity::default(), 1, &window, &peers, &[]);
+        assert!(msg.peers.len() <= 4_096, "{} peers", msg.peers.len());
+        assert!(msg.encoded_len() < 1024 * 1024, "{} bytes", msg.encoded_len());
+        assert!(msg.peers.last().is_some_and(|p| p.external && p.remote_addr == "::"));
+        let latency = msg
+            .families
+            .iter()
+            .find(|f| f.family == i32::from(Family::NetworkLatency))
+            .expect("latency");
+        assert_eq!(latency.samples, 15_000, "every sample counts, external bucket included");
     }
 }

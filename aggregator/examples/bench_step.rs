@@ -141,6 +141,7 @@ fn main() {
             })
             .collect(),
         scores: vec![],
+        ..Default::default()
     };
     let store = FleetStore::default();
     let t = Instant::now();

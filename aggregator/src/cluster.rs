@@ -49,6 +49,43 @@ pub struct ClusterReader {
     namespace: String,
     policy: Policy,
     nodes: reflector::Store<Node>,
+    /// The pod IPs the agents report (ingest), mapped to their nodes alongside pod CIDRs.
+    pod_addresses: Option<crate::ingest::FleetStore>,
+}
+
+/// Adds each node's reported pod IPs to its view as host prefixes (/32, /128), so the address
+/// book maps a remote pod IP to its node where it lies in no pod CIDR (EKS VPC CNI: pod IPs are
+/// secondary ENI addresses, `spec.podCIDR` is empty). Nodes that are gone are skipped; an
+/// address two nodes claim (a pod IP reused after its pod moved) goes to neither until the
+/// stale list is replaced.
+pub fn add_pod_addresses(
+    nodes: &mut BTreeMap<String, NodeView>,
+    reported: &BTreeMap<String, std::sync::Arc<[IpAddr]>>,
+) {
+    let mut owners: std::collections::HashMap<IpAddr, Option<&str>> = std::collections::HashMap::new();
+    for (node, addresses) in reported {
+        if !nodes.contains_key(node) {
+            continue;
+        }
+        for a in addresses.iter() {
+            owners
+                .entry(*a)
+                .and_modify(|owner| {
+                    if *owner != Some(node.as_str()) {
+                        *owner = None;
+                    }
+                })
+                .or_insert(Some(node.as_str()));
+        }
+    }
+    for (addr, owner) in owners {
+        let (Some(owner), Ok(net)) = (owner, ipnet::IpNet::new(addr, if addr.is_ipv4() { 32 } else { 128 })) else {
+            continue;
+        };
+        if let Some(view) = nodes.get_mut(owner) {
+            view.pod_cidrs.push(net);
+        }
+    }
 }
 
 impl ClusterReader {
@@ -80,7 +117,15 @@ impl ClusterReader {
             namespace,
             policy,
             nodes: store,
+            pod_addresses: None,
         }
+    }
+
+    /// Maps the pod IPs the agents report (kept by `store`) to their nodes.
+    #[must_use]
+    pub fn with_pod_addresses(mut self, store: crate::ingest::FleetStore) -> Self {
+        self.pod_addresses = Some(store);
+        self
     }
 
     /// One consistent-enough view for a decision step.
@@ -96,6 +141,9 @@ impl ClusterReader {
             .iter()
             .map(|n| (n.name_any(), node_view(n, &self.policy)))
             .collect();
+        if let Some(store) = &self.pod_addresses {
+            add_pod_addresses(&mut nodes, &store.pod_addresses());
+        }
         let mut pools = BTreeMap::new();
         if self.policy.karpenter_exclude || self.policy.karpenter_replace {
             let pool_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
@@ -277,5 +325,69 @@ pub fn node_view(n: &Node, p: &Policy) -> NodeView {
         conditions,
         tainted,
         nodeclaim: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::core::evidence::AddressBook;
+
+    fn node(name: &str, ip: &str, pod_cidr: Option<&str>) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": pod_cidr.map_or(serde_json::json!({}), |c| serde_json::json!({"podCIDR": c})),
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+        }))
+        .expect("a Node")
+    }
+
+    /// EKS VPC CNI: pods get secondary ENI addresses from the VPC subnet, nodes have no
+    /// podCIDR. The pod IPs the agents report map remote pod IPs to their nodes.
+    #[test]
+    fn reported_pod_ips_outside_any_pod_cidr_map_to_their_node() {
+        let policy = Policy::default();
+        let mut nodes: BTreeMap<String, NodeView> = [
+            node("a", "192.168.0.10", None),
+            node("b", "192.168.0.11", None),
+            node("c", "192.168.0.12", Some("10.244.2.0/24")),
+        ]
+        .iter()
+        .map(|n| (n.name_any(), node_view(n, &policy)))
+        .collect();
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let before = AddressBook::new(nodes.values());
+        assert_eq!(before.node_of(&ip("192.168.5.7")), None, "no podCIDR covers it");
+
+        let reported: BTreeMap<String, Arc<[IpAddr]>> = [
+            (
+                "a".to_owned(),
+                Arc::from(vec![ip("192.168.5.7"), ip("2600:1f18::7"), ip("192.168.9.9")]),
+            ),
+            ("b".to_owned(), Arc::from(vec![ip("192.168.5.8"), ip("192.168.9.9")])),
+            ("gone".to_owned(), Arc::from(vec![ip("192.168.5.99")])),
+        ]
+        .into_iter()
+        .collect();
+        add_pod_addresses(&mut nodes, &reported);
+        let book = AddressBook::new(nodes.values());
+        assert_eq!(book.node_of(&ip("192.168.5.7")), Some("a"));
+        assert_eq!(book.node_of(&ip("2600:1f18::7")), Some("a"));
+        assert_eq!(book.node_of(&ip("192.168.5.8")), Some("b"));
+        assert_eq!(
+            book.node_of(&ip("192.168.5.6")),
+            None,
+            "only the reported IPs, not a subnet"
+        );
+        assert_eq!(book.node_of(&ip("192.168.9.9")), None, "claimed by two nodes: neither");
+        assert_eq!(
+            book.node_of(&ip("192.168.5.99")),
+            None,
+            "a node that is gone maps nothing"
+        );
+        assert_eq!(book.node_of(&ip("10.244.2.3")), Some("c"), "pod CIDRs still map");
+        assert_eq!(book.node_of(&ip("192.168.0.11")), Some("b"), "InternalIPs still map");
     }
 }

@@ -33,6 +33,36 @@ use crate::{
 #[derive(Debug, Default, Clone)]
 pub struct FleetStore {
     inner: Arc<Mutex<BTreeMap<String, Arc<NodeReport>>>>,
+    /// The pod IPs each node's agent reported last (sent on changes only, so kept apart from
+    /// the per-window reports): how remote pod IPs outside any pod CIDR map to nodes.
+    pod_addresses: Arc<Mutex<BTreeMap<String, Arc<[IpAddr]>>>>,
+}
+
+/// At most this many pod IPs per node are accepted (a node runs at most a few hundred pods).
+pub const MAX_POD_ADDRESSES: usize = 4_096;
+
+/// The pod IPs a summary carries: `None` when absent (unchanged), an error naming the first bad
+/// entry otherwise.
+pub fn pod_addresses(s: &NodeSummary) -> Result<Option<Vec<IpAddr>>, Status> {
+    let Some(pods) = &s.pod_addresses else {
+        return Ok(None);
+    };
+    if pods.addresses.len() > MAX_POD_ADDRESSES {
+        return Err(Status::invalid_argument(format!(
+            "pod_addresses: {} entries, at most {MAX_POD_ADDRESSES}",
+            pods.addresses.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(pods.addresses.len());
+    for (i, a) in pods.addresses.iter().enumerate() {
+        out.push(
+            a.parse()
+                .map_err(|_| Status::invalid_argument(format!("pod_addresses[{i}]: {a:?} is not an IP address")))?,
+        );
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(Some(out))
 }
 
 /// What storing a summary did.
@@ -101,6 +131,23 @@ impl FleetStore {
         }
     }
 
+    /// Records `node`'s pod IPs (the latest list replaces the previous one).
+    pub fn set_pod_addresses(&self, node: &str, addresses: Vec<IpAddr>) {
+        self.pod_addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.to_owned(), addresses.into());
+    }
+
+    /// Every node's last reported pod IPs.
+    #[must_use]
+    pub fn pod_addresses(&self) -> BTreeMap<String, Arc<[IpAddr]>> {
+        self.pod_addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Forgets the reports of nodes `keep` rejects (deleted Nodes); returns how many remain.
     pub fn retain_nodes(&self, keep: impl Fn(&str) -> bool) -> usize {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -111,6 +158,10 @@ impl FleetStore {
             }
             kept
         });
+        self.pod_addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|node, _| keep(node));
         map.len()
     }
 
@@ -299,14 +350,22 @@ impl Ingest for IngestService {
                         return;
                     }
                 };
-                match validate(&summary, this.max_peers, now_ms()) {
-                    Ok((name, report)) => {
+                let checked = validate(&summary, this.max_peers, now_ms())
+                    .and_then(|(name, report)| Ok((name, report, pod_addresses(&summary)?)));
+                match checked {
+                    Ok((name, report, pods)) => {
                         if let Err(status) = this.gate.check(&mut admission, &name) {
                             let _ = tx.send(Err(status)).await;
                             return;
                         }
                         let seq = report.seq;
                         let stored = this.store.store(&name, report);
+                        // Also from a replay: the agent sends them on a new stream's first window.
+                        if let Some(pods) = pods
+                            && stored != Stored::Superseded
+                        {
+                            this.store.set_pod_addresses(&name, pods);
+                        }
                         if stored == Stored::Superseded {
                             tracing::debug!(node = %name, seq, "dropped a window of a superseded agent incarnation");
                         }
@@ -370,6 +429,7 @@ mod tests {
                 score: 0.1,
                 reason: "ok".into(),
             }],
+            ..Default::default()
         }
     }
 

@@ -88,7 +88,8 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         cfg.policy.clone(),
         shutdown.clone(),
     )
-    .await;
+    .await
+    .with_pod_addresses(store.clone());
     let actuator = Actuator::new(client, &cfg);
 
     let mut engine: Option<Engine> = None;

@@ -69,6 +69,7 @@ fn valid() -> NodeSummary {
             score: 0.5,
             reason: "r".into(),
         }],
+        ..Default::default()
     }
 }
 
@@ -181,6 +182,7 @@ fn summary_strategy() -> impl Strategy<Value = NodeSummary> {
                 .into_iter()
                 .map(|(family, score, reason)| LocalScore { family, score, reason })
                 .collect(),
+            ..Default::default()
         })
 }
 

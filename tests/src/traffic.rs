@@ -209,3 +209,155 @@ pub fn await_line(reader: &mut impl BufRead, prefix: &str) -> io::Result<String>
         }
     }
 }
+
+/// Raises this process' open-file limit to its hard limit (a swarm holds thousands of sockets).
+pub fn raise_nofile_limit() -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A TCP connection from source address `source` (any port) to `target`. The source must be
+/// local: an address of an interface, or of a `local` route (`ip -6 route add local P dev lo`
+/// makes a whole prefix bindable without adding its addresses one by one).
+pub fn connect_from(source: std::net::IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let domain = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let stream = TcpStream::from(fd);
+    let bind = |addr: SocketAddr| -> io::Result<()> {
+        let (storage, len) = sockaddr(addr);
+        // SAFETY: `storage` is a valid sockaddr of `len` bytes.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&stream),
+                (&raw const storage).cast(),
+                len,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    bind(SocketAddr::new(source, 0))?;
+    let (storage, len) = sockaddr(target);
+    // SAFETY: as for bind; a blocking connect.
+    let rc = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, libc::socklen_t::try_from(len).unwrap_or(0))
+}
+
+/// What a swarm did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwarmReport {
+    pub connections: usize,
+    pub writes: u64,
+}
+
+/// `count` connections to `target`, the i-th from `first_source + i` (IPv6), each in bulk mode
+/// sending one byte per `interval` until `duration` has passed. Prints `connected <n>` once
+/// every connection is up.
+pub fn swarm(
+    target: SocketAddr,
+    first_source: std::net::Ipv6Addr,
+    count: u32,
+    interval: Duration,
+    duration: Duration,
+) -> io::Result<SwarmReport> {
+    raise_nofile_limit()?;
+    let base = u128::from(first_source);
+    let mut streams = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let source = std::net::Ipv6Addr::from(base + u128::from(i));
+        let mut stream = connect_from(source.into(), target)?;
+        stream.write_all(b"B")?;
+        streams.push(stream);
+    }
+    println!("connected {}", streams.len());
+    io::stdout().flush()?;
+    let started = Instant::now();
+    let mut writes = 0u64;
+    let mut next = started;
+    while started.elapsed() < duration {
+        for stream in &mut streams {
+            stream.write_all(b"x")?;
+            writes += 1;
+        }
+        next += interval;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(SwarmReport {
+        connections: streams.len(),
+        writes,
+    })
+}

@@ -56,6 +56,10 @@ pub struct FlowStats {
     /// Segments retransmitted (`tcp:tcp_retransmit_skb` events weighted by the skb's segment
     /// count, as the kernel's TcpRetransSegs counts them).
     pub retransmits: u64,
+    /// When the kernel created this entry (`bpf_ktime_get_ns`; 0 until set): tells an entry the
+    /// agent evicted and the kernel recreated apart from counters that wrapped. The u32 RTT
+    /// buckets do wrap on long-lived flows; the agent takes wrapping deltas unless this changed.
+    pub created_ns: u64,
     /// Log-linear histogram of smoothed RTT in µs, see [`rtt_bucket`]. The sample count and the
     /// mean come from it: two fewer shared atomic adds per ACK (~30 ns each).
     pub rtt_buckets: [u32; RTT_BUCKETS],
@@ -65,6 +69,7 @@ impl FlowStats {
     pub const ZERO: FlowStats = FlowStats {
         segs_out: 0,
         retransmits: 0,
+        created_ns: 0,
         rtt_buckets: [0; RTT_BUCKETS],
     };
 }
@@ -254,6 +259,6 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 32);
         assert_eq!(core::mem::size_of::<DropKey>(), 32);
-        assert_eq!(core::mem::size_of::<FlowStats>(), 16 + 4 * RTT_BUCKETS);
+        assert_eq!(core::mem::size_of::<FlowStats>(), 24 + 4 * RTT_BUCKETS);
     }
 }

@@ -48,12 +48,17 @@ impl FlowDelta {
         self.rtt_samples == 0 && self.segments_sent == 0 && self.retransmits == 0
     }
 
-    /// `now - before`, or `now` alone if the kernel entry was recreated (counters went back).
-    /// The RTT sample count and sum come from the histogram (bucket midpoints).
+    /// `now - before`, or `now` alone if the kernel entry was recreated. Recreation is what the
+    /// entry's creation stamp says, or a u64 counter going back (never a wrap: 2^64 segments);
+    /// the u32 RTT buckets wrap on long-lived flows and are subtracted wrapping, so a wrap is
+    /// one window's samples, not the flow's lifetime. The RTT sample count and sum come from the
+    /// histogram (bucket midpoints).
     pub fn between(before: Option<&FlowStats>, now: &FlowStats) -> Self {
-        let total = |s: &FlowStats| s.rtt_buckets.iter().map(|&c| u64::from(c)).sum::<u64>();
-        let restarted = before
-            .is_some_and(|b| total(now) < total(b) || now.segs_out < b.segs_out || now.retransmits < b.retransmits);
+        let restarted = before.is_some_and(|b| {
+            (b.created_ns != 0 && now.created_ns != 0 && b.created_ns != now.created_ns)
+                || now.segs_out < b.segs_out
+                || now.retransmits < b.retransmits
+        });
         let before = if restarted { None } else { before };
         let mut rtt_buckets = Box::new([0u64; RTT_BUCKETS]);
         let (mut rtt_samples, mut rtt_sum_us) = (0u64, 0u64);
@@ -197,36 +202,134 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_RTT_US, 2).expect("static histogram bounds are valid")
 }
 
-/// HDR histogram of a flow's window, recording each kernel bucket at its midpoint.
-pub fn histogram_of(buckets: &[u64; RTT_BUCKETS]) -> Histogram<u64> {
-    let mut histogram = new_histogram();
-    for (index, &count) in buckets.iter().enumerate() {
-        if count == 0 {
-            continue;
-        }
-        let (low, width) = rtt_bucket_bounds(index);
-        let midpoint = (low + width / 2).clamp(1, MAX_RTT_US);
-        histogram.saturating_record_n(midpoint, count);
-    }
-    histogram
+/// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the histograms track.
+fn bucket_midpoint(index: usize) -> u64 {
+    let (low, width) = rtt_bucket_bounds(index);
+    (low + width / 2).clamp(1, MAX_RTT_US)
 }
 
-/// Percentiles of `histogram`; the mean from the bucket midpoints (`sum_us` / `samples`).
-pub fn rtt_summary(histogram: &Histogram<u64>, samples: u64, sum_us: u64) -> Option<RttSummary> {
-    (samples > 0 && !histogram.is_empty()).then(|| RttSummary {
+/// A window's RTT distribution as the kernel's log-linear bucket counts, kept sparse: a few
+/// dozen bytes per flow where an HDR histogram costs ~24 KiB. HDR histograms are built from it
+/// only where a distribution goes on the wire ([`RttBuckets::to_histogram`]), one at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RttBuckets {
+    /// (bucket index, count), ascending by index, counts > 0.
+    counts: Vec<(u16, u64)>,
+}
+
+impl RttBuckets {
+    /// The non-zero buckets of a dense array.
+    pub fn from_dense(buckets: &[u64; RTT_BUCKETS]) -> Self {
+        let counts = buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .filter_map(|(i, c)| Some((u16::try_from(i).ok()?, *c)))
+            .collect();
+        Self { counts }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.counts.iter().map(|(_, c)| c).sum()
+    }
+
+    /// Adds `other`'s counts (a merge of two sorted lists).
+    pub fn add(&mut self, other: &RttBuckets) {
+        if other.is_empty() {
+            return;
+        }
+        let mut merged = Vec::with_capacity(self.counts.len() + other.counts.len());
+        let (mut a, mut b) = (self.counts.iter().peekable(), other.counts.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.0 == y.0 => {
+                    merged.push((x.0, x.1 + y.1));
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x.0 < y.0 => {
+                    merged.push(**x);
+                    a.next();
+                }
+                (_, Some(y)) => {
+                    merged.push(**y);
+                    b.next();
+                }
+                (Some(x), None) => {
+                    merged.push(**x);
+                    a.next();
+                }
+                (None, None) => break,
+            }
+        }
+        self.counts = merged;
+    }
+
+    /// The value (bucket midpoint, µs) at quantile `q`; `None` without samples.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total = self.samples();
+        if total == 0 {
+            return None;
+        }
+        // Same rank rule as HDR's value_at_quantile: the smallest value with at least
+        // ceil(q * total) samples at or below it (at least one).
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (index, count) in &self.counts {
+            seen += count;
+            if seen >= rank {
+                return Some(bucket_midpoint(usize::from(*index)));
+            }
+        }
+        self.counts.last().map(|(i, _)| bucket_midpoint(usize::from(*i)))
+    }
+
+    /// Sum of the samples at their bucket midpoints (µs).
+    pub fn sum_us(&self) -> u64 {
+        self.counts
+            .iter()
+            .map(|(i, c)| c.saturating_mul(bucket_midpoint(usize::from(*i))))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// HDR histogram of the distribution, each bucket recorded at its midpoint.
+    pub fn to_histogram(&self) -> Histogram<u64> {
+        let mut histogram = new_histogram();
+        for (index, count) in &self.counts {
+            histogram.saturating_record_n(bucket_midpoint(usize::from(*index)), *count);
+        }
+        histogram
+    }
+}
+
+/// HDR histogram of a flow's window, recording each kernel bucket at its midpoint.
+pub fn histogram_of(buckets: &[u64; RTT_BUCKETS]) -> Histogram<u64> {
+    RttBuckets::from_dense(buckets).to_histogram()
+}
+
+/// Percentiles of `buckets`; the mean from the bucket midpoints (`sum_us` / `samples`).
+pub fn rtt_summary(buckets: &RttBuckets, samples: u64, sum_us: u64) -> Option<RttSummary> {
+    if samples == 0 || buckets.is_empty() {
+        return None;
+    }
+    Some(RttSummary {
         samples,
         mean_us: sum_us as f64 / samples as f64,
-        p50_us: histogram.value_at_quantile(0.5),
-        p90_us: histogram.value_at_quantile(0.9),
-        p99_us: histogram.value_at_quantile(0.99),
-        max_us: histogram.max(),
+        p50_us: buckets.quantile_us(0.5)?,
+        p90_us: buckets.quantile_us(0.9)?,
+        p99_us: buckets.quantile_us(0.99)?,
+        max_us: buckets.quantile_us(1.0)?,
     })
 }
 
 /// One workload's flows added up.
 struct WorkloadTotals {
     workload: Workload,
-    histogram: Histogram<u64>,
+    buckets: RttBuckets,
     rtt_samples: u64,
     rtt_sum_us: u64,
     segments_sent: u64,
@@ -261,18 +364,17 @@ pub fn network_window(
 
     for ((cgroup_id, remote, direction), change) in &merged {
         let workload = workload_of(*cgroup_id);
-        let histogram = histogram_of(&change.rtt_buckets);
+        let buckets = RttBuckets::from_dense(&change.rtt_buckets);
         let totals = per_workload.entry(*cgroup_id).or_insert_with(|| WorkloadTotals {
             workload: workload.clone(),
-            histogram: new_histogram(),
+            buckets: RttBuckets::default(),
             rtt_samples: 0,
             rtt_sum_us: 0,
             segments_sent: 0,
             retransmits: 0,
             remotes: 0,
         });
-        // Same bounds on both sides, so adding cannot fail.
-        let _ = totals.histogram.add(&histogram);
+        totals.buckets.add(&buckets);
         totals.rtt_samples += change.rtt_samples;
         totals.rtt_sum_us += change.rtt_sum_us;
         totals.segments_sent += change.segments_sent;
@@ -282,11 +384,11 @@ pub fn network_window(
             workload,
             remote: *remote,
             direction: *direction,
-            rtt: rtt_summary(&histogram, change.rtt_samples, change.rtt_sum_us),
+            rtt: rtt_summary(&buckets, change.rtt_samples, change.rtt_sum_us),
             segments_sent: change.segments_sent,
             retransmits: change.retransmits,
             retransmit_ratio: ratio(change.retransmits, change.segments_sent),
-            rtt_histogram: (!histogram.is_empty()).then_some(histogram),
+            rtt_buckets: buckets,
         });
     }
     window
@@ -295,7 +397,7 @@ pub fn network_window(
 
     for totals in per_workload.into_values() {
         window.workloads.push(WorkloadNetWindow {
-            rtt: rtt_summary(&totals.histogram, totals.rtt_samples, totals.rtt_sum_us),
+            rtt: rtt_summary(&totals.buckets, totals.rtt_samples, totals.rtt_sum_us),
             retransmit_ratio: ratio(totals.retransmits, totals.segments_sent),
             workload: totals.workload,
             segments_sent: totals.segments_sent,
@@ -371,6 +473,28 @@ mod tests {
         let now = stats_with(&[300], 2, 0);
         let d = FlowDelta::between(Some(&before), &now);
         assert_eq!((d.rtt_samples, d.segments_sent, d.retransmits), (1, 2, 0));
+    }
+
+    #[test]
+    fn a_wrapped_bucket_is_one_windows_samples_not_a_restart() {
+        let mut before = stats_with(&[], 1_000, 2);
+        before.created_ns = 7;
+        before.rtt_buckets[rtt_bucket(100)] = u32::MAX - 1;
+        let mut now = before;
+        now.rtt_buckets[rtt_bucket(100)] = 3; // wrapped: +5 samples
+        now.segs_out = 1_010;
+        let d = FlowDelta::between(Some(&before), &now);
+        assert_eq!((d.rtt_samples, d.segments_sent, d.retransmits), (5, 10, 0));
+    }
+
+    #[test]
+    fn a_recreated_entry_is_told_by_its_creation_stamp() {
+        let mut before = stats_with(&[100; 10], 0, 0);
+        before.created_ns = 7;
+        let mut now = stats_with(&[100; 3], 0, 0);
+        now.created_ns = 9;
+        let d = FlowDelta::between(Some(&before), &now);
+        assert_eq!(d.rtt_samples, 3, "counts from zero, not a wrapped difference");
     }
 
     #[test]

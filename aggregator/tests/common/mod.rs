@@ -536,5 +536,6 @@ pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSumma
         ],
         peers,
         scores: vec![],
+        ..Default::default()
     }
 }

@@ -4,6 +4,8 @@
 //!   graywatch-traffic client --connect 10.231.1.2:7000 --count 200            # transactions
 //!   graywatch-traffic client --connect 10.231.1.2:7000 --bulk 20000000        # bytes
 //!
+//!   graywatch-traffic swarm --connect [fd00::1]:7000 --first-source fd00:77::1 --count 5000
+//!
 //! The client prints one JSON report line. With `--hold` it then prints `holding` and keeps
 //! the connection open until its stdin closes, so tests can inspect the live socket (ss).
 
@@ -15,7 +17,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use graywatch_testbench::traffic::{RrLoad, connect, run_bulk, run_rr, serve};
+use graywatch_testbench::traffic::{RrLoad, connect, raise_nofile_limit, run_bulk, run_rr, serve, swarm};
 
 #[derive(Parser)]
 #[command(name = "graywatch-traffic", about = "TCP load for the graywatch bench")]
@@ -58,11 +60,43 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
         connect_timeout: Duration,
     },
+    /// Many connections from as many IPv6 source addresses, each sending a byte per interval.
+    Swarm {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// The first source address; the i-th connection comes from this + i.
+        #[arg(long)]
+        first_source: std::net::Ipv6Addr,
+        #[arg(long, default_value_t = 5000)]
+        count: u32,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+        interval: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        duration: Duration,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Cmd::Server { listen } => match serve(listen) {
+        Cmd::Swarm {
+            connect,
+            first_source,
+            count,
+            interval,
+            duration,
+        } => match swarm(connect, first_source, count, interval, duration) {
+            Ok(report) => {
+                let mut out = std::io::stdout().lock();
+                let _ = serde_json::to_writer(&mut out, &report);
+                let _ = writeln!(out);
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("graywatch-traffic swarm {connect}: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Server { listen } => match raise_nofile_limit().and_then(|()| serve(listen)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("graywatch-traffic server {listen}: {error}");

@@ -779,6 +779,7 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
                 reason: "normal".into(),
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,452 @@
+//! Bounded peers: the window's flows folded by remote address, then into node-level peers
+//! (every address that maps to a Node by InternalIP, pod CIDR or pod IP), a bounded top-N of
+//! other addresses, and one "external" bucket for the rest. Computed once per window and shared
+//! by the local scorer and the wire summary.
+//!
+//! The address → node book comes from the Kubernetes API (a watch of the Nodes, kept as
+//! addresses and CIDRs only) when the agent has a client; without one every address is "other".
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, RwLock},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use tracing::{info, warn};
+
+use crate::{
+    signals::net::RttBuckets,
+    summary::{Direction, WindowSummary},
+};
+
+/// How many peers a window carries at most (besides the external bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// Node-level peers, busiest first; the rest go to the external bucket.
+    pub max_nodes: usize,
+    /// Addresses that map to no node, busiest first; the rest go to the external bucket.
+    pub max_others: usize,
+}
+
+impl Default for PeerLimits {
+    /// 2,048 + 256 + 1 entries: under the aggregator's 4,096 peers, and ~150 B each on the wire.
+    fn default() -> Self {
+        Self {
+            max_nodes: 2_048,
+            max_others: 256,
+        }
+    }
+}
+
+/// An address prefix (network address truncated to `len` bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Prefix {
+    net: IpAddr,
+    len: u8,
+}
+
+fn truncate(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len.min(32)))
+            };
+            IpAddr::V4((bits & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len.min(128)))
+            };
+            IpAddr::V6((bits & mask).into())
+        }
+    }
+}
+
+fn parse_cidr(text: &str) -> Option<Prefix> {
+    let (addr, len) = text.split_once('/')?;
+    let addr: IpAddr = addr.trim().parse().ok()?;
+    let len: u8 = len.trim().parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then(|| Prefix {
+        net: truncate(addr, len),
+        len,
+    })
+}
+
+/// What one Node contributes to the book.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAddresses {
+    pub internal_ips: Vec<IpAddr>,
+    pub pod_cidrs: Vec<String>,
+}
+
+impl NodeAddresses {
+    pub fn of(node: &Node) -> Self {
+        let internal_ips = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(|a| {
+                a.iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let spec = node.spec.as_ref();
+        let mut pod_cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+        if let Some(c) = spec.and_then(|s| s.pod_cidr.clone()) {
+            pod_cidrs.push(c);
+        }
+        pod_cidrs.sort();
+        pod_cidrs.dedup();
+        Self {
+            internal_ips,
+            pod_cidrs,
+        }
+    }
+}
+
+/// Remote address → Node name.
+#[derive(Debug, Default)]
+pub struct PeerBook {
+    exact: HashMap<IpAddr, Arc<str>>,
+    /// By prefix length, longest first.
+    cidrs: Vec<(u8, HashMap<IpAddr, Arc<str>>)>,
+    /// The address a node-level peer names on the wire (the node's first InternalIP).
+    representative: HashMap<Arc<str>, IpAddr>,
+}
+
+impl PeerBook {
+    /// The book of `nodes` (name → addresses).
+    pub fn new<'a>(nodes: impl IntoIterator<Item = (&'a str, &'a NodeAddresses)>) -> Self {
+        let mut book = Self::default();
+        let mut by_len: HashMap<u8, HashMap<IpAddr, Arc<str>>> = HashMap::new();
+        for (name, addresses) in nodes {
+            let name: Arc<str> = Arc::from(name);
+            for ip in &addresses.internal_ips {
+                book.exact.insert(*ip, name.clone());
+                book.representative.entry(name.clone()).or_insert(*ip);
+            }
+            for prefix in addresses.pod_cidrs.iter().filter_map(|c| parse_cidr(c)) {
+                by_len.entry(prefix.len).or_default().insert(prefix.net, name.clone());
+            }
+        }
+        book.cidrs = by_len.into_iter().collect();
+        book.cidrs.sort_by_key(|c| std::cmp::Reverse(c.0));
+        book
+    }
+
+    /// The node `addr` belongs to, if any.
+    pub fn node_of(&self, addr: &IpAddr) -> Option<&Arc<str>> {
+        if let Some(name) = self.exact.get(addr) {
+            return Some(name);
+        }
+        self.cidrs.iter().find_map(|(len, nets)| {
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            if *len > max {
+                return None;
+            }
+            nets.get(&truncate(*addr, *len))
+        })
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.representative.len()
+    }
+}
+
+/// The book shared between the Node watch and the window builder.
+#[derive(Debug, Clone, Default)]
+pub struct SharedPeerBook(Arc<RwLock<Arc<PeerBook>>>);
+
+impl SharedPeerBook {
+    /// The current book (cheap: a pointer copy).
+    pub fn get(&self) -> Arc<PeerBook> {
+        self.0.read().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    pub fn set(&self, book: PeerBook) {
+        if let Ok(mut current) = self.0.write() {
+            *current = Arc::new(book);
+        }
+    }
+
+    /// Keeps the book in step with the cluster's Nodes until the stream ends (kube-runtime's
+    /// backoff on errors; without RBAC to list Nodes the book stays empty and every remote is
+    /// an "other" address).
+    pub async fn watch_nodes(self, client: Client) {
+        let api: Api<Node> = Api::all(client);
+        let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+        let mut nodes: HashMap<String, NodeAddresses> = HashMap::new();
+        let mut pending: HashMap<String, NodeAddresses> = HashMap::new();
+        let mut synced = false;
+        while let Some(event) = stream.next().await {
+            let changed = match event {
+                Ok(watcher::Event::Init) => {
+                    pending.clear();
+                    false
+                }
+                Ok(watcher::Event::InitApply(node)) => {
+                    pending.insert(node.name_any(), NodeAddresses::of(&node));
+                    false
+                }
+                Ok(watcher::Event::InitDone) => {
+                    nodes = std::mem::take(&mut pending);
+                    if !synced {
+                        info!(nodes = nodes.len(), "peer book synced from the Nodes");
+                        synced = true;
+                    }
+                    true
+                }
+                Ok(watcher::Event::Apply(node)) => {
+                    let addresses = NodeAddresses::of(&node);
+                    nodes.insert(node.name_any(), addresses.clone()) != Some(addresses)
+                }
+                Ok(watcher::Event::Delete(node)) => nodes.remove(&node.name_any()).is_some(),
+                Err(error) => {
+                    warn!(%error, "node watch error (peer book); retrying with backoff");
+                    false
+                }
+            };
+            if changed {
+                self.set(PeerBook::new(nodes.iter().map(|(n, a)| (n.as_str(), a))));
+            }
+        }
+    }
+}
+
+/// What the node measured towards one peer (a node, one address, or the external bucket), over
+/// all its workloads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerWindow {
+    /// The address named on the wire: the address itself, a node's InternalIP, or `::` for the
+    /// external bucket.
+    pub remote: IpAddr,
+    /// Set for a node-level peer.
+    pub node: Option<Arc<str>>,
+    pub external: bool,
+    /// Distinct remote addresses folded into this peer.
+    pub addresses: u32,
+    pub rtt_samples: u64,
+    pub rtt_p50_us: Option<f64>,
+    pub rtt_p99_us: Option<f64>,
+    pub rtt: Option<RttBuckets>,
+    pub segments_out: u64,
+    pub retransmits: u64,
+}
+
+impl PeerWindow {
+    /// How the peer is named in reasons and series: the node, the address, or "external".
+    pub fn label(&self) -> String {
+        match (&self.node, self.external) {
+            (Some(node), _) => format!("node {node}"),
+            (None, true) => "external".to_owned(),
+            (None, false) => self.remote.to_string(),
+        }
+    }
+}
+
+/// Per-remote accumulation; RTT from outbound connections preferred (see [`peers`]).
+#[derive(Debug, Default)]
+struct Fold {
+    segments_out: u64,
+    retransmits: u64,
+    outbound: RttBuckets,
+    other: RttBuckets,
+    addresses: u32,
+}
+
+impl Fold {
+    fn add(&mut self, other: Fold) {
+        self.segments_out += other.segments_out;
+        self.retransmits += other.retransmits;
+        self.outbound.add(&other.outbound);
+        self.other.add(&other.other);
+        self.addresses += other.addresses;
+    }
+
+    /// How busy the peer was: what ranks peers for the top-N.
+    fn weight(&self) -> u64 {
+        self.segments_out + self.outbound.samples() + self.other.samples()
+    }
+
+    fn into_peer(self, remote: IpAddr, node: Option<Arc<str>>, external: bool) -> PeerWindow {
+        // RTT comes from the connections this node opened when there are any: on accepted
+        // connections the smoothed RTT includes the clients' think time.
+        let rtt = if self.outbound.is_empty() {
+            self.other
+        } else {
+            self.outbound
+        };
+        let rtt = (!rtt.is_empty()).then_some(rtt);
+        PeerWindow {
+            remote,
+            node,
+            external,
+            addresses: self.addresses,
+            rtt_samples: rtt.as_ref().map_or(0, RttBuckets::samples),
+            rtt_p50_us: rtt.as_ref().and_then(|r| r.quantile_us(0.5)).map(|v| v as f64),
+            rtt_p99_us: rtt.as_ref().and_then(|r| r.quantile_us(0.99)).map(|v| v as f64),
+            rtt,
+            segments_out: self.segments_out,
+            retransmits: self.retransmits,
+        }
+    }
+}
+
+/// The window's peers: node-level peers (busiest `max_nodes`), the busiest `max_others`
+/// addresses that map to no node, and one external bucket with everything else (absent when
+/// empty). Node peers first (by name), then addresses, then the external bucket.
+pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Vec<PeerWindow> {
+    let mut by_remote: HashMap<IpAddr, Fold> = HashMap::new();
+    for flow in &summary.network.flows {
+        let fold = by_remote.entry(flow.remote).or_insert_with(|| Fold {
+            addresses: 1,
+            ..Fold::default()
+        });
+        fold.segments_out += flow.segments_sent;
+        fold.retransmits += flow.retransmits;
+        if flow.rtt.is_some() {
+            if flow.direction == Direction::Outbound {
+                fold.outbound.add(&flow.rtt_buckets);
+            } else {
+                fold.other.add(&flow.rtt_buckets);
+            }
+        }
+    }
+    let mut by_node: HashMap<Arc<str>, (IpAddr, Fold)> = HashMap::new();
+    let mut others: Vec<(IpAddr, Fold)> = Vec::new();
+    for (remote, fold) in by_remote {
+        match book.node_of(&remote) {
+            Some(node) => {
+                let representative = book.representative.get(node).copied().unwrap_or(remote);
+                by_node
+                    .entry(node.clone())
+                    .or_insert_with(|| (representative, Fold::default()))
+                    .1
+                    .add(fold);
+            }
+            None => others.push((remote, fold)),
+        }
+    }
+    let mut external = Fold::default();
+    let mut nodes: Vec<(Arc<str>, IpAddr, Fold)> = by_node.into_iter().map(|(n, (a, f))| (n, a, f)).collect();
+    nodes.sort_by(|a, b| b.2.weight().cmp(&a.2.weight()).then_with(|| a.0.cmp(&b.0)));
+    for (_, _, fold) in nodes.drain(limits.max_nodes.min(nodes.len())..) {
+        external.add(fold);
+    }
+    others.sort_by(|a, b| b.1.weight().cmp(&a.1.weight()).then_with(|| a.0.cmp(&b.0)));
+    for (_, fold) in others.drain(limits.max_others.min(others.len())..) {
+        external.add(fold);
+    }
+    nodes.sort_by(|a, b| a.0.cmp(&b.0));
+    others.sort_by_key(|(addr, _)| *addr);
+    let mut out: Vec<PeerWindow> = nodes
+        .into_iter()
+        .map(|(node, addr, fold)| fold.into_peer(addr, Some(node), false))
+        .chain(others.into_iter().map(|(addr, fold)| fold.into_peer(addr, None, false)))
+        .collect();
+    if external.addresses > 0 {
+        out.push(external.into_peer(IpAddr::V6(Ipv6Addr::UNSPECIFIED), None, true));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::scoring::tests::{window_with, window_with_flows};
+
+    fn book() -> PeerBook {
+        let a = NodeAddresses {
+            internal_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))],
+            pod_cidrs: vec!["10.244.1.0/24".into()],
+        };
+        let b = NodeAddresses {
+            internal_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))],
+            pod_cidrs: vec!["fd00:1::/64".into()],
+        };
+        PeerBook::new([("node-a", &a), ("node-b", &b)])
+    }
+
+    #[test]
+    fn the_book_maps_internal_ips_and_pod_cidrs() {
+        let book = book();
+        let of = |s: &str| book.node_of(&s.parse().expect("ip")).map(|n| n.to_string());
+        assert_eq!(of("10.0.0.1").as_deref(), Some("node-a"));
+        assert_eq!(of("10.244.1.77").as_deref(), Some("node-a"));
+        assert_eq!(of("fd00:1::1234").as_deref(), Some("node-b"));
+        assert_eq!(of("10.244.2.1"), None);
+        assert_eq!(of("fd00:2::1"), None);
+    }
+
+    #[test]
+    fn addresses_of_a_node_fold_into_one_node_peer_named_by_its_internal_ip() {
+        let summary = window_with_flows(&[
+            ("10.244.1.5".parse().expect("ip"), 1_000, 10, 100, 1),
+            ("10.244.1.6".parse().expect("ip"), 3_000, 10, 100, 3),
+            ("10.0.0.1".parse().expect("ip"), 2_000, 10, 100, 0),
+        ]);
+        let peers = peers(&summary, &book(), PeerLimits::default());
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        let p = &peers[0];
+        assert_eq!(p.node.as_deref(), Some("node-a"));
+        assert_eq!(p.remote, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(
+            (p.addresses, p.segments_out, p.retransmits, p.rtt_samples),
+            (3, 300, 4, 30)
+        );
+    }
+
+    /// The busy node of issue 16: 5,000 distinct remote addresses in one window. The peers stay
+    /// bounded (under the aggregator's 4,096) and nothing is lost: every segment is counted in
+    /// some peer.
+    #[test]
+    fn five_thousand_remotes_make_a_bounded_peer_list_that_keeps_every_segment() {
+        let flows: Vec<(IpAddr, u32, u32, u64, u64)> = (0..5_000u32)
+            .map(|i| {
+                let addr = IpAddr::V6(Ipv6Addr::from(
+                    0xfd00_0000_0000_0000_0000_0000_0001_0000u128 + u128::from(i),
+                ));
+                (addr, 500 + i % 100, 2, u64::from(1 + i % 7), u64::from(i % 2))
+            })
+            .chain(std::iter::once(("10.244.1.9".parse().expect("ip"), 800, 5, 50, 0)))
+            .collect();
+        let summary = window_with_flows(&flows);
+        assert_eq!(summary.network.flows.len(), 5_001);
+        let limits = PeerLimits::default();
+        let peers = peers(&summary, &book(), limits);
+        assert_eq!(peers.len(), 1 + limits.max_others + 1, "node + top-N + external");
+        assert_eq!(peers[0].node.as_deref(), Some("node-a"));
+        let external = peers.last().expect("external");
+        assert!(external.external);
+        assert_eq!(external.remote, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(external.addresses, 5_000 - limits.max_others as u32);
+        let total: u64 = peers.iter().map(|p| p.segments_out).sum();
+        let expected: u64 = flows.iter().map(|f| f.3).sum();
+        assert_eq!(total, expected);
+        // The top-N are the busiest: every individual address sent at least as much as any
+        // address folded into the external bucket could have (7 is the most any sent).
+        assert!(peers[1..=limits.max_others].iter().all(|p| p.segments_out == 7));
+        // Nothing measured: one peer per window, not one per address.
+        assert_eq!(
+            super::peers(&window_with(Ipv4Addr::new(10, 9, 9, 9), 1, 1, 1, 0), &book(), limits).len(),
+            1
+        );
+    }
+}
