@@ -240,7 +240,10 @@ pub fn build_scratch(img: &ScratchImage, archive: &Path) -> anyhow::Result<()> {
         "aarch64" => "arm64",
         other => other,
     };
-    let ctr = buildah_output(&["from", "scratch"])?;
+    // Without --cni-config-dir, `from` creates /etc/cni/net.d/cni.lock (its network backend).
+    let cni_dir = cache_dir().join("buildah/cni");
+    let cni_dir = cni_dir.display().to_string();
+    let ctr = buildah_output(&["from", "--cni-config-dir", &cni_dir, "scratch"])?;
     let result = (|| -> anyhow::Result<()> {
         let src = format!("{}/", img.rootfs.display());
         buildah_output(&["copy", &ctr, &src, "/"])?;
