@@ -2,11 +2,16 @@
 //! kernel packet drops with the kernel's own reason (`skb:kfree_skb`).
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use graywatch_common::{AF_INET, AF_INET6, DropKey, FlowKey, KfreeSkbFields, TcpRetransmitFields, flow_direction};
+use graywatch_common::{
+    AF_INET, AF_INET6, DropKey, FlowKey, KernelOffsets, KfreeSkbFields, TcpRetransmitFields, flow_direction,
+};
 
 use crate::{
-    maps::{add_u64, count_drop, ephemeral_port_min, flow_stats, kernel_offsets},
-    sock::{ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_peer},
+    maps::{SOCKETS, add_u64, count_drop, ephemeral_port_min, flow_stats, kernel_offsets, socket_key_is_address},
+    sock::{
+        ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_peer,
+        tcp_segs_out,
+    },
 };
 
 #[unsafe(no_mangle)]
@@ -77,9 +82,37 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), ()> {
     };
     let stats = flow_stats(ctx, &key).ok_or(())?;
     let segments = u64::from(skb_tcp_segments(&offsets, skb).max(1));
+    // Segments sent are otherwise handed over when an ACK arrives (tcp_probe): towards a peer
+    // that stopped answering (a blackhole) none arrives, so hand them over here as well, or the
+    // loss ratio of the worst gray failure would have no denominator.
+    let sent = segments_sent_at_retransmit(&offsets, sk, segments);
     // SAFETY: `stats` points into a live FLOWS value.
-    unsafe { add_u64(&raw mut (*stats).retransmits, segments) };
+    unsafe {
+        add_u64(&raw mut (*stats).retransmits, segments);
+        if sent > 0 {
+            add_u64(&raw mut (*stats).segs_out, sent);
+        }
+    }
     Ok(())
+}
+
+/// Segments `sk` sent since its flow was last brought up to date: from its `SOCKETS` state and
+/// `tcp_sock.segs_out` (which counts the retransmission just made). A socket tcp_probe has not
+/// seen yet has no state: its retransmitted segments are what it is known to have sent.
+#[inline(always)]
+fn segments_sent_at_retransmit(offsets: &KernelOffsets, sk: *const u8, retransmitted: u64) -> u64 {
+    let key = if socket_key_is_address() {
+        sk as u64
+    } else {
+        socket_cookie(offsets, sk).unwrap_or(0)
+    };
+    let state = if key == 0 { None } else { SOCKETS.get_ptr_mut(key) };
+    match state {
+        // SAFETY: value pointer of a live LRU entry; the retransmit runs under the socket lock,
+        // as tcp_probe and the state change do.
+        Some(state) => u64::from(unsafe { (*state).take_segs_sent(tcp_segs_out(offsets, sk)) }),
+        None => retransmitted,
+    }
 }
 
 #[tracepoint]

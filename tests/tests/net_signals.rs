@@ -432,3 +432,77 @@ fn short_connections_count_their_segments(source: RttSource) {
         flow.segments_sent
     );
 }
+
+#[test]
+fn a_blackholed_peer_shows_its_loss_ratio() {
+    blackholed_peer_shows_its_loss_ratio(RttSource::Tracepoint);
+}
+
+#[test]
+fn a_blackholed_peer_shows_its_loss_ratio_with_the_raw_tracepoint() {
+    blackholed_peer_shows_its_loss_ratio(RttSource::RawTracepoint);
+}
+
+/// Issue 16.6: a peer that stops answering entirely (a blackhole) shows retransmits, but
+/// segments sent were handed over only when a segment arrived: none does, so the window had
+/// retransmits over 0 segments sent and no loss ratio for the worst gray failure there is.
+fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
+    let bench = Bench::new(2).expect("bench");
+    let (client_node, server_node) = (bench.node(0), bench.node(1));
+    let _server = Server::start(server_node);
+    let mut agent = collector_with(source);
+    let cgroup = cgroup(&mut agent, "blackhole");
+    let target = SocketAddr::new(server_node.ipv4.into(), PORT);
+    let mut client = Client::start(client_node, &cgroup, target, &["--rate", "20", "--duration", "120s"]);
+    // The connection works: a window with RTT samples towards the peer.
+    let healthy = loop {
+        let summary = agent.collect().expect("collect a window");
+        if flow(&summary, &cgroup, target.ip()).is_some_and(|f| f.rtt.is_some()) {
+            break summary;
+        }
+    };
+    drop(healthy);
+    // Everything from the peer is dropped from now on: it is a blackhole.
+    let _blackhole = NftDrop::start(
+        &client_node.netns,
+        "input",
+        &format!("ip saddr {}", server_node.ipv4),
+        100,
+    )
+    .expect("nft drop");
+    let before = nstat_retrans_segs(&client_node.netns).expect("nstat");
+    let mut retransmits = 0;
+    let mut segments = 0;
+    let mut windows = Vec::new();
+    // RTO backoff: 200 ms, 400 ms, 800 ms, … — three retransmissions within a couple of seconds.
+    while nstat_retrans_segs(&client_node.netns).expect("nstat") < before + 3 {
+        let summary = agent.collect().expect("collect a window");
+        if let Some(f) = flow(&summary, &cgroup, target.ip()) {
+            retransmits += f.retransmits;
+            segments += f.segments_sent;
+            windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
+        }
+    }
+    let summary = agent.collect().expect("collect a window");
+    if let Some(f) = flow(&summary, &cgroup, target.ip()) {
+        retransmits += f.retransmits;
+        segments += f.segments_sent;
+        windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
+    }
+    let kernel = nstat_retrans_segs(&client_node.netns).expect("nstat") - before;
+    let _ = client.child.kill();
+    let _ = client.child.wait();
+    eprintln!(
+        "blackhole: {retransmits} retransmits over {segments} segments sent (nstat {kernel}); windows {windows:?}"
+    );
+    assert!(retransmits >= 3, "retransmits towards the blackhole: {retransmits}");
+    // Each window with retransmits counts them among its segments sent: a loss ratio in (0, 1].
+    for (r, s, ratio) in &windows {
+        if *r > 0 {
+            assert!(
+                *s >= *r && ratio.is_some_and(|x| x > 0.0 && x <= 1.0),
+                "a window with {r} retransmits over {s} segments shows the loss: {ratio:?}"
+            );
+        }
+    }
+}
