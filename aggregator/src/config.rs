@@ -86,6 +86,18 @@ pub struct LeaderConfig {
     pub lease_name: String,
     pub lease_duration_ms: u64,
     pub renew_interval_ms: u64,
+    /// A leader that has not renewed for this long stops acting at once, even with a renew call
+    /// still hanging; between `renew_interval_ms` and `lease_duration_ms` (exclusive). Default:
+    /// 2/3 of the lease duration (client-go: 10 s of 15 s).
+    pub renew_deadline_ms: Option<u64>,
+}
+
+impl LeaderConfig {
+    /// The renew deadline in force (the configured one or 2/3 of the lease duration).
+    #[must_use]
+    pub fn renew_deadline_ms(&self) -> u64 {
+        self.renew_deadline_ms.unwrap_or(self.lease_duration_ms * 2 / 3)
+    }
 }
 
 impl Default for FileConfig {
@@ -122,6 +134,7 @@ impl Default for LeaderConfig {
             lease_name: "graywatch-aggregator".into(),
             lease_duration_ms: 15_000,
             renew_interval_ms: 5_000,
+            renew_deadline_ms: None,
         }
     }
 }
@@ -220,6 +233,13 @@ impl FileConfig {
                 "must be positive and below leader.lease_duration_ms",
             );
         }
+        let deadline = self.leader.renew_deadline_ms();
+        if deadline <= self.leader.renew_interval_ms || deadline >= self.leader.lease_duration_ms {
+            return bad(
+                "leader.renew_deadline_ms",
+                "must be above leader.renew_interval_ms and below leader.lease_duration_ms",
+            );
+        }
         self.policy.validate()?;
         self.security.validate_for(!self.policy.dry_run)?;
         Ok(())
@@ -285,6 +305,16 @@ mod tests {
         };
         let err = cfg.validate().expect_err("renew above duration");
         assert!(err.to_string().starts_with("leader.renew_interval_ms"), "{err}");
+        for deadline in [5_000, 15_000] {
+            let mut cfg = cfg.clone();
+            cfg.leader = LeaderConfig {
+                renew_deadline_ms: Some(deadline),
+                ..LeaderConfig::default()
+            };
+            let err = cfg.validate().expect_err("deadline outside (renew interval, lease)");
+            assert!(err.to_string().starts_with("leader.renew_deadline_ms"), "{err}");
+        }
+        assert_eq!(LeaderConfig::default().renew_deadline_ms(), 10_000);
         for writes in [0, 257] {
             let cfg = FileConfig {
                 max_concurrent_writes: writes,

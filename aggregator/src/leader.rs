@@ -6,8 +6,11 @@
 //!   candidates can never both win (the loser gets 409 Conflict);
 //! * expiry is judged on OUR clock from when we last saw the Lease record change, never by
 //!   comparing the holder's renewTime with our clock (no clock-skew assumptions);
-//! * a leader that cannot renew steps down (stops writing) before its lease could have expired
-//!   for others, and releases the Lease on graceful shutdown so a successor starts at once.
+//! * a leader that has not renewed within `renew_deadline` (shorter than the lease duration;
+//!   client-go's RenewDeadline) steps down (stops writing) the moment the deadline passes, even
+//!   while a renew call is still hanging (it is abandoned), so it has stopped before its lease
+//!   can have expired for the others; every call has that deadline too;
+//! * the Lease is released on graceful shutdown so a successor starts at once.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +34,8 @@ pub struct LeaderElector {
     pub identity: String,
     pub lease_duration: Duration,
     pub renew_interval: Duration,
+    /// A leader that has not renewed for this long stops acting (below `lease_duration`).
+    pub renew_deadline: Duration,
 }
 
 /// What we last saw of someone else's Lease, and when (our clock).
@@ -51,30 +56,46 @@ impl LeaderElector {
     pub async fn run(self, tx: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut observed: Option<Observed> = None;
         let mut last_renew: Option<Instant> = None;
-        // Step down if we could not renew for 2/3 of the lease duration.
-        let step_down_after = self.lease_duration * 2 / 3;
         loop {
-            match self.try_acquire_or_renew(&mut observed).await {
-                Ok(true) => {
+            // While leading, the attempt may last until the renew deadline and no longer: a renew
+            // hung on its connection must not keep us acting (others take over once the lease
+            // expires, and writes on other connections may still succeed meanwhile).
+            let deadline = match (last_renew, *tx.borrow()) {
+                (Some(t), true) => t + self.renew_deadline,
+                _ => Instant::now() + self.renew_deadline,
+            };
+            let attempt = tokio::time::timeout_at(deadline.into(), self.try_acquire_or_renew(&mut observed));
+            match attempt.await {
+                Ok(Ok(true)) => {
                     last_renew = Some(Instant::now());
                     if !*tx.borrow() {
                         tracing::info!(identity = %self.identity, lease = %self.lease_name, "became leader");
                     }
                     tx.send_replace(true);
                 }
-                Ok(false) => {
+                Ok(Ok(false)) => {
                     if *tx.borrow() {
                         tracing::warn!(identity = %self.identity, "lost the lease to another replica");
                     }
                     last_renew = None;
                     tx.send_replace(false);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "lease update failed");
-                    if last_renew.is_none_or(|t| t.elapsed() >= step_down_after) && *tx.borrow() {
-                        tracing::warn!(identity = %self.identity, "could not renew the lease in time; stepping down");
+                    if last_renew.is_none_or(|t| t.elapsed() >= self.renew_deadline) && *tx.borrow() {
+                        tracing::warn!(identity = %self.identity, renew_deadline_ms = self.renew_deadline.as_millis(), "could not renew the lease in time; stepping down");
+                        last_renew = None;
                         tx.send_replace(false);
                     }
+                }
+                Err(_) => {
+                    if *tx.borrow() {
+                        tracing::warn!(identity = %self.identity, renew_deadline_ms = self.renew_deadline.as_millis(), "lease renew still pending at the renew deadline; stepping down");
+                    } else {
+                        tracing::warn!(identity = %self.identity, "lease call timed out");
+                    }
+                    last_renew = None;
+                    tx.send_replace(false);
                 }
             }
             let wait = if *tx.borrow() {

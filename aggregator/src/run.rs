@@ -75,6 +75,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         identity: cfg.identity.clone(),
         lease_duration: Duration::from_millis(cfg.leader.lease_duration_ms),
         renew_interval: Duration::from_millis(cfg.leader.renew_interval_ms),
+        renew_deadline: Duration::from_millis(cfg.leader.renew_deadline_ms()),
     };
     // The Lease outlives the decision loop: on shutdown the step in flight finishes applying its
     // plan (an applied taint keeps its Event) while we still lead, and only then is the Lease

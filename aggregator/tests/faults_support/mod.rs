@@ -38,12 +38,19 @@ pub async fn all_true(cluster: &Cluster, nodes: impl IntoIterator<Item = usize>)
 pub struct AggProc {
     child: Child,
     pub grpc: SocketAddr,
+    pub http: SocketAddr,
     pub identity: String,
     dir: std::path::PathBuf,
 }
 
 impl AggProc {
     pub fn spawn(cluster: &Cluster, identity: &str, config_text: &str, grpc_port: u16) -> Self {
+        Self::spawn_via(&cluster.api.kubeconfig_path(), identity, config_text, grpc_port)
+    }
+
+    /// Like [`AggProc::spawn`], talking to the apiserver through `kubeconfig` (e.g. an
+    /// [`ApiProxy`]).
+    pub fn spawn_via(kubeconfig: &std::path::Path, identity: &str, config_text: &str, grpc_port: u16) -> Self {
         let [http_port, _, _] = graywatch_k8s_testkit::free_ports().unwrap();
         let dir = std::env::temp_dir().join(format!("graywatch-fault-{}-{identity}-{grpc_port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -55,7 +62,7 @@ impl AggProc {
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--identity", identity])
-            .env("KUBECONFIG", cluster.api.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -65,9 +72,25 @@ impl AggProc {
         Self {
             child,
             grpc: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
+            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
             identity: identity.into(),
             dir,
         }
+    }
+
+    /// A gauge or counter from its /metrics (`None` if not served or absent).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let mut conn = TcpStream::connect(self.http).await.ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.ok()?;
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
     }
 
     /// SIGKILL (a crash: no lease release).
@@ -88,6 +111,84 @@ impl Drop for AggProc {
             eprintln!("--- aggregator {} log ---\n{}", self.identity, self.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plaintext HTTP/1.1 proxy in front of the apiserver (forwarding with the test's admin
+/// client) that can stall the `coordination.k8s.io` Lease calls only: they hang, unanswered,
+/// while every other call (Node watch and reads, condition and taint writes, Events) passes.
+/// The case of a Lease renew hung on one connection while writes on others succeed.
+pub struct ApiProxy {
+    pub kubeconfig: std::path::PathBuf,
+    stall: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ApiProxy {
+    pub async fn start(cluster: &Cluster) -> Self {
+        use http_body_util::BodyExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = cluster.client.clone();
+        let (stall, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let rx = rx.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let upstream = upstream.clone();
+                    let mut rx = rx.clone();
+                    async move {
+                        if req.uri().path().contains("/leases") {
+                            // Stalled: no answer for as long as the stall lasts.
+                            while *rx.borrow_and_update() {
+                                if rx.changed().await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                        upstream
+                            .send(http::Request::from_parts(parts, kube::client::Body::from(body)))
+                            .await
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
+                        .await;
+                });
+            }
+        });
+        let kubeconfig =
+            std::env::temp_dir().join(format!("graywatch-apiproxy-{}-{}", std::process::id(), addr.port()));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: proxy\n  cluster:\n    server: http://{addr}\n\
+                 contexts:\n- name: proxy\n  context: {{cluster: proxy, user: proxy}}\ncurrent-context: proxy\n\
+                 users:\n- name: proxy\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            kubeconfig,
+            stall,
+            task,
+        }
+    }
+
+    /// Lease calls hang from now on (`true`) or pass again (`false`).
+    pub fn stall_leases(&self, on: bool) {
+        self.stall.send_replace(on);
+    }
+}
+
+impl Drop for ApiProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }
 

@@ -102,6 +102,7 @@ async fn lead(
         identity: cfg.identity.clone(),
         lease_duration: Duration::from_millis(cfg.leader.lease_duration_ms),
         renew_interval: Duration::from_millis(cfg.leader.renew_interval_ms),
+        renew_deadline: Duration::from_millis(cfg.leader.renew_deadline_ms()),
     };
     let (tx, mut rx) = watch::channel(false);
     let shutdown = CancellationToken::new();
@@ -413,7 +414,8 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
         "nrc",
         "gw-nrc",
         &["mode=nrc", "security.insecureAllowActingWithoutIdentity=true"],
-    ).await?;
+    )
+    .await?;
     let agg = impersonate(&server, "gw-nrc", "nrc").await?;
     let (leader, shutdown, task) = lead(&agg, &cfg).await?;
     let reader = tokio::time::timeout(

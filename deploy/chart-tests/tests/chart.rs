@@ -2225,7 +2225,10 @@ async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind()
         // The hook is not run by Helm here (no Job controller): it is checked and run below.
         upgrade.extend(["--no-hooks".into(), "--set".into(), format!("mode={to}")]);
         // The simulated fleet is not authenticated: acting modes need the loud override.
-        upgrade.extend(["--set".into(), "security.insecureAllowActingWithoutIdentity=true".into()]);
+        upgrade.extend([
+            "--set".into(),
+            "security.insecureAllowActingWithoutIdentity=true".into(),
+        ]);
         helm_on(&server, &upgrade.iter().map(String::as_str).collect::<Vec<_>>())?;
         // Whatever the hook did to the Deployment, the upgrade applies the chart's replicas.
         let replicas = deployments.get(&dep_name).await?.spec.and_then(|s| s.replicas);

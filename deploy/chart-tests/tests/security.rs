@@ -26,8 +26,14 @@ fn acting_modes_refuse_insecure_auth_unless_loudly_allowed() -> anyhow::Result<(
     for mode in ["nrc", "direct-taint"] {
         let m = format!("mode={mode}");
         let err = render_text("gw", "graywatch", &set_args(&[&m]))?.expect_err("insecure acting install must fail");
-        assert!(err.contains(&format!("mode={mode} with security.auth=insecure-none")), "{err}");
-        assert!(err.contains("security.insecureAllowActingWithoutIdentity=true"), "{err}");
+        assert!(
+            err.contains(&format!("mode={mode} with security.auth=insecure-none")),
+            "{err}"
+        );
+        assert!(
+            err.contains("security.insecureAllowActingWithoutIdentity=true"),
+            "{err}"
+        );
         // Authenticated agents: installs, and the binary accepts the rendered config.
         assert_eq!(
             rendered_config(&[&m, "security.auth=token-review", "security.tls.secretName=gw-tls"])?,
@@ -46,8 +52,7 @@ fn acting_modes_refuse_insecure_auth_unless_loudly_allowed() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_port_admits_the_agents_only() -> anyhow::Result<()> {
-    let err = render_text("gw", "graywatch", &set_args(&["networkPolicy.enabled=true"]))?
-        .expect_err("no agent CIDRs");
+    let err = render_text("gw", "graywatch", &set_args(&["networkPolicy.enabled=true"]))?.expect_err("no agent CIDRs");
     assert!(err.contains("networkPolicy.agentCIDRs"), "{err}");
 
     let set = [
