@@ -47,6 +47,50 @@ pub struct SignalLabels {
 
 type GaugeF64 = Gauge<f64, AtomicU64>;
 
+/// Per-workload series (pods come and go) are removed after this many windows without the
+/// workload (5 minutes at the default 1 s window): cardinality follows the live pods, not every
+/// pod the node ever ran. A workload that comes back starts its counters again (a reset).
+pub const WORKLOAD_SERIES_TTL_WINDOWS: u64 = 300;
+
+/// Which label sets were seen in which window, to expire the ones that went away.
+#[derive(Debug)]
+pub struct SeriesExpiry<L> {
+    state: std::sync::Mutex<(u64, std::collections::HashMap<L, u64>)>,
+}
+
+impl<L> Default for SeriesExpiry<L> {
+    fn default() -> Self {
+        Self {
+            state: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+        }
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq> SeriesExpiry<L> {
+    /// `labels` has a sample in the current window.
+    pub fn seen(&self, labels: &L) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let window = state.0;
+        state.1.insert(labels.clone(), window);
+    }
+
+    /// Ends the current window; returns (and forgets) the label sets not seen for `ttl` windows.
+    pub fn end_window(&self, ttl: u64) -> Vec<L> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.0 += 1;
+        let window = state.0;
+        let mut expired = Vec::new();
+        state.1.retain(|labels, last| {
+            let keep = window - *last < ttl;
+            if !keep {
+                expired.push(labels.clone());
+            }
+            keep
+        });
+        expired
+    }
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -67,6 +111,7 @@ pub struct Metrics {
     report_buffered: Gauge,
     window_peers: Family<KindLabels, Gauge>,
     window_remote_addresses: Gauge,
+    workload_series: SeriesExpiry<WorkloadLabels>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +145,7 @@ impl Metrics {
             report_buffered: Gauge::default(),
             window_peers: Family::default(),
             window_remote_addresses: Gauge::default(),
+            workload_series: SeriesExpiry::default(),
             registry: Registry::default(),
             host: crate::signals::host::HostMetrics::default(),
         };
@@ -188,6 +234,11 @@ impl Metrics {
             }
             self.retransmits.get_or_create(&labels).inc_by(w.retransmits);
             self.segments_sent.get_or_create(&labels).inc_by(w.segments_sent);
+            self.workload_series.seen(&labels);
+        }
+        for gone in self.workload_series.end_window(WORKLOAD_SERIES_TTL_WINDOWS) {
+            self.retransmits.remove(&gone);
+            self.segments_sent.remove(&gone);
         }
         for d in &summary.network.drops {
             self.drops
@@ -281,5 +332,70 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::summary::{NetworkWindow, WorkloadNetWindow};
+
+    fn window(pods: &[&str]) -> WindowSummary {
+        WindowSummary {
+            node: "n".into(),
+            window_start_unix_ms: 0,
+            window_seconds: 1.0,
+            network: NetworkWindow {
+                workloads: pods
+                    .iter()
+                    .enumerate()
+                    .map(|(i, pod)| WorkloadNetWindow {
+                        workload: Workload {
+                            cgroup_id: i as u64,
+                            cgroup_path: Some(format!("/kubepods/{pod}")),
+                            pod: None,
+                        },
+                        rtt: None,
+                        segments_sent: 10,
+                        retransmits: 1,
+                        retransmit_ratio: Some(0.1),
+                        remotes: 1,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            cpu: Default::default(),
+            memory: Default::default(),
+            pressure: Default::default(),
+            lost_events: BTreeMap::new(),
+            unavailable: BTreeMap::new(),
+            local_scores: Vec::new(),
+        }
+    }
+
+    /// Issue 16.6: every pod the node ever ran kept its series for good; with pod churn the
+    /// agent's /metrics grew without bound.
+    #[test]
+    fn series_of_workloads_that_went_away_are_removed() {
+        let metrics = Metrics::new();
+        metrics.observe(&window(&["gone", "stays"]));
+        let text = metrics.encode().expect("encode");
+        assert!(text.contains("/kubepods/gone"), "{text}");
+        for _ in 0..WORKLOAD_SERIES_TTL_WINDOWS {
+            metrics.observe(&window(&["stays"]));
+        }
+        let text = metrics.encode().expect("encode");
+        assert!(!text.contains("/kubepods/gone"), "the gone pod's series are removed");
+        assert!(text.contains("/kubepods/stays"));
+        // 1 + TTL windows of 10 segments each: a live workload's counter is never reset.
+        assert!(
+            text.contains(&format!(
+                "graywatch_pod_tcp_segments_sent_total{{cgroup=\"/kubepods/stays\",namespace=\"\",pod=\"\"}} {}",
+                10 * (WORKLOAD_SERIES_TTL_WINDOWS + 1)
+            )),
+            "{text}"
+        );
     }
 }

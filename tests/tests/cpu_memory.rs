@@ -371,6 +371,60 @@ fn forced_oom_is_reported_with_cgroup_and_comm() {
     assert_eq!(quiet_stats.oom_kills, Some(0));
 }
 
+/// Issue 16.6: the RECLAIM and OOM_KILLS kernel maps were never evicted: every cgroup that
+/// ever reclaimed or lost a task to the OOM killer kept its entry, until the maps were full and
+/// new pods went unmeasured. Entries unchanged for a number of windows are now evicted.
+#[test]
+fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
+    let Some(mut collector) = collector() else {
+        return;
+    };
+    const IDLE: u32 = 2;
+    collector
+        .host_mut()
+        .memory_reader_mut()
+        .expect("memory programs loaded")
+        .set_idle_windows_before_eviction(IDLE);
+    let victim = cgroup(
+        &mut collector,
+        "evict",
+        Limits {
+            cpu_quota: None,
+            memory_max: Some(32 << 20),
+        },
+    );
+    let ids: Vec<u64> = [victim.v2_id(), victim.v1_id("memory")].into_iter().flatten().collect();
+    collector.collect().expect("baseline window");
+    // Reclaim at the limit, then the OOM kill.
+    let mut hog = victim.spawn(Command::new("tail").arg("/dev/zero")).expect("spawn tail");
+    let status = wait(&mut hog, Duration::from_secs(60));
+    assert!(!status.success(), "tail must have been killed");
+    collector.collect().expect("window with the kill");
+    let entries = |collector: &mut Collector| {
+        let reader = collector.host_mut().memory_reader_mut().expect("memory programs");
+        let reclaim = reader
+            .reclaim_keys()
+            .into_iter()
+            .filter(|k| ids.contains(&k.cgroup_id))
+            .count();
+        let oom = reader
+            .oom_kill_cgroups()
+            .into_iter()
+            .filter(|id| ids.contains(id))
+            .count();
+        (reclaim, oom)
+    };
+    let (reclaim, oom) = entries(&mut collector);
+    eprintln!("victim entries after the kill: RECLAIM {reclaim}, OOM_KILLS {oom}");
+    assert!(oom >= 1, "the kill is counted in OOM_KILLS");
+    assert!(reclaim >= 1, "the cgroup reclaimed at its limit before the kill");
+    // The cgroup is idle now: after IDLE unchanged windows its entries go.
+    for _ in 0..IDLE {
+        collector.collect().expect("idle window");
+    }
+    assert_eq!(entries(&mut collector), (0, 0), "idle entries evicted from both maps");
+}
+
 /// Host paths with no PSI, no cgroup hierarchy and no /proc/cgroups (an old kernel as a
 /// DaemonSet would see it through `PROCFS_ROOT`/`SYSFS_ROOT`): the agent still starts, keeps the
 /// signals it has, and reports the missing ones as unavailable rather than as zeros.

@@ -294,6 +294,11 @@ impl HostSignals {
     }
 
     /// Also report the cgroup at `rel` (relative to each hierarchy root) in `pressure.cgroups`.
+    /// The kernel memory maps' reader, when those programs are loaded (tests, diagnostics).
+    pub fn memory_reader_mut(&mut self) -> Option<&mut MemoryPressureReader> {
+        self.memory.as_mut()
+    }
+
     pub fn watch_cgroup(&mut self, rel: &str) {
         self.cgroups.watch(rel);
     }
@@ -433,6 +438,10 @@ pub struct HostMetrics {
     cgroup_oom_kills: Family<CgroupLabels, Counter>,
     cgroup_high_events: Family<CgroupLabels, Counter>,
     cgroup_throttled: Family<CgroupLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Per-workload and per-cgroup series expire when their pod is gone (see metrics.rs).
+    workload_series: crate::metrics::SeriesExpiry<WorkloadLabels>,
+    oom_series: crate::metrics::SeriesExpiry<OomLabels>,
+    cgroup_series: crate::metrics::SeriesExpiry<CgroupLabels>,
 }
 
 impl HostMetrics {
@@ -529,6 +538,7 @@ impl HostMetrics {
             self.runq_wait
                 .get_or_create(&labels)
                 .inc_by(r.latency.total_wait_ms / 1e3);
+            self.workload_series.seen(&labels);
         }
         for r in &memory.reclaim {
             let labels = WorkloadLabels::from(&r.workload);
@@ -536,17 +546,18 @@ impl HostMetrics {
             self.reclaim_stall
                 .get_or_create(&labels)
                 .inc_by(r.stalls.total_stall_ms / 1e3);
+            self.workload_series.seen(&labels);
         }
         for k in &memory.oom_kills {
             let w = WorkloadLabels::from(&k.workload);
-            self.oom_kills
-                .get_or_create(&OomLabels {
-                    cgroup: w.cgroup,
-                    namespace: w.namespace,
-                    pod: w.pod,
-                    comm: k.kill.comm.clone(),
-                })
-                .inc();
+            let labels = OomLabels {
+                cgroup: w.cgroup,
+                namespace: w.namespace,
+                pod: w.pod,
+                comm: k.kill.comm.clone(),
+            };
+            self.oom_kills.get_or_create(&labels).inc();
+            self.oom_series.seen(&labels);
         }
         for resource in Resource::ALL {
             let Some(window) = pressure.node.get(resource) else {
@@ -603,6 +614,21 @@ impl HostMetrics {
             if let Some(ms) = c.throttled_ms {
                 self.cgroup_throttled.get_or_create(&cg).inc_by(ms / 1e3);
             }
+            self.cgroup_series.seen(&cg);
+        }
+        let ttl = crate::metrics::WORKLOAD_SERIES_TTL_WINDOWS;
+        for gone in self.workload_series.end_window(ttl) {
+            self.runq_wait.remove(&gone);
+            self.reclaim_events.remove(&gone);
+            self.reclaim_stall.remove(&gone);
+        }
+        for gone in self.oom_series.end_window(ttl) {
+            self.oom_kills.remove(&gone);
+        }
+        for gone in self.cgroup_series.end_window(ttl) {
+            self.cgroup_oom_kills.remove(&gone);
+            self.cgroup_high_events.remove(&gone);
+            self.cgroup_throttled.remove(&gone);
         }
     }
 }

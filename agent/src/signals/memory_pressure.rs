@@ -105,6 +105,47 @@ pub struct MemoryKernelWindow {
     pub oom_kill_counts: Vec<(u64, u64)>,
 }
 
+/// Windows a `RECLAIM` or `OOM_KILLS` entry may stay unchanged before it is evicted from the
+/// kernel map (as `FLOWS` entries are): pods come and go, and a full map loses new cgroups.
+pub const IDLE_WINDOWS_BEFORE_EVICTION: u32 = 120;
+
+/// Counts the windows each key of a kernel map stayed unchanged.
+#[derive(Debug)]
+pub struct IdleEviction<K> {
+    idle: HashMap<K, u32>,
+    limit: u32,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> IdleEviction<K> {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            idle: HashMap::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// This window's keys, each with whether it changed; returns the keys unchanged for the
+    /// limit (to evict; they are forgotten here). Keys no longer in the map are forgotten too.
+    pub fn observe(&mut self, keys: impl IntoIterator<Item = (K, bool)>) -> Vec<K> {
+        let mut next = HashMap::with_capacity(self.idle.len());
+        let mut evict = Vec::new();
+        for (key, changed) in keys {
+            let idle = if changed {
+                0
+            } else {
+                self.idle.get(&key).map_or(1, |n| n + 1)
+            };
+            if idle >= self.limit {
+                evict.push(key);
+            } else {
+                next.insert(key, idle);
+            }
+        }
+        self.idle = next;
+        evict
+    }
+}
+
 /// Reads the memory maps once per window. Blocking: call from `spawn_blocking`.
 pub struct MemoryPressureReader {
     reclaim: BpfHashMap<MapData, ReclaimKey, ReclaimStats>,
@@ -112,6 +153,8 @@ pub struct MemoryPressureReader {
     oom_events: RingBuf<MapData>,
     last_reclaim: HashMap<ReclaimKey, ReclaimStats>,
     last_oom: HashMap<u64, u64>,
+    idle_reclaim: IdleEviction<ReclaimKey>,
+    idle_oom: IdleEviction<u64>,
     primed: bool,
 }
 
@@ -135,8 +178,26 @@ impl MemoryPressureReader {
             oom_events,
             last_reclaim: HashMap::new(),
             last_oom: HashMap::new(),
+            idle_reclaim: IdleEviction::new(IDLE_WINDOWS_BEFORE_EVICTION),
+            idle_oom: IdleEviction::new(IDLE_WINDOWS_BEFORE_EVICTION),
             primed: false,
         }
+    }
+
+    /// Evicts entries after `windows` unchanged windows instead of the default (tests).
+    pub fn set_idle_windows_before_eviction(&mut self, windows: u32) {
+        self.idle_reclaim = IdleEviction::new(windows);
+        self.idle_oom = IdleEviction::new(windows);
+    }
+
+    /// Keys in the kernel's `RECLAIM` map now (tests and diagnostics).
+    pub fn reclaim_keys(&self) -> Vec<ReclaimKey> {
+        self.reclaim.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Cgroup ids in the kernel's `OOM_KILLS` map now.
+    pub fn oom_kill_cgroups(&self) -> Vec<u64> {
+        self.oom_kills.keys().filter_map(Result::ok).collect()
     }
 
     /// Everything since the previous call. The first call sets the baseline for cumulative
@@ -178,6 +239,29 @@ impl MemoryPressureReader {
                 .collect();
             out.oom_kill_counts.sort_unstable();
         }
+        // Evict entries unchanged for long (their cgroup is idle or gone). An update between our
+        // read and the delete is lost: at most one window of an idle cgroup. The previous value
+        // goes too, so a recreated entry counts from zero.
+        let changed_reclaim: Vec<(ReclaimKey, bool)> = reclaim
+            .iter()
+            .map(|(k, s)| (*k, self.last_reclaim.get(k).is_none_or(|p| p.events != s.events)))
+            .collect();
+        for key in self.idle_reclaim.observe(changed_reclaim) {
+            if let Err(error) = self.reclaim.remove(&key) {
+                tracing::warn!(%error, cgroup_id = key.cgroup_id, "could not evict an idle RECLAIM entry");
+            }
+            reclaim.remove(&key);
+        }
+        let changed_oom: Vec<(u64, bool)> = oom
+            .iter()
+            .map(|(id, n)| (*id, self.last_oom.get(id) != Some(n)))
+            .collect();
+        for id in self.idle_oom.observe(changed_oom) {
+            if let Err(error) = self.oom_kills.remove(&id) {
+                tracing::warn!(%error, cgroup_id = id, "could not evict an idle OOM_KILLS entry");
+            }
+            oom.remove(&id);
+        }
         self.primed = true;
         self.last_reclaim = reclaim;
         self.last_oom = oom;
@@ -212,6 +296,18 @@ mod tests {
         assert!((w.total_stall_ms - 6.0).abs() < 1e-9);
         assert!((w.p50_us - 2_000.0).abs() / 2_000.0 < 0.07);
         assert!(reclaim_window(&key, Some(&after), &after).is_none());
+    }
+
+    #[test]
+    fn idle_entries_are_evicted_and_busy_ones_kept() {
+        let mut idle = IdleEviction::new(3);
+        assert!(idle.observe([(1u64, true), (2, true)]).is_empty());
+        assert!(idle.observe([(1u64, false), (2, true)]).is_empty());
+        assert!(idle.observe([(1u64, false), (2, true)]).is_empty());
+        assert_eq!(idle.observe([(1u64, false), (2, false)]), vec![1]);
+        // Forgotten once evicted: a recreated entry starts over.
+        assert!(idle.observe([(1u64, false), (2, false)]).is_empty());
+        assert_eq!(idle.observe([(1u64, false), (2, false)]), vec![2]);
     }
 
     #[test]
