@@ -98,6 +98,7 @@ fn main() {
                     ]),
                     local: BTreeMap::new(),
                     peers,
+                    ..Default::default()
                 },
             );
         }

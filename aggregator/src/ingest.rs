@@ -38,6 +38,9 @@ pub struct FleetStore {
     pod_addresses: Arc<Mutex<BTreeMap<String, Arc<[IpAddr]>>>>,
 }
 
+/// At most this many kinds of lost events per summary (the agent has a handful).
+pub const MAX_LOST_EVENT_KINDS: usize = 32;
+
 /// At most this many pod IPs per node are accepted (a node runs at most a few hundred pods).
 pub const MAX_POD_ADDRESSES: usize = 4_096;
 
@@ -104,12 +107,26 @@ pub fn classify(prev: &NodeReport, next: &NodeReport) -> Stored {
 }
 
 impl FleetStore {
-    pub fn store(&self, node: &str, report: NodeReport) -> Stored {
+    pub fn store(&self, node: &str, mut report: NodeReport) -> Stored {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match map.get_mut(node) {
             Some(prev) => {
                 let stored = classify(prev, &report);
                 if stored == Stored::New {
+                    // The agent's counts are cumulative per incarnation: what this window lost.
+                    if prev.boot_id == report.boot_id && prev.agent_started_ns == report.agent_started_ns {
+                        report.lost_events = report
+                            .lost_events_total
+                            .iter()
+                            .map(|(kind, n)| {
+                                (
+                                    kind.clone(),
+                                    n.saturating_sub(prev.lost_events_total.get(kind).copied().unwrap_or(0)),
+                                )
+                            })
+                            .filter(|(_, n)| *n > 0)
+                            .collect();
+                    }
                     if prev.boot_id == report.boot_id && prev.agent_started_ns != report.agent_started_ns {
                         tracing::info!(
                             node,
@@ -125,6 +142,9 @@ impl FleetStore {
                 stored
             }
             None => {
+                // First sight (e.g. after an aggregator restart): the agent's old losses are its
+                // baseline, not this window's.
+                report.lost_events.clear();
                 map.insert(node.to_string(), Arc::new(report));
                 Stored::New
             }
@@ -251,6 +271,18 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             local.insert(fam, (sc.score, sc.reason.chars().take(256).collect()));
         }
     }
+    if s.lost_events.len() > MAX_LOST_EVENT_KINDS {
+        return Err(Status::invalid_argument(format!(
+            "lost_events: {} kinds, at most {MAX_LOST_EVENT_KINDS}",
+            s.lost_events.len()
+        )));
+    }
+    let lost_events: BTreeMap<String, u64> = s
+        .lost_events
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(kind, n)| (kind.chars().take(64).collect(), *n))
+        .collect();
     let mut peers = Vec::with_capacity(s.peers.len());
     for (i, p) in s.peers.iter().enumerate() {
         let addr: IpAddr = p.remote_addr.parse().map_err(|_| {
@@ -282,6 +314,8 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             figures,
             local,
             peers,
+            lost_events: lost_events.clone(),
+            lost_events_total: lost_events,
         },
     ))
 }

@@ -140,7 +140,15 @@ pub struct NodeState {
     pub shadow_tainted: bool,
     pub taint_intent_ms: Option<Millis>,
     pub claim_deleted: bool,
+    /// The kinds of kernel events the agent lost recently, and for how many more windows
+    /// without a loss the note stays (damped so an intermittent loss does not flap messages).
+    pub lost_events: Option<(String, u32)>,
+    /// The lost-events note last written to the conditions.
+    pub lost_events_written: Option<String>,
 }
+
+/// Windows the lost-events note stays on the conditions after the agent's last loss.
+pub const LOST_EVENTS_NOTE_WINDOWS: u32 = 60;
 
 /// The engine; see the module docs.
 #[derive(Debug, Clone)]
@@ -281,6 +289,8 @@ impl Engine {
             shadow_tainted: view.tainted,
             taint_intent_ms: None,
             claim_deleted: false,
+            lost_events: None,
+            lost_events_written: None,
         }
     }
 
@@ -393,6 +403,15 @@ impl Engine {
             }
             st.last_window = Some(window);
             st.last_window_received_ms = Some(report.received_ms);
+            if report.lost_events.is_empty() {
+                st.lost_events = st
+                    .lost_events
+                    .take()
+                    .and_then(|(kinds, left)| (left > 1).then(|| (kinds, left - 1)));
+            } else {
+                let kinds = report.lost_events.keys().cloned().collect::<Vec<_>>().join(", ");
+                st.lost_events = Some((kinds, LOST_EVENTS_NOTE_WINDOWS));
+            }
             for f in Family::ALL {
                 let Some(fs) = st.families.get_mut(&f) else {
                     continue;
@@ -508,7 +527,8 @@ impl Engine {
                 continue;
             };
             let desired = desired_conditions(st, &p, &types);
-            let mut changed = false;
+            // The lost-events note is news: written now, not at the next refresh.
+            let mut changed = st.lost_events.as_ref().map(|(k, _)| k) != st.lost_events_written.as_ref();
             for d in &desired {
                 let prev = st.written.get(&d.type_);
                 if prev.map(|(s, r)| (*s, r.as_str())) != Some((d.status, d.reason.as_str())) {
@@ -557,6 +577,7 @@ impl Engine {
                     st.written.insert(c.type_.clone(), (c.status, c.reason.clone()));
                 }
                 st.last_write_ms = Some(now);
+                st.lost_events_written = st.lost_events.as_ref().map(|(k, _)| k.clone());
                 if !p.dry_run {
                     plan.conditions.push(ConditionWrite {
                         node: name.clone(),
@@ -1014,6 +1035,14 @@ fn desired_conditions(st: &NodeState, p: &Policy, types: &ConditionTypes) -> Vec
                 .collect::<Vec<_>>()
                 .join(" | "),
         ),
+    };
+    // An agent that loses kernel events measures less than happens: said in the message, never
+    // a verdict by itself.
+    let message = match &st.lost_events {
+        Some((kinds, _)) => {
+            format!("{message}; the agent is losing kernel events ({kinds}): its figures may undercount")
+        }
+        None => message,
     };
     out.push(DesiredCondition {
         type_: types.overall.clone(),

@@ -116,6 +116,12 @@ pub struct NodeReport {
     pub local: BTreeMap<Family, (f64, String)>,
     /// What this node measured towards remote addresses.
     pub peers: Vec<PeerObservation>,
+    /// Events the agent's kernel programs could not record since it started, by kind.
+    pub lost_events_total: BTreeMap<String, u64>,
+    /// Of those, the ones lost since the previous window of the same agent incarnation (all of
+    /// them on a restarted agent's first window, none on the aggregator's first sight of the
+    /// node): filled in by the fleet store.
+    pub lost_events: BTreeMap<String, u64>,
 }
 
 impl NodeReport {

@@ -111,6 +111,7 @@ impl Sim {
                     BTreeMap::new()
                 },
                 peers,
+                ..Default::default()
             };
             self.input.reports.insert(format!("node-{i}"), report);
         }
