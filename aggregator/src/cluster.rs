@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node};
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
@@ -14,9 +14,40 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{
     engine::EKS_NETWORKING_CONDITION,
-    model::{CondStatus, Input, Millis, NodeReport, NodeView, ObservedCondition, PoolSnapshot, PoolView},
+    model::{CondStatus, Input, Millis, NodeReport, NodeView, ObservedCondition, PastAction, PoolSnapshot, PoolView},
     policy::Policy,
 };
+
+/// An action Event of ours (taint added, NodePool excluded, NodeClaim deleted; not their
+/// dry-run shadows) within the rate window, as a past action.
+#[must_use]
+pub fn past_action(e: &Event, now_ms: Millis, window_ms: Millis) -> Option<PastAction> {
+    if e.source.as_ref().and_then(|s| s.component.as_deref()) != Some(crate::actuate::FIELD_MANAGER) {
+        return None;
+    }
+    let reason = e.reason.as_deref()?;
+    let claim_deletion = reason == "NodeClaimReplaced";
+    if !matches!(reason, "GrayFailureTaint" | "NodePoolExcluded") && !claim_deletion {
+        return None;
+    }
+    let at = e
+        .last_timestamp
+        .as_ref()
+        .or(e.first_timestamp.as_ref())
+        .map(|t| t.0.as_millisecond())
+        .or_else(|| e.event_time.as_ref().map(|t| t.0.as_millisecond()))?;
+    if now_ms - at >= window_ms && !claim_deletion {
+        return None;
+    }
+    let node = (e.involved_object.kind.as_deref() == Some("Node"))
+        .then(|| e.involved_object.name.clone())
+        .flatten();
+    Some(PastAction {
+        at_ms: at,
+        node,
+        claim_deletion,
+    })
+}
 
 /// Label on our snapshot ConfigMaps naming the NodePool.
 pub const SNAPSHOT_LABEL: &str = "graywatch.io/snapshot-of-nodepool";
@@ -203,6 +234,7 @@ impl ClusterReader {
             reports,
             pools,
             actuator_failures,
+            past_actions: Vec::new(),
         })
     }
 
@@ -212,6 +244,23 @@ impl ClusterReader {
             out.insert(s.pool, s.snapshot?);
         }
         Ok(out)
+    }
+
+    /// The actions taken before (by any replica or incarnation) within `window_ms` of `now_ms`,
+    /// from our audit Events: a new engine starts with that budget spent. Events live at least
+    /// the apiserver's `--event-ttl` (1 h by default), longer than the rate window (10 min).
+    pub async fn past_actions(&self, now_ms: Millis, window_ms: Millis) -> Result<Vec<PastAction>, ReadError> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), crate::actuate::EVENT_NAMESPACE);
+        let lp = ListParams::default().fields(&format!("source={}", crate::actuate::FIELD_MANAGER));
+        let list = api.list(&lp).await.map_err(|source| ReadError::List {
+            what: "our Events",
+            source,
+        })?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|e| past_action(e, now_ms, window_ms))
+            .collect())
     }
 
     /// Whether a name is a Node, from the Node watch (the ingest gate refuses other names; the

@@ -118,13 +118,31 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         }
         let step_started = std::time::Instant::now();
         let now = now_ms();
-        let input = match reader.read(now, store.snapshot(), failures).await {
+        let mut input = match reader.read(now, store.snapshot(), failures).await {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the cluster failed; skipping this step");
                 continue;
             }
         };
+        if engine.is_none() {
+            // A new engine (start, restart, new leader) inherits the action budget spent
+            // before: never act on a fresh one.
+            match reader.past_actions(now, cfg.policy.rate_window_ms).await {
+                Ok(past) => {
+                    tracing::info!(
+                        actions = past.len(),
+                        window_ms = cfg.policy.rate_window_ms,
+                        "action budget rebuilt from our Events"
+                    );
+                    input.past_actions = past;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read our past actions; not deciding until it can");
+                    continue;
+                }
+            }
+        }
         metrics.nodes.set(i64::try_from(input.nodes.len()).unwrap_or(i64::MAX));
         let eng = engine.get_or_insert_with(|| Engine::new(cfg.policy.clone()));
         let was_settled = eng.settling() == Settling::Settled;

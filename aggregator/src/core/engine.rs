@@ -314,6 +314,16 @@ impl Engine {
                         self.verdicts.extend(snap.excluded.iter().cloned());
                     }
                 }
+                // The action budget already spent (by a predecessor, or by us before a restart)
+                // stays spent: the rate limiter starts from the actions still in its window.
+                let mut spent: Vec<Millis> = input
+                    .past_actions
+                    .iter()
+                    .map(|a| a.at_ms)
+                    .filter(|t| now - *t < p.rate_window_ms)
+                    .collect();
+                spent.sort_unstable();
+                self.actions.extend(spent);
                 self.started_ms = Some(now);
                 now
             }
@@ -323,7 +333,12 @@ impl Engine {
         self.nodes.retain(|n, _| input.nodes.contains_key(n));
         for (name, view) in &input.nodes {
             if !self.nodes.contains_key(name) {
-                let st = self.init_node(view, now);
+                let mut st = self.init_node(view, now);
+                // A NodeClaim deleted before (any replica, any incarnation) is not deleted again.
+                st.claim_deleted = input
+                    .past_actions
+                    .iter()
+                    .any(|a| a.claim_deletion && a.node.as_deref() == Some(name.as_str()));
                 self.nodes.insert(name.clone(), st);
             }
         }

@@ -192,4 +192,18 @@ pub struct Input {
     pub pools: BTreeMap<String, PoolView>,
     /// Consecutive actuator failures reported by the shell (feeds the circuit breaker).
     pub actuator_failures: u32,
+    /// Actions this aggregator (any replica, any incarnation) took before, read back from the
+    /// cluster (our Events) when an engine starts: a restart or failover inherits the action
+    /// budget already spent instead of a fresh one. Read by the first step only.
+    pub past_actions: Vec<PastAction>,
+}
+
+/// One earlier action, from its audit Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PastAction {
+    pub at_ms: Millis,
+    /// The node acted on (taint, NodeClaim deletion); `None` for a NodePool exclusion.
+    pub node: Option<String>,
+    /// Whether it was a NodeClaim deletion (never repeated for the same node).
+    pub claim_deletion: bool,
 }

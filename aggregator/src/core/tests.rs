@@ -593,6 +593,47 @@ fn corroborated_vantage_still_degrades() {
     assert_eq!(sim.count("UncorroboratedVantage"), 0);
 }
 
+#[test]
+fn a_new_engine_inherits_the_spent_action_budget() {
+    // rate_limit 1: one node tainted by the first engine uses the whole budget.
+    let p = Policy {
+        rate_limit: 1,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 3);
+    sim.run(&mut eng, &set(&[1]), 4);
+    assert_eq!(sim.tainted(), BTreeSet::from(["node-1".to_string()]));
+    let taint_at = sim.input.now_ms - 1000;
+    // Failover / restart: a fresh engine, told what was done (as read back from our Events).
+    let mut fresh = Engine::new(p.clone());
+    sim.input.past_actions = vec![super::model::PastAction {
+        at_ms: taint_at,
+        node: Some("node-1".into()),
+        claim_deletion: false,
+    }];
+    sim.run(&mut fresh, &set(&[1, 6]), 8);
+    assert!(
+        !sim.tainted().contains("node-6"),
+        "fresh budget granted: {:?}",
+        sim.tainted()
+    );
+    assert!(
+        sim.events
+            .iter()
+            .any(|(t, r)| *t == EventTarget::Node("node-6".into()) && r == "ActionSuppressed"),
+        "{:?}",
+        sim.events
+    );
+    // Once the window has passed, the budget is back.
+    let mut later = Engine::new(p.clone());
+    sim.input.now_ms = taint_at + p.rate_window_ms;
+    sim.round = (sim.input.now_ms / 1000) as u64;
+    sim.run(&mut later, &set(&[1, 6]), 8);
+    assert!(sim.tainted().contains("node-6"), "{:?}", sim.tainted());
+}
+
 fn arb_policy() -> impl Strategy<Value = Policy> {
     (1u32..5, 1u32..5, 0.05f64..=0.2).prop_map(|(d, r, b)| Policy {
         degrade_windows: d,

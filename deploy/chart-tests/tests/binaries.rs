@@ -296,6 +296,11 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
         .await
         .context("reading NodePools, NodeClaims, snapshots")?;
     assert!(input.nodes.contains_key(NODE), "{:?}", input.nodes.keys());
+    // A new leader reads the actions taken before (our Events) as the chart's ServiceAccount.
+    reader
+        .past_actions(0, cfg.policy.rate_window_ms)
+        .await
+        .context("listing our Events for the spent action budget")?;
     // Agent authentication (security.auth = token-review): the aggregator's TokenReview
     // authenticator, as its ServiceAccount, accepts the chart's agent and binds it to its node,
     // and refuses a token of any other ServiceAccount.
