@@ -5,7 +5,7 @@
 use futures::{StreamExt, stream};
 use k8s_openapi::{
     api::core::v1::{ConfigMap, Event, EventSource, Node, NodeCondition, ObjectReference},
-    apimachinery::pkg::apis::meta::v1::Time,
+    apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
     jiff::Timestamp,
 };
 use kube::{
@@ -26,8 +26,13 @@ use crate::{
 
 /// The one field manager for everything the aggregator writes.
 pub const FIELD_MANAGER: &str = "graywatch-aggregator";
-/// Namespace for Events about cluster-scoped objects (where the kubelet puts Node events).
+/// Default namespace for Events about cluster-scoped objects (where the kubelet puts Node
+/// events); config `event_namespace` overrides it.
 pub const EVENT_NAMESPACE: &str = "default";
+/// The namespaces the API server accepts Events about cluster-scoped objects (Nodes,
+/// NodePools) in: an Event whose involved object has no namespace must be in "default" without
+/// an eventTime, or in "kube-system" with one (the actuator sets it there).
+pub const EVENT_NAMESPACES: [&str; 2] = ["default", "kube-system"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActError {
@@ -70,6 +75,8 @@ pub struct Applied {
 pub struct Actuator {
     pub client: Client,
     pub namespace: String,
+    /// Where Events about Nodes and NodePools go (config `event_namespace`).
+    pub event_namespace: String,
     pub identity: String,
     pub policy: Policy,
     /// Writes in flight at once within one phase of a plan (`max_concurrent_writes`).
@@ -92,6 +99,7 @@ impl Actuator {
         Self {
             client,
             namespace: cfg.namespace.clone(),
+            event_namespace: cfg.event_namespace.clone(),
             identity: cfg.identity.clone(),
             policy: cfg.policy.clone(),
             max_concurrent_writes: cfg.max_concurrent_writes,
@@ -415,7 +423,7 @@ impl Actuator {
         let ev = Event {
             metadata: ObjectMeta {
                 name: Some(format!("{name}.{nanos:x}")),
-                namespace: Some(EVENT_NAMESPACE.into()),
+                namespace: Some(self.event_namespace.clone()),
                 ..ObjectMeta::default()
             },
             involved_object: ObjectReference {
@@ -442,11 +450,14 @@ impl Actuator {
             reporting_instance: Some(self.identity.clone()),
             first_timestamp: Some(Time(ts(now_ms))),
             last_timestamp: Some(Time(ts(now_ms))),
+            // The API takes Events about cluster-scoped objects in "default" without an eventTime
+            // and in "kube-system" with one, nowhere else (see EVENT_NAMESPACES).
+            event_time: (self.event_namespace != EVENT_NAMESPACE).then(|| MicroTime(ts(now_ms))),
             count: Some(1),
             ..Event::default()
         };
         tracing::info!(object = %name, kind, reason = %e.reason, note = %e.note, "event");
-        let api: Api<Event> = Api::namespaced(self.client.clone(), EVENT_NAMESPACE);
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.event_namespace);
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PostParams::default()

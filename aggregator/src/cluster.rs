@@ -82,6 +82,8 @@ pub struct ClusterReader {
     nodes: reflector::Store<Node>,
     /// The pod IPs the agents report (ingest), mapped to their nodes alongside pod CIDRs.
     pod_addresses: Option<crate::ingest::FleetStore>,
+    /// Where our Events are (config `event_namespace`).
+    event_namespace: String,
 }
 
 /// Adds each node's reported pod IPs to its view as host prefixes (/32, /128), so the address
@@ -149,7 +151,15 @@ impl ClusterReader {
             policy,
             nodes: store,
             pod_addresses: None,
+            event_namespace: crate::actuate::EVENT_NAMESPACE.into(),
         }
+    }
+
+    /// Reads our Events in `namespace` (config `event_namespace`) rather than the default.
+    #[must_use]
+    pub fn with_event_namespace(mut self, namespace: String) -> Self {
+        self.event_namespace = namespace;
+        self
     }
 
     /// Maps the pod IPs the agents report (kept by `store`) to their nodes.
@@ -250,7 +260,7 @@ impl ClusterReader {
     /// from our audit Events: a new engine starts with that budget spent. Events live at least
     /// the apiserver's `--event-ttl` (1 h by default), longer than the rate window (10 min).
     pub async fn past_actions(&self, now_ms: Millis, window_ms: Millis) -> Result<Vec<PastAction>, ReadError> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), crate::actuate::EVENT_NAMESPACE);
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.event_namespace);
         let lp = ListParams::default().fields(&format!("source={}", crate::actuate::FIELD_MANAGER));
         let list = api.list(&lp).await.map_err(|source| ReadError::List {
             what: "our Events",

@@ -55,6 +55,10 @@ pub struct FileConfig {
     pub http_listen: SocketAddr,
     pub identity: String,
     pub namespace: String,
+    /// Where Events about Nodes and NodePools go: "default" (where the kubelet puts Node events)
+    /// or "kube-system", the only namespaces the API server accepts Events about cluster-scoped
+    /// objects in. The chart's Events RBAC follows the same value.
+    pub event_namespace: String,
     /// Decision period.
     pub tick_ms: u64,
     /// Node writes in flight at once within one phase of a plan (conditions, then taints).
@@ -107,6 +111,7 @@ impl Default for FileConfig {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             identity: String::new(),
             namespace: "graywatch".into(),
+            event_namespace: crate::actuate::EVENT_NAMESPACE.into(),
             tick_ms: 1000,
             max_concurrent_writes: 16,
             ingest: IngestConfig::default(),
@@ -214,6 +219,12 @@ impl FileConfig {
         }
         if self.namespace.is_empty() {
             return bad("namespace", "must not be empty");
+        }
+        if !crate::actuate::EVENT_NAMESPACES.contains(&self.event_namespace.as_str()) {
+            return bad(
+                "event_namespace",
+                "must be \"default\" or \"kube-system\": the API server accepts Events about Nodes and NodePools (cluster-scoped) nowhere else",
+            );
         }
         if self.ingest.max_message_bytes < 1024 {
             return bad("ingest.max_message_bytes", "must be at least 1024");
@@ -323,6 +334,18 @@ mod tests {
             let err = cfg.validate().expect_err("write concurrency out of range");
             assert!(err.to_string().starts_with("max_concurrent_writes"), "{err}");
         }
+        let cfg = FileConfig {
+            event_namespace: "graywatch".into(),
+            ..FileConfig::default()
+        };
+        let err = cfg.validate().expect_err("event namespace");
+        assert!(err.to_string().starts_with("event_namespace"), "{err}");
+        let parsed = FileConfig::from_toml("event_namespace = \"kube-system\"\n").expect("parses");
+        assert_eq!(parsed.event_namespace, "kube-system");
+        let mut ok = FileConfig::default();
+        ok.policy.dry_run = true;
+        ok.event_namespace = "kube-system".into();
+        ok.validate().expect("kube-system takes Events about Nodes");
         let mut cfg = FileConfig::default();
         cfg.policy.blast_radius = 0.9;
         assert!(

@@ -90,7 +90,8 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         shutdown.clone(),
     )
     .await
-    .with_pod_addresses(store.clone());
+    .with_pod_addresses(store.clone())
+    .with_event_namespace(cfg.event_namespace.clone());
     let actuator = Actuator::new(client, &cfg);
 
     let mut engine: Option<Engine> = None;
