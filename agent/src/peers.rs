@@ -216,6 +216,13 @@ impl SharedPeerBook {
                     nodes.insert(node.name_any(), addresses.clone()) != Some(addresses)
                 }
                 Ok(watcher::Event::Delete(node)) => nodes.remove(&node.name_any()).is_some(),
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 403 => {
+                    warn!(
+                        reason = %status.message,
+                        "no permission to list Nodes: peers are not grouped by node (grant the agent nodes list/watch)"
+                    );
+                    return;
+                }
                 Err(error) => {
                     warn!(%error, "node watch error (peer book); retrying with backoff");
                     false

@@ -768,6 +768,7 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
                     rtt_hdr_histogram: Vec::new(),
                     segments_out: 5000,
                     retransmits: 2,
+                    ..Default::default()
                 }
             })
             .collect(),
