@@ -2,7 +2,11 @@
 //! binding (a stream may only report for the node of its pod) and the per-identity limits.
 //! Every refusal is a clear gRPC status, a `denied{reason}` metric and a warning log.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use crate::{
     auth::{Authenticator, Identity, InsecureNoAuth, bearer},
@@ -21,6 +25,146 @@ pub struct Gate {
     pub metrics: Arc<Metrics>,
     /// Summaries for names that are not Node objects are refused (`None`: no check; tests).
     pub known_nodes: Option<NodeLookup>,
+    /// Positive TokenReviews, reused until the token expires (bounded, see [`ReviewCache`]).
+    pub reviews: ReviewCache,
+}
+
+/// Most tokens kept in the review cache (one per agent pod; a full cache reviews again).
+pub const REVIEW_CACHE_MAX: usize = 65_536;
+
+/// Positive reviews by token, each until `min(token exp, reviewed + max_age)`: a reconnecting
+/// agent costs no TokenReview. Only tokens the apiserver accepted get here, so the cache cannot
+/// be filled by strangers. A token whose pod is deleted stays admitted (for its node only) until
+/// its entry expires: `max_age` bounds that.
+#[derive(Debug, Clone)]
+pub struct ReviewCache {
+    max_age: Duration,
+    entries: Arc<Mutex<HashMap<String, (Identity, SystemTime)>>>,
+}
+
+impl ReviewCache {
+    #[must_use]
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            entries: Arc::default(),
+        }
+    }
+
+    fn get(&self, token: &str, now: SystemTime) -> Option<Identity> {
+        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(token) {
+            Some((id, until)) if now < *until => Some(id.clone()),
+            Some(_) => {
+                map.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, token: &str, id: &Identity, now: SystemTime) {
+        let Some(exp) = token_expiry(token) else {
+            return;
+        };
+        let until = exp.min(now + self.max_age);
+        if until <= now || self.max_age.is_zero() {
+            return;
+        }
+        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= REVIEW_CACHE_MAX {
+            map.retain(|_, (_, u)| now < *u);
+            if map.len() >= REVIEW_CACHE_MAX {
+                return;
+            }
+        }
+        map.insert(token.to_owned(), (id.clone(), until));
+    }
+}
+
+/// The `exp` claim of a JWT, read without verification: only used for tokens the apiserver
+/// has just accepted.
+#[must_use]
+pub fn token_expiry(token: &str) -> Option<SystemTime> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64url(payload)?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
+}
+
+fn base64url(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).ok()?);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(exp: u64) -> String {
+        // {"alg":"none"} . {"exp":<exp>} . (no signature)
+        let enc = |s: &str| {
+            const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let b = s.as_bytes();
+            let mut out = String::new();
+            for chunk in b.chunks(3) {
+                let n = chunk.iter().fold(0u32, |a, c| (a << 8) | u32::from(*c)) << (8 * (3 - chunk.len()));
+                for i in 0..=chunk.len() {
+                    out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+                }
+            }
+            out
+        };
+        format!("{}.{}.", enc("{\"alg\":\"none\"}"), enc(&format!("{{\"exp\":{exp}}}")))
+    }
+
+    #[test]
+    fn token_expiry_reads_the_exp_claim() {
+        assert_eq!(
+            token_expiry(&jwt(1_900_000_000)),
+            UNIX_EPOCH.checked_add(Duration::from_secs(1_900_000_000))
+        );
+        assert_eq!(token_expiry("not-a-token"), None);
+        assert_eq!(token_expiry("a.%%%.b"), None);
+    }
+
+    #[test]
+    fn cache_keeps_a_review_until_the_token_or_the_max_age_expires() {
+        let id = Identity {
+            key: Some("uid".into()),
+            subject: "s".into(),
+            node: Some("node-0".into()),
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let cache = ReviewCache::new(Duration::from_secs(300));
+        let soon = jwt(1_800_000_060);
+        cache.put(&soon, &id, now);
+        assert_eq!(cache.get(&soon, now + Duration::from_secs(59)), Some(id.clone()));
+        assert_eq!(cache.get(&soon, now + Duration::from_secs(60)), None, "token expired");
+        let late = jwt(1_800_003_600);
+        cache.put(&late, &id, now);
+        assert!(cache.get(&late, now + Duration::from_secs(299)).is_some());
+        assert_eq!(cache.get(&late, now + Duration::from_secs(300)), None, "max age");
+        assert_eq!(cache.get("unknown", now), None);
+    }
 }
 
 impl std::fmt::Debug for Gate {
@@ -50,6 +194,7 @@ impl Gate {
             limits: Limits::new(limits),
             metrics,
             known_nodes: None,
+            reviews: ReviewCache::new(Duration::ZERO),
         }
     }
 
@@ -64,16 +209,32 @@ impl Gate {
     pub async fn admit<T>(&self, req: &tonic::Request<T>) -> Result<Admission, tonic::Status> {
         let peer = req.remote_addr().map_or_else(|| "?".into(), |a| a.to_string());
         let token = bearer(req.metadata()).map_err(|e| self.deny(e.reason(), e.status(), &peer, "?"))?;
-        if self.auth.remote() {
-            self.limits
-                .auth_attempt(Instant::now())
+        let cached = token
+            .filter(|_| self.auth.remote())
+            .and_then(|t| self.reviews.get(t, SystemTime::now()));
+        let identity = if let Some(id) = cached {
+            self.metrics.token_review_cache_hits.inc();
+            id
+        } else {
+            // Only a real review is charged to the global budget: a stream without a token
+            // is refused locally and must not use up the agents' reconnects.
+            let review = self.auth.remote() && token.is_some();
+            if review {
+                self.limits
+                    .auth_attempt(Instant::now())
+                    .map_err(|e| self.deny(e.reason(), e.status(), &peer, "?"))?;
+                self.metrics.token_reviews.inc();
+            }
+            let id = self
+                .auth
+                .authenticate(token)
+                .await
                 .map_err(|e| self.deny(e.reason(), e.status(), &peer, "?"))?;
-        }
-        let identity = self
-            .auth
-            .authenticate(token)
-            .await
-            .map_err(|e| self.deny(e.reason(), e.status(), &peer, "?"))?;
+            if let (true, Some(t)) = (review, token) {
+                self.reviews.put(t, &id, SystemTime::now());
+            }
+            id
+        };
         let slot = match &identity.key {
             Some(key) => Some(
                 self.limits

@@ -42,6 +42,10 @@ pub struct Metrics {
     pub step_duration: prometheus_client::metrics::histogram::Histogram,
     /// Streams and summaries refused by authentication, node binding or limits (see gate.rs).
     pub denied: Family<ReasonLabel, Counter>,
+    /// TokenReviews sent to the apiserver (streams with a token not in the review cache).
+    pub token_reviews: Counter,
+    /// Streams admitted on a cached positive review.
+    pub token_review_cache_hits: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +81,8 @@ impl Default for Metrics {
             verdicts: Gauge::default(),
             nodes: Gauge::default(),
             fleet_reports: Gauge::default(),
+            token_reviews: Counter::default(),
+            token_review_cache_hits: Counter::default(),
             leader_steps: Counter::default(),
             ingest_to_decision: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS_SECONDS),
             step_duration: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS_SECONDS),
@@ -123,6 +129,16 @@ impl Default for Metrics {
             m.verdicts.clone(),
         );
         registry.register("nodes", "Nodes in the fleet view", m.nodes.clone());
+        registry.register(
+            "token_reviews",
+            "TokenReviews sent (streams with a token not in the review cache)",
+            m.token_reviews.clone(),
+        );
+        registry.register(
+            "token_review_cache_hits",
+            "Streams admitted on a cached positive TokenReview",
+            m.token_review_cache_hits.clone(),
+        );
         registry.register(
             "fleet_reports",
             "Nodes with a stored report (reports of deleted Nodes are evicted)",

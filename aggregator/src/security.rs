@@ -42,6 +42,17 @@ pub struct SecurityConfig {
     /// `auth = "insecure-none"`, i.e. let anyone who reaches the gRPC port report for any node.
     /// Refused at start without it.
     pub insecure_allow_acting_without_identity: bool,
+    /// INSECURE: accept agents' bearer tokens over a plaintext stream (`auth = "token-review"`
+    /// without `tls_cert_file`): anyone on the path can copy a token and report as that node.
+    /// Refused at start without it.
+    pub insecure_allow_plaintext_tokens: bool,
+    /// A positive TokenReview is reused for a reconnecting agent until its token expires, at
+    /// most this long (a deleted pod's token stays admitted, for its node only, this long).
+    pub review_cache_max_ms: u64,
+    /// HTTP/2 PING interval on idle agent connections, and how long to wait for the answer
+    /// before the connection (and its streams' slots) is dropped; TCP keepalive at the interval.
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for SecurityConfig {
@@ -59,6 +70,10 @@ impl Default for SecurityConfig {
             tls_key_file: None,
             tls_client_ca_file: None,
             insecure_allow_acting_without_identity: false,
+            insecure_allow_plaintext_tokens: false,
+            review_cache_max_ms: 300_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
         }
     }
 }
@@ -73,6 +88,15 @@ impl SecurityConfig {
                 problem: "\"insecure-none\" with an acting mode (policy.dry_run = false): anyone who reaches the \
                           gRPC port could report for any node and get it tainted. Use auth = \"token-review\", \
                           run in dry-run, or set security.insecure_allow_acting_without_identity = true to accept that"
+                    .into(),
+            });
+        }
+        if self.auth == AuthMode::TokenReview && self.tls_cert_file.is_none() && !self.insecure_allow_plaintext_tokens {
+            return Err(ConfigError::Invalid {
+                field: "security.tls_cert_file",
+                problem: "auth = \"token-review\" without TLS: the agents' bearer tokens would cross the network in \
+                          plaintext. Set tls_cert_file and tls_key_file, or security.insecure_allow_plaintext_tokens = \
+                          true to accept that"
                     .into(),
             });
         }
@@ -105,6 +129,12 @@ impl SecurityConfig {
             return bad(
                 "security.allowed_service_accounts",
                 &format!("{sa:?} is not `namespace:name`"),
+            );
+        }
+        if self.keepalive_interval_ms == 0 || self.keepalive_timeout_ms == 0 {
+            return bad(
+                "security.keepalive_interval_ms",
+                "keepalive interval and timeout must be positive",
             );
         }
         if self.max_streams_per_identity == 0 {
@@ -147,14 +177,22 @@ impl SecurityConfig {
             limits: Limits::new(self.limits()),
             metrics,
             known_nodes: None,
+            reviews: crate::gate::ReviewCache::new(std::time::Duration::from_millis(self.review_cache_max_ms)),
         }
     }
 
     /// A gRPC server builder, with TLS (and client-certificate verification) when configured.
     pub fn server(&self) -> anyhow::Result<Server> {
+        // Half-open connections (a partitioned agent) are found by HTTP/2 PINGs and TCP
+        // keepalive and closed: their streams end and free their per-identity slots.
+        let interval = std::time::Duration::from_millis(self.keepalive_interval_ms);
+        let builder = Server::builder()
+            .http2_keepalive_interval(Some(interval))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_millis(self.keepalive_timeout_ms)))
+            .tcp_keepalive(Some(interval));
         let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) else {
             tracing::warn!("INSECURE: the ingest stream is plaintext (set security.tls_cert_file and tls_key_file)");
-            return Ok(Server::builder());
+            return Ok(builder);
         };
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
@@ -162,7 +200,7 @@ impl SecurityConfig {
             tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
         }
         tracing::info!(cert = %cert.display(), mtls = self.tls_client_ca_file.is_some(), "ingest stream uses TLS");
-        Server::builder()
+        builder
             .tls_config(tls)
             .context("configuring TLS for the ingest stream (certificate/key)")
     }
@@ -219,7 +257,25 @@ mod tests {
         assert!(c.validate_for(true).is_ok());
         let c = SecurityConfig {
             auth: AuthMode::TokenReview,
+            tls_cert_file: Some("/tls.crt".into()),
+            tls_key_file: Some("/tls.key".into()),
             ..SecurityConfig::default()
+        };
+        assert!(c.validate_for(true).is_ok());
+    }
+
+    #[test]
+    fn bearer_tokens_over_plaintext_need_the_loud_override() {
+        let c = SecurityConfig {
+            auth: AuthMode::TokenReview,
+            ..SecurityConfig::default()
+        };
+        let err = c.validate_for(false).expect_err("token-review without TLS");
+        assert!(err.to_string().starts_with("security.tls_cert_file"), "{err}");
+        assert!(err.to_string().contains("insecure_allow_plaintext_tokens"), "{err}");
+        let c = SecurityConfig {
+            insecure_allow_plaintext_tokens: true,
+            ..c
         };
         assert!(c.validate_for(true).is_ok());
     }
@@ -233,6 +289,7 @@ mod tests {
         assert_eq!(c.auth, AuthMode::TokenReview);
         assert_eq!(c.token_audience, "gw");
         assert!(c.validate().is_ok());
+        assert!(c.validate_for(false).is_err(), "token-review without TLS");
         assert!(toml::from_str::<SecurityConfig>("auth = \"none\"\n").is_err());
     }
 }

@@ -37,6 +37,11 @@ async fn agent_pod(cluster: &Cluster, name: &str, node: &str) -> Pod {
 
 /// A token for ServiceAccount graywatch/agent bound to `pod`, for `audience`.
 async fn token_for(cluster: &Cluster, pod: &Pod, audience: &str) -> String {
+    token_with_lifetime(cluster, pod, audience, 3600).await
+}
+
+/// Like [`token_for`] with the given lifetime (tokens of one pod differ by it).
+async fn token_with_lifetime(cluster: &Cluster, pod: &Pod, audience: &str, secs: i64) -> String {
     let sas: Api<ServiceAccount> = Api::namespaced(cluster.client.clone(), NS);
     let req = TokenRequest {
         metadata: ObjectMeta::default(),
@@ -48,7 +53,7 @@ async fn token_for(cluster: &Cluster, pod: &Pod, audience: &str) -> String {
                 name: pod.metadata.name.clone(),
                 uid: pod.metadata.uid.clone(),
             }),
-            expiration_seconds: Some(3600),
+            expiration_seconds: Some(secs),
         },
         status: None,
     };
@@ -169,7 +174,8 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let token_a = token_for(&cluster, &pod_a, AUDIENCE).await;
 
     let security = format!(
-        "auth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nallowed_service_accounts = [\"{NS}:agent\"]\n"
+        "auth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nallowed_service_accounts = [\"{NS}:agent\"]\n\
+         insecure_allow_plaintext_tokens = true\n"
     );
     let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
@@ -203,9 +209,12 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let s = open(&ep, Some("not-a-token")).await.expect_err("garbage");
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
 
-    // The pod is deleted: its token no longer admits anyone.
+    // The pod is deleted: a token of it that was never reviewed admits no one. One reviewed
+    // before stays admitted from the review cache (for its own node only) until the token or
+    // the cache entry (security.review_cache_max_ms) expires: the documented bound.
     let pod_b = agent_pod(&cluster, "agent-b", &node_name(1)).await;
     let token_b = token_for(&cluster, &pod_b, AUDIENCE).await;
+    let unused_b = token_with_lifetime(&cluster, &pod_b, AUDIENCE, 3000).await;
     let mut ok_b = open(&ep, Some(&token_b)).await.expect("admitted");
     assert_eq!(send(&mut ok_b, summary(1, 2, 1, &none)).await.expect("ack"), 1);
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), NS);
@@ -214,11 +223,16 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
         pods.get_opt("agent-b").await.unwrap().is_none().then_some(())
     })
     .await;
-    let s = open(&ep, Some(&token_b)).await.expect_err("deleted pod");
+    let s = open(&ep, Some(&unused_b)).await.expect_err("deleted pod");
     assert!(
         matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied),
         "{s:?}"
     );
+    let mut cached_b = open(&ep, Some(&token_b)).await.expect("cached review");
+    let s = send(&mut cached_b, summary(0, 2, 1, &none))
+        .await
+        .expect_err("still bound to node-1");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
 
     // The honest node got its conditions from its own data.
     eventually(30, "node-0 has conditions", || async {
@@ -229,7 +243,7 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let m = metrics(&agg);
     assert_eq!(
         metric(&m, "graywatch_aggregator_denied_total{reason=\"node_mismatch\"}"),
-        2,
+        3,
         "{m}"
     );
     assert_eq!(
@@ -271,7 +285,7 @@ async fn per_identity_stream_and_rate_limits() -> anyhow::Result<()> {
     // Rate ~0: the burst is all there is, so the count is exact whatever the timing.
     let security = format!(
         "auth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\nmax_streams_per_identity = 1\n\
-         summaries_per_second = 0.0001\nsummary_burst = 3\n"
+         summaries_per_second = 0.0001\nsummary_burst = 3\ninsecure_allow_plaintext_tokens = true\n"
     );
     let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
@@ -307,6 +321,66 @@ async fn per_identity_stream_and_rate_limits() -> anyhow::Result<()> {
     assert_eq!(
         metric(&m, "graywatch_aggregator_denied_total{reason=\"rate_limited\"}"),
         2,
+        "{m}"
+    );
+    Ok(())
+}
+
+/// Issue 15, point 4: streams without a token are refused without a TokenReview and do not spend
+/// the global review budget; a reconnecting agent is admitted from the review cache, so a budget
+/// of 2 reviews admits it any number of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenless_streams_spend_no_review_budget_and_reviews_are_cached() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::start(2, 2).await? else {
+        return Ok(());
+    };
+    let sas: Api<ServiceAccount> = Api::namespaced(cluster.client.clone(), NS);
+    sas.create(
+        &PostParams::default(),
+        &ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some("agent".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    let pod_a = agent_pod(&cluster, "agent-a", &node_name(0)).await;
+    let token_a = token_for(&cluster, &pod_a, AUDIENCE).await;
+    // Rate ~0: two reviews is all the budget there is.
+    let security = format!(
+        "auth = \"token-review\"\ntoken_audience = \"{AUDIENCE}\"\ninsecure_allow_plaintext_tokens = true\n\
+         auth_attempts_per_second = 0.0001\nauth_attempt_burst = 2\n"
+    );
+    let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
+    wait_up(&agg).await;
+    let ep = agg.endpoint();
+    let none = Default::default();
+
+    for _ in 0..20 {
+        let s = open(&ep, None).await.expect_err("no token");
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    }
+    for seq in 1..=6 {
+        let mut stream = open(&ep, Some(&token_a)).await.expect("the agent is admitted");
+        assert_eq!(send(&mut stream, summary(0, 2, seq, &none)).await.expect("ack"), seq);
+    }
+    let m = metrics(&agg);
+    assert_eq!(metric(&m, "graywatch_aggregator_token_reviews_total"), 1, "{m}");
+    assert_eq!(
+        metric(&m, "graywatch_aggregator_token_review_cache_hits_total"),
+        5,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "graywatch_aggregator_denied_total{reason=\"missing_token\"}"),
+        20,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "graywatch_aggregator_denied_total{reason=\"auth_rate_limited\"}"),
+        0,
         "{m}"
     );
     Ok(())

@@ -50,6 +50,26 @@ fn acting_modes_refuse_insecure_auth_unless_loudly_allowed() -> anyhow::Result<(
     Ok(())
 }
 
+#[test]
+fn bearer_tokens_over_plaintext_are_refused_unless_loudly_allowed() -> anyhow::Result<()> {
+    let err = render_text("gw", "graywatch", &set_args(&["security.auth=token-review"]))?
+        .expect_err("token-review without TLS must fail");
+    assert!(err.contains("security.tls.secretName"), "{err}");
+    assert!(err.contains("security.insecureAllowPlaintextTokens=true"), "{err}");
+    assert_eq!(
+        rendered_config(&[
+            "security.auth=token-review",
+            "security.insecureAllowPlaintextTokens=true"
+        ])?,
+        Ok(())
+    );
+    assert_eq!(
+        rendered_config(&["security.auth=token-review", "security.tls.secretName=gw-tls"])?,
+        Ok(())
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_port_admits_the_agents_only() -> anyhow::Result<()> {
     let err = render_text("gw", "graywatch", &set_args(&["networkPolicy.enabled=true"]))?.expect_err("no agent CIDRs");
