@@ -32,6 +32,10 @@ pub struct Args {
     /// (file: `max_concurrent_writes`, default 16).
     #[arg(long, env = "GRAYWATCH_MAX_CONCURRENT_WRITES")]
     pub max_concurrent_writes: Option<usize>,
+    /// INSECURE, development and benchmarks only: act (not dry-run) on unauthenticated reports
+    /// (file: `security.insecure_allow_acting_without_identity`).
+    #[arg(long, env = "GRAYWATCH_INSECURE_ALLOW_ACTING_WITHOUT_IDENTITY")]
+    pub insecure_allow_acting_without_identity: bool,
     /// Log as JSON lines.
     #[arg(long, env = "GRAYWATCH_LOG_JSON")]
     pub log_json: bool,
@@ -189,6 +193,9 @@ impl FileConfig {
         }
         if args.dry_run {
             cfg.policy.dry_run = true;
+        }
+        if args.insecure_allow_acting_without_identity {
+            cfg.security.insecure_allow_acting_without_identity = true;
         }
         if let Some(n) = args.max_concurrent_writes {
             cfg.max_concurrent_writes = n;

@@ -414,6 +414,9 @@ impl Aggregator {
             .env("RUST_LOG", "warn");
         if dry_run {
             cmd.arg("--dry-run");
+        } else {
+            // The simulated agents carry no ServiceAccount tokens.
+            cmd.arg("--insecure-allow-acting-without-identity");
         }
         if let Some(w) = writes {
             cmd.args(["--max-concurrent-writes", &w.to_string()]);
