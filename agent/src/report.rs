@@ -28,6 +28,9 @@ pub struct ReportConfig {
     pub endpoint: String,
     /// Windows kept while disconnected (or not yet acknowledged).
     pub buffer_windows: usize,
+    /// ...and at most this many bytes of them (encoded): a busy node's windows are larger, and
+    /// every aggregator replica has its own buffer.
+    pub buffer_bytes: usize,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
@@ -40,6 +43,7 @@ impl Default for ReportConfig {
         Self {
             endpoint: "http://graywatch-aggregator.graywatch:7443".into(),
             buffer_windows: 120,
+            buffer_bytes: 8 << 20,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -66,11 +70,14 @@ pub struct ReportStats {
     pub invalid: AtomicU64,
 }
 
-/// Bounded FIFO of recent windows, ordered by window seq.
+/// Bounded FIFO of recent windows, ordered by window seq: at most `cap` windows and
+/// `cap_bytes` encoded bytes (the newest window is always kept).
 #[derive(Debug)]
 pub struct WindowBuffer {
-    windows: VecDeque<NodeSummary>,
+    windows: VecDeque<(NodeSummary, usize)>,
     cap: usize,
+    cap_bytes: usize,
+    bytes: usize,
 }
 
 fn seq_of(s: &NodeSummary) -> u64 {
@@ -80,32 +87,51 @@ fn seq_of(s: &NodeSummary) -> u64 {
 impl WindowBuffer {
     #[must_use]
     pub fn new(cap: usize) -> Self {
+        Self::with_byte_cap(cap, usize::MAX)
+    }
+
+    #[must_use]
+    pub fn with_byte_cap(cap: usize, cap_bytes: usize) -> Self {
         Self {
             windows: VecDeque::with_capacity(cap.min(4096)),
             cap: cap.max(1),
+            cap_bytes,
+            bytes: 0,
         }
     }
 
     /// Adds a window; returns how many old windows were dropped to make room.
     pub fn push(&mut self, s: NodeSummary) -> u64 {
+        let size = prost::Message::encoded_len(&s);
         let mut dropped = 0;
-        while self.windows.len() >= self.cap {
-            self.windows.pop_front();
+        while !self.windows.is_empty()
+            && (self.windows.len() >= self.cap || self.bytes.saturating_add(size) > self.cap_bytes)
+        {
+            self.pop_front();
             dropped += 1;
         }
-        self.windows.push_back(s);
+        self.bytes += size;
+        self.windows.push_back((s, size));
         dropped
+    }
+
+    /// Encoded bytes buffered.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Removes and returns the oldest window.
     pub fn pop_front(&mut self) -> Option<NodeSummary> {
-        self.windows.pop_front()
+        let (s, size) = self.windows.pop_front()?;
+        self.bytes -= size;
+        Some(s)
     }
 
     /// Forgets windows up to and including `seq`.
     pub fn ack(&mut self, seq: u64) {
-        while self.windows.front().is_some_and(|w| seq_of(w) <= seq) {
-            self.windows.pop_front();
+        while self.windows.front().is_some_and(|(w, _)| seq_of(w) <= seq) {
+            self.pop_front();
         }
     }
 
@@ -114,8 +140,8 @@ impl WindowBuffer {
     pub fn after(&self, after: Option<u64>) -> Vec<NodeSummary> {
         self.windows
             .iter()
-            .filter(|w| after.is_none_or(|a| seq_of(w) > a))
-            .cloned()
+            .filter(|(w, _)| after.is_none_or(|a| seq_of(w) > a))
+            .map(|(w, _)| w.clone())
             .collect()
     }
 
@@ -180,7 +206,7 @@ impl Reporter {
     #[must_use]
     pub fn spawn(cfg: ReportConfig) -> Self {
         let shared = Arc::new(Shared {
-            buf: Mutex::new(WindowBuffer::new(cfg.buffer_windows)),
+            buf: Mutex::new(WindowBuffer::with_byte_cap(cfg.buffer_windows, cfg.buffer_bytes)),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             stats: ReportStats::default(),
@@ -452,6 +478,35 @@ mod tests {
         assert_eq!(b.after(None).iter().map(seq_of).collect::<Vec<_>>(), vec![5]);
     }
 
+    /// A busy node's windows are large and every replica buffers its own copy: the buffer is
+    /// bounded in bytes too, the newest window always kept.
+    #[test]
+    fn buffer_is_bounded_in_bytes() {
+        let big = |seq| {
+            let mut w = window(seq);
+            w.peers = vec![
+                graywatch_proto::v1::PeerStats {
+                    rtt_hdr_histogram: vec![7; 1000],
+                    ..Default::default()
+                };
+                10
+            ];
+            w
+        };
+        let size = prost::Message::encoded_len(&big(1));
+        let mut b = WindowBuffer::with_byte_cap(100, 3 * size + size / 2);
+        let dropped: u64 = (1..=5).map(|s| b.push(big(s))).sum();
+        assert_eq!(dropped, 2);
+        assert_eq!(b.after(None).iter().map(seq_of).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(b.bytes(), 3 * size);
+        b.ack(4);
+        assert_eq!(b.bytes(), size);
+        let mut tiny = WindowBuffer::with_byte_cap(100, 10);
+        tiny.push(big(1));
+        assert_eq!(tiny.push(big(2)), 1);
+        assert_eq!(tiny.len(), 1, "the newest window stays even when larger than the cap");
+    }
+
     proptest! {
         #[test]
         fn backoff_is_bounded_and_jittered(attempt in 0u32..64, r in any::<u64>()) {
@@ -557,6 +612,7 @@ mod tests {
         ReportConfig {
             endpoint: format!("http://{addr}"),
             buffer_windows: cap,
+            buffer_bytes: 8 << 20,
             backoff_initial: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(2),

@@ -182,6 +182,7 @@ async fn tls_stream_carries_the_current_token() {
         backoff_max: Duration::from_millis(200),
         connect_timeout: Duration::from_secs(2),
         security,
+        ..Default::default()
     };
     let good = StreamSecurity {
         token_file: Some(token.clone()),
