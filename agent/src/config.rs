@@ -93,6 +93,11 @@ pub struct Cli {
     #[arg(long, env = "GRAYWATCH_AGGREGATOR_CA_FILE")]
     pub aggregator_ca_file: Option<PathBuf>,
 
+    /// INSECURE, development only: send the token to an http:// (plaintext) aggregator, where
+    /// anyone on the path can copy it. Refused without this.
+    #[arg(long, env = "GRAYWATCH_AGGREGATOR_INSECURE_PLAINTEXT_TOKEN")]
+    pub aggregator_insecure_plaintext_token: bool,
+
     /// Name expected in the aggregator's certificate (default: the URL's host).
     #[arg(long, env = "GRAYWATCH_AGGREGATOR_TLS_SERVER_NAME")]
     pub aggregator_tls_server_name: Option<String>,
@@ -157,6 +162,8 @@ pub struct FileConfig {
     pub aggregator: Option<String>,
     pub aggregator_endpoints: Option<String>,
     pub aggregator_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub aggregator_insecure_plaintext_token: bool,
     pub aggregator_ca_file: Option<PathBuf>,
     pub aggregator_tls_server_name: Option<String>,
     pub aggregator_client_cert_file: Option<PathBuf>,
@@ -309,6 +316,18 @@ impl Config {
                 reason: "an https:// aggregator needs aggregator_ca_file, and aggregator_ca_file needs https://".into(),
             });
         }
+        let plaintext_ok = cli.aggregator_insecure_plaintext_token || file.aggregator_insecure_plaintext_token;
+        if aggregator_security.token_file.is_some()
+            && aggregator.as_deref().is_some_and(|u| u.starts_with("http://"))
+            && !plaintext_ok
+        {
+            return Err(ConfigError::Invalid {
+                field: "aggregator_token_file",
+                reason: "the token would cross the network in plaintext to an http:// aggregator: use https:// \
+                         with aggregator_ca_file, or aggregator_insecure_plaintext_token = true to accept that"
+                    .into(),
+            });
+        }
         if aggregator_security.client_cert_file.is_some() != aggregator_security.client_key_file.is_some() {
             return Err(ConfigError::Invalid {
                 field: "aggregator_client_cert_file",
@@ -444,6 +463,35 @@ mod tests {
         )
         .expect_err("no namespace");
         assert!(err.to_string().contains("`aggregator_endpoints`"), "{err}");
+    }
+
+    #[test]
+    fn a_token_goes_over_plaintext_only_when_loudly_allowed() {
+        let args = [
+            "--node-name",
+            "n",
+            "--aggregator",
+            "http://agg:7443",
+            "--aggregator-token-file",
+            "/t",
+        ];
+        let err = Config::merge(&cli(&args), FileConfig::default()).expect_err("token over http://");
+        assert!(err.to_string().contains("`aggregator_token_file`"), "{err}");
+        assert!(err.to_string().contains("aggregator_insecure_plaintext_token"), "{err}");
+        let mut allowed = args.to_vec();
+        allowed.push("--aggregator-insecure-plaintext-token");
+        assert!(Config::merge(&cli(&allowed), FileConfig::default()).is_ok());
+        let tls = [
+            "--node-name",
+            "n",
+            "--aggregator",
+            "https://agg:7443",
+            "--aggregator-ca-file",
+            "/ca",
+            "--aggregator-token-file",
+            "/t",
+        ];
+        assert!(Config::merge(&cli(&tls), FileConfig::default()).is_ok());
     }
 
     #[test]

@@ -63,6 +63,24 @@ fn bearer_tokens_over_plaintext_are_refused_unless_loudly_allowed() -> anyhow::R
         ])?,
         Ok(())
     );
+    // The agent is told too (it refuses to send a token to an http:// aggregator otherwise).
+    let objs = render(
+        "gw",
+        "graywatch",
+        &set_args(&[
+            "security.auth=token-review",
+            "security.insecureAllowPlaintextTokens=true",
+        ]),
+    )?;
+    let ds = find(&objs, "DaemonSet", "-agent")?;
+    let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(
+        args.as_array()
+            .context("agent args")?
+            .iter()
+            .any(|a| a == "--aggregator-insecure-plaintext-token"),
+        "{args}"
+    );
     assert_eq!(
         rendered_config(&["security.auth=token-review", "security.tls.secretName=gw-tls"])?,
         Ok(())
