@@ -284,6 +284,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut scorer = crate::scoring::LocalScorer::default();
     let started_at = Instant::now();
     let mut seq = 0u64;
+    let mut last_book: Option<Arc<graywatch_proto::v1::PeerBook>> = None;
 
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,6 +327,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Some(reporter) = &mut reporter {
             seq += 1;
             reporter.refresh().await;
+            if let Some(book) = reporter.peer_book()
+                && last_book.as_ref().is_none_or(|last| !Arc::ptr_eq(last, &book))
+            {
+                peer_book.set_aggregator_book(&book);
+                debug!(nodes = book.nodes.len(), "peer book from the aggregator");
+                last_book = Some(book);
+            }
             if pods.pod_addresses_generation() > 0 {
                 let (generation, addresses) = pods.pod_addresses();
                 reporter.set_pod_addresses(generation, addresses);

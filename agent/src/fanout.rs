@@ -218,6 +218,11 @@ impl Fanout {
         total
     }
 
+    /// The latest peer book any replica sent (they build it from the same Nodes).
+    pub fn peer_book(&self) -> Option<std::sync::Arc<graywatch_proto::v1::PeerBook>> {
+        self.reporters.values().find_map(Reporter::peer_book)
+    }
+
     /// The largest backlog of any stream.
     pub fn buffered(&self) -> usize {
         self.reporters.values().map(Reporter::buffered).max().unwrap_or(0)

@@ -168,20 +168,66 @@ impl PeerBook {
     }
 }
 
-/// The book shared between the Node watch and the window builder.
+/// The book shared between its sources and the window builder: the agent's own watch of the
+/// Nodes (InternalIPs, pod CIDRs) and the aggregator's book, which adds the pod IPs every agent
+/// reports (EKS VPC CNI: pod IPs in no pod CIDR).
 #[derive(Debug, Clone, Default)]
-pub struct SharedPeerBook(Arc<RwLock<Arc<PeerBook>>>);
+pub struct SharedPeerBook {
+    book: Arc<RwLock<Arc<PeerBook>>>,
+    sources: Arc<std::sync::Mutex<Sources>>,
+}
+
+#[derive(Debug, Default)]
+struct Sources {
+    api: HashMap<String, NodeAddresses>,
+    aggregator: HashMap<String, NodeAddresses>,
+}
 
 impl SharedPeerBook {
     /// The current book (cheap: a pointer copy).
     pub fn get(&self) -> Arc<PeerBook> {
-        self.0.read().map(|b| b.clone()).unwrap_or_default()
+        self.book.read().map(|b| b.clone()).unwrap_or_default()
     }
 
-    pub fn set(&self, book: PeerBook) {
-        if let Ok(mut current) = self.0.write() {
+    fn rebuild(&self, sources: &Sources) {
+        let mut merged: HashMap<&str, NodeAddresses> = HashMap::new();
+        // The API's addresses first: a node-level peer is named by its InternalIP.
+        for (name, a) in sources.api.iter().chain(sources.aggregator.iter()) {
+            let entry = merged.entry(name.as_str()).or_default();
+            entry.internal_ips.extend(a.internal_ips.iter().copied());
+            entry.pod_cidrs.extend(a.pod_cidrs.iter().cloned());
+        }
+        let book = PeerBook::new(merged.iter().map(|(n, a)| (*n, a)));
+        if let Ok(mut current) = self.book.write() {
             *current = Arc::new(book);
         }
+    }
+
+    /// The Nodes as the agent's own watch sees them.
+    pub fn set_api_nodes(&self, nodes: HashMap<String, NodeAddresses>) {
+        let Ok(mut sources) = self.sources.lock() else { return };
+        sources.api = nodes;
+        self.rebuild(&sources);
+    }
+
+    /// The aggregator's book (`Directive.peer_book`); unparsable entries are skipped.
+    pub fn set_aggregator_book(&self, book: &graywatch_proto::v1::PeerBook) {
+        let nodes = book
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.node_name.clone(),
+                    NodeAddresses {
+                        internal_ips: n.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                        pod_cidrs: n.pod_cidrs.clone(),
+                    },
+                )
+            })
+            .collect();
+        let Ok(mut sources) = self.sources.lock() else { return };
+        sources.aggregator = nodes;
+        self.rebuild(&sources);
     }
 
     /// Keeps the book in step with the cluster's Nodes until the stream ends (kube-runtime's
@@ -229,7 +275,7 @@ impl SharedPeerBook {
                 }
             };
             if changed {
-                self.set(PeerBook::new(nodes.iter().map(|(n, a)| (n.as_str(), a))));
+                self.set_api_nodes(nodes.clone());
             }
         }
     }
@@ -389,6 +435,41 @@ mod tests {
             pod_cidrs: vec!["fd00:1::/64".into()],
         };
         PeerBook::new([("node-a", &a), ("node-b", &b)])
+    }
+
+    /// EKS VPC CNI: the aggregator's book carries every agent's pod IPs (host prefixes), so
+    /// traffic to another node's pods folds into that node's peer here too.
+    #[test]
+    fn the_aggregators_book_adds_reported_pod_ips_to_the_api_view() {
+        let shared = SharedPeerBook::default();
+        let api = HashMap::from([(
+            "node-a".to_owned(),
+            NodeAddresses {
+                internal_ips: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 10))],
+                pod_cidrs: Vec::new(),
+            },
+        )]);
+        shared.set_api_nodes(api);
+        let pod: IpAddr = "192.168.77.12".parse().expect("ip");
+        assert!(shared.get().node_of(&pod).is_none());
+        shared.set_aggregator_book(&graywatch_proto::v1::PeerBook {
+            nodes: vec![graywatch_proto::v1::NodePeers {
+                node_name: "node-a".into(),
+                addresses: vec!["192.168.0.10".into()],
+                pod_cidrs: vec!["192.168.77.12/32".into(), "not a cidr".into()],
+            }],
+        });
+        let book = shared.get();
+        assert_eq!(book.node_of(&pod).map(|n| n.to_string()).as_deref(), Some("node-a"));
+        let summary = window_with_flows(&[(pod, 500, 4, 40, 1)]);
+        let peers = peers(&summary, &book, PeerLimits::default());
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].node.as_deref(), Some("node-a"));
+        assert_eq!(
+            peers[0].remote,
+            IpAddr::V4(Ipv4Addr::new(192, 168, 0, 10)),
+            "named by its InternalIP"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use graywatch_proto::v1::{ConfigChange, NodeSummary, directive, ingest_client::IngestClient};
+use graywatch_proto::v1::{ConfigChange, NodeSummary, PeerBook, directive, ingest_client::IngestClient};
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::transport::Endpoint;
 
@@ -174,6 +174,8 @@ struct Shared {
     stats: ReportStats,
     /// The node's pod IPs and their generation (see [`Reporter::set_pod_addresses`]).
     pod_addresses: Mutex<Option<(u64, Vec<String>)>>,
+    /// The latest peer book from the aggregator (`Directive.peer_book`).
+    peer_book: watch::Sender<Option<Arc<PeerBook>>>,
 }
 
 /// Whether the aggregator refused the window itself (so replaying it can only fail again),
@@ -211,6 +213,7 @@ impl Reporter {
             closed: AtomicBool::new(false),
             stats: ReportStats::default(),
             pod_addresses: Mutex::new(None),
+            peer_book: watch::Sender::new(None),
         });
         let (dir_tx, directives) = watch::channel(None);
         let task = tokio::spawn(run(shared.clone(), cfg, dir_tx));
@@ -261,6 +264,12 @@ impl Reporter {
     #[must_use]
     pub fn directives(&self) -> watch::Receiver<Option<ConfigChange>> {
         self.directives.clone()
+    }
+
+    /// The latest peer book the aggregator sent (which addresses belong to which Node).
+    #[must_use]
+    pub fn peer_book(&self) -> Option<Arc<PeerBook>> {
+        self.shared.peer_book.borrow().clone()
     }
 
     /// Stops the stream task; unsent windows are discarded.
@@ -405,6 +414,9 @@ async fn session(
                     }
                     Some(directive::Kind::Config(c)) => {
                         dir_tx.send_replace(Some(c));
+                    }
+                    Some(directive::Kind::PeerBook(book)) => {
+                        shared.peer_book.send_replace(Some(Arc::new(book)));
                     }
                     None => {}
                 },

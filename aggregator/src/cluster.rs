@@ -155,6 +155,23 @@ impl ClusterReader {
         }
     }
 
+    /// The address book for the agents (`Directive.peer_book`): every Node's InternalIPs and pod
+    /// CIDRs, and the pod IPs its agent reported (host prefixes). No API call: the Node watch's
+    /// store and the ingested pod IPs.
+    #[must_use]
+    pub fn peer_book(&self) -> graywatch_proto::v1::PeerBook {
+        let mut nodes: BTreeMap<String, NodeView> = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), node_view(n, &self.policy)))
+            .collect();
+        if let Some(store) = &self.pod_addresses {
+            add_pod_addresses(&mut nodes, &store.pod_addresses());
+        }
+        peer_book_of(&nodes)
+    }
+
     /// Reads our Events in `namespace` (config `event_namespace`) rather than the default.
     #[must_use]
     pub fn with_event_namespace(mut self, namespace: String) -> Self {
@@ -280,6 +297,43 @@ impl ClusterReader {
         let nodes = self.nodes.clone();
         std::sync::Arc::new(move |name: &str| nodes.get(&reflector::ObjectRef::new(name)).is_some())
     }
+}
+
+/// Largest peer book sent to the agents (encoded): under the 1 MiB message limit. Nodes past it
+/// are left out (their agents' InternalIPs and pod CIDRs still come from the agents' own Node
+/// watch); a warning says so.
+pub const MAX_PEER_BOOK_BYTES: usize = 900 * 1024;
+
+/// The peer book of `nodes` (see [`ClusterReader::peer_book`]), at most [`MAX_PEER_BOOK_BYTES`].
+#[must_use]
+pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> graywatch_proto::v1::PeerBook {
+    use prost::Message;
+    let mut book = graywatch_proto::v1::PeerBook::default();
+    let mut bytes = 0;
+    for (name, view) in nodes {
+        let entry = graywatch_proto::v1::NodePeers {
+            node_name: name.clone(),
+            addresses: view.internal_ips.iter().map(ToString::to_string).collect(),
+            pod_cidrs: view.pod_cidrs.iter().map(ToString::to_string).collect(),
+        };
+        // Field tag and length prefix: a few bytes over the entry itself.
+        let size = entry.encoded_len() + 4;
+        if bytes + size > MAX_PEER_BOOK_BYTES {
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            tracing::warn!(
+                nodes = nodes.len(),
+                sent = book.nodes.len(),
+                "peer book over {MAX_PEER_BOOK_BYTES} bytes: the remaining nodes are left out"
+            );
+            break;
+        }
+        bytes += size;
+        book.nodes.push(entry);
+    }
+    book
 }
 
 /// One of our NodePool snapshot ConfigMaps, parsed.

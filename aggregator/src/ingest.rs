@@ -36,6 +36,19 @@ pub struct FleetStore {
     /// The pod IPs each node's agent reported last (sent on changes only, so kept apart from
     /// the per-window reports): how remote pod IPs outside any pod CIDR map to nodes.
     pod_addresses: Arc<Mutex<BTreeMap<String, Arc<[IpAddr]>>>>,
+    /// The address book handed to every agent (`Directive.peer_book`), published by the
+    /// decision loop from the Nodes and the reported pod IPs.
+    peer_book: PeerBookChannel,
+}
+
+/// The latest peer book for the ingest streams.
+#[derive(Debug, Clone)]
+struct PeerBookChannel(Arc<tokio::sync::watch::Sender<Option<Arc<v1::PeerBook>>>>);
+
+impl Default for PeerBookChannel {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
 }
 
 /// At most this many kinds of lost events per summary (the agent has a handful).
@@ -157,6 +170,23 @@ impl FleetStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(node.to_owned(), addresses.into());
+    }
+
+    /// Publishes the peer book for every stream; an unchanged book is not sent again.
+    pub fn publish_peer_book(&self, book: v1::PeerBook) {
+        self.peer_book.0.send_if_modified(|current| {
+            if current.as_deref() == Some(&book) {
+                return false;
+            }
+            *current = Some(Arc::new(book));
+            true
+        });
+    }
+
+    /// The peer book as it changes (the current one first).
+    #[must_use]
+    pub fn peer_book_updates(&self) -> tokio::sync::watch::Receiver<Option<Arc<v1::PeerBook>>> {
+        self.peer_book.0.subscribe()
     }
 
     /// Every node's last reported pod IPs.
@@ -361,6 +391,8 @@ impl Ingest for IngestService {
             })),
         };
         let _ = tx.send(Ok(hello)).await;
+        let mut books = this.store.peer_book_updates();
+        books.mark_changed();
         tokio::spawn(async move {
             let mut node: Option<String> = None;
             loop {
@@ -368,6 +400,19 @@ impl Ingest for IngestService {
                     () = this.shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("aggregator shutting down; reconnect"))).await;
                         return;
+                    }
+                    Ok(()) = books.changed() => {
+                        let book = books.borrow_and_update().clone();
+                        if let Some(book) = book {
+                            let directive = Directive {
+                                protocol_version: PROTOCOL_VERSION,
+                                kind: Some(directive::Kind::PeerBook((*book).clone())),
+                            };
+                            if tx.send(Ok(directive)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
                     }
                     msg = inbound.next() => match msg {
                         Some(m) => m,

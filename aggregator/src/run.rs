@@ -108,6 +108,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         metrics.steps.inc();
         let is_node = known_nodes.get_or_init(|| reader.node_lookup());
         let kept = store.retain_nodes(|n| is_node(n));
+        store.publish_peer_book(reader.peer_book());
         metrics.fleet_reports.set(i64::try_from(kept).unwrap_or(i64::MAX));
         let leader = *leader_rx.borrow();
         metrics.is_leader.set(i64::from(leader));

@@ -7,7 +7,7 @@ mod common;
 use std::{collections::BTreeSet, time::Duration};
 
 use common::*;
-use graywatch_proto::v1::{NodeSummary, PodAddresses, ingest_client::IngestClient};
+use graywatch_proto::v1::{NodeSummary, PodAddresses, directive, ingest_client::IngestClient};
 use tokio::sync::mpsc;
 
 const N: usize = 6;
@@ -98,6 +98,31 @@ async fn peers_named_by_pod_ips_outside_any_pod_cidr_are_evidence_about_their_no
         message.contains(&format!("{}/{} peers see it degraded", N - 1, N - 1)),
         "vantage evidence through pod IPs: {message}"
     );
+    // The aggregator hands the agents its peer book: node-3's reported pod IP is in node-3's
+    // entry, so the agents fold traffic to it into node-3's peer.
+    let mut client = IngestClient::connect(agg.endpoint()).await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pod_summary(0, 1_000_000, &BTreeSet::new())).await?;
+    let mut directives = client
+        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let wanted = format!("{}/32", pod_ip(3));
+    let entry = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(d) = directives.message().await? {
+            if let Some(directive::Kind::PeerBook(book)) = d.kind
+                && let Some(node) = book.nodes.into_iter().find(|n| n.node_name == "node-3")
+            {
+                return Ok::<_, tonic::Status>(Some(node));
+            }
+        }
+        Ok(None)
+    })
+    .await??
+    .expect("a peer book on the stream");
+    assert!(entry.pod_cidrs.contains(&wanted), "{entry:?}");
+    assert_eq!(entry.addresses, vec![node_ip(3)], "InternalIPs");
+    drop(tx);
     fleet.abort();
     Ok(())
 }
