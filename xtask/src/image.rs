@@ -22,12 +22,19 @@ const PACKAGES: [&str; 2] = ["buildah", "skopeo"];
 /// The aggregator needs no privileges: the conventional "nonroot" uid/gid of distroless images.
 const NONROOT: &str = "65532:65532";
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct ImageArgs {
     /// Also import the images into the running `cargo xtask cluster` containerd.
     #[arg(long)]
     pub load: bool,
+    /// Also build the test-only load image (`localhost/graywatch-stress:test`: Debian's
+    /// stress-ng in a scratch image) that the chart's lifecycle test runs as a faulty pod.
+    #[arg(long)]
+    pub test_images: bool,
 }
+
+/// The lifecycle test's load generator: not a product image, never pushed.
+pub const STRESS_IMAGE: &str = "localhost/graywatch-stress:test";
 
 struct Spec {
     package: &'static str,
@@ -112,6 +119,9 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&rootfs);
         built.push((tag, archive));
     }
+    if args.test_images {
+        built.push((STRESS_IMAGE.to_owned(), build_stress_image(&out)?));
+    }
     println!("{:<48} {:>10} {:>12}  archive", "image", "size", "gzip");
     for (tag, archive) in &built {
         let size = std::fs::metadata(archive)?.len();
@@ -133,6 +143,32 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Debian's stress-ng (installed by `cargo xtask setup`) and its libraries in a scratch image.
+fn build_stress_image(out: &Path) -> anyhow::Result<PathBuf> {
+    let rootfs = out.join("graywatch-stress.rootfs");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let dest = Path::new("usr/bin/stress-ng");
+    stage_binary(Path::new("/usr/bin/stress-ng"), &rootfs, dest)?;
+    // stress-ng's --hdd workers write their files into the working directory.
+    std::fs::create_dir_all(rootfs.join("tmp"))?;
+    let archive = out.join("graywatch-stress-test.tar");
+    build_scratch(
+        &ScratchImage {
+            tag: STRESS_IMAGE,
+            rootfs: &rootfs,
+            entrypoint: &["/usr/bin/stress-ng", "--temp-path", "/tmp"],
+            user: None,
+            labels: &[(
+                "org.opencontainers.image.description".to_string(),
+                "graywatch test load (stress-ng); not a product image".to_string(),
+            )],
+        },
+        &archive,
+    )?;
+    let _ = std::fs::remove_dir_all(&rootfs);
+    Ok(archive)
 }
 
 /// `appVersion` of deploy/helm/graywatch/Chart.yaml: the chart's default image tag.

@@ -473,7 +473,7 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
         let svc = find(&objs, "Service", "-aggregator")?;
         assert_eq!(svc["spec"]["selector"], dep["spec"]["selector"]["matchLabels"]);
 
-        // RBAC: nothing privileged; the agent reads pods; the aggregator exactly its list.
+        // RBAC: nothing privileged; the agent reads pods and Nodes; the aggregator exactly its list.
         for o in objs
             .iter()
             .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
@@ -482,12 +482,9 @@ fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::R
             assert!(!text.contains("\"*\""), "wildcard in {}: {text}", o["metadata"]["name"]);
         }
         let agent_role = find(&objs, "ClusterRole", "-agent")?;
-        assert_eq!(
-            grants(agent_role)?,
-            g("", "pods", "", &["get", "list", "watch"]),
-            "{}",
-            ctx()
-        );
+        let mut agent_grants = g("", "pods", "", &["get", "list", "watch"]);
+        agent_grants.extend(g("", "nodes", "", &["list", "watch"]));
+        assert_eq!(grants(agent_role)?, agent_grants, "{}", ctx());
         let agent_ns_role = find(&objs, "Role", "-agent")?;
         assert_eq!(agent_ns_role["metadata"]["namespace"], v.namespace);
         assert_eq!(
