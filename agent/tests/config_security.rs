@@ -48,8 +48,19 @@ fn https_needs_a_ca_and_a_ca_needs_https() {
         s.token_file.as_deref(),
         Some(std::path::Path::new("/var/run/secrets/graywatch/token"))
     );
-    // Plaintext with a token (e.g. inside a service mesh) is allowed.
-    let c = merge(&["--aggregator", "http://agg:7443", "--aggregator-token-file", "/t"]).unwrap();
+    // A token over plaintext is refused, naming the field and the explicit way out…
+    let err = merge(&["--aggregator", "http://agg:7443", "--aggregator-token-file", "/t"])
+        .expect_err("a bearer token must not cross the network in plaintext by default");
+    assert!(err.to_string().contains("aggregator_token_file"), "{err}");
+    // …which a service mesh that encrypts the hop may take.
+    let c = merge(&[
+        "--aggregator",
+        "http://agg:7443",
+        "--aggregator-token-file",
+        "/t",
+        "--aggregator-insecure-plaintext-token",
+    ])
+    .unwrap();
     assert!(!c.aggregator_security.tls());
 }
 

@@ -32,6 +32,8 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tracefs nodev /sys/kernel/tracing
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
+# Kernel messages (the hog's OOM kills) would interleave with the window on the console.
+dmesg -n 1
 mkdir -p /tmp
 ip link set lo up
 echo "+memory +cpu" > /sys/fs/cgroup/cgroup.subtree_control

@@ -476,6 +476,47 @@ impl Drop for ConditionRecorder {
     }
 }
 
+/// The memory charged to pod `uid`'s cgroup on this (the only) node: cgroup v2
+/// `memory.current`, or v1 `memory.usage_in_bytes` (kernel memory included) on hybrid hosts.
+fn pod_memory_bytes(uid: &str) -> Option<u64> {
+    fn find(dir: &Path, name: &str, depth: usize) -> Option<PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            // cgroupfs driver: pod<uid>; systemd driver: kubepods-…-pod<uid with _>.slice.
+            if file.contains(name) || file.contains(&name.replace('-', "_")) {
+                return Some(path);
+            }
+            if depth > 0
+                && let Some(found) = find(&path, name, depth - 1)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let name = format!("pod{uid}");
+    for (root, file) in [
+        ("/sys/fs/cgroup/memory", "memory.usage_in_bytes"),
+        ("/sys/fs/cgroup", "memory.current"),
+    ] {
+        let Some(dir) = find(Path::new(root), &name, 4) else {
+            continue;
+        };
+        if let Some(bytes) = std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Some(bytes);
+        }
+    }
+    None
+}
+
 /// Values for a one-node cluster, written once next to the test's other files.
 fn single_node_values() -> PathBuf {
     let path = std::env::temp_dir().join(format!("graywatch-lifecycle-{}-values.yaml", std::process::id()));
@@ -559,6 +600,24 @@ async fn the_chart_runs_on_a_real_kubelet_through_its_whole_lifecycle() {
     // token-review: summaries were accepted from an authenticated agent, none denied.
     let denied = cluster.aggregator_metric("graywatch_aggregator_denied_total", "").await;
     assert!(denied.abs() < f64::EPSILON, "no agent was denied: {denied}");
+
+    // What the agent pod's memory cgroup holds (the limit counts it, BPF maps included): a
+    // figure for the chart's requests and limit, printed, not asserted.
+    let agent_pods = cluster
+        .pods(NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .expect("list agent pods");
+    for pod in agent_pods.items {
+        let uid = pod.metadata.uid.unwrap_or_default();
+        match pod_memory_bytes(&uid) {
+            Some(bytes) => eprintln!(
+                "agent pod memory cgroup: {:.1} MiB (chart limit 128Mi)",
+                bytes as f64 / 1_048_576.0
+            ),
+            None => eprintln!("agent pod memory cgroup: not found for pod {uid}"),
+        }
+    }
 
     // 2. A fault the node's own agent sees.
     eprintln!("== memory thrash in a pod under a memory limit");
