@@ -131,9 +131,11 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
             // A new engine (start, restart, new leader) inherits the action budget spent
             // before: never act on a fresh one.
             match reader.past_actions(now, cfg.policy.rate_window_ms).await {
-                Ok(past) => {
+                Ok(mut past) => {
+                    let unrecorded = with_unrecorded_taints(&mut past, &input.nodes, now);
                     tracing::info!(
                         actions = past.len(),
+                        unrecorded_taints = unrecorded,
                         window_ms = cfg.policy.rate_window_ms,
                         "action budget rebuilt from our Events"
                     );
@@ -208,4 +210,66 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Our taints on Nodes with no taint Event of ours in `past` are spent actions too: a crash
+/// between the taint and its audit Event (the taint is written first) must not hand the next
+/// engine a fresh budget. They count as taken `now` (conservative: the real time is unknown).
+/// Returns how many were added.
+fn with_unrecorded_taints(
+    past: &mut Vec<crate::core::model::PastAction>,
+    nodes: &std::collections::BTreeMap<String, crate::core::model::NodeView>,
+    now: crate::core::model::Millis,
+) -> usize {
+    let before = past.len();
+    for (name, view) in nodes {
+        let recorded = past
+            .iter()
+            .any(|a| !a.claim_deletion && a.node.as_deref() == Some(name.as_str()));
+        if view.tainted && !recorded {
+            tracing::info!(node = %name, "our taint has no audit Event (a restart between the two): counted as spent");
+            past.push(crate::core::model::PastAction {
+                at_ms: now,
+                node: Some(name.clone()),
+                claim_deletion: false,
+            });
+        }
+    }
+    past.len() - before
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::with_unrecorded_taints;
+    use crate::core::model::{NodeView, PastAction};
+
+    #[test]
+    fn a_taint_without_its_event_is_a_spent_action() {
+        let view = |tainted| NodeView {
+            tainted,
+            ..NodeView::default()
+        };
+        let nodes: BTreeMap<String, NodeView> = [
+            ("recorded".to_owned(), view(true)),
+            ("unrecorded".to_owned(), view(true)),
+            ("clean".to_owned(), view(false)),
+        ]
+        .into();
+        let mut past = vec![PastAction {
+            at_ms: 5,
+            node: Some("recorded".into()),
+            claim_deletion: false,
+        }];
+        assert_eq!(with_unrecorded_taints(&mut past, &nodes, 100), 1);
+        assert_eq!(
+            past[1],
+            PastAction {
+                at_ms: 100,
+                node: Some("unrecorded".into()),
+                claim_deletion: false
+            }
+        );
+    }
 }
