@@ -11,6 +11,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::summary::PodRef;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error(
@@ -92,6 +94,17 @@ pub struct PodCgroup {
     pub uid: String,
     /// Container id when the cgroup is a container's, not the pod's.
     pub container_id: Option<String>,
+}
+
+impl From<PodCgroup> for PodRef {
+    fn from(p: PodCgroup) -> Self {
+        PodRef {
+            uid: p.uid,
+            namespace: None,
+            name: None,
+            container_id: p.container_id,
+        }
+    }
 }
 
 /// Recognises kubelet pod cgroups in a cgroup path (relative to the hierarchy root):

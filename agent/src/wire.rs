@@ -7,7 +7,11 @@ use graywatch_proto::{
 };
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 
-use crate::{peers::PeerWindow, scoring::LocalFamilyScore, signals::net::RttBuckets, summary::WindowSummary};
+use crate::{
+    peers::PeerWindow,
+    scoring::LocalFamilyScore,
+    summary::{RttBuckets, WindowSummary},
+};
 
 /// Per-peer RTT histograms stop being attached once they add up to this many bytes (node peers
 /// come first): the aggregator refuses summaries over 1 MiB, and the figures stay either way.

@@ -16,7 +16,8 @@ use std::{
 
 use serde::Serialize;
 
-use super::psi::{Psi, PsiError, PsiWindow, is_unavailable, parse_psi, window};
+use super::psi::{PsiError, is_unavailable, parse_psi, window};
+use crate::summary::{CgroupWindow, Psi};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupFileError {
@@ -333,22 +334,6 @@ pub fn read_cgroup_stats(layout: &CgroupLayout, rel: &str) -> Result<CgroupStats
         }
     }
     Ok(stats)
-}
-
-/// A cgroup's figures over one window. Deltas are `None` on the first window and when the source
-/// is missing.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct CgroupWindow {
-    pub path: String,
-    pub pod_uid: Option<String>,
-    pub memory_pressure: Option<PsiWindow>,
-    pub cpu_pressure: Option<PsiWindow>,
-    pub oom_kills: Option<u64>,
-    pub memory_high_events: Option<u64>,
-    pub throttled_periods: Option<u64>,
-    /// Throttled periods / elapsed periods in the window, in %.
-    pub throttled_pct: Option<f64>,
-    pub throttled_ms: Option<f64>,
 }
 
 /// Turns two readings of one cgroup into a window.
