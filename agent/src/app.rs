@@ -104,7 +104,7 @@ impl Collector {
         let cgroups = match CgroupResolver::discover(options.cgroup_root.as_deref(), Path::new("/proc/self/mountinfo"))
         {
             Ok(cgroups) => {
-                info!(root = ?cgroups.root(), layout = ?cgroups.layout(), "cgroup hierarchy");
+                info!(root = ?cgroups.root(), mode = ?cgroups.mode(), "cgroup hierarchy");
                 cgroups
             }
             Err(error @ crate::cgroups::CgroupError::NoUnifiedHierarchy { .. }) => {

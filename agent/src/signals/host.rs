@@ -10,13 +10,14 @@ use graywatch_common::{CGROUP_V2, ReclaimEndFields, TaskOffsets};
 use tracing::warn;
 
 use super::{
-    cgroup_stats::{CgroupLayout, CgroupStatsCollector},
+    cgroup_stats::CgroupStatsCollector,
     cpu_contention::{self, RunqReader, choose_hierarchies, parse_proc_cgroups},
     cpu_steal::CpuStealCollector,
     memory_pressure::{self, MemoryPressureReader},
     psi::NodePsiCollector,
 };
 use crate::{
+    cgroups::CgroupLayout,
     config::{CgroupAttribution, HostPaths},
     ebpf::{EbpfError, KernelPrograms, ProgramGlobals, ProgramGroup, ProgramSpec, typed_map},
     kernel_layout::KernelLayout,
