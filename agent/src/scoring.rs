@@ -111,13 +111,7 @@ impl LocalScorer {
         if let Some(steal) = &summary.cpu.steal {
             self.feed(Family::CpuContention, "cpu steal".into(), "%", t, steal.node_pct);
         }
-        let worst_runq = summary
-            .cpu
-            .run_queue
-            .iter()
-            .map(|w| w.latency.p99_us)
-            .fold(f64::NAN, f64::max);
-        if worst_runq.is_finite() {
+        if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
             self.feed(
                 Family::CpuContention,
                 "run-queue p99 (worst workload)".into(),

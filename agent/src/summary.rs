@@ -6,7 +6,6 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use graywatch_common::{RTT_BUCKETS, rtt_bucket_bounds};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// Everything one node measured in one window.
@@ -116,7 +115,7 @@ pub struct FlowWindow {
     /// retransmits / segments sent; `None` when nothing was sent.
     pub retransmit_ratio: Option<f64>,
     /// The window's RTT distribution as the kernel's bucket counts (small: the per-flow HDR
-    /// histograms of ~24 KiB each were most of a busy node's memory), for the wire summary.
+    /// histograms of ~24 KiB each were most of a busy node's memory), for peers and scoring.
     #[serde(skip)]
     pub rtt_buckets: RttBuckets,
 }
@@ -153,6 +152,14 @@ pub struct CpuWindow {
     /// `None` on the first window or when the kernel has no steal column.
     pub steal: Option<StealWindow>,
     pub run_queue: Vec<WorkloadRunq>,
+}
+
+impl CpuWindow {
+    /// The worst workload's run-queue p99 (µs); `None` without run-queue figures.
+    pub fn worst_run_queue_p99_us(&self) -> Option<f64> {
+        let worst = self.run_queue.iter().map(|w| w.latency.p99_us).fold(f64::NAN, f64::max);
+        worst.is_finite().then_some(worst)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -330,15 +337,14 @@ pub struct CgroupWindow {
     pub throttled_ms: Option<f64>,
 }
 
-/// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the histograms track.
+/// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the buckets report.
 fn bucket_midpoint(index: usize) -> u64 {
     let (low, width) = rtt_bucket_bounds(index);
     (low + width / 2).clamp(1, MAX_RTT_US)
 }
 
 /// A window's RTT distribution as the kernel's log-linear bucket counts, kept sparse: a few
-/// dozen bytes per flow where an HDR histogram costs ~24 KiB. HDR histograms are built from it
-/// only where a distribution goes on the wire ([`RttBuckets::to_histogram`]), one at a time.
+/// dozen bytes per flow where an HDR histogram costs ~24 KiB.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RttBuckets {
     /// (bucket index, count), ascending by index, counts > 0.
@@ -423,21 +429,7 @@ impl RttBuckets {
             .map(|(i, c)| c.saturating_mul(bucket_midpoint(usize::from(*i))))
             .fold(0u64, u64::saturating_add)
     }
-
-    /// HDR histogram of the distribution, each bucket recorded at its midpoint.
-    pub fn to_histogram(&self) -> Histogram<u64> {
-        let mut histogram = new_histogram();
-        for (index, count) in &self.counts {
-            histogram.saturating_record_n(bucket_midpoint(usize::from(*index)), *count);
-        }
-        histogram
-    }
 }
 
-/// Highest RTT the histograms track (10 minutes); larger samples are clamped.
-pub const MAX_RTT_US: u64 = 600_000_000;
-
-fn new_histogram() -> Histogram<u64> {
-    // Two significant digits match the kernel buckets' ~6% resolution.
-    Histogram::new_with_bounds(1, MAX_RTT_US, 2).expect("static histogram bounds are valid")
-}
+/// Highest RTT the buckets report (10 minutes); larger samples are clamped.
+const MAX_RTT_US: u64 = 600_000_000;

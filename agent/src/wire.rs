@@ -5,17 +5,12 @@ use graywatch_proto::{
     PROTOCOL_VERSION,
     v1::{Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Window},
 };
-use hdrhistogram::serialization::{Serializer, V2Serializer};
 
 use crate::{
     peers::PeerWindow,
     scoring::LocalFamilyScore,
     summary::{RttBuckets, WindowSummary},
 };
-
-/// Per-peer RTT histograms stop being attached once they add up to this many bytes (node peers
-/// come first): the aggregator refuses summaries over 1 MiB, and the figures stay either way.
-const PEER_HISTOGRAM_BUDGET_BYTES: usize = 256 * 1024;
 
 /// Who is reporting (stable for the agent's lifetime).
 #[derive(Debug, Clone, Default)]
@@ -82,16 +77,6 @@ pub fn proto_family(family: DetectFamily) -> Family {
     }
 }
 
-fn serialize(histogram: &hdrhistogram::Histogram<u64>) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    // Serializing into a Vec cannot fail for histograms we built ourselves; an empty payload
-    // just means "no distribution" on the wire.
-    if V2Serializer::new().serialize(histogram, &mut bytes).is_err() {
-        bytes.clear();
-    }
-    bytes
-}
-
 /// Builds the wire summary of window `seq` from the window and its peers (computed once per
 /// window, see [`crate::peers::peers`]).
 pub fn node_summary(
@@ -103,7 +88,7 @@ pub fn node_summary(
 ) -> NodeSummary {
     let mut families = Vec::new();
 
-    // Network latency: the node's RTT p99 over every peer, with the merged distribution.
+    // Network latency: the node's RTT p99 over every peer's merged distribution.
     let mut all_rtt = RttBuckets::default();
     for rtt in peers.iter().filter_map(|p| p.rtt.as_ref()) {
         all_rtt.add(rtt);
@@ -114,7 +99,6 @@ pub fn node_summary(
             value: p99 as f64,
             unit: "us".into(),
             samples: all_rtt.samples(),
-            hdr_histogram: serialize(&all_rtt.to_histogram()),
         });
     }
     let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
@@ -125,7 +109,6 @@ pub fn node_summary(
             value: 100.0 * retransmits as f64 / segments as f64,
             unit: "percent".into(),
             samples: segments,
-            hdr_histogram: Vec::new(),
         });
     }
     if let Some(steal) = &summary.cpu.steal {
@@ -134,23 +117,14 @@ pub fn node_summary(
             value: steal.node_pct,
             unit: "percent".into(),
             samples: 1,
-            hdr_histogram: Vec::new(),
         });
     }
-    let runq_samples: u64 = summary.cpu.run_queue.iter().map(|w| w.latency.samples).sum();
-    let worst_runq = summary
-        .cpu
-        .run_queue
-        .iter()
-        .map(|w| w.latency.p99_us)
-        .fold(f64::NAN, f64::max);
-    if worst_runq.is_finite() {
+    if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
         families.push(FamilyFigures {
             family: Family::CpuContention.into(),
             value: worst_runq,
             unit: "us".into(),
-            samples: runq_samples,
-            hdr_histogram: Vec::new(),
+            samples: summary.cpu.run_queue.iter().map(|w| w.latency.samples).sum(),
         });
     }
     if let Some(pct) = summary.pressure.node.memory.as_ref().and_then(|m| m.some_pct) {
@@ -159,7 +133,6 @@ pub fn node_summary(
             value: pct,
             unit: "percent".into(),
             samples: 1,
-            hdr_histogram: Vec::new(),
         });
     }
 
@@ -179,39 +152,20 @@ pub fn node_summary(
             end_unix_ms: i64::try_from(end).unwrap_or(i64::MAX),
         }),
         families,
-        peers: {
-            // One HDR histogram (~24 KiB) alive at a time, within the byte budget.
-            let mut budget = PEER_HISTOGRAM_BUDGET_BYTES;
-            peers
-                .iter()
-                .map(|p| {
-                    let mut histogram = Vec::new();
-                    if budget > 0
-                        && let Some(rtt) = &p.rtt
-                    {
-                        histogram = serialize(&rtt.to_histogram());
-                        if histogram.len() > budget {
-                            histogram.clear();
-                            budget = 0;
-                        } else {
-                            budget -= histogram.len();
-                        }
-                    }
-                    PeerStats {
-                        remote_addr: p.remote.to_string(),
-                        rtt_samples: p.rtt_samples,
-                        rtt_p50_us: p.rtt_p50_us.unwrap_or(0.0),
-                        rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
-                        rtt_hdr_histogram: histogram,
-                        segments_out: p.segments_out,
-                        retransmits: p.retransmits,
-                        node_name: p.node.as_deref().unwrap_or_default().to_owned(),
-                        remote_addresses: p.addresses,
-                        external: p.external,
-                    }
-                })
-                .collect()
-        },
+        peers: peers
+            .iter()
+            .map(|p| PeerStats {
+                remote_addr: p.remote.to_string(),
+                rtt_samples: p.rtt_samples,
+                rtt_p50_us: p.rtt_p50_us.unwrap_or(0.0),
+                rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
+                segments_out: p.segments_out,
+                retransmits: p.retransmits,
+                node_name: p.node.as_deref().unwrap_or_default().to_owned(),
+                remote_addresses: p.addresses,
+                external: p.external,
+            })
+            .collect(),
         pod_addresses: None,
         lost_events: summary.lost_events.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         // Families still warming up send no score: the aggregator treats that as no evidence.
@@ -231,8 +185,6 @@ pub fn node_summary(
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-
-    use hdrhistogram::serialization::Deserializer;
 
     use super::*;
     use crate::scoring::tests::{peers_of, window_with, window_with_flows};
@@ -277,10 +229,7 @@ mod tests {
             .find(|f| f.family == i32::from(Family::NetworkLatency))
             .expect("latency");
         assert!((latency.value - 2_000.0).abs() < 140.0, "{latency:?}");
-        let histogram: hdrhistogram::Histogram<u64> = Deserializer::new()
-            .deserialize(&mut latency.hdr_histogram.as_slice())
-            .expect("valid HDR payload");
-        assert_eq!(histogram.len(), 40);
+        assert_eq!(latency.samples, 40);
         let loss = msg
             .families
             .iter()

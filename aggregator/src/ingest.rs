@@ -358,9 +358,6 @@ pub struct IngestService {
     pub gate: crate::gate::Gate,
     pub metrics: Arc<Metrics>,
     pub max_peers: usize,
-    pub report_interval_ms: u32,
-    /// Detector settings handed to every agent in the first `ConfigChange`.
-    pub agent_settings: std::collections::HashMap<String, String>,
     /// Ends every open stream (UNAVAILABLE, "shutting down") so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -382,15 +379,6 @@ impl Ingest for IngestService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(16);
         let this = self.clone();
-        // Tell the agent how often to report.
-        let hello = Directive {
-            protocol_version: PROTOCOL_VERSION,
-            kind: Some(directive::Kind::Config(v1::ConfigChange {
-                report_interval_ms: this.report_interval_ms,
-                settings: this.agent_settings.clone(),
-            })),
-        };
-        let _ = tx.send(Ok(hello)).await;
         let mut books = this.store.peer_book_updates();
         books.mark_changed();
         tokio::spawn(async move {
