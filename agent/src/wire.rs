@@ -1,6 +1,5 @@
 //! Window summary → `graywatch.v1.NodeSummary`, the message streamed to the aggregator.
 
-use graywatch_detect::Family as DetectFamily;
 use graywatch_proto::{
     PROTOCOL_VERSION,
     v1::{Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Window},
@@ -65,15 +64,6 @@ impl Identity {
             addresses,
             agent_started_ns: boottime_ns(),
         }
-    }
-}
-
-pub fn proto_family(family: DetectFamily) -> Family {
-    match family {
-        DetectFamily::NetworkLatency => Family::NetworkLatency,
-        DetectFamily::PacketLoss => Family::PacketLoss,
-        DetectFamily::CpuContention => Family::CpuContention,
-        DetectFamily::MemoryPressure => Family::MemoryPressure,
     }
 }
 
@@ -173,7 +163,7 @@ pub fn node_summary(
             .iter()
             .filter_map(|s| {
                 s.score.map(|score| LocalScore {
-                    family: proto_family(s.family).into(),
+                    family: Family::from(s.family).into(),
                     score,
                     reason: s.reason.clone(),
                 })
@@ -203,12 +193,12 @@ mod tests {
         let window = window_with(Ipv4Addr::new(10, 0, 0, 9), 2_000, 40, 1_000, 25);
         let scores = vec![
             LocalFamilyScore {
-                family: DetectFamily::NetworkLatency,
+                family: graywatch_proto::Family::NetworkLatency,
                 score: Some(0.9),
                 reason: "rtt".into(),
             },
             LocalFamilyScore {
-                family: DetectFamily::MemoryPressure,
+                family: graywatch_proto::Family::MemoryPressure,
                 score: None,
                 reason: "warming up".into(),
             },
