@@ -96,8 +96,11 @@ pub trait ProgramGlobals: Sized {
 /// (`Err(why)`: their signals are unavailable, the rest of the agent runs).
 pub struct ProgramGroup<'a, G> {
     pub programs: &'a [ProgramSpec],
-    pub resolve: Box<dyn FnOnce(&KernelLayout, &Tracefs) -> Result<G, String> + 'a>,
+    pub resolve: ResolveGlobals<'a, G>,
 }
+
+/// Resolves a group's globals from this kernel's BTF layout and tracepoint formats.
+pub type ResolveGlobals<'a, G> = Box<dyn FnOnce(&KernelLayout, &Tracefs) -> Result<G, String> + 'a>;
 
 /// A kernel program and the tracepoint it attaches to.
 struct TracepointProgram {
