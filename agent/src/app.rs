@@ -16,13 +16,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cgroups::{CgroupResolver, parse_pod_cgroup},
-    config::{Config, KubeMode, OutputFormat},
+    config::{CgroupAttribution, Config, HostPaths, KubeMode, OutputFormat},
     ebpf::{KernelPrograms, LoadOptions},
     http::{self, Health, now_ms},
     metrics::Metrics,
     pods::PodDirectory,
     signals::{
-        host::{HostPaths, HostSignals},
+        host::{HostGlobals, HostSignals},
         net::{NetCollector, network_window},
     },
     summary::{PodRef, WindowSummary, Workload},
@@ -46,8 +46,12 @@ pub struct Collector {
 pub struct CollectorOptions {
     pub node: String,
     pub load: LoadOptions,
+    pub paths: HostPaths,
     pub cgroup_root: Option<PathBuf>,
     pub scope: Option<String>,
+    /// Cgroups reported besides the pods (relative to each hierarchy root).
+    pub watch_cgroups: Vec<String>,
+    pub cgroup_attribution: CgroupAttribution,
 }
 
 impl CollectorOptions {
@@ -56,8 +60,11 @@ impl CollectorOptions {
         Self {
             node: node.to_owned(),
             load: LoadOptions::default(),
+            paths: HostPaths::default(),
             cgroup_root: None,
             scope: None,
+            watch_cgroups: Vec::new(),
+            cgroup_attribution: CgroupAttribution::default(),
         }
     }
 }
@@ -70,10 +77,12 @@ impl From<&Config> for CollectorOptions {
                 tracefs: config.tracefs.clone(),
                 btf: config.btf.clone(),
                 rtt_source: config.rtt_source,
-                ..LoadOptions::default()
             },
+            paths: config.paths.clone(),
             cgroup_root: config.cgroup_root.clone(),
             scope: config.cgroup_scope.clone(),
+            watch_cgroups: config.watch_cgroups.clone(),
+            cgroup_attribution: config.cgroup_attribution,
         }
     }
 }
@@ -83,13 +92,19 @@ impl Collector {
     pub fn start(options: &CollectorOptions, pods: PodDirectory) -> anyhow::Result<Self> {
         // Fail with the fix named rather than with aya's bare "tracefs not found" at attach.
         crate::tracefs::check_attachable(&options.load.tracefs).context("checking tracefs")?;
-        let mut programs = KernelPrograms::load(&options.load).context("starting the kernel programs")?;
+        let paths = &options.paths;
+        let mut programs = KernelPrograms::load(
+            &options.load,
+            &paths.procfs,
+            HostGlobals::program_group(paths, options.cgroup_attribution),
+        )
+        .context("starting the kernel programs")?;
         let net = NetCollector::new(&mut programs)?;
-        let host = HostSignals::new(&HostPaths::from_env(), &mut programs)?;
+        let host = HostSignals::new(paths, &options.watch_cgroups, &mut programs)?;
         let cgroups = match CgroupResolver::discover(options.cgroup_root.as_deref(), Path::new("/proc/self/mountinfo"))
         {
             Ok(cgroups) => {
-                info!(root = ?cgroups.root(), layout = ?cgroups.layout(), "cgroup hierarchy");
+                info!(root = ?cgroups.root(), mode = ?cgroups.mode(), "cgroup hierarchy");
                 cgroups
             }
             Err(error @ crate::cgroups::CgroupError::NoUnifiedHierarchy { .. }) => {

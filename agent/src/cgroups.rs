@@ -1,4 +1,6 @@
-//! cgroup ids → cgroup paths → pods.
+//! The agent's one cgroup model: which hierarchies the host mounts ([`CgroupMode`], as vector's
+//! host_metrics has it: legacy v1, hybrid, modern v2) and where ([`CgroupLayout`]), which paths
+//! are kubelet's pod cgroups ([`parse_pod_cgroup`]), and cgroup ids → cgroup paths → pods.
 //!
 //! The kernel programs key everything by cgroup v2 id, which is the inode number of the cgroup's
 //! directory in the v2 hierarchy. We find that hierarchy (pure v2 at /sys/fs/cgroup, or the
@@ -10,6 +12,8 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
+
+use crate::summary::PodRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -26,20 +30,75 @@ pub enum CgroupError {
     },
 }
 
-/// Which cgroup layout the host runs.
+/// Which cgroup hierarchies a host mounts (the three modes of vector's host_metrics cgroups).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CgroupLayout {
-    /// Only cgroup v2 (EKS AL2023, recent distributions).
-    Unified,
-    /// v1 controllers plus a v2 hierarchy without controllers (systemd's "hybrid").
+pub enum CgroupMode {
+    /// cgroup v1 only (older AMIs).
+    Legacy,
+    /// v1 controllers under `<root>/<controller>` plus a v2 hierarchy without controllers at
+    /// `<root>/unified` that still carries PSI files (systemd's "hybrid", the dev/CI machine).
     Hybrid,
+    /// cgroup v2 only (EKS AL2023, recent distributions).
+    Modern,
+}
+
+impl CgroupMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CgroupMode::Legacy => "v1",
+            CgroupMode::Hybrid => "hybrid",
+            CgroupMode::Modern => "v2",
+        }
+    }
+}
+
+/// Where a host's hierarchies are under its cgroup mount root (default `/sys/fs/cgroup`,
+/// overridable for a DaemonSet that mounts the host's at e.g. `/host/sys/fs/cgroup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupLayout {
+    pub mode: CgroupMode,
+    root: PathBuf,
+    /// The v2 hierarchy (where PSI files and the eBPF cgroup ids live), if any.
+    v2: Option<PathBuf>,
+}
+
+impl CgroupLayout {
+    pub fn detect(root: &Path) -> Self {
+        let (mode, v2) = if root.join("cgroup.controllers").exists() {
+            (CgroupMode::Modern, Some(root.to_owned()))
+        } else if root.join("unified/cgroup.controllers").exists() {
+            (CgroupMode::Hybrid, Some(root.join("unified")))
+        } else {
+            (CgroupMode::Legacy, None)
+        };
+        Self {
+            mode,
+            root: root.to_owned(),
+            v2,
+        }
+    }
+
+    /// The v2 hierarchy (where PSI files and the eBPF cgroup ids live), if any.
+    pub fn v2_root(&self) -> Option<&Path> {
+        self.v2.as_deref()
+    }
+
+    /// The v1 hierarchy of `controller` (`cpu`, `memory`), if the layout has v1.
+    pub fn v1_root(&self, controller: &str) -> Option<PathBuf> {
+        if self.mode == CgroupMode::Modern {
+            return None;
+        }
+        // Some distributions co-mount cpu and cpuacct as `cpu,cpuacct`, with `cpu` a symlink.
+        let dir = self.root.join(controller);
+        dir.exists().then_some(dir)
+    }
 }
 
 /// Finds the cgroup v2 mount point from a mountinfo text (e.g. /proc/self/mountinfo).
 ///
-/// Returns the mount point and whether v1 controllers are mounted too.
-pub fn find_unified_mount(mountinfo: &str) -> Option<(PathBuf, CgroupLayout)> {
+/// Returns the mount point and the mode: hybrid when v1 controllers are mounted too.
+pub fn find_unified_mount(mountinfo: &str) -> Option<(PathBuf, CgroupMode)> {
     let mut unified = None;
     let mut has_v1 = false;
     for line in mountinfo.lines() {
@@ -55,12 +114,8 @@ pub fn find_unified_mount(mountinfo: &str) -> Option<(PathBuf, CgroupLayout)> {
             _ => {}
         }
     }
-    let layout = if has_v1 {
-        CgroupLayout::Hybrid
-    } else {
-        CgroupLayout::Unified
-    };
-    unified.map(|path| (path, layout))
+    let mode = if has_v1 { CgroupMode::Hybrid } else { CgroupMode::Modern };
+    unified.map(|path| (path, mode))
 }
 
 /// mountinfo escapes spaces and a few other bytes as octal `\040`.
@@ -85,30 +140,68 @@ fn unescape_mount(s: &str) -> String {
     out
 }
 
-/// A pod's identity as far as the cgroup path tells it.
+/// Kubernetes QoS class as encoded in the cgroup path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+/// A pod's cgroup as far as its path tells it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct PodCgroup {
-    /// Pod UID with dashes (as in the Pod object).
+    /// The pod's own cgroup, relative to the hierarchy root as given (e.g.
+    /// `kubepods/burstable/pod<uid>` or
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice`).
+    pub path: String,
+    /// Pod UID with dashes (as in the Pod object; the systemd driver writes underscores).
     pub uid: String,
-    /// Container id when the cgroup is a container's, not the pod's.
+    pub qos: QosClass,
+    /// Container id when the path is a container's cgroup below the pod's.
     pub container_id: Option<String>,
 }
 
-/// Recognises kubelet pod cgroups in a cgroup path (relative to the hierarchy root):
-/// cgroupfs driver `/kubepods/burstable/pod<uid>/<container>` and systemd driver
-/// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/cri-containerd-<id>.scope`.
-pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
-    let mut components = path.split('/').filter(|c| !c.is_empty());
-    let mut uid = None;
-    for component in components.by_ref() {
-        if let Some(found) = pod_uid_from_component(component) {
-            uid = Some(found);
-            break;
+impl From<PodCgroup> for PodRef {
+    fn from(p: PodCgroup) -> Self {
+        PodRef {
+            uid: p.uid,
+            namespace: None,
+            name: None,
+            container_id: p.container_id,
         }
     }
-    let uid = uid?;
-    let container_id = components.next().map(container_id_from_component);
-    Some(PodCgroup { uid, container_id })
+}
+
+/// Recognises kubelet pod cgroups in a cgroup path (relative to a hierarchy root, at any prefix
+/// such as a `kubelet.slice` parent): cgroupfs driver `kubepods/burstable/pod<uid>/<container>`
+/// and systemd driver
+/// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/cri-containerd-<id>.scope`.
+/// Container cgroups below a pod yield the pod (with the container id).
+pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
+    let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let (index, uid) = components
+        .iter()
+        .enumerate()
+        .find_map(|(i, component)| Some((i, pod_uid_from_component(component)?)))?;
+    let pod = &components[..=index];
+    // cgroupfs: a `burstable` / `besteffort` parent; systemd: `kubepods-burstable-pod<uid>`.
+    let qos = pod
+        .iter()
+        .flat_map(|component| component.strip_suffix(".slice").unwrap_or(component).split('-'))
+        .find_map(|word| match word {
+            "burstable" => Some(QosClass::Burstable),
+            "besteffort" => Some(QosClass::BestEffort),
+            _ => None,
+        })
+        .unwrap_or(QosClass::Guaranteed);
+    Some(PodCgroup {
+        path: pod.join("/"),
+        uid,
+        qos,
+        container_id: components.get(index + 1).map(|c| container_id_from_component(c)),
+    })
 }
 
 fn pod_uid_from_component(component: &str) -> Option<String> {
@@ -129,12 +222,40 @@ fn container_id_from_component(component: &str) -> String {
     name.rsplit('-').next().unwrap_or(name).to_owned()
 }
 
+/// Pod cgroups found under a hierarchy root (depth-limited walk of the kubepods subtree).
+pub fn find_pod_cgroups(hierarchy: &Path) -> Vec<PodCgroup> {
+    let mut found = Vec::new();
+    let mut stack = vec![(hierarchy.to_owned(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(rel) = path.strip_prefix(hierarchy) else {
+                continue;
+            };
+            let rel = rel.to_string_lossy();
+            if let Some(pod) = parse_pod_cgroup(&rel) {
+                found.push(pod);
+            } else if depth < 4 && (rel.contains("kubepods") || depth < 1) {
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}
+
 /// Maps cgroup v2 ids to paths by indexing the hierarchy's directory inodes.
 #[derive(Debug)]
 pub struct CgroupResolver {
     /// `None` on hosts without a cgroup v2 hierarchy.
     root: Option<PathBuf>,
-    layout: CgroupLayout,
+    mode: CgroupMode,
     by_id: HashMap<u64, String>,
 }
 
@@ -146,8 +267,8 @@ impl CgroupResolver {
             source,
         })?;
         let found = find_unified_mount(&mountinfo);
-        let (root, layout) = match (root, found) {
-            (Some(root), found) => (root.to_owned(), found.map_or(CgroupLayout::Unified, |f| f.1)),
+        let (root, mode) = match (root, found) {
+            (Some(root), found) => (root.to_owned(), found.map_or(CgroupMode::Modern, |f| f.1)),
             (None, Some(found)) => found,
             (None, None) => {
                 return Err(CgroupError::NoUnifiedHierarchy {
@@ -158,7 +279,7 @@ impl CgroupResolver {
         };
         let mut resolver = Self {
             root: Some(root),
-            layout,
+            mode,
             by_id: HashMap::new(),
         };
         resolver.rescan();
@@ -169,7 +290,7 @@ impl CgroupResolver {
     pub fn unavailable() -> Self {
         Self {
             root: None,
-            layout: CgroupLayout::Hybrid,
+            mode: CgroupMode::Legacy,
             by_id: HashMap::new(),
         }
     }
@@ -179,8 +300,8 @@ impl CgroupResolver {
         self.root.as_deref()
     }
 
-    pub fn layout(&self) -> CgroupLayout {
-        self.layout
+    pub fn mode(&self) -> CgroupMode {
+        self.mode
     }
 
     /// The cgroup path (`/` for the root) of `id`, rescanning once on a miss for new cgroups.
@@ -232,12 +353,12 @@ mod tests {
 27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(
             find_unified_mount(hybrid),
-            Some((PathBuf::from("/sys/fs/cgroup/unified"), CgroupLayout::Hybrid))
+            Some((PathBuf::from("/sys/fs/cgroup/unified"), CgroupMode::Hybrid))
         );
         let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
             find_unified_mount(unified),
-            Some((PathBuf::from("/sys/fs/cgroup"), CgroupLayout::Unified))
+            Some((PathBuf::from("/sys/fs/cgroup"), CgroupMode::Modern))
         );
         assert_eq!(
             find_unified_mount("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
@@ -258,36 +379,70 @@ mod tests {
     #[test]
     fn recognises_cgroupfs_and_systemd_pod_paths() {
         let uid = "8f0a3c52-7d3e-4a5e-9d2b-1c2d3e4f5a6b";
-        let cgroupfs = format!("/kubepods/burstable/pod{uid}/0123456789abcdef");
-        assert_eq!(
-            parse_pod_cgroup(&cgroupfs),
-            Some(PodCgroup {
-                uid: uid.into(),
-                container_id: Some("0123456789abcdef".into())
-            })
-        );
-        let systemd = format!(
-            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-abc123.scope",
-            uid.replace('-', "_")
-        );
-        assert_eq!(
-            parse_pod_cgroup(&systemd),
-            Some(PodCgroup {
-                uid: uid.into(),
-                container_id: Some("abc123".into())
-            })
-        );
-        let guaranteed = format!("/kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_"));
-        assert_eq!(
-            parse_pod_cgroup(&guaranteed),
-            Some(PodCgroup {
-                uid: uid.into(),
-                container_id: None
-            })
-        );
-        assert_eq!(parse_pod_cgroup("/system.slice/sshd.service"), None);
-        assert_eq!(parse_pod_cgroup("/user.slice/podman-pod.scope"), None);
-        assert_eq!(parse_pod_cgroup(""), None);
+        let under = uid.replace('-', "_");
+        let pod = |path: String, qos, container_id: Option<&str>| PodCgroup {
+            path,
+            uid: uid.into(),
+            qos,
+            container_id: container_id.map(str::to_owned),
+        };
+        let cases = [
+            (
+                format!("/kubepods/burstable/pod{uid}/0123456789abcdef"),
+                pod(
+                    format!("kubepods/burstable/pod{uid}"),
+                    QosClass::Burstable,
+                    Some("0123456789abcdef"),
+                ),
+            ),
+            (
+                format!("kubepods/pod{uid}"),
+                pod(format!("kubepods/pod{uid}"), QosClass::Guaranteed, None),
+            ),
+            (
+                format!("kubepods/besteffort/pod{uid}"),
+                pod(format!("kubepods/besteffort/pod{uid}"), QosClass::BestEffort, None),
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{under}.slice/cri-containerd-abc123.scope"
+                ),
+                pod(
+                    format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{under}.slice"),
+                    QosClass::BestEffort,
+                    Some("abc123"),
+                ),
+            ),
+            (
+                format!("/kubepods.slice/kubepods-pod{under}.slice"),
+                pod(
+                    format!("kubepods.slice/kubepods-pod{under}.slice"),
+                    QosClass::Guaranteed,
+                    None,
+                ),
+            ),
+            (
+                format!("kubelet.slice/kubepods.slice/kubepods-pod{under}.slice"),
+                pod(
+                    format!("kubelet.slice/kubepods.slice/kubepods-pod{under}.slice"),
+                    QosClass::Guaranteed,
+                    None,
+                ),
+            ),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse_pod_cgroup(&input), Some(expected), "{input}");
+        }
+        for not_pod in [
+            "/system.slice/sshd.service",
+            "/user.slice/podman-pod.scope",
+            "kubepods/burstable",
+            "kubepods.slice",
+            "kubepods/podzz",
+            "",
+        ] {
+            assert_eq!(parse_pod_cgroup(not_pod), None, "{not_pod}");
+        }
     }
 
     #[test]
@@ -299,5 +454,13 @@ mod tests {
         let mut none = CgroupResolver::unavailable();
         assert_eq!(none.path_of(root_id), None);
         assert_eq!((none.root(), none.id_of("/")), (None, None));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn pod_paths_never_panic(path in "(kubepods(\\.slice)?/)?([a-z_\\-0-9.]{0,40}/){0,4}") {
+            let _ = parse_pod_cgroup(&path);
+        }
     }
 }

@@ -57,7 +57,7 @@ pub struct Cli {
     /// record carries the socket address (kernels after 6.1) and the raw tracepoint of the same
     /// hook otherwise (6.1); `tracepoint` and `raw-tracepoint` force one.
     #[arg(long, value_enum, env = "GRAYWATCH_RTT_SOURCE")]
-    pub rtt_source: Option<crate::ebpf::RttSource>,
+    pub rtt_source: Option<RttSource>,
 
     /// cgroup v2 mount point; found from /proc/self/mountinfo when unset.
     #[arg(long, env = "GRAYWATCH_CGROUP_ROOT")]
@@ -66,6 +66,32 @@ pub struct Cli {
     /// Only report cgroups at or below this path of the v2 hierarchy (e.g. /kubepods.slice).
     #[arg(long, env = "GRAYWATCH_CGROUP_SCOPE")]
     pub cgroup_scope: Option<String>,
+
+    /// Also report the pressure, OOM and throttling figures of these cgroups, beyond the pods
+    /// found under kubepods: paths relative to each hierarchy root, comma-separated (e.g.
+    /// system.slice/kubelet.service).
+    #[arg(
+        long,
+        env = "GRAYWATCH_WATCH_CGROUPS",
+        value_delimiter = ',',
+        value_name = "PATH,..."
+    )]
+    pub watch_cgroups: Vec<String>,
+
+    /// Which cgroups key the CPU and memory signals: `auto` the v2 hierarchy when the host has
+    /// one; `v1` the v1 cpu and memory controllers' cgroups even then (a hybrid host whose pods
+    /// live only in v1).
+    #[arg(long, value_enum, env = "GRAYWATCH_CGROUP_ATTRIBUTION")]
+    pub cgroup_attribution: Option<CgroupAttribution>,
+
+    /// Where the host's /proc is mounted (a DaemonSet mounts it elsewhere, e.g. /host/proc, as
+    /// node exporters do).
+    #[arg(long, env = "PROCFS_ROOT")]
+    pub procfs_root: Option<PathBuf>,
+
+    /// Where the host's /sys is mounted; its fs/cgroup holds the cgroup hierarchies.
+    #[arg(long, env = "SYSFS_ROOT")]
+    pub sysfs_root: Option<PathBuf>,
 
     /// Stream window summaries to this aggregator (e.g. http://graywatch-aggregator:7443).
     #[arg(long, env = "GRAYWATCH_AGGREGATOR")]
@@ -144,6 +170,53 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which program samples TCP RTT (both hook `tcp_probe`, which fires as segments arrive).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RttSource {
+    /// The tracepoint when its record has what the program needs, else the raw tracepoint.
+    #[default]
+    Auto,
+    /// `tcp:tcp_probe`: reads the record the kernel prepares (needs its `skaddr` field, which
+    /// 6.1 lacks), with the socket cookie as key.
+    Tracepoint,
+    /// `raw_tp/tcp_probe`: reads `struct sock` at BTF offsets; works on every kernel line.
+    RawTracepoint,
+}
+
+/// Which cgroups key the CPU and memory signals (see `--cgroup-attribution`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupAttribution {
+    /// The v2 hierarchy when the host has one, else the v1 controllers'.
+    #[default]
+    Auto,
+    /// The v1 cpu and memory controllers' cgroups.
+    V1,
+}
+
+/// Where the host's procfs and sysfs are mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPaths {
+    pub procfs: PathBuf,
+    pub sysfs: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            procfs: "/proc".into(),
+            sysfs: "/sys".into(),
+        }
+    }
+}
+
+impl HostPaths {
+    pub fn cgroup_root(&self) -> PathBuf {
+        self.sysfs.join("fs/cgroup")
+    }
+}
+
 /// The config file's shape; every field optional, unknown fields rejected.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,9 +228,13 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub tracefs: Option<PathBuf>,
     pub btf: Option<PathBuf>,
-    pub rtt_source: Option<crate::ebpf::RttSource>,
+    pub rtt_source: Option<RttSource>,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
+    pub watch_cgroups: Option<Vec<String>>,
+    pub cgroup_attribution: Option<CgroupAttribution>,
+    pub procfs_root: Option<PathBuf>,
+    pub sysfs_root: Option<PathBuf>,
     pub kube: Option<KubeMode>,
     pub aggregator: Option<String>,
     pub aggregator_endpoints: Option<String>,
@@ -180,9 +257,13 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub tracefs: PathBuf,
     pub btf: PathBuf,
-    pub rtt_source: crate::ebpf::RttSource,
+    pub rtt_source: RttSource,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
+    /// Cgroups reported besides the pods (relative to each hierarchy root).
+    pub watch_cgroups: Vec<String>,
+    pub cgroup_attribution: CgroupAttribution,
+    pub paths: HostPaths,
     pub kube: KubeMode,
     pub aggregator: Option<String>,
     /// The Service whose Endpoints list the aggregator replicas (API discovery instead of DNS).
@@ -359,6 +440,23 @@ impl Config {
                 .unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
             cgroup_root: cli.cgroup_root.clone().or(file.cgroup_root),
             cgroup_scope,
+            watch_cgroups: if cli.watch_cgroups.is_empty() {
+                file.watch_cgroups.unwrap_or_default()
+            } else {
+                cli.watch_cgroups.clone()
+            }
+            .into_iter()
+            .map(|rel| rel.trim().to_owned())
+            .filter(|rel| !rel.is_empty())
+            .collect(),
+            cgroup_attribution: cli.cgroup_attribution.or(file.cgroup_attribution).unwrap_or_default(),
+            paths: {
+                let default = HostPaths::default();
+                HostPaths {
+                    procfs: cli.procfs_root.clone().or(file.procfs_root).unwrap_or(default.procfs),
+                    sysfs: cli.sysfs_root.clone().or(file.sysfs_root).unwrap_or(default.sysfs),
+                }
+            },
             kube: cli.kube.or(file.kube).unwrap_or(KubeMode::Auto),
             rtt_source: cli.rtt_source.or(file.rtt_source).unwrap_or_default(),
         })
@@ -401,6 +499,39 @@ mod tests {
         assert_eq!(config.node_name, "from-flag");
         assert_eq!(config.interval, Duration::from_secs(5));
         assert_eq!(config.listen, Some(DEFAULT_LISTEN.parse().expect("addr")));
+    }
+
+    #[test]
+    fn host_switches_are_flags_over_the_file() {
+        let file: FileConfig =
+            toml::from_str("watch_cgroups = [\"from-file\"]\nsysfs_root = \"/host/sys\"\n").expect("toml");
+        let config = Config::merge(
+            &cli(&[
+                "--node-name",
+                "n",
+                "--watch-cgroups",
+                "system.slice/a, ,b",
+                "--cgroup-attribution",
+                "v1",
+                "--procfs-root",
+                "/host/proc",
+            ]),
+            file,
+        )
+        .expect("valid");
+        assert_eq!(config.watch_cgroups, ["system.slice/a", "b"]);
+        assert_eq!(config.cgroup_attribution, CgroupAttribution::V1);
+        assert_eq!(
+            config.paths,
+            HostPaths {
+                procfs: "/host/proc".into(),
+                sysfs: "/host/sys".into(),
+            }
+        );
+        let defaults = Config::merge(&cli(&["--node-name", "n"]), FileConfig::default()).expect("valid");
+        assert_eq!(defaults.cgroup_attribution, CgroupAttribution::Auto);
+        assert_eq!(defaults.paths, HostPaths::default());
+        assert!(defaults.watch_cgroups.is_empty());
     }
 
     #[test]

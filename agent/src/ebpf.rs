@@ -4,7 +4,10 @@
 //! (tracefs) and struct member offsets (BTF). Programs stay attached as long as
 //! [`KernelPrograms`] lives; dropping it detaches everything.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -18,6 +21,7 @@ use graywatch_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    config::RttSource,
     kernel_layout::{KernelLayout, LayoutError},
     tracefs::{Tracefs, TracefsError},
 };
@@ -30,8 +34,6 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub struct LoadOptions {
     pub tracefs: PathBuf,
     pub btf: PathBuf,
-    /// procfs root (sysctls), `PROCFS_ROOT` or /proc by default.
-    pub procfs: PathBuf,
     pub rtt_source: RttSource,
 }
 
@@ -40,24 +42,9 @@ impl Default for LoadOptions {
         Self {
             tracefs: crate::tracefs::DEFAULT_TRACEFS.into(),
             btf: "/sys/kernel/btf/vmlinux".into(),
-            procfs: crate::signals::host::HostPaths::from_env().procfs,
             rtt_source: RttSource::default(),
         }
     }
-}
-
-/// Which program samples TCP RTT (both hook `tcp_probe`, which fires as segments arrive).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RttSource {
-    /// The tracepoint when its record has what the program needs, else the raw tracepoint.
-    #[default]
-    Auto,
-    /// `tcp:tcp_probe`: reads the record the kernel prepares (needs its `skaddr` field, which
-    /// 6.1 lacks), with the socket cookie as key.
-    Tracepoint,
-    /// `raw_tp/tcp_probe`: reads `struct sock` at BTF offsets; works on every kernel line.
-    RawTracepoint,
 }
 
 /// The signals each network program feeds, for `unavailable` and `signal_available`.
@@ -86,6 +73,34 @@ fn fields_or_skip<T: Default>(
 
 /// Every signal a network program can feed (each reported as available or not).
 pub const NETWORK_SIGNALS: &[&str] = &["rtt", "segments_sent", "retransmits", "drops", "segments_sent_at_close"];
+
+/// An optional program a caller brings (the CPU/memory families): a raw tracepoint (`None`
+/// category) or a classic tracepoint, and the `signal_available` label it feeds.
+#[derive(Debug)]
+pub struct ProgramSpec {
+    pub program: &'static str,
+    pub category: Option<&'static str>,
+    pub event: &'static str,
+    pub signal: &'static str,
+}
+
+/// Globals of a caller's programs, written into the object before load.
+pub trait ProgramGlobals: Sized {
+    /// Stand-ins when this kernel lacks what resolving them needs: the programs then load with
+    /// these and are not attached.
+    fn unresolved() -> Self;
+    fn write<'a>(&'a self, loader: &mut EbpfLoader<'a>);
+}
+
+/// The caller's optional programs and how to resolve their globals from this kernel's layout
+/// (`Err(why)`: their signals are unavailable, the rest of the agent runs).
+pub struct ProgramGroup<'a, G> {
+    pub programs: &'a [ProgramSpec],
+    pub resolve: ResolveGlobals<'a, G>,
+}
+
+/// Resolves a group's globals from this kernel's BTF layout and tracepoint formats.
+pub type ResolveGlobals<'a, G> = Box<dyn FnOnce(&KernelLayout, &Tracefs) -> Result<G, String> + 'a>;
 
 /// A kernel program and the tracepoint it attaches to.
 struct TracepointProgram {
@@ -190,8 +205,13 @@ impl std::fmt::Debug for KernelPrograms {
 }
 
 impl KernelPrograms {
-    /// Resolves offsets, loads the object and attaches every program.
-    pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
+    /// Resolves offsets, loads the object and attaches the network programs and `group`'s.
+    /// `procfs` is read for sysctls.
+    pub fn load<G: ProgramGlobals>(
+        options: &LoadOptions,
+        procfs: &Path,
+        group: ProgramGroup<'_, G>,
+    ) -> Result<Self, EbpfError> {
         if KERNEL_OBJECT.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
@@ -250,12 +270,10 @@ impl KernelPrograms {
             rtt_program,
             "kernel layout resolved"
         );
-        // CPU/memory programs: optional, a kernel lacking what they need still runs the rest.
-        let host_paths = crate::signals::host::HostPaths::from_env();
-        let (host, host_unavailable) = match crate::signals::host::HostGlobals::resolve(&layout, &tracefs, &host_paths)
-        {
+        // The caller's programs are optional: a kernel lacking what they need still runs the rest.
+        let (group_globals, group_unavailable) = match (group.resolve)(&layout, &tracefs) {
             Ok(globals) => (globals, None),
-            Err(why) => (crate::signals::host::HostGlobals::unresolved(), Some(why)),
+            Err(why) => (G::unresolved(), Some(why)),
         };
 
         // Everything needed from BTF is resolved: free the parsed copy (tens of MiB) before the
@@ -263,14 +281,15 @@ impl KernelPrograms {
         drop(layout);
 
         let net_settings = NetSettings {
-            ephemeral_port_min: ephemeral_port_min(&options.procfs),
+            ephemeral_port_min: ephemeral_port_min(procfs),
             socket_key: if rtt_program == "tcp_probe" {
                 SOCKET_KEY_COOKIE
             } else {
                 SOCKET_KEY_ADDRESS
             },
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             // rustc emits no CO-RE relocations, the only use aya has for the kernel's BTF
             // (offsets come from tracefs and BTF above): free its parsed copy before maps and
             // programs are created.
@@ -280,15 +299,12 @@ impl KernelPrograms {
             .override_global("TCP_PROBE_FIELDS", &tcp_probe, true)
             .override_global("TCP_RETRANSMIT_FIELDS", &tcp_retransmit, true)
             .override_global("KFREE_SKB_FIELDS", &kfree_skb, true)
-            .override_global("SOCK_STATE_FIELDS", &sock_state, true)
-            .override_global("TASK_OFFSETS", &host.task_offsets, true)
-            .override_global("RECLAIM_END_FIELDS", &host.reclaim_end, true)
-            .override_global("OOM_ARG_IS_TASK", &host.oom_arg_is_task, true)
-            .load(KERNEL_OBJECT)
-            .map_err(|source| EbpfError::Load {
-                hint: hint_for(&source),
-                source,
-            })?;
+            .override_global("SOCK_STATE_FIELDS", &sock_state, true);
+        group_globals.write(&mut loader);
+        let mut ebpf = loader.load(KERNEL_OBJECT).map_err(|source| EbpfError::Load {
+            hint: hint_for(&source),
+            source,
+        })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             Err(error) => {
@@ -310,7 +326,7 @@ impl KernelPrograms {
             let (program, why) = &unavailable_programs[0];
             warn!(program, %why, "no network program could be attached on this kernel");
         }
-        programs.attach_host_programs(host_unavailable);
+        programs.attach_group(group.programs, group_unavailable);
         info!(programs = ?programs.attached, "kernel programs attached");
         release_startup_heap();
         Ok(programs)
@@ -382,10 +398,10 @@ impl KernelPrograms {
         }
     }
 
-    /// Attaches the CPU/memory programs; a failure disables that signal (logged once, listed by
+    /// Attaches a caller's programs; a failure disables that signal (logged once, listed by
     /// [`KernelPrograms::unavailable`]) instead of stopping the agent.
-    fn attach_host_programs(&mut self, unresolved: Option<String>) {
-        for p in crate::signals::host::HOST_PROGRAMS {
+    fn attach_group(&mut self, specs: &[ProgramSpec], unresolved: Option<String>) {
+        for p in specs {
             if let Some(why) = &unresolved {
                 self.unavailable.push((p.signal.to_owned(), why.clone()));
                 continue;

@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::summary::{WindowSummary, Workload};
+use crate::summary::{CpuWindow, MemoryWindow, PressureWindow, Resource, WindowSummary, Workload};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkloadLabels {
@@ -104,7 +104,7 @@ pub struct Metrics {
     windows: Counter,
     pub collect_seconds: Histogram,
     pub errors: Family<KindLabels, Counter>,
-    host: crate::signals::host::HostMetrics,
+    host: HostMetrics,
     local_score: Family<FamilyLabels, GaugeF64>,
     report: Family<KindLabels, Counter>,
     report_seen: std::sync::Mutex<[u64; 6]>,
@@ -147,7 +147,7 @@ impl Metrics {
             window_remote_addresses: Gauge::default(),
             workload_series: SeriesExpiry::default(),
             registry: Registry::default(),
-            host: crate::signals::host::HostMetrics::default(),
+            host: HostMetrics::default(),
         };
         registry.register(
             "pod_tcp_rtt_p50_seconds",
@@ -216,7 +216,7 @@ impl Metrics {
             "Distinct remote addresses in the last window, before folding into peers",
             m.window_remote_addresses.clone(),
         );
-        let host = crate::signals::host::HostMetrics::register(&mut registry);
+        let host = HostMetrics::register(&mut registry);
         Metrics { registry, host, ..m }
     }
 
@@ -335,12 +335,260 @@ impl Metrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CpuLabels {
+    pub cpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CgroupLabels {
+    pub cgroup: String,
+    pub pod_uid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CgroupResourceLabels {
+    pub cgroup: String,
+    pub pod_uid: String,
+    pub resource: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OomLabels {
+    pub cgroup: String,
+    pub namespace: String,
+    pub pod: String,
+    pub comm: String,
+}
+
+/// Prometheus metrics of the CPU/memory families.
+#[derive(Debug, Default)]
+pub struct HostMetrics {
+    steal_ratio: GaugeF64,
+    steal_ratio_per_cpu: Family<CpuLabels, GaugeF64>,
+    runq_p50: Family<WorkloadLabels, GaugeF64>,
+    runq_p99: Family<WorkloadLabels, GaugeF64>,
+    runq_wait: Family<WorkloadLabels, Counter<f64, AtomicU64>>,
+    reclaim_events: Family<WorkloadLabels, Counter>,
+    reclaim_stall: Family<WorkloadLabels, Counter<f64, AtomicU64>>,
+    oom_kills: Family<OomLabels, Counter>,
+    node_psi_avg10: Family<ResourceLabels, GaugeF64>,
+    node_psi_window: Family<ResourceLabels, GaugeF64>,
+    cgroup_psi_avg10: Family<CgroupResourceLabels, GaugeF64>,
+    cgroup_oom_kills: Family<CgroupLabels, Counter>,
+    cgroup_high_events: Family<CgroupLabels, Counter>,
+    cgroup_throttled: Family<CgroupLabels, Counter<f64, AtomicU64>>,
+    /// Per-workload and per-cgroup series expire when their pod is gone (see metrics.rs).
+    workload_series: SeriesExpiry<WorkloadLabels>,
+    oom_series: SeriesExpiry<OomLabels>,
+    cgroup_series: SeriesExpiry<CgroupLabels>,
+}
+
+impl HostMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "node_cpu_steal_ratio",
+            "CPU steal as a fraction of the node's CPU time in the last window",
+            m.steal_ratio.clone(),
+        );
+        registry.register(
+            "cpu_steal_ratio",
+            "CPU steal as a fraction of one CPU's time in the last window",
+            m.steal_ratio_per_cpu.clone(),
+        );
+        registry.register(
+            "pod_runqueue_latency_p50_seconds",
+            "Median run-queue wait of the workload's tasks in the last window",
+            m.runq_p50.clone(),
+        );
+        registry.register(
+            "pod_runqueue_latency_p99_seconds",
+            "99th percentile run-queue wait in the last window",
+            m.runq_p99.clone(),
+        );
+        registry.register(
+            "pod_runqueue_wait_seconds",
+            "Total time the workload's tasks waited for a CPU",
+            m.runq_wait.clone(),
+        );
+        registry.register(
+            "pod_reclaim_stalls",
+            "Reclaim stalls (direct or memcg) of the workload's tasks",
+            m.reclaim_events.clone(),
+        );
+        registry.register(
+            "pod_reclaim_stall_seconds",
+            "Time the workload's tasks spent stalled in reclaim",
+            m.reclaim_stall.clone(),
+        );
+        registry.register(
+            "oom_kills",
+            "OOM kills seen by oom:mark_victim, by victim cgroup and comm",
+            m.oom_kills.clone(),
+        );
+        registry.register(
+            "node_pressure_avg10_ratio",
+            "Node PSI avg10 (fraction), by resource and some/full",
+            m.node_psi_avg10.clone(),
+        );
+        registry.register(
+            "node_pressure_window_ratio",
+            "Node PSI stall time in the last window as a fraction of wall time",
+            m.node_psi_window.clone(),
+        );
+        registry.register(
+            "cgroup_pressure_avg10_ratio",
+            "cgroup v2 PSI avg10 (fraction), by resource and some/full",
+            m.cgroup_psi_avg10.clone(),
+        );
+        registry.register(
+            "cgroup_oom_kills",
+            "OOM kills from memory.events / memory.oom_control",
+            m.cgroup_oom_kills.clone(),
+        );
+        registry.register(
+            "cgroup_memory_high_events",
+            "memory.events `high` (throttled over memory.high)",
+            m.cgroup_high_events.clone(),
+        );
+        registry.register(
+            "cgroup_cpu_throttled_seconds",
+            "CFS bandwidth throttled time (cpu.stat)",
+            m.cgroup_throttled.clone(),
+        );
+        m
+    }
+
+    pub fn observe(&self, cpu: &CpuWindow, memory: &MemoryWindow, pressure: &PressureWindow) {
+        if let Some(steal) = &cpu.steal {
+            self.steal_ratio.set(steal.node_pct / 100.0);
+            for (id, pct) in &steal.per_cpu_pct {
+                self.steal_ratio_per_cpu
+                    .get_or_create(&CpuLabels { cpu: id.to_string() })
+                    .set(pct / 100.0);
+            }
+        }
+        self.runq_p50.clear();
+        self.runq_p99.clear();
+        for r in &cpu.run_queue {
+            let labels = WorkloadLabels::from(&r.workload);
+            self.runq_p50.get_or_create(&labels).set(r.latency.p50_us / 1e6);
+            self.runq_p99.get_or_create(&labels).set(r.latency.p99_us / 1e6);
+            self.runq_wait
+                .get_or_create(&labels)
+                .inc_by(r.latency.total_wait_ms / 1e3);
+            self.workload_series.seen(&labels);
+        }
+        for r in &memory.reclaim {
+            let labels = WorkloadLabels::from(&r.workload);
+            self.reclaim_events.get_or_create(&labels).inc_by(r.stalls.events);
+            self.reclaim_stall
+                .get_or_create(&labels)
+                .inc_by(r.stalls.total_stall_ms / 1e3);
+            self.workload_series.seen(&labels);
+        }
+        for k in &memory.oom_kills {
+            let w = WorkloadLabels::from(&k.workload);
+            let labels = OomLabels {
+                cgroup: w.cgroup,
+                namespace: w.namespace,
+                pod: w.pod,
+                comm: k.kill.comm.clone(),
+            };
+            self.oom_kills.get_or_create(&labels).inc();
+            self.oom_series.seen(&labels);
+        }
+        for resource in Resource::ALL {
+            let Some(window) = pressure.node.get(resource) else {
+                continue;
+            };
+            let labels = |kind: &str| ResourceLabels {
+                resource: resource.to_string(),
+                kind: kind.to_owned(),
+            };
+            self.node_psi_avg10
+                .get_or_create(&labels("some"))
+                .set(window.now.some.avg10 / 100.0);
+            if let Some(full) = window.now.full {
+                self.node_psi_avg10
+                    .get_or_create(&labels("full"))
+                    .set(full.avg10 / 100.0);
+            }
+            if let Some(pct) = window.some_pct {
+                self.node_psi_window.get_or_create(&labels("some")).set(pct / 100.0);
+            }
+            if let Some(pct) = window.full_pct {
+                self.node_psi_window.get_or_create(&labels("full")).set(pct / 100.0);
+            }
+        }
+        self.cgroup_psi_avg10.clear();
+        for c in &pressure.cgroups {
+            let cg = CgroupLabels {
+                cgroup: c.path.clone(),
+                pod_uid: c.pod_uid.clone().unwrap_or_default(),
+            };
+            for (resource, psi) in [("memory", &c.memory_pressure), ("cpu", &c.cpu_pressure)] {
+                let Some(psi) = psi else { continue };
+                let labels = |kind: &str| CgroupResourceLabels {
+                    cgroup: cg.cgroup.clone(),
+                    pod_uid: cg.pod_uid.clone(),
+                    resource: resource.to_owned(),
+                    kind: kind.to_owned(),
+                };
+                self.cgroup_psi_avg10
+                    .get_or_create(&labels("some"))
+                    .set(psi.now.some.avg10 / 100.0);
+                if let Some(full) = psi.now.full {
+                    self.cgroup_psi_avg10
+                        .get_or_create(&labels("full"))
+                        .set(full.avg10 / 100.0);
+                }
+            }
+            if let Some(n) = c.oom_kills {
+                self.cgroup_oom_kills.get_or_create(&cg).inc_by(n);
+            }
+            if let Some(n) = c.memory_high_events {
+                self.cgroup_high_events.get_or_create(&cg).inc_by(n);
+            }
+            if let Some(ms) = c.throttled_ms {
+                self.cgroup_throttled.get_or_create(&cg).inc_by(ms / 1e3);
+            }
+            self.cgroup_series.seen(&cg);
+        }
+        let ttl = WORKLOAD_SERIES_TTL_WINDOWS;
+        for gone in self.workload_series.end_window(ttl) {
+            self.runq_wait.remove(&gone);
+            self.reclaim_events.remove(&gone);
+            self.reclaim_stall.remove(&gone);
+        }
+        for gone in self.oom_series.end_window(ttl) {
+            self.oom_kills.remove(&gone);
+        }
+        for gone in self.cgroup_series.end_window(ttl) {
+            self.cgroup_oom_kills.remove(&gone);
+            self.cgroup_high_events.remove(&gone);
+            self.cgroup_throttled.remove(&gone);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::summary::{NetworkWindow, WorkloadNetWindow};
+    use crate::summary::{
+        NetworkWindow, NodePsi, OomKill, Psi, PsiLine, PsiWindow, RunqWindow, StealWindow, WorkloadNetWindow,
+        WorkloadOomKill, WorkloadRunq,
+    };
 
     fn window(pods: &[&str]) -> WindowSummary {
         WindowSummary {
@@ -397,5 +645,86 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    #[test]
+    fn metrics_carry_every_family_and_skip_what_is_missing() {
+        let mut registry = Registry::default();
+        let metrics = HostMetrics::register(&mut registry);
+        let workload = Workload {
+            cgroup_id: 7,
+            cgroup_path: Some("/pod".into()),
+            pod: None,
+        };
+        let cpu = CpuWindow {
+            steal: Some(StealWindow {
+                node_pct: 2.0,
+                node_seconds: 0.1,
+                per_cpu_pct: vec![(0, 4.0)],
+            }),
+            run_queue: vec![WorkloadRunq {
+                workload: workload.clone(),
+                latency: RunqWindow {
+                    cgroup_id: 7,
+                    samples: 10,
+                    mean_us: 50.0,
+                    p50_us: 40.0,
+                    p99_us: 90_000.0,
+                    total_wait_ms: 0.5,
+                },
+            }],
+        };
+        let memory = MemoryWindow {
+            reclaim: Vec::new(),
+            oom_kills: vec![WorkloadOomKill {
+                workload,
+                kill: OomKill {
+                    cgroup_id: 7,
+                    cgroup_v2_id: 7,
+                    pid: 1,
+                    tgid: 1,
+                    comm: "tail".into(),
+                    timestamp_ns: 0,
+                },
+            }],
+        };
+        let psi = Psi {
+            some: PsiLine {
+                avg10: 12.5,
+                ..PsiLine::default()
+            },
+            full: None,
+        };
+        let pressure = PressureWindow {
+            node: NodePsi {
+                memory: Some(PsiWindow {
+                    now: psi,
+                    some_pct: Some(10.0),
+                    full_pct: None,
+                }),
+                cpu: None,
+                io: None,
+            },
+            cgroups: Vec::new(),
+        };
+        metrics.observe(&cpu, &memory, &pressure);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains("node_cpu_steal_ratio 0.02"), "{text}");
+        assert!(
+            text.contains("pod_runqueue_latency_p99_seconds{cgroup=\"/pod\",namespace=\"\",pod=\"\"} 0.09"),
+            "{text}"
+        );
+        assert!(
+            text.contains("oom_kills_total{cgroup=\"/pod\",namespace=\"\",pod=\"\",comm=\"tail\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("node_pressure_avg10_ratio{resource=\"memory\",kind=\"some\"} 0.125"),
+            "{text}"
+        );
+        // No cpu/io PSI on this "kernel" and no full line: no series rather than zeros.
+        assert!(!text.contains("resource=\"cpu\""), "{text}");
+        assert!(!text.contains("kind=\"full\""), "{text}");
     }
 }

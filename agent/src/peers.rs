@@ -20,10 +20,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::{
-    signals::net::RttBuckets,
-    summary::{Direction, WindowSummary},
-};
+use crate::summary::{Direction, RttBuckets, WindowSummary};
 
 /// How many peers a window carries at most (besides the external bucket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! sends every buffered window it has not sent on this connection, forgets windows the
 //! aggregator acknowledged, and on any failure reconnects with exponential backoff and jitter,
 //! replaying what is still buffered (the aggregator drops replays it has already seen). The
-//! latest `ConfigChange` directive is published on a watch channel.
+//! latest peer book directive is published on a watch channel.
 //!
 //! Depends only on the wire types (graywatch-proto), tokio and tonic.
 
@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use graywatch_proto::v1::{ConfigChange, NodeSummary, PeerBook, directive, ingest_client::IngestClient};
+use graywatch_proto::v1::{NodeSummary, PeerBook, directive, ingest_client::IngestClient};
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::transport::Endpoint;
 
@@ -187,7 +187,6 @@ fn window_is_invalid(status: &tonic::Status) -> bool {
 /// The client; see the module docs.
 pub struct Reporter {
     shared: Arc<Shared>,
-    directives: watch::Receiver<Option<ConfigChange>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -215,13 +214,8 @@ impl Reporter {
             pod_addresses: Mutex::new(None),
             peer_book: watch::Sender::new(None),
         });
-        let (dir_tx, directives) = watch::channel(None);
-        let task = tokio::spawn(run(shared.clone(), cfg, dir_tx));
-        Self {
-            shared,
-            directives,
-            task,
-        }
+        let task = tokio::spawn(run(shared.clone(), cfg));
+        Self { shared, task }
     }
 
     /// Queues one window; never blocks. The oldest window is dropped (and counted) if full.
@@ -260,12 +254,6 @@ impl Reporter {
         self.shared.buf.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    /// The latest config directive from the aggregator (e.g. the report interval).
-    #[must_use]
-    pub fn directives(&self) -> watch::Receiver<Option<ConfigChange>> {
-        self.directives.clone()
-    }
-
     /// The latest peer book the aggregator sent (which addresses belong to which Node).
     #[must_use]
     pub fn peer_book(&self) -> Option<Arc<PeerBook>> {
@@ -294,12 +282,12 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
-async fn run(shared: Arc<Shared>, cfg: ReportConfig, dir_tx: watch::Sender<Option<ConfigChange>>) {
+async fn run(shared: Arc<Shared>, cfg: ReportConfig) {
     let mut rng = seed();
     let mut attempt = 0u32;
     while !shared.closed.load(Ordering::Relaxed) {
         let mut healthy = false;
-        match session(&shared, &cfg, &dir_tx, &mut healthy).await {
+        match session(&shared, &cfg, &mut healthy).await {
             Ok(()) => return,
             Err(e) => {
                 if let SessionError::Status(status) = &e {
@@ -351,12 +339,7 @@ async fn run(shared: Arc<Shared>, cfg: ReportConfig, dir_tx: watch::Sender<Optio
 
 /// One connection. `Ok(())` only on shutdown. Sets `healthy` once the aggregator acknowledged
 /// something (so the backoff starts over).
-async fn session(
-    shared: &Shared,
-    cfg: &ReportConfig,
-    dir_tx: &watch::Sender<Option<ConfigChange>>,
-    healthy: &mut bool,
-) -> Result<(), SessionError> {
+async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Result<(), SessionError> {
     let channel = cfg
         .security
         .apply(Endpoint::from_shared(cfg.endpoint.clone())?)?
@@ -411,9 +394,6 @@ async fn session(
                         *healthy = true;
                         shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                         shared.buf.lock().unwrap_or_else(PoisonError::into_inner).ack(a.seq);
-                    }
-                    Some(directive::Kind::Config(c)) => {
-                        dir_tx.send_replace(Some(c));
                     }
                     Some(directive::Kind::PeerBook(book)) => {
                         shared.peer_book.send_replace(Some(Arc::new(book)));
@@ -498,7 +478,7 @@ mod tests {
             let mut w = window(seq);
             w.peers = vec![
                 graywatch_proto::v1::PeerStats {
-                    rtt_hdr_histogram: vec![7; 1000],
+                    node_name: "n".repeat(1000),
                     ..Default::default()
                 };
                 10
@@ -559,16 +539,6 @@ mod tests {
             let this = self.clone();
             let (tx, rx) = mpsc::channel(16);
             tokio::spawn(async move {
-                let hello = ConfigChange {
-                    report_interval_ms: 1234,
-                    ..Default::default()
-                };
-                let _ = tx
-                    .send(Ok(Directive {
-                        protocol_version: 1,
-                        kind: Some(directive::Kind::Config(hello)),
-                    }))
-                    .await;
                 while let Some(Ok(s)) = inbound.next().await {
                     let seq = seq_of(&s);
                     this.seen.lock().unwrap_or_else(PoisonError::into_inner).push(seq);
@@ -656,9 +626,6 @@ mod tests {
         })
         .await;
         until("acks empty the buffer", || rep.buffered() == 0).await;
-        let mut dir = rep.directives();
-        let got = dir.wait_for(Option::is_some).await.expect("directive").clone();
-        assert_eq!(got.map(|c| c.report_interval_ms), Some(1234));
         rep.shutdown().await;
     }
 

@@ -11,6 +11,15 @@ use crate::{peers::PeerWindow, summary::WindowSummary};
 /// Forget a peer's scorers after this many windows without traffic to it.
 const PEER_IDLE_WINDOWS: u32 = 300;
 
+/// The families the local score covers, in the order it reports them (CPU steal is fed into
+/// CpuContention until it becomes its own scored family).
+const SCORED: [Family; 4] = [
+    Family::NetworkLatency,
+    Family::PacketLoss,
+    Family::CpuContention,
+    Family::MemoryPressure,
+];
+
 /// At most this many series per family: the longest idle go first (peers come and go on a busy
 /// node; the window's own peers are bounded, their turnover is not).
 const MAX_SERIES_PER_FAMILY: usize = 4_096;
@@ -111,13 +120,7 @@ impl LocalScorer {
         if let Some(steal) = &summary.cpu.steal {
             self.feed(Family::CpuContention, "cpu steal".into(), "%", t, steal.node_pct);
         }
-        let worst_runq = summary
-            .cpu
-            .run_queue
-            .iter()
-            .map(|w| w.latency.p99_us)
-            .fold(f64::NAN, f64::max);
-        if worst_runq.is_finite() {
+        if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
             self.feed(
                 Family::CpuContention,
                 "run-queue p99 (worst workload)".into(),
@@ -139,7 +142,7 @@ impl LocalScorer {
                 }
             }
         }
-        Family::ALL.iter().map(|&family| self.score(family)).collect()
+        SCORED.iter().map(|&family| self.score(family)).collect()
     }
 
     fn score(&self, family: Family) -> LocalFamilyScore {

@@ -3,11 +3,10 @@
 //! A signal that could not be measured is `None` (JSON `null`) with the reason in
 //! [`WindowSummary::unavailable`], never a zero.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use graywatch_common::{RTT_BUCKETS, rtt_bucket_bounds};
 use serde::Serialize;
-
-use crate::cgroups::PodCgroup;
 
 /// Everything one node measured in one window.
 #[derive(Debug, Clone, Serialize)]
@@ -18,11 +17,11 @@ pub struct WindowSummary {
     pub window_seconds: f64,
     pub network: NetworkWindow,
     /// CPU steal and run-queue latency per workload.
-    pub cpu: crate::signals::host::CpuWindow,
+    pub cpu: CpuWindow,
     /// Reclaim stalls and OOM kills per workload.
-    pub memory: crate::signals::host::MemoryWindow,
+    pub memory: MemoryWindow,
     /// PSI of the node and of pod (or watched) cgroups, with their OOM/high events and throttling.
-    pub pressure: crate::signals::host::PressureWindow,
+    pub pressure: PressureWindow,
     /// Events the kernel programs could not record, by kind (cumulative since start).
     pub lost_events: BTreeMap<String, u64>,
     /// Signals that are not available on this host, with why.
@@ -60,17 +59,6 @@ pub struct PodRef {
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
-}
-
-impl From<PodCgroup> for PodRef {
-    fn from(p: PodCgroup) -> Self {
-        PodRef {
-            uid: p.uid,
-            namespace: None,
-            name: None,
-            container_id: p.container_id,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -127,9 +115,9 @@ pub struct FlowWindow {
     /// retransmits / segments sent; `None` when nothing was sent.
     pub retransmit_ratio: Option<f64>,
     /// The window's RTT distribution as the kernel's bucket counts (small: the per-flow HDR
-    /// histograms of ~24 KiB each were most of a busy node's memory), for the wire summary.
+    /// histograms of ~24 KiB each were most of a busy node's memory), for peers and scoring.
     #[serde(skip)]
-    pub rtt_buckets: crate::signals::net::RttBuckets,
+    pub rtt_buckets: RttBuckets,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,3 +145,291 @@ pub struct DropWindow {
 pub fn ratio(retransmits: u64, segments: u64) -> Option<f64> {
     (segments > 0).then(|| retransmits as f64 / segments as f64)
 }
+
+/// CPU figures of one window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuWindow {
+    /// `None` on the first window or when the kernel has no steal column.
+    pub steal: Option<StealWindow>,
+    pub run_queue: Vec<WorkloadRunq>,
+}
+
+impl CpuWindow {
+    /// The worst workload's run-queue p99 (µs); `None` without run-queue figures.
+    pub fn worst_run_queue_p99_us(&self) -> Option<f64> {
+        let worst = self.run_queue.iter().map(|w| w.latency.p99_us).fold(f64::NAN, f64::max);
+        worst.is_finite().then_some(worst)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadRunq {
+    pub workload: Workload,
+    #[serde(flatten)]
+    pub latency: RunqWindow,
+}
+
+/// Memory figures of one window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryWindow {
+    pub reclaim: Vec<WorkloadReclaim>,
+    pub oom_kills: Vec<WorkloadOomKill>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadReclaim {
+    pub workload: Workload,
+    #[serde(flatten)]
+    pub stalls: ReclaimWindow,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadOomKill {
+    pub workload: Workload,
+    #[serde(flatten)]
+    pub kill: OomKill,
+}
+
+/// Pressure stall information: the node's and each watched/pod cgroup's (with its OOM/high
+/// events and CPU throttling).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PressureWindow {
+    pub node: NodePsi,
+    pub cgroups: Vec<CgroupWindow>,
+}
+
+/// Steal over one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StealWindow {
+    /// Steal as % of the node's CPU wall time (all CPUs together).
+    pub node_pct: f64,
+    /// Steal seconds summed over CPUs during the window.
+    pub node_seconds: f64,
+    /// (cpu, steal %) for CPUs present in both readings.
+    pub per_cpu_pct: Vec<(u32, f64)>,
+}
+
+/// One cgroup's run-queue latency over one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunqWindow {
+    pub cgroup_id: u64,
+    /// Times a task of this cgroup was switched in after waiting.
+    pub samples: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Sum of waiting time, ms: how much CPU time the cgroup's tasks wanted but did not get.
+    pub total_wait_ms: f64,
+}
+
+/// One (cgroup, reclaim kind) over one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReclaimWindow {
+    pub cgroup_id: u64,
+    /// `direct` (node short of memory) or `memcg` (cgroup at its limit).
+    pub kind: &'static str,
+    pub events: u64,
+    pub pages_reclaimed: u64,
+    pub total_stall_ms: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// An OOM kill as reported by the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OomKill {
+    /// Victim's cgroup id in the attributed hierarchy (v2 when the host has one).
+    pub cgroup_id: u64,
+    pub cgroup_v2_id: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub timestamp_ns: u64,
+}
+
+/// One `some` or `full` line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PsiLine {
+    /// Percentage of the last 10 s in which at least one task (some) / all tasks (full) stalled.
+    pub avg10: f64,
+    pub avg60: f64,
+    pub avg300: f64,
+    /// Cumulative stall time in microseconds.
+    pub total_us: u64,
+}
+
+/// A whole PSI file. `full` is `None` when the kernel does not report it (cpu before 5.13).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Psi {
+    pub some: PsiLine,
+    pub full: Option<PsiLine>,
+}
+
+/// PSI of one resource over one window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PsiWindow {
+    /// The kernel's own averages at the end of the window.
+    pub now: Psi,
+    /// Stall time during the window as % of wall time (`total` delta / window length), `None`
+    /// on the first window (no previous total yet).
+    pub some_pct: Option<f64>,
+    pub full_pct: Option<f64>,
+}
+
+/// One collection of node PSI; a resource the kernel lacks is `None`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct NodePsi {
+    pub memory: Option<PsiWindow>,
+    pub cpu: Option<PsiWindow>,
+    pub io: Option<PsiWindow>,
+}
+
+impl NodePsi {
+    pub fn get(&self, resource: Resource) -> Option<&PsiWindow> {
+        match resource {
+            Resource::Memory => self.memory.as_ref(),
+            Resource::Cpu => self.cpu.as_ref(),
+            Resource::Io => self.io.as_ref(),
+        }
+    }
+}
+
+/// The three node-level resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resource {
+    Memory,
+    Cpu,
+    Io,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 3] = [Resource::Memory, Resource::Cpu, Resource::Io];
+
+    pub const fn file_name(self) -> &'static str {
+        match self {
+            Resource::Memory => "memory",
+            Resource::Cpu => "cpu",
+            Resource::Io => "io",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.file_name())
+    }
+}
+
+/// A cgroup's figures over one window. Deltas are `None` on the first window and when the source
+/// is missing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CgroupWindow {
+    pub path: String,
+    pub pod_uid: Option<String>,
+    pub memory_pressure: Option<PsiWindow>,
+    pub cpu_pressure: Option<PsiWindow>,
+    pub oom_kills: Option<u64>,
+    pub memory_high_events: Option<u64>,
+    pub throttled_periods: Option<u64>,
+    /// Throttled periods / elapsed periods in the window, in %.
+    pub throttled_pct: Option<f64>,
+    pub throttled_ms: Option<f64>,
+}
+
+/// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the buckets report.
+fn bucket_midpoint(index: usize) -> u64 {
+    let (low, width) = rtt_bucket_bounds(index);
+    (low + width / 2).clamp(1, MAX_RTT_US)
+}
+
+/// A window's RTT distribution as the kernel's log-linear bucket counts, kept sparse: a few
+/// dozen bytes per flow where an HDR histogram costs ~24 KiB.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RttBuckets {
+    /// (bucket index, count), ascending by index, counts > 0.
+    counts: Vec<(u16, u64)>,
+}
+
+impl RttBuckets {
+    /// The non-zero buckets of a dense array.
+    pub fn from_dense(buckets: &[u64; RTT_BUCKETS]) -> Self {
+        let counts = buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .filter_map(|(i, c)| Some((u16::try_from(i).ok()?, *c)))
+            .collect();
+        Self { counts }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.counts.iter().map(|(_, c)| c).sum()
+    }
+
+    /// Adds `other`'s counts (a merge of two sorted lists).
+    pub fn add(&mut self, other: &RttBuckets) {
+        if other.is_empty() {
+            return;
+        }
+        let mut merged = Vec::with_capacity(self.counts.len() + other.counts.len());
+        let (mut a, mut b) = (self.counts.iter().peekable(), other.counts.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.0 == y.0 => {
+                    merged.push((x.0, x.1 + y.1));
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x.0 < y.0 => {
+                    merged.push(**x);
+                    a.next();
+                }
+                (_, Some(y)) => {
+                    merged.push(**y);
+                    b.next();
+                }
+                (Some(x), None) => {
+                    merged.push(**x);
+                    a.next();
+                }
+                (None, None) => break,
+            }
+        }
+        self.counts = merged;
+    }
+
+    /// The value (bucket midpoint, µs) at quantile `q`; `None` without samples.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total = self.samples();
+        if total == 0 {
+            return None;
+        }
+        // Same rank rule as HDR's value_at_quantile: the smallest value with at least
+        // ceil(q * total) samples at or below it (at least one).
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (index, count) in &self.counts {
+            seen += count;
+            if seen >= rank {
+                return Some(bucket_midpoint(usize::from(*index)));
+            }
+        }
+        self.counts.last().map(|(i, _)| bucket_midpoint(usize::from(*i)))
+    }
+
+    /// Sum of the samples at their bucket midpoints (µs).
+    pub fn sum_us(&self) -> u64 {
+        self.counts
+            .iter()
+            .map(|(i, c)| c.saturating_mul(bucket_midpoint(usize::from(*i))))
+            .fold(0u64, u64::saturating_add)
+    }
+}
+
+/// Highest RTT the buckets report (10 minutes); larger samples are clamped.
+const MAX_RTT_US: u64 = 600_000_000;

@@ -1,17 +1,15 @@
 //! Window summary → `graywatch.v1.NodeSummary`, the message streamed to the aggregator.
 
-use graywatch_detect::Family as DetectFamily;
 use graywatch_proto::{
     PROTOCOL_VERSION,
     v1::{Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Window},
 };
-use hdrhistogram::serialization::{Serializer, V2Serializer};
 
-use crate::{peers::PeerWindow, scoring::LocalFamilyScore, signals::net::RttBuckets, summary::WindowSummary};
-
-/// Per-peer RTT histograms stop being attached once they add up to this many bytes (node peers
-/// come first): the aggregator refuses summaries over 1 MiB, and the figures stay either way.
-const PEER_HISTOGRAM_BUDGET_BYTES: usize = 256 * 1024;
+use crate::{
+    peers::PeerWindow,
+    scoring::LocalFamilyScore,
+    summary::{RttBuckets, WindowSummary},
+};
 
 /// Who is reporting (stable for the agent's lifetime).
 #[derive(Debug, Clone, Default)]
@@ -69,25 +67,6 @@ impl Identity {
     }
 }
 
-pub fn proto_family(family: DetectFamily) -> Family {
-    match family {
-        DetectFamily::NetworkLatency => Family::NetworkLatency,
-        DetectFamily::PacketLoss => Family::PacketLoss,
-        DetectFamily::CpuContention => Family::CpuContention,
-        DetectFamily::MemoryPressure => Family::MemoryPressure,
-    }
-}
-
-fn serialize(histogram: &hdrhistogram::Histogram<u64>) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    // Serializing into a Vec cannot fail for histograms we built ourselves; an empty payload
-    // just means "no distribution" on the wire.
-    if V2Serializer::new().serialize(histogram, &mut bytes).is_err() {
-        bytes.clear();
-    }
-    bytes
-}
-
 /// Builds the wire summary of window `seq` from the window and its peers (computed once per
 /// window, see [`crate::peers::peers`]).
 pub fn node_summary(
@@ -99,7 +78,7 @@ pub fn node_summary(
 ) -> NodeSummary {
     let mut families = Vec::new();
 
-    // Network latency: the node's RTT p99 over every peer, with the merged distribution.
+    // Network latency: the node's RTT p99 over every peer's merged distribution.
     let mut all_rtt = RttBuckets::default();
     for rtt in peers.iter().filter_map(|p| p.rtt.as_ref()) {
         all_rtt.add(rtt);
@@ -110,7 +89,6 @@ pub fn node_summary(
             value: p99 as f64,
             unit: "us".into(),
             samples: all_rtt.samples(),
-            hdr_histogram: serialize(&all_rtt.to_histogram()),
         });
     }
     let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
@@ -121,7 +99,6 @@ pub fn node_summary(
             value: 100.0 * retransmits as f64 / segments as f64,
             unit: "percent".into(),
             samples: segments,
-            hdr_histogram: Vec::new(),
         });
     }
     if let Some(steal) = &summary.cpu.steal {
@@ -130,23 +107,14 @@ pub fn node_summary(
             value: steal.node_pct,
             unit: "percent".into(),
             samples: 1,
-            hdr_histogram: Vec::new(),
         });
     }
-    let runq_samples: u64 = summary.cpu.run_queue.iter().map(|w| w.latency.samples).sum();
-    let worst_runq = summary
-        .cpu
-        .run_queue
-        .iter()
-        .map(|w| w.latency.p99_us)
-        .fold(f64::NAN, f64::max);
-    if worst_runq.is_finite() {
+    if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
         families.push(FamilyFigures {
             family: Family::CpuContention.into(),
             value: worst_runq,
             unit: "us".into(),
-            samples: runq_samples,
-            hdr_histogram: Vec::new(),
+            samples: summary.cpu.run_queue.iter().map(|w| w.latency.samples).sum(),
         });
     }
     if let Some(pct) = summary.pressure.node.memory.as_ref().and_then(|m| m.some_pct) {
@@ -155,7 +123,6 @@ pub fn node_summary(
             value: pct,
             unit: "percent".into(),
             samples: 1,
-            hdr_histogram: Vec::new(),
         });
     }
 
@@ -175,39 +142,20 @@ pub fn node_summary(
             end_unix_ms: i64::try_from(end).unwrap_or(i64::MAX),
         }),
         families,
-        peers: {
-            // One HDR histogram (~24 KiB) alive at a time, within the byte budget.
-            let mut budget = PEER_HISTOGRAM_BUDGET_BYTES;
-            peers
-                .iter()
-                .map(|p| {
-                    let mut histogram = Vec::new();
-                    if budget > 0
-                        && let Some(rtt) = &p.rtt
-                    {
-                        histogram = serialize(&rtt.to_histogram());
-                        if histogram.len() > budget {
-                            histogram.clear();
-                            budget = 0;
-                        } else {
-                            budget -= histogram.len();
-                        }
-                    }
-                    PeerStats {
-                        remote_addr: p.remote.to_string(),
-                        rtt_samples: p.rtt_samples,
-                        rtt_p50_us: p.rtt_p50_us.unwrap_or(0.0),
-                        rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
-                        rtt_hdr_histogram: histogram,
-                        segments_out: p.segments_out,
-                        retransmits: p.retransmits,
-                        node_name: p.node.as_deref().unwrap_or_default().to_owned(),
-                        remote_addresses: p.addresses,
-                        external: p.external,
-                    }
-                })
-                .collect()
-        },
+        peers: peers
+            .iter()
+            .map(|p| PeerStats {
+                remote_addr: p.remote.to_string(),
+                rtt_samples: p.rtt_samples,
+                rtt_p50_us: p.rtt_p50_us.unwrap_or(0.0),
+                rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
+                segments_out: p.segments_out,
+                retransmits: p.retransmits,
+                node_name: p.node.as_deref().unwrap_or_default().to_owned(),
+                remote_addresses: p.addresses,
+                external: p.external,
+            })
+            .collect(),
         pod_addresses: None,
         lost_events: summary.lost_events.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         // Families still warming up send no score: the aggregator treats that as no evidence.
@@ -215,7 +163,7 @@ pub fn node_summary(
             .iter()
             .filter_map(|s| {
                 s.score.map(|score| LocalScore {
-                    family: proto_family(s.family).into(),
+                    family: Family::from(s.family).into(),
                     score,
                     reason: s.reason.clone(),
                 })
@@ -227,8 +175,6 @@ pub fn node_summary(
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-
-    use hdrhistogram::serialization::Deserializer;
 
     use super::*;
     use crate::scoring::tests::{peers_of, window_with, window_with_flows};
@@ -247,12 +193,12 @@ mod tests {
         let window = window_with(Ipv4Addr::new(10, 0, 0, 9), 2_000, 40, 1_000, 25);
         let scores = vec![
             LocalFamilyScore {
-                family: DetectFamily::NetworkLatency,
+                family: graywatch_proto::Family::NetworkLatency,
                 score: Some(0.9),
                 reason: "rtt".into(),
             },
             LocalFamilyScore {
-                family: DetectFamily::MemoryPressure,
+                family: graywatch_proto::Family::MemoryPressure,
                 score: None,
                 reason: "warming up".into(),
             },
@@ -273,10 +219,7 @@ mod tests {
             .find(|f| f.family == i32::from(Family::NetworkLatency))
             .expect("latency");
         assert!((latency.value - 2_000.0).abs() < 140.0, "{latency:?}");
-        let histogram: hdrhistogram::Histogram<u64> = Deserializer::new()
-            .deserialize(&mut latency.hdr_histogram.as_slice())
-            .expect("valid HDR payload");
-        assert_eq!(histogram.len(), 40);
+        assert_eq!(latency.samples, 40);
         let loss = msg
             .families
             .iter()

@@ -14,14 +14,14 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use graywatch_proto::{
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, family_from_wire,
     v1::{self, Directive, NodeSummary, directive, ingest_server::Ingest},
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    core::model::{Family, Millis, NodeReport, PeerObservation},
+    core::model::{Millis, NodeReport, PeerObservation},
     metrics::Metrics,
 };
 
@@ -225,17 +225,6 @@ impl FleetStore {
     }
 }
 
-fn family_of(raw: i32) -> Option<Family> {
-    match v1::Family::try_from(raw).ok()? {
-        v1::Family::CpuSteal => Some(Family::CpuSteal),
-        v1::Family::CpuContention => Some(Family::CpuContention),
-        v1::Family::NetworkLatency => Some(Family::NetworkLatency),
-        v1::Family::PacketLoss => Some(Family::PacketLoss),
-        v1::Family::MemoryPressure => Some(Family::MemoryPressure),
-        v1::Family::Unspecified => None,
-    }
-}
-
 /// Validates a summary and reduces it to a report. Errors carry the status to send.
 pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(String, NodeReport), Status> {
     if !graywatch_proto::version_supported(s.protocol_version) {
@@ -285,7 +274,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
                 f.value
             )));
         }
-        if let Some(fam) = family_of(f.family) {
+        if let Some(fam) = family_from_wire(f.family) {
             figures.insert(fam, f.value);
         }
     }
@@ -297,7 +286,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
                 sc.score
             )));
         }
-        if let Some(fam) = family_of(sc.family) {
+        if let Some(fam) = family_from_wire(sc.family) {
             local.insert(fam, (sc.score, sc.reason.chars().take(256).collect()));
         }
     }
@@ -358,9 +347,6 @@ pub struct IngestService {
     pub gate: crate::gate::Gate,
     pub metrics: Arc<Metrics>,
     pub max_peers: usize,
-    pub report_interval_ms: u32,
-    /// Detector settings handed to every agent in the first `ConfigChange`.
-    pub agent_settings: std::collections::HashMap<String, String>,
     /// Ends every open stream (UNAVAILABLE, "shutting down") so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -382,15 +368,6 @@ impl Ingest for IngestService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(16);
         let this = self.clone();
-        // Tell the agent how often to report.
-        let hello = Directive {
-            protocol_version: PROTOCOL_VERSION,
-            kind: Some(directive::Kind::Config(v1::ConfigChange {
-                report_interval_ms: this.report_interval_ms,
-                settings: this.agent_settings.clone(),
-            })),
-        };
-        let _ = tx.send(Ok(hello)).await;
         let mut books = this.store.peer_book_updates();
         books.mark_changed();
         tokio::spawn(async move {
@@ -475,6 +452,8 @@ impl Ingest for IngestService {
 #[cfg(test)]
 mod tests {
     use graywatch_proto::v1::{FamilyFigures, LocalScore, NodeIdentity, PeerStats, Window};
+
+    use crate::core::model::Family;
     use proptest::prelude::*;
 
     use super::*;

@@ -46,8 +46,6 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         gate,
         metrics: metrics.clone(),
         max_peers: cfg.ingest.max_peers,
-        report_interval_ms: cfg.ingest.report_interval_ms,
-        agent_settings: cfg.ingest.agent_settings.clone(),
         shutdown: shutdown.clone(),
     };
     let mut grpc_server = cfg.security.server()?;

@@ -81,7 +81,7 @@ async fn bad_messages_get_clear_statuses_and_nothing_panics() -> anyhow::Result<
     assert!(s.message().to_lowercase().contains("decode"), "{}", s.message());
 
     let mut huge = good.clone();
-    huge.peers[0].rtt_hdr_histogram = vec![7u8; 2 * 1024 * 1024];
+    huge.peers[0].node_name = "n".repeat(2 * 1024 * 1024);
     let s = first_error(&ep, huge, PATH).await;
     assert!(matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted), "{s:?}");
 

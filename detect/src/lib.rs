@@ -38,25 +38,30 @@ pub use state::{HealthMachine, HealthState, StateConfig, Transition};
 
 use serde::{Deserialize, Serialize};
 
-/// Signal families scored independently (one state machine per node and family).
+/// The signal families: one state machine per node and family, one Node condition each. The
+/// one definition agent, wire and aggregator share (graywatch-proto converts to the wire enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Family {
+    /// CPU time the hypervisor gave to other guests.
+    CpuSteal,
+    /// Run-queue latency (and, in the agent's local score, CPU steal).
+    CpuContention,
     /// RTT towards peers (tcp srtt histograms).
     NetworkLatency,
     /// Retransmits and kernel drops.
     PacketLoss,
-    /// CPU steal and run-queue latency.
-    CpuContention,
     /// PSI memory, direct reclaim, OOM kills.
     MemoryPressure,
 }
 
 impl Family {
     /// All families, in a stable order.
-    pub const ALL: [Family; 4] = [
+    pub const ALL: [Family; 5] = [
+        Family::CpuSteal,
+        Family::CpuContention,
         Family::NetworkLatency,
         Family::PacketLoss,
-        Family::CpuContention,
         Family::MemoryPressure,
     ];
 
@@ -64,11 +69,18 @@ impl Family {
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
+            Family::CpuSteal => "CpuSteal",
+            Family::CpuContention => "CpuContention",
             Family::NetworkLatency => "NetworkLatency",
             Family::PacketLoss => "PacketLoss",
-            Family::CpuContention => "CpuContention",
             Family::MemoryPressure => "MemoryPressure",
         }
+    }
+
+    /// Whether other nodes can observe this family towards a node (vantage evidence).
+    #[must_use]
+    pub fn has_vantage(self) -> bool {
+        matches!(self, Family::NetworkLatency | Family::PacketLoss)
     }
 }
 

@@ -7,6 +7,30 @@ pub mod v1 {
     tonic::include_proto!("graywatch.v1");
 }
 
+pub use graywatch_detect::Family;
+
+/// The wire value of a family: the one place the shared [`Family`] and the wire enum meet.
+impl From<Family> for v1::Family {
+    fn from(family: Family) -> Self {
+        match family {
+            Family::CpuSteal => v1::Family::CpuSteal,
+            Family::CpuContention => v1::Family::CpuContention,
+            Family::NetworkLatency => v1::Family::NetworkLatency,
+            Family::PacketLoss => v1::Family::PacketLoss,
+            Family::MemoryPressure => v1::Family::MemoryPressure,
+        }
+    }
+}
+
+/// The family of a wire value; `None` for `FAMILY_UNSPECIFIED` and for a newer agent's family
+/// this build does not know (ignored, never an error).
+#[must_use]
+pub fn family_from_wire(raw: i32) -> Option<Family> {
+    Family::ALL
+        .into_iter()
+        .find(|&family| v1::Family::from(family) as i32 == raw)
+}
+
 /// The protocol version this build speaks (written in every message).
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest protocol version this build accepts.
@@ -53,6 +77,17 @@ mod tests {
         assert_eq!(back, s);
         // A newer agent's family is kept as a raw number, not an error.
         assert!(Family::try_from(back.families[0].family).is_err());
+    }
+
+    #[test]
+    fn every_family_goes_over_the_wire_and_back() {
+        for family in super::Family::ALL {
+            let wire = Family::from(family);
+            assert_ne!(wire, Family::Unspecified);
+            assert_eq!(family_from_wire(wire as i32), Some(family));
+        }
+        assert_eq!(family_from_wire(Family::Unspecified as i32), None);
+        assert_eq!(family_from_wire(99), None);
     }
 
     #[test]

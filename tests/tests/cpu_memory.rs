@@ -12,13 +12,10 @@ use std::{
 
 use graywatch_agent::{
     app::{Collector, CollectorOptions},
+    config::{CgroupAttribution, HostPaths},
     pods::PodDirectory,
-    signals::{
-        cgroup_stats::CgroupWindow,
-        host::{WorkloadReclaim, WorkloadRunq},
-        psi::read_psi,
-    },
-    summary::WindowSummary,
+    signals::psi::read_psi,
+    summary::{CgroupWindow, WindowSummary, WorkloadReclaim, WorkloadRunq},
 };
 use graywatch_testbench::cgroup::{Limits, TestCgroup, is_root};
 
@@ -426,7 +423,7 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
 }
 
 /// Host paths with no PSI, no cgroup hierarchy and no /proc/cgroups (an old kernel as a
-/// DaemonSet would see it through `PROCFS_ROOT`/`SYSFS_ROOT`): the agent still starts, keeps the
+/// DaemonSet would see it through `--procfs-root`/`--sysfs-root`): the agent still starts, keeps the
 /// signals it has, and reports the missing ones as unavailable rather than as zeros.
 #[test]
 fn missing_sources_are_reported_unavailable_not_zero() {
@@ -440,17 +437,11 @@ fn missing_sources_are_reported_unavailable_not_zero() {
     std::fs::create_dir_all(sysfs.join("fs/cgroup")).expect("fake sysfs");
     // Kernel < 2.6.11 /proc/stat: no steal column.
     std::fs::write(procfs.join("stat"), "cpu  10 0 10 100 0 0 0\ncpu0 10 0 10 100 0 0 0\n").expect("write");
-    // SAFETY: tests in this binary run one at a time (--test-threads=1); restored below.
-    unsafe {
-        std::env::set_var("PROCFS_ROOT", &procfs);
-        std::env::set_var("SYSFS_ROOT", &sysfs);
-    }
-    let started = Collector::start(&CollectorOptions::for_node("bench"), PodDirectory::default());
-    // SAFETY: as above.
-    unsafe {
-        std::env::remove_var("PROCFS_ROOT");
-        std::env::remove_var("SYSFS_ROOT");
-    }
+    let options = CollectorOptions {
+        paths: HostPaths { procfs, sysfs },
+        ..CollectorOptions::for_node("bench")
+    };
+    let started = Collector::start(&options, PodDirectory::default());
     let mut collector = started.expect("the agent starts without PSI, cgroups or /proc/cgroups");
     let summary = collector.collect().expect("window");
     let _ = std::fs::remove_dir_all(&root);
@@ -495,11 +486,11 @@ fn v1_attribution_keys_by_the_controller_cgroups() {
         eprintln!("SKIPPED: pure cgroup v2 host, no v1 controller hierarchies to attribute to");
         return;
     }
-    // SAFETY: tests in this binary run one at a time (--test-threads=1); removed right after.
-    unsafe { std::env::set_var("GRAYWATCH_CGROUP_ATTRIBUTION", "v1") };
-    let started = Collector::start(&CollectorOptions::for_node("bench"), PodDirectory::default());
-    // SAFETY: as above.
-    unsafe { std::env::remove_var("GRAYWATCH_CGROUP_ATTRIBUTION") };
+    let options = CollectorOptions {
+        cgroup_attribution: CgroupAttribution::V1,
+        ..CollectorOptions::for_node("bench")
+    };
+    let started = Collector::start(&options, PodDirectory::default());
     let mut collector = started.expect("load with v1 attribution");
     let group = cgroup(
         &mut collector,

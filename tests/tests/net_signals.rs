@@ -11,7 +11,7 @@ use std::{
 
 use graywatch_agent::{
     app::{Collector, CollectorOptions},
-    ebpf::RttSource,
+    config::RttSource,
     pods::PodDirectory,
     summary::{Direction, FlowWindow, WindowSummary},
 };

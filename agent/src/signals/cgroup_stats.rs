@@ -16,7 +16,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::psi::{Psi, PsiError, PsiWindow, is_unavailable, parse_psi, window};
+use super::psi::{PsiError, is_unavailable, parse_psi, window};
+use crate::{
+    cgroups::{CgroupLayout, find_pod_cgroups, parse_pod_cgroup},
+    summary::{CgroupWindow, Psi},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupFileError {
@@ -132,144 +136,6 @@ pub fn parse_cpu_stat(text: &str, file: &str) -> Result<Option<CpuThrottle>, Cgr
     }))
 }
 
-/// Where the hierarchies are. Detected from the cgroup mount root (default `/sys/fs/cgroup`,
-/// overridable for a DaemonSet that mounts the host's at e.g. `/host/sys/fs/cgroup`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CgroupLayout {
-    /// Pure v2: everything under the root.
-    Unified { root: PathBuf },
-    /// v1 controllers under `root/<controller>`, v2 (no controllers, PSI only) at `unified`.
-    Hybrid { root: PathBuf, unified: PathBuf },
-    /// v1 only.
-    Legacy { root: PathBuf },
-}
-
-impl CgroupLayout {
-    pub fn detect(root: &Path) -> Self {
-        if root.join("cgroup.controllers").exists() {
-            return CgroupLayout::Unified { root: root.to_owned() };
-        }
-        let unified = root.join("unified");
-        if unified.join("cgroup.controllers").exists() {
-            return CgroupLayout::Hybrid {
-                root: root.to_owned(),
-                unified,
-            };
-        }
-        CgroupLayout::Legacy { root: root.to_owned() }
-    }
-
-    /// The v2 hierarchy (where PSI files and the eBPF cgroup ids live), if any.
-    pub fn v2_root(&self) -> Option<&Path> {
-        match self {
-            CgroupLayout::Unified { root } => Some(root),
-            CgroupLayout::Hybrid { unified, .. } => Some(unified),
-            CgroupLayout::Legacy { .. } => None,
-        }
-    }
-
-    /// The v1 hierarchy of `controller` (`cpu`, `memory`), if the layout has v1.
-    pub fn v1_root(&self, controller: &str) -> Option<PathBuf> {
-        match self {
-            CgroupLayout::Unified { .. } => None,
-            CgroupLayout::Hybrid { root, .. } | CgroupLayout::Legacy { root } => {
-                // Some distributions co-mount cpu and cpuacct as `cpu,cpuacct`, with `cpu` a symlink.
-                let dir = root.join(controller);
-                dir.exists().then_some(dir)
-            }
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            CgroupLayout::Unified { .. } => "v2",
-            CgroupLayout::Hybrid { .. } => "hybrid",
-            CgroupLayout::Legacy { .. } => "v1",
-        }
-    }
-}
-
-/// Kubernetes QoS class as encoded in the cgroup path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QosClass {
-    Guaranteed,
-    Burstable,
-    BestEffort,
-}
-
-/// A pod-level cgroup recognised from its path, relative to a hierarchy root.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct PodCgroup {
-    /// Path relative to the hierarchy root, e.g. `kubepods/burstable/pod<uid>` or
-    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`.
-    pub path: String,
-    /// Pod UID with dashes (the systemd driver writes it with underscores).
-    pub pod_uid: String,
-    pub qos: QosClass,
-}
-
-/// Recognises a pod cgroup path from either kubelet cgroup driver (cgroupfs or systemd), at
-/// any prefix (e.g. a `kubelet.slice` parent). Container cgroups below a pod yield the pod.
-pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let start = parts.iter().position(|p| *p == "kubepods" || *p == "kubepods.slice")?;
-    let mut qos = QosClass::Guaranteed;
-    for (i, part) in parts.iter().enumerate().skip(start + 1) {
-        let part = part.strip_suffix(".slice").unwrap_or(part);
-        // cgroupfs: `burstable`, `besteffort`, `pod<uid>`; systemd: `kubepods-burstable`,
-        // `kubepods-burstable-pod<uid_with_underscores>`, `kubepods-pod<uid>`.
-        let mut name = part.strip_prefix("kubepods-").unwrap_or(part);
-        for (class, label) in [(QosClass::Burstable, "burstable"), (QosClass::BestEffort, "besteffort")] {
-            if let Some(rest) = name.strip_prefix(label) {
-                qos = class;
-                name = rest.strip_prefix('-').unwrap_or(rest);
-            }
-        }
-        if name.is_empty() {
-            continue;
-        }
-        let uid = name.strip_prefix("pod")?;
-        if uid.len() < 32 || !uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_') {
-            return None;
-        }
-        return Some(PodCgroup {
-            path: parts[..=i].join("/"),
-            pod_uid: uid.replace('_', "-"),
-            qos,
-        });
-    }
-    None
-}
-
-/// Pod cgroups found under a hierarchy root (depth-limited walk of the kubepods subtree).
-pub fn find_pod_cgroups(hierarchy: &Path) -> Vec<PodCgroup> {
-    let mut found = Vec::new();
-    let mut stack = vec![(hierarchy.to_owned(), 0usize)];
-    while let Some((dir, depth)) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let path = entry.path();
-            let Ok(rel) = path.strip_prefix(hierarchy) else {
-                continue;
-            };
-            let rel = rel.to_string_lossy();
-            if let Some(pod) = parse_pod_cgroup(&rel) {
-                found.push(pod);
-            } else if depth < 4 && (rel.contains("kubepods") || depth < 1) {
-                stack.push((path, depth + 1));
-            }
-        }
-    }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    found
-}
-
 /// One reading of a cgroup. Every field is `None` when the layout/kernel does not offer it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CgroupStats {
@@ -335,22 +201,6 @@ pub fn read_cgroup_stats(layout: &CgroupLayout, rel: &str) -> Result<CgroupStats
     Ok(stats)
 }
 
-/// A cgroup's figures over one window. Deltas are `None` on the first window and when the source
-/// is missing.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct CgroupWindow {
-    pub path: String,
-    pub pod_uid: Option<String>,
-    pub memory_pressure: Option<PsiWindow>,
-    pub cpu_pressure: Option<PsiWindow>,
-    pub oom_kills: Option<u64>,
-    pub memory_high_events: Option<u64>,
-    pub throttled_periods: Option<u64>,
-    /// Throttled periods / elapsed periods in the window, in %.
-    pub throttled_pct: Option<f64>,
-    pub throttled_ms: Option<f64>,
-}
-
 /// Turns two readings of one cgroup into a window.
 pub fn cgroup_window(path: &str, prev: Option<&CgroupStats>, now: &CgroupStats, elapsed: Duration) -> CgroupWindow {
     let delta = |a: Option<u64>, b: Option<u64>| b?.checked_sub(a?);
@@ -366,7 +216,7 @@ pub fn cgroup_window(path: &str, prev: Option<&CgroupStats>, now: &CgroupStats, 
     );
     CgroupWindow {
         path: path.to_owned(),
-        pod_uid: parse_pod_cgroup(path).map(|p| p.pod_uid),
+        pod_uid: parse_pod_cgroup(path).map(|p| p.uid),
         memory_pressure: now
             .memory_pressure
             .map(|psi| window(prev.and_then(|p| p.memory_pressure.as_ref()), psi, elapsed)),
@@ -401,7 +251,7 @@ pub struct CgroupStatsCollector {
 impl CgroupStatsCollector {
     pub fn new(cgroup_root: &Path) -> Self {
         let layout = CgroupLayout::detect(cgroup_root);
-        tracing::info!(layout = layout.name(), root = %cgroup_root.display(), "cgroup layout");
+        tracing::info!(layout = layout.mode.name(), root = %cgroup_root.display(), "cgroup layout");
         Self {
             layout,
             extra: Vec::new(),
@@ -467,6 +317,7 @@ impl CgroupStatsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgroups::CgroupMode;
 
     const MEMORY_EVENTS: &str = include_str!("../../tests/fixtures/cgroup/memory.events");
     const OOM_CONTROL: &str = include_str!("../../tests/fixtures/cgroup/memory.oom_control");
@@ -536,61 +387,6 @@ mod tests {
     }
 
     #[test]
-    fn recognises_pod_cgroups_of_both_drivers() {
-        let uid = "0b5c6f8e-2f4c-4a51-9d0e-5a1d2c3b4a59";
-        let under = uid.replace('-', "_");
-        let cases = [
-            (
-                format!("kubepods/burstable/pod{uid}/0123abcd"),
-                format!("kubepods/burstable/pod{uid}"),
-                QosClass::Burstable,
-            ),
-            (
-                format!("kubepods/pod{uid}"),
-                format!("kubepods/pod{uid}"),
-                QosClass::Guaranteed,
-            ),
-            (
-                format!("kubepods/besteffort/pod{uid}"),
-                format!("kubepods/besteffort/pod{uid}"),
-                QosClass::BestEffort,
-            ),
-            (
-                format!(
-                    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{under}.slice/cri-containerd-ab.scope"
-                ),
-                format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{under}.slice"),
-                QosClass::Burstable,
-            ),
-            (
-                format!("kubelet.slice/kubepods.slice/kubepods-pod{under}.slice"),
-                format!("kubelet.slice/kubepods.slice/kubepods-pod{under}.slice"),
-                QosClass::Guaranteed,
-            ),
-        ];
-        for (input, path, qos) in cases {
-            let pod = parse_pod_cgroup(&input).unwrap_or_else(|| panic!("{input} not recognised"));
-            assert_eq!(
-                pod,
-                PodCgroup {
-                    path,
-                    pod_uid: uid.to_owned(),
-                    qos
-                }
-            );
-        }
-        for not_pod in [
-            "system.slice/sshd.service",
-            "kubepods/burstable",
-            "kubepods.slice",
-            "kubepods/podzz",
-            "",
-        ] {
-            assert_eq!(parse_pod_cgroup(not_pod), None, "{not_pod}");
-        }
-    }
-
-    #[test]
     fn detects_layouts_and_finds_pods_in_a_fake_tree() {
         let root = std::env::temp_dir().join(format!("gw-cgroup-{}", std::process::id()));
         let uid = "0b5c6f8e-2f4c-4a51-9d0e-5a1d2c3b4a59";
@@ -599,7 +395,7 @@ mod tests {
         std::fs::create_dir_all(root.join("cpu/kubepods")).expect("tmp dir");
         std::fs::write(pod.join("memory.oom_control"), OOM_CONTROL).expect("write");
         let layout = CgroupLayout::detect(&root);
-        assert_eq!(layout, CgroupLayout::Legacy { root: root.clone() });
+        assert_eq!(layout.mode, CgroupMode::Legacy);
         let mut collector = CgroupStatsCollector::new(&root);
         assert!(!collector.pressure_available());
         let first = collector.collect();
@@ -617,9 +413,9 @@ mod tests {
 
         std::fs::create_dir_all(root.join("unified")).expect("tmp dir");
         std::fs::write(root.join("unified/cgroup.controllers"), "").expect("write");
-        assert!(matches!(CgroupLayout::detect(&root), CgroupLayout::Hybrid { .. }));
+        assert_eq!(CgroupLayout::detect(&root).mode, CgroupMode::Hybrid);
         std::fs::write(root.join("cgroup.controllers"), "cpu memory").expect("write");
-        assert!(matches!(CgroupLayout::detect(&root), CgroupLayout::Unified { .. }));
+        assert_eq!(CgroupLayout::detect(&root).mode, CgroupMode::Modern);
         let _ = std::fs::remove_dir_all(&root);
     }
 
@@ -656,7 +452,7 @@ mod tests {
         };
         write_all(1_000, 0, 10, 1_000);
         let mut collector = CgroupStatsCollector::new(&root);
-        assert!(matches!(collector.layout(), CgroupLayout::Unified { .. }));
+        assert_eq!(collector.layout().mode, CgroupMode::Modern);
         let first = collector.collect();
         assert_eq!(first.len(), 1, "{first:?}");
         assert_eq!(
@@ -687,11 +483,6 @@ mod tests {
             let _ = parse_memory_events(&text, "fuzz");
             let _ = parse_oom_control(&text, "fuzz");
             let _ = parse_cpu_stat(&text, "fuzz");
-        }
-
-        #[test]
-        fn pod_paths_never_panic(path in "(kubepods(\\.slice)?/)?([a-z_\\-0-9.]{0,40}/){0,4}") {
-            let _ = parse_pod_cgroup(&path);
         }
     }
 }

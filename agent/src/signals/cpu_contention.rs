@@ -8,9 +8,11 @@ use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use graywatch_common::{CGROUP_V2, RTT_BUCKETS, RunqStats, TaskOffsets, rtt_bucket_bounds};
-use serde::Serialize;
 
-use crate::kernel_layout::{KernelLayout, LayoutError};
+use crate::{
+    kernel_layout::{KernelLayout, LayoutError},
+    summary::RunqWindow,
+};
 
 /// Programs of this family: (program name in the object, raw tracepoint name).
 pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
@@ -122,19 +124,6 @@ pub fn bucket_deltas(prev: Option<&[u32; RTT_BUCKETS]>, now: &[u32; RTT_BUCKETS]
         *slot = u64::from(now[i].wrapping_sub(before));
     }
     out
-}
-
-/// One cgroup's run-queue latency over one window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct RunqWindow {
-    pub cgroup_id: u64,
-    /// Times a task of this cgroup was switched in after waiting.
-    pub samples: u64,
-    pub mean_us: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    /// Sum of waiting time, ms: how much CPU time the cgroup's tasks wanted but did not get.
-    pub total_wait_ms: f64,
 }
 
 /// Window of one cgroup from two cumulative readings; `None` when nothing was scheduled.

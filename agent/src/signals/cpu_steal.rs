@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Serialize;
+use crate::summary::StealWindow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatError {
@@ -94,17 +94,6 @@ pub fn parse_proc_stat(text: &str, file: &str) -> Result<StatSnapshot, StatError
     }
     let node = node.ok_or_else(|| StatError::NoCpuLine { file: file.to_owned() })?;
     Ok(StatSnapshot { node, cpus })
-}
-
-/// Steal over one window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct StealWindow {
-    /// Steal as % of the node's CPU wall time (all CPUs together).
-    pub node_pct: f64,
-    /// Steal seconds summed over CPUs during the window.
-    pub node_seconds: f64,
-    /// (cpu, steal %) for CPUs present in both readings.
-    pub per_cpu_pct: Vec<(u32, f64)>,
 }
 
 /// Steal % between two readings; `None` when the kernel has no steal column or no time passed.

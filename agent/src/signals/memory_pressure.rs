@@ -9,7 +9,10 @@ use graywatch_common::{OomEvent, ReclaimKey, ReclaimKind, ReclaimStats};
 use serde::Serialize;
 
 use super::cpu_contention::{bucket_deltas, quantile_us};
-use crate::tracefs::EventFormat;
+use crate::{
+    summary::{OomKill, ReclaimWindow},
+    tracefs::EventFormat,
+};
 
 /// (program, category, event) of the classic tracepoints of this family.
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
@@ -31,19 +34,6 @@ pub fn oom_arg_is_task(mark_victim: &EventFormat) -> bool {
     mark_victim.field("comm").is_ok()
 }
 
-/// One (cgroup, reclaim kind) over one window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ReclaimWindow {
-    pub cgroup_id: u64,
-    /// `direct` (node short of memory) or `memcg` (cgroup at its limit).
-    pub kind: &'static str,
-    pub events: u64,
-    pub pages_reclaimed: u64,
-    pub total_stall_ms: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-}
-
 pub fn reclaim_window(key: &ReclaimKey, prev: Option<&ReclaimStats>, now: &ReclaimStats) -> Option<ReclaimWindow> {
     let events = now.events.wrapping_sub(prev.map_or(0, |p| p.events));
     if events == 0 {
@@ -59,18 +49,6 @@ pub fn reclaim_window(key: &ReclaimKey, prev: Option<&ReclaimStats>, now: &Recla
         p50_us: quantile_us(&buckets, 0.5)?,
         p99_us: quantile_us(&buckets, 0.99)?,
     })
-}
-
-/// An OOM kill as reported by the kernel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct OomKill {
-    /// Victim's cgroup id in the attributed hierarchy (v2 when the host has one).
-    pub cgroup_id: u64,
-    pub cgroup_v2_id: u64,
-    pub pid: u32,
-    pub tgid: u32,
-    pub comm: String,
-    pub timestamp_ns: u64,
 }
 
 impl From<&OomEvent> for OomKill {

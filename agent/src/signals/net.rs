@@ -9,19 +9,17 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use graywatch_common::{AF_INET, DropKey, FlowKey, FlowStats, LostEvent, RTT_BUCKETS, rtt_bucket_bounds};
-use hdrhistogram::Histogram;
 use tracing::warn;
 
 use crate::{
     ebpf::{EbpfError, KernelPrograms, typed_map},
-    summary::{Direction, DropWindow, FlowWindow, NetworkWindow, RttSummary, Workload, WorkloadNetWindow, ratio},
+    summary::{
+        Direction, DropWindow, FlowWindow, NetworkWindow, RttBuckets, RttSummary, Workload, WorkloadNetWindow, ratio,
+    },
 };
 
 /// Windows an entry may stay unchanged before it is evicted from the kernel map.
 const IDLE_WINDOWS_BEFORE_EVICTION: u32 = 120;
-
-/// Highest RTT the histograms track (10 minutes); larger samples are clamped.
-const MAX_RTT_US: u64 = 600_000_000;
 
 /// What changed in one (cgroup, remote) flow during a window.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,120 +193,6 @@ pub fn remote_addr(family: u16, addr: [u8; 16]) -> IpAddr {
         None if family == AF_INET => IpAddr::V4(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15])),
         None => IpAddr::V6(v6),
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    // Two significant digits match the kernel buckets' ~6% resolution.
-    Histogram::new_with_bounds(1, MAX_RTT_US, 2).expect("static histogram bounds are valid")
-}
-
-/// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the histograms track.
-fn bucket_midpoint(index: usize) -> u64 {
-    let (low, width) = rtt_bucket_bounds(index);
-    (low + width / 2).clamp(1, MAX_RTT_US)
-}
-
-/// A window's RTT distribution as the kernel's log-linear bucket counts, kept sparse: a few
-/// dozen bytes per flow where an HDR histogram costs ~24 KiB. HDR histograms are built from it
-/// only where a distribution goes on the wire ([`RttBuckets::to_histogram`]), one at a time.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RttBuckets {
-    /// (bucket index, count), ascending by index, counts > 0.
-    counts: Vec<(u16, u64)>,
-}
-
-impl RttBuckets {
-    /// The non-zero buckets of a dense array.
-    pub fn from_dense(buckets: &[u64; RTT_BUCKETS]) -> Self {
-        let counts = buckets
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .filter_map(|(i, c)| Some((u16::try_from(i).ok()?, *c)))
-            .collect();
-        Self { counts }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
-    }
-
-    pub fn samples(&self) -> u64 {
-        self.counts.iter().map(|(_, c)| c).sum()
-    }
-
-    /// Adds `other`'s counts (a merge of two sorted lists).
-    pub fn add(&mut self, other: &RttBuckets) {
-        if other.is_empty() {
-            return;
-        }
-        let mut merged = Vec::with_capacity(self.counts.len() + other.counts.len());
-        let (mut a, mut b) = (self.counts.iter().peekable(), other.counts.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x.0 == y.0 => {
-                    merged.push((x.0, x.1 + y.1));
-                    a.next();
-                    b.next();
-                }
-                (Some(x), Some(y)) if x.0 < y.0 => {
-                    merged.push(**x);
-                    a.next();
-                }
-                (_, Some(y)) => {
-                    merged.push(**y);
-                    b.next();
-                }
-                (Some(x), None) => {
-                    merged.push(**x);
-                    a.next();
-                }
-                (None, None) => break,
-            }
-        }
-        self.counts = merged;
-    }
-
-    /// The value (bucket midpoint, µs) at quantile `q`; `None` without samples.
-    pub fn quantile_us(&self, q: f64) -> Option<u64> {
-        let total = self.samples();
-        if total == 0 {
-            return None;
-        }
-        // Same rank rule as HDR's value_at_quantile: the smallest value with at least
-        // ceil(q * total) samples at or below it (at least one).
-        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (index, count) in &self.counts {
-            seen += count;
-            if seen >= rank {
-                return Some(bucket_midpoint(usize::from(*index)));
-            }
-        }
-        self.counts.last().map(|(i, _)| bucket_midpoint(usize::from(*i)))
-    }
-
-    /// Sum of the samples at their bucket midpoints (µs).
-    pub fn sum_us(&self) -> u64 {
-        self.counts
-            .iter()
-            .map(|(i, c)| c.saturating_mul(bucket_midpoint(usize::from(*i))))
-            .fold(0u64, u64::saturating_add)
-    }
-
-    /// HDR histogram of the distribution, each bucket recorded at its midpoint.
-    pub fn to_histogram(&self) -> Histogram<u64> {
-        let mut histogram = new_histogram();
-        for (index, count) in &self.counts {
-            histogram.saturating_record_n(bucket_midpoint(usize::from(*index)), *count);
-        }
-        histogram
-    }
-}
-
-/// HDR histogram of a flow's window, recording each kernel bucket at its midpoint.
-pub fn histogram_of(buckets: &[u64; RTT_BUCKETS]) -> Histogram<u64> {
-    RttBuckets::from_dense(buckets).to_histogram()
 }
 
 /// Percentiles of `buckets`; the mean from the bucket midpoints (`sum_us` / `samples`).
@@ -579,14 +463,14 @@ mod tests {
         #[test]
         fn histogram_median_is_within_bucket_resolution(rtts in prop::collection::vec(1u32..50_000_000, 1..200)) {
             let stats = stats_with(&rtts, 0, 0);
-            let h = histogram_of(&FlowDelta::between(None, &stats).rtt_buckets);
-            prop_assert_eq!(h.len(), rtts.len() as u64);
+            let buckets = RttBuckets::from_dense(&FlowDelta::between(None, &stats).rtt_buckets);
+            prop_assert_eq!(buckets.samples(), rtts.len() as u64);
             let mut sorted = rtts.clone();
             sorted.sort_unstable();
             let min = f64::from(sorted[0]);
             let max = f64::from(sorted[sorted.len() - 1]);
-            let p50 = h.value_at_quantile(0.5) as f64;
-            // Bucket midpoints and HDR's 2-digit precision stay within ~8% of real samples.
+            let p50 = buckets.quantile_us(0.5).expect("samples") as f64;
+            // Bucket midpoints stay within ~8% of real samples.
             prop_assert!(p50 >= min * 0.92 && p50 <= max * 1.08, "p50 {} outside [{}, {}]", p50, min, max);
         }
 

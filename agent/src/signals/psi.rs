@@ -7,12 +7,12 @@
 //! delta of `total` over the window as a percentage of wall time.
 
 use std::{
-    fmt, io,
+    io,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use serde::Serialize;
+use crate::summary::{NodePsi, Psi, PsiLine, PsiWindow, Resource};
 
 /// A malformed PSI file. Names the file and the 1-based line so an operator can look at it.
 #[derive(Debug, thiserror::Error)]
@@ -23,24 +23,6 @@ pub enum PsiError {
     MissingSome { file: String },
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-}
-
-/// One `some` or `full` line.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct PsiLine {
-    /// Percentage of the last 10 s in which at least one task (some) / all tasks (full) stalled.
-    pub avg10: f64,
-    pub avg60: f64,
-    pub avg300: f64,
-    /// Cumulative stall time in microseconds.
-    pub total_us: u64,
-}
-
-/// A whole PSI file. `full` is `None` when the kernel does not report it (cpu before 5.13).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct Psi {
-    pub some: PsiLine,
-    pub full: Option<PsiLine>,
 }
 
 /// Parses a PSI file's text. `file` only labels errors.
@@ -130,44 +112,6 @@ pub(crate) fn is_unavailable(e: &io::Error) -> bool {
         || e.raw_os_error() == Some(libc::ENODEV)
 }
 
-/// The three node-level resources.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Resource {
-    Memory,
-    Cpu,
-    Io,
-}
-
-impl Resource {
-    pub const ALL: [Resource; 3] = [Resource::Memory, Resource::Cpu, Resource::Io];
-
-    pub const fn file_name(self) -> &'static str {
-        match self {
-            Resource::Memory => "memory",
-            Resource::Cpu => "cpu",
-            Resource::Io => "io",
-        }
-    }
-}
-
-impl fmt::Display for Resource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.file_name())
-    }
-}
-
-/// PSI of one resource over one window.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct PsiWindow {
-    /// The kernel's own averages at the end of the window.
-    pub now: Psi,
-    /// Stall time during the window as % of wall time (`total` delta / window length), `None`
-    /// on the first window (no previous total yet).
-    pub some_pct: Option<f64>,
-    pub full_pct: Option<f64>,
-}
-
 /// Turns two successive readings into a window figure.
 pub fn window(prev: Option<&Psi>, now: Psi, elapsed: Duration) -> PsiWindow {
     let elapsed_us = elapsed.as_secs_f64() * 1e6;
@@ -196,24 +140,6 @@ pub struct NodePsiCollector {
     missing: [bool; 3],
     /// Which absences were already logged: once, not every window.
     logged_missing: [bool; 3],
-}
-
-/// One collection of node PSI; a resource the kernel lacks is `None`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct NodePsi {
-    pub memory: Option<PsiWindow>,
-    pub cpu: Option<PsiWindow>,
-    pub io: Option<PsiWindow>,
-}
-
-impl NodePsi {
-    pub fn get(&self, resource: Resource) -> Option<&PsiWindow> {
-        match resource {
-            Resource::Memory => self.memory.as_ref(),
-            Resource::Cpu => self.cpu.as_ref(),
-            Resource::Io => self.io.as_ref(),
-        }
-    }
 }
 
 impl NodePsiCollector {

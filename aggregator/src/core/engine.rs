@@ -512,7 +512,7 @@ impl Engine {
                             action: "None".into(),
                             note: format!(
                                 "{}: {} report it degraded, but neither its own measurements nor a majority of its traffic partners agree: Suspect only, no action",
-                                f.camel(),
+                                f.as_str(),
                                 alone.join(", ")
                             ),
                         });
@@ -1046,7 +1046,7 @@ fn desired_conditions(st: &NodeState, p: &Policy, types: &ConditionTypes) -> Vec
             reason_of(&FamilyState::new(overall)),
             worst
                 .iter()
-                .map(|f| format!("{}: {}", f.camel(), st.families[f].detail))
+                .map(|f| format!("{}: {}", f.as_str(), st.families[f].detail))
                 .collect::<Vec<_>>()
                 .join(" | "),
         ),

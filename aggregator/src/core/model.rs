@@ -8,44 +8,8 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the Unix epoch (an input; the core never reads a clock).
 pub type Millis = i64;
 
-/// The signal families; one Node condition each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Family {
-    CpuSteal,
-    CpuContention,
-    NetworkLatency,
-    PacketLoss,
-    MemoryPressure,
-}
-
-impl Family {
-    pub const ALL: [Family; 5] = [
-        Family::CpuSteal,
-        Family::CpuContention,
-        Family::NetworkLatency,
-        Family::PacketLoss,
-        Family::MemoryPressure,
-    ];
-
-    /// CamelCase name used in condition types and reasons.
-    #[must_use]
-    pub fn camel(self) -> &'static str {
-        match self {
-            Family::CpuSteal => "CpuSteal",
-            Family::CpuContention => "CpuContention",
-            Family::NetworkLatency => "NetworkLatency",
-            Family::PacketLoss => "PacketLoss",
-            Family::MemoryPressure => "MemoryPressure",
-        }
-    }
-
-    /// Whether other nodes can observe this family towards a node (vantage evidence).
-    #[must_use]
-    pub fn has_vantage(self) -> bool {
-        matches!(self, Family::NetworkLatency | Family::PacketLoss)
-    }
-}
+/// The signal families; one Node condition each (defined once, shared with agent and wire).
+pub use graywatch_proto::Family;
 
 /// What the cluster says about one Node (from a watch of Nodes), including what we wrote before.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -216,7 +216,7 @@ impl Policy {
     /// Condition type of one family.
     #[must_use]
     pub fn family_condition(&self, family: super::model::Family) -> String {
-        format!("{}{}Healthy", self.condition_prefix, family.camel())
+        format!("{}{}Healthy", self.condition_prefix, family.as_str())
     }
 
     /// Condition type of the overall verdict.

@@ -517,21 +517,18 @@ pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSumma
                 value: if slow { 9000.0 } else { 300.0 + (i % 4) as f64 * 5.0 },
                 unit: "us".into(),
                 samples: 400,
-                ..Default::default()
             },
             FamilyFigures {
                 family: Family::PacketLoss as i32,
                 value: if slow { 6.0 } else { 0.05 },
                 unit: "%".into(),
                 samples: 2000,
-                ..Default::default()
             },
             FamilyFigures {
                 family: Family::CpuSteal as i32,
                 value: 0.3,
                 unit: "%".into(),
                 samples: 1,
-                ..Default::default()
             },
         ],
         peers,

@@ -757,7 +757,6 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
                 value: *value,
                 unit: (*unit).into(),
                 samples: 1000,
-                hdr_histogram: Vec::new(),
             })
             .collect(),
         peers: (1..=PEERS_PER_NODE)
@@ -768,7 +767,6 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
                     rtt_samples: 200,
                     rtt_p50_us: 180.0 + jitter * 40.0,
                     rtt_p99_us: 300.0 + jitter * 100.0,
-                    rtt_hdr_histogram: Vec::new(),
                     segments_out: 5000,
                     retransmits: 2,
                     ..Default::default()
