@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::policy::{Policy, PolicyError};
+use crate::{
+    core::policy::{Policy, PolicyError},
+    security::{SecurityConfig, SecurityError},
+};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "graywatch-aggregator", about = "graywatch fleet aggregator", version)]
@@ -72,7 +75,7 @@ pub struct FileConfig {
     pub leader: LeaderConfig,
     pub policy: Policy,
     /// Agent authentication, TLS and per-identity limits (see security.rs).
-    pub security: crate::security::SecurityConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,7 +124,7 @@ impl Default for FileConfig {
             ingest: IngestConfig::default(),
             leader: LeaderConfig::default(),
             policy: Policy::default(),
-            security: crate::security::SecurityConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -161,6 +164,8 @@ pub enum ConfigError {
     Invalid { field: &'static str, problem: String },
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 impl FileConfig {

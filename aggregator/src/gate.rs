@@ -12,6 +12,7 @@ use crate::{
     auth::{Authenticator, Identity, InsecureNoAuth, bearer},
     limits::{Limits, LimitsConfig, StreamSlot},
     metrics::Metrics,
+    security::SecurityConfig,
 };
 
 /// Whether a name is a Node of the cluster (the aggregator's Node watch).
@@ -186,6 +187,18 @@ pub struct Admission {
 }
 
 impl Gate {
+    /// The gate for the ingest service as configured (logs a loud warning in insecure mode).
+    #[must_use]
+    pub fn new(cfg: &SecurityConfig, client: &kube::Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            auth: crate::auth::build(cfg.auth, client, &cfg.token_audience, &cfg.allowed_service_accounts),
+            limits: Limits::new(cfg.limits()),
+            metrics,
+            known_nodes: None,
+            reviews: ReviewCache::new(Duration::from_millis(cfg.review_cache_max_ms)),
+        }
+    }
+
     /// INSECURE gate (no authentication) with the given limits; tests and development.
     #[must_use]
     pub fn insecure(limits: LimitsConfig, metrics: Arc<Metrics>) -> Self {

@@ -9,16 +9,43 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 
 use crate::{
     actuate::Actuator,
     cluster::ClusterReader,
     config::FileConfig,
     core::engine::{Engine, Settling},
+    gate::Gate,
     ingest::{FleetStore, IngestService, now_ms},
     leader::LeaderElector,
     metrics::Metrics,
+    security::SecurityConfig,
 };
+
+/// A gRPC server builder, with TLS (and client-certificate verification) when configured.
+fn grpc_server(sec: &SecurityConfig) -> anyhow::Result<Server> {
+    // Half-open connections (a partitioned agent) are found by HTTP/2 PINGs and TCP
+    // keepalive and closed: their streams end and free their per-identity slots.
+    let interval = Duration::from_millis(sec.keepalive_interval_ms);
+    let builder = Server::builder()
+        .http2_keepalive_interval(Some(interval))
+        .http2_keepalive_timeout(Some(Duration::from_millis(sec.keepalive_timeout_ms)))
+        .tcp_keepalive(Some(interval));
+    let (Some(cert), Some(key)) = (&sec.tls_cert_file, &sec.tls_key_file) else {
+        tracing::warn!("INSECURE: the ingest stream is plaintext (set security.tls_cert_file and tls_key_file)");
+        return Ok(builder);
+    };
+    let read = |p: &std::path::PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &sec.tls_client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    tracing::info!(cert = %cert.display(), mtls = sec.tls_client_ca_file.is_some(), "ingest stream uses TLS");
+    builder
+        .tls_config(tls)
+        .context("configuring TLS for the ingest stream (certificate/key)")
+}
 
 /// Runs the aggregator until `shutdown` is cancelled.
 pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -36,7 +63,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     // Reports are accepted for Nodes only; the lookup is the Node watch, started below (until
     // its first list, every name is refused and the agents retry).
     let known_nodes: Arc<std::sync::OnceLock<crate::gate::NodeLookup>> = Arc::default();
-    let mut gate = cfg.security.gate(&client, metrics.clone());
+    let mut gate = Gate::new(&cfg.security, &client, metrics.clone());
     gate.known_nodes = Some({
         let known = known_nodes.clone();
         Arc::new(move |node: &str| known.get().is_some_and(|f| f(node)))
@@ -50,7 +77,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         agent_settings: cfg.ingest.agent_settings.clone(),
         shutdown: shutdown.clone(),
     };
-    let mut grpc_server = cfg.security.server()?;
+    let mut grpc_server = grpc_server(&cfg.security)?;
     let grpc_task = {
         let shutdown = shutdown.clone();
         let server = IngestServer::new(svc)
