@@ -153,9 +153,11 @@ impl SecurityConfig {
         Ok(())
     }
 
+    /// The limits of these settings, tracking at most `max_identities` identities.
     #[must_use]
-    pub fn limits(&self) -> LimitsConfig {
+    pub fn limits(&self, max_identities: usize) -> LimitsConfig {
         LimitsConfig {
+            max_identities,
             max_streams_per_identity: self.max_streams_per_identity,
             summaries_per_second: self.summaries_per_second,
             summary_burst: self.summary_burst,
