@@ -252,3 +252,18 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_are_rendered_by_map() {
+        let m = Metrics::default();
+        m.map_entries("fleet_reports", 3);
+        m.map_full("review_cache", 10);
+        let text = m.render();
+        assert!(text.contains("graywatch_aggregator_map_entries{map=\"fleet_reports\"} 3\n"), "{text}");
+        assert!(text.contains("graywatch_aggregator_map_full_total{map=\"review_cache\"} 1\n"), "{text}");
+    }
+}
