@@ -263,7 +263,13 @@ mod tests {
         m.map_entries("fleet_reports", 3);
         m.map_full("review_cache", 10);
         let text = m.render();
-        assert!(text.contains("graywatch_aggregator_map_entries{map=\"fleet_reports\"} 3\n"), "{text}");
-        assert!(text.contains("graywatch_aggregator_map_full_total{map=\"review_cache\"} 1\n"), "{text}");
+        assert!(
+            text.contains("graywatch_aggregator_map_entries{map=\"fleet_reports\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("graywatch_aggregator_map_full_total{map=\"review_cache\"} 1\n"),
+            "{text}"
+        );
     }
 }
