@@ -86,7 +86,7 @@ fn main() {
                 .collect();
             input.reports.insert(
                 format!("node-{i}"),
-                NodeReport {
+                std::sync::Arc::new(NodeReport {
                     seq: round as u64,
                     boot_id: "b".into(),
                     agent_started_ns: 1,
@@ -99,7 +99,7 @@ fn main() {
                     local: BTreeMap::new(),
                     peers,
                     ..Default::default()
-                },
+                }),
             );
         }
         let t = Instant::now();

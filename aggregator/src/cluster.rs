@@ -190,7 +190,7 @@ impl ClusterReader {
     pub async fn read(
         &self,
         now_ms: Millis,
-        reports: BTreeMap<String, NodeReport>,
+        reports: BTreeMap<String, std::sync::Arc<NodeReport>>,
         actuator_failures: u32,
     ) -> Result<Input, ReadError> {
         let mut nodes: BTreeMap<String, NodeView> = self

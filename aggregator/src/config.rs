@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::policy::{Policy, PolicyError};
+use crate::{
+    core::policy::{Policy, PolicyError},
+    security::{SecurityConfig, SecurityError},
+};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "graywatch-aggregator", about = "graywatch fleet aggregator", version)]
@@ -72,7 +75,7 @@ pub struct FileConfig {
     pub leader: LeaderConfig,
     pub policy: Policy,
     /// Agent authentication, TLS and per-identity limits (see security.rs).
-    pub security: crate::security::SecurityConfig,
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +89,9 @@ pub struct IngestConfig {
     pub report_interval_ms: u32,
     /// Detector settings sent to every agent on connect (`ConfigChange.settings`).
     pub agent_settings: std::collections::HashMap<String, String>,
+    /// Most nodes in the fleet view (reports of further nodes are refused, RESOURCE_EXHAUSTED);
+    /// the per-identity limiter and the TokenReview cache hold at most twice as many entries.
+    pub max_nodes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,7 +127,7 @@ impl Default for FileConfig {
             ingest: IngestConfig::default(),
             leader: LeaderConfig::default(),
             policy: Policy::default(),
-            security: crate::security::SecurityConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -133,6 +139,7 @@ impl Default for IngestConfig {
             max_peers: 4096,
             report_interval_ms: 1000,
             agent_settings: std::collections::HashMap::new(),
+            max_nodes: crate::ingest::DEFAULT_MAX_NODES,
         }
     }
 }
@@ -161,6 +168,8 @@ pub enum ConfigError {
     Invalid { field: &'static str, problem: String },
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 impl FileConfig {
@@ -238,6 +247,9 @@ impl FileConfig {
         }
         if self.ingest.max_peers == 0 {
             return bad("ingest.max_peers", "must be positive");
+        }
+        if self.ingest.max_nodes == 0 {
+            return bad("ingest.max_nodes", "must be positive");
         }
         if self.leader.lease_duration_ms < 1000 || !self.leader.lease_duration_ms.is_multiple_of(1000) {
             return bad(

@@ -10,8 +10,9 @@ use std::{
 
 use crate::{
     auth::{Authenticator, Identity, InsecureNoAuth, bearer},
-    limits::{Limits, LimitsConfig, StreamSlot},
+    limits::{LimitError, Limits, LimitsConfig, StreamSlot},
     metrics::Metrics,
+    security::SecurityConfig,
 };
 
 /// Whether a name is a Node of the cluster (the aggregator's Node watch).
@@ -29,26 +30,36 @@ pub struct Gate {
     pub reviews: ReviewCache,
 }
 
-/// Most tokens kept in the review cache (one per agent pod; a full cache reviews again).
-pub const REVIEW_CACHE_MAX: usize = 65_536;
-
 /// Positive reviews by token, each until `min(token exp, reviewed + max_age)`: a reconnecting
 /// agent costs no TokenReview. Only tokens the apiserver accepted get here, so the cache cannot
 /// be filled by strangers. A token whose pod is deleted stays admitted (for its node only) until
 /// its entry expires: `max_age` bounds that.
+///
+/// Bounded: at most `max_entries` tokens (a full cache reviews again, counted as `map_full`),
+/// and [`ReviewCache::prune`] drops expired entries and those of deleted Nodes every decision
+/// tick, so rotated tokens (hourly, per agent) do not pile up until the cap.
 #[derive(Debug, Clone)]
 pub struct ReviewCache {
     max_age: Duration,
+    max_entries: usize,
     entries: Arc<Mutex<HashMap<String, (Identity, SystemTime)>>>,
 }
 
 impl ReviewCache {
     #[must_use]
-    pub fn new(max_age: Duration) -> Self {
+    pub fn new(max_age: Duration, max_entries: usize) -> Self {
         Self {
             max_age,
+            max_entries,
             entries: Arc::default(),
         }
+    }
+
+    /// Drops expired entries and those bound to nodes `keep` rejects; returns how many remain.
+    pub fn prune(&self, now: SystemTime, keep: impl Fn(&str) -> bool) -> usize {
+        let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, (id, until)| now < *until && id.node.as_deref().is_none_or(&keep));
+        map.len()
     }
 
     fn get(&self, token: &str, now: SystemTime) -> Option<Identity> {
@@ -63,22 +74,25 @@ impl ReviewCache {
         }
     }
 
-    fn put(&self, token: &str, id: &Identity, now: SystemTime) {
+    /// Caches a positive review; `false` when the cache is full (the token is reviewed again
+    /// next time).
+    fn put(&self, token: &str, id: &Identity, now: SystemTime) -> bool {
         let Some(exp) = token_expiry(token) else {
-            return;
+            return true;
         };
         let until = exp.min(now + self.max_age);
         if until <= now || self.max_age.is_zero() {
-            return;
+            return true;
         }
         let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= REVIEW_CACHE_MAX {
+        if map.len() >= self.max_entries && !map.contains_key(token) {
             map.retain(|_, (_, u)| now < *u);
-            if map.len() >= REVIEW_CACHE_MAX {
-                return;
+            if map.len() >= self.max_entries {
+                return false;
             }
         }
         map.insert(token.to_owned(), (id.clone(), until));
+        true
     }
 }
 
@@ -154,7 +168,7 @@ mod tests {
             node: Some("node-0".into()),
         };
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let cache = ReviewCache::new(Duration::from_secs(300));
+        let cache = ReviewCache::new(Duration::from_secs(300), 8);
         let soon = jwt(1_800_000_060);
         cache.put(&soon, &id, now);
         assert_eq!(cache.get(&soon, now + Duration::from_secs(59)), Some(id.clone()));
@@ -164,6 +178,26 @@ mod tests {
         assert!(cache.get(&late, now + Duration::from_secs(299)).is_some());
         assert_eq!(cache.get(&late, now + Duration::from_secs(300)), None, "max age");
         assert_eq!(cache.get("unknown", now), None);
+    }
+
+    #[test]
+    fn cache_is_capped_and_pruned_of_expired_tokens_and_deleted_nodes() {
+        let on = |node: &str| Identity {
+            key: Some(format!("uid-{node}")),
+            subject: "s".into(),
+            node: Some(node.into()),
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let cache = ReviewCache::new(Duration::from_secs(300), 3);
+        assert!(cache.put(&jwt(1_800_000_060), &on("node-0"), now));
+        assert!(cache.put(&jwt(1_800_000_600), &on("node-1"), now));
+        assert!(cache.put(&jwt(1_800_000_601), &on("node-2"), now));
+        assert!(!cache.put(&jwt(1_800_000_602), &on("node-3"), now), "full");
+        // A rotated token expired; node-2 was deleted: both go, only node-1's stays.
+        assert_eq!(cache.prune(now + Duration::from_secs(60), |n| n != "node-2"), 1);
+        assert!(cache.put(&jwt(1_800_000_602), &on("node-3"), now + Duration::from_secs(60)));
+        // Everything expires at the max age.
+        assert_eq!(cache.prune(now + Duration::from_secs(360), |_| true), 0);
     }
 }
 
@@ -186,6 +220,30 @@ pub struct Admission {
 }
 
 impl Gate {
+    /// The gate for the ingest service as configured (logs a loud warning in insecure mode).
+    /// Its maps hold at most `2 × max_nodes` identities and tokens: one per agent pod, old and
+    /// new ones overlapping while agents are replaced or rotate their tokens.
+    #[must_use]
+    pub fn new(cfg: &SecurityConfig, max_nodes: usize, client: &kube::Client, metrics: Arc<Metrics>) -> Self {
+        let max_entries = max_nodes.saturating_mul(2);
+        Self {
+            auth: crate::auth::build(cfg.auth, client, &cfg.token_audience, &cfg.allowed_service_accounts),
+            limits: Limits::new(cfg.limits(max_entries)),
+            metrics,
+            known_nodes: None,
+            reviews: ReviewCache::new(Duration::from_millis(cfg.review_cache_max_ms), max_entries),
+        }
+    }
+
+    /// Prunes the limiter and the review cache (see their docs) and publishes their sizes;
+    /// run every decision tick.
+    pub fn prune(&self, is_node: impl Fn(&str) -> bool) {
+        let identities = self.limits.prune(Instant::now());
+        let reviews = self.reviews.prune(SystemTime::now(), is_node);
+        self.metrics.map_entries("limiter_identities", identities);
+        self.metrics.map_entries("review_cache", reviews);
+    }
+
     /// INSECURE gate (no authentication) with the given limits; tests and development.
     #[must_use]
     pub fn insecure(limits: LimitsConfig, metrics: Arc<Metrics>) -> Self {
@@ -194,7 +252,7 @@ impl Gate {
             limits: Limits::new(limits),
             metrics,
             known_nodes: None,
-            reviews: ReviewCache::new(Duration::ZERO),
+            reviews: ReviewCache::new(Duration::ZERO, 0),
         }
     }
 
@@ -203,6 +261,13 @@ impl Gate {
         self.metrics.rejected(status.code());
         tracing::warn!(peer, subject, reason, code = ?status.code(), message = status.message(), "ingest refused");
         status
+    }
+
+    fn refuse_slot(&self, e: &LimitError, peer: &str, subject: &str) -> tonic::Status {
+        if let LimitError::TooManyIdentities { max, .. } = e {
+            self.metrics.map_full("limiter_identities", *max);
+        }
+        self.deny(e.reason(), e.status(), peer, subject)
     }
 
     /// Authenticates a new stream and, when the identity is known, takes one of its stream slots.
@@ -230,8 +295,10 @@ impl Gate {
                 .authenticate(token)
                 .await
                 .map_err(|e| self.deny(e.reason(), e.status(), &peer, "?"))?;
-            if let (true, Some(t)) = (review, token) {
-                self.reviews.put(t, &id, SystemTime::now());
+            if let (true, Some(t)) = (review, token)
+                && !self.reviews.put(t, &id, SystemTime::now())
+            {
+                self.metrics.map_full("review_cache", self.reviews.max_entries);
             }
             id
         };
@@ -239,7 +306,7 @@ impl Gate {
             Some(key) => Some(
                 self.limits
                     .open_stream(key, Instant::now())
-                    .map_err(|e| self.deny(e.reason(), e.status(), &peer, &identity.subject))?,
+                    .map_err(|e| self.refuse_slot(&e, &peer, &identity.subject))?,
             ),
             None => None,
         };
@@ -270,7 +337,7 @@ impl Gate {
             let slot = self
                 .limits
                 .open_stream(&format!("node:{node}"), Instant::now())
-                .map_err(|e| self.deny(e.reason(), e.status(), &adm.peer, &adm.identity.subject))?;
+                .map_err(|e| self.refuse_slot(&e, &adm.peer, &adm.identity.subject))?;
             // One stream claims one node: later summaries must claim the same one.
             adm.identity.node = Some(node.into());
             adm.slot = Some(slot);

@@ -27,18 +27,41 @@ use crate::{
 
 /// Latest report per node, shared by the ingest streams and the decision loop.
 ///
-/// Reports are behind `Arc`s so the decision loop's snapshot holds the lock only to copy
-/// pointers (the deep copy happens outside it): at 10,000 agents a deep copy under the lock once
-/// a second stalled every summary arriving meanwhile.
-#[derive(Debug, Default, Clone)]
+/// Bounded: at most `max_nodes` nodes (config `ingest.max_nodes`; a new node beyond it is
+/// refused with [`Stored::Full`]), and the gate admits names of Node objects only; the decision
+/// loop evicts a node's entries when its Node is deleted ([`FleetStore::retain_nodes`]). A
+/// Node's entries live as long as the Node: an agent that stopped reporting leaves its last
+/// report, which the engine marks stale.
+///
+/// Reports are behind `Arc`s and shared with the decision loop's snapshot (no deep copy): the
+/// lock is held only to copy pointers, since at 10,000 agents a deep copy under the lock once a
+/// second stalled every summary arriving meanwhile.
+#[derive(Debug, Clone)]
 pub struct FleetStore {
-    inner: Arc<Mutex<BTreeMap<String, Arc<NodeReport>>>>,
-    /// The pod IPs each node's agent reported last (sent on changes only, so kept apart from
-    /// the per-window reports): how remote pod IPs outside any pod CIDR map to nodes.
-    pod_addresses: Arc<Mutex<BTreeMap<String, Arc<[IpAddr]>>>>,
+    inner: Arc<Mutex<Fleet>>,
+    max_nodes: usize,
     /// The address book handed to every agent (`Directive.peer_book`), published by the
     /// decision loop from the Nodes and the reported pod IPs.
     peer_book: PeerBookChannel,
+}
+
+/// Both per-node maps under one lock, so they are evicted together.
+#[derive(Debug, Default)]
+struct Fleet {
+    reports: BTreeMap<String, Arc<NodeReport>>,
+    /// The pod IPs each node's agent reported last (sent on changes only, so kept apart from
+    /// the per-window reports): how remote pod IPs outside any pod CIDR map to nodes. Only
+    /// for nodes with a report (its keys are a subset of `reports`').
+    pod_addresses: BTreeMap<String, Arc<[IpAddr]>>,
+}
+
+/// Default `ingest.max_nodes`: four times Kubernetes' supported maximum of 5,000 Nodes.
+pub const DEFAULT_MAX_NODES: usize = 20_000;
+
+impl Default for FleetStore {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_NODES)
+    }
 }
 
 /// The latest peer book for the ingest streams.
@@ -91,6 +114,8 @@ pub enum Stored {
     /// From an agent incarnation older than the one last stored for this boot (a late replay
     /// of an agent that has since been restarted): dropped, so state never rolls back.
     Superseded,
+    /// A node not yet in the store while it holds `max_nodes` nodes: refused.
+    Full,
 }
 
 /// Whether `next` replaces `prev`, the latest stored report of the same node.
@@ -120,8 +145,32 @@ pub fn classify(prev: &NodeReport, next: &NodeReport) -> Stored {
 }
 
 impl FleetStore {
+    /// A store of at most `max_nodes` nodes.
+    #[must_use]
+    pub fn new(max_nodes: usize) -> Self {
+        Self {
+            inner: Arc::default(),
+            max_nodes,
+            peer_book: PeerBookChannel::default(),
+        }
+    }
+
+    /// Its cap on nodes.
+    #[must_use]
+    pub fn max_nodes(&self) -> usize {
+        self.max_nodes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn store(&self, node: &str, mut report: NodeReport) -> Stored {
-        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut fleet = self.lock();
+        let map = &mut fleet.reports;
+        if map.len() >= self.max_nodes && !map.contains_key(node) {
+            return Stored::Full;
+        }
         match map.get_mut(node) {
             Some(prev) => {
                 let stored = classify(prev, &report);
@@ -164,12 +213,13 @@ impl FleetStore {
         }
     }
 
-    /// Records `node`'s pod IPs (the latest list replaces the previous one).
+    /// Records `node`'s pod IPs (the latest list replaces the previous one); ignored for a node
+    /// without a stored report (refused, or evicted meanwhile).
     pub fn set_pod_addresses(&self, node: &str, addresses: Vec<IpAddr>) {
-        self.pod_addresses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(node.to_owned(), addresses.into());
+        let mut fleet = self.lock();
+        if fleet.reports.contains_key(node) {
+            fleet.pod_addresses.insert(node.to_owned(), addresses.into());
+        }
     }
 
     /// Publishes the peer book for every stream; an unchanged book is not sent again.
@@ -192,36 +242,29 @@ impl FleetStore {
     /// Every node's last reported pod IPs.
     #[must_use]
     pub fn pod_addresses(&self) -> BTreeMap<String, Arc<[IpAddr]>> {
-        self.pod_addresses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.lock().pod_addresses.clone()
     }
 
-    /// Forgets the reports of nodes `keep` rejects (deleted Nodes); returns how many remain.
-    pub fn retain_nodes(&self, keep: impl Fn(&str) -> bool) -> usize {
-        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        map.retain(|node, _| {
+    /// Forgets the entries of nodes `keep` rejects (deleted Nodes); returns how many reports
+    /// and pod address lists remain.
+    pub fn retain_nodes(&self, keep: impl Fn(&str) -> bool) -> (usize, usize) {
+        let mut fleet = self.lock();
+        fleet.reports.retain(|node, _| {
             let kept = keep(node);
             if !kept {
                 tracing::info!(node, "Node deleted: its report is evicted from the fleet view");
             }
             kept
         });
-        self.pod_addresses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|node, _| keep(node));
-        map.len()
+        let Fleet { reports, pod_addresses } = &mut *fleet;
+        pod_addresses.retain(|node, _| reports.contains_key(node));
+        (reports.len(), pod_addresses.len())
     }
 
+    /// Every node's latest report, shared with the store (pointers are copied, not reports).
     #[must_use]
-    pub fn snapshot(&self) -> BTreeMap<String, NodeReport> {
-        let shared = self.inner.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        shared
-            .into_iter()
-            .map(|(node, report)| (node, Arc::unwrap_or_clone(report)))
-            .collect()
+    pub fn snapshot(&self) -> BTreeMap<String, Arc<NodeReport>> {
+        self.lock().reports.clone()
     }
 }
 
@@ -416,6 +459,17 @@ impl Ingest for IngestService {
                         }
                         let seq = report.seq;
                         let stored = this.store.store(&name, report);
+                        if stored == Stored::Full {
+                            let cap = this.store.max_nodes();
+                            this.metrics.map_full("fleet_reports", cap);
+                            this.metrics.denied("fleet_full");
+                            let status = Status::resource_exhausted(format!(
+                                "the fleet view holds {cap} nodes, its cap (ingest.max_nodes); {name:?} is not stored"
+                            ));
+                            this.metrics.rejected(status.code());
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
                         // Also from a replay: the agent sends them on a new stream's first window.
                         if let Some(pods) = pods
                             && stored != Stored::Superseded
@@ -592,6 +646,41 @@ mod tests {
             ..r
         };
         assert_eq!(store.store("node-1", rebooted), Stored::New);
+    }
+
+    #[test]
+    fn the_store_is_capped_and_forgets_deleted_nodes() {
+        let store = FleetStore::new(2);
+        assert_eq!(store.store("node-0", incarnation(1, 1)), Stored::New);
+        assert_eq!(store.store("node-1", incarnation(1, 1)), Stored::New);
+        assert_eq!(store.store("node-2", incarnation(1, 1)), Stored::Full);
+        // Nodes already stored keep reporting.
+        assert_eq!(store.store("node-0", incarnation(1, 2)), Stored::New);
+        let pods = vec![IpAddr::from([10, 244, 0, 7])];
+        store.set_pod_addresses("node-0", pods.clone());
+        store.set_pod_addresses("node-2", pods.clone());
+        assert_eq!(
+            store.pod_addresses().keys().collect::<Vec<_>>(),
+            ["node-0"],
+            "pod IPs only for stored nodes"
+        );
+        // node-0 is deleted: its report and pod IPs go, and make room for node-2.
+        assert_eq!(store.retain_nodes(|n| n != "node-0"), (1, 0));
+        assert!(store.pod_addresses().is_empty());
+        assert_eq!(store.store("node-2", incarnation(1, 1)), Stored::New);
+        assert_eq!(store.snapshot().keys().collect::<Vec<_>>(), ["node-1", "node-2"]);
+    }
+
+    #[test]
+    fn the_snapshot_shares_the_stored_reports() {
+        let store = FleetStore::default();
+        store.store("node-0", incarnation(1, 1));
+        let a = store.snapshot();
+        let b = store.snapshot();
+        assert!(Arc::ptr_eq(&a["node-0"], &b["node-0"]), "no copy per snapshot");
+        // A new window replaces the pointer; the snapshot taken before keeps its window.
+        store.store("node-0", incarnation(1, 2));
+        assert_eq!((a["node-0"].seq, store.snapshot()["node-0"].seq), (1, 2));
     }
 
     proptest! {

@@ -1,6 +1,11 @@
 //! Per-identity limits on the ingest stream: concurrent streams and a token-bucket rate of
 //! summaries; plus a global budget of authentication attempts (each one is a TokenReview on the
 //! apiserver). Pure bookkeeping over an injected clock, so the tests need no time to pass.
+//!
+//! The per-identity map is bounded (`max_identities`; a new identity beyond it is refused) and
+//! pruned: an identity whose last stream ended is kept only until its bucket has refilled (at
+//! most `summary_burst / summaries_per_second`), the grace in which a reconnect must still find
+//! its spent bucket rather than a fresh one.
 
 use std::{
     collections::HashMap,
@@ -60,6 +65,8 @@ pub struct LimitsConfig {
     pub summary_burst: u32,
     pub auth_attempts_per_second: f64,
     pub auth_attempt_burst: u32,
+    /// Most identities tracked at once (open streams, or ended within their refill grace).
+    pub max_identities: usize,
 }
 
 /// A refused stream or summary.
@@ -71,6 +78,8 @@ pub enum LimitError {
     RateLimited { key: String, rate: f64, burst: u32 },
     #[error("too many authentication attempts ({rate}/s, burst {burst}); retry later")]
     AuthBudget { rate: f64, burst: u32 },
+    #[error("{key}: already {max} identities tracked, the cap (2 × ingest.max_nodes); retry later")]
+    TooManyIdentities { key: String, max: usize },
 }
 
 impl LimitError {
@@ -86,6 +95,7 @@ impl LimitError {
             Self::TooManyStreams { .. } => "too_many_streams",
             Self::RateLimited { .. } => "rate_limited",
             Self::AuthBudget { .. } => "auth_rate_limited",
+            Self::TooManyIdentities { .. } => "identities_full",
         }
     }
 }
@@ -159,10 +169,28 @@ impl Limits {
         }
     }
 
-    /// Opens a stream for `key` if it has fewer than the maximum open.
+    /// Forgets the identities without an open stream whose bucket has refilled (nothing left
+    /// to remember); returns how many remain.
+    pub fn prune(&self, now: Instant) -> usize {
+        let mut st = self.lock();
+        st.per_identity.retain(|_, e| e.streams > 0 || !e.bucket.full(now));
+        st.per_identity.len()
+    }
+
+    /// Opens a stream for `key` if it has fewer than the maximum open (and, for a new identity,
+    /// if fewer than `max_identities` are tracked).
     pub fn open_stream(&self, key: &str, now: Instant) -> Result<StreamSlot, LimitError> {
         let mut st = self.lock();
         let cfg = self.cfg;
+        if !st.per_identity.contains_key(key) && st.per_identity.len() >= cfg.max_identities {
+            st.per_identity.retain(|_, e| e.streams > 0 || !e.bucket.full(now));
+            if st.per_identity.len() >= cfg.max_identities {
+                return Err(LimitError::TooManyIdentities {
+                    key: key.into(),
+                    max: cfg.max_identities,
+                });
+            }
+        }
         let e = st.per_identity.entry(key.to_string()).or_insert_with(|| Entry {
             streams: 0,
             bucket: TokenBucket::new(cfg.summaries_per_second, cfg.summary_burst, now),
@@ -219,6 +247,7 @@ mod tests {
             summary_burst: 3,
             auth_attempts_per_second: 1.0,
             auth_attempt_burst: 2,
+            max_identities: 3,
         }
     }
 
@@ -271,6 +300,54 @@ mod tests {
         assert_eq!(l.tracked(), 1);
         drop(s);
         assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn ended_streams_are_forgotten_once_their_bucket_refilled() {
+        let l = Limits::new(cfg());
+        let t = Instant::now();
+        let slots: Vec<_> = (0..3)
+            .map(|i| {
+                let s = l.open_stream(&format!("pod-{i}"), t).expect("open");
+                l.summary(&s, t).expect("burst");
+                s
+            })
+            .collect();
+        drop(slots);
+        // Within the refill grace a reconnect finds its spent bucket...
+        assert_eq!(l.prune(t), 3);
+        // ...after it (one token at 2/s) nothing is left to remember.
+        assert_eq!(l.prune(t + Duration::from_millis(500)), 0);
+        assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn identities_are_capped_and_idle_ones_make_room() {
+        let l = Limits::new(cfg());
+        let t = Instant::now();
+        let held: Vec<_> = (0..3)
+            .map(|i| {
+                let s = l.open_stream(&format!("pod-{i}"), t).expect("open");
+                l.summary(&s, t).expect("burst");
+                s
+            })
+            .collect();
+        let e = l.open_stream("pod-3", t).expect_err("4th identity");
+        assert_eq!(e.reason(), "identities_full");
+        assert_eq!(e.status().code(), tonic::Code::ResourceExhausted);
+        // A known identity still gets its streams.
+        drop(l.open_stream("pod-0", t).expect("known identity"));
+        drop(held);
+        // Ended, but within their refill grace: still no room.
+        assert_eq!(
+            l.open_stream("pod-3", t).expect_err("grace").reason(),
+            "identities_full"
+        );
+        // Refilled: a new identity makes room by forgetting them.
+        let _s = l
+            .open_stream("pod-3", t + Duration::from_millis(500))
+            .expect("room again");
+        assert_eq!(l.tracked(), 1);
     }
 
     proptest! {

@@ -46,6 +46,18 @@ pub struct Metrics {
     pub token_reviews: Counter,
     /// Streams admitted on a cached positive review.
     pub token_review_cache_hits: Counter,
+    /// Entries of each map that grows with nodes, identities or streams (see [`MapLabel`]).
+    pub map_entries: Family<MapLabel, Gauge>,
+    /// Times a map was at its cap and refused an entry.
+    pub map_full: Family<MapLabel, Counter>,
+}
+
+/// The bounded maps of the aggregator (`map` label): `fleet_reports` and `pod_addresses`
+/// (ingest.rs), `seen_windows` (run.rs), `limiter_identities` (limits.rs), `review_cache`
+/// (gate.rs).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +99,8 @@ impl Default for Metrics {
             ingest_to_decision: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS_SECONDS),
             step_duration: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS_SECONDS),
             denied: Family::default(),
+            map_entries: Family::default(),
+            map_full: Family::default(),
         };
         registry.register(
             "summaries",
@@ -149,6 +163,16 @@ impl Default for Metrics {
             "Ingest streams or summaries refused by authentication, node binding or limits, by reason",
             m.denied.clone(),
         );
+        registry.register(
+            "map_entries",
+            "Entries of the maps that grow with nodes, identities or streams, by map",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_full",
+            "Entries refused because their map was at its cap, by map",
+            m.map_full.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -171,6 +195,18 @@ impl Metrics {
 
     pub fn denied(&self, reason: &str) {
         self.denied.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+
+    pub fn map_entries(&self, map: &'static str, entries: usize) {
+        self.map_entries
+            .get_or_create(&MapLabel { map })
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// Counts and logs a map at its cap refusing an entry.
+    pub fn map_full(&self, map: &'static str, cap: usize) {
+        self.map_full.get_or_create(&MapLabel { map }).inc();
+        tracing::warn!(map, cap, "map at its cap: entry refused (see ingest.max_nodes)");
     }
 
     pub fn action(&self, kind: &str, ok: bool) {
@@ -215,4 +251,25 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_are_rendered_by_map() {
+        let m = Metrics::default();
+        m.map_entries("fleet_reports", 3);
+        m.map_full("review_cache", 10);
+        let text = m.render();
+        assert!(
+            text.contains("graywatch_aggregator_map_entries{map=\"fleet_reports\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("graywatch_aggregator_map_full_total{map=\"review_cache\"} 1\n"),
+            "{text}"
+        );
+    }
 }

@@ -1,7 +1,11 @@
 //! Wiring: gRPC ingest, metrics server, Node watch, leader election and the decision loop, all
 //! stopped by one cancellation token.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use graywatch_proto::v1::ingest_server::IngestServer;
@@ -9,21 +13,85 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 
 use crate::{
     actuate::Actuator,
     cluster::ClusterReader,
     config::FileConfig,
-    core::engine::{Engine, Settling},
+    core::{
+        engine::{Engine, Settling},
+        model::{Millis, NodeReport, WindowId},
+    },
+    gate::Gate,
     ingest::{FleetStore, IngestService, now_ms},
     leader::LeaderElector,
     metrics::Metrics,
+    security::SecurityConfig,
 };
+
+/// A gRPC server builder, with TLS (and client-certificate verification) when configured.
+fn grpc_server(sec: &SecurityConfig) -> anyhow::Result<Server> {
+    // Half-open connections (a partitioned agent) are found by HTTP/2 PINGs and TCP
+    // keepalive and closed: their streams end and free their per-identity slots.
+    let interval = Duration::from_millis(sec.keepalive_interval_ms);
+    let builder = Server::builder()
+        .http2_keepalive_interval(Some(interval))
+        .http2_keepalive_timeout(Some(Duration::from_millis(sec.keepalive_timeout_ms)))
+        .tcp_keepalive(Some(interval));
+    let (Some(cert), Some(key)) = (&sec.tls_cert_file, &sec.tls_key_file) else {
+        tracing::warn!("INSECURE: the ingest stream is plaintext (set security.tls_cert_file and tls_key_file)");
+        return Ok(builder);
+    };
+    let read = |p: &std::path::PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &sec.tls_client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    tracing::info!(cert = %cert.display(), mtls = sec.tls_client_ca_file.is_some(), "ingest stream uses TLS");
+    builder
+        .tls_config(tls)
+        .context("configuring TLS for the ingest stream (certificate/key)")
+}
+
+/// The window of each node a leader step last saw, so that each window is one latency sample.
+/// Holds the nodes of the last step's reports only: a deleted Node's entry goes with its report.
+#[derive(Debug, Default)]
+struct SeenWindows(HashMap<String, WindowId>);
+
+impl SeenWindows {
+    /// The age at `decided` of every window in `reports` not seen before; windows that were
+    /// already stale (e.g. ingested while we were a follower) are not latency samples.
+    fn first_seen(
+        &mut self,
+        reports: &BTreeMap<String, Arc<NodeReport>>,
+        decided: Millis,
+        stale_after: Millis,
+    ) -> Vec<Millis> {
+        self.0.retain(|node, _| reports.contains_key(node));
+        let mut ages = Vec::new();
+        for (node, r) in reports {
+            let key = r.window_id();
+            if self.0.get(node) != Some(&key) {
+                let age = (decided - r.received_ms).max(0);
+                if age <= stale_after {
+                    ages.push(age);
+                }
+                self.0.insert(node.clone(), key);
+            }
+        }
+        ages
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
 
 /// Runs the aggregator until `shutdown` is cancelled.
 pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let store = FleetStore::default();
+    let store = FleetStore::new(cfg.ingest.max_nodes);
 
     let grpc = TcpListener::bind(cfg.grpc_listen)
         .await
@@ -36,19 +104,19 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     // Reports are accepted for Nodes only; the lookup is the Node watch, started below (until
     // its first list, every name is refused and the agents retry).
     let known_nodes: Arc<std::sync::OnceLock<crate::gate::NodeLookup>> = Arc::default();
-    let mut gate = cfg.security.gate(&client, metrics.clone());
+    let mut gate = Gate::new(&cfg.security, cfg.ingest.max_nodes, &client, metrics.clone());
     gate.known_nodes = Some({
         let known = known_nodes.clone();
         Arc::new(move |node: &str| known.get().is_some_and(|f| f(node)))
     });
     let svc = IngestService {
         store: store.clone(),
-        gate,
+        gate: gate.clone(),
         metrics: metrics.clone(),
         max_peers: cfg.ingest.max_peers,
         shutdown: shutdown.clone(),
     };
-    let mut grpc_server = cfg.security.server()?;
+    let mut grpc_server = grpc_server(&cfg.security)?;
     let grpc_task = {
         let shutdown = shutdown.clone();
         let server = IngestServer::new(svc)
@@ -93,8 +161,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     let actuator = Actuator::new(client, &cfg);
 
     let mut engine: Option<Engine> = None;
-    let mut seen_windows: std::collections::HashMap<String, crate::core::model::WindowId> =
-        std::collections::HashMap::new();
+    let mut seen_windows = SeenWindows::default();
     let mut failures = 0u32;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -105,9 +172,12 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         }
         metrics.steps.inc();
         let is_node = known_nodes.get_or_init(|| reader.node_lookup());
-        let kept = store.retain_nodes(|n| is_node(n));
+        let (kept, pods) = store.retain_nodes(|n| is_node(n));
+        gate.prune(|n| is_node(n));
         store.publish_peer_book(reader.peer_book());
         metrics.fleet_reports.set(i64::try_from(kept).unwrap_or(i64::MAX));
+        metrics.map_entries("fleet_reports", kept);
+        metrics.map_entries("pod_addresses", pods);
         let leader = *leader_rx.borrow();
         metrics.is_leader.set(i64::from(leader));
         if !leader {
@@ -178,19 +248,10 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         };
         // Ingest → decision latency of every window this step saw for the first time, up to
         // the end of applying the plan: a step stalled on slow writes shows as latency.
-        let decided = now_ms();
-        for (node, r) in &input.reports {
-            let key = r.window_id();
-            if seen_windows.get(node) != Some(&key) {
-                // Windows that were already stale (e.g. ingested while we were a follower) are
-                // not latency samples.
-                let age = (decided - r.received_ms).max(0);
-                if age <= cfg.policy.stale_after_ms {
-                    metrics.ingest_to_decision.observe(age as f64 / 1000.0);
-                }
-                seen_windows.insert(node.clone(), key);
-            }
+        for age in seen_windows.first_seen(&input.reports, now_ms(), cfg.policy.stale_after_ms) {
+            metrics.ingest_to_decision.observe(age as f64 / 1000.0);
         }
+        metrics.map_entries("seen_windows", seen_windows.len());
         metrics.step_duration.observe(step_started.elapsed().as_secs_f64());
     }
     tracing::info!("shutting down");
@@ -237,7 +298,7 @@ fn with_unrecorded_taints(
 }
 
 #[cfg(test)]
-mod tests {
+mod unrecorded_taint_tests {
     use std::collections::BTreeMap;
 
     use super::with_unrecorded_taints;
@@ -269,5 +330,36 @@ mod tests {
                 claim_deletion: false
             }
         );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(seq: u64, received_ms: Millis) -> Arc<NodeReport> {
+        Arc::new(NodeReport {
+            boot_id: "b".into(),
+            seq,
+            received_ms,
+            ..NodeReport::default()
+        })
+    }
+
+    #[test]
+    fn each_window_is_one_sample_and_deleted_nodes_are_forgotten() {
+        let mut seen = SeenWindows::default();
+        let mut reports = BTreeMap::from([
+            ("node-0".to_owned(), report(1, 900)),
+            ("node-1".to_owned(), report(1, 0)),
+        ]);
+        // node-1's window is older than the stale timeout: no sample, but seen.
+        assert_eq!(seen.first_seen(&reports, 1000, 500), vec![100]);
+        assert_eq!(seen.first_seen(&reports, 1100, 500), Vec::<Millis>::new());
+        reports.insert("node-0".into(), report(2, 1150));
+        assert_eq!(seen.first_seen(&reports, 1200, 500), vec![50]);
+        assert_eq!(seen.len(), 2);
+        // node-1 was deleted (its report evicted): its entry goes too.
+        reports.remove("node-1");
+        assert_eq!(seen.first_seen(&reports, 1300, 500), Vec::<Millis>::new());
+        assert_eq!(seen.len(), 1);
     }
 }

@@ -1,19 +1,20 @@
 //! The `[security]` config section: agent authentication, TLS on the ingest stream and the
-//! per-identity limits; plus building the gRPC server and the ingest [`Gate`] from it.
+//! per-identity limits. Plain configuration: the ingest gate is built from it in gate.rs, the
+//! gRPC server in run.rs.
 
-use std::{path::PathBuf, sync::Arc};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 
-use crate::{
-    auth::AuthMode,
-    config::ConfigError,
-    gate::Gate,
-    limits::{Limits, LimitsConfig},
-    metrics::Metrics,
-};
+use crate::{auth::AuthMode, limits::LimitsConfig};
+
+/// A `[security]` field with an invalid value (wrapped by `config::ConfigError`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("security.{field}: {problem}")]
+pub struct SecurityError {
+    pub field: &'static str,
+    pub problem: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -81,10 +82,10 @@ impl Default for SecurityConfig {
 impl SecurityConfig {
     /// Checks that what the aggregator would do with the cluster (`acting`: any mode but
     /// dry-run) is backed by agent identity, unless the loudly named override says otherwise.
-    pub fn validate_for(&self, acting: bool) -> Result<(), ConfigError> {
+    pub fn validate_for(&self, acting: bool) -> Result<(), SecurityError> {
         if acting && self.auth == AuthMode::InsecureNone && !self.insecure_allow_acting_without_identity {
-            return Err(ConfigError::Invalid {
-                field: "security.auth",
+            return Err(SecurityError {
+                field: "auth",
                 problem: "\"insecure-none\" with an acting mode (policy.dry_run = false): anyone who reaches the \
                           gRPC port could report for any node and get it tainted. Use auth = \"token-review\", \
                           run in dry-run, or set security.insecure_allow_acting_without_identity = true to accept that"
@@ -92,8 +93,8 @@ impl SecurityConfig {
             });
         }
         if self.auth == AuthMode::TokenReview && self.tls_cert_file.is_none() && !self.insecure_allow_plaintext_tokens {
-            return Err(ConfigError::Invalid {
-                field: "security.tls_cert_file",
+            return Err(SecurityError {
+                field: "tls_cert_file",
                 problem: "auth = \"token-review\" without TLS: the agents' bearer tokens would cross the network in \
                           plaintext. Set tls_cert_file and tls_key_file, or security.insecure_allow_plaintext_tokens = \
                           true to accept that"
@@ -108,101 +109,61 @@ impl SecurityConfig {
         self.validate()
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), SecurityError> {
         let bad = |field: &'static str, problem: &str| {
-            Err(ConfigError::Invalid {
+            Err(SecurityError {
                 field,
                 problem: problem.into(),
             })
         };
         if self.auth == AuthMode::TokenReview && self.token_audience.trim().is_empty() {
-            return bad(
-                "security.token_audience",
-                "must not be empty with auth = \"token-review\"",
-            );
+            return bad("token_audience", "must not be empty with auth = \"token-review\"");
         }
         if let Some(sa) = self
             .allowed_service_accounts
             .iter()
             .find(|s| s.split_once(':').is_none_or(|(ns, n)| ns.is_empty() || n.is_empty()))
         {
-            return bad(
-                "security.allowed_service_accounts",
-                &format!("{sa:?} is not `namespace:name`"),
-            );
+            return bad("allowed_service_accounts", &format!("{sa:?} is not `namespace:name`"));
         }
         if self.keepalive_interval_ms == 0 || self.keepalive_timeout_ms == 0 {
             return bad(
-                "security.keepalive_interval_ms",
+                "keepalive_interval_ms",
                 "keepalive interval and timeout must be positive",
             );
         }
         if self.max_streams_per_identity == 0 {
-            return bad("security.max_streams_per_identity", "must be positive");
+            return bad("max_streams_per_identity", "must be positive");
         }
         if !(self.summaries_per_second.is_finite() && self.summaries_per_second > 0.0) {
-            return bad("security.summaries_per_second", "must be a positive number");
+            return bad("summaries_per_second", "must be a positive number");
         }
         if !(self.auth_attempts_per_second.is_finite() && self.auth_attempts_per_second > 0.0) {
-            return bad("security.auth_attempts_per_second", "must be a positive number");
+            return bad("auth_attempts_per_second", "must be a positive number");
         }
         if self.summary_burst == 0 || self.auth_attempt_burst == 0 {
-            return bad("security.summary_burst", "bursts must be positive");
+            return bad("summary_burst", "bursts must be positive");
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return bad("security.tls_cert_file", "tls_cert_file and tls_key_file go together");
+            return bad("tls_cert_file", "tls_cert_file and tls_key_file go together");
         }
         if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
-            return bad("security.tls_client_ca_file", "needs tls_cert_file and tls_key_file");
+            return bad("tls_client_ca_file", "needs tls_cert_file and tls_key_file");
         }
         Ok(())
     }
 
+    /// The limits of these settings, tracking at most `max_identities` identities.
     #[must_use]
-    pub fn limits(&self) -> LimitsConfig {
+    pub fn limits(&self, max_identities: usize) -> LimitsConfig {
         LimitsConfig {
+            max_identities,
             max_streams_per_identity: self.max_streams_per_identity,
             summaries_per_second: self.summaries_per_second,
             summary_burst: self.summary_burst,
             auth_attempts_per_second: self.auth_attempts_per_second,
             auth_attempt_burst: self.auth_attempt_burst,
         }
-    }
-
-    /// The gate for the ingest service (logs a loud warning in insecure mode).
-    #[must_use]
-    pub fn gate(&self, client: &kube::Client, metrics: Arc<Metrics>) -> Gate {
-        Gate {
-            auth: crate::auth::build(self.auth, client, &self.token_audience, &self.allowed_service_accounts),
-            limits: Limits::new(self.limits()),
-            metrics,
-            known_nodes: None,
-            reviews: crate::gate::ReviewCache::new(std::time::Duration::from_millis(self.review_cache_max_ms)),
-        }
-    }
-
-    /// A gRPC server builder, with TLS (and client-certificate verification) when configured.
-    pub fn server(&self) -> anyhow::Result<Server> {
-        // Half-open connections (a partitioned agent) are found by HTTP/2 PINGs and TCP
-        // keepalive and closed: their streams end and free their per-identity slots.
-        let interval = std::time::Duration::from_millis(self.keepalive_interval_ms);
-        let builder = Server::builder()
-            .http2_keepalive_interval(Some(interval))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_millis(self.keepalive_timeout_ms)))
-            .tcp_keepalive(Some(interval));
-        let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) else {
-            tracing::warn!("INSECURE: the ingest stream is plaintext (set security.tls_cert_file and tls_key_file)");
-            return Ok(builder);
-        };
-        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let mut tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
-        if let Some(ca) = &self.tls_client_ca_file {
-            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-        }
-        tracing::info!(cert = %cert.display(), mtls = self.tls_client_ca_file.is_some(), "ingest stream uses TLS");
-        builder
-            .tls_config(tls)
-            .context("configuring TLS for the ingest stream (certificate/key)")
     }
 }
 

@@ -192,6 +192,7 @@ fn limits() -> Limits {
         summary_burst: 5,
         auth_attempts_per_second: 10.0,
         auth_attempt_burst: 5,
+        max_identities: 3,
     })
 }
 
@@ -255,6 +256,7 @@ proptest! {
             summary_burst: 1000,
             auth_attempts_per_second: 1.0,
             auth_attempt_burst: 10,
+            max_identities: 8,
         };
         let gate = Gate::insecure(cfg, Arc::new(Metrics::default()));
         let mut adm = futures::executor::block_on(gate.admit(&tonic::Request::new(()))).unwrap();

@@ -347,7 +347,7 @@ impl Engine {
             .reports
             .iter()
             .filter(|(n, r)| input.nodes.contains_key(n.as_str()) && now - r.received_ms <= p.stale_after_ms)
-            .map(|(n, r)| (n.as_str(), r))
+            .map(|(n, r)| (n.as_str(), &**r))
             .collect();
 
         // Peer groups.

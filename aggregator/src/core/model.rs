@@ -1,7 +1,7 @@
 //! Plain data the decision core works on: what the cluster looks like, what the agents reported,
 //! and the policy. No I/O, no clocks (time is an input).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -152,7 +152,8 @@ pub struct PoolSnapshot {
 pub struct Input {
     pub now_ms: Millis,
     pub nodes: BTreeMap<String, NodeView>,
-    pub reports: BTreeMap<String, NodeReport>,
+    /// Shared with the ingest store (its snapshot copies pointers, not reports).
+    pub reports: BTreeMap<String, Arc<NodeReport>>,
     pub pools: BTreeMap<String, PoolView>,
     /// Consecutive actuator failures reported by the shell (feeds the circuit breaker).
     pub actuator_failures: u32,

@@ -113,7 +113,7 @@ impl Sim {
                 peers,
                 ..Default::default()
             };
-            self.input.reports.insert(format!("node-{i}"), report);
+            self.input.reports.insert(format!("node-{i}"), report.into());
         }
     }
 
@@ -459,6 +459,7 @@ fn policy_validation_names_the_field() {
 fn lie(sim: &mut Sim, liars: &BTreeSet<usize>, victim: usize, low_base: bool, sparse: bool) {
     if sparse {
         for (name, r) in &mut sim.input.reports {
+            let r = std::sync::Arc::make_mut(r);
             if *name == format!("node-{victim}") {
                 r.peers.clear();
             } else {
@@ -466,7 +467,12 @@ fn lie(sim: &mut Sim, liars: &BTreeSet<usize>, victim: usize, low_base: bool, sp
             }
         }
         for l in liars {
-            if let Some(r) = sim.input.reports.get_mut(&format!("node-{l}")) {
+            if let Some(r) = sim
+                .input
+                .reports
+                .get_mut(&format!("node-{l}"))
+                .map(std::sync::Arc::make_mut)
+            {
                 r.peers.push(PeerObservation {
                     addr: ip(victim),
                     rtt_samples: 50,
@@ -478,7 +484,12 @@ fn lie(sim: &mut Sim, liars: &BTreeSet<usize>, victim: usize, low_base: bool, sp
         }
     }
     for l in liars {
-        let Some(r) = sim.input.reports.get_mut(&format!("node-{l}")) else {
+        let Some(r) = sim
+            .input
+            .reports
+            .get_mut(&format!("node-{l}"))
+            .map(std::sync::Arc::make_mut)
+        else {
             continue;
         };
         for peer in &mut r.peers {
