@@ -85,10 +85,6 @@ pub struct IngestConfig {
     pub max_message_bytes: usize,
     /// Most peers per summary.
     pub max_peers: usize,
-    /// Report interval the aggregator asks agents for (sent as a Directive on connect).
-    pub report_interval_ms: u32,
-    /// Detector settings sent to every agent on connect (`ConfigChange.settings`).
-    pub agent_settings: std::collections::HashMap<String, String>,
     /// Most nodes in the fleet view (reports of further nodes are refused, RESOURCE_EXHAUSTED);
     /// the per-identity limiter and the TokenReview cache hold at most twice as many entries.
     pub max_nodes: usize,
@@ -137,8 +133,6 @@ impl Default for IngestConfig {
         Self {
             max_message_bytes: graywatch_proto::MAX_MESSAGE_BYTES,
             max_peers: 4096,
-            report_interval_ms: 1000,
-            agent_settings: std::collections::HashMap::new(),
             max_nodes: crate::ingest::DEFAULT_MAX_NODES,
         }
     }
