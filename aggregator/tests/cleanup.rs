@@ -10,7 +10,7 @@ use common::*;
 use graywatch_aggregator::{
     actuate::{Actuator, FIELD_MANAGER},
     config::FileConfig,
-    core::{engine::with_exclusions, model::PoolSnapshot, plan::PoolChange},
+    core::{karpenter::exclusion_edits, model::PoolEdits, plan::PoolChange},
 };
 use k8s_openapi::api::{
     coordination::v1::{Lease, LeaseSpec},
@@ -176,11 +176,9 @@ async fn cleanup_removes_ours_and_keeps_everything_else() -> anyhow::Result<()> 
     Actuator::new(cluster.client.clone(), &cfg)
         .change_pool(&PoolChange::Exclude {
             pool: "default".into(),
-            snapshot: PoolSnapshot {
-                requirements: original_reqs.clone(),
-                excluded: excluded.clone(),
-            },
-            requirements: with_exclusions(&original_reqs, &excluded),
+            excluded: excluded.clone(),
+            remove: PoolEdits::default(),
+            add: exclusion_edits(&excluded, 1),
         })
         .await?;
     let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);
