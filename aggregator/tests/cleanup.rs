@@ -41,31 +41,6 @@ fn conditions(n: &Node) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn cond(ty: &str, status: &str) -> serde_json::Value {
-    json!({"type": ty, "status": status, "reason": "Test", "message": "test",
-           "lastTransitionTime": "2026-11-22T12:00:00Z", "lastHeartbeatTime": "2026-11-22T12:00:00Z"})
-}
-
-/// Applies `conds` to node i's status as `manager` (server-side apply, as the aggregator does).
-async fn apply_conditions(
-    cluster: &Cluster,
-    i: usize,
-    manager: &str,
-    conds: &[serde_json::Value],
-) -> anyhow::Result<()> {
-    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_name(i)},
-                      "status": {"conditions": conds}});
-    cluster
-        .nodes()
-        .patch_status(
-            &node_name(i),
-            &PatchParams::apply(manager).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    Ok(())
-}
-
 async fn add_taints(cluster: &Cluster, i: usize, keys: &[&str]) -> anyhow::Result<()> {
     let ts: Vec<_> = keys
         .iter()

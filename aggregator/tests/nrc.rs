@@ -84,7 +84,9 @@ async fn nrc_mode_writes_conditions_only_and_examples_are_valid() -> anyhow::Res
     // Recovered: our NetworkingReady goes with our evidence.
     fleet.set_bad(&[]);
     eventually(40, "NetworkingReady removed", || async {
-        condition(&cluster.node(2).await, "NetworkingReady").is_none().then_some(())
+        condition(&cluster.node(2).await, "NetworkingReady")
+            .is_none()
+            .then_some(())
     })
     .await;
     assert_eq!(cluster.overall(2).await.as_deref(), Some("True"));

@@ -48,7 +48,10 @@ async fn zone_degradation_excludes_zone_within_a_drift_budget_and_restores_only_
     // Karpenter may replace one NodeClaim of the pool at a time for the drift this causes.
     let budget = serde_json::json!({"nodes": "1", "reasons": ["Drifted"]});
     let p = pools.get("default").await?;
-    let budgets = p.data["spec"]["disruption"]["budgets"].as_array().expect("budgets").clone();
+    let budgets = p.data["spec"]["disruption"]["budgets"]
+        .as_array()
+        .expect("budgets")
+        .clone();
     assert!(budgets.contains(&budget), "{budgets:?}");
     let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);
     let snap = cms.get("graywatch-nodepool-default").await?;
