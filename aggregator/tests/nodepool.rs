@@ -75,7 +75,9 @@ impl Agents {
     async fn round(&mut self, bad: &BTreeSet<usize>) {
         self.seq += 1;
         for (i, s) in self.streams.iter_mut().enumerate() {
-            send_summary(s, summary(i, self.n, self.seq, bad)).await.unwrap();
+            send_summary(s, summary(i, self.n, self.seq, bad))
+                .await
+                .expect("window acknowledged");
         }
     }
 
@@ -252,7 +254,7 @@ async fn unverified_snapshots_are_refused() -> anyhow::Result<()> {
             "metadata": {"name": snapshot_name(pool), "namespace": NS, "labels": {SNAPSHOT_LABEL: pool},
                          "annotations": {SNAPSHOT_DIGEST_ANNOTATION: digest}},
             "data": data}))
-        .unwrap()
+        .expect("a ConfigMap")
     };
     let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);
     // Someone else's, digest and all.
