@@ -195,3 +195,51 @@ pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &Ste
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_that_get_an_event() {
+        use CondStatus::{False, True, Unknown};
+        let reason = |prev, now| transition_event(prev, now).map(|(_, r)| r);
+        assert_eq!(reason(None, False), Some("GrayFailureDetected"));
+        assert_eq!(reason(Some(True), False), Some("GrayFailureDetected"));
+        assert_eq!(reason(Some(False), True), Some("GrayFailureCleared"));
+        assert_eq!(reason(Some(True), Unknown), Some("HealthUnknown"));
+        assert_eq!(reason(Some(False), Unknown), Some("HealthUnknown"));
+        assert_eq!(reason(None, True), None, "first sight is routine");
+        assert_eq!(reason(Some(Unknown), True), None);
+        assert_eq!(reason(None, Unknown), None);
+    }
+
+    /// `NetworkingReady`: ours only while the network families are not healthy, never another
+    /// manager's.
+    #[test]
+    fn networking_ready_only_while_degraded_and_never_anothers() {
+        let p = Policy {
+            mirror_eks: true,
+            ..Policy::default()
+        };
+        let types = ConditionTypes::new(&p);
+        let mut st = NodeState::from_view(&NodeView::default(), &p, 0);
+        let eks = |st: &NodeState, view: &NodeView| {
+            desired_conditions(st, view, &p, &types)
+                .into_iter()
+                .find(|c| c.type_ == EKS_NETWORKING_CONDITION)
+                .map(|c| c.status)
+        };
+        let mut view = NodeView::default();
+        for phase in [Phase::Healthy, Phase::Suspect, Phase::Unknown] {
+            st.families.get_mut(&Family::PacketLoss).expect("family").phase = phase;
+            assert_eq!(eks(&st, &view), None, "{phase:?}");
+        }
+        for phase in [Phase::Degraded, Phase::Recovering] {
+            st.families.get_mut(&Family::PacketLoss).expect("family").phase = phase;
+            assert_eq!(eks(&st, &view), Some(CondStatus::False), "{phase:?}");
+        }
+        view.foreign_conditions.insert(EKS_NETWORKING_CONDITION.into());
+        assert_eq!(eks(&st, &view), None, "another manager's");
+    }
+}

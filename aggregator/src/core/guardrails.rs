@@ -293,3 +293,75 @@ pub(super) fn plan_taints(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::{Family, Input, NodeReport};
+
+    /// 5 nodes in zone-a, 5 in zone-b; `zone_a` gives the (phase, confidence) of zone-a's first
+    /// nodes, the rest are healthy.
+    fn verdicts_after(guard: &mut Guardrails, zone_a: &[(Phase, f64)]) -> BTreeSet<Group> {
+        let p = Policy::default();
+        let mut input = Input::default();
+        let mut nodes = BTreeMap::new();
+        for i in 0..10 {
+            let name = format!("node-{i}");
+            let mut view = NodeView::default();
+            let zone = if i < 5 { "zone-a" } else { "zone-b" };
+            view.labels.insert("topology.kubernetes.io/zone".into(), zone.into());
+            let mut st = NodeState::from_view(&view, &p, 0);
+            for fs in st.families.values_mut() {
+                fs.phase = Phase::Healthy;
+            }
+            if let Some((phase, conf)) = zone_a.get(i) {
+                let fs = st.families.get_mut(&Family::PacketLoss).expect("family");
+                fs.phase = *phase;
+                fs.confidence = *conf;
+            }
+            nodes.insert(name.clone(), st);
+            input.nodes.insert(name.clone(), view);
+            input.reports.insert(name, NodeReport::default());
+        }
+        let ctx = StepCtx {
+            policy: &p,
+            input: &input,
+            now: 0,
+            started: 0,
+            fresh: input.reports.iter().map(|(n, r)| (n.as_str(), r)).collect(),
+            settled: true,
+        };
+        guard.update_verdicts(&nodes, &ctx);
+        guard.verdicts.clone()
+    }
+
+    #[test]
+    fn a_new_group_verdict_needs_degraded_nodes_with_action_confidence() {
+        let zone_a = || BTreeSet::from([("topology.kubernetes.io/zone".to_string(), "zone-a".to_string())]);
+        let mut g = Guardrails::default();
+        assert!(
+            verdicts_after(&mut g, &[(Phase::Suspect, 0.95); 3]).is_empty(),
+            "Suspect"
+        );
+        assert!(
+            verdicts_after(&mut g, &[(Phase::Recovering, 0.95); 3]).is_empty(),
+            "Recovering"
+        );
+        assert!(
+            verdicts_after(&mut g, &[(Phase::Degraded, 0.5); 3]).is_empty(),
+            "low confidence"
+        );
+        assert!(
+            verdicts_after(&mut g, &[(Phase::Degraded, 0.95); 2]).is_empty(),
+            "2 of 5"
+        );
+        assert!(g.confident_groups.is_empty());
+        assert_eq!(verdicts_after(&mut g, &[(Phase::Degraded, 0.95); 3]), zone_a());
+        assert_eq!(g.confident_groups, zone_a());
+        // Kept while more than verdict_recover_fraction is still unhealthy (Suspect counts),
+        // no longer confident; lifted at 1 of 5.
+        assert_eq!(verdicts_after(&mut g, &[(Phase::Suspect, 0.95); 2]), zone_a());
+        assert!(g.confident_groups.is_empty());
+        assert!(verdicts_after(&mut g, &[(Phase::Recovering, 0.1); 1]).is_empty());
+    }
+}

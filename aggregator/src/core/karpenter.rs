@@ -352,3 +352,40 @@ pub(super) fn plan_claims(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn exclusion_edits_are_one_not_in_per_label_and_a_drift_budget() {
+        let zone = "topology.kubernetes.io/zone".to_string();
+        let it = "node.kubernetes.io/instance-type".to_string();
+        let edits = exclusion_edits(
+            &[
+                (zone.clone(), "b".into()),
+                (it.clone(), "c5.xlarge".into()),
+                (zone.clone(), "a".into()),
+            ],
+            2,
+        );
+        assert_eq!(
+            edits.requirements,
+            vec![
+                json!({"key": it, "operator": "NotIn", "values": ["c5.xlarge"]}),
+                json!({"key": zone, "operator": "NotIn", "values": ["a", "b"]}),
+            ]
+        );
+        assert_eq!(edits.budgets, vec![json!({"nodes": "2", "reasons": ["Drifted"]})]);
+        let reqs = json!([{"key": "x", "operator": "In", "values": ["y"]}]);
+        let budgets = json!([{"nodes": "10%"}]);
+        assert!(edits_absent(&edits, &reqs, &budgets));
+        assert!(!edits_present(&edits, &reqs, &budgets));
+        let (r, _) = edit_list(&reqs, &[], &edits.requirements);
+        let (b, _) = edit_list(&budgets, &[], &edits.budgets);
+        assert!(edits_present(&edits, &Value::Array(r), &Value::Array(b)));
+        assert!(edits_present(&PoolEdits::default(), &Value::Null, &Value::Null));
+    }
+}

@@ -516,3 +516,52 @@ fn score_family(
     fs.uncorroborated = alone;
     event
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::ObservedCondition;
+
+    #[test]
+    fn unknown_reasons_round_trip_through_condition_reasons() {
+        for r in [
+            UnknownReason::NoReport,
+            UnknownReason::AgentStale,
+            UnknownReason::NoData,
+        ] {
+            assert_eq!(UnknownReason::from_reason(r.as_str()), r);
+        }
+        assert_eq!(UnknownReason::from_reason("GrayFailure"), UnknownReason::NoReport);
+    }
+
+    /// A node found degraded and untainted: Degraded with a full bad streak, and the reason it
+    /// is untainted was announced by a predecessor; another manager's condition is not ours.
+    #[test]
+    fn a_node_is_taken_over_from_what_is_on_it() {
+        let p = Policy::default();
+        let found = |status| ObservedCondition {
+            status,
+            reason: "x".into(),
+            message: String::new(),
+            last_transition_ms: 0,
+        };
+        let mut view = NodeView::default();
+        view.conditions
+            .insert(p.family_condition(Family::PacketLoss), found(CondStatus::False));
+        view.conditions
+            .insert(p.family_condition(Family::CpuSteal), found(CondStatus::True));
+        view.conditions
+            .insert(EKS_NETWORKING_CONDITION.into(), found(CondStatus::False));
+        view.foreign_conditions.insert(EKS_NETWORKING_CONDITION.into());
+        let st = NodeState::from_view(&view, &p, 7);
+        assert_eq!(st.families[&Family::PacketLoss].phase, Phase::Degraded);
+        assert_eq!(st.families[&Family::PacketLoss].bad_streak, p.degrade_windows);
+        assert_eq!(st.families[&Family::CpuSteal].phase, Phase::Healthy);
+        assert_eq!(st.families[&Family::MemoryPressure].phase, Phase::Unknown);
+        assert_eq!(st.suppressed, Some(Suppressed::Inherited));
+        assert_eq!(st.last_write_ms, Some(7));
+        assert!(!st.written.contains_key(EKS_NETWORKING_CONDITION));
+        view.tainted = true;
+        assert_eq!(NodeState::from_view(&view, &p, 7).suppressed, None);
+    }
+}
