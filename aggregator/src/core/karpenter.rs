@@ -156,14 +156,14 @@ impl KarpenterState {
                 .snapshot
                 .as_ref()
                 .is_none_or(|s| edits_present(&s.added, &pool.requirements, &pool.budgets));
-            let settled_pool = if p.dry_run {
+            let nothing_to_do = if p.dry_run {
                 desired == recorded
             } else if pool.snapshot.is_some() {
                 !desired.is_empty() && desired == recorded && in_effect
             } else {
                 desired.is_empty()
             };
-            if settled_pool {
+            if nothing_to_do {
                 self.announced.remove(pool_name);
                 continue;
             }
@@ -173,7 +173,10 @@ impl KarpenterState {
                 self.announce(
                     pool_name,
                     "ActionSuppressed",
-                    format!("not excluding {new:?}: {why}"),
+                    format!(
+                        "not excluding {:?}: {why}",
+                        if new.is_empty() { desired.iter().collect() } else { new }
+                    ),
                     plan,
                 );
                 continue;
