@@ -62,7 +62,9 @@ fn main() {
             PoolView {
                 name: format!("pool-{p}"),
                 requirements: serde_json::json!([]),
+                budgets: serde_json::json!([]),
                 snapshot: None,
+                snapshot_refused: None,
             },
         );
     }

@@ -15,10 +15,12 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
-    cluster::{SNAPSHOT_LABEL, nodeclaim_resource, nodepool_resource, snapshot_name},
+    cluster::{nodeclaim_resource, nodepool_resource, snapshot_configmap, snapshot_name},
     core::{
-        model::Millis,
-        plan::{ConditionWrite, EventKind, EventTarget, Plan, PlannedEvent, PoolChange},
+        engine::EKS_NETWORKING_CONDITION,
+        karpenter::edit_list,
+        model::{Millis, PoolEdits, PoolSnapshot},
+        plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent, PoolChange},
         policy::Policy,
     },
     metrics::Metrics,
@@ -50,6 +52,10 @@ pub enum ActError {
     ConditionConflict(String),
     #[error("building a patch: {0}")]
     Patch(String),
+    #[error("NodePool {0}: the NodePool kept changing under us")]
+    PoolConflict(String),
+    #[error("NodePool {0}: read back after the patch, our change is not there")]
+    PoolUnverified(String),
 }
 
 impl ActError {
@@ -61,6 +67,7 @@ impl ActError {
             ActError::NotLeader(_) => "not_leader",
             ActError::ConditionConflict(_) => "conditions",
             ActError::Patch(_) => "patch",
+            ActError::PoolConflict(_) | ActError::PoolUnverified(_) => "nodepool",
         }
     }
 }
@@ -206,36 +213,59 @@ impl Actuator {
         results.into_iter().flatten().collect()
     }
 
+    /// Applies the node's conditions (server-side apply: we own exactly these types). Ours by
+    /// type are forced (whoever touched them, they are ours to set). The EKS `NetworkingReady`
+    /// is never forced: if another manager wrote it since we read the Node, the apply conflicts
+    /// and is made again without it: it is theirs.
     async fn write_conditions(&self, w: &ConditionWrite, now_ms: Millis) -> Result<(), ActError> {
-        let conditions: Vec<serde_json::Value> = w
-            .conditions
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "type": c.type_,
-                    "status": c.status.as_str(),
-                    "reason": c.reason,
-                    "message": c.message,
-                    "lastTransitionTime": Time(ts(c.last_transition_ms)),
-                    "lastHeartbeatTime": Time(ts(now_ms)),
-                })
-            })
-            .collect();
-        let body = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": w.node},
-            "status": {"conditions": conditions},
-        });
         let api: Api<Node> = Api::all(self.client.clone());
-        api.patch_status(
-            &w.node,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map(|_| ())
-        .map_err(kube_err("Node status", &w.node))
+        let body = |conditions: &[&DesiredCondition]| {
+            let conditions: Vec<serde_json::Value> = conditions
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "type": c.type_,
+                        "status": c.status.as_str(),
+                        "reason": c.reason,
+                        "message": c.message,
+                        "lastTransitionTime": Time(ts(c.last_transition_ms)),
+                        "lastHeartbeatTime": Time(ts(now_ms)),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": w.node},
+                "status": {"conditions": conditions},
+            })
+        };
+        let all: Vec<&DesiredCondition> = w.conditions.iter().collect();
+        let apply = |body: serde_json::Value, force: bool| {
+            let api = api.clone();
+            let pp = if force {
+                PatchParams::apply(FIELD_MANAGER).force()
+            } else {
+                PatchParams::apply(FIELD_MANAGER)
+            };
+            async move { api.patch_status(&w.node, &pp, &Patch::Apply(&body)).await.map(|_| ()) }
+        };
+        if !all.iter().any(|c| c.type_ == EKS_NETWORKING_CONDITION) {
+            return apply(body(&all), true).await.map_err(kube_err("Node status", &w.node));
+        }
+        match apply(body(&all), false).await {
+            Ok(()) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let theirs = e.message.contains(&format!("type=\"{EKS_NETWORKING_CONDITION}\""));
+                tracing::info!(node = %w.node, theirs, conflict = %e.message, "condition apply conflicted; applying ours by type with force");
+                let ours: Vec<&DesiredCondition> = all
+                    .into_iter()
+                    .filter(|c| !theirs || c.type_ != EKS_NETWORKING_CONDITION)
+                    .collect();
+                apply(body(&ours), true).await.map_err(kube_err("Node status", &w.node))
+            }
+            Err(e) => Err(kube_err("Node status", &w.node)(e)),
+        }
     }
 
     /// Adds or removes our taint with a merge patch guarded by the resourceVersion we read.
@@ -293,59 +323,125 @@ impl Actuator {
         Err(ActError::TaintConflict(node.into()))
     }
 
-    /// Applies one NodePool change (also used by `cleanup` to restore every snapshot).
+    /// Applies one NodePool change (also used by `cleanup` to restore every snapshot): reads the
+    /// pool, takes out what we added before and puts in ours (edits of others stay), patches it
+    /// guarded by the resourceVersion read, and reads it back to verify. An exclusion saves what
+    /// it adds to the snapshot ConfigMap first, so a leader that stops halfway leaves its
+    /// successor the knowledge of what is ours; a restore deletes the snapshot once verified.
+    /// Whatever fails here is retried by a later step: the core compares the snapshot with the
+    /// pool, not with what it planned.
     pub async fn change_pool(&self, change: &PoolChange) -> Result<(), ActError> {
         let pools: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
-        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-        let apply = PatchParams::apply(FIELD_MANAGER).force();
-        let pool_body = |pool: &str, reqs: &serde_json::Value| {
-            serde_json::json!({
-                "apiVersion": "karpenter.sh/v1",
-                "kind": "NodePool",
-                "metadata": {"name": pool},
-                "spec": {"template": {"spec": {"requirements": reqs}}},
-            })
-        };
-        match change {
+        let (pool, remove, add, excluded) = match change {
             PoolChange::Exclude {
                 pool,
-                snapshot,
-                requirements,
-            } => {
-                // Snapshot first: if we crash after it, the next leader knows what to restore.
-                let name = snapshot_name(pool);
-                let cm = serde_json::json!({
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": {
-                        "name": name,
-                        "namespace": self.namespace,
-                        "labels": {SNAPSHOT_LABEL: pool, "app.kubernetes.io/managed-by": FIELD_MANAGER},
-                    },
-                    "data": {
-                        "requirements": snapshot.requirements.to_string(),
-                        "excluded": serde_json::to_string(&snapshot.excluded).unwrap_or_default(),
-                    },
-                });
-                cms.patch(&name, &apply, &Patch::Apply(&cm))
-                    .await
-                    .map_err(kube_err("ConfigMap", &name))?;
-                pools
-                    .patch(pool, &apply, &Patch::Apply(&pool_body(pool, requirements)))
-                    .await
-                    .map_err(kube_err("NodePool", pool))?;
-                tracing::info!(pool = %pool, excluded = ?snapshot.excluded, "nodepool excluded");
+                excluded,
+                remove,
+                add,
+            } => (pool, remove, add.clone(), Some(excluded)),
+            PoolChange::Restore { pool, remove } => (pool, remove, PoolEdits::default(), None),
+        };
+        for _ in 0..5 {
+            let obj = pools.get(pool).await.map_err(kube_err("NodePool", pool))?;
+            let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+            let reqs = &obj.data["spec"]["template"]["spec"]["requirements"];
+            let budgets = &obj.data["spec"]["disruption"]["budgets"];
+            let (new_reqs, added_reqs) = edit_list(reqs, &remove.requirements, &add.requirements);
+            let (new_budgets, added_budgets) = edit_list(budgets, &remove.budgets, &add.budgets);
+            let added = PoolEdits {
+                requirements: added_reqs,
+                budgets: added_budgets,
+            };
+            if let Some(excluded) = excluded {
+                // Until the patch is verified, both what we added before and what we add now
+                // may be in the pool: the snapshot names both.
+                let mut maybe_ours = added.clone();
+                extend_new(&mut maybe_ours.requirements, &remove.requirements);
+                extend_new(&mut maybe_ours.budgets, &remove.budgets);
+                self.save_snapshot(pool, excluded, &maybe_ours).await?;
             }
-            PoolChange::Restore { pool, requirements } => {
-                pools
-                    .patch(pool, &apply, &Patch::Apply(&pool_body(pool, requirements)))
-                    .await
-                    .map_err(kube_err("NodePool", pool))?;
-                self.delete_snapshot(&snapshot_name(pool)).await?;
-                tracing::info!(pool = %pool, "nodepool restored");
+            let mut spec = serde_json::Map::new();
+            if reqs.as_array() != Some(&new_reqs) {
+                spec.insert(
+                    "template".into(),
+                    serde_json::json!({"spec": {"requirements": new_reqs}}),
+                );
             }
+            if budgets.as_array() != Some(&new_budgets) && !(budgets.is_null() && new_budgets.is_empty()) {
+                spec.insert("disruption".into(), serde_json::json!({"budgets": new_budgets}));
+            }
+            if !spec.is_empty() {
+                // resourceVersion in the patch makes the apiserver refuse it (409) if the pool
+                // changed since we read it: read again.
+                let patch = serde_json::json!({"metadata": {"resourceVersion": rv}, "spec": spec});
+                let pp = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                match pools.patch(pool, &pp, &Patch::Merge(&patch)).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    Err(e) => return Err(kube_err("NodePool", pool)(e)),
+                }
+            }
+            // Read back: the change is in the pool as stored.
+            let now = pools.get(pool).await.map_err(kube_err("NodePool", pool))?;
+            let now_reqs = &now.data["spec"]["template"]["spec"]["requirements"];
+            let now_budgets = &now.data["spec"]["disruption"]["budgets"];
+            let count = |list: &serde_json::Value, x: &serde_json::Value| {
+                list.as_array().map_or(0, |l| l.iter().filter(|y| *y == x).count())
+            };
+            let new_reqs = serde_json::Value::Array(new_reqs);
+            let new_budgets = serde_json::Value::Array(new_budgets);
+            let verified = added.requirements.iter().all(|r| count(now_reqs, r) > 0)
+                && added.budgets.iter().all(|b| count(now_budgets, b) > 0)
+                && remove
+                    .requirements
+                    .iter()
+                    .all(|r| count(now_reqs, r) <= count(&new_reqs, r))
+                && remove
+                    .budgets
+                    .iter()
+                    .all(|b| count(now_budgets, b) <= count(&new_budgets, b));
+            if !verified {
+                return Err(ActError::PoolUnverified(pool.clone()));
+            }
+            match excluded {
+                Some(excluded) => {
+                    self.save_snapshot(pool, excluded, &added).await?;
+                    tracing::info!(pool = %pool, excluded = ?excluded, added = ?added, "nodepool excluded");
+                }
+                None => {
+                    self.delete_snapshot(&snapshot_name(pool)).await?;
+                    tracing::info!(pool = %pool, removed = ?remove, "nodepool restored");
+                }
+            }
+            return Ok(());
         }
-        Ok(())
+        Err(ActError::PoolConflict(pool.clone()))
+    }
+
+    /// Writes the snapshot ConfigMap of `pool` (ours alone, with its digest).
+    async fn save_snapshot(
+        &self,
+        pool: &str,
+        excluded: &[(String, String)],
+        added: &PoolEdits,
+    ) -> Result<(), ActError> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let snapshot = PoolSnapshot {
+            excluded: excluded.to_vec(),
+            added: added.clone(),
+        };
+        let name = snapshot_name(pool);
+        cms.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&snapshot_configmap(&self.namespace, pool, &snapshot)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(kube_err("ConfigMap", &name))
     }
 
     /// Deletes the snapshot ConfigMap `name` (gone already is fine).
@@ -463,5 +559,14 @@ impl Actuator {
             ..PostParams::default()
         };
         api.create(&pp, &ev).await.map(|_| ()).map_err(kube_err("Event", &name))
+    }
+}
+
+/// Appends the entries of `more` that `list` does not have yet.
+fn extend_new(list: &mut Vec<serde_json::Value>, more: &[serde_json::Value]) {
+    for m in more {
+        if !list.contains(m) {
+            list.push(m.clone());
+        }
     }
 }

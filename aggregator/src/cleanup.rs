@@ -239,13 +239,7 @@ fn is_ours(cfg: &FileConfig, node: &Node, c: &NodeCondition) -> bool {
 
 /// Whether `manager` owns the condition of type `ty` in the Node's managedFields.
 fn owns_condition(node: &Node, manager: &str, ty: &str) -> bool {
-    let key = format!("k:{}", serde_json::json!({"type": ty}));
-    node.metadata.managed_fields.iter().flatten().any(|m| {
-        m.manager.as_deref() == Some(manager)
-            && m.fields_v1
-                .as_ref()
-                .is_some_and(|f| !f.0["f:status"]["f:conditions"][key.as_str()].is_null())
-    })
+    crate::cluster::condition_managers(node, ty).contains(&manager)
 }
 
 async fn list_nodes(client: &Client) -> Result<Vec<Node>, CleanupError> {
@@ -635,7 +629,7 @@ async fn restore_pools(client: &Client, cfg: &FileConfig, actuator: &Actuator, r
             actuator
                 .change_pool(&PoolChange::Restore {
                     pool: s.pool.clone(),
-                    requirements: snapshot.requirements,
+                    remove: snapshot.added.clone(),
                 })
                 .await
         } else {

@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{
     engine::EKS_NETWORKING_CONDITION,
-    model::{CondStatus, Input, Millis, NodeReport, NodeView, ObservedCondition, PastAction, PoolSnapshot, PoolView},
+    model::{
+        CondStatus, Input, Millis, NodeReport, NodeView, ObservedCondition, PastAction, PoolEdits, PoolSnapshot,
+        PoolView,
+    },
     policy::Policy,
 };
 
@@ -51,6 +54,68 @@ pub fn past_action(e: &Event, now_ms: Millis, window_ms: Millis) -> Option<PastA
 
 /// Label on our snapshot ConfigMaps naming the NodePool.
 pub const SNAPSHOT_LABEL: &str = "graywatch.io/snapshot-of-nodepool";
+/// Annotation on our snapshot ConfigMaps: the SHA-256 of their data (see [`snapshot_digest`]).
+pub const SNAPSHOT_DIGEST_ANNOTATION: &str = "graywatch.io/snapshot-sha256";
+
+/// The digest of a snapshot's data: hex SHA-256 of its keys and values in key order (JSON).
+#[must_use]
+pub fn snapshot_digest(data: &BTreeMap<String, String>) -> String {
+    let text = serde_json::to_string(data).unwrap_or_default();
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The data of the snapshot ConfigMap recording `snapshot`.
+#[must_use]
+pub fn snapshot_data(snapshot: &PoolSnapshot) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "excluded".to_string(),
+            serde_json::to_string(&snapshot.excluded).unwrap_or_default(),
+        ),
+        (
+            "added".to_string(),
+            serde_json::to_string(&snapshot.added).unwrap_or_default(),
+        ),
+    ])
+}
+
+/// The snapshot ConfigMap of `pool` recording `snapshot` (server-side apply body).
+#[must_use]
+pub fn snapshot_configmap(namespace: &str, pool: &str, snapshot: &PoolSnapshot) -> serde_json::Value {
+    let data = snapshot_data(snapshot);
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": snapshot_name(pool),
+            "namespace": namespace,
+            "labels": {SNAPSHOT_LABEL: pool, "app.kubernetes.io/managed-by": crate::actuate::FIELD_MANAGER},
+            "annotations": {SNAPSHOT_DIGEST_ANNOTATION: snapshot_digest(&data)},
+        },
+        "data": data,
+    })
+}
+
+/// The field managers that own any part of the Node's condition of type `ty` (managedFields).
+#[must_use]
+pub fn condition_managers<'a>(node: &'a Node, ty: &str) -> Vec<&'a str> {
+    let key = format!("k:{}", serde_json::json!({"type": ty}));
+    node.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| !f.0["f:status"]["f:conditions"][key.as_str()].is_null())
+        })
+        .filter_map(|m| m.manager.as_deref())
+        .collect()
+}
 
 #[must_use]
 pub fn nodepool_resource() -> ApiResource {
@@ -186,13 +251,15 @@ impl ClusterReader {
         self
     }
 
-    /// One consistent-enough view for a decision step.
+    /// One consistent-enough view for a decision step. A Karpenter read that fails (NodePools,
+    /// our snapshots of them, NodeClaims) is flagged in the input and costs only the Karpenter
+    /// part of the step: conditions and taints go on.
     pub async fn read(
         &self,
         now_ms: Millis,
         reports: BTreeMap<String, std::sync::Arc<NodeReport>>,
         actuator_failures: u32,
-    ) -> Result<Input, ReadError> {
+    ) -> Input {
         let mut nodes: BTreeMap<String, NodeView> = self
             .nodes
             .state()
@@ -202,75 +269,95 @@ impl ClusterReader {
         if let Some(store) = &self.pod_addresses {
             add_pod_addresses(&mut nodes, &store.pod_addresses());
         }
-        let mut pools = BTreeMap::new();
+        let mut input = Input {
+            now_ms,
+            reports,
+            actuator_failures,
+            ..Input::default()
+        };
         if self.policy.karpenter_exclude || self.policy.karpenter_replace {
-            let pool_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
-            match pool_api.list(&ListParams::default()).await {
-                Ok(list) => {
-                    let snaps = self.snapshots().await?;
-                    for p in list {
-                        let name = p.name_any();
-                        let requirements = p.data["spec"]["template"]["spec"]["requirements"].clone();
-                        let requirements = if requirements.is_null() {
-                            serde_json::json!([])
-                        } else {
-                            requirements
-                        };
-                        pools.insert(
-                            name.clone(),
-                            PoolView {
-                                snapshot: snaps.get(&name).cloned(),
-                                name,
-                                requirements,
-                            },
-                        );
-                    }
-                }
-                // No Karpenter in this cluster.
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(source) => {
-                    return Err(ReadError::List {
-                        what: "NodePools",
-                        source,
-                    });
+            match self.pools().await {
+                Ok(pools) => input.pools = pools,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the NodePools; no NodePool change this step");
+                    input.pools_unreadable = true;
                 }
             }
-            let claim_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodeclaim_resource());
-            match claim_api.list(&ListParams::default()).await {
-                Ok(list) => {
-                    for c in list {
-                        if let Some(node) = c.data["status"]["nodeName"].as_str()
-                            && let Some(v) = nodes.get_mut(node)
-                        {
-                            v.nodeclaim = Some(c.name_any());
-                        }
-                    }
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(source) => {
-                    return Err(ReadError::List {
-                        what: "NodeClaims",
-                        source,
-                    });
-                }
+            if let Err(e) = self.claims(&mut nodes).await {
+                tracing::warn!(error = %e, "cannot read the NodeClaims; no NodeClaim change this step");
+                input.claims_unreadable = true;
             }
         }
-        Ok(Input {
-            now_ms,
-            nodes,
-            reports,
-            pools,
-            actuator_failures,
-            past_actions: Vec::new(),
-        })
+        input.nodes = nodes;
+        input
     }
 
-    async fn snapshots(&self) -> Result<BTreeMap<String, PoolSnapshot>, ReadError> {
-        let mut out = BTreeMap::new();
+    /// The NodePools with our verified snapshots (none without Karpenter).
+    async fn pools(&self) -> Result<BTreeMap<String, PoolView>, ReadError> {
+        let pool_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
+        let list = match pool_api.list(&ListParams::default()).await {
+            Ok(list) => list,
+            // No Karpenter in this cluster.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(BTreeMap::new()),
+            Err(source) => {
+                return Err(ReadError::List {
+                    what: "NodePools",
+                    source,
+                });
+            }
+        };
+        let mut snaps: BTreeMap<String, Result<PoolSnapshot, ReadError>> = BTreeMap::new();
         for s in list_snapshots(&self.client, &self.namespace).await? {
-            out.insert(s.pool, s.snapshot?);
+            snaps.insert(s.pool, s.snapshot);
         }
-        Ok(out)
+        let mut pools = BTreeMap::new();
+        for p in list {
+            let name = p.name_any();
+            let list_at = |v: &serde_json::Value| {
+                if v.is_array() { v.clone() } else { serde_json::json!([]) }
+            };
+            let (snapshot, snapshot_refused) = match snaps.remove(&name) {
+                None => (None, None),
+                Some(Ok(s)) => (Some(s), None),
+                Some(Err(e)) => {
+                    tracing::warn!(pool = %name, error = %e, "NodePool snapshot refused; leaving the NodePool alone");
+                    (None, Some(e.to_string()))
+                }
+            };
+            pools.insert(
+                name.clone(),
+                PoolView {
+                    requirements: list_at(&p.data["spec"]["template"]["spec"]["requirements"]),
+                    budgets: list_at(&p.data["spec"]["disruption"]["budgets"]),
+                    name,
+                    snapshot,
+                    snapshot_refused,
+                },
+            );
+        }
+        Ok(pools)
+    }
+
+    /// Marks each Node with the NodeClaim that launched it.
+    async fn claims(&self, nodes: &mut BTreeMap<String, NodeView>) -> Result<(), ReadError> {
+        let claim_api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodeclaim_resource());
+        match claim_api.list(&ListParams::default()).await {
+            Ok(list) => {
+                for c in list {
+                    if let Some(node) = c.data["status"]["nodeName"].as_str()
+                        && let Some(v) = nodes.get_mut(node)
+                    {
+                        v.nodeclaim = Some(c.name_any());
+                    }
+                }
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(source) => Err(ReadError::List {
+                what: "NodeClaims",
+                source,
+            }),
+        }
     }
 
     /// The actions taken before (by any replica or incarnation) within `window_ms` of `now_ms`,
@@ -336,19 +423,22 @@ pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> graywatch_proto::v1::
     book
 }
 
-/// One of our NodePool snapshot ConfigMaps, parsed.
+/// One of our NodePool snapshot ConfigMaps, verified and parsed.
 #[derive(Debug)]
 pub struct SavedSnapshot {
     /// The ConfigMap's name.
     pub name: String,
     /// The NodePool it is a snapshot of (its `SNAPSHOT_LABEL`).
     pub pool: String,
-    /// What it holds, or why it cannot be read.
+    /// What it holds, or why it is not trusted.
     pub snapshot: Result<PoolSnapshot, ReadError>,
 }
 
-/// Our snapshot ConfigMaps in `namespace` (selected by `SNAPSHOT_LABEL`), each parsed on its
-/// own: one unreadable snapshot does not hide the others.
+/// Our snapshot ConfigMaps in `namespace` (selected by `SNAPSHOT_LABEL`), each verified and
+/// parsed on its own: one refused snapshot does not hide the others. A snapshot is trusted only
+/// at its pool's name, written by our field manager alone (managedFields) and with data that
+/// matches its digest: anything else may have been made or changed by someone else, and
+/// restoring from it could undo their NodePool edits.
 pub async fn list_snapshots(client: &Client, namespace: &str) -> Result<Vec<SavedSnapshot>, ReadError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let list = api
@@ -358,34 +448,52 @@ pub async fn list_snapshots(client: &Client, namespace: &str) -> Result<Vec<Save
             what: "snapshot ConfigMaps",
             source,
         })?;
-    let mut out = Vec::new();
-    for cm in list {
-        let name = cm.name_any();
-        let Some(pool) = cm.labels().get(SNAPSHOT_LABEL).cloned() else {
-            continue;
-        };
-        let data = cm.data.unwrap_or_default();
-        let parse = |key: &str| -> Result<serde_json::Value, ReadError> {
-            let text = data.get(key).ok_or_else(|| ReadError::Snapshot {
-                name: name.clone(),
-                problem: format!("no {key}"),
-            })?;
-            serde_json::from_str(text).map_err(|e| ReadError::Snapshot {
-                name: name.clone(),
-                problem: format!("{key}: {e}"),
+    Ok(list
+        .into_iter()
+        .filter_map(|cm| {
+            let pool = cm.labels().get(SNAPSHOT_LABEL).cloned()?;
+            Some(SavedSnapshot {
+                name: cm.name_any(),
+                snapshot: verify_snapshot(&cm, &pool),
+                pool,
             })
-        };
-        let snapshot = parse("requirements").and_then(|requirements| {
-            let excluded: Vec<(String, String)> =
-                serde_json::from_value(parse("excluded")?).map_err(|e| ReadError::Snapshot {
-                    name: name.clone(),
-                    problem: format!("excluded: {e}"),
-                })?;
-            Ok(PoolSnapshot { requirements, excluded })
-        });
-        out.push(SavedSnapshot { name, pool, snapshot });
+        })
+        .collect())
+}
+
+/// The snapshot `cm` holds of `pool`, if it is ours and intact (see [`list_snapshots`]).
+pub fn verify_snapshot(cm: &ConfigMap, pool: &str) -> Result<PoolSnapshot, ReadError> {
+    let name = cm.name_any();
+    let refuse = |problem: String| ReadError::Snapshot {
+        name: name.clone(),
+        problem,
+    };
+    if name != snapshot_name(pool) {
+        return Err(refuse(format!("not the snapshot name of NodePool {pool}")));
     }
-    Ok(out)
+    let managers: Vec<&str> = cm
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| m.manager.as_deref().unwrap_or(""))
+        .collect();
+    if let Some(other) = managers.iter().find(|m| **m != crate::actuate::FIELD_MANAGER) {
+        return Err(refuse(format!("written by {other:?} too, not by us alone")));
+    }
+    if managers.is_empty() {
+        return Err(refuse("no field manager: not written by us".into()));
+    }
+    let data: BTreeMap<String, String> = cm.data.clone().unwrap_or_default().into_iter().collect();
+    let digest = cm.annotations().get(SNAPSHOT_DIGEST_ANNOTATION);
+    if digest != Some(&snapshot_digest(&data)) {
+        return Err(refuse("its data does not match its digest".into()));
+    }
+    let field = |key: &str| data.get(key).ok_or_else(|| refuse(format!("no {key}")));
+    let excluded: Vec<(String, String)> =
+        serde_json::from_str(field("excluded")?).map_err(|e| refuse(format!("excluded: {e}")))?;
+    let added: PoolEdits = serde_json::from_str(field("added")?).map_err(|e| refuse(format!("added: {e}")))?;
+    Ok(PoolSnapshot { excluded, added })
 }
 
 /// The core's view of one Node.
@@ -427,6 +535,16 @@ pub fn node_view(n: &Node, p: &Policy) -> NodeView {
                 .collect()
         })
         .unwrap_or_default();
+    // The EKS node monitoring agent (or anyone else) writing NetworkingReady makes it theirs.
+    let foreign_conditions = [EKS_NETWORKING_CONDITION]
+        .into_iter()
+        .filter(|ty| {
+            condition_managers(n, ty)
+                .iter()
+                .any(|m| *m != crate::actuate::FIELD_MANAGER)
+        })
+        .map(str::to_string)
+        .collect();
     let tainted = spec
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|ts| ts.iter().any(|t| t.key == p.taint_key));
@@ -438,6 +556,7 @@ pub fn node_view(n: &Node, p: &Policy) -> NodeView {
         conditions,
         tainted,
         nodeclaim: None,
+        foreign_conditions,
     }
 }
 

@@ -188,13 +188,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         }
         let step_started = std::time::Instant::now();
         let now = now_ms();
-        let mut input = match reader.read(now, store.snapshot(), failures).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the cluster failed; skipping this step");
-                continue;
-            }
-        };
+        let mut input = reader.read(now, store.snapshot(), failures).await;
         if engine.is_none() {
             // A new engine (start, restart, new leader) inherits the action budget spent
             // before: never act on a fresh one.
@@ -330,6 +324,8 @@ mod unrecorded_taint_tests {
                 claim_deletion: false
             }
         );
+    }
+}
 
 #[cfg(test)]
 mod tests {

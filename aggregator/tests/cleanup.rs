@@ -10,7 +10,7 @@ use common::*;
 use graywatch_aggregator::{
     actuate::{Actuator, FIELD_MANAGER},
     config::FileConfig,
-    core::{engine::with_exclusions, model::PoolSnapshot, plan::PoolChange},
+    core::{karpenter::exclusion_edits, model::PoolEdits, plan::PoolChange},
 };
 use k8s_openapi::api::{
     coordination::v1::{Lease, LeaseSpec},
@@ -39,31 +39,6 @@ fn conditions(n: &Node) -> Vec<String> {
         .and_then(|s| s.conditions.as_ref())
         .map(|cs| cs.iter().map(|c| c.type_.clone()).collect())
         .unwrap_or_default()
-}
-
-fn cond(ty: &str, status: &str) -> serde_json::Value {
-    json!({"type": ty, "status": status, "reason": "Test", "message": "test",
-           "lastTransitionTime": "2026-11-22T12:00:00Z", "lastHeartbeatTime": "2026-11-22T12:00:00Z"})
-}
-
-/// Applies `conds` to node i's status as `manager` (server-side apply, as the aggregator does).
-async fn apply_conditions(
-    cluster: &Cluster,
-    i: usize,
-    manager: &str,
-    conds: &[serde_json::Value],
-) -> anyhow::Result<()> {
-    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_name(i)},
-                      "status": {"conditions": conds}});
-    cluster
-        .nodes()
-        .patch_status(
-            &node_name(i),
-            &PatchParams::apply(manager).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    Ok(())
 }
 
 async fn add_taints(cluster: &Cluster, i: usize, keys: &[&str]) -> anyhow::Result<()> {
@@ -176,11 +151,9 @@ async fn cleanup_removes_ours_and_keeps_everything_else() -> anyhow::Result<()> 
     Actuator::new(cluster.client.clone(), &cfg)
         .change_pool(&PoolChange::Exclude {
             pool: "default".into(),
-            snapshot: PoolSnapshot {
-                requirements: original_reqs.clone(),
-                excluded: excluded.clone(),
-            },
-            requirements: with_exclusions(&original_reqs, &excluded),
+            excluded: excluded.clone(),
+            remove: PoolEdits::default(),
+            add: exclusion_edits(&excluded, 1),
         })
         .await?;
     let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);

@@ -1,4 +1,4 @@
-//! NRC mode: conditions only (plus the EKS `NetworkingReady` mirror), never a taint; and every
+//! NRC mode: conditions only (plus the EKS `NetworkingReady` mirror while degraded), never a taint; and every
 //! NodeReadinessRule example under deploy/helm/graywatch/nrc/ is accepted by the NRC CRD on a real apiserver.
 
 mod common;
@@ -62,10 +62,8 @@ async fn nrc_mode_writes_conditions_only_and_examples_are_valid() -> anyhow::Res
         })
         .await;
     }
-    assert_eq!(
-        condition(&cluster.node(2).await, "NetworkingReady").as_deref(),
-        Some("True")
-    );
+    // Healthy: the mirror adds evidence to node repair, it does not vouch for a node.
+    assert_eq!(condition(&cluster.node(2).await, "NetworkingReady"), None);
     fleet.set_bad(&[2]);
     eventually(30, "node-2 False", || async {
         (cluster.overall(2).await.as_deref() == Some("False")).then_some(())
@@ -83,5 +81,14 @@ async fn nrc_mode_writes_conditions_only_and_examples_are_valid() -> anyhow::Res
     .await;
     assert!(cluster.tainted().await.is_empty());
     assert_eq!(cluster.count_events("node-2", "GrayFailureTaint").await, 0);
+    // Recovered: our NetworkingReady goes with our evidence.
+    fleet.set_bad(&[]);
+    eventually(40, "NetworkingReady removed", || async {
+        condition(&cluster.node(2).await, "NetworkingReady")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(cluster.overall(2).await.as_deref(), Some("True"));
     Ok(())
 }

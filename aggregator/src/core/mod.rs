@@ -1,10 +1,19 @@
 //! The pure decision core: (fleet view, observed cluster objects, policy) → plan.
+//!
+//! `engine` runs a step as a sequence of phases, each in its own module over its own state:
+//! `state_machine` (windows → per node and family phases), `conditions` (Node conditions and
+//! their Events), `guardrails` (breaker, group verdicts, rate limit, blast radius, taints) and
+//! `karpenter` (NodePool exclusion, NodeClaim replacement).
 
+pub mod conditions;
 pub mod engine;
 pub mod evidence;
+pub mod guardrails;
+pub mod karpenter;
 pub mod model;
 pub mod plan;
 pub mod policy;
+pub mod state_machine;
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,11 @@
 //! Plain data the decision core works on: what the cluster looks like, what the agents reported,
 //! and the policy. No I/O, no clocks (time is an input).
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +29,9 @@ pub struct NodeView {
     pub tainted: bool,
     /// The Karpenter NodeClaim backing this Node, if any.
     pub nodeclaim: Option<String>,
+    /// Condition types on the Node that another field manager writes (from managedFields; only
+    /// the EKS `NetworkingReady` is looked at): never ours to write, whatever we measure.
+    pub foreign_conditions: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,18 +140,40 @@ impl PeerObservation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolView {
     pub name: String,
-    /// `spec.template.spec.requirements`, verbatim.
+    /// `spec.template.spec.requirements`, verbatim (`[]` when absent).
     pub requirements: serde_json::Value,
-    /// Our saved snapshot, if we changed this pool (read back from the ConfigMap on start).
+    /// `spec.disruption.budgets`, verbatim (`[]` when absent).
+    pub budgets: serde_json::Value,
+    /// Our verified snapshot, if we changed this pool.
     pub snapshot: Option<PoolSnapshot>,
+    /// Why a snapshot ConfigMap naming this pool was refused (not written by us alone, digest
+    /// mismatch, unreadable): we do not know what is ours in the pool, so it is left alone.
+    pub snapshot_refused: Option<String>,
+}
+
+/// Exactly what we added to a NodePool: restoring removes these entries and nothing else, so
+/// edits others made meanwhile stay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolEdits {
+    /// Entries of `spec.template.spec.requirements` (one `NotIn` per excluded label).
+    pub requirements: Vec<serde_json::Value>,
+    /// Entries of `spec.disruption.budgets` (the drift budget of the exclusion).
+    pub budgets: Vec<serde_json::Value>,
+}
+
+impl PoolEdits {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.requirements.is_empty() && self.budgets.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolSnapshot {
-    /// The requirements before our first change, restored exactly on recovery.
-    pub requirements: serde_json::Value,
     /// The (label key, value) pairs we excluded, e.g. ("topology.kubernetes.io/zone", "zone-a").
     pub excluded: Vec<(String, String)>,
+    /// What we added to the pool for them.
+    pub added: PoolEdits,
 }
 
 /// Everything the core reads for one step.
@@ -155,6 +184,11 @@ pub struct Input {
     /// Shared with the ingest store (its snapshot copies pointers, not reports).
     pub reports: BTreeMap<String, Arc<NodeReport>>,
     pub pools: BTreeMap<String, PoolView>,
+    /// The NodePools (or our snapshots of them) could not be read this step: `pools` is empty
+    /// for want of data, not because there are none. Only the NodePool part of the step waits.
+    pub pools_unreadable: bool,
+    /// The NodeClaims could not be read this step: no Node's `nodeclaim` is known.
+    pub claims_unreadable: bool,
     /// Consecutive actuator failures reported by the shell (feeds the circuit breaker).
     pub actuator_failures: u32,
     /// Actions this aggregator (any replica, any incarnation) took before, read back from the

@@ -1,6 +1,6 @@
 //! The plan: plain data the actuators apply. Nothing here does I/O.
 
-use super::model::{CondStatus, Millis, PoolSnapshot};
+use super::model::{CondStatus, Millis, PoolEdits};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
@@ -51,19 +51,21 @@ pub struct TaintChange {
     pub add: bool,
 }
 
+/// A change of our exclusions on a NodePool. The actuator edits the pool as it reads it:
+/// it takes out exactly what we added before and puts in ours, so edits others made stay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PoolChange {
-    /// Save `snapshot` (ConfigMap) first, then set the pool's requirements.
+    /// Set our exclusions to `excluded`: take out `remove` (what we added before), put in
+    /// `add`. What is really added is saved first (the snapshot ConfigMap), then the pool is
+    /// patched and read back to verify.
     Exclude {
         pool: String,
-        snapshot: PoolSnapshot,
-        requirements: serde_json::Value,
+        excluded: Vec<(String, String)>,
+        remove: PoolEdits,
+        add: PoolEdits,
     },
-    /// Put the saved requirements back exactly, then delete the snapshot.
-    Restore {
-        pool: String,
-        requirements: serde_json::Value,
-    },
+    /// Take out exactly what we added (`remove`), verify, then delete the snapshot.
+    Restore { pool: String, remove: PoolEdits },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -66,6 +66,11 @@ pub struct Policy {
     pub verdict_recover_fraction: f64,
     /// Exclude a group with a verdict from Karpenter NodePools (`NotIn` requirement).
     pub karpenter_exclude: bool,
+    /// How many NodeClaims Karpenter may replace at once because of an exclusion (its `NotIn`
+    /// drifts every NodeClaim in the excluded group): set as a `Drifted` disruption budget on the
+    /// NodePool while excluded, lowered to the pool's blast radius allowance. 0 = new capacity
+    /// avoids the group, existing nodes are not replaced for it.
+    pub exclude_drift_budget: u32,
     /// Delete the NodeClaim of a node degraded for `replace_after_windows` windows (off by default).
     pub karpenter_replace: bool,
     pub replace_after_windows: u32,
@@ -120,6 +125,7 @@ impl Default for Policy {
             verdict_fraction: 0.5,
             verdict_recover_fraction: 0.2,
             karpenter_exclude: true,
+            exclude_drift_budget: 1,
             karpenter_replace: false,
             replace_after_windows: 30,
             peer_z_low: 3.0,

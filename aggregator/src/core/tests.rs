@@ -9,9 +9,11 @@ use std::{
 use proptest::prelude::*;
 
 use super::{
-    engine::{Engine, FamilyState, Phase, Settling, advance, blast_allowance, overall_phase},
+    engine::{Engine, FamilyState, Phase, Settling, UnknownReason, advance, blast_allowance, overall_phase},
+    karpenter::edit_list,
     model::{
-        CondStatus, Family, Input, NodeReport, NodeView, ObservedCondition, PeerObservation, PoolSnapshot, PoolView,
+        CondStatus, Family, Input, NodeReport, NodeView, ObservedCondition, PeerObservation, PoolEdits, PoolSnapshot,
+        PoolView,
     },
     plan::{EventTarget, Plan, PoolChange},
     policy::{Policy, TaintMode},
@@ -26,6 +28,8 @@ struct Sim {
     events: Vec<(EventTarget, String)>,
     /// Bad nodes also report a local detector score of 1.
     local_bad: bool,
+    /// NodePool patches fail (after the snapshot is saved), as a rejected write would.
+    fail_pool_patches: bool,
 }
 
 fn zone_of(i: usize, per_zone: usize) -> String {
@@ -61,7 +65,10 @@ impl Sim {
             PoolView {
                 name: "default".into(),
                 requirements: serde_json::json!([{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]),
+                // Karpenter's CRD default.
+                budgets: serde_json::json!([{"nodes": "10%"}]),
                 snapshot: None,
+                snapshot_refused: None,
             },
         );
         Self {
@@ -69,6 +76,7 @@ impl Sim {
             round: 0,
             events: Vec::new(),
             local_bad: false,
+            fail_pool_patches: false,
         }
     }
 
@@ -121,6 +129,10 @@ impl Sim {
     fn apply(&mut self, plan: &Plan) {
         for w in &plan.conditions {
             let v = self.input.nodes.get_mut(&w.node).expect("node exists");
+            // Server-side apply: a condition of ours left out of the write goes.
+            let foreign = v.foreign_conditions.clone();
+            v.conditions
+                .retain(|ty, _| foreign.contains(ty) || !(ty.starts_with("graywatch.io/") || ty == "NetworkingReady"));
             for c in &w.conditions {
                 v.conditions.insert(
                     c.type_.clone(),
@@ -137,25 +149,47 @@ impl Sim {
             self.input.nodes.get_mut(&t.node).expect("node exists").tainted = t.add;
         }
         for p in &plan.pools {
-            match p {
-                PoolChange::Exclude {
-                    pool,
-                    snapshot,
-                    requirements,
-                } => {
-                    let pv = self.input.pools.get_mut(pool).expect("pool");
-                    pv.snapshot = Some(snapshot.clone());
-                    pv.requirements = requirements.clone();
-                }
-                PoolChange::Restore { pool, requirements } => {
-                    let pv = self.input.pools.get_mut(pool).expect("pool");
-                    pv.snapshot = None;
-                    pv.requirements = requirements.clone();
-                }
-            }
+            self.apply_pool(p);
         }
         self.events
             .extend(plan.events.iter().map(|e| (e.target.clone(), e.reason.clone())));
+    }
+
+    /// Applies a NodePool change the way the actuator does: snapshot of what may be ours
+    /// first, then the pool's lists edited (unless patches fail), then the final snapshot.
+    fn apply_pool(&mut self, change: &PoolChange) {
+        let (pool, remove, add, excluded) = match change {
+            PoolChange::Exclude {
+                pool,
+                excluded,
+                remove,
+                add,
+            } => (pool, remove, add.clone(), Some(excluded.clone())),
+            PoolChange::Restore { pool, remove } => (pool, remove, PoolEdits::default(), None),
+        };
+        let fail = self.fail_pool_patches;
+        let pv = self.input.pools.get_mut(pool).expect("pool");
+        let (reqs, added_reqs) = edit_list(&pv.requirements, &remove.requirements, &add.requirements);
+        let (budgets, added_budgets) = edit_list(&pv.budgets, &remove.budgets, &add.budgets);
+        let added = PoolEdits {
+            requirements: added_reqs,
+            budgets: added_budgets,
+        };
+        if let Some(excluded) = &excluded {
+            let mut maybe = added.clone();
+            maybe.requirements.extend(remove.requirements.iter().cloned());
+            maybe.budgets.extend(remove.budgets.iter().cloned());
+            pv.snapshot = Some(PoolSnapshot {
+                excluded: excluded.clone(),
+                added: maybe,
+            });
+        }
+        if fail {
+            return;
+        }
+        pv.requirements = serde_json::Value::Array(reqs);
+        pv.budgets = serde_json::Value::Array(budgets);
+        pv.snapshot = excluded.map(|excluded| PoolSnapshot { excluded, added });
     }
 
     fn run(&mut self, eng: &mut Engine, bad: &BTreeSet<usize>, rounds: usize) -> Vec<Plan> {
@@ -252,10 +286,14 @@ fn zone_wide_degradation_is_one_verdict_and_restores_pool_exactly() {
         zone_a_tainted <= blast_allowance(p.blast_radius, 5),
         "tainted {zone_a_tainted}"
     );
+    let original_budgets = serde_json::json!([{"nodes": "10%"}]);
     let pool = &sim.input.pools["default"];
     let snap = pool.snapshot.as_ref().expect("snapshot saved");
-    assert_eq!(snap.requirements, original);
     assert_eq!(snap.excluded, vec![(ZONE.to_string(), "zone-a".to_string())]);
+    // The drift budget: one NodeClaim at a time (within 20% of the pool's 10 nodes).
+    let budget = serde_json::json!({"nodes": "1", "reasons": ["Drifted"]});
+    assert_eq!(snap.added.budgets, vec![budget.clone()]);
+    assert_eq!(pool.budgets, serde_json::json!([{"nodes": "10%"}, budget]));
     let reqs = pool.requirements.as_array().expect("array");
     assert!(
         reqs.iter()
@@ -270,6 +308,7 @@ fn zone_wide_degradation_is_one_verdict_and_restores_pool_exactly() {
     sim.run(&mut eng, &set(&[]), 10);
     assert!(eng.verdicts().is_empty());
     assert_eq!(sim.input.pools["default"].requirements, original);
+    assert_eq!(sim.input.pools["default"].budgets, original_budgets);
     assert!(sim.input.pools["default"].snapshot.is_none());
     assert_eq!(sim.count("NodePoolRestored"), 1);
     assert!(sim.tainted().is_empty());
@@ -401,10 +440,8 @@ fn eks_mirror_condition_follows_network_families() {
         sim.input.nodes["node-3"].conditions["NetworkingReady"].status,
         CondStatus::False
     );
-    assert_eq!(
-        sim.input.nodes["node-4"].conditions["NetworkingReady"].status,
-        CondStatus::True
-    );
+    // Healthy: we add evidence to node repair, we do not vouch for a node.
+    assert!(!sim.input.nodes["node-4"].conditions.contains_key("NetworkingReady"));
 }
 
 #[test]
@@ -661,7 +698,7 @@ proptest! {
     /// `recover_windows` consecutive good ones.
     #[test]
     fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
-        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: "", uncorroborated: Vec::new() };
+        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new() };
         let mut bad_run = 0u32;
         let mut good_run = 0u32;
         for c in confs {
@@ -749,7 +786,6 @@ proptest! {
         prop_assert_ne!(&sim.input.pools["default"].requirements, &original);
         sim.run(&mut eng, &set(&[]), 10);
         prop_assert_eq!(&sim.input.pools["default"].requirements, &original);
-        let _ = PoolSnapshot { requirements: original, excluded: vec![] };
     }
 }
 
@@ -917,4 +953,293 @@ fn fresh_engine_waits_for_silent_nodes_only_until_the_stale_timeout() {
     // Round 1 is the first step (t = 1 s); 5 s later the view is settled.
     assert_eq!(settled_at, Some(6));
     assert_eq!(sim.tainted(), BTreeSet::from(["node-7".to_string()]));
+}
+
+// Issue 16 point 4: conditions owned by others.
+
+/// Another field manager's `NetworkingReady` (the EKS node monitoring agent's) is never written
+/// by us, healthy or degraded; ours is added only while the network families are not healthy
+/// and removed after.
+#[test]
+fn networking_ready_of_another_manager_is_never_ours() {
+    let p = Policy {
+        mirror_eks: true,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    let theirs = ObservedCondition {
+        status: CondStatus::False,
+        reason: "NetworkingFault".into(),
+        message: "the node's own agent".into(),
+        last_transition_ms: 1,
+    };
+    for i in [2, 3] {
+        let v = sim.input.nodes.get_mut(&format!("node-{i}")).expect("node");
+        v.conditions.insert("NetworkingReady".into(), theirs.clone());
+        v.foreign_conditions.insert("NetworkingReady".into());
+    }
+    let writes_eks = |plans: &[Plan], node: &str| {
+        plans.iter().any(|pl| {
+            pl.conditions
+                .iter()
+                .any(|w| w.node == node && w.conditions.iter().any(|c| c.type_ == "NetworkingReady"))
+        })
+    };
+    // Healthy everywhere: their False stays, and we vouch for no one.
+    let plans = sim.run(&mut eng, &set(&[]), 4);
+    assert!(!writes_eks(&plans, "node-2"));
+    assert_eq!(sim.input.nodes["node-2"].conditions["NetworkingReady"], theirs);
+    assert!(!sim.input.nodes["node-4"].conditions.contains_key("NetworkingReady"));
+    // Degraded: ours gets our evidence, theirs is left as it is.
+    let plans = sim.run(&mut eng, &set(&[3, 4]), 5);
+    assert!(!writes_eks(&plans, "node-3"));
+    assert_eq!(sim.input.nodes["node-3"].conditions["NetworkingReady"], theirs);
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::False));
+    assert_eq!(
+        sim.input.nodes["node-4"].conditions["NetworkingReady"].status,
+        CondStatus::False
+    );
+    // Recovered: ours goes, theirs stays.
+    sim.run(&mut eng, &set(&[]), 8);
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
+    assert!(!sim.input.nodes["node-4"].conditions.contains_key("NetworkingReady"));
+    assert_eq!(sim.input.nodes["node-3"].conditions["NetworkingReady"], theirs);
+}
+
+/// A restarted engine does not take another manager's `NetworkingReady` for one it wrote.
+#[test]
+fn a_fresh_engine_does_not_adopt_another_managers_condition() {
+    let p = Policy {
+        mirror_eks: true,
+        ..Policy::default()
+    };
+    let mut sim = Sim::new(10, 5);
+    let v = sim.input.nodes.get_mut("node-1").expect("node");
+    v.conditions.insert(
+        "NetworkingReady".into(),
+        ObservedCondition {
+            status: CondStatus::True,
+            reason: "NetworkingHealthy".into(),
+            message: String::new(),
+            last_transition_ms: 1,
+        },
+    );
+    v.foreign_conditions.insert("NetworkingReady".into());
+    let mut eng = Engine::new(p);
+    sim.run(&mut eng, &set(&[]), 2);
+    let st = eng.node_state("node-1").expect("state");
+    assert!(!st.written.contains_key("NetworkingReady"), "{:?}", st.written);
+}
+
+// Issue 16 point 3: NodePool exclusion guardrails.
+
+/// One bad window on 3 of zone-a's 5 nodes makes them Suspect, not Degraded: no group verdict,
+/// no NodePool change.
+#[test]
+fn one_bad_window_on_most_of_a_zone_excludes_nothing() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 3);
+    assert_eq!(eng.settling(), Settling::Settled);
+    let mut plans = sim.run(&mut eng, &set(&[0, 1, 2]), 1);
+    assert_eq!(
+        eng.node_state("node-0").map(overall_phase),
+        Some(Phase::Suspect),
+        "the window was bad"
+    );
+    plans.extend(sim.run(&mut eng, &set(&[]), 5));
+    assert!(plans.iter().all(|pl| pl.verdicts.is_empty() && pl.pools.is_empty()));
+    assert_eq!(sim.count("NodePoolExcluded"), 0);
+    assert!(sim.input.pools["default"].snapshot.is_none());
+}
+
+/// Degraded nodes below `min_action_confidence` make no group verdict and no exclusion.
+#[test]
+fn exclusion_needs_degraded_nodes_with_action_confidence() {
+    let p = Policy {
+        min_action_confidence: 1.0,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert_eq!(sim.overall(&p, 0), Some(CondStatus::False), "degraded");
+    assert!(eng.node_state("node-0").is_some_and(|s| s.confidence() < 1.0));
+    assert!(eng.verdicts().is_empty(), "{:?}", eng.verdicts());
+    assert!(plans.iter().all(|pl| pl.pools.is_empty()));
+}
+
+/// The drift budget of an exclusion is `exclude_drift_budget`, at most the pool's blast radius
+/// allowance, and stated in the Event.
+#[test]
+fn exclusion_drift_budget_stays_within_the_blast_radius() {
+    let p = Policy {
+        exclude_drift_budget: 5,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    // 20% of the pool's 10 nodes.
+    let budget = serde_json::json!({"nodes": "2", "reasons": ["Drifted"]});
+    let snap = sim.input.pools["default"].snapshot.clone().expect("excluded");
+    assert_eq!(snap.added.budgets, vec![budget]);
+    let note = plans
+        .iter()
+        .flat_map(|pl| &pl.events)
+        .find(|e| e.reason == "NodePoolExcluded")
+        .map(|e| e.note.clone())
+        .expect("event");
+    assert!(note.contains("at most 2 NodeClaims"), "{note}");
+}
+
+/// A NodePool patch that failed after its snapshot was saved is tried again: the core compares
+/// the snapshot with the pool, not with what it planned.
+#[test]
+fn failed_pool_patch_is_retried() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.fail_pool_patches = true;
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    let not_in = |sim: &Sim| {
+        sim.input.pools["default"]
+            .requirements
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["operator"] == "NotIn"))
+    };
+    assert!(sim.input.pools["default"].snapshot.is_some(), "snapshot saved first");
+    assert!(!not_in(&sim), "the patch failed");
+    sim.fail_pool_patches = false;
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 1);
+    assert_eq!(plans[0].pools.len(), 1, "retried");
+    assert!(not_in(&sim));
+    // In effect now: nothing more to do, one action counted, one Event.
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 3);
+    assert!(plans.iter().all(|pl| pl.pools.is_empty()));
+    assert_eq!(sim.count("NodePoolExcluded"), 1);
+    // Recovery removes exactly what was added.
+    sim.run(&mut eng, &set(&[]), 10);
+    assert!(!not_in(&sim));
+    assert!(sim.input.pools["default"].snapshot.is_none());
+}
+
+/// A snapshot the shell refused (not ours alone, digest mismatch) leaves the pool alone, with
+/// one Event, whatever the verdicts say.
+#[test]
+fn refused_snapshot_leaves_the_pool_alone() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.input.pools.get_mut("default").expect("pool").snapshot_refused =
+        Some("written by \"kubectl-edit\" too, not by us alone".into());
+    sim.run(&mut eng, &set(&[]), 2);
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(eng.verdicts().contains(&(ZONE.to_string(), "zone-a".to_string())));
+    assert!(plans.iter().all(|pl| pl.pools.is_empty()));
+    assert_eq!(sim.count("NodePoolSnapshotRefused"), 1);
+    assert_eq!(sim.count("NodePoolExcluded"), 0);
+}
+
+/// A NodePool or NodeClaim read error holds back only the Karpenter part: conditions are written
+/// and taints removed; no restore on a view without the pools.
+#[test]
+fn karpenter_read_error_degrades_only_karpenter() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.run(&mut eng, &set(&[0, 1, 2, 7]), 8);
+    assert!(sim.input.pools["default"].snapshot.is_some());
+    assert_eq!(sim.tainted(), BTreeSet::from(["node-7".to_string()]));
+    let pools = std::mem::take(&mut sim.input.pools);
+    sim.input.pools_unreadable = true;
+    sim.input.claims_unreadable = true;
+    let plans = sim.run(&mut eng, &set(&[]), 10);
+    assert!(plans.iter().all(|pl| pl.pools.is_empty()));
+    assert!(sim.tainted().is_empty(), "untainted");
+    assert_eq!(sim.overall(&p, 7), Some(CondStatus::True));
+    // Readable again: the restore happens.
+    sim.input.pools = pools;
+    sim.input.pools_unreadable = false;
+    sim.input.claims_unreadable = false;
+    sim.run(&mut eng, &set(&[]), 1);
+    assert!(sim.input.pools["default"].snapshot.is_none());
+    assert_eq!(sim.count("NodePoolRestored"), 1);
+}
+
+/// A fresh engine whose first steps cannot read the pools still takes over the verdicts our
+/// snapshots record once it can: no restore of a zone that is still degraded.
+#[test]
+fn verdicts_are_taken_over_from_snapshots_once_readable() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(sim.input.pools["default"].snapshot.is_some());
+    let mut eng2 = Engine::new(p.clone());
+    let pools = std::mem::take(&mut sim.input.pools);
+    sim.input.pools_unreadable = true;
+    sim.run(&mut eng2, &set(&[0, 1, 2]), 2);
+    sim.input.pools = pools;
+    sim.input.pools_unreadable = false;
+    let plans = sim.run(&mut eng2, &set(&[0, 1, 2]), 3);
+    assert!(plans.iter().all(|pl| pl.pools.is_empty()), "kept excluded");
+    assert!(sim.input.pools["default"].snapshot.is_some());
+}
+
+/// Restoring removes only our entries: edits others made to the pool meanwhile stay.
+#[test]
+fn restore_keeps_edits_others_made_meanwhile() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    let theirs_req = serde_json::json!({"key": "example.com/team", "operator": "In", "values": ["a"]});
+    let theirs_budget = serde_json::json!({"nodes": "0", "schedule": "@daily", "duration": "1h"});
+    let pool = sim.input.pools.get_mut("default").expect("pool");
+    let mut expected_reqs =
+        vec![serde_json::json!({"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]})];
+    expected_reqs.push(theirs_req.clone());
+    pool.requirements.as_array_mut().expect("array").push(theirs_req);
+    pool.budgets.as_array_mut().expect("array").push(theirs_budget.clone());
+    sim.run(&mut eng, &set(&[]), 10);
+    let pool = &sim.input.pools["default"];
+    assert!(pool.snapshot.is_none());
+    assert_eq!(pool.requirements, serde_json::Value::Array(expected_reqs));
+    assert_eq!(pool.budgets, serde_json::json!([{"nodes": "10%"}, theirs_budget]));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Adding our entries and removing them again leaves the list as others left it, whatever
+    /// they had and added meanwhile, and never removes an equal entry that was theirs first.
+    #[test]
+    fn edit_list_removes_only_ours(
+        before in proptest::collection::vec(0u8..6, 0..6),
+        ours in proptest::collection::vec(0u8..6, 0..4),
+        meanwhile in proptest::collection::vec(0u8..6, 0..4),
+    ) {
+        let v = |xs: &[u8]| xs.iter().map(|x| serde_json::json!({"k": x})).collect::<Vec<_>>();
+        let before = v(&before);
+        let (with_ours, added) = edit_list(&serde_json::Value::Array(before.clone()), &[], &v(&ours));
+        for a in &added {
+            prop_assert!(!before.contains(a), "an entry already there is not ours");
+        }
+        let mut edited = with_ours;
+        edited.extend(v(&meanwhile));
+        let (restored, _) = edit_list(&serde_json::Value::Array(edited), &added, &[]);
+        let mut expected = before;
+        expected.extend(v(&meanwhile));
+        let sorted = |mut xs: Vec<serde_json::Value>| { xs.sort_by_key(ToString::to_string); xs };
+        prop_assert_eq!(sorted(restored), sorted(expected));
+    }
 }

@@ -181,6 +181,32 @@ pub fn condition(n: &Node, ty: &str) -> Option<String> {
         .map(|c| c.status.clone())
 }
 
+/// A Node condition as another controller would write it.
+pub fn cond(ty: &str, status: &str) -> serde_json::Value {
+    serde_json::json!({"type": ty, "status": status, "reason": "Test", "message": "test",
+           "lastTransitionTime": "2026-11-22T12:00:00Z", "lastHeartbeatTime": "2026-11-22T12:00:00Z"})
+}
+
+/// Applies `conds` to node i's status as `manager` (server-side apply, as the aggregator does).
+pub async fn apply_conditions(
+    cluster: &Cluster,
+    i: usize,
+    manager: &str,
+    conds: &[serde_json::Value],
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_name(i)},
+                      "status": {"conditions": conds}});
+    cluster
+        .nodes()
+        .patch_status(
+            &node_name(i),
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Polls `f` until it returns `Some`, failing after `secs` with `what`.
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
 where

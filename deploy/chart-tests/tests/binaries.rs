@@ -13,8 +13,8 @@ use graywatch_aggregator::{
     cluster::ClusterReader,
     config::FileConfig,
     core::{
-        engine::with_exclusions,
-        model::{CondStatus, PoolSnapshot},
+        karpenter::{exclusion_edits, with_exclusions},
+        model::{CondStatus, PoolEdits},
         plan::{
             ClaimDeletion, ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent, PoolChange,
             TaintChange,
@@ -291,10 +291,11 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
     )
     .await
     .context("the Node watch did not sync as the chart's ServiceAccount")?;
-    let input = reader
-        .read(0, BTreeMap::new(), 0)
-        .await
-        .context("reading NodePools, NodeClaims, snapshots")?;
+    let input = reader.read(0, BTreeMap::new(), 0).await;
+    assert!(
+        !input.pools_unreadable && !input.claims_unreadable,
+        "reading NodePools, NodeClaims, snapshots as the chart's ServiceAccount"
+    );
     assert!(input.nodes.contains_key(NODE), "{:?}", input.nodes.keys());
     // A new leader reads the actions taken before (our Events) as the chart's ServiceAccount.
     reader
@@ -349,11 +350,9 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
         }],
         pools: vec![PoolChange::Exclude {
             pool: "default".into(),
-            snapshot: PoolSnapshot {
-                requirements: original.clone(),
-                excluded: excluded.clone(),
-            },
-            requirements: with_exclusions(&original, &excluded),
+            excluded: excluded.clone(),
+            remove: PoolEdits::default(),
+            add: exclusion_edits(&excluded, 1),
         }],
         claim_deletions: vec![ClaimDeletion {
             node: NODE.into(),
@@ -374,18 +373,16 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
     let snapshot = Api::<ConfigMap>::namespaced(admin.clone(), "gw-direct")
         .get("graywatch-nodepool-default")
         .await?;
-    assert!(snapshot.data.is_some_and(|d| d.contains_key("requirements")));
+    assert!(snapshot.data.is_some_and(|d| d.contains_key("added")));
     assert!(
         claims.get_opt("default-x7k2p").await?.is_none(),
         "NodeClaim not deleted"
     );
     assert_eq!(node_events(&admin, "GrayFailureTaint").await?, 1);
     // The reader sees our snapshot (ConfigMap list) on the next step; then recovery.
-    let input = reader.read(0, BTreeMap::new(), 0).await?;
-    assert_eq!(
-        input.pools["default"].snapshot.as_ref().map(|s| &s.requirements),
-        Some(&original)
-    );
+    let input = reader.read(0, BTreeMap::new(), 0).await;
+    let snapshot = input.pools["default"].snapshot.clone().expect("our snapshot, verified");
+    assert_eq!(snapshot.excluded, excluded);
     let recover = Plan {
         conditions: vec![condition_write(CondStatus::True)],
         taints: vec![TaintChange {
@@ -394,7 +391,7 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
         }],
         pools: vec![PoolChange::Restore {
             pool: "default".into(),
-            requirements: original.clone(),
+            remove: snapshot.added,
         }],
         ..Plan::default()
     };
@@ -429,7 +426,7 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
     )
     .await?;
     assert!(
-        reader.read(0, BTreeMap::new(), 0).await?.pools.is_empty(),
+        reader.read(0, BTreeMap::new(), 0).await.pools.is_empty(),
         "Karpenter off: nothing listed"
     );
     let actuator = Actuator::new(agg.clone(), &cfg);
@@ -480,7 +477,7 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
     )
     .await?;
     assert!(
-        reader.read(0, BTreeMap::new(), 0).await?.pools.contains_key("default"),
+        reader.read(0, BTreeMap::new(), 0).await.pools.contains_key("default"),
         "dry-run reads NodePools"
     );
     let actuator = Actuator::new(agg.clone(), &cfg);
@@ -501,7 +498,11 @@ async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow:
         conditions: vec![condition_write(CondStatus::True)],
         pools: vec![PoolChange::Restore {
             pool: "default".into(),
-            requirements: json!([]),
+            // Something there to take out, so a patch is tried.
+            remove: PoolEdits {
+                requirements: original.as_array().cloned().unwrap_or_default(),
+                budgets: Vec::new(),
+            },
         }],
         ..Plan::default()
     };

@@ -1711,7 +1711,7 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         actuate::Actuator,
         cleanup::{self, CleanupArgs},
         config::FileConfig,
-        core::{engine::with_exclusions, model::PoolSnapshot, plan::PoolChange},
+        core::{karpenter::exclusion_edits, model::PoolEdits, plan::PoolChange},
     };
     let (server, admin, discovery) = apiserver_with_crds("cleanup").await?;
     let v = &DRY_RUN_KARPENTER;
@@ -1763,11 +1763,9 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
     Actuator::new(admin.clone(), &cfg)
         .change_pool(&PoolChange::Exclude {
             pool: "default".into(),
-            snapshot: PoolSnapshot {
-                requirements: reqs.clone(),
-                excluded: excluded.clone(),
-            },
-            requirements: with_exclusions(&reqs, &excluded),
+            excluded: excluded.clone(),
+            remove: PoolEdits::default(),
+            add: exclusion_edits(&excluded, 1),
         })
         .await?;
 

@@ -1,0 +1,245 @@
+//! The conditions phase of a step: the Node conditions each node's state calls for, written when
+//! they change (with an Event for the transitions that matter) or when a refresh is due.
+
+use std::collections::BTreeMap;
+
+use super::{
+    engine::{EKS_NETWORKING_CONDITION, StepCtx},
+    model::{CondStatus, Family, NodeView},
+    plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent},
+    policy::Policy,
+    state_machine::{FamilyState, NodeState, Phase},
+};
+
+/// Condition type names, built once per step.
+pub(super) struct ConditionTypes {
+    families: BTreeMap<Family, String>,
+    overall: String,
+}
+
+impl ConditionTypes {
+    pub(super) fn new(p: &Policy) -> Self {
+        Self {
+            families: Family::ALL.iter().map(|f| (*f, p.family_condition(*f))).collect(),
+            overall: p.overall_condition(),
+        }
+    }
+}
+
+fn reason_of(fs: &FamilyState) -> String {
+    reason_of_phase(fs.phase, fs)
+}
+
+fn reason_of_phase(phase: Phase, fs: &FamilyState) -> String {
+    match phase {
+        Phase::Healthy => "Healthy".into(),
+        Phase::Suspect => "Suspect".into(),
+        Phase::Degraded => "GrayFailure".into(),
+        Phase::Recovering => "Recovering".into(),
+        Phase::Unknown => fs.unknown_reason.as_str().into(),
+    }
+}
+
+/// The conditions `st` calls for on `view`'s Node. The EKS `NetworkingReady` (with
+/// `mirror_eks`) is never one another field manager writes (the EKS node monitoring agent's own
+/// verdict is not ours to overwrite), and is ours only while the network families are not
+/// healthy: we add our evidence to node repair, we do not vouch for the node.
+pub(super) fn desired_conditions(
+    st: &NodeState,
+    view: &NodeView,
+    p: &Policy,
+    types: &ConditionTypes,
+) -> Vec<DesiredCondition> {
+    let mut out = Vec::new();
+    for (f, fs) in &st.families {
+        let message = match fs.phase {
+            Phase::Unknown => fs.unknown_reason.message(p),
+            _ => fs.detail.clone(),
+        };
+        out.push(DesiredCondition {
+            type_: types.families.get(f).cloned().unwrap_or_else(|| p.family_condition(*f)),
+            status: fs.phase.status(),
+            reason: reason_of(fs),
+            message,
+            last_transition_ms: 0,
+        });
+    }
+    let overall = st.overall();
+    let (reason, message) = match overall {
+        Phase::Unknown => {
+            let r = st
+                .families
+                .values()
+                .next()
+                .map_or_else(|| "NoReport".to_string(), |f| f.unknown_reason.as_str().to_string());
+            (r, "no fresh data from the graywatch agent".to_string())
+        }
+        Phase::Healthy => ("Healthy".into(), "all reported families healthy".into()),
+        _ => (
+            reason_of_phase(overall, &FamilyState::new(overall)),
+            st.families
+                .iter()
+                .filter(|(_, fs)| fs.phase == overall)
+                .map(|(f, fs)| format!("{}: {}", f.as_str(), fs.detail))
+                .collect::<Vec<_>>()
+                .join(" | "),
+        ),
+    };
+    // An agent that loses kernel events measures less than happens: said in the message, never
+    // a verdict by itself.
+    let message = match &st.lost_events {
+        Some((kinds, _)) => {
+            format!("{message}; the agent is losing kernel events ({kinds}): its figures may undercount")
+        }
+        None => message,
+    };
+    out.push(DesiredCondition {
+        type_: types.overall.clone(),
+        status: overall.status(),
+        reason,
+        message,
+        last_transition_ms: 0,
+    });
+    if p.mirror_eks && !view.foreign_conditions.contains(EKS_NETWORKING_CONDITION) {
+        let net = [Family::NetworkLatency, Family::PacketLoss]
+            .iter()
+            .filter_map(|f| st.families.get(f))
+            .max_by_key(|f| f.phase);
+        if let Some(fs) = net.filter(|fs| fs.phase.status() == CondStatus::False) {
+            out.push(DesiredCondition {
+                type_: EKS_NETWORKING_CONDITION.into(),
+                status: CondStatus::False,
+                reason: reason_of(fs),
+                message: fs.detail.clone(),
+                last_transition_ms: 0,
+            });
+        }
+    }
+    out
+}
+
+/// The Event a change of the overall condition deserves: into False, out of False, and losing a
+/// known state. First sight and Unknown → True are routine.
+fn transition_event(prev: Option<CondStatus>, now: CondStatus) -> Option<(EventKind, &'static str)> {
+    match (prev, now) {
+        (_, CondStatus::False) => Some((EventKind::Warning, "GrayFailureDetected")),
+        (Some(CondStatus::False), CondStatus::True) => Some((EventKind::Normal, "GrayFailureCleared")),
+        (Some(CondStatus::True | CondStatus::False), CondStatus::Unknown) => {
+            Some((EventKind::Warning, "HealthUnknown"))
+        }
+        _ => None,
+    }
+}
+
+/// The conditions phase: plans a write per node whose conditions changed or are due a refresh.
+pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, plan: &mut Plan) {
+    let p = ctx.policy;
+    let types = ConditionTypes::new(p);
+    for (name, view) in &ctx.input.nodes {
+        let Some(st) = nodes.get_mut(name) else {
+            continue;
+        };
+        let desired = desired_conditions(st, view, p, &types);
+        // The lost-events note is news: written now, not at the next refresh.
+        let mut changed = st.lost_events.as_ref().map(|(k, _)| k) != st.lost_events_written.as_ref();
+        // A condition we wrote and no longer want (the EKS mirror after recovery, or once
+        // another manager writes it) goes with the next write.
+        changed |= st.written.keys().any(|ty| !desired.iter().any(|d| d.type_ == *ty));
+        for d in &desired {
+            let prev = st.written.get(&d.type_);
+            if prev.map(|(s, r)| (*s, r.as_str())) == Some((d.status, d.reason.as_str())) {
+                continue;
+            }
+            changed = true;
+            let prev_status = prev.map(|(s, _)| *s);
+            if d.type_ != types.overall || prev_status == Some(d.status) {
+                continue;
+            }
+            if let Some((kind, reason)) = transition_event(prev_status, d.status) {
+                plan.events.push(PlannedEvent {
+                    target: EventTarget::Node(name.clone()),
+                    kind,
+                    reason: reason.into(),
+                    action: "SetCondition".into(),
+                    note: format!("{} {}: {}", d.type_, d.status.as_str(), d.message),
+                });
+            }
+        }
+        // Unchanged: at most one write per refresh period (keeps the message figures fresh and
+        // repairs a condition someone else changed).
+        let refresh_due = st.last_write_ms.is_none_or(|t| ctx.now - t >= p.condition_refresh_ms);
+        if !(changed || refresh_due) {
+            continue;
+        }
+        let conditions = desired
+            .into_iter()
+            .map(|d| {
+                let keep = view.conditions.get(&d.type_).filter(|c| c.status == d.status);
+                DesiredCondition {
+                    last_transition_ms: keep.map_or(ctx.now, |c| c.last_transition_ms),
+                    ..d
+                }
+            })
+            .collect::<Vec<_>>();
+        st.written = conditions
+            .iter()
+            .map(|c| (c.type_.clone(), (c.status, c.reason.clone())))
+            .collect();
+        st.last_write_ms = Some(ctx.now);
+        st.lost_events_written = st.lost_events.as_ref().map(|(k, _)| k.clone());
+        if !p.dry_run {
+            plan.conditions.push(ConditionWrite {
+                node: name.clone(),
+                conditions,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_that_get_an_event() {
+        use CondStatus::{False, True, Unknown};
+        let reason = |prev, now| transition_event(prev, now).map(|(_, r)| r);
+        assert_eq!(reason(None, False), Some("GrayFailureDetected"));
+        assert_eq!(reason(Some(True), False), Some("GrayFailureDetected"));
+        assert_eq!(reason(Some(False), True), Some("GrayFailureCleared"));
+        assert_eq!(reason(Some(True), Unknown), Some("HealthUnknown"));
+        assert_eq!(reason(Some(False), Unknown), Some("HealthUnknown"));
+        assert_eq!(reason(None, True), None, "first sight is routine");
+        assert_eq!(reason(Some(Unknown), True), None);
+        assert_eq!(reason(None, Unknown), None);
+    }
+
+    /// `NetworkingReady`: ours only while the network families are not healthy, never another
+    /// manager's.
+    #[test]
+    fn networking_ready_only_while_degraded_and_never_anothers() {
+        let p = Policy {
+            mirror_eks: true,
+            ..Policy::default()
+        };
+        let types = ConditionTypes::new(&p);
+        let mut st = NodeState::from_view(&NodeView::default(), &p, 0);
+        let eks = |st: &NodeState, view: &NodeView| {
+            desired_conditions(st, view, &p, &types)
+                .into_iter()
+                .find(|c| c.type_ == EKS_NETWORKING_CONDITION)
+                .map(|c| c.status)
+        };
+        let mut view = NodeView::default();
+        for phase in [Phase::Healthy, Phase::Suspect, Phase::Unknown] {
+            st.families.get_mut(&Family::PacketLoss).expect("family").phase = phase;
+            assert_eq!(eks(&st, &view), None, "{phase:?}");
+        }
+        for phase in [Phase::Degraded, Phase::Recovering] {
+            st.families.get_mut(&Family::PacketLoss).expect("family").phase = phase;
+            assert_eq!(eks(&st, &view), Some(CondStatus::False), "{phase:?}");
+        }
+        view.foreign_conditions.insert(EKS_NETWORKING_CONDITION.into());
+        assert_eq!(eks(&st, &view), None, "another manager's");
+    }
+}

@@ -1,0 +1,567 @@
+//! Per node and family state machines, and the phase of a step that feeds them: each new window
+//! is scored (own detector, peer group, vantage) and advances its node's machines once.
+
+use std::collections::BTreeMap;
+
+use super::{
+    engine::{EKS_NETWORKING_CONDITION, StepCtx},
+    evidence::{self, AddressBook, VantageEvidence},
+    model::{CondStatus, Family, Millis, NodeReport, NodeView, WindowId},
+    plan::{EventKind, EventTarget, Plan, PlannedEvent},
+    policy::Policy,
+};
+
+/// Per node and family: Healthy → Suspect → Degraded → Recovering → Healthy; Unknown when stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    Unknown,
+    Healthy,
+    Suspect,
+    Recovering,
+    Degraded,
+}
+
+impl Phase {
+    /// Condition status with positive polarity (True = healthy).
+    #[must_use]
+    pub fn status(self) -> CondStatus {
+        match self {
+            Phase::Healthy | Phase::Suspect => CondStatus::True,
+            Phase::Degraded | Phase::Recovering => CondStatus::False,
+            Phase::Unknown => CondStatus::Unknown,
+        }
+    }
+
+    /// Not healthy (counts towards keeping a group verdict).
+    #[must_use]
+    pub fn is_unhealthy(self) -> bool {
+        matches!(self, Phase::Suspect | Phase::Degraded | Phase::Recovering)
+    }
+}
+
+/// Why a family is Unknown; also the condition reason then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownReason {
+    /// No report from the agent yet.
+    NoReport,
+    /// The agent's last report is older than `stale_after_ms`.
+    AgentStale,
+    /// The agent reports nothing for this family.
+    NoData,
+}
+
+impl UnknownReason {
+    /// The condition reason (CamelCase).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnknownReason::NoReport => "NoReport",
+            UnknownReason::AgentStale => "AgentStale",
+            UnknownReason::NoData => "NoData",
+        }
+    }
+
+    /// From a condition reason found on a Node (anything else: no report).
+    #[must_use]
+    pub fn from_reason(reason: &str) -> Self {
+        match reason {
+            "AgentStale" => UnknownReason::AgentStale,
+            "NoData" => UnknownReason::NoData,
+            _ => UnknownReason::NoReport,
+        }
+    }
+
+    /// The condition message.
+    #[must_use]
+    pub fn message(self, p: &Policy) -> String {
+        match self {
+            UnknownReason::AgentStale => format!("no report for more than {} s", p.stale_after_ms / 1000),
+            UnknownReason::NoData => "the agent reports no data for this family".into(),
+            UnknownReason::NoReport => "no report from the graywatch agent yet".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilyState {
+    pub phase: Phase,
+    pub bad_streak: u32,
+    pub good_streak: u32,
+    pub confidence: f64,
+    /// Human text with the numbers behind the last evaluation.
+    pub detail: String,
+    /// Why the phase is Unknown, if it is.
+    pub unknown_reason: UnknownReason,
+    /// Observers whose vantage evidence alone would make this family bad, without corroboration
+    /// by the node's own measurements or a majority of its traffic partners (empty = none). Such
+    /// evidence raises Suspect at most: no False condition, no action, no group verdict.
+    pub uncorroborated: Vec<String>,
+}
+
+impl FamilyState {
+    #[must_use]
+    pub fn new(phase: Phase) -> Self {
+        Self {
+            phase,
+            bad_streak: 0,
+            good_streak: 0,
+            confidence: 0.0,
+            detail: String::new(),
+            unknown_reason: UnknownReason::NoReport,
+            uncorroborated: Vec::new(),
+        }
+    }
+
+    fn unknown(reason: UnknownReason) -> Self {
+        Self {
+            unknown_reason: reason,
+            ..Self::new(Phase::Unknown)
+        }
+    }
+}
+
+/// One step of the state machine for a new window with confidence `conf`.
+pub fn advance(st: &mut FamilyState, conf: f64, p: &Policy) {
+    let bad = conf >= p.degrade_confidence;
+    let good = conf < p.recover_confidence;
+    st.confidence = conf;
+    if bad {
+        st.bad_streak = st.bad_streak.saturating_add(1);
+        st.good_streak = 0;
+    } else if good {
+        st.good_streak = st.good_streak.saturating_add(1);
+        st.bad_streak = 0;
+    } else {
+        // In the hysteresis band: neither streak grows, a bad run is broken.
+        st.bad_streak = 0;
+    }
+    st.phase = match st.phase {
+        Phase::Unknown | Phase::Healthy | Phase::Suspect if bad => {
+            if st.bad_streak >= p.degrade_windows {
+                Phase::Degraded
+            } else {
+                Phase::Suspect
+            }
+        }
+        Phase::Unknown | Phase::Healthy | Phase::Suspect => Phase::Healthy,
+        Phase::Degraded | Phase::Recovering if bad => Phase::Degraded,
+        Phase::Degraded | Phase::Recovering if good => {
+            if st.good_streak >= p.recover_windows {
+                Phase::Healthy
+            } else {
+                Phase::Recovering
+            }
+        }
+        // Hysteresis band: stay where we are.
+        Phase::Degraded => Phase::Degraded,
+        Phase::Recovering => Phase::Recovering,
+    };
+}
+
+/// Why an action on a node is held back, remembered to emit one Event per change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Suppressed {
+    /// Found degraded but untainted on start: a predecessor already announced why.
+    Inherited,
+    /// The guardrail that held it back, in words.
+    Held(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeState {
+    pub families: BTreeMap<Family, FamilyState>,
+    /// The last window evaluated.
+    pub last_window: Option<WindowId>,
+    /// When the aggregator received that window.
+    pub last_window_received_ms: Option<Millis>,
+    /// Consecutive windows with the overall phase Degraded.
+    pub degraded_windows: u32,
+    /// What we last wrote (or found on start), by condition type: (status, reason).
+    pub written: BTreeMap<String, (CondStatus, String)>,
+    pub last_write_ms: Option<Millis>,
+    /// The guardrail that last held back an action on this node.
+    pub suppressed: Option<Suppressed>,
+    /// Dry-run: whether we would have tainted it. Otherwise: the taint state we last planned,
+    /// trusted over the (possibly lagging) observed state for `INTENT_GRACE_MS` after planning.
+    pub shadow_tainted: bool,
+    pub taint_intent_ms: Option<Millis>,
+    pub claim_deleted: bool,
+    /// The kinds of kernel events the agent lost recently, and for how many more windows
+    /// without a loss the note stays (damped so an intermittent loss does not flap messages).
+    pub lost_events: Option<(String, u32)>,
+    /// The lost-events note last written to the conditions.
+    pub lost_events_written: Option<String>,
+}
+
+/// Windows the lost-events note stays on the conditions after the agent's last loss.
+pub const LOST_EVENTS_NOTE_WINDOWS: u32 = 60;
+
+impl NodeState {
+    /// A node first seen, from the conditions and taint already on it: a restarted or newly
+    /// elected aggregator neither flaps conditions nor repeats actions.
+    #[must_use]
+    pub fn from_view(view: &NodeView, p: &Policy, now: Millis) -> Self {
+        let mut families = BTreeMap::new();
+        let mut written = BTreeMap::new();
+        for f in Family::ALL {
+            let ty = p.family_condition(f);
+            let mut fs = match view.conditions.get(&ty) {
+                Some(c) => {
+                    written.insert(ty, (c.status, c.reason.clone()));
+                    let phase = match c.status {
+                        CondStatus::True => Phase::Healthy,
+                        // Keep a node we found degraded degraded until it recovers through hysteresis.
+                        CondStatus::False => Phase::Degraded,
+                        CondStatus::Unknown => Phase::Unknown,
+                    };
+                    FamilyState {
+                        unknown_reason: UnknownReason::from_reason(&c.reason),
+                        ..FamilyState::new(phase)
+                    }
+                }
+                None => FamilyState::new(Phase::Unknown),
+            };
+            if fs.phase == Phase::Degraded {
+                fs.bad_streak = p.degrade_windows;
+            }
+            families.insert(f, fs);
+        }
+        for ty in [p.overall_condition(), EKS_NETWORKING_CONDITION.to_string()] {
+            // Another manager's condition was never ours, whatever it says.
+            if view.foreign_conditions.contains(&ty) {
+                continue;
+            }
+            if let Some(c) = view.conditions.get(&ty) {
+                written.insert(ty, (c.status, c.reason.clone()));
+            }
+        }
+        let wrote_any = !written.is_empty();
+        let degraded = families.values().any(|f: &FamilyState| f.phase == Phase::Degraded);
+        NodeState {
+            families,
+            last_window: None,
+            last_window_received_ms: None,
+            degraded_windows: 0,
+            written,
+            // What is on the Node is as good as a write we just made: no rewrite on start.
+            last_write_ms: wrote_any.then_some(now),
+            suppressed: (degraded && !view.tainted).then_some(Suppressed::Inherited),
+            shadow_tainted: view.tainted,
+            taint_intent_ms: None,
+            claim_deleted: false,
+            lost_events: None,
+            lost_events_written: None,
+        }
+    }
+
+    /// Worst phase over the families that have data (Unknown if none has).
+    #[must_use]
+    pub fn overall(&self) -> Phase {
+        overall_phase(self)
+    }
+
+    /// The highest confidence of any family (what the node-level guardrails judge).
+    #[must_use]
+    pub fn confidence(&self) -> f64 {
+        self.families.values().map(|f| f.confidence).fold(0.0, f64::max)
+    }
+
+    /// Degraded (not merely Suspect or Recovering) with a Degraded family at or above `min`:
+    /// what a new group verdict needs.
+    #[must_use]
+    pub fn degraded_with_confidence(&self, min: f64) -> bool {
+        self.families
+            .values()
+            .any(|f| f.phase == Phase::Degraded && f.confidence >= min)
+    }
+
+    /// Unhealthy for keeping a group verdict: a family Suspect only on uncorroborated vantage
+    /// evidence does not count (other nodes' words must not hold a zone excluded either).
+    #[must_use]
+    pub fn counts_unhealthy(&self) -> bool {
+        self.families
+            .values()
+            .any(|f| f.phase.is_unhealthy() && (f.phase != Phase::Suspect || f.uncorroborated.is_empty()))
+    }
+}
+
+/// Worst phase over the families that have data (Unknown if none has).
+#[must_use]
+pub fn overall_phase(st: &NodeState) -> Phase {
+    st.families
+        .values()
+        .map(|f| f.phase)
+        .filter(|p| *p != Phase::Unknown)
+        .max()
+        .unwrap_or(Phase::Unknown)
+}
+
+pub(super) fn fmt_num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Peer groups and vantage evidence of one step, computed once over the fresh reports.
+struct Evidence {
+    groups: BTreeMap<(Family, Vec<String>), evidence::GroupStats>,
+    vantage: BTreeMap<Family, BTreeMap<String, VantageEvidence>>,
+}
+
+fn group_key(p: &Policy, v: &NodeView) -> Vec<String> {
+    p.peer_group_labels
+        .iter()
+        .map(|l| v.labels.get(l).cloned().unwrap_or_default())
+        .collect()
+}
+
+impl Evidence {
+    fn of(ctx: &StepCtx) -> Self {
+        let p = ctx.policy;
+        let mut groups: BTreeMap<(Family, Vec<String>), Vec<f64>> = BTreeMap::new();
+        for (n, r) in &ctx.fresh {
+            let Some(view) = ctx.input.nodes.get(*n) else {
+                continue;
+            };
+            for (f, v) in &r.figures {
+                if v.is_finite() {
+                    groups.entry((*f, group_key(p, view))).or_default().push(*v);
+                }
+            }
+        }
+        // Median and scale once per group (O(fleet log fleet) per step, not per node).
+        let groups = groups
+            .into_iter()
+            .filter_map(|(k, vals)| evidence::GroupStats::of(k.0, &vals).map(|g| (k, g)))
+            .collect();
+        let book = AddressBook::new(ctx.input.nodes.values());
+        let vantage = Family::ALL
+            .into_iter()
+            .filter(|f| f.has_vantage())
+            .map(|f| {
+                (
+                    f,
+                    evidence::vantage(f, &book, ctx.fresh.iter().map(|(n, r)| (*n, *r)), p.vantage_ratio),
+                )
+            })
+            .collect();
+        Self { groups, vantage }
+    }
+}
+
+/// The state machines' phase of a step: every node with a new window advances once; a node
+/// without a fresh report goes Unknown (after the start grace).
+pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, plan: &mut Plan) {
+    let ev = Evidence::of(ctx);
+    for (name, view) in &ctx.input.nodes {
+        let Some(st) = nodes.get_mut(name) else {
+            continue;
+        };
+        let Some(report) = ctx.fresh.get(name.as_str()) else {
+            go_unknown(st, name, ctx);
+            continue;
+        };
+        let window = report.window_id();
+        if st.last_window.as_ref() == Some(&window) {
+            continue;
+        }
+        st.last_window = Some(window);
+        st.last_window_received_ms = Some(report.received_ms);
+        note_lost_events(st, report);
+        for f in Family::ALL {
+            if let Some(fs) = st.families.get_mut(&f)
+                && let Some(event) = score_family(fs, f, name, view, report, &ev, ctx.policy)
+            {
+                plan.events.push(event);
+            }
+        }
+        if st.overall() == Phase::Degraded {
+            st.degraded_windows = st.degraded_windows.saturating_add(1);
+        } else {
+            st.degraded_windows = 0;
+        }
+    }
+}
+
+fn go_unknown(st: &mut NodeState, name: &str, ctx: &StepCtx) {
+    let reported = ctx.input.reports.contains_key(name);
+    // Just started and no report yet: keep what we found on the Node.
+    if !reported && ctx.now - ctx.started < ctx.policy.stale_after_ms {
+        return;
+    }
+    let reason = if reported {
+        UnknownReason::AgentStale
+    } else {
+        UnknownReason::NoReport
+    };
+    for fs in st.families.values_mut() {
+        *fs = FamilyState::unknown(reason);
+    }
+    st.degraded_windows = 0;
+}
+
+fn note_lost_events(st: &mut NodeState, report: &NodeReport) {
+    if report.lost_events.is_empty() {
+        st.lost_events = st
+            .lost_events
+            .take()
+            .and_then(|(kinds, left)| (left > 1).then(|| (kinds, left - 1)));
+    } else {
+        let kinds = report.lost_events.keys().cloned().collect::<Vec<_>>().join(", ");
+        st.lost_events = Some((kinds, LOST_EVENTS_NOTE_WINDOWS));
+    }
+}
+
+/// Scores one family of one new window and advances its machine; the Event announcing
+/// uncorroborated vantage evidence, if this window brings it.
+fn score_family(
+    fs: &mut FamilyState,
+    f: Family,
+    name: &str,
+    view: &NodeView,
+    report: &NodeReport,
+    ev: &Evidence,
+    p: &Policy,
+) -> Option<PlannedEvent> {
+    let figure = report.figures.get(&f).copied().filter(|v| v.is_finite());
+    let local = report.local.get(&f);
+    if figure.is_none() && local.is_none() {
+        *fs = FamilyState::unknown(UnknownReason::NoData);
+        return None;
+    }
+    let mut detail = Vec::new();
+    let local_score = local.map_or(0.0, |(s, r)| {
+        if *s > 0.0 {
+            detail.push(format!("local {} ({r})", fmt_num(*s)));
+        }
+        *s
+    });
+    let mut peer_score = 0.0;
+    if let Some(x) = figure
+        && let Some(g) = ev
+            .groups
+            .get(&(f, group_key(p, view)))
+            .filter(|g| g.n >= p.peer_min_group)
+    {
+        let z = g.z(x);
+        peer_score = evidence::ramp(z, p.peer_z_low, p.peer_z_high);
+        detail.push(format!(
+            "{} vs peer median {} (z {}, {} peers)",
+            fmt_num(x),
+            fmt_num(g.median),
+            fmt_num(z),
+            g.n
+        ));
+    }
+    // Vantage evidence counts only when corroborated: by the node's own measurements (its
+    // detector, its position in its peer group, or its own view of everyone) or by a strict
+    // majority of the nodes it reports traffic with. Other nodes' words alone raise Suspect at
+    // most.
+    let mut vantage_score = 0.0;
+    let mut raw_vantage = 0.0;
+    let mut observers_alone: Option<&VantageEvidence> = None;
+    if let Some(v) = ev.vantage.get(&f).and_then(|m| m.get(name)) {
+        raw_vantage = v.score(p.vantage_min_observers);
+        if v.observers > 0 {
+            detail.push(format!("{}/{} peers see it degraded", v.flagged, v.observers));
+        }
+        let own = local_score >= p.recover_confidence || peer_score > 0.0 || v.own_link_slow;
+        if own || v.majority_of_partners(p.vantage_min_observers) {
+            vantage_score = raw_vantage;
+        } else if raw_vantage > 0.0 {
+            observers_alone = Some(v);
+            detail.push(format!(
+                "not corroborated (own figures healthy, {} of its {} traffic partners agree)",
+                v.flagged_partners, v.partners
+            ));
+        }
+    }
+    let conf = evidence::combine(&[
+        (p.weight_local, local_score),
+        (p.weight_peer, peer_score),
+        (p.weight_vantage, vantage_score),
+    ]);
+    let raw_conf = evidence::combine(&[
+        (p.weight_local, local_score),
+        (p.weight_peer, peer_score),
+        (p.weight_vantage, raw_vantage),
+    ]);
+    advance(fs, conf, p);
+    fs.detail = format!("confidence {}: {}", fmt_num(conf), detail.join("; "));
+    let alone: Vec<String> = match observers_alone {
+        Some(v) if raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => v.flagged_by.clone(),
+        _ => Vec::new(),
+    };
+    let mut event = None;
+    if !alone.is_empty() {
+        if fs.phase == Phase::Healthy {
+            fs.phase = Phase::Suspect;
+        }
+        if fs.uncorroborated.is_empty() {
+            event = Some(PlannedEvent {
+                target: EventTarget::Node(name.to_string()),
+                kind: EventKind::Warning,
+                reason: "UncorroboratedVantage".into(),
+                action: "None".into(),
+                note: format!(
+                    "{}: {} report it degraded, but neither its own measurements nor a majority of its traffic partners agree: Suspect only, no action",
+                    f.as_str(),
+                    alone.join(", ")
+                ),
+            });
+        }
+    }
+    fs.uncorroborated = alone;
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::ObservedCondition;
+
+    #[test]
+    fn unknown_reasons_round_trip_through_condition_reasons() {
+        for r in [
+            UnknownReason::NoReport,
+            UnknownReason::AgentStale,
+            UnknownReason::NoData,
+        ] {
+            assert_eq!(UnknownReason::from_reason(r.as_str()), r);
+        }
+        assert_eq!(UnknownReason::from_reason("GrayFailure"), UnknownReason::NoReport);
+    }
+
+    /// A node found degraded and untainted: Degraded with a full bad streak, and the reason it
+    /// is untainted was announced by a predecessor; another manager's condition is not ours.
+    #[test]
+    fn a_node_is_taken_over_from_what_is_on_it() {
+        let p = Policy::default();
+        let found = |status| ObservedCondition {
+            status,
+            reason: "x".into(),
+            message: String::new(),
+            last_transition_ms: 0,
+        };
+        let mut view = NodeView::default();
+        view.conditions
+            .insert(p.family_condition(Family::PacketLoss), found(CondStatus::False));
+        view.conditions
+            .insert(p.family_condition(Family::CpuSteal), found(CondStatus::True));
+        view.conditions
+            .insert(EKS_NETWORKING_CONDITION.into(), found(CondStatus::False));
+        view.foreign_conditions.insert(EKS_NETWORKING_CONDITION.into());
+        let st = NodeState::from_view(&view, &p, 7);
+        assert_eq!(st.families[&Family::PacketLoss].phase, Phase::Degraded);
+        assert_eq!(st.families[&Family::PacketLoss].bad_streak, p.degrade_windows);
+        assert_eq!(st.families[&Family::CpuSteal].phase, Phase::Healthy);
+        assert_eq!(st.families[&Family::MemoryPressure].phase, Phase::Unknown);
+        assert_eq!(st.suppressed, Some(Suppressed::Inherited));
+        assert_eq!(st.last_write_ms, Some(7));
+        assert!(!st.written.contains_key(EKS_NETWORKING_CONDITION));
+        view.tainted = true;
+        assert_eq!(NodeState::from_view(&view, &p, 7).suppressed, None);
+    }
+}
