@@ -222,7 +222,7 @@ async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
 
     // The apiserver freezes (SIGSTOP: connections hang, nothing answers) for 60 s; the outage's
     // length is the scenario, not a synchronisation.
-    let pid = apiserver_pid(&cluster);
+    let pid = cluster.api.instance().apiserver_pid();
     signal(pid, "STOP");
     tokio::time::sleep(Duration::from_secs(60)).await;
     signal(pid, "CONT");
@@ -240,7 +240,7 @@ async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some(mut cluster) = Cluster::start(N, 5).await? else {
         return Ok(());
     };
     let history = History::record(&cluster);
@@ -252,9 +252,9 @@ async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
 
     // The apiserver process dies (connections refused) and comes back 60 s later with the same
     // etcd; the outage's length is the scenario, not a synchronisation.
-    let (exe, args) = kill_apiserver(&cluster);
+    cluster.api.instance_mut().kill_apiserver();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let _restarted = start_apiserver(&exe, &args);
+    cluster.api.instance_mut().restart_apiserver()?;
     eventually(90, "apiserver back", || async {
         cluster.nodes().list(&Default::default()).await.ok().map(|_| ())
     })

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use graywatch_k8s_testkit::TestApiserver;
+use graywatch_k8s_testkit::{NodeBuilder, TestApiserver};
 use graywatch_proto::{
     PROTOCOL_VERSION,
     v1::{Family, FamilyFigures, NodeIdentity, NodeSummary, PeerStats, Window, ingest_client::IngestClient},
@@ -20,14 +20,14 @@ use graywatch_proto::{
 use k8s_openapi::api::core::v1::{Event, Namespace, Node};
 use kube::{
     Api, Client,
-    api::{DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DynamicObject, ListParams, ObjectMeta, PostParams},
 };
 use tokio::sync::mpsc;
 
 pub const NS: &str = "graywatch";
 pub const TAINT: &str = "graywatch.io/degraded";
 pub const OVERALL: &str = "graywatch.io/Healthy";
-pub const ZONE: &str = "topology.kubernetes.io/zone";
+pub const ZONE: &str = graywatch_k8s_testkit::node::ZONE_LABEL;
 
 pub struct Cluster {
     pub api: TestApiserver,
@@ -63,25 +63,19 @@ impl Cluster {
             },
         )
         .await?;
-        let nodes: Api<Node> = Api::all(c.client.clone());
-        for i in 0..n {
-            let zone = format!("zone-{}", (b'a' + (i / per_zone) as u8) as char);
-            let node: Node = serde_json::from_value(serde_json::json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node_name(i), "labels": {
-                    ZONE: zone, "karpenter.sh/nodepool": "default", "node.kubernetes.io/instance-type": "m5.large"}},
-                "spec": {"podCIDR": format!("10.244.{i}.0/24"), "podCIDRs": [format!("10.244.{i}.0/24")]},
-            }))?;
-            nodes.create(&PostParams::default(), &node).await?;
-            // Play the kubelet: addresses and Ready live in status.
-            let status = serde_json::json!({"status": {
-                "addresses": [{"type": "InternalIP", "address": node_ip(i)}, {"type": "Hostname", "address": node_name(i)}],
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "test",
-                                "lastHeartbeatTime": "2026-11-22T12:00:00Z", "lastTransitionTime": "2026-11-22T12:00:00Z"}]}});
-            nodes
-                .patch_status(&node_name(i), &PatchParams::default(), &Patch::Merge(&status))
-                .await?;
-        }
+        let nodes: Vec<NodeBuilder> = (0..n)
+            .map(|i| {
+                let cidr = format!("10.244.{i}.0/24");
+                NodeBuilder::new(&node_name(i))
+                    .zone(&format!("zone-{}", (b'a' + (i / per_zone) as u8) as char))
+                    .nodepool("default")
+                    .instance_type("m5.large")
+                    .pod_cidr(&cidr)
+                    .internal_ip(&node_ip(i))
+                    .address("Hostname", &node_name(i))
+            })
+            .collect();
+        c.api.create_nodes(&nodes).await?;
         Ok(Some(c))
     }
 
@@ -200,6 +194,16 @@ where
     }
 }
 
+/// Waits until every node in `nodes` has our overall condition True.
+pub async fn all_true(cluster: &Cluster, nodes: impl IntoIterator<Item = usize>) {
+    for i in nodes {
+        eventually(60, &format!("node-{i} Healthy=True"), || async {
+            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
+    }
+}
+
 /// Test-speed config: short ticks, lease and stale timeout. Hysteresis stays in windows. The
 /// simulated agents are not authenticated, so acting modes need the loudly named override.
 pub fn config(extra_policy: &str) -> String {
@@ -232,6 +236,24 @@ impl Aggregator {
 
     /// Like [`Aggregator::spawn`] on given ports (a restart keeps its address).
     pub fn spawn_on(cluster: &Cluster, identity: &str, config_text: &str, grpc_port: u16, http_port: u16) -> Self {
+        Self::spawn_via(
+            &cluster.api.kubeconfig_path(),
+            identity,
+            config_text,
+            grpc_port,
+            http_port,
+        )
+    }
+
+    /// Like [`Aggregator::spawn_on`], talking to the apiserver through `kubeconfig` (e.g. a
+    /// proxy's).
+    pub fn spawn_via(
+        kubeconfig: &std::path::Path,
+        identity: &str,
+        config_text: &str,
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("graywatch-agg-{}-{identity}-{grpc_port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("config.toml");
@@ -243,7 +265,7 @@ impl Aggregator {
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--identity", identity])
-            .env("KUBECONFIG", cluster.api.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -351,6 +373,16 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn start(n: usize, endpoints: Vec<String>) -> Self {
+        Self::start_shaped(n, endpoints, |_, _, _| {})
+    }
+
+    /// Like [`Fleet::start`], with `shape(node, seq, window)` applied to every window before it
+    /// is sent (a test's own figures on top of the fleet's).
+    pub fn start_shaped(
+        n: usize,
+        endpoints: Vec<String>,
+        mut shape: impl FnMut(usize, u64, &mut NodeSummary) + Send + 'static,
+    ) -> Self {
         let state = Arc::new(Mutex::new(FleetState::default()));
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -364,6 +396,7 @@ impl Fleet {
                     if let Some((liars, victim)) = &cur.lies {
                         lie(&mut s, i, liars, *victim);
                     }
+                    shape(i, seq, &mut s);
                     for (e, ep) in endpoints.iter().enumerate() {
                         let key = (e, i);
                         let alive = match streams.get(&key) {
@@ -406,7 +439,9 @@ impl Drop for Fleet {
     }
 }
 
-async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
+/// A summary sender on a fresh ingest stream whose directives are drained (`None` when the
+/// aggregator cannot be reached).
+pub async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
     let mut client = IngestClient::connect(endpoint.to_string()).await.ok()?;
     let (tx, rx) = mpsc::channel(64);
     let mut resp = client
