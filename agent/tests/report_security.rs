@@ -19,7 +19,7 @@ use graywatch_agent::{
 use graywatch_k8s_testkit::{Pki, Usage};
 use graywatch_proto::{
     PROTOCOL_VERSION,
-    v1::{Ack, Directive, NodeIdentity, NodeSummary, Window, directive, ingest_server},
+    v1::{Ack, Directive, NodeSummary, directive, ingest_server},
 };
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -74,20 +74,10 @@ fn async_stream_once(f: impl std::future::Future<Output = Option<Directive>> + S
 }
 
 fn window(seq: u64) -> NodeSummary {
-    NodeSummary {
-        protocol_version: PROTOCOL_VERSION,
-        node: Some(NodeIdentity {
-            node_name: "n1".into(),
-            boot_id: "b".into(),
-            ..Default::default()
-        }),
-        window: Some(Window {
-            seq,
-            start_unix_ms: 0,
-            end_unix_ms: 1,
-        }),
-        ..Default::default()
-    }
+    graywatch_k8s_testkit::ReportBuilder::new("n1", seq)
+        .boot_id("b")
+        .window_ms(0, 1)
+        .build()
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {

@@ -1,7 +1,7 @@
 //! The one test kit: a real etcd + kube-apiserver per test, on loopback, killed on drop
 //! ([`TestApiserver`] with a kube client, [`Instance`] blocking), with options
-//! ([`ApiserverOptions`]: RBAC), the one certificate generator ([`Pki`]) and a Node builder
-//! ([`NodeBuilder`]).
+//! ([`ApiserverOptions`]: RBAC), the one certificate generator ([`Pki`]) and builders for Nodes
+//! ([`NodeBuilder`]) and agent reports ([`ReportBuilder`]).
 //!
 //! The apiserver is v1.20.2 built from Debian's `kubernetes` source package by
 //! `cargo xtask k8s build` and cached under `~/.cache/graywatch/k8s/v1.20.2/bin` (override with
@@ -21,11 +21,13 @@ mod client;
 mod launch;
 pub mod node;
 mod pki;
+mod report;
 #[cfg(feature = "client")]
 pub use client::TestApiserver;
 pub use launch::Instance;
 pub use node::NodeBuilder;
 pub use pki::{Pki, Usage};
+pub use report::ReportBuilder;
 
 /// The Kubernetes version the tests run against (the Debian bookworm source package).
 pub const K8S_VERSION: &str = "v1.20.2";

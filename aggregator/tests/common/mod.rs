@@ -12,11 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use graywatch_k8s_testkit::{NodeBuilder, TestApiserver};
-use graywatch_proto::{
-    PROTOCOL_VERSION,
-    v1::{Family, FamilyFigures, NodeIdentity, NodeSummary, PeerStats, Window, ingest_client::IngestClient},
-};
+use graywatch_k8s_testkit::{NodeBuilder, ReportBuilder, TestApiserver};
+use graywatch_proto::v1::{Family, NodeSummary, PeerStats, ingest_client::IngestClient};
 use k8s_openapi::api::core::v1::{Event, Namespace, Node};
 use kube::{
     Api, Client,
@@ -453,31 +450,33 @@ pub async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
     Some(tx)
 }
 
+/// An open ingest stream: the summary sender and the directives.
+pub type Stream = (
+    mpsc::Sender<NodeSummary>,
+    tonic::Streaming<graywatch_proto::v1::Directive>,
+);
+
 /// One raw ingest stream (real gRPC client): the summary sender and the directives, or the
 /// status that refused the stream.
-pub async fn open_stream(
-    endpoint: &str,
-) -> Result<
-    (
-        mpsc::Sender<NodeSummary>,
-        tonic::Streaming<graywatch_proto::v1::Directive>,
-    ),
-    tonic::Status,
-> {
+pub async fn open_stream(endpoint: &str) -> Result<Stream, tonic::Status> {
+    open_stream_with_token(endpoint, None).await
+}
+
+/// Like [`open_stream`], presenting `token` as `authorization: Bearer <token>`.
+pub async fn open_stream_with_token(endpoint: &str, token: Option<&str>) -> Result<Stream, tonic::Status> {
     let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
     let (tx, rx) = mpsc::channel(64);
-    let resp = client.report(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let resp = client.report(req).await?;
     Ok((tx, resp.into_inner()))
 }
 
 /// Sends `s` on an open stream; the acknowledged seq, or the status that ended the stream.
-pub async fn send_summary(
-    stream: &mut (
-        mpsc::Sender<NodeSummary>,
-        tonic::Streaming<graywatch_proto::v1::Directive>,
-    ),
-    s: NodeSummary,
-) -> Result<u64, tonic::Status> {
+pub async fn send_summary(stream: &mut Stream, s: NodeSummary) -> Result<u64, tonic::Status> {
     stream.0.send(s).await.unwrap();
     loop {
         match stream.1.message().await? {
@@ -512,7 +511,7 @@ pub fn lie(s: &mut NodeSummary, i: usize, liars: &BTreeSet<usize>, victim: usize
 /// links touching a bad node are slow and lossy.
 pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSummary {
     let slow = bad.contains(&i);
-    let peers = (0..n)
+    let peers: Vec<PeerStats> = (0..n)
         .filter(|j| *j != i)
         .map(|j| {
             let s = slow || bad.contains(&j);
@@ -531,46 +530,18 @@ pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSumma
             }
         })
         .collect();
-    NodeSummary {
-        protocol_version: PROTOCOL_VERSION,
-        node: Some(NodeIdentity {
-            node_name: node_name(i),
-            boot_id: "boot-1".into(),
-            addresses: vec![node_ip(i)],
-            agent_version: "test".into(),
-            // One incarnation per simulated agent for the whole test (see `AgentFleet::restart`).
-            agent_started_ns: 1,
-        }),
-        window: Some(Window {
-            seq,
-            start_unix_ms: 0,
-            end_unix_ms: 1000,
-        }),
-        families: vec![
-            FamilyFigures {
-                family: Family::NetworkLatency as i32,
-                value: if slow { 9000.0 } else { 300.0 + (i % 4) as f64 * 5.0 },
-                unit: "us".into(),
-                samples: 400,
-                ..Default::default()
-            },
-            FamilyFigures {
-                family: Family::PacketLoss as i32,
-                value: if slow { 6.0 } else { 0.05 },
-                unit: "%".into(),
-                samples: 2000,
-                ..Default::default()
-            },
-            FamilyFigures {
-                family: Family::CpuSteal as i32,
-                value: 0.3,
-                unit: "%".into(),
-                samples: 1,
-                ..Default::default()
-            },
-        ],
-        peers,
-        scores: vec![],
-        ..Default::default()
-    }
+    ReportBuilder::new(&node_name(i), seq)
+        .address(&node_ip(i))
+        // One incarnation per simulated agent for the whole test (see `AgentFleet::restart`).
+        .agent_started_ns(1)
+        .family(
+            Family::NetworkLatency,
+            if slow { 9000.0 } else { 300.0 + (i % 4) as f64 * 5.0 },
+            "us",
+            400,
+        )
+        .family(Family::PacketLoss, if slow { 6.0 } else { 0.05 }, "%", 2000)
+        .family(Family::CpuSteal, 0.3, "%", 1)
+        .peers(peers)
+        .build()
 }

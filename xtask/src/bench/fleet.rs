@@ -24,13 +24,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use graywatch_k8s_testkit as kit;
-use graywatch_proto::{
-    PROTOCOL_VERSION,
-    v1::{
-        Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Window, directive,
-        ingest_client::IngestClient,
-    },
-};
+use graywatch_proto::v1::{Family, NodeSummary, PeerStats, directive, ingest_client::IngestClient};
 use serde_json::{Value, json};
 
 use super::{
@@ -661,55 +655,31 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
         (Family::PacketLoss, 0.0005 + jitter * 0.0005, "ratio"),
         (Family::MemoryPressure, jitter * 0.5, "psi_some_avg10"),
     ];
-    NodeSummary {
-        protocol_version: PROTOCOL_VERSION,
-        node: Some(NodeIdentity {
-            node_name: node_name(i),
-            boot_id: format!("boot-{i}"),
-            addresses: vec![node_ip(i)],
-            agent_version: "bench".into(),
-            ..Default::default()
-        }),
-        window: Some(Window {
-            seq,
-            start_unix_ms: now_ms - 1000,
-            end_unix_ms: now_ms,
-        }),
-        families: families
-            .iter()
-            .map(|(family, value, unit)| FamilyFigures {
-                family: *family as i32,
-                value: *value,
-                unit: (*unit).into(),
-                samples: 1000,
-                hdr_histogram: Vec::new(),
-            })
-            .collect(),
-        peers: (1..=PEERS_PER_NODE)
-            .map(|k| {
-                let peer = (i + k * 37) % n.max(1);
-                PeerStats {
-                    remote_addr: node_ip(peer),
-                    rtt_samples: 200,
-                    rtt_p50_us: 180.0 + jitter * 40.0,
-                    rtt_p99_us: 300.0 + jitter * 100.0,
-                    rtt_hdr_histogram: Vec::new(),
-                    segments_out: 5000,
-                    retransmits: 2,
-                    ..Default::default()
-                }
-            })
-            .collect(),
-        scores: families
-            .iter()
-            .map(|(family, _, _)| LocalScore {
-                family: *family as i32,
-                score: 0.05 * jitter,
-                reason: "normal".into(),
-            })
-            .collect(),
-        ..Default::default()
-    }
+    let report = families.iter().fold(
+        kit::ReportBuilder::new(&node_name(i), seq)
+            .boot_id(&format!("boot-{i}"))
+            .address(&node_ip(i))
+            .agent_version("bench")
+            .window_ms(now_ms - 1000, now_ms),
+        |r, (family, value, unit)| {
+            r.family(*family, *value, unit, 1000)
+                .score(*family, 0.05 * jitter, "normal")
+        },
+    );
+    report
+        .peers((1..=PEERS_PER_NODE).map(|k| {
+            let peer = (i + k * 37) % n.max(1);
+            PeerStats {
+                remote_addr: node_ip(peer),
+                rtt_samples: 200,
+                rtt_p50_us: 180.0 + jitter * 40.0,
+                rtt_p99_us: 300.0 + jitter * 100.0,
+                segments_out: 5000,
+                retransmits: 2,
+                ..Default::default()
+            }
+        }))
+        .build()
 }
 
 #[cfg(test)]
