@@ -33,10 +33,7 @@ async fn leader_killed_follower_takes_over_without_duplicate_actions() -> anyhow
         (&mut b, &a)
     };
     dead.kill();
-    eventually(30, "survivor holds the lease", || async {
-        (cluster.lease_holder().await.as_deref() == Some(survivor.identity.as_str())).then_some(())
-    })
-    .await;
+    cluster.await_leader(survivor.identity.as_str()).await;
 
     // The new leader acts on recovery (so it is deciding), and repeats nothing it found done.
     fleet.set_bad(&[]);

@@ -12,13 +12,12 @@ mod common;
 use std::io::{Read, Write};
 
 use common::*;
-use graywatch_proto::v1::{NodeSummary, directive, ingest_client::IngestClient};
+use graywatch_proto::v1::ingest_client::IngestClient;
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Pod, ServiceAccount},
 };
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
-use tokio::sync::mpsc;
 use tonic::Code;
 
 const AUDIENCE: &str = "graywatch-test";

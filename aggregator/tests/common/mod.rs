@@ -150,6 +150,14 @@ impl Cluster {
             .count()
     }
 
+    /// Waits until `identity` holds the aggregator's Lease.
+    pub async fn await_leader(&self, identity: &str) {
+        eventually(60, &format!("{identity} holds the lease"), || async {
+            (self.lease_holder().await.as_deref() == Some(identity)).then_some(())
+        })
+        .await;
+    }
+
     pub async fn lease_holder(&self) -> Option<String> {
         let api: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(self.client.clone(), NS);
         api.get_opt("graywatch-aggregator")
