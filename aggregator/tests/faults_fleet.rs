@@ -77,14 +77,7 @@ async fn fleet_drained(fleet: &AgentFleet) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregator_killed_and_restarted_mid_fault() -> anyhow::Result<()> {
-    let Some(FaultScene {
-        cluster,
-        history,
-        port,
-        mut agg,
-        fleet,
-    }) = FaultScene::start(N).await?
-    else {
+    let Some((cluster, history, mut agg, fleet, port)) = start_fault_scene(N).await? else {
         return Ok(());
     };
     all_true(&cluster, 0..N).await;
@@ -111,14 +104,7 @@ async fn aggregator_killed_and_restarted_mid_fault() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_the_agents_disconnect_at_once() -> anyhow::Result<()> {
-    let Some(FaultScene {
-        cluster,
-        history,
-        port: _,
-        agg: _agg,
-        fleet,
-    }) = FaultScene::start(N).await?
-    else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
     all_true(&cluster, 0..N).await;
@@ -147,14 +133,7 @@ async fn half_the_agents_disconnect_at_once() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_agent_goes_unknown_then_replays() -> anyhow::Result<()> {
-    let Some(FaultScene {
-        cluster,
-        history,
-        port: _,
-        agg: _agg,
-        fleet,
-    }) = FaultScene::start(N).await?
-    else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
     all_true(&cluster, 0..N).await;
@@ -185,14 +164,7 @@ async fn partitioned_agent_goes_unknown_then_replays() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_skew_between_agents_and_aggregator() -> anyhow::Result<()> {
-    let Some(FaultScene {
-        cluster,
-        history,
-        port: _,
-        agg: _agg,
-        fleet,
-    }) = FaultScene::start(N).await?
-    else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
     // One agent an hour ahead, one an hour behind, one a day behind, from the start.
@@ -219,14 +191,7 @@ async fn clock_skew_between_agents_and_aggregator() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
-    let Some(FaultScene {
-        cluster,
-        history,
-        port: _,
-        agg: _agg,
-        fleet,
-    }) = FaultScene::start(N).await?
-    else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
     all_true(&cluster, 0..N).await;
@@ -249,14 +214,7 @@ async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
-    let Some(FaultScene {
-        mut cluster,
-        history,
-        port: _,
-        agg,
-        fleet,
-    }) = FaultScene::start(N).await?
-    else {
+    let Some((mut cluster, history, agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
     all_true(&cluster, 0..N).await;

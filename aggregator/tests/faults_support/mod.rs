@@ -29,33 +29,17 @@ use crate::common::{Aggregator, Cluster, OVERALL, TAINT, condition, node_name, s
 pub use crate::common::all_true;
 
 /// The start every fault test shares: `n` Nodes (5 per zone), a recorder of what the cluster
-/// showed, the aggregator `agg-0` on a fixed gRPC port and the agents (each behind its proxy).
-pub struct FaultScene {
-    pub cluster: Cluster,
-    pub history: History,
-    pub port: u16,
-    pub agg: AggProc,
-    pub fleet: AgentFleet,
-}
-
-impl FaultScene {
-    /// `None` only when the run asked to skip real-apiserver tests.
-    pub async fn start(n: usize) -> anyhow::Result<Option<Self>> {
-        let Some(cluster) = Cluster::start(n, 5).await? else {
-            return Ok(None);
-        };
-        let history = History::record(&cluster);
-        let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-        let agg = AggProc::spawn(&cluster, "agg-0", &crate::common::config(""), port);
-        let fleet = AgentFleet::start(n, agg.grpc).await;
-        Ok(Some(Self {
-            cluster,
-            history,
-            port,
-            agg,
-            fleet,
-        }))
-    }
+/// showed, the aggregator `agg-0` on a fixed gRPC port (the last value) and the agents, each
+/// behind its proxy. `None` only when the run asked to skip real-apiserver tests.
+pub async fn start_fault_scene(n: usize) -> anyhow::Result<Option<(Cluster, History, AggProc, AgentFleet, u16)>> {
+    let Some(cluster) = Cluster::start(n, 5).await? else {
+        return Ok(None);
+    };
+    let history = History::record(&cluster);
+    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
+    let agg = AggProc::spawn(&cluster, "agg-0", &crate::common::config(""), port);
+    let fleet = AgentFleet::start(n, agg.grpc).await;
+    Ok(Some((cluster, history, agg, fleet, port)))
 }
 
 /// The aggregator binary on a given gRPC port (where the agents look for it across a restart)
