@@ -434,29 +434,16 @@ mod tests {
     use std::{net::SocketAddr, pin::Pin, sync::atomic::AtomicUsize};
 
     use futures::{Stream, StreamExt};
-    use graywatch_proto::{
-        PROTOCOL_VERSION,
-        v1::{Ack, Directive, NodeIdentity, Window, ingest_server},
-    };
+    use graywatch_proto::v1::{Ack, Directive, ingest_server};
     use proptest::prelude::*;
 
     use super::*;
 
     fn window(seq: u64) -> NodeSummary {
-        NodeSummary {
-            protocol_version: PROTOCOL_VERSION,
-            node: Some(NodeIdentity {
-                node_name: "n1".into(),
-                boot_id: "b".into(),
-                ..Default::default()
-            }),
-            window: Some(Window {
-                seq,
-                start_unix_ms: 0,
-                end_unix_ms: 1,
-            }),
-            ..Default::default()
-        }
+        graywatch_k8s_testkit::ReportBuilder::new("n1", seq)
+            .boot_id("b")
+            .window_ms(0, 1)
+            .build()
     }
 
     #[test]

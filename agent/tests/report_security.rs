@@ -16,75 +16,18 @@ use graywatch_agent::{
     report::{ReportConfig, Reporter},
     stream_security::StreamSecurity,
 };
+use graywatch_k8s_testkit::{Pki, Usage};
 use graywatch_proto::{
     PROTOCOL_VERSION,
-    v1::{Ack, Directive, NodeIdentity, NodeSummary, Window, directive, ingest_server},
+    v1::{Ack, Directive, NodeSummary, directive, ingest_server},
 };
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+/// A CA and a server certificate for 127.0.0.1/localhost (the testkit's generator).
 fn gen_certs(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=gw-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=agg",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.crt",
-    ]);
+    let pki = Pki::create(dir, "/CN=gw-test-ca").unwrap();
+    pki.sign("server", "/CN=agg", Usage::Server, &["IP:127.0.0.1", "DNS:localhost"])
+        .unwrap();
 }
 
 /// Records the bearer of every stream and the seqs; acks each summary, then ends the stream.
@@ -131,20 +74,10 @@ fn async_stream_once(f: impl std::future::Future<Output = Option<Directive>> + S
 }
 
 fn window(seq: u64) -> NodeSummary {
-    NodeSummary {
-        protocol_version: PROTOCOL_VERSION,
-        node: Some(NodeIdentity {
-            node_name: "n1".into(),
-            boot_id: "b".into(),
-            ..Default::default()
-        }),
-        window: Some(Window {
-            seq,
-            start_unix_ms: 0,
-            end_unix_ms: 1,
-        }),
-        ..Default::default()
-    }
+    graywatch_k8s_testkit::ReportBuilder::new("n1", seq)
+        .boot_id("b")
+        .window_ms(0, 1)
+        .build()
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {

@@ -53,12 +53,7 @@ async fn events_go_to_the_configured_namespace() -> anyhow::Result<()> {
         &format!("event_namespace = \"{EVENTS_NS}\"\n{}", config("")),
     );
     let fleet = Fleet::start(10, vec![agg.endpoint()]);
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
     fleet.set_bad(&[3]);
     eventually(
         30,

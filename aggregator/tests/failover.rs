@@ -14,12 +14,7 @@ async fn leader_killed_follower_takes_over_without_duplicate_actions() -> anyhow
     // Agents report to both replicas (followers ingest too).
     let fleet = Fleet::start(10, vec![a.endpoint(), b.endpoint()]);
     let first = eventually(30, "a leader", || async { cluster.lease_holder().await }).await;
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
 
     fleet.set_bad(&[4]);
     eventually(40, "node-4 tainted", || async {
@@ -38,10 +33,7 @@ async fn leader_killed_follower_takes_over_without_duplicate_actions() -> anyhow
         (&mut b, &a)
     };
     dead.kill();
-    eventually(30, "survivor holds the lease", || async {
-        (cluster.lease_holder().await.as_deref() == Some(survivor.identity.as_str())).then_some(())
-    })
-    .await;
+    cluster.await_leader(survivor.identity.as_str()).await;
 
     // The new leader acts on recovery (so it is deciding), and repeats nothing it found done.
     fleet.set_bad(&[]);

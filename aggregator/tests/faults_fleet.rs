@@ -77,13 +77,9 @@ async fn fleet_drained(fleet: &AgentFleet) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregator_killed_and_restarted_mid_fault() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some((cluster, history, mut agg, fleet, port)) = start_fault_scene(N).await? else {
         return Ok(());
     };
-    let history = History::record(&cluster);
-    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-    let mut agg = AggProc::spawn(&cluster, "agg-0", &config(""), port);
-    let fleet = AgentFleet::start(N, agg.grpc).await;
     all_true(&cluster, 0..N).await;
     fault_on(&cluster, &fleet, 3).await;
     // The taint's audit Event is written after the taint; crash once both are there.
@@ -95,10 +91,7 @@ async fn aggregator_killed_and_restarted_mid_fault() -> anyhow::Result<()> {
     // Crash mid-fault; the agents keep measuring into their buffers.
     agg.kill();
     let mut agg = AggProc::spawn(&cluster, "agg-1", &config(""), port);
-    eventually(60, "the restarted aggregator leads", || async {
-        (cluster.lease_holder().await.as_deref() == Some("agg-1")).then_some(())
-    })
-    .await;
+    cluster.await_leader("agg-1").await;
     fleet_drained(&fleet).await;
     // The fault is still there: the new leader keeps the taint (no untaint/re-taint), and it
     // does decide: lifting the fault untaints.
@@ -111,13 +104,9 @@ async fn aggregator_killed_and_restarted_mid_fault() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_the_agents_disconnect_at_once() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
-    let history = History::record(&cluster);
-    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-    let _agg = AggProc::spawn(&cluster, "agg-0", &config(""), port);
-    let fleet = AgentFleet::start(N, port_addr(port)).await;
     all_true(&cluster, 0..N).await;
 
     // All of zone-a (nodes 0..5) at once: worst case for a group verdict.
@@ -144,13 +133,9 @@ async fn half_the_agents_disconnect_at_once() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_agent_goes_unknown_then_replays() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
-    let history = History::record(&cluster);
-    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-    let _agg = AggProc::spawn(&cluster, "agg-0", &config(""), port);
-    let fleet = AgentFleet::start(N, port_addr(port)).await;
     all_true(&cluster, 0..N).await;
     history.reset();
 
@@ -179,13 +164,9 @@ async fn partitioned_agent_goes_unknown_then_replays() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_skew_between_agents_and_aggregator() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
-    let history = History::record(&cluster);
-    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-    let _agg = AggProc::spawn(&cluster, "agg-0", &config(""), port);
-    let fleet = AgentFleet::start(N, port_addr(port)).await;
     // One agent an hour ahead, one an hour behind, one a day behind, from the start.
     fleet.set_skew(2, 3_600_000);
     fleet.set_skew(7, -3_600_000);
@@ -210,28 +191,21 @@ async fn clock_skew_between_agents_and_aggregator() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some((cluster, history, _agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
-    let history = History::record(&cluster);
-    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-    let agg = AggProc::spawn(&cluster, "agg-0", &config(""), port);
-    let fleet = AgentFleet::start(N, agg.grpc).await;
     all_true(&cluster, 0..N).await;
     fault_on(&cluster, &fleet, 3).await;
 
     // The apiserver freezes (SIGSTOP: connections hang, nothing answers) for 60 s; the outage's
     // length is the scenario, not a synchronisation.
-    let pid = apiserver_pid(&cluster);
+    let pid = cluster.api.instance().apiserver_pid();
     signal(pid, "STOP");
     tokio::time::sleep(Duration::from_secs(60)).await;
     signal(pid, "CONT");
 
     fleet_drained(&fleet).await;
-    eventually(60, "agg-0 leads again", || async {
-        (cluster.lease_holder().await.as_deref() == Some("agg-0")).then_some(())
-    })
-    .await;
+    cluster.await_leader("agg-0").await;
     fault_off(&cluster, &fleet, 3).await;
     assert_one_clean_episode(&cluster, 3).await;
     assert_only_acted_on(&history, &[3]);
@@ -240,21 +214,17 @@ async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
-    let Some(cluster) = Cluster::start(N, 5).await? else {
+    let Some((mut cluster, history, agg, fleet, _)) = start_fault_scene(N).await? else {
         return Ok(());
     };
-    let history = History::record(&cluster);
-    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
-    let agg = AggProc::spawn(&cluster, "agg-0", &config(""), port);
-    let fleet = AgentFleet::start(N, agg.grpc).await;
     all_true(&cluster, 0..N).await;
     fault_on(&cluster, &fleet, 3).await;
 
     // The apiserver process dies (connections refused) and comes back 60 s later with the same
     // etcd; the outage's length is the scenario, not a synchronisation.
-    let (exe, args) = kill_apiserver(&cluster);
+    cluster.api.instance_mut().kill_apiserver();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let _restarted = start_apiserver(&exe, &args);
+    cluster.api.instance_mut().restart_apiserver()?;
     eventually(90, "apiserver back", || async {
         cluster.nodes().list(&Default::default()).await.ok().map(|_| ())
     })
@@ -268,18 +238,11 @@ async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
     );
 
     fleet_drained(&fleet).await;
-    eventually(60, "agg-0 leads again", || async {
-        (cluster.lease_holder().await.as_deref() == Some("agg-0")).then_some(())
-    })
-    .await;
+    cluster.await_leader("agg-0").await;
     // Still tainted after the outage (nothing was undone), then decisions resume.
     assert!(cluster.tainted().await.contains(&node_name(3)));
     fault_off(&cluster, &fleet, 3).await;
     assert_one_clean_episode(&cluster, 3).await;
     assert_only_acted_on(&history, &[3]);
     Ok(())
-}
-
-fn port_addr(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }

@@ -4,26 +4,10 @@
 
 mod common;
 
-use std::{collections::BTreeSet, time::Duration};
-
 use common::*;
-use graywatch_proto::v1::{NodeSummary, ingest_client::IngestClient};
-use tokio::sync::mpsc;
 
 const N: usize = 4;
 const LOSING: usize = 2;
-
-async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
-    let mut client = IngestClient::connect(endpoint.to_string()).await.ok()?;
-    let (tx, rx) = mpsc::channel(64);
-    let mut resp = client
-        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .ok()?
-        .into_inner();
-    tokio::spawn(async move { while let Ok(Some(_)) = resp.message().await {} });
-    Some(tx)
-}
 
 fn overall_message(n: &k8s_openapi::api::core::v1::Node) -> Option<(String, String)> {
     let c = n
@@ -42,28 +26,10 @@ async fn a_node_whose_agent_loses_events_says_so_on_its_condition() -> anyhow::R
         return Ok(());
     };
     let agg = Aggregator::spawn(&cluster, "agg-0", &config(""));
-    let endpoint = agg.endpoint();
-    let fleet = tokio::spawn(async move {
-        let mut streams: Vec<Option<mpsc::Sender<NodeSummary>>> = vec![None; N];
-        for seq in 1u64.. {
-            for (i, stream) in streams.iter_mut().enumerate() {
-                let mut s = summary(i, N, seq, &BTreeSet::new());
-                // Cumulative since the agent started: node-2's agent loses events every window.
-                let lost = if i == LOSING { seq * 10 } else { 0 };
-                s.lost_events.insert("flow_map_full".into(), lost);
-                let sent = match stream {
-                    Some(tx) => tx.send(s.clone()).await.is_ok(),
-                    None => false,
-                };
-                if !sent {
-                    *stream = open(&endpoint).await;
-                    if let Some(tx) = stream {
-                        let _ = tx.send(s).await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
+    let _fleet = Fleet::start_shaped(N, vec![agg.endpoint()], |i, seq, s| {
+        // Cumulative since the agent started: node-2's agent loses events every window.
+        let lost = if i == LOSING { seq * 10 } else { 0 };
+        s.lost_events.insert("flow_map_full".into(), lost);
     });
 
     let (status, message) = eventually(30, "node-2's condition names the lost events", || async {
@@ -80,6 +46,5 @@ async fn a_node_whose_agent_loses_events_says_so_on_its_condition() -> anyhow::R
         assert_eq!(status, "True");
         assert!(!message.contains("losing"), "node-{i}: {message}");
     }
-    fleet.abort();
     Ok(())
 }

@@ -40,12 +40,7 @@ async fn sustained_degradation_replaces_the_nodeclaim() -> anyhow::Result<()> {
         &config("karpenter_replace = true\nreplace_after_windows = 6"),
     );
     let fleet = Fleet::start(10, vec![agg.endpoint()]);
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
     fleet.set_bad(&[7]);
     eventually(40, "claim-7 deleted", || async {
         claims.get_opt("claim-7").await.ok()?.is_none().then_some(())

@@ -56,12 +56,7 @@ async fn nrc_mode_writes_conditions_only_and_examples_are_valid() -> anyhow::Res
 
     let agg = Aggregator::spawn(&cluster, "agg-0", &config("taint_mode = \"nrc\"\nmirror_eks = true"));
     let fleet = Fleet::start(10, vec![agg.endpoint()]);
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
     // Healthy: the mirror adds evidence to node repair, it does not vouch for a node.
     assert_eq!(condition(&cluster.node(2).await, "NetworkingReady"), None);
     fleet.set_bad(&[2]);

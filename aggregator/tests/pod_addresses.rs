@@ -17,9 +17,8 @@ fn pod_ip(i: usize) -> String {
     format!("192.168.{}.17", 100 + i)
 }
 
-/// `summary` with every peer named by the remote node's pod IP, and this node's pod IP.
-fn pod_summary(i: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSummary {
-    let mut s = summary(i, N, seq, bad);
+/// Names every peer of node `i`'s window by the remote node's pod IP and adds this node's pod IP.
+fn to_pod_ips(i: usize, s: &mut NodeSummary) {
     let others: Vec<usize> = (0..N).filter(|j| *j != i).collect();
     for (peer, j) in s.peers.iter_mut().zip(others) {
         peer.remote_addr = pod_ip(j);
@@ -27,19 +26,6 @@ fn pod_summary(i: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSummary {
     s.pod_addresses = Some(PodAddresses {
         addresses: vec![pod_ip(i)],
     });
-    s
-}
-
-async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
-    let mut client = IngestClient::connect(endpoint.to_string()).await.ok()?;
-    let (tx, rx) = mpsc::channel(64);
-    let mut resp = client
-        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .ok()?
-        .into_inner();
-    tokio::spawn(async move { while let Ok(Some(_)) = resp.message().await {} });
-    Some(tx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,39 +34,10 @@ async fn peers_named_by_pod_ips_outside_any_pod_cidr_are_evidence_about_their_no
         return Ok(());
     };
     let agg = Aggregator::spawn(&cluster, "agg-0", &config(""));
-    let endpoint = agg.endpoint();
-    let bad = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let fleet_bad = bad.clone();
-    let fleet = tokio::spawn(async move {
-        let mut streams: Vec<Option<mpsc::Sender<NodeSummary>>> = vec![None; N];
-        for seq in 1u64.. {
-            let bad = fleet_bad.lock().map(|b| b.clone()).unwrap_or_default();
-            for (i, stream) in streams.iter_mut().enumerate() {
-                let s = pod_summary(i, seq, &bad);
-                let sent = match stream {
-                    Some(tx) => tx.send(s.clone()).await.is_ok(),
-                    None => false,
-                };
-                if !sent {
-                    *stream = open(&endpoint).await;
-                    if let Some(tx) = stream {
-                        let _ = tx.send(s).await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
-    });
+    let fleet = Fleet::start_shaped(N, vec![agg.endpoint()], |i, _, s| to_pod_ips(i, s));
 
-    for i in 0..N {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
-    if let Ok(mut b) = bad.lock() {
-        b.insert(3);
-    }
+    all_true(&cluster, 0..N).await;
+    fleet.set_bad(&[3]);
     let message = eventually(30, "node-3 NetworkLatencyHealthy=False", || async {
         let n = cluster.node(3).await;
         let c = n
@@ -102,7 +59,9 @@ async fn peers_named_by_pod_ips_outside_any_pod_cidr_are_evidence_about_their_no
     // entry, so the agents fold traffic to it into node-3's peer.
     let mut client = IngestClient::connect(agg.endpoint()).await?;
     let (tx, rx) = mpsc::channel(4);
-    tx.send(pod_summary(0, 1_000_000, &BTreeSet::new())).await?;
+    let mut own = summary(0, N, 1_000_000, &BTreeSet::new());
+    to_pod_ips(0, &mut own);
+    tx.send(own).await?;
     let mut directives = client
         .report(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
@@ -123,6 +82,6 @@ async fn peers_named_by_pod_ips_outside_any_pod_cidr_are_evidence_about_their_no
     assert!(entry.pod_cidrs.contains(&wanted), "{entry:?}");
     assert_eq!(entry.addresses, vec![node_ip(3)], "InternalIPs");
     drop(tx);
-    fleet.abort();
+    drop(fleet);
     Ok(())
 }

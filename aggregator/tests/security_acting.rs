@@ -34,10 +34,7 @@ async fn acting_without_identity_refuses_to_start_unless_loudly_allowed() -> any
     assert_eq!(cluster.lease_holder().await, None, "a refused aggregator never led");
     // Dry-run decides nothing: it may run unauthenticated.
     let _shadow = Aggregator::spawn(&cluster, "agg-shadow", &config_with_security("dry_run = true", ""));
-    eventually(30, "the dry-run aggregator leads", || async {
-        (cluster.lease_holder().await.as_deref() == Some("agg-shadow")).then_some(())
-    })
-    .await;
+    cluster.await_leader("agg-shadow").await;
     Ok(())
 }
 

@@ -12,13 +12,12 @@ mod common;
 use std::io::{Read, Write};
 
 use common::*;
-use graywatch_proto::v1::{NodeSummary, directive, ingest_client::IngestClient};
+use graywatch_proto::v1::ingest_client::IngestClient;
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Pod, ServiceAccount},
 };
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
-use tokio::sync::mpsc;
 use tonic::Code;
 
 const AUDIENCE: &str = "graywatch-test";
@@ -62,49 +61,6 @@ async fn token_with_lifetime(cluster: &Cluster, pod: &Pod, audience: &str, secs:
         .await
         .unwrap();
     out.status.unwrap().token
-}
-
-/// An open stream: the sender for summaries and the directive stream (or the refusal).
-async fn open(
-    endpoint: &str,
-    token: Option<&str>,
-) -> Result<
-    (
-        mpsc::Sender<NodeSummary>,
-        tonic::Streaming<graywatch_proto::v1::Directive>,
-    ),
-    tonic::Status,
-> {
-    let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
-    let (tx, rx) = mpsc::channel(64);
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let resp = client.report(req).await?;
-    Ok((tx, resp.into_inner()))
-}
-
-/// Sends `s` and returns the next ack seq, or the status that ended the stream.
-async fn send(
-    stream: &mut (
-        mpsc::Sender<NodeSummary>,
-        tonic::Streaming<graywatch_proto::v1::Directive>,
-    ),
-    s: NodeSummary,
-) -> Result<u64, tonic::Status> {
-    stream.0.send(s).await.unwrap();
-    loop {
-        match stream.1.message().await? {
-            Some(d) => {
-                if let Some(directive::Kind::Ack(a)) = d.kind {
-                    return Ok(a.seq);
-                }
-            }
-            None => panic!("stream ended without status"),
-        }
-    }
 }
 
 /// The aggregator's /metrics (its HTTP port is in the "listening" log line).
@@ -183,12 +139,17 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let none = Default::default();
 
     // The honest agent: its own node is accepted and acknowledged.
-    let mut honest = open(&ep, Some(&token_a)).await.expect("admitted");
-    assert_eq!(send(&mut honest, summary(0, 2, 1, &none)).await.expect("ack"), 1);
+    let mut honest = open_stream_with_token(&ep, Some(&token_a)).await.expect("admitted");
+    assert_eq!(
+        send_summary(&mut honest, summary(0, 2, 1, &none)).await.expect("ack"),
+        1
+    );
 
     // The same identity claiming node-1: PERMISSION_DENIED naming both nodes.
-    let mut liar = open(&ep, Some(&token_a)).await.expect("admitted");
-    let s = send(&mut liar, summary(1, 2, 1, &none)).await.expect_err("refused");
+    let mut liar = open_stream_with_token(&ep, Some(&token_a)).await.expect("admitted");
+    let s = send_summary(&mut liar, summary(1, 2, 1, &none))
+        .await
+        .expect_err("refused");
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     assert!(
         s.message().contains("\"node-1\"") && s.message().contains("\"node-0\""),
@@ -196,17 +157,24 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
         s.message()
     );
     // Also mid-stream: an admitted stream that switches to another node is cut off.
-    assert_eq!(send(&mut honest, summary(0, 2, 2, &none)).await.expect("ack"), 2);
-    let s = send(&mut honest, summary(1, 2, 3, &none)).await.expect_err("refused");
+    assert_eq!(
+        send_summary(&mut honest, summary(0, 2, 2, &none)).await.expect("ack"),
+        2
+    );
+    let s = send_summary(&mut honest, summary(1, 2, 3, &none))
+        .await
+        .expect_err("refused");
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
 
     // No token, a token for another audience, garbage: UNAUTHENTICATED.
-    let s = open(&ep, None).await.expect_err("no token");
+    let s = open_stream_with_token(&ep, None).await.expect_err("no token");
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     let other = token_for(&cluster, &pod_a, "some-other-audience").await;
-    let s = open(&ep, Some(&other)).await.expect_err("audience");
+    let s = open_stream_with_token(&ep, Some(&other)).await.expect_err("audience");
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
-    let s = open(&ep, Some("not-a-token")).await.expect_err("garbage");
+    let s = open_stream_with_token(&ep, Some("not-a-token"))
+        .await
+        .expect_err("garbage");
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
 
     // The pod is deleted: a token of it that was never reviewed admits no one. One reviewed
@@ -215,21 +183,25 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let pod_b = agent_pod(&cluster, "agent-b", &node_name(1)).await;
     let token_b = token_for(&cluster, &pod_b, AUDIENCE).await;
     let unused_b = token_with_lifetime(&cluster, &pod_b, AUDIENCE, 3000).await;
-    let mut ok_b = open(&ep, Some(&token_b)).await.expect("admitted");
-    assert_eq!(send(&mut ok_b, summary(1, 2, 1, &none)).await.expect("ack"), 1);
+    let mut ok_b = open_stream_with_token(&ep, Some(&token_b)).await.expect("admitted");
+    assert_eq!(send_summary(&mut ok_b, summary(1, 2, 1, &none)).await.expect("ack"), 1);
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), NS);
     pods.delete("agent-b", &DeleteParams::default().grace_period(0)).await?;
     eventually(30, "pod agent-b gone", || async {
         pods.get_opt("agent-b").await.unwrap().is_none().then_some(())
     })
     .await;
-    let s = open(&ep, Some(&unused_b)).await.expect_err("deleted pod");
+    let s = open_stream_with_token(&ep, Some(&unused_b))
+        .await
+        .expect_err("deleted pod");
     assert!(
         matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied),
         "{s:?}"
     );
-    let mut cached_b = open(&ep, Some(&token_b)).await.expect("cached review");
-    let s = send(&mut cached_b, summary(0, 2, 1, &none))
+    let mut cached_b = open_stream_with_token(&ep, Some(&token_b))
+        .await
+        .expect("cached review");
+    let s = send_summary(&mut cached_b, summary(0, 2, 1, &none))
         .await
         .expect_err("still bound to node-1");
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
@@ -292,23 +264,28 @@ async fn per_identity_stream_and_rate_limits() -> anyhow::Result<()> {
     let ep = agg.endpoint();
     let none = Default::default();
 
-    let mut first = open(&ep, Some(&token_a)).await.expect("admitted");
-    assert_eq!(send(&mut first, summary(0, 2, 1, &none)).await.expect("ack"), 1);
-    let s = open(&ep, Some(&token_a)).await.expect_err("second stream");
+    let mut first = open_stream_with_token(&ep, Some(&token_a)).await.expect("admitted");
+    assert_eq!(send_summary(&mut first, summary(0, 2, 1, &none)).await.expect("ack"), 1);
+    let s = open_stream_with_token(&ep, Some(&token_a))
+        .await
+        .expect_err("second stream");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("at most 1"), "{}", s.message());
 
-    assert_eq!(send(&mut first, summary(0, 2, 2, &none)).await.expect("ack"), 2);
-    assert_eq!(send(&mut first, summary(0, 2, 3, &none)).await.expect("ack"), 3);
-    let s = send(&mut first, summary(0, 2, 4, &none))
+    assert_eq!(send_summary(&mut first, summary(0, 2, 2, &none)).await.expect("ack"), 2);
+    assert_eq!(send_summary(&mut first, summary(0, 2, 3, &none)).await.expect("ack"), 3);
+    let s = send_summary(&mut first, summary(0, 2, 4, &none))
         .await
         .expect_err("over the burst");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("summaries"), "{}", s.message());
 
     // The first stream ended, so its slot is free again (but the bucket is still empty).
-    let mut again = eventually(30, "slot released", || async { open(&ep, Some(&token_a)).await.ok() }).await;
-    let s = send(&mut again, summary(0, 2, 5, &none))
+    let mut again = eventually(30, "slot released", || async {
+        open_stream_with_token(&ep, Some(&token_a)).await.ok()
+    })
+    .await;
+    let s = send_summary(&mut again, summary(0, 2, 5, &none))
         .await
         .expect_err("bucket shared across streams");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
@@ -359,12 +336,17 @@ async fn tokenless_streams_spend_no_review_budget_and_reviews_are_cached() -> an
     let none = Default::default();
 
     for _ in 0..20 {
-        let s = open(&ep, None).await.expect_err("no token");
+        let s = open_stream_with_token(&ep, None).await.expect_err("no token");
         assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     }
     for seq in 1..=6 {
-        let mut stream = open(&ep, Some(&token_a)).await.expect("the agent is admitted");
-        assert_eq!(send(&mut stream, summary(0, 2, seq, &none)).await.expect("ack"), seq);
+        let mut stream = open_stream_with_token(&ep, Some(&token_a))
+            .await
+            .expect("the agent is admitted");
+        assert_eq!(
+            send_summary(&mut stream, summary(0, 2, seq, &none)).await.expect("ack"),
+            seq
+        );
     }
     let m = metrics(&agg);
     assert_eq!(metric(&m, "graywatch_aggregator_token_reviews_total"), 1, "{m}");

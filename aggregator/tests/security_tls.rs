@@ -10,71 +10,28 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use graywatch_k8s_testkit::{Pki, Usage};
 use graywatch_proto::v1::{directive, ingest_client::IngestClient};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with
-/// `openssl` (as the testkit does for the apiserver).
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate (the testkit's
+/// generator).
 pub fn gen_certs(dir: &Path, ca_name: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let subj = format!("/CN={ca_name}");
-    run(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subj, "-keyout", "ca.key", "-out",
-        "ca.crt",
-    ]);
-    for (name, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:graywatch-aggregator\nextendedKeyUsage=serverAuth\n",
-        ),
-        (
-            "client",
-            "subjectAltName=DNS:graywatch-agent\nextendedKeyUsage=clientAuth\n",
-        ),
-    ] {
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN=graywatch-{name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.crt"),
-        ]);
-    }
+    let pki = Pki::create(dir, &format!("/CN={ca_name}")).unwrap();
+    pki.sign(
+        "server",
+        "/CN=graywatch-server",
+        Usage::Server,
+        &["IP:127.0.0.1", "DNS:localhost", "DNS:graywatch-aggregator"],
+    )
+    .unwrap();
+    pki.sign(
+        "client",
+        "/CN=graywatch-client",
+        Usage::Client,
+        &["DNS:graywatch-agent"],
+    )
+    .unwrap();
     dir.to_path_buf()
 }
 

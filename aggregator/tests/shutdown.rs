@@ -30,10 +30,7 @@ async fn sigterm_releases_the_lease_and_the_follower_continues() -> anyhow::Resu
     assert!(leader.log().contains("released the lease"), "{}", leader.log());
     // Open agent streams were ended by the server, not cut by the drain timeout.
     assert!(!leader.log().contains("did not drain"), "{}", leader.log());
-    eventually(30, "survivor holds the lease", || async {
-        (cluster.lease_holder().await.as_deref() == Some(survivor.identity.as_str())).then_some(())
-    })
-    .await;
+    cluster.await_leader(survivor.identity.as_str()).await;
     fleet.set_bad(&[]);
     eventually(40, "node-8 untainted", || async {
         cluster.tainted().await.is_empty().then_some(())

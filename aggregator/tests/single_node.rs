@@ -14,12 +14,7 @@ async fn one_degraded_node_gets_condition_event_and_taint_then_recovers() -> any
     let fleet = Fleet::start(10, vec![agg.endpoint()]);
 
     // Healthy fleet first: every node gets our conditions, True.
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
     let n = cluster.node(3).await;
     for fam in ["NetworkLatency", "PacketLoss", "CpuSteal"] {
         assert_eq!(

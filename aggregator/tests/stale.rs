@@ -11,12 +11,7 @@ async fn silent_agent_goes_unknown_never_false() -> anyhow::Result<()> {
     };
     let agg = Aggregator::spawn(&cluster, "agg-0", &config(""));
     let fleet = Fleet::start(10, vec![agg.endpoint()]);
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
     // node-6 stops reporting; the others now see its links as unreachable-slow too (worst case
     // for a false accusation): vantage evidence alone must not turn missing data into False.
     fleet.set_silent(&[6]);

@@ -19,10 +19,7 @@ async fn a_leader_with_a_hung_renew_stops_acting_before_the_standby_takes_over()
     let proxy = ApiProxy::start(&cluster).await;
     let [port_a, port_b, _] = graywatch_k8s_testkit::free_ports()?;
     let a = AggProc::spawn_via(&proxy.kubeconfig, "agg-a", &config(""), port_a);
-    eventually(30, "agg-a leads", || async {
-        (cluster.lease_holder().await.as_deref() == Some("agg-a")).then_some(())
-    })
-    .await;
+    cluster.await_leader("agg-a").await;
     let b = AggProc::spawn(&cluster, "agg-b", &config(""), port_b);
     let _fleet = Fleet::start(6, vec![format!("http://{}", a.grpc), format!("http://{}", b.grpc)]);
     faults_support::all_true(&cluster, 0..6).await;

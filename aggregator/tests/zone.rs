@@ -20,12 +20,7 @@ async fn zone_degradation_excludes_zone_within_a_drift_budget_and_restores_only_
     let original = cluster.with_nodepool().await?;
     let agg = Aggregator::spawn(&cluster, "agg-0", &config(""));
     let fleet = Fleet::start(10, vec![agg.endpoint()]);
-    for i in 0..10 {
-        eventually(30, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+    all_true(&cluster, 0..10).await;
 
     // 3 of the 5 nodes of zone-a.
     fleet.set_bad(&[0, 1, 2]);

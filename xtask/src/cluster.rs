@@ -57,9 +57,7 @@ const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// 1.20 mounts a Secret-based token unless this (beta in 1.21) is on; real clusters project it.
 const FEATURE_GATES: &str = "BoundServiceAccountTokenVolume=true";
 
-/// Same toolchain and version stamping as the kube-apiserver build in k8s.rs.
-const GO_BIN: &str = "/usr/lib/go-1.19/bin";
-const SRC_DIRNAME: &str = "kubernetes-1.20.2";
+/// Built from the kube-apiserver's source tree with the same toolchain (k8s.rs).
 const BUILT: [&str; 4] = ["kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy"];
 
 /// Start order; `down` stops them in reverse.
@@ -356,7 +354,7 @@ fn ensure_binaries(p: &Paths) -> anyhow::Result<()> {
     if BUILT.iter().all(|b| p.bin.join(b).exists()) {
         return Ok(());
     }
-    let src = kit::k8s_cache_dir().join("src").join(SRC_DIRNAME);
+    let src = crate::k8s::source_dir();
     if !src.join("Makefile").exists() {
         bail!(
             "the kubernetes source tree {} is gone; remove {} and run `cargo xtask k8s build` to fetch it again",
@@ -365,21 +363,8 @@ fn ensure_binaries(p: &Paths) -> anyhow::Result<()> {
         );
     }
     eprintln!("cluster: building kubelet, controller-manager, scheduler, kube-proxy (~2 min after the apiserver)");
-    let path = format!("{GO_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     let what: Vec<String> = BUILT.iter().map(|b| format!("cmd/{b}")).collect();
-    run_cmd(
-        Command::new("make")
-            .arg(format!("WHAT={}", what.join(" ")))
-            .current_dir(&src)
-            .env("PATH", path)
-            .env("CGO_ENABLED", "0")
-            .env("GOPROXY", "off")
-            .env("GOFLAGS", "")
-            .env("KUBE_GIT_VERSION", kit::K8S_VERSION)
-            .env("KUBE_GIT_MAJOR", "1")
-            .env("KUBE_GIT_MINOR", "20")
-            .env("KUBE_GIT_TREE_STATE", "clean"),
-    )?;
+    crate::k8s::make(&src, &what.join(" "))?;
     std::fs::create_dir_all(&p.bin)?;
     for b in BUILT {
         let built = src.join("_output/bin").join(b);
@@ -400,10 +385,7 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
     let work = p.images.join("pause-rootfs");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let src = kit::k8s_cache_dir()
-        .join("src")
-        .join(SRC_DIRNAME)
-        .join("build/pause/linux/pause.c");
+    let src = crate::k8s::source_dir().join("build/pause/linux/pause.c");
     run_cmd(
         Command::new("gcc")
             .args(["-Os", "-Wall", "-Werror", "-static", "-DVERSION=v3.4.1"])
@@ -633,90 +615,41 @@ fn apiserver_args(p: &Paths) -> Vec<String> {
 }
 
 /// A CA, the apiserver's serving certificate, one client certificate per component (their
-/// RBAC identities) and the ServiceAccount signing key, with Debian's openssl.
+/// RBAC identities) and the ServiceAccount signing key (the testkit's one generator).
 fn gen_pki(dir: &Path) -> anyhow::Result<()> {
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl")?;
-        if !out.status.success() {
-            bail!("openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
-    // P-256 keys: fast to generate, accepted by every component of 1.20.
-    const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-nodes",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=graywatch-cluster-ca",
-    ];
-    ca.extend(EC);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
-    openssl(&ca)?;
-    let apiserver_ext = format!(
-        "subjectAltName=IP:127.0.0.1,IP:{SERVICE_IP},IP:{NODE_IP},DNS:localhost,DNS:kubernetes,\
-         DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n\
-         extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-    );
-    let client_ext = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n";
+    let pki = kit::Pki::create(dir, "/CN=graywatch-cluster-ca")?;
+    let node_ip = format!("IP:{NODE_IP}");
+    let service_ip = format!("IP:{SERVICE_IP}");
+    pki.sign(
+        "apiserver",
+        "/CN=kube-apiserver",
+        kit::Usage::Server,
+        &[
+            "IP:127.0.0.1",
+            &service_ip,
+            &node_ip,
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+        ],
+    )?;
     let node_subject = format!("/O=system:nodes/CN=system:node:{NODE_NAME}");
-    let leaves: [(&str, &str, &str); 7] = [
-        ("apiserver", "/CN=kube-apiserver", &apiserver_ext),
-        ("admin", "/O=system:masters/CN=graywatch-admin", client_ext),
-        (
-            "kube-controller-manager",
-            "/CN=system:kube-controller-manager",
-            client_ext,
-        ),
-        ("kube-scheduler", "/CN=system:kube-scheduler", client_ext),
-        ("kube-proxy", "/CN=system:kube-proxy", client_ext),
-        ("kubelet", &node_subject, client_ext),
+    for (name, subject) in [
+        ("admin", "/O=system:masters/CN=graywatch-admin"),
+        ("kube-controller-manager", "/CN=system:kube-controller-manager"),
+        ("kube-scheduler", "/CN=system:kube-scheduler"),
+        ("kube-proxy", "/CN=system:kube-proxy"),
+        ("kubelet", &node_subject),
         (
             "apiserver-kubelet-client",
             "/O=system:masters/CN=kube-apiserver-kubelet-client",
-            client_ext,
         ),
-    ];
-    for (name, subject, ext) in leaves {
-        let (key, csr, crt, extfile) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-            format!("{name}.ext"),
-        );
-        let mut req = vec!["req", "-nodes", "-subj", subject];
-        req.extend(EC);
-        req.extend(["-keyout", &key, "-out", &csr]);
-        openssl(&req)?;
-        std::fs::write(dir.join(&extfile), ext)?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-extfile",
-            &extfile,
-            "-out",
-            &crt,
-        ])?;
+    ] {
+        pki.sign(name, subject, kit::Usage::Client, &[])?;
     }
-    openssl(&["genrsa", "-out", "sa.key", "2048"])?;
-    openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
-    Ok(())
+    pki.service_account_keys()
 }
 
 fn write_kubeconfig(p: &Paths, who: &str, cert: &str) -> anyhow::Result<()> {

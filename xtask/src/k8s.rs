@@ -84,21 +84,7 @@ pub fn ensure_apiserver() -> anyhow::Result<PathBuf> {
         "k8s: building kube-apiserver {} (about 4 min on 2 cores)",
         kit::K8S_VERSION
     );
-    let path = format!("{GO_BIN}:{}", std::env::var("PATH").unwrap_or_default());
-    run_cmd(
-        Command::new("make")
-            .arg("WHAT=cmd/kube-apiserver")
-            .current_dir(&src)
-            .env("PATH", path)
-            .env("CGO_ENABLED", "0")
-            .env("GOPROXY", "off")
-            .env("GOFLAGS", "")
-            // Version stamping like an upstream release (hack/lib/version.sh reads these without .git).
-            .env("KUBE_GIT_VERSION", kit::K8S_VERSION)
-            .env("KUBE_GIT_MAJOR", "1")
-            .env("KUBE_GIT_MINOR", "20")
-            .env("KUBE_GIT_TREE_STATE", "clean"),
-    )?;
+    make(&src, "cmd/kube-apiserver")?;
     let built = src.join("_output/bin/kube-apiserver");
     let parent = bin.parent().context("binary path has no parent")?;
     std::fs::create_dir_all(parent)?;
@@ -108,6 +94,30 @@ pub fn ensure_apiserver() -> anyhow::Result<PathBuf> {
     std::fs::rename(&tmp, &bin)?;
     run_cmd(Command::new(&bin).arg("--version"))?;
     Ok(bin)
+}
+
+/// The prepared kubernetes source tree (kept after the apiserver build for the cluster's).
+pub fn source_dir() -> PathBuf {
+    kit::k8s_cache_dir().join("src").join(SRC_DIRNAME)
+}
+
+/// `make WHAT=<what>` in the prepared source tree with Debian's Go 1.19, offline.
+pub fn make(src: &Path, what: &str) -> anyhow::Result<()> {
+    let path = format!("{GO_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    run_cmd(
+        Command::new("make")
+            .arg(format!("WHAT={what}"))
+            .current_dir(src)
+            .env("PATH", path)
+            .env("CGO_ENABLED", "0")
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "")
+            // Version stamping like an upstream release (hack/lib/version.sh reads these without .git).
+            .env("KUBE_GIT_VERSION", kit::K8S_VERSION)
+            .env("KUBE_GIT_MAJOR", "1")
+            .env("KUBE_GIT_MINOR", "20")
+            .env("KUBE_GIT_TREE_STATE", "clean"),
+    )
 }
 
 fn ensure_build_packages() -> anyhow::Result<()> {
@@ -240,7 +250,7 @@ fn run_dir() -> PathBuf {
 }
 
 fn start() -> anyhow::Result<()> {
-    let bin = ensure_apiserver()?;
+    ensure_apiserver()?;
     let dir = run_dir();
     if dir.join("kube-apiserver.pid").exists() {
         bail!(
@@ -248,44 +258,21 @@ fn start() -> anyhow::Result<()> {
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir.join("pki"))?;
-    if !dir.join("pki/apiserver.crt").exists() {
-        kit::gen_pki(&dir.join("pki"))?;
-    }
-    kit::write_kubeconfig(&dir, API_PORT)?;
-    let etcd = kit::spawn_logged(
-        Command::new(kit::etcd_binary()).args(kit::etcd_args(&dir, ETCD_PORT, ETCD_PEER_PORT)),
-        &dir.join("etcd.log"),
+    let mut instance = kit::Instance::start_in(
+        &dir,
+        [API_PORT, ETCD_PORT, ETCD_PEER_PORT],
+        &kit::ApiserverOptions::default(),
     )?;
-    std::fs::write(dir.join("etcd.pid"), etcd.id().to_string())?;
-    let api = kit::spawn_logged(
-        Command::new(&bin).args(kit::apiserver_args(&dir, API_PORT, ETCD_PORT)),
-        &dir.join("kube-apiserver.log"),
-    )?;
-    std::fs::write(dir.join("kube-apiserver.pid"), api.id().to_string())?;
     let t0 = Instant::now();
-    let ca = dir.join("pki/ca.crt");
-    loop {
-        let ok = Command::new("curl")
-            .args(["-fsS", "--cacert"])
-            .arg(&ca)
-            .args(["-H", &format!("Authorization: Bearer {}", kit::TOKEN)])
-            .arg(format!("https://127.0.0.1:{API_PORT}/readyz"))
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"ok"));
-        if ok {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(90) {
-            stop()?;
-            bail!(
-                "apiserver not ready within 90 s; see {}",
-                dir.join("kube-apiserver.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(e) = instance.wait_ready() {
+        drop(instance);
+        let _ = std::fs::remove_dir_all(dir.join("etcd-data"));
+        return Err(e);
     }
     eprintln!("k8s: apiserver ready in {} ms", t0.elapsed().as_millis());
+    let [etcd, api] = instance.detach();
+    std::fs::write(dir.join("etcd.pid"), etcd.to_string())?;
+    std::fs::write(dir.join("kube-apiserver.pid"), api.to_string())?;
     println!("export KUBECONFIG={}", dir.join("kubeconfig").display());
     Ok(())
 }

@@ -1,4 +1,7 @@
-//! A real etcd + kube-apiserver per test, on loopback, killed on drop.
+//! The one test kit: a real etcd + kube-apiserver per test, on loopback, killed on drop
+//! ([`TestApiserver`] with a kube client, [`Instance`] blocking), with options
+//! ([`ApiserverOptions`]: RBAC), the one certificate generator ([`Pki`]) and builders for Nodes
+//! ([`NodeBuilder`]) and agent reports ([`ReportBuilder`]).
 //!
 //! The apiserver is v1.20.2 built from Debian's `kubernetes` source package by
 //! `cargo xtask k8s build` and cached under `~/.cache/graywatch/k8s/v1.20.2/bin` (override with
@@ -13,12 +16,18 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use anyhow::{Context, bail};
-
 #[cfg(feature = "client")]
-mod instance;
+mod client;
+mod launch;
+pub mod node;
+mod pki;
+mod report;
 #[cfg(feature = "client")]
-pub use instance::TestApiserver;
+pub use client::TestApiserver;
+pub use launch::Instance;
+pub use node::NodeBuilder;
+pub use pki::{Pki, Usage};
+pub use report::ReportBuilder;
 
 /// The Kubernetes version the tests run against (the Debian bookworm source package).
 pub const K8S_VERSION: &str = "v1.20.2";
@@ -78,11 +87,29 @@ pub fn etcd_args(dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
     ]
 }
 
-/// The kube-apiserver command line (static token, AlwaysAllow, no controllers).
+/// How a test apiserver is set up beyond the common command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApiserverOptions {
+    /// `--authorization-mode=RBAC` instead of AlwaysAllow: requests are checked against the
+    /// bootstrap roles and whatever the test creates (e.g. a chart's ServiceAccount roles).
+    pub rbac: bool,
+}
+
+impl ApiserverOptions {
+    /// RBAC authorization (see [`ApiserverOptions::rbac`]).
+    #[must_use]
+    pub fn rbac() -> Self {
+        Self { rbac: true }
+    }
+}
+
+/// The kube-apiserver command line (static token, no controllers; AlwaysAllow unless `opts`
+/// asks for RBAC).
 #[must_use]
-pub fn apiserver_args(dir: &Path, port: u16, etcd_port: u16) -> Vec<String> {
+pub fn apiserver_args(dir: &Path, port: u16, etcd_port: u16, opts: &ApiserverOptions) -> Vec<String> {
     let pki = dir.join("pki");
     let p = |f: &str| pki.join(f).display().to_string();
+    let authorization = if opts.rbac { "RBAC" } else { "AlwaysAllow" };
     vec![
         format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
         "--bind-address=127.0.0.1".into(),
@@ -93,7 +120,7 @@ pub fn apiserver_args(dir: &Path, port: u16, etcd_port: u16) -> Vec<String> {
         format!("--tls-private-key-file={}", p("apiserver.key")),
         format!("--client-ca-file={}", p("ca.crt")),
         format!("--token-auth-file={}", p("tokens.csv")),
-        "--authorization-mode=AlwaysAllow".into(),
+        format!("--authorization-mode={authorization}"),
         "--service-account-issuer=https://kubernetes.default.svc".into(),
         format!("--service-account-key-file={}", p("sa.pub")),
         format!("--service-account-signing-key-file={}", p("sa.key")),
@@ -104,70 +131,17 @@ pub fn apiserver_args(dir: &Path, port: u16, etcd_port: u16) -> Vec<String> {
     ]
 }
 
-/// A self-signed CA, a serving certificate for 127.0.0.1/localhost, a service-account key pair
-/// and the static token file, made with Debian's `openssl`.
+/// A CA, a serving certificate for 127.0.0.1/localhost, a service-account key pair and the
+/// static token file (one [`Pki`]).
 pub fn gen_pki(pki: &Path) -> anyhow::Result<()> {
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(pki)
-            .output()
-            .context("running openssl (Debian package `openssl`)")?;
-        if !out.status.success() {
-            bail!("openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "3650",
-        "-subj",
-        "/CN=graywatch-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ])?;
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+    let ca = Pki::create(pki, "/CN=graywatch-test-ca")?;
+    ca.sign(
+        "apiserver",
         "/CN=kube-apiserver",
-        "-keyout",
-        "apiserver.key",
-        "-out",
-        "apiserver.csr",
-    ])?;
-    std::fs::write(
-        pki.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes\nextendedKeyUsage=serverAuth\n",
+        Usage::Server,
+        &["IP:127.0.0.1", "DNS:localhost", "DNS:kubernetes"],
     )?;
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "apiserver.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "3650",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "apiserver.crt",
-    ])?;
-    run(&["genrsa", "-out", "sa.key", "2048"])?;
-    run(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    ca.service_account_keys()?;
     std::fs::write(
         pki.join("tokens.csv"),
         format!("{TOKEN},admin,admin-uid,system:masters\n"),

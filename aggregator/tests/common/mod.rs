@@ -12,22 +12,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use graywatch_k8s_testkit::TestApiserver;
-use graywatch_proto::{
-    PROTOCOL_VERSION,
-    v1::{Family, FamilyFigures, NodeIdentity, NodeSummary, PeerStats, Window, ingest_client::IngestClient},
-};
+use graywatch_k8s_testkit::{NodeBuilder, ReportBuilder, TestApiserver};
+use graywatch_proto::v1::{Family, NodeSummary, PeerStats, ingest_client::IngestClient};
 use k8s_openapi::api::core::v1::{Event, Namespace, Node};
 use kube::{
     Api, Client,
-    api::{DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DynamicObject, ListParams, ObjectMeta, PostParams},
 };
 use tokio::sync::mpsc;
 
 pub const NS: &str = "graywatch";
 pub const TAINT: &str = "graywatch.io/degraded";
 pub const OVERALL: &str = "graywatch.io/Healthy";
-pub const ZONE: &str = "topology.kubernetes.io/zone";
+pub const ZONE: &str = graywatch_k8s_testkit::node::ZONE_LABEL;
 
 pub struct Cluster {
     pub api: TestApiserver,
@@ -63,25 +60,19 @@ impl Cluster {
             },
         )
         .await?;
-        let nodes: Api<Node> = Api::all(c.client.clone());
-        for i in 0..n {
-            let zone = format!("zone-{}", (b'a' + (i / per_zone) as u8) as char);
-            let node: Node = serde_json::from_value(serde_json::json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node_name(i), "labels": {
-                    ZONE: zone, "karpenter.sh/nodepool": "default", "node.kubernetes.io/instance-type": "m5.large"}},
-                "spec": {"podCIDR": format!("10.244.{i}.0/24"), "podCIDRs": [format!("10.244.{i}.0/24")]},
-            }))?;
-            nodes.create(&PostParams::default(), &node).await?;
-            // Play the kubelet: addresses and Ready live in status.
-            let status = serde_json::json!({"status": {
-                "addresses": [{"type": "InternalIP", "address": node_ip(i)}, {"type": "Hostname", "address": node_name(i)}],
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "test",
-                                "lastHeartbeatTime": "2026-11-22T12:00:00Z", "lastTransitionTime": "2026-11-22T12:00:00Z"}]}});
-            nodes
-                .patch_status(&node_name(i), &PatchParams::default(), &Patch::Merge(&status))
-                .await?;
-        }
+        let nodes: Vec<NodeBuilder> = (0..n)
+            .map(|i| {
+                let cidr = format!("10.244.{i}.0/24");
+                NodeBuilder::new(&node_name(i))
+                    .zone(&format!("zone-{}", (b'a' + (i / per_zone) as u8) as char))
+                    .nodepool("default")
+                    .instance_type("m5.large")
+                    .pod_cidr(&cidr)
+                    .internal_ip(&node_ip(i))
+                    .address("Hostname", &node_name(i))
+            })
+            .collect();
+        c.api.create_nodes(&nodes).await?;
         Ok(Some(c))
     }
 
@@ -159,6 +150,14 @@ impl Cluster {
             .count()
     }
 
+    /// Waits until `identity` holds the aggregator's Lease.
+    pub async fn await_leader(&self, identity: &str) {
+        eventually(60, &format!("{identity} holds the lease"), || async {
+            (self.lease_holder().await.as_deref() == Some(identity)).then_some(())
+        })
+        .await;
+    }
+
     pub async fn lease_holder(&self) -> Option<String> {
         let api: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(self.client.clone(), NS);
         api.get_opt("graywatch-aggregator")
@@ -226,6 +225,16 @@ where
     }
 }
 
+/// Waits until every node in `nodes` has our overall condition True.
+pub async fn all_true(cluster: &Cluster, nodes: impl IntoIterator<Item = usize>) {
+    for i in nodes {
+        eventually(60, &format!("node-{i} Healthy=True"), || async {
+            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
+        })
+        .await;
+    }
+}
+
 /// Test-speed config: short ticks, lease and stale timeout. Hysteresis stays in windows. The
 /// simulated agents are not authenticated, so acting modes need the loudly named override.
 pub fn config(extra_policy: &str) -> String {
@@ -258,6 +267,24 @@ impl Aggregator {
 
     /// Like [`Aggregator::spawn`] on given ports (a restart keeps its address).
     pub fn spawn_on(cluster: &Cluster, identity: &str, config_text: &str, grpc_port: u16, http_port: u16) -> Self {
+        Self::spawn_via(
+            &cluster.api.kubeconfig_path(),
+            identity,
+            config_text,
+            grpc_port,
+            http_port,
+        )
+    }
+
+    /// Like [`Aggregator::spawn_on`], talking to the apiserver through `kubeconfig` (e.g. a
+    /// proxy's).
+    pub fn spawn_via(
+        kubeconfig: &std::path::Path,
+        identity: &str,
+        config_text: &str,
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("graywatch-agg-{}-{identity}-{grpc_port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("config.toml");
@@ -269,7 +296,7 @@ impl Aggregator {
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--identity", identity])
-            .env("KUBECONFIG", cluster.api.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -377,6 +404,16 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn start(n: usize, endpoints: Vec<String>) -> Self {
+        Self::start_shaped(n, endpoints, |_, _, _| {})
+    }
+
+    /// Like [`Fleet::start`], with `shape(node, seq, window)` applied to every window before it
+    /// is sent (a test's own figures on top of the fleet's).
+    pub fn start_shaped(
+        n: usize,
+        endpoints: Vec<String>,
+        mut shape: impl FnMut(usize, u64, &mut NodeSummary) + Send + 'static,
+    ) -> Self {
         let state = Arc::new(Mutex::new(FleetState::default()));
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -390,6 +427,7 @@ impl Fleet {
                     if let Some((liars, victim)) = &cur.lies {
                         lie(&mut s, i, liars, *victim);
                     }
+                    shape(i, seq, &mut s);
                     for (e, ep) in endpoints.iter().enumerate() {
                         let key = (e, i);
                         let alive = match streams.get(&key) {
@@ -432,7 +470,9 @@ impl Drop for Fleet {
     }
 }
 
-async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
+/// A summary sender on a fresh ingest stream whose directives are drained (`None` when the
+/// aggregator cannot be reached).
+pub async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
     let mut client = IngestClient::connect(endpoint.to_string()).await.ok()?;
     let (tx, rx) = mpsc::channel(64);
     let mut resp = client
@@ -444,31 +484,33 @@ async fn open(endpoint: &str) -> Option<mpsc::Sender<NodeSummary>> {
     Some(tx)
 }
 
+/// An open ingest stream: the summary sender and the directives.
+pub type Stream = (
+    mpsc::Sender<NodeSummary>,
+    tonic::Streaming<graywatch_proto::v1::Directive>,
+);
+
 /// One raw ingest stream (real gRPC client): the summary sender and the directives, or the
 /// status that refused the stream.
-pub async fn open_stream(
-    endpoint: &str,
-) -> Result<
-    (
-        mpsc::Sender<NodeSummary>,
-        tonic::Streaming<graywatch_proto::v1::Directive>,
-    ),
-    tonic::Status,
-> {
+pub async fn open_stream(endpoint: &str) -> Result<Stream, tonic::Status> {
+    open_stream_with_token(endpoint, None).await
+}
+
+/// Like [`open_stream`], presenting `token` as `authorization: Bearer <token>`.
+pub async fn open_stream_with_token(endpoint: &str, token: Option<&str>) -> Result<Stream, tonic::Status> {
     let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
     let (tx, rx) = mpsc::channel(64);
-    let resp = client.report(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let resp = client.report(req).await?;
     Ok((tx, resp.into_inner()))
 }
 
 /// Sends `s` on an open stream; the acknowledged seq, or the status that ended the stream.
-pub async fn send_summary(
-    stream: &mut (
-        mpsc::Sender<NodeSummary>,
-        tonic::Streaming<graywatch_proto::v1::Directive>,
-    ),
-    s: NodeSummary,
-) -> Result<u64, tonic::Status> {
+pub async fn send_summary(stream: &mut Stream, s: NodeSummary) -> Result<u64, tonic::Status> {
     stream.0.send(s).await.unwrap();
     loop {
         match stream.1.message().await? {
@@ -503,7 +545,7 @@ pub fn lie(s: &mut NodeSummary, i: usize, liars: &BTreeSet<usize>, victim: usize
 /// links touching a bad node are slow and lossy.
 pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSummary {
     let slow = bad.contains(&i);
-    let peers = (0..n)
+    let peers: Vec<PeerStats> = (0..n)
         .filter(|j| *j != i)
         .map(|j| {
             let s = slow || bad.contains(&j);
@@ -522,43 +564,18 @@ pub fn summary(i: usize, n: usize, seq: u64, bad: &BTreeSet<usize>) -> NodeSumma
             }
         })
         .collect();
-    NodeSummary {
-        protocol_version: PROTOCOL_VERSION,
-        node: Some(NodeIdentity {
-            node_name: node_name(i),
-            boot_id: "boot-1".into(),
-            addresses: vec![node_ip(i)],
-            agent_version: "test".into(),
-            // One incarnation per simulated agent for the whole test (see `AgentFleet::restart`).
-            agent_started_ns: 1,
-        }),
-        window: Some(Window {
-            seq,
-            start_unix_ms: 0,
-            end_unix_ms: 1000,
-        }),
-        families: vec![
-            FamilyFigures {
-                family: Family::NetworkLatency as i32,
-                value: if slow { 9000.0 } else { 300.0 + (i % 4) as f64 * 5.0 },
-                unit: "us".into(),
-                samples: 400,
-            },
-            FamilyFigures {
-                family: Family::PacketLoss as i32,
-                value: if slow { 6.0 } else { 0.05 },
-                unit: "%".into(),
-                samples: 2000,
-            },
-            FamilyFigures {
-                family: Family::CpuSteal as i32,
-                value: 0.3,
-                unit: "%".into(),
-                samples: 1,
-            },
-        ],
-        peers,
-        scores: vec![],
-        ..Default::default()
-    }
+    ReportBuilder::new(&node_name(i), seq)
+        .address(&node_ip(i))
+        // One incarnation per simulated agent for the whole test (see `AgentFleet::restart`).
+        .agent_started_ns(1)
+        .family(
+            Family::NetworkLatency,
+            if slow { 9000.0 } else { 300.0 + (i % 4) as f64 * 5.0 },
+            "us",
+            400,
+        )
+        .family(Family::PacketLoss, if slow { 6.0 } else { 0.05 }, "%", 2000)
+        .family(Family::CpuSteal, 0.3, "%", 1)
+        .peers(peers)
+        .build()
 }

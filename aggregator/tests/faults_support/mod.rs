@@ -1,5 +1,5 @@
-//! Fault-test harness: the aggregator binary on fixed ports (so it can be restarted where the
-//! agents look for it), a fleet of the agent's real report clients (bounded buffer, replay,
+//! Fault-test harness (on top of `common`): the aggregator binary on a fixed gRPC port (so it
+//! can be restarted where the agents look for it), a fleet of the agent's real report clients (bounded buffer, replay,
 //! reconnect with backoff) each behind its own loopback TCP proxy (pass / blackhole / refuse),
 //! per-node clock skew, and a recorder of every condition and taint the cluster ever showed.
 
@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,26 +22,29 @@ use tokio::{
     sync::watch,
 };
 
-use crate::common::{Cluster, OVERALL, TAINT, condition, eventually, node_name, summary};
+use crate::common::{Aggregator, Cluster, OVERALL, TAINT, condition, node_name, summary};
 
-/// Waits until every node in `nodes` has our overall condition True.
-pub async fn all_true(cluster: &Cluster, nodes: impl IntoIterator<Item = usize>) {
-    for i in nodes {
-        eventually(60, &format!("node-{i} Healthy=True"), || async {
-            (cluster.overall(i).await.as_deref() == Some("True")).then_some(())
-        })
-        .await;
-    }
+// Moved to `common`; still reachable here for tests that name it `faults_support::all_true`.
+#[allow(unused_imports)]
+pub use crate::common::all_true;
+
+/// The start every fault test shares: `n` Nodes (5 per zone), a recorder of what the cluster
+/// showed, the aggregator `agg-0` on a fixed gRPC port (the last value) and the agents, each
+/// behind its proxy. `None` only when the run asked to skip real-apiserver tests.
+pub async fn start_fault_scene(n: usize) -> anyhow::Result<Option<(Cluster, History, AggProc, AgentFleet, u16)>> {
+    let Some(cluster) = Cluster::start(n, 5).await? else {
+        return Ok(None);
+    };
+    let history = History::record(&cluster);
+    let [port, _, _] = graywatch_k8s_testkit::free_ports()?;
+    let agg = AggProc::spawn(&cluster, "agg-0", &crate::common::config(""), port);
+    let fleet = AgentFleet::start(n, agg.grpc).await;
+    Ok(Some((cluster, history, agg, fleet, port)))
 }
 
-/// The aggregator binary on given ports; SIGKILLed on drop.
-pub struct AggProc {
-    child: Child,
-    pub grpc: SocketAddr,
-    pub http: SocketAddr,
-    pub identity: String,
-    dir: std::path::PathBuf,
-}
+/// The aggregator binary on a given gRPC port (where the agents look for it across a restart)
+/// and a free HTTP port; SIGKILLed on drop.
+pub struct AggProc(Aggregator);
 
 impl AggProc {
     pub fn spawn(cluster: &Cluster, identity: &str, config_text: &str, grpc_port: u16) -> Self {
@@ -52,65 +55,26 @@ impl AggProc {
     /// [`ApiProxy`]).
     pub fn spawn_via(kubeconfig: &std::path::Path, identity: &str, config_text: &str, grpc_port: u16) -> Self {
         let [http_port, _, _] = graywatch_k8s_testkit::free_ports().unwrap();
-        let dir = std::env::temp_dir().join(format!("graywatch-fault-{}-{identity}-{grpc_port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config.toml"), config_text).unwrap();
-        let log = std::fs::File::create(dir.join("aggregator.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_graywatch-aggregator"))
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
-            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--identity", identity])
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            grpc: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
-            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-            identity: identity.into(),
-            dir,
-        }
-    }
-
-    /// A gauge or counter from its /metrics (`None` if not served or absent).
-    pub async fn metric(&self, name: &str) -> Option<f64> {
-        let mut conn = TcpStream::connect(self.http).await.ok()?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await.ok()?;
-        body.lines().find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-    }
-
-    /// SIGKILL (a crash: no lease release).
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("aggregator.log")).unwrap_or_default()
+        Self(Aggregator::spawn_via(
+            kubeconfig,
+            identity,
+            config_text,
+            grpc_port,
+            http_port,
+        ))
     }
 }
 
-impl Drop for AggProc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("--- aggregator {} log ---\n{}", self.identity, self.log());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+impl std::ops::Deref for AggProc {
+    type Target = Aggregator;
+    fn deref(&self) -> &Aggregator {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AggProc {
+    fn deref_mut(&mut self) -> &mut Aggregator {
+        &mut self.0
     }
 }
 
@@ -509,74 +473,10 @@ pub async fn actions(cluster: &Cluster) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The kube-apiserver's pid (found by its port in /proc; it is this test's own child's child).
-pub fn apiserver_pid(cluster: &Cluster) -> u32 {
-    let port = cluster.api.url().rsplit(':').next().unwrap().to_string();
-    let needle = format!("--secure-port={port}");
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.ends_with("kube-apiserver")) && args.contains(&needle) {
-            return pid;
-        }
-    }
-    panic!("no kube-apiserver with {needle}");
-}
-
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -{sig} {pid}");
-}
-
-/// A kube-apiserver this test restarted (same binary, flags, port, certificates and etcd) after
-/// killing the testkit's one; killed on drop.
-pub struct RestartedApiserver {
-    child: Child,
-}
-
-impl Drop for RestartedApiserver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Kills the apiserver (SIGKILL: the port closes, clients get connection refused) and returns
-/// what is needed to start the same one again.
-pub fn kill_apiserver(cluster: &Cluster) -> (std::path::PathBuf, Vec<String>) {
-    let pid = apiserver_pid(cluster);
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let args: Vec<String> = cmd
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .skip(1)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    signal(pid, "KILL");
-    (exe, args)
-}
-
-pub fn start_apiserver(exe: &std::path::Path, args: &[String]) -> RestartedApiserver {
-    let log = std::env::temp_dir().join(format!("graywatch-fault-apiserver-{}.log", std::process::id()));
-    let out = std::fs::File::create(log).unwrap();
-    let child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    RestartedApiserver { child }
 }

@@ -23,7 +23,7 @@ use graywatch_aggregator::{
     leader::LeaderElector,
     metrics::Metrics,
 };
-use graywatch_chart_tests::{RbacApiserver, apiserver_with_crds, create, create_namespace, find, render};
+use graywatch_chart_tests::{apiserver_with_crds, create, create_namespace, find, render};
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     coordination::v1::Lease,
@@ -82,7 +82,11 @@ async fn install(
     Ok(cfg)
 }
 
-async fn impersonate(server: &RbacApiserver, namespace: &str, release: &str) -> anyhow::Result<Client> {
+async fn impersonate(
+    server: &graywatch_k8s_testkit::TestApiserver,
+    namespace: &str,
+    release: &str,
+) -> anyhow::Result<Client> {
     server
         .impersonating(&format!(
             "system:serviceaccount:{namespace}:{release}-graywatch-aggregator"
@@ -229,7 +233,7 @@ async fn tainted(admin: &Client) -> anyhow::Result<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow::Result<()> {
-    let (server, admin, discovery) = apiserver_with_crds("binaries").await?;
+    let (server, admin, discovery) = apiserver_with_crds().await?;
     let node = Node {
         metadata: ObjectMeta {
             name: Some(NODE.into()),

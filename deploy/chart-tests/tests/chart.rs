@@ -948,7 +948,7 @@ fn the_resources_the_binaries_call_are_the_ones_the_chart_grants() -> anyhow::Re
 
 #[tokio::test]
 async fn every_variant_is_accepted_by_the_apiserver_in_dry_run() -> anyhow::Result<()> {
-    let (_server, admin, discovery) = apiserver_with_crds("dry-run").await?;
+    let (_server, admin, discovery) = apiserver_with_crds().await?;
     for v in VARIANTS {
         create_namespace(&admin, v.namespace).await?;
         let objs = v.render("1.20.2")?;
@@ -1268,7 +1268,7 @@ fn expected_aggregator_calls(v: &Variant) -> BTreeSet<&'static str> {
 
 #[tokio::test]
 async fn the_chart_rbac_allows_exactly_the_calls_the_binaries_make() -> anyhow::Result<()> {
-    let (server, admin, discovery) = apiserver_with_crds("rbac").await?;
+    let (server, admin, discovery) = apiserver_with_crds().await?;
     // The objects the calls act on, made by the admin.
     let node = "ip-10-0-1-17.eu-west-1.compute.internal";
     let n = Node {
@@ -1611,7 +1611,7 @@ fn decimal_values_from_set_reach_the_aggregator_config_as_numbers() -> anyhow::R
 
 #[tokio::test]
 async fn the_eks_values_render_and_are_stored_by_the_apiserver() -> anyhow::Result<()> {
-    let (_server, admin, discovery) = apiserver_with_crds("eks").await?;
+    let (_server, admin, discovery) = apiserver_with_crds().await?;
     // The namespace comes from the chart (not created beforehand), labelled for Pod Security.
     let objs = render(
         "eks",
@@ -1713,7 +1713,7 @@ async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Re
         config::FileConfig,
         core::{karpenter::exclusion_edits, model::PoolEdits, plan::PoolChange},
     };
-    let (server, admin, discovery) = apiserver_with_crds("cleanup").await?;
+    let (server, admin, discovery) = apiserver_with_crds().await?;
     let v = &DRY_RUN_KARPENTER;
     create_namespace(&admin, v.namespace).await?;
     let objs = v.render("1.20.2")?;
@@ -1978,7 +1978,7 @@ const MODE_CHANGE: Variant = Variant {
 };
 
 /// `helm --kubeconfig <the RBAC apiserver's admin> <args>`: helm's stdout.
-fn helm_on(server: &graywatch_chart_tests::RbacApiserver, args: &[&str]) -> anyhow::Result<String> {
+fn helm_on(server: &graywatch_k8s_testkit::TestApiserver, args: &[&str]) -> anyhow::Result<String> {
     let helm = graywatch_chart_tests::helm_binary()?;
     let out = std::process::Command::new(&helm)
         .arg("--kubeconfig")
@@ -1997,7 +1997,7 @@ fn helm_on(server: &graywatch_chart_tests::RbacApiserver, args: &[&str]) -> anyh
 
 /// The mode-change hook objects Helm rendered (with `lookup` against the live release) for the
 /// release's latest revision.
-fn mode_change_hooks(server: &graywatch_chart_tests::RbacApiserver, v: &Variant) -> anyhow::Result<Vec<Value>> {
+fn mode_change_hooks(server: &graywatch_k8s_testkit::TestApiserver, v: &Variant) -> anyhow::Result<Vec<Value>> {
     let text = helm_on(server, &["get", "hooks", v.release, "-n", v.namespace])?;
     Ok(graywatch_chart_tests::parse_objects(&text)?
         .into_iter()
@@ -2174,7 +2174,7 @@ async fn delete_if_present(client: &Client, discovery: &kube::discovery::Discove
 async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind() -> anyhow::Result<()> {
     use graywatch_aggregator::{cleanup, config::FileConfig};
     use k8s_openapi::api::apps::v1::Deployment;
-    let (server, admin, discovery) = apiserver_with_crds("mode-change").await?;
+    let (server, admin, discovery) = apiserver_with_crds().await?;
     let v = &MODE_CHANGE;
     create_namespace(&admin, v.namespace).await?;
     let chart = graywatch_chart_tests::chart_dir().display().to_string();

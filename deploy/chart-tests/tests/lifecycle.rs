@@ -31,6 +31,7 @@ use std::{
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use graywatch_chart_tests::{chart_dir, helm_binary};
+use graywatch_k8s_testkit::{Pki, Usage};
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     coordination::v1::Lease,
@@ -288,74 +289,15 @@ where
 
 /// A self-signed CA and a serving certificate for the aggregator's Service name, as a Secret.
 async fn create_tls_secret(cluster: &Cluster, dir: &Path) {
-    let name = format!("{RELEASE}-aggregator.{NAMESPACE}.svc");
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            status.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    };
-    std::fs::create_dir_all(dir).expect("tls dir");
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=graywatch-test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "tls.key",
-        "-out",
-        "tls.csr",
-        "-subj",
-        &format!("/CN={name}"),
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!("subjectAltName=DNS:{name},DNS:{RELEASE}-aggregator-replicas.{NAMESPACE}.svc\n"),
-    )
-    .expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "tls.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("read pem");
+    let service = format!("{RELEASE}-aggregator.{NAMESPACE}.svc");
+    let sans = [
+        format!("DNS:{service}"),
+        format!("DNS:{RELEASE}-aggregator-replicas.{NAMESPACE}.svc"),
+    ];
+    let pki = Pki::create(dir, "/CN=graywatch-test-ca").expect("CA");
+    pki.sign("tls", &format!("/CN={service}"), Usage::Server, &[&sans[0], &sans[1]])
+        .expect("serving certificate");
+    let read = |f: &str| pki.read(f).expect("read pem");
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": TLS_SECRET, "namespace": NAMESPACE},
         "type": "kubernetes.io/tls",

@@ -126,7 +126,7 @@ async fn the_grpc_port_admits_the_agents_only() -> anyhow::Result<()> {
     assert!(objs.iter().all(|o| o["kind"] != "NetworkPolicy"));
 
     // The real apiserver accepts the object as rendered.
-    let (_server, admin, discovery) = apiserver_with_crds("netpol").await?;
+    let (_server, admin, discovery) = apiserver_with_crds().await?;
     create_namespace(&admin, "graywatch").await?;
     create(&admin, &discovery, np, false).await?;
     Ok(())

@@ -11,13 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use graywatch_k8s_testkit::TestApiserver;
+use graywatch_k8s_testkit::{NodeBuilder, TestApiserver};
 use k8s_openapi::api::core::v1::{Event, Node};
-use kube::{
-    Api, Client,
-    api::{ListParams, PostParams},
-};
-use serde_json::json;
+use kube::{Api, Client, api::ListParams};
 
 use graywatch_testbench::{
     fault::{LinkEmulator, LinkSpec},
@@ -283,26 +279,14 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     let nodes_api: Api<Node> = Api::all(client.clone());
     for (i, node) in bench.nodes.iter().enumerate() {
         let zone = ZONES[i * ZONES.len() / bench.nodes.len()];
-        let body: Node = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": names[i], "labels": {
-                "graywatch.io/demo": "true",
-                "topology.kubernetes.io/zone": zone,
-                "node.kubernetes.io/instance-type": "m7i.large",
-                "karpenter.sh/nodepool": "default"}},
-        }))?;
-        nodes_api.create(&PostParams::default(), &body).await?;
-        // Play kubelet: report the node Ready with its InternalIP (the netns address).
-        let status = json!({"status": {
-            "addresses": [{"type": "InternalIP", "address": node.ipv4.to_string()}],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "demo kubelet",
-                             "lastHeartbeatTime": now_rfc3339(), "lastTransitionTime": now_rfc3339()}]}});
-        nodes_api
-            .patch_status(
-                &names[i],
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&status),
-            )
+        // Play kubelet: the node Ready with its InternalIP (the netns address).
+        apiserver
+            .create_nodes(&[NodeBuilder::new(&names[i])
+                .label("graywatch.io/demo", "true")
+                .zone(zone)
+                .instance_type("m7i.large")
+                .nodepool("default")
+                .internal_ip(&node.ipv4.to_string())])
             .await?;
         println!("  {} = netns {} ({}), {zone}", names[i], node.netns, node.ipv4);
     }
@@ -535,8 +519,4 @@ fn wait_for_listeners(bench: &Bench, limit: Duration) -> anyhow::Result<()> {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now().to_string()
 }

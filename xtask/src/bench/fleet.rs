@@ -24,13 +24,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use graywatch_k8s_testkit as kit;
-use graywatch_proto::{
-    PROTOCOL_VERSION,
-    v1::{
-        Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Window, directive,
-        ingest_client::IngestClient,
-    },
-};
+use graywatch_proto::v1::{Family, NodeSummary, PeerStats, directive, ingest_client::IngestClient};
 use serde_json::{Value, json};
 
 use super::{
@@ -86,7 +80,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
     let warmup = Duration::from_secs(args.warmup_seconds.unwrap_or(if quick { 5 } else { 15 }));
     let window = Duration::from_secs(args.seconds.unwrap_or(if quick { 10 } else { 30 }));
     let aggregator = aggregator_binary(&args.common)?;
-    let apiserver_bin = k8s::ensure_apiserver()?;
+    k8s::ensure_apiserver()?;
     println!(
         "fleet: {sizes:?} virtual agents at 1 Hz; warm-up {} s, measured {} s each; dry-run from {}",
         warmup.as_secs(),
@@ -103,7 +97,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
     };
     for (n, writes) in sizes.iter().flat_map(|&n| concurrencies.iter().map(move |&c| (n, c))) {
         let dry_run = n >= args.dry_run_from;
-        let api = Apiserver::start(&apiserver_bin)?;
+        let api = Apiserver::start()?;
         api.create_namespace("graywatch")?;
         let started = Instant::now();
         api.create_nodes(n)?;
@@ -214,84 +208,25 @@ fn aggregator_binary(common: &CommonArgs) -> anyhow::Result<PathBuf> {
     Ok(to)
 }
 
-/// A private etcd + kube-apiserver on free loopback ports; stopped and deleted on drop.
+/// A private etcd + kube-apiserver (the testkit's) on free loopback ports; stopped and deleted
+/// on drop.
 struct Apiserver {
-    dir: PathBuf,
-    port: u16,
-    etcd: Child,
-    api: Child,
+    instance: kit::Instance,
 }
 
 impl Apiserver {
-    fn start(bin: &Path) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("graywatch-bench-k8s-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("pki"))?;
-        kit::gen_pki(&dir.join("pki"))?;
-        let [port, etcd_port, etcd_peer] = kit::free_ports()?;
-        kit::write_kubeconfig(&dir, port)?;
-        let etcd = kit::spawn_logged(
-            Command::new(kit::etcd_binary()).args(kit::etcd_args(&dir, etcd_port, etcd_peer)),
-            &dir.join("etcd.log"),
-        )?;
-        let api = kit::spawn_logged(
-            Command::new(bin).args(kit::apiserver_args(&dir, port, etcd_port)),
-            &dir.join("kube-apiserver.log"),
-        )?;
-        let server = Self { dir, port, etcd, api };
-        let started = Instant::now();
-        while !server.curl(&["/readyz"]).is_ok_and(|o| o.starts_with("ok")) {
-            if started.elapsed() > Duration::from_secs(120) {
-                bail!(
-                    "kube-apiserver not ready within 120 s:\n{}",
-                    log_tail(&server.dir.join("kube-apiserver.log"), 10)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(server)
-    }
-
-    fn kubeconfig(&self) -> PathBuf {
-        self.dir.join("kubeconfig")
-    }
-
-    fn base_args(&self) -> Vec<String> {
-        vec![
-            "-sS".into(),
-            "--cacert".into(),
-            self.dir.join("pki/ca.crt").display().to_string(),
-            "-H".into(),
-            format!("Authorization: Bearer {}", kit::TOKEN),
-        ]
-    }
-
-    /// GET `path` (and extra curl args); returns the body.
-    fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let (path, extra) = args.split_first().context("curl path")?;
-        let output = Command::new("curl")
-            .args(self.base_args())
-            .args(extra)
-            .arg(format!("https://127.0.0.1:{}{path}", self.port))
-            .output()
-            .context("running curl")?;
-        if !output.status.success() {
-            bail!("curl {path}: {}", String::from_utf8_lossy(&output.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    fn start() -> anyhow::Result<Self> {
+        let mut instance = kit::Instance::start("graywatch-bench-k8s", &kit::ApiserverOptions::default())?;
+        instance.wait_ready()?;
+        Ok(Self { instance })
     }
 
     fn create_namespace(&self, name: &str) -> anyhow::Result<()> {
         let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}).to_string();
-        self.curl(&[
+        self.instance.curl(
             "/api/v1/namespaces",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &body,
-        ])?;
+            &["-X", "POST", "-H", "Content-Type: application/json", "-d", &body],
+        )?;
         Ok(())
     }
 
@@ -300,23 +235,23 @@ impl Apiserver {
     fn create_nodes(&self, n: usize) -> anyhow::Result<()> {
         let mut config = String::new();
         let auth = format!("Authorization: Bearer {}", kit::TOKEN);
-        let ca = self.dir.join("pki/ca.crt").display().to_string();
+        let ca = self.instance.ca_path().display().to_string();
         for i in 0..n {
             let node = node_object(i);
             let escaped = node.to_string().replace('\\', "\\\\").replace('"', "\\\"");
             config.push_str(&format!(
-                "url = \"https://127.0.0.1:{}/api/v1/nodes\"\ncacert = \"{ca}\"\nheader = \"Content-Type: application/json\"\nheader = \"{auth}\"\ndata = \"{escaped}\"\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}}\\n\"\n",
-                self.port
+                "url = \"{}/api/v1/nodes\"\ncacert = \"{ca}\"\nheader = \"Content-Type: application/json\"\nheader = \"{auth}\"\ndata = \"{escaped}\"\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}}\\n\"\n",
+                self.instance.url()
             ));
             if i + 1 < n {
                 config.push_str("next\n");
             }
         }
-        let path = self.dir.join("nodes.curl");
+        let path = self.instance.dir().join("nodes.curl");
         std::fs::write(&path, config)?;
         let output = Command::new("curl")
             .args(["-sS", "--parallel", "--parallel-max", "16", "--cacert"])
-            .arg(self.dir.join("pki/ca.crt"))
+            .arg(self.instance.ca_path())
             .arg("-K")
             .arg(&path)
             .output()
@@ -339,7 +274,7 @@ impl Apiserver {
     /// Mutating requests the apiserver has served (POST, PUT, PATCH, APPLY — server-side apply —,
     /// DELETE), from its metrics.
     fn mutating_requests(&self) -> anyhow::Result<u64> {
-        let text = self.curl(&["/metrics"])?;
+        let text = self.instance.curl("/metrics", &[])?;
         Ok(text
             .lines()
             .filter(|l| l.starts_with("apiserver_request_total{"))
@@ -359,16 +294,6 @@ impl Apiserver {
     }
 }
 
-impl Drop for Apiserver {
-    fn drop(&mut self) {
-        for child in [&mut self.api, &mut self.etcd] {
-            child.kill().ok();
-            child.wait().ok();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn node_name(i: usize) -> String {
     format!("sim-{i:05}")
 }
@@ -379,19 +304,13 @@ fn node_ip(i: usize) -> String {
 }
 
 fn node_object(i: usize) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": node_name(i), "labels": {
-            "topology.kubernetes.io/zone": ZONES[i % ZONES.len()],
-            "node.kubernetes.io/instance-type": INSTANCE_TYPES[i % INSTANCE_TYPES.len()],
-            "karpenter.sh/nodepool": "default",
-            "kubernetes.io/hostname": node_name(i),
-        }},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": node_ip(i)}],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated"}],
-        },
-    })
+    kit::NodeBuilder::new(&node_name(i))
+        .zone(ZONES[i % ZONES.len()])
+        .instance_type(INSTANCE_TYPES[i % INSTANCE_TYPES.len()])
+        .nodepool("default")
+        .label(kit::node::HOSTNAME_LABEL, &node_name(i))
+        .internal_ip(&node_ip(i))
+        .build()
 }
 
 struct Aggregator {
@@ -410,7 +329,7 @@ impl Aggregator {
         let mut cmd = Command::new(bin);
         cmd.args(["--grpc-listen", &grpc.to_string(), "--http-listen", &http.to_string()])
             .args(["--identity", "bench", "--namespace", "graywatch"])
-            .env("KUBECONFIG", api.kubeconfig())
+            .env("KUBECONFIG", api.instance.kubeconfig_path())
             .env("RUST_LOG", "warn");
         if dry_run {
             cmd.arg("--dry-run");
@@ -736,53 +655,31 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
         (Family::PacketLoss, 0.0005 + jitter * 0.0005, "ratio"),
         (Family::MemoryPressure, jitter * 0.5, "psi_some_avg10"),
     ];
-    NodeSummary {
-        protocol_version: PROTOCOL_VERSION,
-        node: Some(NodeIdentity {
-            node_name: node_name(i),
-            boot_id: format!("boot-{i}"),
-            addresses: vec![node_ip(i)],
-            agent_version: "bench".into(),
-            ..Default::default()
-        }),
-        window: Some(Window {
-            seq,
-            start_unix_ms: now_ms - 1000,
-            end_unix_ms: now_ms,
-        }),
-        families: families
-            .iter()
-            .map(|(family, value, unit)| FamilyFigures {
-                family: *family as i32,
-                value: *value,
-                unit: (*unit).into(),
-                samples: 1000,
-            })
-            .collect(),
-        peers: (1..=PEERS_PER_NODE)
-            .map(|k| {
-                let peer = (i + k * 37) % n.max(1);
-                PeerStats {
-                    remote_addr: node_ip(peer),
-                    rtt_samples: 200,
-                    rtt_p50_us: 180.0 + jitter * 40.0,
-                    rtt_p99_us: 300.0 + jitter * 100.0,
-                    segments_out: 5000,
-                    retransmits: 2,
-                    ..Default::default()
-                }
-            })
-            .collect(),
-        scores: families
-            .iter()
-            .map(|(family, _, _)| LocalScore {
-                family: *family as i32,
-                score: 0.05 * jitter,
-                reason: "normal".into(),
-            })
-            .collect(),
-        ..Default::default()
-    }
+    let report = families.iter().fold(
+        kit::ReportBuilder::new(&node_name(i), seq)
+            .boot_id(&format!("boot-{i}"))
+            .address(&node_ip(i))
+            .agent_version("bench")
+            .window_ms(now_ms - 1000, now_ms),
+        |r, (family, value, unit)| {
+            r.family(*family, *value, unit, 1000)
+                .score(*family, 0.05 * jitter, "normal")
+        },
+    );
+    report
+        .peers((1..=PEERS_PER_NODE).map(|k| {
+            let peer = (i + k * 37) % n.max(1);
+            PeerStats {
+                remote_addr: node_ip(peer),
+                rtt_samples: 200,
+                rtt_p50_us: 180.0 + jitter * 40.0,
+                rtt_p99_us: 300.0 + jitter * 100.0,
+                segments_out: 5000,
+                retransmits: 2,
+                ..Default::default()
+            }
+        }))
+        .build()
 }
 
 #[cfg(test)]
