@@ -82,7 +82,6 @@ impl ReportBuilder {
             value,
             unit: unit.into(),
             samples,
-            ..Default::default()
         });
         self
     }

@@ -17,7 +17,7 @@ use graywatch_proto::v1::{Family, NodeSummary, PeerStats, ingest_client::IngestC
 use k8s_openapi::api::core::v1::{Event, Namespace, Node};
 use kube::{
     Api, Client,
-    api::{DynamicObject, ListParams, ObjectMeta, PostParams},
+    api::{DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use tokio::sync::mpsc;
 
