@@ -330,6 +330,8 @@ mod unrecorded_taint_tests {
                 claim_deletion: false
             }
         );
+    }
+}
 
 #[cfg(test)]
 mod tests {
