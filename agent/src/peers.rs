@@ -165,6 +165,38 @@ impl PeerBook {
     }
 }
 
+/// At most this many nodes are held from the aggregator's pages: its own bound (`ingest.max_nodes`
+/// default), so a misbehaving aggregator cannot grow the agent's memory without limit.
+pub const MAX_BOOK_NODES: usize = 20_000;
+
+/// The aggregator's book as its pages arrive (`Directive.peer_book_delta`): one per stream, as a
+/// new stream starts with a `reset` page.
+#[derive(Debug, Default)]
+pub struct BookPages {
+    nodes: std::collections::BTreeMap<String, graywatch_proto::v1::NodePeers>,
+}
+
+impl BookPages {
+    /// Applies one page; at the end of a run of pages (`more` unset) returns the whole book to
+    /// hand to [`SharedPeerBook::set_aggregator_book`], so no half-applied run is ever used.
+    pub fn apply(&mut self, page: graywatch_proto::v1::PeerBookDelta) -> Option<graywatch_proto::v1::PeerBook> {
+        if page.reset {
+            self.nodes.clear();
+        }
+        for name in &page.remove {
+            self.nodes.remove(name);
+        }
+        for entry in page.upsert {
+            if self.nodes.len() < MAX_BOOK_NODES || self.nodes.contains_key(&entry.node_name) {
+                self.nodes.insert(entry.node_name.clone(), entry);
+            }
+        }
+        (!page.more).then(|| graywatch_proto::v1::PeerBook {
+            nodes: self.nodes.values().cloned().collect(),
+        })
+    }
+}
+
 /// The book shared between its sources and the window builder: the agent's own watch of the
 /// Nodes (InternalIPs, pod CIDRs) and the aggregator's book, which adds the pod IPs every agent
 /// reports (EKS VPC CNI: pod IPs in no pod CIDR).
@@ -207,7 +239,8 @@ impl SharedPeerBook {
         self.rebuild(&sources);
     }
 
-    /// The aggregator's book (`Directive.peer_book`); unparsable entries are skipped.
+    /// The aggregator's book (from [`BookPages`], or an older aggregator's `Directive.peer_book`);
+    /// unparsable entries are skipped.
     pub fn set_aggregator_book(&self, book: &graywatch_proto::v1::PeerBook) {
         let nodes = book
             .nodes
@@ -467,6 +500,76 @@ mod tests {
             IpAddr::V4(Ipv4Addr::new(192, 168, 0, 10)),
             "named by its InternalIP"
         );
+    }
+
+    fn node(name: &str, ip: &str, pods: &[&str]) -> graywatch_proto::v1::NodePeers {
+        graywatch_proto::v1::NodePeers {
+            node_name: name.into(),
+            addresses: vec![ip.into()],
+            pod_cidrs: pods.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
+
+    fn page(
+        reset: bool,
+        upsert: Vec<graywatch_proto::v1::NodePeers>,
+        remove: &[&str],
+        more: bool,
+    ) -> graywatch_proto::v1::PeerBookDelta {
+        graywatch_proto::v1::PeerBookDelta {
+            reset,
+            upsert,
+            remove: remove.iter().map(|r| (*r).to_owned()).collect(),
+            more,
+        }
+    }
+
+    /// Pages resolve as the whole book did: a reset run is used once complete, then deltas
+    /// change and remove single nodes.
+    #[test]
+    fn the_aggregators_pages_build_the_book_and_deltas_change_it() {
+        let shared = SharedPeerBook::default();
+        let mut pages = BookPages::default();
+        let of = |s: &str| shared.get().node_of(&s.parse().expect("ip")).map(|n| n.to_string());
+        let first = page(true, vec![node("node-a", "10.0.0.1", &["10.9.0.1/32"])], &[], true);
+        assert!(pages.apply(first).is_none(), "a run is not used before its last page");
+        let last = page(false, vec![node("node-b", "10.0.0.2", &["10.9.0.2/32"])], &[], false);
+        shared.set_aggregator_book(&pages.apply(last).expect("the run is complete"));
+        assert_eq!(of("10.9.0.1").as_deref(), Some("node-a"));
+        assert_eq!(of("10.9.0.2").as_deref(), Some("node-b"));
+        // A delta: node-a's pod IP moved to node-b; node-c joined.
+        let delta = page(
+            false,
+            vec![
+                node("node-b", "10.0.0.2", &["10.9.0.2/32", "10.9.0.1/32"]),
+                node("node-c", "10.0.0.3", &[]),
+            ],
+            &["node-a"],
+            false,
+        );
+        shared.set_aggregator_book(&pages.apply(delta).expect("complete"));
+        assert_eq!(of("10.9.0.1").as_deref(), Some("node-b"));
+        assert_eq!(of("10.0.0.1"), None, "removed");
+        assert_eq!(of("10.0.0.3").as_deref(), Some("node-c"));
+        // A new stream resets: only what its pages carry is kept.
+        let reset = page(true, vec![node("node-c", "10.0.0.3", &[])], &[], false);
+        shared.set_aggregator_book(&pages.apply(reset).expect("complete"));
+        assert_eq!(of("10.9.0.2"), None);
+        assert_eq!(of("10.0.0.3").as_deref(), Some("node-c"));
+        assert_eq!(shared.get().nodes(), 1);
+    }
+
+    #[test]
+    fn the_pages_hold_at_most_max_book_nodes() {
+        let mut pages = BookPages::default();
+        let many = (0..=MAX_BOOK_NODES)
+            .map(|i| node(&format!("n{i}"), "10.0.0.1", &[]))
+            .collect();
+        let book = pages.apply(page(true, many, &[], false)).expect("complete");
+        assert_eq!(book.nodes.len(), MAX_BOOK_NODES);
+        let update = page(false, vec![node("n0", "10.0.0.9", &[])], &[], false);
+        let book = pages.apply(update).expect("complete");
+        assert_eq!(book.nodes[0].addresses, ["10.0.0.9"], "a held node still changes");
     }
 
     #[test]

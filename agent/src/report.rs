@@ -174,7 +174,7 @@ struct Shared {
     stats: ReportStats,
     /// The node's pod IPs and their generation (see [`Reporter::set_pod_addresses`]).
     pod_addresses: Mutex<Option<(u64, Vec<String>)>>,
-    /// The latest peer book from the aggregator (`Directive.peer_book`).
+    /// The latest peer book from the aggregator (its pages applied, `Directive.peer_book_delta`).
     peer_book: watch::Sender<Option<Arc<PeerBook>>>,
 }
 
@@ -360,6 +360,8 @@ async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Res
     let mut sent_upto: Option<u64> = None;
     // The pod IPs go out again on every new stream (the aggregator may have restarted).
     let mut pods_sent: Option<u64> = None;
+    // The aggregator's book pages on this stream (its first page resets them).
+    let mut book_pages = crate::peers::BookPages::default();
     loop {
         if shared.closed.load(Ordering::Relaxed) {
             return Ok(());
@@ -395,7 +397,14 @@ async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Res
                         shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                         shared.buf.lock().unwrap_or_else(PoisonError::into_inner).ack(a.seq);
                     }
+                    Some(directive::Kind::PeerBookDelta(page)) => {
+                        if let Some(book) = book_pages.apply(page) {
+                            shared.peer_book.send_replace(Some(Arc::new(book)));
+                        }
+                    }
+                    // An older aggregator sends the whole book each time.
                     Some(directive::Kind::PeerBook(book)) => {
+                        book_pages = crate::peers::BookPages::default();
                         shared.peer_book.send_replace(Some(Arc::new(book)));
                     }
                     None => {}

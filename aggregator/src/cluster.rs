@@ -220,11 +220,11 @@ impl ClusterReader {
         }
     }
 
-    /// The address book for the agents (`Directive.peer_book`): every Node's InternalIPs and pod
+    /// The address book for the agents (`Directive.peer_book_delta`): every Node's InternalIPs and pod
     /// CIDRs, and the pod IPs its agent reported (host prefixes). No API call: the Node watch's
     /// store and the ingested pod IPs.
     #[must_use]
-    pub fn peer_book(&self) -> graywatch_proto::v1::PeerBook {
+    pub fn peer_book(&self) -> crate::book::Book {
         let mut nodes: BTreeMap<String, NodeView> = self
             .nodes
             .state()
@@ -386,22 +386,26 @@ impl ClusterReader {
     }
 }
 
-/// Largest peer book sent to the agents (encoded): under the 1 MiB message limit. Nodes past it
-/// are left out (their agents' InternalIPs and pod CIDRs still come from the agents' own Node
-/// watch); a warning says so.
-pub const MAX_PEER_BOOK_BYTES: usize = 900 * 1024;
+/// Largest peer book kept (encoded): a bound on its total, far above any real fleet (5,000 Nodes
+/// with 100 pod IPs each are ~12 MiB). The agents receive it in pages of
+/// [`crate::book::PAGE_BYTES`], so no message limit applies. Nodes past it are left out (their
+/// agents' InternalIPs and pod CIDRs still come from the agents' own Node watch); a warning says so.
+pub const MAX_PEER_BOOK_BYTES: usize = 64 * 1024 * 1024;
 
 /// The peer book of `nodes` (see [`ClusterReader::peer_book`]), at most [`MAX_PEER_BOOK_BYTES`].
+/// Each entry's lists are sorted, so an unchanged node compares equal and is not sent again.
 #[must_use]
-pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> graywatch_proto::v1::PeerBook {
+pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> crate::book::Book {
     use prost::Message;
-    let mut book = graywatch_proto::v1::PeerBook::default();
+    let mut book = crate::book::Book::new();
     let mut bytes = 0;
     for (name, view) in nodes {
+        let mut pod_cidrs: Vec<String> = view.pod_cidrs.iter().map(ToString::to_string).collect();
+        pod_cidrs.sort_unstable();
         let entry = graywatch_proto::v1::NodePeers {
             node_name: name.clone(),
             addresses: view.internal_ips.iter().map(ToString::to_string).collect(),
-            pod_cidrs: view.pod_cidrs.iter().map(ToString::to_string).collect(),
+            pod_cidrs,
         };
         // Field tag and length prefix: a few bytes over the entry itself.
         let size = entry.encoded_len() + 4;
@@ -412,13 +416,13 @@ pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> graywatch_proto::v1::
             }
             tracing::warn!(
                 nodes = nodes.len(),
-                sent = book.nodes.len(),
+                kept = book.len(),
                 "peer book over {MAX_PEER_BOOK_BYTES} bytes: the remaining nodes are left out"
             );
             break;
         }
         bytes += size;
-        book.nodes.push(entry);
+        book.insert(name.clone(), entry);
     }
     book
 }

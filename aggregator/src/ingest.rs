@@ -40,7 +40,7 @@ use crate::{
 pub struct FleetStore {
     inner: Arc<Mutex<Fleet>>,
     max_nodes: usize,
-    /// The address book handed to every agent (`Directive.peer_book`), published by the
+    /// The address book handed to every agent (`Directive.peer_book_delta`), published by the
     /// decision loop from the Nodes and the reported pod IPs.
     peer_book: PeerBookChannel,
 }
@@ -66,7 +66,7 @@ impl Default for FleetStore {
 
 /// The latest peer book for the ingest streams.
 #[derive(Debug, Clone)]
-struct PeerBookChannel(Arc<tokio::sync::watch::Sender<Option<Arc<v1::PeerBook>>>>);
+struct PeerBookChannel(Arc<tokio::sync::watch::Sender<Option<Arc<crate::book::Book>>>>);
 
 impl Default for PeerBookChannel {
     fn default() -> Self {
@@ -223,7 +223,7 @@ impl FleetStore {
     }
 
     /// Publishes the peer book for every stream; an unchanged book is not sent again.
-    pub fn publish_peer_book(&self, book: v1::PeerBook) {
+    pub fn publish_peer_book(&self, book: crate::book::Book) {
         self.peer_book.0.send_if_modified(|current| {
             if current.as_deref() == Some(&book) {
                 return false;
@@ -235,7 +235,7 @@ impl FleetStore {
 
     /// The peer book as it changes (the current one first).
     #[must_use]
-    pub fn peer_book_updates(&self) -> tokio::sync::watch::Receiver<Option<Arc<v1::PeerBook>>> {
+    pub fn peer_book_updates(&self) -> tokio::sync::watch::Receiver<Option<Arc<crate::book::Book>>> {
         self.peer_book.0.subscribe()
     }
 
@@ -415,6 +415,9 @@ impl Ingest for IngestService {
         books.mark_changed();
         tokio::spawn(async move {
             let mut node: Option<String> = None;
+            // The book this stream last sent (shared with the published one): the next change
+            // is paged as a diff from it; `None` until the first, which resets the agent's.
+            let mut sent: Option<Arc<crate::book::Book>> = None;
             loop {
                 let msg = tokio::select! {
                     () = this.shutdown.cancelled() => {
@@ -424,13 +427,17 @@ impl Ingest for IngestService {
                     Ok(()) = books.changed() => {
                         let book = books.borrow_and_update().clone();
                         if let Some(book) = book {
-                            let directive = Directive {
-                                protocol_version: PROTOCOL_VERSION,
-                                kind: Some(directive::Kind::PeerBook((*book).clone())),
-                            };
-                            if tx.send(Ok(directive)).await.is_err() {
-                                return;
+                            // One page at a time: the channel's bound holds back the rest.
+                            for page in crate::book::Pages::new(sent.as_deref(), &book) {
+                                let directive = Directive {
+                                    protocol_version: PROTOCOL_VERSION,
+                                    kind: Some(directive::Kind::PeerBookDelta(page)),
+                                };
+                                if tx.send(Ok(directive)).await.is_err() {
+                                    return;
+                                }
                             }
+                            sent = Some(book);
                         }
                         continue;
                     }

@@ -67,10 +67,22 @@ async fn peers_named_by_pod_ips_outside_any_pod_cidr_are_evidence_about_their_no
         .await?
         .into_inner();
     let wanted = format!("{}/32", pod_ip(3));
+    // In pages: the first resets, the last has `more` unset.
     let entry = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut held = std::collections::BTreeMap::new();
+        let mut pages = 0;
         while let Some(d) = directives.message().await? {
-            if let Some(directive::Kind::PeerBook(book)) = d.kind
-                && let Some(node) = book.nodes.into_iter().find(|n| n.node_name == "node-3")
+            let Some(directive::Kind::PeerBookDelta(page)) = d.kind else {
+                continue;
+            };
+            assert_eq!(page.reset, pages == 0, "only the first page after connect resets");
+            pages += 1;
+            for name in &page.remove {
+                held.remove(name);
+            }
+            held.extend(page.upsert.into_iter().map(|n| (n.node_name.clone(), n)));
+            if !page.more
+                && let Some(node) = held.remove("node-3")
             {
                 return Ok::<_, tonic::Status>(Some(node));
             }
