@@ -332,15 +332,12 @@ impl Actuator {
     /// pool, not with what it planned.
     pub async fn change_pool(&self, change: &PoolChange) -> Result<(), ActError> {
         let pools: Api<DynamicObject> = Api::all_with(self.client.clone(), &nodepool_resource());
-        let (pool, remove, add, excluded) = match change {
-            PoolChange::Exclude {
-                pool,
-                excluded,
-                remove,
-                add,
-            } => (pool, remove, add.clone(), Some(excluded)),
-            PoolChange::Restore { pool, remove } => (pool, remove, PoolEdits::default(), None),
-        };
+        let crate::core::plan::PoolChangeParts {
+            pool,
+            remove,
+            add,
+            excluded,
+        } = change.parts();
         for _ in 0..5 {
             let obj = pools.get(pool).await.map_err(kube_err("NodePool", pool))?;
             let rv = obj.metadata.resource_version.clone().unwrap_or_default();
@@ -404,7 +401,7 @@ impl Actuator {
                     .iter()
                     .all(|b| count(now_budgets, b) <= count(&new_budgets, b));
             if !verified {
-                return Err(ActError::PoolUnverified(pool.clone()));
+                return Err(ActError::PoolUnverified(pool.to_owned()));
             }
             match excluded {
                 Some(excluded) => {
@@ -418,7 +415,7 @@ impl Actuator {
             }
             return Ok(());
         }
-        Err(ActError::PoolConflict(pool.clone()))
+        Err(ActError::PoolConflict(pool.to_owned()))
     }
 
     /// Writes the snapshot ConfigMap of `pool` (ours alone, with its digest).

@@ -17,8 +17,7 @@ use graywatch_aggregator::{
 };
 use graywatch_proto::v1::{Directive, NodeSummary};
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Node},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    api::core::v1::ConfigMap, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api,
@@ -28,16 +27,6 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 const POOL: &str = "default";
-
-fn reason(n: &Node, ty: &str) -> Option<String> {
-    n.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == ty)
-        .and_then(|c| c.reason.clone())
-}
 
 /// The test's own agents: one stream per node, a window per node only when the test says, so
 /// a single bad window is exactly one.
@@ -129,7 +118,7 @@ async fn one_bad_window_on_three_of_five_nodes_excludes_nothing() -> anyhow::Res
     agents.round(&BTreeSet::from([0, 1, 2])).await;
     for i in 0..3 {
         eventually(20, &format!("node-{i} Suspect"), || async {
-            (reason(&cluster.node(i).await, OVERALL).as_deref() == Some("Suspect")).then_some(())
+            (condition_reason(&cluster.node(i).await, OVERALL).as_deref() == Some("Suspect")).then_some(())
         })
         .await;
     }
@@ -137,7 +126,7 @@ async fn one_bad_window_on_three_of_five_nodes_excludes_nothing() -> anyhow::Res
         .rounds_until(40, "nodes 0-2 Healthy again", || async {
             let mut all = true;
             for i in 0..3 {
-                all &= reason(&cluster.node(i).await, OVERALL).as_deref() == Some("Healthy");
+                all &= condition_reason(&cluster.node(i).await, OVERALL).as_deref() == Some("Healthy");
             }
             all
         })

@@ -68,6 +68,40 @@ pub enum PoolChange {
     Restore { pool: String, remove: PoolEdits },
 }
 
+/// A [`PoolChange`] as the steps every applier takes: the pool, what to take out, what to put
+/// in, and (for an exclusion) the verdicts its snapshot records.
+pub struct PoolChangeParts<'a> {
+    pub pool: &'a str,
+    pub remove: &'a PoolEdits,
+    pub add: PoolEdits,
+    pub excluded: Option<&'a [(String, String)]>,
+}
+
+impl PoolChange {
+    #[must_use]
+    pub fn parts(&self) -> PoolChangeParts<'_> {
+        match self {
+            PoolChange::Exclude {
+                pool,
+                excluded,
+                remove,
+                add,
+            } => PoolChangeParts {
+                pool,
+                remove,
+                add: add.clone(),
+                excluded: Some(excluded),
+            },
+            PoolChange::Restore { pool, remove } => PoolChangeParts {
+                pool,
+                remove,
+                add: PoolEdits::default(),
+                excluded: None,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimDeletion {
     pub node: String,

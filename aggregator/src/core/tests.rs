@@ -158,15 +158,12 @@ impl Sim {
     /// Applies a NodePool change the way the actuator does: snapshot of what may be ours
     /// first, then the pool's lists edited (unless patches fail), then the final snapshot.
     fn apply_pool(&mut self, change: &PoolChange) {
-        let (pool, remove, add, excluded) = match change {
-            PoolChange::Exclude {
-                pool,
-                excluded,
-                remove,
-                add,
-            } => (pool, remove, add.clone(), Some(excluded.clone())),
-            PoolChange::Restore { pool, remove } => (pool, remove, PoolEdits::default(), None),
-        };
+        let crate::core::plan::PoolChangeParts {
+            pool,
+            remove,
+            add,
+            excluded,
+        } = change.parts();
         let fail = self.fail_pool_patches;
         let pv = self.input.pools.get_mut(pool).expect("pool");
         let (reqs, added_reqs) = edit_list(&pv.requirements, &remove.requirements, &add.requirements);
@@ -180,7 +177,7 @@ impl Sim {
             maybe.requirements.extend(remove.requirements.iter().cloned());
             maybe.budgets.extend(remove.budgets.iter().cloned());
             pv.snapshot = Some(PoolSnapshot {
-                excluded: excluded.clone(),
+                excluded: excluded.to_vec(),
                 added: maybe,
             });
         }
@@ -189,7 +186,10 @@ impl Sim {
         }
         pv.requirements = serde_json::Value::Array(reqs);
         pv.budgets = serde_json::Value::Array(budgets);
-        pv.snapshot = excluded.map(|excluded| PoolSnapshot { excluded, added });
+        pv.snapshot = excluded.map(|excluded| PoolSnapshot {
+            excluded: excluded.to_vec(),
+            added,
+        });
     }
 
     fn run(&mut self, eng: &mut Engine, bad: &BTreeSet<usize>, rounds: usize) -> Vec<Plan> {
@@ -226,6 +226,21 @@ impl Sim {
 
 fn set(xs: &[usize]) -> BTreeSet<usize> {
     xs.iter().copied().collect()
+}
+
+/// A 10-node fleet in two zones whose first steps were healthy (the view settled).
+fn settled(p: &Policy) -> (Engine, Sim) {
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 2);
+    (eng, sim)
+}
+
+/// [`settled`], then 3 of zone-a's 5 nodes degraded long enough for a zone verdict.
+fn zone_a_degraded(p: &Policy) -> (Engine, Sim) {
+    let (mut eng, mut sim) = settled(p);
+    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    (eng, sim)
 }
 
 #[test]
@@ -829,9 +844,7 @@ fn instance_type_wide_degradation_excludes_the_type() {
 #[test]
 fn lagging_watch_does_not_duplicate_a_taint() {
     let p = Policy::default();
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
+    let (mut eng, mut sim) = settled(&p);
     let mut taints = 0;
     for _ in 0..8 {
         sim.round(&set(&[3]), |_| true);
@@ -851,10 +864,7 @@ fn restart_with_empty_fleet_view_keeps_state_until_stale_timeout() {
         stale_after_ms: 5000,
         ..Policy::default()
     };
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
-    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    let (_, mut sim) = zone_a_degraded(&p);
     assert!(sim.input.pools["default"].snapshot.is_some());
     let events_before = sim.events.len();
     // Restart: a new engine, and the aggregator has not heard from any agent yet.
@@ -890,10 +900,7 @@ fn restart_with_empty_fleet_view_keeps_state_until_stale_timeout() {
 #[test]
 fn restart_with_agents_returning_one_by_one_acts_only_on_the_settled_view() {
     let p = Policy::default();
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
-    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    let (_, mut sim) = zone_a_degraded(&p);
     assert!(sim.input.pools["default"].snapshot.is_some());
     let events_before = sim.events.clone();
     // Restart while zone-a is still degraded; agents reconnect in an unlucky order: zone-a's
@@ -1062,9 +1069,7 @@ fn exclusion_needs_degraded_nodes_with_action_confidence() {
         min_action_confidence: 1.0,
         ..Policy::default()
     };
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
+    let (mut eng, mut sim) = settled(&p);
     let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
     assert_eq!(sim.overall(&p, 0), Some(CondStatus::False), "degraded");
     assert!(eng.node_state("node-0").is_some_and(|s| s.confidence() < 1.0));
@@ -1080,9 +1085,7 @@ fn exclusion_drift_budget_stays_within_the_blast_radius() {
         exclude_drift_budget: 5,
         ..Policy::default()
     };
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
+    let (mut eng, mut sim) = settled(&p);
     let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
     // 20% of the pool's 10 nodes.
     let budget = serde_json::json!({"nodes": "2", "reasons": ["Drifted"]});
@@ -1102,9 +1105,7 @@ fn exclusion_drift_budget_stays_within_the_blast_radius() {
 #[test]
 fn failed_pool_patch_is_retried() {
     let p = Policy::default();
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
+    let (mut eng, mut sim) = settled(&p);
     sim.fail_pool_patches = true;
     sim.run(&mut eng, &set(&[0, 1, 2]), 8);
     let not_in = |sim: &Sim| {
@@ -1151,9 +1152,7 @@ fn refused_snapshot_leaves_the_pool_alone() {
 #[test]
 fn karpenter_read_error_degrades_only_karpenter() {
     let p = Policy::default();
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
+    let (mut eng, mut sim) = settled(&p);
     sim.run(&mut eng, &set(&[0, 1, 2, 7]), 8);
     assert!(sim.input.pools["default"].snapshot.is_some());
     assert_eq!(sim.tainted(), BTreeSet::from(["node-7".to_string()]));
@@ -1178,10 +1177,7 @@ fn karpenter_read_error_degrades_only_karpenter() {
 #[test]
 fn verdicts_are_taken_over_from_snapshots_once_readable() {
     let p = Policy::default();
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
-    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    let (_, mut sim) = zone_a_degraded(&p);
     assert!(sim.input.pools["default"].snapshot.is_some());
     let mut eng2 = Engine::new(p.clone());
     let pools = std::mem::take(&mut sim.input.pools);
@@ -1198,10 +1194,7 @@ fn verdicts_are_taken_over_from_snapshots_once_readable() {
 #[test]
 fn restore_keeps_edits_others_made_meanwhile() {
     let p = Policy::default();
-    let mut eng = Engine::new(p.clone());
-    let mut sim = Sim::new(10, 5);
-    sim.run(&mut eng, &set(&[]), 2);
-    sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    let (mut eng, mut sim) = zone_a_degraded(&p);
     let theirs_req = serde_json::json!({"key": "example.com/team", "operator": "In", "values": ["a"]});
     let theirs_budget = serde_json::json!({"nodes": "0", "schedule": "@daily", "duration": "1h"});
     let pool = sim.input.pools.get_mut("default").expect("pool");

@@ -170,14 +170,18 @@ impl Cluster {
     }
 }
 
+/// The status of condition `ty` on `n`.
 pub fn condition(n: &Node, ty: &str) -> Option<String> {
-    n.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == ty)
-        .map(|c| c.status.clone())
+    node_condition(n, ty).map(|c| c.status.clone())
+}
+
+/// The reason of condition `ty` on `n`.
+pub fn condition_reason(n: &Node, ty: &str) -> Option<String> {
+    node_condition(n, ty).and_then(|c| c.reason.clone())
+}
+
+fn node_condition<'a>(n: &'a Node, ty: &str) -> Option<&'a k8s_openapi::api::core::v1::NodeCondition> {
+    n.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == ty)
 }
 
 /// A Node condition as another controller would write it.
