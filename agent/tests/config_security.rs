@@ -1,7 +1,7 @@
 //! The aggregator-stream security flags: https needs a CA bundle (and a CA needs https), client
 //! certificate and key go together, and the token file is passed through to the report client.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 use clap::Parser;
 use graywatch_agent::config::{Cli, Config, ConfigError, FileConfig};

@@ -2,7 +2,7 @@
 //! aggregator stand-in sees `authorization: Bearer <token>` on every stream, and a rotated
 //! token file is picked up on the next connection. A client without the CA never gets through.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 use std::{
     path::Path,

@@ -2,7 +2,7 @@
 //! same kernel boot: the new process' window seq starts again at 1. Its windows are new data,
 //! not replays of the old process': the node keeps reporting and its condition stays True.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 mod faults_support;

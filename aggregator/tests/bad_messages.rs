@@ -1,7 +1,7 @@
 //! Malformed, oversized and wrong-version messages are rejected with a clear status; the
 //! aggregator keeps serving.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 

@@ -4,7 +4,7 @@
 //! * streams that open, report and close leave no entry in the per-identity limiter once their
 //!   bucket has refilled (the reconnect grace).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! failover) and a second node degrades in another zone (within the blast radius): it must be
 //! held by the rate limit (read back from our Events), not tainted on a fresh budget.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 

@@ -5,7 +5,7 @@
 //! data reads as Unknown, agents replay what they measured meanwhile, and decisions resume
 //! without flapping.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 mod faults_support;

@@ -4,7 +4,7 @@
 //! of the gate, and `FleetStore`; plus the aggregator's TOML config. No input may panic, and
 //! whatever is accepted keeps the invariants the decision core relies on.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 use std::sync::Arc;
 

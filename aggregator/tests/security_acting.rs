@@ -4,7 +4,7 @@
 //! * a summary for a name that is no Node is refused (NOT_FOUND, `denied{reason="unknown_node"}`);
 //! * the reports of a deleted Node are evicted from the fleet view (`fleet_reports`).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 

@@ -5,7 +5,7 @@
 //! stale-pod tokens are refused too; per-identity stream and rate limits answer
 //! RESOURCE_EXHAUSTED.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! connections and drops the ones that do not answer, which ends their streams and frees their
 //! per-identity slots, so the agent's new stream is admitted.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 mod faults_support;

@@ -3,7 +3,7 @@
 //! that do not trust the server's CA and clients without a certificate are refused at the
 //! handshake; a properly configured client is acknowledged.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 

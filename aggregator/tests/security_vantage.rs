@@ -5,7 +5,7 @@
 //! ("3/3 peers see it degraded"); now it is Suspect at most, with one Event per family naming
 //! the three observers, and nothing else changes.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 mod faults_support;

@@ -3,7 +3,7 @@
 //! renew deadline passes, before the lease expires for the standby, so the two never lead at
 //! once; and the standby that takes over does not get a fresh action budget.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 mod faults_support;

@@ -558,7 +558,7 @@ fn lie(sim: &mut Sim, liars: &BTreeSet<usize>, victim: usize, low_base: bool, sp
 
 /// Runs `rounds` rounds with `liars` lying about `victim`; returns the worst overall status the
 /// victim ever had and whether it was ever tainted.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "one knob per dimension of the liars proptest")]
 fn run_with_liars(
     sim: &mut Sim,
     eng: &mut Engine,

@@ -2,7 +2,11 @@
 //! `graywatch-aggregator` binary as a child process, and a fleet of simulated agents speaking
 //! the real gRPC stream.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    reason = "shared by many test binaries, each using a part; a test fails loudly on anything unexpected"
+)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},

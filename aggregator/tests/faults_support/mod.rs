@@ -3,7 +3,11 @@
 //! reconnect with backoff) each behind its own loopback TCP proxy (pass / blackhole / refuse),
 //! per-node clock skew, and a recorder of every condition and taint the cluster ever showed.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    reason = "shared by many test binaries, each using a part; a test fails loudly on anything unexpected"
+)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,7 +29,7 @@ use tokio::{
 use crate::common::{Aggregator, Cluster, OVERALL, TAINT, condition, node_name, summary};
 
 // Moved to `common`; still reachable here for tests that name it `faults_support::all_true`.
-#[allow(unused_imports)]
+#[allow(unused_imports, reason = "not every test binary that includes this module names it")]
 pub use crate::common::all_true;
 
 /// The start every fault test shares: `n` Nodes (5 per zone), a recorder of what the cluster
