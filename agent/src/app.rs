@@ -49,6 +49,8 @@ pub struct CollectorOptions {
     pub paths: HostPaths,
     pub cgroup_root: Option<PathBuf>,
     pub scope: Option<String>,
+    /// Node-level PSI from the scope's cgroup (see [`Config::node_figures_from_scope`]).
+    pub node_figures_from_scope: bool,
     /// Cgroups reported besides the pods (relative to each hierarchy root).
     pub watch_cgroups: Vec<String>,
     pub cgroup_attribution: CgroupAttribution,
@@ -63,6 +65,7 @@ impl CollectorOptions {
             paths: HostPaths::default(),
             cgroup_root: None,
             scope: None,
+            node_figures_from_scope: false,
             watch_cgroups: Vec::new(),
             cgroup_attribution: CgroupAttribution::default(),
         }
@@ -81,6 +84,7 @@ impl From<&Config> for CollectorOptions {
             paths: config.paths.clone(),
             cgroup_root: config.cgroup_root.clone(),
             scope: config.cgroup_scope.clone(),
+            node_figures_from_scope: config.node_figures_from_scope,
             watch_cgroups: config.watch_cgroups.clone(),
             cgroup_attribution: config.cgroup_attribution,
         }
@@ -100,7 +104,7 @@ impl Collector {
         )
         .context("starting the kernel programs")?;
         let net = NetCollector::new(&mut programs)?;
-        let host = HostSignals::new(paths, &options.watch_cgroups, &mut programs)?;
+        let mut host = HostSignals::new(paths, &options.watch_cgroups, &mut programs)?;
         let cgroups = match CgroupResolver::discover(options.cgroup_root.as_deref(), Path::new("/proc/self/mountinfo"))
         {
             Ok(cgroups) => {
@@ -115,6 +119,14 @@ impl Collector {
             }
             Err(error) => return Err(error).context("finding the cgroup v2 hierarchy for pod attribution"),
         };
+        if options.node_figures_from_scope {
+            let (Some(root), Some(scope)) = (cgroups.root(), options.scope.as_deref()) else {
+                anyhow::bail!("node figures from the scope need a cgroup v2 hierarchy and a scope");
+            };
+            let dir = root.join(scope.trim_start_matches('/'));
+            info!(dir = %dir.display(), "node-level pressure from the scope's cgroup (bench node on a shared kernel)");
+            host.node_pressure_from_cgroup(&dir);
+        }
         let mut collector = Self {
             programs,
             net,
@@ -155,7 +167,8 @@ impl Collector {
         let (mut cpu, mut memory, mut pressure) = self.host.collect(|id| workload(cgroups, pods, id));
         if let Some(scope) = &self.scope {
             // A scoped agent (one of several on a shared kernel, as in the demo) reports only its
-            // own cgroups; node-wide figures (steal, node PSI) stay as they are.
+            // own cgroups, so its run-queue figure is its subtree's; node PSI is the scope's with
+            // --node-figures-from-scope, steal always the kernel's.
             let inside = |w: &Workload| w.cgroup_path.as_deref().is_some_and(|p| in_scope(p, scope));
             cpu.run_queue.retain(|r| inside(&r.workload));
             memory.reclaim.retain(|r| inside(&r.workload));

@@ -67,6 +67,12 @@ pub struct Cli {
     #[arg(long, env = "GRAYWATCH_CGROUP_SCOPE")]
     pub cgroup_scope: Option<String>,
 
+    /// Take the node-level pressure figures (PSI) from the scope's own cgroup instead of
+    /// /proc/pressure: for several agents sharing one kernel (the netns bench), where each
+    /// "node" is a cgroup. Needs --cgroup-scope. Never on a real node.
+    #[arg(long, env = "GRAYWATCH_NODE_FIGURES_FROM_SCOPE")]
+    pub node_figures_from_scope: bool,
+
     /// Also report the pressure, OOM and throttling figures of these cgroups, beyond the pods
     /// found under kubepods: paths relative to each hierarchy root, comma-separated (e.g.
     /// system.slice/kubelet.service).
@@ -231,6 +237,8 @@ pub struct FileConfig {
     pub rtt_source: Option<RttSource>,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
+    #[serde(default)]
+    pub node_figures_from_scope: bool,
     pub watch_cgroups: Option<Vec<String>>,
     pub cgroup_attribution: Option<CgroupAttribution>,
     pub procfs_root: Option<PathBuf>,
@@ -260,6 +268,8 @@ pub struct Config {
     pub rtt_source: RttSource,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
+    /// Node-level PSI from the scope's cgroup (bench nodes sharing one kernel).
+    pub node_figures_from_scope: bool,
     /// Cgroups reported besides the pods (relative to each hierarchy root).
     pub watch_cgroups: Vec<String>,
     pub cgroup_attribution: CgroupAttribution,
@@ -346,6 +356,13 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "cgroup_scope",
                 reason: format!("{scope:?} must be an absolute cgroup path like /kubepods.slice"),
+            });
+        }
+        let node_figures_from_scope = cli.node_figures_from_scope || file.node_figures_from_scope;
+        if node_figures_from_scope && cgroup_scope.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "node_figures_from_scope",
+                reason: "needs cgroup_scope (the cgroup whose figures stand for the node's)".into(),
             });
         }
         let aggregator = cli.aggregator.clone().or(file.aggregator);
@@ -440,6 +457,7 @@ impl Config {
                 .unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
             cgroup_root: cli.cgroup_root.clone().or(file.cgroup_root),
             cgroup_scope,
+            node_figures_from_scope,
             watch_cgroups: if cli.watch_cgroups.is_empty() {
                 file.watch_cgroups.unwrap_or_default()
             } else {

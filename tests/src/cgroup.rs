@@ -99,26 +99,41 @@ pub struct TestCgroup {
     layout: Layout,
     /// Directories created, one per hierarchy (v2 and/or v1 cpu, v1 memory).
     dirs: Vec<PathBuf>,
+    /// Parent directories this cgroup created (removed on drop once empty).
+    parents: Vec<PathBuf>,
 }
 
 impl TestCgroup {
     /// Creates `graywatch-test/<name>-<pid>` with `limits`.
     pub fn create(name: &str, limits: Limits) -> Result<Self, CgroupError> {
+        Self::create_at(&format!("{PARENT}/{name}-{}", std::process::id()), limits)
+    }
+
+    /// Creates the cgroup at `rel` (relative to each hierarchy root; its parent must exist in the
+    /// v2 hierarchy, e.g. a bench node's cgroup, and is created in the v1 ones) with `limits`:
+    /// a workload inside a bench node, limited by the v1 controllers on a hybrid host.
+    pub fn create_at(rel: &str, limits: Limits) -> Result<Self, CgroupError> {
         let layout = Layout::host()?;
-        let rel = format!("{PARENT}/{name}-{}", std::process::id());
+        let rel = rel.trim_matches('/').to_owned();
+        let parent = Path::new(&rel).parent().unwrap_or(Path::new(""));
         let mut cgroup = TestCgroup {
             rel: rel.clone(),
             layout: layout.clone(),
             dirs: Vec::new(),
+            parents: Vec::new(),
         };
         if let Some(v2) = layout.v2_root() {
             if matches!(layout, Layout::V2 { .. }) {
                 // Controllers must be delegated down to our parent for cpu.max / memory.max.
                 write(&v2.join("cgroup.subtree_control"), "+cpu +memory")?;
-                make_dir(&v2.join(PARENT))?;
-                write(&v2.join(PARENT).join("cgroup.subtree_control"), "+cpu +memory")?;
+                cgroup.make_parents(v2, parent)?;
+                let mut dir = v2.to_owned();
+                for part in parent.components() {
+                    dir.push(part);
+                    write(&dir.join("cgroup.subtree_control"), "+cpu +memory")?;
+                }
             } else {
-                make_dir(&v2.join(PARENT))?;
+                cgroup.make_parents(v2, parent)?;
             }
             let dir = v2.join(&rel);
             make_dir(&dir)?;
@@ -126,7 +141,7 @@ impl TestCgroup {
         }
         for controller in ["cpu", "memory"] {
             if let Some(root) = layout.v1(controller) {
-                make_dir(&root.join(PARENT))?;
+                cgroup.make_parents(&root, parent)?;
                 let dir = root.join(&rel);
                 make_dir(&dir)?;
                 cgroup.dirs.push(dir);
@@ -134,6 +149,19 @@ impl TestCgroup {
         }
         cgroup.apply(limits)?;
         Ok(cgroup)
+    }
+
+    /// Creates the missing directories of `parent` under `root`, remembering them for drop.
+    fn make_parents(&mut self, root: &Path, parent: &Path) -> Result<(), CgroupError> {
+        let mut dir = root.to_owned();
+        for part in parent.components() {
+            dir.push(part);
+            if !dir.exists() {
+                make_dir(&dir)?;
+                self.parents.push(dir.clone());
+            }
+        }
+        Ok(())
     }
 
     fn apply(&self, limits: Limits) -> Result<(), CgroupError> {
@@ -275,10 +303,10 @@ impl Drop for TestCgroup {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // The shared parent goes too once no other test cgroup is left in it (EBUSY otherwise).
-            if let Some(parent) = dir.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
+        }
+        // The shared parents go too once no other test cgroup is left in them (EBUSY otherwise).
+        for parent in self.parents.iter().rev() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }

@@ -236,6 +236,14 @@ impl HostSignals {
         self.cgroups.watch(rel);
     }
 
+    /// Node-level PSI from cgroup v2 directory `dir` from now on (a bench node sharing the
+    /// kernel). Steal stays the kernel's: a hypervisor steals from the whole kernel, so bench
+    /// nodes share it. Takes the new source's baseline reading.
+    pub fn node_pressure_from_cgroup(&mut self, dir: &std::path::Path) {
+        self.node_psi = NodePsiCollector::from_cgroup(dir);
+        self.node_psi.collect();
+    }
+
     /// (signal, available) for `signal_available`.
     pub fn availability(&self) -> Vec<(&'static str, bool)> {
         vec![

@@ -131,10 +131,12 @@ pub fn window(prev: Option<&Psi>, now: Psi, elapsed: Duration) -> PsiWindow {
     }
 }
 
-/// Node-level PSI from `<procfs>/pressure/*`. Blocking: call from `spawn_blocking`.
+/// Node-level PSI from `<procfs>/pressure/*` (or, for a bench node sharing the kernel, from its
+/// cgroup's `*.pressure`). Blocking: call from `spawn_blocking`.
 #[derive(Debug)]
 pub struct NodePsiCollector {
-    procfs_root: PathBuf,
+    /// The memory, cpu and io files, in [`Resource::ALL`] order.
+    files: [PathBuf; 3],
     last: [Option<(Psi, std::time::Instant)>; 3],
     /// Which resources were missing at the last collection (exported as `signal_available`).
     missing: [bool; 3],
@@ -144,8 +146,19 @@ pub struct NodePsiCollector {
 
 impl NodePsiCollector {
     pub fn new(procfs_root: impl Into<PathBuf>) -> Self {
+        let dir = procfs_root.into().join("pressure");
+        Self::with_files(Resource::ALL.map(|r| dir.join(r.file_name())))
+    }
+
+    /// The node's figures from cgroup v2 directory `dir` (`memory.pressure`, …): on a shared
+    /// kernel a bench node is a cgroup, and its cgroup's PSI is what a node's kernel would say.
+    pub fn from_cgroup(dir: &Path) -> Self {
+        Self::with_files(Resource::ALL.map(|r| dir.join(format!("{}.pressure", r.file_name()))))
+    }
+
+    fn with_files(files: [PathBuf; 3]) -> Self {
         Self {
-            procfs_root: procfs_root.into(),
+            files,
             last: [None, None, None],
             missing: [false; 3],
             logged_missing: [false; 3],
@@ -157,7 +170,7 @@ impl NodePsiCollector {
     pub fn collect(&mut self) -> NodePsi {
         let mut out = NodePsi::default();
         for (i, resource) in Resource::ALL.into_iter().enumerate() {
-            let path = self.procfs_root.join("pressure").join(resource.file_name());
+            let path = self.files[i].clone();
             let now_t = std::time::Instant::now();
             self.missing[i] = false;
             let reading = match read_psi(&path) {

@@ -1,6 +1,14 @@
 //! The README demo: a real etcd + kube-apiserver, Node objects for a few network-namespace
 //! "nodes" with real traffic between them, one graywatch-agent per node, the aggregator, an
-//! injected gray failure on one node, and the resulting conditions, Events and taint.
+//! injected gray failure on one node, and the resulting conditions, Events and taint. With
+//! scenarios, the same cluster runs the gray-failure matrix instead (see [`scenarios`]).
+//!
+//! The nodes share this machine's kernel, so each agent takes its node-level figures from its
+//! node's cgroup (`--cgroup-scope` with `--node-figures-from-scope`): pressure from the cgroup's
+//! PSI files, run-queue delay from the cgroups below it, as a real node's come from its kernel.
+//! CPU steal is the one figure the bench nodes share: a hypervisor steals from the whole kernel.
+
+pub mod scenarios;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +45,9 @@ pub struct DemoOptions {
     pub bin_dir: PathBuf,
     /// Aggregator config file (TOML) with demo-speed thresholds.
     pub aggregator_config: Option<PathBuf>,
+    /// Run these scenarios (each `runs` times) after the baseline instead of the single fault.
+    pub scenarios: Vec<scenarios::Scenario>,
+    pub runs: usize,
 }
 
 /// Measured outcome.
@@ -45,6 +56,8 @@ pub struct DemoResult {
     pub fault_to_condition: Option<Duration>,
     pub fault_to_taint: Option<Duration>,
     pub recovery: Option<Duration>,
+    /// One document per scenario run (see [`scenarios::run_matrix`]).
+    pub scenarios: Vec<serde_json::Value>,
 }
 
 /// Child processes killed (and reaped) on drop.
@@ -373,6 +386,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
             .args([
                 "--cgroup-scope",
                 &cgroups[i].cgroup_path,
+                "--node-figures-from-scope",
                 "--aggregator",
                 &format!("http://127.0.0.1:{grpc_port}"),
             ]);
@@ -406,6 +420,9 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         );
     }
 
+    let zones: Vec<&'static str> = (0..bench.nodes.len())
+        .map(|i| ZONES[i * ZONES.len() / bench.nodes.len()])
+        .collect();
     let target_index = match &options.target {
         Some(t) => names
             .iter()
@@ -414,6 +431,45 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         None => 1,
     };
     let target = &names[target_index];
+    if !options.scenarios.is_empty() {
+        let cluster = scenarios::Cluster {
+            bench: &bench,
+            names: &names,
+            zones: &zones,
+            node_cgroups: cgroups.iter().map(|c| c.cgroup_path.clone()).collect(),
+            target: target_index,
+            aggregator_http: http_port,
+            max_wait: options.max_wait,
+        };
+        let observe = || {
+            let api = nodes_api.clone();
+            async move {
+                let views = node_views(&api, policy_prefix, taint_key).await?;
+                Ok(views
+                    .into_iter()
+                    .map(|(name, view)| {
+                        let families = view
+                            .conditions
+                            .iter()
+                            .filter(|(kind, (status, _))| {
+                                status == "False" && !matches!(kind.as_str(), "GrayFailureHealthy" | "Healthy")
+                            })
+                            .map(|(kind, _)| kind.clone())
+                            .collect();
+                        (name, (overall(&view) == Some("False"), families, view.tainted))
+                    })
+                    .collect())
+            }
+        };
+        step(6, STEPS, "running the scenario matrix");
+        let results = scenarios::run_matrix(&cluster, &options.scenarios, options.runs, observe).await;
+        processes.check(&logs)?;
+        print_new_events(&events_api, &mut seen_events).await?;
+        return Ok(DemoResult {
+            scenarios: results?,
+            ..DemoResult::default()
+        });
+    }
     let target_node = bench.node(target_index);
     let peers: Vec<_> = bench
         .nodes

@@ -1,11 +1,12 @@
 //! The README demo as a test: real apiserver, aggregator, agents on netns nodes, a real injected
 //! fault. Passes only if the faulted node's condition goes False, it is tainted, and it recovers
-//! (each within the demo's bounded wait), and no other node is touched.
+//! (each within the demo's bounded wait), and no other node is touched. The second test runs the
+//! most distinct gray-failure scenarios of the bench matrix on one cluster, with the same rule.
 
 use std::process::Command;
 
-#[test]
-fn injected_gray_failure_is_detected_tainted_and_recovered() {
+/// graywatch-demo with `--bin-dir` and `--aggregator-config` set.
+fn demo() -> Command {
     let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_graywatch-demo"))
         .parent()
         .expect("bin dir")
@@ -24,7 +25,18 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
     let config = std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), std::path::PathBuf::from)
         .join("aggregator.toml");
-    let output = Command::new(env!("CARGO_BIN_EXE_graywatch-demo"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_graywatch-demo"));
+    command
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--aggregator-config")
+        .arg(config);
+    command
+}
+
+#[test]
+fn injected_gray_failure_is_detected_tainted_and_recovered() {
+    let output = demo()
         .args([
             "--baseline",
             "30s",
@@ -35,10 +47,6 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
             "--node",
             "node-c",
         ])
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .arg("--aggregator-config")
-        .arg(config)
         .output()
         .expect("run graywatch-demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -65,5 +73,44 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
             !stdout.contains(&format!("GrayFailureTaint on {other}")),
             "{other} must not be tainted:\n{stdout}"
         );
+    }
+}
+
+/// Memory pressure and run-queue contention inside one node's cgroup (node-level figures from
+/// the node's own cgroup, not the shared kernel's) and a blackhole towards one peer: each is
+/// detected on the faulty node, in the expected family, tainted and recovered, and no other node
+/// is ever False or tainted. The demo awaits each reaction (bounded) and reports what it saw.
+#[test]
+fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
+    let expected = [
+        ("memory-pressure", "MemoryPressureHealthy"),
+        ("run-queue", "CpuContentionHealthy"),
+        ("blackhole-one-peer", "PacketLossHealthy"),
+    ];
+    let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
+    let output = demo()
+        .args(["--baseline", "30s", "--max-wait", "60s", "--node", "node-c", "--runs", "1"])
+        .args(["--scenarios", &scenarios.join(",")])
+        .output()
+        .expect("run graywatch-demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let results: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("scenario_result="))
+        .map(|doc| serde_json::from_str(doc).expect("scenario_result is JSON"))
+        .collect();
+    assert_eq!(results.len(), expected.len(), "one result per scenario:\n{stdout}");
+    for (result, (scenario, family)) in results.iter().zip(expected) {
+        assert_eq!(result["scenario"], scenario);
+        let context = format!("{scenario}: {result}\n{stdout}");
+        assert!(result["clean_before"].as_bool().unwrap_or(false), "{context}");
+        assert!(result["condition_seconds"].is_number(), "no condition False: {context}");
+        let reacted = result["reacted"].as_array().expect("reacted");
+        assert!(reacted.iter().any(|c| c == family), "{family} did not react: {context}");
+        assert_eq!(result["tainted_targets"], serde_json::json!(["node-c"]), "{context}");
+        assert!(result["recovery_seconds"].is_number(), "no recovery: {context}");
+        assert_eq!(result["false_actions"], serde_json::json!([]), "{context}");
     }
 }

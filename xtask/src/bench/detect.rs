@@ -2,6 +2,11 @@
 //! and to its taint, on the demo topology (`graywatch-demo`: a real apiserver, nodes as network
 //! namespaces with traffic, one agent per node, the aggregator in direct-taint mode), repeated;
 //! reports median, min and max. Each repetition is a fresh demo run.
+//!
+//! With `--scenarios`, the gray-failure matrix instead: one demo cluster (6 nodes, two zones)
+//! runs every scenario `--runs` times and the table has one row per scenario: the conditions
+//! that reacted, fault → condition False and → taint (median, min, max), recovery, and every
+//! action on a node that was not faulted. A scenario that is not detected is a row that says so.
 
 use std::{
     io::{BufRead, BufReader},
@@ -28,6 +33,12 @@ pub struct DetectArgs {
     /// Baseline learning time before the fault, as graywatch-demo takes it.
     #[arg(long)]
     pub baseline: Option<String>,
+    /// Run the scenario matrix: `all` or scenario names (graywatch-demo --scenarios).
+    #[arg(long)]
+    pub scenarios: Option<String>,
+    /// With --scenarios: runs of each scenario.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
 }
 
 const BUDGET_SECONDS: f64 = 10.0;
@@ -57,13 +68,16 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
                 .env("GRAYWATCH_REQUIRE_EBPF", "1"),
         )?;
     }
-    let bin_dir = root.join("target/release");
+    let bin_dir = super::target_dir().join("release");
     let demo = bin_dir.join("graywatch-demo");
     if !demo.is_file() {
         bail!(
             "{} is missing: build it with `cargo build --release -p graywatch-demo`",
             demo.display()
         );
+    }
+    if let Some(scenarios) = &args.scenarios {
+        return matrix(args, scenarios, &demo, &baseline);
     }
     println!(
         "detect: {repetitions} demo run(s), fault {}, baseline {baseline}",
@@ -157,6 +171,168 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
             "config": {"repetitions": repetitions, "fault": args.fault, "baseline": baseline},
             "intervals": out,
             "goals": {"detection_under_10s": met},
+        }),
+    )?;
+    Ok(())
+}
+
+/// One scenario run as graywatch-demo reports it (`scenario_result=` lines).
+#[derive(serde::Deserialize)]
+struct ScenarioRun {
+    scenario: String,
+    #[serde(default)]
+    reacted: Vec<String>,
+    condition_seconds: Option<f64>,
+    taint_seconds: Option<f64>,
+    verdict_seconds: Option<f64>,
+    recovery_seconds: Option<f64>,
+    #[serde(default)]
+    tainted_targets: Vec<String>,
+    #[serde(default)]
+    false_actions: Vec<String>,
+    #[serde(default)]
+    clean_before: bool,
+}
+
+fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: &str) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let runs = args.runs.max(1);
+    let load_before = super::loadavg();
+    println!("detect: scenario matrix `{scenarios}`, {runs} run(s) each, baseline {baseline}, load {load_before}");
+    let log = output_dir()?.join("logs/detect-matrix.log");
+    let started = Instant::now();
+    let mut child = Command::new(demo)
+        .arg("--bin-dir")
+        .arg(demo.parent().context("demo binary directory")?)
+        .arg("--aggregator-config")
+        .arg(root.join("tests/demo/aggregator.toml"))
+        // Two zones of three: a zone verdict needs three nodes in the zone and three outside.
+        .args(["--nodes", "6", "--baseline", baseline, "--max-wait", "60s"])
+        .args(["--scenarios", scenarios, "--runs", &runs.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting graywatch-demo")?;
+    let stdout = child.stdout.take().context("demo stdout")?;
+    let mut text = String::new();
+    let mut results: Vec<ScenarioRun> = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        text.push_str(&line);
+        text.push('\n');
+        if let Some(doc) = line.strip_prefix("scenario_result=") {
+            let run: ScenarioRun = serde_json::from_str(doc).with_context(|| format!("parsing {doc}"))?;
+            println!(
+                "  {}: condition False {} s, taint {} s, verdict {} s, recovery {} s, reacted {:?}, false actions {:?}",
+                run.scenario,
+                fmt(run.condition_seconds.unwrap_or(f64::NAN), 1),
+                fmt(run.taint_seconds.unwrap_or(f64::NAN), 1),
+                fmt(run.verdict_seconds.unwrap_or(f64::NAN), 1),
+                fmt(run.recovery_seconds.unwrap_or(f64::NAN), 1),
+                run.reacted,
+                run.false_actions
+            );
+            results.push(run);
+        }
+    }
+    let status = child.wait()?;
+    std::fs::write(&log, &text).with_context(|| format!("writing {}", log.display()))?;
+    let load_after = super::loadavg();
+    if !status.success() {
+        bail!("graywatch-demo failed ({status}); log {}", log.display());
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for r in &results {
+        if !names.contains(&r.scenario.as_str()) {
+            names.push(&r.scenario);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut docs = Vec::new();
+    for name in names {
+        let of: Vec<&ScenarioRun> = results.iter().filter(|r| r.scenario == name).collect();
+        let figures = |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> {
+            of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect()
+        };
+        let (condition, taint, verdict, recovery) = (
+            figures(|r| r.condition_seconds),
+            figures(|r| r.taint_seconds),
+            figures(|r| r.verdict_seconds),
+            figures(|r| r.recovery_seconds),
+        );
+        let spread = |v: &[f64]| {
+            let (lo, hi) = min_max(v);
+            format!("{} ({}–{})", fmt(median(v), 1), fmt(lo, 1), fmt(hi, 1))
+        };
+        let detected = condition.iter().filter(|v| v.is_finite()).count();
+        let mut reacted: Vec<String> = of.iter().flat_map(|r| r.reacted.iter().cloned()).collect();
+        reacted.sort();
+        reacted.dedup();
+        let reacted = reacted.iter().map(|c| c.trim_end_matches("Healthy")).collect::<Vec<_>>();
+        let mut false_actions: Vec<String> = of.iter().flat_map(|r| r.false_actions.iter().cloned()).collect();
+        false_actions.sort();
+        false_actions.dedup();
+        let runs_with_false = of.iter().filter(|r| !r.false_actions.is_empty()).count();
+        let verdicts = verdict.iter().filter(|v| v.is_finite()).count();
+        rows.push(vec![
+            name.to_owned(),
+            if reacted.is_empty() { "NOT DETECTED".to_owned() } else { reacted.join("+") },
+            format!("{detected}/{}", of.len()),
+            spread(&condition),
+            spread(&taint),
+            if verdicts > 0 { format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1)) } else { "—".to_owned() },
+            spread(&recovery),
+            if false_actions.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{runs_with_false}/{} runs: {}", of.len(), false_actions.join("; "))
+            },
+        ]);
+        let series = |v: &[f64]| {
+            let (lo, hi) = min_max(v);
+            json!({"seconds": v.iter().map(|x| finite(*x)).collect::<Vec<_>>(), "median": finite(median(v)),
+                   "min": finite(lo), "max": finite(hi)})
+        };
+        docs.push(json!({
+            "scenario": name,
+            "runs": of.len(),
+            "detected_runs": detected,
+            "reacted": reacted,
+            "fault_to_condition_false": series(&condition),
+            "fault_to_taint": series(&taint),
+            "fault_to_zone_verdict": series(&verdict),
+            "recovery": series(&recovery),
+            "tainted_targets": of.iter().map(|r| r.tainted_targets.clone()).collect::<Vec<_>>(),
+            "false_actions": false_actions,
+            "runs_with_false_actions": runs_with_false,
+            "runs_not_starting_clean": of.iter().filter(|r| !r.clean_before).count(),
+        }));
+    }
+    print_table(
+        &format!(
+            "Gray-failure scenarios on the netns bench (6 nodes, 2 zones; {runs} run(s) each; load {load_before} → {load_after}; {:.0} s)",
+            started.elapsed().as_secs_f64()
+        ),
+        &[
+            "scenario",
+            "reacted",
+            "detected",
+            "→ False s med (min–max)",
+            "→ taint s",
+            "zone verdict",
+            "recovery s",
+            "false actions elsewhere",
+        ],
+        &rows,
+    );
+    write_result(
+        "detect",
+        args.common.quick,
+        json!({
+            "config": {"scenarios": scenarios, "runs": runs, "baseline": baseline, "nodes": 6,
+                       "loadavg_at_start": load_before},
+            "scenarios": docs,
         }),
     )?;
     Ok(())

@@ -117,7 +117,7 @@ pub fn binaries(common: &CommonArgs) -> anyhow::Result<Binaries> {
     })
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
@@ -176,10 +176,7 @@ pub fn machine() -> Value {
         .unwrap_or_default()
         .trim()
         .to_owned();
-    let loadavg = std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let loadavg = loadavg();
     json!({
         "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "cpu_model": cpu_model,
@@ -187,6 +184,14 @@ pub fn machine() -> Value {
         "memory_gib": (mem_kib as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
         "loadavg_at_end": loadavg,
     })
+}
+
+/// `/proc/loadavg` as the kernel prints it (the machine's business during a measurement).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// Installs Debian packages whose binary is missing (peer observers); failures are reported by the

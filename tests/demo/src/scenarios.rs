@@ -1,0 +1,454 @@
+//! The gray-failure scenario matrix (`cargo xtask bench detect --scenarios …`): on one demo
+//! cluster, after the baseline, each scenario in turn is injected, watched until the faulty
+//! node(s) are acted on (or a bounded wait ends), removed, and watched until everything is
+//! healthy again. Every run prints one `scenario_result=<json>` line: which conditions reacted,
+//! fault → condition False / taint / zone verdict, recovery, and every action on a node that was
+//! not faulted.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use graywatch_testbench::{
+    cgroup::{Limits, TestCgroup},
+    fault::{LinkEmulator, LinkSpec},
+    netns::Bench,
+};
+use serde_json::json;
+
+/// What is done to a faulty node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Link emulation (delay, jitter, loss) on the node's packets towards every peer, or only
+    /// towards one.
+    Link { spec: &'static str, one_peer: bool },
+    /// CPU hogs inside the node's cgroup: run-queue contention.
+    CpuHogs,
+    /// Anonymous memory plus page-cache re-reads under a memory limit, inside the node's cgroup.
+    MemoryThrash,
+}
+
+/// Which nodes are faulty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targets {
+    /// The demo's target node.
+    One,
+    /// The target and a node of the other zone.
+    Two,
+    /// Every node of the last zone, towards every node outside it: expected to give one zone
+    /// verdict, not a taint per node.
+    Zone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub fault: Fault,
+    pub targets: Targets,
+    /// 5 s on, 5 s off, for as long as the reaction is awaited.
+    pub flapping: bool,
+}
+
+const fn link(name: &'static str, spec: &'static str) -> Scenario {
+    Scenario {
+        name,
+        fault: Fault::Link { spec, one_peer: false },
+        targets: Targets::One,
+        flapping: false,
+    }
+}
+
+/// The default link fault of the demo, for the scenarios about who is faulty and when.
+const DEMO_FAULT: Fault = Fault::Link {
+    spec: "delay=30ms,loss=1%",
+    one_peer: false,
+};
+
+/// Every scenario, in the order they run.
+pub const ALL: &[Scenario] = &[
+    link("delay-5ms", "delay=5ms"),
+    link("delay-20ms", "delay=20ms"),
+    link("delay-100ms", "delay=100ms"),
+    link("loss-0.5%", "loss=0.5%"),
+    link("loss-2%", "loss=2%"),
+    link("loss-10%", "loss=10%"),
+    Scenario {
+        name: "blackhole-one-peer",
+        fault: Fault::Link {
+            spec: "loss=100%",
+            one_peer: true,
+        },
+        targets: Targets::One,
+        flapping: false,
+    },
+    Scenario {
+        name: "asymmetric-a-to-b",
+        fault: Fault::Link {
+            spec: "delay=30ms",
+            one_peer: true,
+        },
+        targets: Targets::One,
+        flapping: false,
+    },
+    link("jitter-only", "delay=10ms,jitter=10ms"),
+    Scenario {
+        name: "run-queue",
+        fault: Fault::CpuHogs,
+        targets: Targets::One,
+        flapping: false,
+    },
+    Scenario {
+        name: "memory-pressure",
+        fault: Fault::MemoryThrash,
+        targets: Targets::One,
+        flapping: false,
+    },
+    Scenario {
+        name: "zone-wide",
+        fault: DEMO_FAULT,
+        targets: Targets::Zone,
+        flapping: false,
+    },
+    Scenario {
+        name: "two-nodes",
+        fault: DEMO_FAULT,
+        targets: Targets::Two,
+        flapping: false,
+    },
+    Scenario {
+        name: "flapping",
+        fault: DEMO_FAULT,
+        targets: Targets::One,
+        flapping: true,
+    },
+];
+
+/// `all`, or scenario names separated by commas.
+pub fn select(list: &str) -> Result<Vec<Scenario>, String> {
+    if list.trim() == "all" {
+        return Ok(ALL.to_vec());
+    }
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            ALL.iter().find(|s| s.name == name).copied().ok_or_else(|| {
+                let names: Vec<&str> = ALL.iter().map(|s| s.name).collect();
+                format!("unknown scenario `{name}` (known: all, {})", names.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// What the matrix needs of the running demo.
+pub struct Cluster<'a> {
+    pub bench: &'a Bench,
+    pub names: &'a [String],
+    pub zones: &'a [&'static str],
+    /// Each node's cgroup, relative to the v2 root (`/graywatch-bench/demo-node-a-…`).
+    pub node_cgroups: Vec<String>,
+    pub target: usize,
+    pub aggregator_http: u16,
+    pub max_wait: Duration,
+}
+
+/// A fault in force; dropping it removes it.
+enum Injected {
+    Link(#[expect(dead_code, reason = "held for its Drop, which restores the node's routing")] LinkEmulator),
+    Load(#[expect(dead_code, reason = "held for its Drop, which kills the load")] Load),
+}
+
+/// A load running in a cgroup inside a node; dropping it kills and reaps it.
+struct Load {
+    cgroup: TestCgroup,
+    child: std::process::Child,
+    _file: Option<TempFile>,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.cgroup.kill_all();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Cluster<'_> {
+    fn targets(&self, targets: Targets) -> Vec<usize> {
+        let n = self.names.len();
+        match targets {
+            Targets::One => vec![self.target],
+            Targets::Two => {
+                // The second one in the other zone, so that neither zone has a majority faulty.
+                let zone = self.zones[self.target];
+                let other = (0..n).rev().find(|&i| self.zones[i] != zone).unwrap_or((self.target + 1) % n);
+                vec![self.target, other]
+            }
+            Targets::Zone => {
+                let last = self.zones[n - 1];
+                (0..n).filter(|&i| self.zones[i] == last).collect()
+            }
+        }
+    }
+
+    /// Injects `fault` on every target. `spare` nodes are not faulted towards: for a zone-wide
+    /// fault, the zone's own nodes (its links to the rest of the fleet are what is slow).
+    fn inject(&self, fault: Fault, targets: &[usize], spare: &[usize], run: usize) -> anyhow::Result<Vec<Injected>> {
+        let mut injected = Vec::new();
+        for &t in targets {
+            let node = self.bench.node(t);
+            match fault {
+                Fault::Link { spec, one_peer } => {
+                    let spec = LinkSpec::parse(spec).map_err(anyhow::Error::msg)?;
+                    let peers: Vec<_> = self
+                        .bench
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != t && !spare.contains(i))
+                        .map(|(_, n)| n.ipv4)
+                        .take(if one_peer { 1 } else { usize::MAX })
+                        .collect();
+                    injected.push(Injected::Link(LinkEmulator::start(
+                        &node.netns,
+                        node.ipv4,
+                        "eth0",
+                        &peers,
+                        spec,
+                    )?));
+                }
+                Fault::CpuHogs => {
+                    let cgroup = self.load_cgroup(t, "cpu-hogs", run, Limits::default())?;
+                    // One busy worker per CPU of this machine, as a noisy neighbour would.
+                    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+                    let child = cgroup.spawn(
+                        Command::new("stress-ng")
+                            .args(["--cpu", &cpus.to_string(), "--quiet"])
+                            .stdout(std::process::Stdio::null()),
+                    )?;
+                    injected.push(Injected::Load(Load {
+                        cgroup,
+                        child,
+                        _file: None,
+                    }));
+                }
+                Fault::MemoryThrash => {
+                    let cgroup = self.load_cgroup(
+                        t,
+                        "memory-thrash",
+                        run,
+                        Limits {
+                            cpu_quota: None,
+                            memory_max: Some(256 << 20),
+                        },
+                    )?;
+                    let file = TempFile(PathBuf::from(format!(
+                        "/var/tmp/graywatch-demo-thrash-{}-{t}.dat",
+                        std::process::id()
+                    )));
+                    // 200 MiB of anonymous memory kept resident, and a 128 MiB file re-read
+                    // through the rest of a 256 MiB limit: every pass evicts and refaults.
+                    let script = format!(
+                        "stress-ng --vm 1 --vm-bytes 200M --vm-keep --quiet & \
+                         dd if=/dev/zero of={f} bs=1M count=128 status=none; \
+                         while :; do cat {f} > /dev/null; done",
+                        f = file.0.display()
+                    );
+                    let child = cgroup.spawn(Command::new("sh").args(["-c", &script]))?;
+                    injected.push(Injected::Load(Load {
+                        cgroup,
+                        child,
+                        _file: Some(file),
+                    }));
+                }
+            }
+        }
+        Ok(injected)
+    }
+
+    /// A cgroup for a load inside node `t`'s cgroup (so its figures are that node's).
+    fn load_cgroup(&self, t: usize, name: &str, run: usize, limits: Limits) -> anyhow::Result<TestCgroup> {
+        let rel = format!("{}/{name}-{run}", self.node_cgroups[t]);
+        TestCgroup::create_at(&rel, limits).with_context(|| format!("creating cgroup {rel}"))
+    }
+
+    /// Group verdicts in force, from the aggregator's metrics.
+    async fn verdicts(&self) -> anyhow::Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.aggregator_http)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("graywatch_aggregator_verdicts "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .context("no graywatch_aggregator_verdicts in the aggregator's metrics")
+    }
+}
+
+/// The state of the fleet at one instant, as the matrix judges it.
+struct Snapshot {
+    /// Per node: Overall False, the family conditions that are False, tainted.
+    nodes: BTreeMap<String, (bool, BTreeSet<String>, bool)>,
+    verdicts: u64,
+}
+
+impl Snapshot {
+    fn clean(&self) -> bool {
+        self.verdicts == 0 && self.nodes.values().all(|(bad, _, tainted)| !bad && !tainted)
+    }
+}
+
+/// Runs `scenarios` `runs` times each (all scenarios once, then again), printing one result line
+/// per run. `observe` reads the fleet: node → (Overall False, False family conditions, tainted).
+pub async fn run_matrix<F, Fut>(
+    cluster: &Cluster<'_>,
+    scenarios: &[Scenario],
+    runs: usize,
+    observe: F,
+) -> anyhow::Result<Vec<serde_json::Value>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<BTreeMap<String, (bool, BTreeSet<String>, bool)>>>,
+{
+    let mut results = Vec::new();
+    let snapshot = || async {
+        anyhow::Ok(Snapshot {
+            nodes: observe().await?,
+            verdicts: cluster.verdicts().await?,
+        })
+    };
+    let tick = Duration::from_millis(250);
+    for run in 0..runs {
+        for scenario in scenarios {
+            // Start from a healthy fleet: the previous fault's hysteresis must have run out.
+            let settle = Instant::now();
+            let mut clean_before = false;
+            while settle.elapsed() < cluster.max_wait * 3 {
+                if snapshot().await?.clean() {
+                    clean_before = true;
+                    break;
+                }
+                tokio::time::sleep(tick).await;
+            }
+            let targets = cluster.targets(scenario.targets);
+            let target_names: BTreeSet<&str> = targets.iter().map(|&t| cluster.names[t].as_str()).collect();
+            println!(
+                "\n== scenario {} (run {}/{runs}) on {target_names:?}{}",
+                scenario.name,
+                run + 1,
+                if clean_before { "" } else { " — the fleet was NOT healthy before it" }
+            );
+            let spare = if scenario.targets == Targets::Zone { targets.clone() } else { Vec::new() };
+            let mut injected = Some(cluster.inject(scenario.fault, &targets, &spare, run)?);
+            let started = Instant::now();
+            let mut flip = started;
+            let (mut condition, mut taint, mut verdict) = (None, None, None);
+            let mut reacted = BTreeSet::new();
+            let mut tainted_targets = BTreeSet::new();
+            let mut false_actions = BTreeSet::new();
+            let judge = |s: &Snapshot, false_actions: &mut BTreeSet<String>| {
+                for (name, (bad, families, tainted)) in &s.nodes {
+                    if target_names.contains(name.as_str()) {
+                        continue;
+                    }
+                    if *bad {
+                        false_actions.insert(format!("{name} condition False ({})", join(families)));
+                    }
+                    if *tainted {
+                        false_actions.insert(format!("{name} tainted"));
+                    }
+                }
+            };
+            while started.elapsed() < cluster.max_wait {
+                if scenario.flapping && flip.elapsed() >= Duration::from_secs(5) {
+                    flip = Instant::now();
+                    injected = match injected {
+                        Some(_) => None,
+                        None => Some(cluster.inject(scenario.fault, &targets, &spare, run)?),
+                    };
+                }
+                let s = snapshot().await?;
+                judge(&s, &mut false_actions);
+                let mut all_false = true;
+                for name in &target_names {
+                    let (bad, families, tainted) = s.nodes.get(*name).cloned().unwrap_or_default();
+                    all_false &= bad;
+                    reacted.extend(families);
+                    if tainted {
+                        tainted_targets.insert((*name).to_owned());
+                    }
+                }
+                if condition.is_none() && all_false {
+                    condition = Some(started.elapsed());
+                }
+                if taint.is_none() && !tainted_targets.is_empty() {
+                    taint = Some(started.elapsed());
+                }
+                if verdict.is_none() && s.verdicts > 0 {
+                    verdict = Some(started.elapsed());
+                }
+                let done = match scenario.targets {
+                    Targets::Zone => verdict.is_some() && condition.is_some(),
+                    Targets::One | Targets::Two => condition.is_some() && taint.is_some(),
+                };
+                if done {
+                    break;
+                }
+                tokio::time::sleep(tick).await;
+            }
+            drop(injected);
+            let removed = Instant::now();
+            let mut recovery = None;
+            while removed.elapsed() < cluster.max_wait * 3 {
+                let s = snapshot().await?;
+                judge(&s, &mut false_actions);
+                for name in &target_names {
+                    if s.nodes.get(*name).is_some_and(|n| n.2) {
+                        tainted_targets.insert((*name).to_owned());
+                    }
+                }
+                if s.clean() {
+                    recovery = Some(removed.elapsed());
+                    break;
+                }
+                tokio::time::sleep(tick).await;
+            }
+            let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+            let result = json!({
+                "scenario": scenario.name,
+                "run": run,
+                "targets": target_names,
+                "clean_before": clean_before,
+                "reacted": reacted,
+                "condition_seconds": secs(condition),
+                "taint_seconds": secs(taint),
+                "verdict_seconds": secs(verdict),
+                "recovery_seconds": secs(recovery),
+                "tainted_targets": tainted_targets,
+                "false_actions": false_actions,
+            });
+            println!("scenario_result={result}");
+            results.push(result);
+        }
+    }
+    Ok(results)
+}
+
+fn join(set: &BTreeSet<String>) -> String {
+    set.iter().cloned().collect::<Vec<_>>().join(", ")
+}
