@@ -192,7 +192,10 @@ impl Cluster<'_> {
             Targets::Two => {
                 // The second one in the other zone, so that neither zone has a majority faulty.
                 let zone = self.zones[self.target];
-                let other = (0..n).rev().find(|&i| self.zones[i] != zone).unwrap_or((self.target + 1) % n);
+                let other = (0..n)
+                    .rev()
+                    .find(|&i| self.zones[i] != zone)
+                    .unwrap_or((self.target + 1) % n);
                 vec![self.target, other]
             }
             Targets::Zone => {
@@ -351,9 +354,17 @@ where
                 "\n== scenario {} (run {}/{runs}) on {target_names:?}{}",
                 scenario.name,
                 run + 1,
-                if clean_before { "" } else { " — the fleet was NOT healthy before it" }
+                if clean_before {
+                    ""
+                } else {
+                    " — the fleet was NOT healthy before it"
+                }
             );
-            let spare = if scenario.targets == Targets::Zone { targets.clone() } else { Vec::new() };
+            let spare = if scenario.targets == Targets::Zone {
+                targets.clone()
+            } else {
+                Vec::new()
+            };
             let mut injected = Some(cluster.inject(scenario.fault, &targets, &spare, run)?);
             let started = Instant::now();
             let mut flip = started;

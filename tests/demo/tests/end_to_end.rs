@@ -89,7 +89,16 @@ fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
     ];
     let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
     let output = demo()
-        .args(["--baseline", "30s", "--max-wait", "60s", "--node", "node-c", "--runs", "1"])
+        .args([
+            "--baseline",
+            "30s",
+            "--max-wait",
+            "60s",
+            "--node",
+            "node-c",
+            "--runs",
+            "1",
+        ])
         .args(["--scenarios", &scenarios.join(",")])
         .output()
         .expect("run graywatch-demo");

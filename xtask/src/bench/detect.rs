@@ -252,9 +252,8 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
     let mut docs = Vec::new();
     for name in names {
         let of: Vec<&ScenarioRun> = results.iter().filter(|r| r.scenario == name).collect();
-        let figures = |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> {
-            of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect()
-        };
+        let figures =
+            |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> { of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect() };
         let (condition, taint, verdict, recovery) = (
             figures(|r| r.condition_seconds),
             figures(|r| r.taint_seconds),
@@ -269,7 +268,10 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
         let mut reacted: Vec<String> = of.iter().flat_map(|r| r.reacted.iter().cloned()).collect();
         reacted.sort();
         reacted.dedup();
-        let reacted = reacted.iter().map(|c| c.trim_end_matches("Healthy")).collect::<Vec<_>>();
+        let reacted = reacted
+            .iter()
+            .map(|c| c.trim_end_matches("Healthy"))
+            .collect::<Vec<_>>();
         let mut false_actions: Vec<String> = of.iter().flat_map(|r| r.false_actions.iter().cloned()).collect();
         false_actions.sort();
         false_actions.dedup();
@@ -277,11 +279,19 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
         let verdicts = verdict.iter().filter(|v| v.is_finite()).count();
         rows.push(vec![
             name.to_owned(),
-            if reacted.is_empty() { "NOT DETECTED".to_owned() } else { reacted.join("+") },
+            if reacted.is_empty() {
+                "NOT DETECTED".to_owned()
+            } else {
+                reacted.join("+")
+            },
             format!("{detected}/{}", of.len()),
             spread(&condition),
             spread(&taint),
-            if verdicts > 0 { format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1)) } else { "—".to_owned() },
+            if verdicts > 0 {
+                format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1))
+            } else {
+                "—".to_owned()
+            },
             spread(&recovery),
             if false_actions.is_empty() {
                 "none".to_owned()
