@@ -51,6 +51,9 @@ pub struct Scenario {
     pub targets: Targets,
     /// 5 s on, 5 s off, for as long as the reaction is awaited.
     pub flapping: bool,
+    /// The condition the fault is about, when it has one (a load in the node's cgroup): the
+    /// reaction is awaited until it is False too, not only until the first family that reacts.
+    pub condition: Option<&'static str>,
 }
 
 const fn link(name: &'static str, spec: &'static str) -> Scenario {
@@ -59,6 +62,7 @@ const fn link(name: &'static str, spec: &'static str) -> Scenario {
         fault: Fault::Link { spec, one_peer: false },
         targets: Targets::One,
         flapping: false,
+        condition: None,
     }
 }
 
@@ -84,6 +88,7 @@ pub const ALL: &[Scenario] = &[
         },
         targets: Targets::One,
         flapping: false,
+        condition: None,
     },
     Scenario {
         name: "asymmetric-a-to-b",
@@ -93,6 +98,7 @@ pub const ALL: &[Scenario] = &[
         },
         targets: Targets::One,
         flapping: false,
+        condition: None,
     },
     link("jitter-only", "delay=10ms,jitter=10ms"),
     Scenario {
@@ -100,30 +106,35 @@ pub const ALL: &[Scenario] = &[
         fault: Fault::CpuHogs,
         targets: Targets::One,
         flapping: false,
+        condition: Some("CpuContentionHealthy"),
     },
     Scenario {
         name: "memory-pressure",
         fault: Fault::MemoryThrash,
         targets: Targets::One,
         flapping: false,
+        condition: Some("MemoryPressureHealthy"),
     },
     Scenario {
         name: "zone-wide",
         fault: DEMO_FAULT,
         targets: Targets::Zone,
         flapping: false,
+        condition: None,
     },
     Scenario {
         name: "two-nodes",
         fault: DEMO_FAULT,
         targets: Targets::Two,
         flapping: false,
+        condition: None,
     },
     Scenario {
         name: "flapping",
         fault: DEMO_FAULT,
         targets: Targets::One,
         flapping: true,
+        condition: None,
     },
 ];
 
@@ -368,7 +379,7 @@ where
             let mut injected = Some(cluster.inject(scenario.fault, &targets, &spare, run)?);
             let started = Instant::now();
             let mut flip = started;
-            let (mut condition, mut taint, mut verdict) = (None, None, None);
+            let (mut condition, mut taint, mut verdict, mut expected) = (None, None, None, None);
             let mut reacted = BTreeSet::new();
             let mut tainted_targets = BTreeSet::new();
             let mut false_actions = BTreeSet::new();
@@ -413,10 +424,13 @@ where
                 if verdict.is_none() && s.verdicts > 0 {
                     verdict = Some(started.elapsed());
                 }
+                if expected.is_none() && scenario.condition.is_some_and(|c| reacted.contains(c)) {
+                    expected = Some(started.elapsed());
+                }
                 let done = match scenario.targets {
                     Targets::Zone => verdict.is_some() && condition.is_some(),
                     Targets::One | Targets::Two => condition.is_some() && taint.is_some(),
-                };
+                } && (scenario.condition.is_none() || expected.is_some());
                 if done {
                     break;
                 }
@@ -448,6 +462,8 @@ where
                 "reacted": reacted,
                 "condition_seconds": secs(condition),
                 "taint_seconds": secs(taint),
+                "expected_condition": scenario.condition,
+                "expected_condition_seconds": secs(expected),
                 "verdict_seconds": secs(verdict),
                 "recovery_seconds": secs(recovery),
                 "tainted_targets": tainted_targets,

@@ -77,7 +77,7 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
 }
 
 /// Memory pressure and run-queue contention inside one node's cgroup (node-level figures from
-/// the node's own cgroup, not the shared kernel's) and a blackhole towards one peer: each is
+/// the node's own cgroup, not the shared kernel's) and 10 % loss on the node's links: each is
 /// detected on the faulty node, in the expected family, tainted and recovered, and no other node
 /// is ever False or tainted. The demo awaits each reaction (bounded) and reports what it saw.
 #[test]
@@ -85,7 +85,7 @@ fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
     let expected = [
         ("memory-pressure", "MemoryPressureHealthy"),
         ("run-queue", "CpuContentionHealthy"),
-        ("blackhole-one-peer", "PacketLossHealthy"),
+        ("loss-10%", "PacketLossHealthy"),
     ];
     let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
     let output = demo()

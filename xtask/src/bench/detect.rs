@@ -184,6 +184,8 @@ struct ScenarioRun {
     reacted: Vec<String>,
     condition_seconds: Option<f64>,
     taint_seconds: Option<f64>,
+    /// For a load in the node's cgroup: when the condition of its own family went False.
+    expected_condition_seconds: Option<f64>,
     verdict_seconds: Option<f64>,
     recovery_seconds: Option<f64>,
     #[serde(default)]
@@ -311,6 +313,7 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
             "reacted": reacted,
             "fault_to_condition_false": series(&condition),
             "fault_to_taint": series(&taint),
+            "fault_to_own_family_condition_false": series(&figures(|r| r.expected_condition_seconds)),
             "fault_to_zone_verdict": series(&verdict),
             "recovery": series(&recovery),
             "tainted_targets": of.iter().map(|r| r.tainted_targets.clone()).collect::<Vec<_>>(),
