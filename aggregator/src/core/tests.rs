@@ -263,9 +263,10 @@ fn a_nodes_own_steal_score_moves_cpu_steal_and_nothing_else() {
     // the degrade confidence, the condition stays True.
     sim.stolen.insert(4, 0.5);
     sim.run(&mut eng, &set(&[]), p.degrade_windows as usize + 2);
-    let c = steal(&sim);
-    assert_eq!(c.status, CondStatus::True, "{}", c.message);
-    assert!(c.message.contains("local 1.00 (cpu steal"), "{}", c.message);
+    assert_eq!(steal(&sim).status, CondStatus::True);
+    let fs = &eng.node_state("node-4").expect("state").families[&Family::CpuSteal];
+    assert!((fs.confidence - p.weight_local).abs() < 1e-9, "{}", fs.detail);
+    assert!(fs.detail.contains("local 1.00 (cpu steal"), "{}", fs.detail);
     // Local and peer evidence together: False, like any other family.
     sim.stolen.insert(4, 30.0);
     sim.run(&mut eng, &set(&[]), p.degrade_windows as usize);
