@@ -78,7 +78,10 @@ impl LocalScorer {
     }
 
     fn feed(&mut self, family: Family, key: String, unit: &'static str, t: f64, value: f64) {
-        let config = self.config;
+        let config = SignalScorerConfig {
+            min_delta: family.min_change(),
+            ..self.config
+        };
         let series = self.families.entry(family).or_default();
         let entry = series
             .entry(key.clone())
@@ -339,6 +342,28 @@ pub(crate) mod tests {
         // No run-queue figures in these windows: the contention family has no evidence at all.
         let contention = family(&last, Family::CpuContention);
         assert_eq!((contention.score, contention.reason.as_str()), (None, "no data"));
+    }
+
+    /// Steal that sits at 0 % has no scale of its own: a 0.05 % blip is below the smallest
+    /// change that matters (1 %) and stays a transient score, a 20 % step does not.
+    #[test]
+    fn a_steal_blip_on_an_idle_hypervisor_is_not_evidence() {
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        let mut observe = |steal: f64, scorer: &mut LocalScorer| {
+            let window = window_with_steal(Some(steal));
+            t += 1.0;
+            let scores = scorer.observe(t, &window, &peers_of(&window));
+            family(&scores, Family::CpuSteal).score
+        };
+        for _ in 0..100 {
+            observe(0.0, &mut scorer);
+        }
+        let blip = observe(0.05, &mut scorer);
+        assert!(blip.is_some_and(|s| s <= 0.3), "{blip:?}");
+        observe(0.0, &mut scorer);
+        let step = observe(20.0, &mut scorer);
+        assert!(step.is_some_and(|s| s > 0.7), "{step:?}");
     }
 
     /// A kernel without steal accounting leaves CpuSteal unscored (Unknown upstream), not 0 %.

@@ -37,6 +37,10 @@ pub struct SignalScorerConfig {
     /// Ratios to baseline below this are never elevated (e.g. RTT 0.1 ms → 0.15 ms is noise
     /// however small the variance was). 1.0 disables.
     pub min_ratio: f64,
+    /// Deviations from the baseline smaller than this, in the signal's unit, are never elevated
+    /// (a series that sits at 0 has no scale: its first 0.01 % is otherwise an enormous z). The
+    /// agent sets it per family ([`Family::min_change`]); 0 disables (unitless data, NAB).
+    pub min_delta: f64,
 }
 
 impl Default for SignalScorerConfig {
@@ -64,6 +68,7 @@ impl Default for SignalScorerConfig {
             warmup: WarmUpConfig::default(),
             max_freeze_secs: 600.0,
             min_ratio: 1.5,
+            min_delta: 0.0,
         }
     }
 }
@@ -99,6 +104,7 @@ impl SignalScorer {
         check_range("transient_cap", cfg.transient_cap, 0.0, 1.0, "0..=1")?;
         check_range("max_freeze_secs", cfg.max_freeze_secs, 0.0, 1e9, "non-negative")?;
         check_range("min_ratio", cfg.min_ratio, 0.0, 1e9, "non-negative")?;
+        check_range("min_delta", cfg.min_delta, 0.0, f64::MAX, "non-negative")?;
         Ok(Self {
             gray: GrayDetector::new(cfg.gray)?,
             z: RobustZ::new(cfg.robust)?,
@@ -147,12 +153,12 @@ impl SignalScorer {
             0.0
         };
         let base = self.z.baseline();
-        let ratio_ok = match self.cfg.direction {
-            Direction::Up => x >= base * self.cfg.min_ratio || base <= 0.0,
-            Direction::Down => x * self.cfg.min_ratio <= base || base <= 0.0,
-            Direction::Both => true,
+        let (ratio_ok, delta) = match self.cfg.direction {
+            Direction::Up => (x >= base * self.cfg.min_ratio || base <= 0.0, x - base),
+            Direction::Down => (x * self.cfg.min_ratio <= base || base <= 0.0, base - x),
+            Direction::Both => (true, (x - base).abs()),
         };
-        if !ratio_ok {
+        if !ratio_ok || delta < self.cfg.min_delta {
             raw = raw.min(self.cfg.transient_cap);
         }
         self.ready = warm && zo.ready && go.ready;

@@ -74,6 +74,20 @@ impl Family {
         }
     }
 
+    /// The smallest change of the family's figure that matters, in its unit (µs of RTT p99 or
+    /// run-queue p99, percent of retransmits, steal or memory PSI): below it a deviation is
+    /// noise however steady the series was (a series at exactly 0 has no scale of its own).
+    #[must_use]
+    pub fn min_change(self) -> f64 {
+        match self {
+            Family::CpuSteal => 1.0,
+            Family::CpuContention => 50.0,
+            Family::NetworkLatency => 100.0,
+            Family::PacketLoss => 0.5,
+            Family::MemoryPressure => 2.0,
+        }
+    }
+
     /// Whether other nodes can observe this family towards a node (vantage evidence).
     #[must_use]
     pub fn has_vantage(self) -> bool {

@@ -184,6 +184,27 @@ fn signal_scorer_scores_a_spike_once_and_a_sustained_rise_throughout() {
     assert!(reason.ends_with(", for 5 s"), "{reason}");
 }
 
+/// A series that sits at 0 has no scale: `min_delta` keeps a tiny first deviation transient.
+#[test]
+fn signal_scorer_ignores_changes_below_min_delta() {
+    let mut s = SignalScorer::new(SignalScorerConfig {
+        min_delta: 0.5,
+        ..SignalScorerConfig::default()
+    })
+    .expect("config");
+    let mut t = 0.0;
+    for _ in 0..200 {
+        t += 1.0;
+        s.update(t, 0.0);
+    }
+    for _ in 0..5 {
+        t += 1.0;
+        assert!(s.update(t, 0.1) <= 0.3);
+    }
+    t += 1.0;
+    assert!(s.update(t, 3.0) > 0.7);
+}
+
 /// The bad side only: a drop of an up-is-bad signal is no evidence.
 #[test]
 fn signal_scorer_ignores_the_good_side() {
