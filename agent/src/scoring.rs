@@ -11,11 +11,13 @@ use crate::{peers::PeerWindow, summary::WindowSummary};
 /// Forget a peer's scorers after this many windows without traffic to it.
 const PEER_IDLE_WINDOWS: u32 = 300;
 
-/// The families the local score covers, in the order it reports them (CPU steal is fed into
-/// CpuContention until it becomes its own scored family).
-const SCORED: [Family; 4] = [
+/// The families the local score covers, in the order it reports them. Steal and run-queue delay
+/// are separate families: each has its own Node condition, and the hypervisor taking CPU time is
+/// a different fault (and remedy) from the node's own workloads queueing for it.
+const SCORED: [Family; 5] = [
     Family::NetworkLatency,
     Family::PacketLoss,
+    Family::CpuSteal,
     Family::CpuContention,
     Family::MemoryPressure,
 ];
@@ -76,7 +78,10 @@ impl LocalScorer {
     }
 
     fn feed(&mut self, family: Family, key: String, unit: &'static str, t: f64, value: f64) {
-        let config = self.config;
+        let config = SignalScorerConfig {
+            min_delta: family.min_change(),
+            ..self.config
+        };
         let series = self.families.entry(family).or_default();
         let entry = series
             .entry(key.clone())
@@ -117,8 +122,10 @@ impl LocalScorer {
                 );
             }
         }
+        // No steal column (or no previous reading): no series is fed, so the family stays
+        // unscored ("no data" → Unknown upstream), never a healthy 0 %.
         if let Some(steal) = &summary.cpu.steal {
-            self.feed(Family::CpuContention, "cpu steal".into(), "%", t, steal.node_pct);
+            self.feed(Family::CpuSteal, "cpu steal".into(), "%", t, steal.node_pct);
         }
         if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
             self.feed(
@@ -280,9 +287,95 @@ pub(crate) mod tests {
         assert!(latency.score.is_some_and(|s| s > 0.7), "{latency:?}");
         assert!(latency.reason.contains("rtt p99 to 10.0.0.2"), "{}", latency.reason);
         // Families with no data have no score (Unknown upstream), never a healthy zero.
-        let memory = scorer.observe(t, &slow, &peers_of(&slow)).remove(3);
+        let memory = scorer.observe(t, &slow, &peers_of(&slow)).remove(4);
         assert_eq!(memory.family, Family::MemoryPressure);
         assert_eq!(memory.score, None);
+    }
+
+    /// A window with `steal_pct` of CPU steal (`None`: the kernel has no steal column).
+    fn window_with_steal(steal_pct: Option<f64>) -> WindowSummary {
+        let mut window = window_with(Ipv4Addr::new(10, 0, 0, 5), 1_000, 50, 200, 0);
+        window.cpu.steal = steal_pct.map(|node_pct| crate::summary::StealWindow {
+            node_pct,
+            node_seconds: node_pct / 100.0,
+            per_cpu_pct: Vec::new(),
+        });
+        if steal_pct.is_none() {
+            window
+                .unavailable
+                .insert("cpu_steal".into(), "no steal column in /proc/stat".into());
+        }
+        window
+    }
+
+    fn family(scores: &[LocalFamilyScore], family: Family) -> &LocalFamilyScore {
+        scores
+            .iter()
+            .find(|s| s.family == family)
+            .expect("every scored family is reported")
+    }
+
+    /// Steal is its own family: a steal step raises CpuSteal with a steal reason and leaves the
+    /// run-queue family (CpuContention) alone.
+    #[test]
+    fn a_steal_step_raises_cpu_steal_not_cpu_contention() {
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        for i in 0..120 {
+            let window = window_with_steal(Some(0.2 + f64::from(i % 3) * 0.05));
+            let scores = scorer.observe(t, &window, &peers_of(&window));
+            t += 1.0;
+            if i > 100 {
+                let steal = family(&scores, Family::CpuSteal);
+                assert!(steal.score.is_some_and(|s| s < 0.3), "quiet baseline: {steal:?}");
+            }
+        }
+        let stolen = window_with_steal(Some(25.0));
+        let mut last = Vec::new();
+        for _ in 0..10 {
+            last = scorer.observe(t, &stolen, &peers_of(&stolen));
+            t += 1.0;
+        }
+        let steal = family(&last, Family::CpuSteal);
+        assert!(steal.score.is_some_and(|s| s > 0.7), "{steal:?}");
+        assert!(steal.reason.starts_with("cpu steal 25.0 %"), "{}", steal.reason);
+        // No run-queue figures in these windows: the contention family has no evidence at all.
+        let contention = family(&last, Family::CpuContention);
+        assert_eq!((contention.score, contention.reason.as_str()), (None, "no data"));
+    }
+
+    /// Steal that sits at 0 % has no scale of its own: a 0.05 % blip is below the smallest
+    /// change that matters (1 %) and stays a transient score, a 20 % step does not.
+    #[test]
+    fn a_steal_blip_on_an_idle_hypervisor_is_not_evidence() {
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        let mut observe = |steal: f64, scorer: &mut LocalScorer| {
+            let window = window_with_steal(Some(steal));
+            t += 1.0;
+            let scores = scorer.observe(t, &window, &peers_of(&window));
+            family(&scores, Family::CpuSteal).score
+        };
+        for _ in 0..100 {
+            observe(0.0, &mut scorer);
+        }
+        let blip = observe(0.05, &mut scorer);
+        assert!(blip.is_some_and(|s| s <= 0.3), "{blip:?}");
+        observe(0.0, &mut scorer);
+        let step = observe(20.0, &mut scorer);
+        assert!(step.is_some_and(|s| s > 0.7), "{step:?}");
+    }
+
+    /// A kernel without steal accounting leaves CpuSteal unscored (Unknown upstream), not 0 %.
+    #[test]
+    fn steal_is_not_scored_where_the_kernel_has_no_steal_column() {
+        let mut scorer = LocalScorer::default();
+        for i in 0..60 {
+            let window = window_with_steal(None);
+            let scores = scorer.observe(f64::from(i), &window, &peers_of(&window));
+            let steal = family(&scores, Family::CpuSteal);
+            assert_eq!((steal.score, steal.reason.as_str()), (None, "no data"));
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use graywatch_detect::detectors::{CusumConfig, HalfSpaceTreesConfig, HoltConfig, PageHinkleyConfig, RobustZConfig};
 use graywatch_detect::{
-    Cusum, Detector, GrayDetector, GrayDetectorConfig, HalfSpaceTrees, HealthMachine, Holt, PageHinkley, RobustZ,
-    SignalScorer, SignalScorerConfig, StateConfig,
+    Cusum, Detector, GrayDetector, GrayDetectorConfig, HalfSpaceTrees, Holt, PageHinkley, RobustZ, SignalScorer,
+    SignalScorerConfig,
 };
 
 fn series(n: usize) -> Vec<f64> {
@@ -76,18 +76,5 @@ fn main() {
         "signal_scorer",
         Box::new(SignalScorer::new(SignalScorerConfig::default()).expect("cfg")),
         &xs,
-    );
-    // State machine steps.
-    let mut m = HealthMachine::new(StateConfig::default()).expect("cfg");
-    let start = Instant::now();
-    for (i, &x) in xs.iter().enumerate() {
-        black_box(m.step(i as f64, Some((x / 50.0).min(1.0))));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "| {:<18} | {:>14.0} | {:>8.1} |",
-        "health_machine",
-        n as f64 / secs,
-        secs * 1e9 / n as f64
     );
 }

@@ -39,6 +39,16 @@ pub(crate) struct Clock {
 }
 
 impl Clock {
+    /// The time [`Clock::tick`] would return for `t`, without recording it.
+    #[inline]
+    pub(crate) fn peek(&self, t: f64) -> f64 {
+        match self.last {
+            Some(last) if !(t.is_finite() && t > last) => last,
+            _ if t.is_finite() => t,
+            _ => 0.0,
+        }
+    }
+
     /// Returns (t, dt) with dt ≥ 0; a backwards or non-finite time is treated as "no time passed".
     #[inline]
     pub(crate) fn tick(&mut self, t: f64) -> (f64, f64) {

@@ -142,6 +142,36 @@ impl GrayDetector {
         })
     }
 
+    /// Score `x` against the baselines learnt so far without learning from it: the squashed
+    /// worst of the level and time-of-day z, with none of the "seen that before" discounts or the
+    /// refractory level (a caller that freezes the baseline during a fault wants "how far from
+    /// normal", not "how new"). Not ready during warm-up.
+    #[must_use]
+    pub fn peek(&self, t_secs: f64, x: f64) -> DetectorOutput {
+        let Some(x) = sanitize(x) else {
+            return DetectorOutput::NONE;
+        };
+        if self.n < u64::from(self.cfg.warmup) {
+            return DetectorOutput::NONE;
+        }
+        let t = self.clock.peek(t_secs);
+        let mut z = self.level.z(x);
+        if self.cfg.seasonal {
+            let m = &self.season[Self::season_bucket(t)];
+            if m.n >= self.cfg.season_min {
+                let zs = self.season_resid.z(x - m.mean);
+                if zs.abs() > z.abs() {
+                    z = zs;
+                }
+            }
+        }
+        DetectorOutput {
+            score: squash(z, self.cfg.z_half),
+            z,
+            ready: true,
+        }
+    }
+
     #[inline]
     fn season_bucket(t: f64) -> usize {
         #[expect(clippy::cast_precision_loss, reason = "SEASON is small")]
@@ -163,7 +193,7 @@ impl Detector for GrayDetector {
             return DetectorOutput::NONE;
         };
         self.n = self.n.saturating_add(1);
-        let z = self.level.update(x, self.cfg.level_alpha);
+        let mut z = self.level.update(x, self.cfg.level_alpha);
         let mut zmax = z.abs();
         let mut z_season = 0.0f64;
         if self.cfg.seasonal {
@@ -174,6 +204,10 @@ impl Detector for GrayDetector {
             if seasoned {
                 // Residual scale pooled over all buckets: one bucket alone has too few samples.
                 let zs = self.season_resid.update(resid, self.cfg.level_alpha);
+                if zs.abs() > zmax {
+                    // The output's z is the dominant deviation, with its sign (which side).
+                    z = zs;
+                }
                 zmax = zmax.max(zs.abs());
                 z_season = zs.abs();
             }
@@ -243,9 +277,10 @@ struct MeanVar {
 }
 
 impl MeanVar {
-    /// Signed z of `x` before folding it in (clamped to ±1e6; 0 for the first two samples).
-    fn update(&mut self, x: f64, alpha: f64) -> f64 {
-        let z = if self.n >= 2 {
+    /// Signed z of `x` against the current mean and variance, without folding it in (clamped
+    /// to ±1e6; 0 before two samples).
+    fn z(&self, x: f64) -> f64 {
+        if self.n >= 2 {
             let d = x - self.mean;
             let z = d / self.var.sqrt();
             if z.is_finite() {
@@ -257,7 +292,12 @@ impl MeanVar {
             }
         } else {
             0.0
-        };
+        }
+    }
+
+    /// Signed z of `x` before folding it in (see [`MeanVar::z`]).
+    fn update(&mut self, x: f64, alpha: f64) -> f64 {
+        let z = self.z(x);
         self.n = self.n.saturating_add(1);
         #[expect(clippy::cast_precision_loss, reason = "sample counts")]
         let a = alpha.max(1.0 / self.n as f64);

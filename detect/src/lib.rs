@@ -8,12 +8,11 @@
 //!   [`detectors::HalfSpaceTrees`], and a Holt forecaster ([`detectors::Holt`]) that can say
 //!   "will cross the threshold in N s".
 //! * [`filters`]: k-of-n persistence (ignore transient spikes) and warm-up suppression.
-//! * [`ensemble`]: [`ensemble::GrayDetector`], the combination we ship by default (and the
-//!   one evaluated on NAB).
-//! * [`combine`]: per-signal [`combine::SignalScorer`] and per-family [`combine::FamilyScore`]
-//!   with a human-readable reason, built only on demand.
-//! * [`state`]: the per-family health state machine
-//!   (Unknown / Healthy → Suspect → Degraded → Recovering) with hysteresis and dwell.
+//! * [`ensemble`]: [`ensemble::GrayDetector`], the anomaly score inside the shipped pipeline.
+//! * [`combine`]: [`combine::SignalScorer`], the per-signal pipeline the agent runs and the
+//!   evaluation scores (`shipped`), and the per-family [`combine::FamilyScore`] with a
+//!   human-readable reason, built only on demand. The health state machines live in the
+//!   aggregator (they combine local, peer and vantage evidence).
 //! * `eval` (feature `eval`): NAB and Microsoft cloud-monitoring loaders and scorers, used by
 //!   `cargo xtask eval`. The agent does not enable it.
 //!
@@ -25,7 +24,6 @@ pub mod detectors;
 pub mod ensemble;
 pub mod filters;
 mod robust;
-pub mod state;
 mod tail;
 
 #[cfg(feature = "eval")]
@@ -34,7 +32,6 @@ pub mod eval;
 pub use combine::{FamilyScore, Score, SignalScorer, SignalScorerConfig};
 pub use detectors::{Cusum, HalfSpaceTrees, Holt, PageHinkley, RobustZ};
 pub use ensemble::{GrayDetector, GrayDetectorConfig};
-pub use state::{HealthMachine, HealthState, StateConfig, Transition};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +42,7 @@ use serde::{Deserialize, Serialize};
 pub enum Family {
     /// CPU time the hypervisor gave to other guests.
     CpuSteal,
-    /// Run-queue latency (and, in the agent's local score, CPU steal).
+    /// Run-queue latency.
     CpuContention,
     /// RTT towards peers (tcp srtt histograms).
     NetworkLatency,
@@ -74,6 +71,20 @@ impl Family {
             Family::NetworkLatency => "NetworkLatency",
             Family::PacketLoss => "PacketLoss",
             Family::MemoryPressure => "MemoryPressure",
+        }
+    }
+
+    /// The smallest change of the family's figure that matters, in its unit (µs of RTT p99 or
+    /// run-queue p99, percent of retransmits, steal or memory PSI): below it a deviation is
+    /// noise however steady the series was (a series at exactly 0 has no scale of its own).
+    #[must_use]
+    pub fn min_change(self) -> f64 {
+        match self {
+            Family::CpuSteal => 1.0,
+            Family::CpuContention => 50.0,
+            Family::NetworkLatency => 100.0,
+            Family::PacketLoss => 0.5,
+            Family::MemoryPressure => 2.0,
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use graywatch_detect::eval::{self, ms, nab};
+use graywatch_detect::eval::{self, cv, ms, nab};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -40,9 +40,14 @@ struct NabArgs {
     /// Also write {"<detector>": {"standard": x, "reward_low_FP": y, "reward_low_FN": z}} here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// JSON overriding fields of the `gray` detector's config (for tuning on dev data).
+    /// JSON overriding fields of the detectors' default configs, nested objects merged field by
+    /// field (e.g. '{"direction": "both"}' for `shipped`). Applies to every detector run.
     #[arg(long)]
-    gray_config: Option<String>,
+    config: Option<String>,
+    /// Cross-validation: `loco` = leave one NAB category out (knobs and threshold tuned on the
+    /// other categories, the left-out one scored, rotated), with each knob's sensitivity.
+    #[arg(long, value_enum)]
+    cv: Option<CvMode>,
     /// Write NAB-format per-row result files (timestamp,value,anomaly_score,label) of our
     /// detectors to DIR/<det>/<category>/<det>_<file>.csv.
     #[arg(long)]
@@ -62,9 +67,15 @@ struct MsArgs {
     /// Also write {"<detector>": {"precision": p, ...}} here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// JSON overriding fields of the `gray` detector's config.
+    /// JSON overriding fields of the detectors' default configs (see `eval nab --config`).
     #[arg(long)]
-    gray_config: Option<String>,
+    config: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CvMode {
+    /// Leave one category out.
+    Loco,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
@@ -136,6 +147,9 @@ fn run_nab(a: &NabArgs) -> anyhow::Result<()> {
         corpus.window_count(),
         t0.elapsed().as_secs_f64()
     );
+    if a.cv.is_some() {
+        return run_loco(a, &corpus);
+    }
     let mut jobs: Vec<(String, Vec<Vec<f64>>, f64)> = Vec::new();
     if let Some(dir) = &a.reference {
         let dir = dir.clone().unwrap_or_else(|| data.join("reference"));
@@ -150,13 +164,8 @@ fn run_nab(a: &NabArgs) -> anyhow::Result<()> {
         }
     } else {
         for det in detector_list(&a.detectors) {
-            let mut d = eval::make_detector_with(&det, a.gray_config.as_deref())?;
             let t = Instant::now();
-            let scores: Vec<Vec<f64>> = corpus
-                .series
-                .iter()
-                .map(|s| eval::run_series(d.as_mut(), &s.timestamps, &s.values))
-                .collect();
+            let scores = run_corpus(&corpus, &det, a.config.as_deref())?;
             let secs = t.elapsed().as_secs_f64();
             if let Some(out) = &a.write_results {
                 write_results(out, &det, &corpus, &scores)?;
@@ -218,6 +227,100 @@ fn run_nab(a: &NabArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Per-file scores of detector `det` (config overridden by `config`) over the corpus.
+fn run_corpus(corpus: &nab::NabCorpus, det: &str, config: Option<&str>) -> anyhow::Result<Vec<Vec<f64>>> {
+    let mut d = eval::make_detector_with(det, config)?;
+    Ok(corpus
+        .series
+        .iter()
+        .map(|s| eval::run_series(d.as_mut(), &s.timestamps, &s.values))
+        .collect())
+}
+
+/// `--cv loco`: per detector, every combination of its knobs (`eval::knobs`) on top of
+/// `--config`; in-sample figures of the defaults, each knob's sensitivity (in-sample standard,
+/// the other knobs at their defaults), and leave-one-category-out with the knobs tuned and with
+/// the defaults fixed (threshold tuned only).
+fn run_loco(a: &NabArgs, corpus: &nab::NabCorpus) -> anyhow::Result<()> {
+    let mut json = serde_json::Map::new();
+    for det in detector_list(&a.detectors) {
+        let knobs = eval::knobs(&det);
+        let base: serde_json::Value = match &a.config {
+            Some(c) => serde_json::from_str(c).context("--config")?,
+            None => serde_json::json!({}),
+        };
+        let mut candidates = Vec::new();
+        let mut in_sample = Vec::new();
+        for (label, over) in eval::grid(&knobs) {
+            let mut merged = base.clone();
+            eval::merge(&mut merged, &over);
+            let scores = run_corpus(corpus, &det, Some(&merged.to_string()))?;
+            in_sample.push(nab::score_corpus(corpus, &scores)?);
+            candidates.push(cv::Candidate {
+                name: if label.is_empty() { "defaults".into() } else { label },
+                scores,
+            });
+        }
+        let tuned = cv::loco(corpus, &candidates)?;
+        let fixed = cv::loco(corpus, &candidates[..1])?;
+        println!(
+            "\n## {det}: {} knob combination(s), {} folds\n",
+            candidates.len(),
+            tuned[0].folds.len()
+        );
+        println!(
+            "| {:<34} | {:>10} | {:>13} | {:>13} |",
+            "", "standard", "reward_low_FP", "reward_low_FN"
+        );
+        println!("|{:-<36}|{:->12}|{:->15}|{:->15}|", "", ":", ":", ":");
+        let row = |name: &str, v: &[f64]| {
+            println!("| {name:<34} | {:>10.2} | {:>13.2} | {:>13.2} |", v[0], v[1], v[2]);
+        };
+        let defaults: Vec<f64> = in_sample[0].iter().map(|r| r.normalized).collect();
+        let loco_fixed: Vec<f64> = fixed.iter().map(|r| r.normalized).collect();
+        let loco_tuned: Vec<f64> = tuned.iter().map(|r| r.normalized).collect();
+        row("in-sample, defaults", &defaults);
+        row("LOCO, defaults (threshold tuned)", &loco_fixed);
+        row("LOCO, knobs and threshold tuned", &loco_tuned);
+        println!();
+        for f in &tuned[0].folds {
+            println!(
+                "  left out {:<22} chose {:<40} threshold {:.4}  windows {}/{}",
+                f.category, f.chosen, f.threshold, f.windows.0, f.windows.1
+            );
+        }
+        // Sensitivity: one knob moved at a time (grid order: the first knob varies fastest).
+        let mut stride = 1;
+        for k in &knobs {
+            let figures: Vec<String> = (0..k.values.len())
+                .map(|i| format!("{}: {:.2}", k.values[i], in_sample[i * stride][0].normalized))
+                .collect();
+            println!("  sensitivity {:<24} {}", k.path, figures.join(", "));
+            stride *= k.values.len();
+        }
+        let profile_map = |v: &[f64]| {
+            let mut m = serde_json::Map::new();
+            for (r, x) in tuned.iter().zip(v) {
+                let key = r.profile.strip_suffix("_rate").unwrap_or(&r.profile);
+                m.insert(key.to_owned(), serde_json::json!(x));
+            }
+            serde_json::Value::Object(m)
+        };
+        json.insert(
+            det.clone(),
+            serde_json::json!({
+                "in_sample": profile_map(&defaults),
+                "loco_defaults": profile_map(&loco_fixed),
+                "loco_tuned": profile_map(&loco_tuned),
+            }),
+        );
+    }
+    if let Some(path) = &a.json {
+        write_json(path, &serde_json::Value::Object(json))?;
+    }
+    Ok(())
+}
+
 fn run_ms(a: &MsArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let data = dataset_dir(a.data.as_ref(), "ms-cloud-monitoring")?;
@@ -249,7 +352,7 @@ fn run_ms(a: &MsArgs) -> anyhow::Result<()> {
     );
     let mut json = serde_json::Map::new();
     for det in detector_list(&a.detectors) {
-        let mut d = eval::make_detector_with(&det, a.gray_config.as_deref())?;
+        let mut d = eval::make_detector_with(&det, a.config.as_deref())?;
         let t = Instant::now();
         let scores: Vec<Vec<f64>> = series
             .iter()

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 
 use super::{
-    engine::{EKS_NETWORKING_CONDITION, StepCtx},
     model::{CondStatus, Family, NodeView},
     plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
     state_machine::{FamilyState, NodeState, Phase},
+    step::{EKS_NETWORKING_CONDITION, StepCtx},
 };
 
 /// Condition type names, built once per step.

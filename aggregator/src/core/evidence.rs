@@ -12,16 +12,11 @@ use std::{
 use super::model::{Family, NodeReport, NodeView};
 
 /// Floor of the MAD-based scale per family, so an idle, perfectly uniform group does not turn
-/// tiny differences into huge z: (absolute, relative to the median).
+/// tiny differences into huge z: the family's smallest change that matters (the agent's local
+/// scorer uses the same), or a fraction of the median.
 fn scale_floor(family: Family, median: f64) -> f64 {
-    let (abs, rel): (f64, f64) = match family {
-        Family::CpuSteal => (1.0, 0.1),         // percent
-        Family::CpuContention => (50.0, 0.2),   // µs
-        Family::NetworkLatency => (100.0, 0.2), // µs
-        Family::PacketLoss => (0.5, 0.2),       // percent
-        Family::MemoryPressure => (2.0, 0.2),   // percent
-    };
-    abs.max(rel * median.abs())
+    let rel = if family == Family::CpuSteal { 0.1 } else { 0.2 };
+    family.min_change().max(rel * median.abs())
 }
 
 /// Median of a non-empty slice (NaNs must be filtered out by the caller).

@@ -30,6 +30,9 @@ struct Sim {
     local_bad: bool,
     /// NodePool patches fail (after the snapshot is saved), as a rejected write would.
     fail_pool_patches: bool,
+    /// Nodes whose hypervisor steals CPU: node → steal figure (%); their agent's own steal
+    /// detector scores 1 (the other nodes report 0.5 % and no local steal score).
+    stolen: BTreeMap<usize, f64>,
 }
 
 fn zone_of(i: usize, per_zone: usize) -> String {
@@ -77,6 +80,7 @@ impl Sim {
             events: Vec::new(),
             local_bad: false,
             fail_pool_patches: false,
+            stolen: BTreeMap::new(),
         }
     }
 
@@ -111,10 +115,13 @@ impl Sim {
                         if slow { 8000.0 } else { 300.0 + (i % 5) as f64 * 7.0 },
                     ),
                     (Family::PacketLoss, if slow { 6.0 } else { 0.1 }),
-                    (Family::CpuSteal, 0.5),
+                    (Family::CpuSteal, self.stolen.get(&i).copied().unwrap_or(0.5)),
                 ]),
                 local: if slow && self.local_bad {
                     BTreeMap::from([(Family::NetworkLatency, (1.0, "local detector".to_string()))])
+                } else if let Some(steal) = self.stolen.get(&i) {
+                    let reason = format!("cpu steal {steal} % vs baseline 0.50 %, z=40.0, for 3 s");
+                    BTreeMap::from([(Family::CpuSteal, (1.0, reason))])
                 } else {
                     BTreeMap::new()
                 },
@@ -241,6 +248,43 @@ fn zone_a_degraded(p: &Policy) -> (Engine, Sim) {
     let (mut eng, mut sim) = settled(p);
     sim.run(&mut eng, &set(&[0, 1, 2]), 8);
     (eng, sim)
+}
+
+/// A node's own steal detector moves its CpuSteal condition under the rules of every family:
+/// alone it is evidence below the degrade confidence (the condition stays True), with its steal
+/// standing out from its peer group it goes False after `degrade_windows`; the run-queue family
+/// (CpuContention) is not touched by steal evidence.
+#[test]
+fn a_nodes_own_steal_score_moves_cpu_steal_and_nothing_else() {
+    let p = Policy::default();
+    let (mut eng, mut sim) = settled(&p);
+    let steal = |sim: &Sim| sim.input.nodes["node-4"].conditions[&p.family_condition(Family::CpuSteal)].clone();
+    // The local score alone (its steal figure is the fleet's) is evidence, not a verdict: below
+    // the degrade confidence, the condition stays True.
+    sim.stolen.insert(4, 0.5);
+    sim.run(&mut eng, &set(&[]), p.degrade_windows as usize + 2);
+    assert_eq!(steal(&sim).status, CondStatus::True);
+    let fs = &eng.node_state("node-4").expect("state").families[&Family::CpuSteal];
+    assert!((fs.confidence - p.weight_local).abs() < 1e-9, "{}", fs.detail);
+    assert!(fs.detail.contains("local 1.00 (cpu steal"), "{}", fs.detail);
+    // Local and peer evidence together: False, like any other family.
+    sim.stolen.insert(4, 30.0);
+    sim.run(&mut eng, &set(&[]), p.degrade_windows as usize);
+    let c = steal(&sim);
+    assert_eq!(c.status, CondStatus::False, "{}", c.message);
+    assert!(c.message.contains("local 1.00 (cpu steal 30 %"), "{}", c.message);
+    let node = &sim.input.nodes["node-4"].conditions;
+    assert_ne!(
+        node[&p.family_condition(Family::CpuContention)].status,
+        CondStatus::False
+    );
+    assert_eq!(
+        node[&p.family_condition(Family::NetworkLatency)].status,
+        CondStatus::True
+    );
+    for i in (0..10).filter(|i| *i != 4) {
+        assert_eq!(sim.overall(&p, i), Some(CondStatus::True), "node-{i}");
+    }
 }
 
 #[test]
