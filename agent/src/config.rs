@@ -573,6 +573,12 @@ mod tests {
         .expect_err("relative scope");
         assert!(err.to_string().contains("`cgroup_scope`"), "{err}");
         let err = Config::merge(
+            &cli(&["--node-name", "n", "--node-figures-from-scope"]),
+            FileConfig::default(),
+        )
+        .expect_err("node figures without a scope");
+        assert!(err.to_string().contains("`node_figures_from_scope`"), "{err}");
+        let err = Config::merge(
             &cli(&["--node-name", "n", "--aggregator", "aggregator:7443"]),
             FileConfig::default(),
         )

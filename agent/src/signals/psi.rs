@@ -239,6 +239,20 @@ mod tests {
     }
 
     #[test]
+    fn node_figures_from_a_cgroup_directory() {
+        let dir = std::env::temp_dir().join(format!("graywatch-psi-cgroup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("memory.pressure"), MEMORY).expect("write");
+        let mut collector = NodePsiCollector::from_cgroup(&dir);
+        let first = collector.collect();
+        // The cgroup's memory file is read; cpu and io are missing there, so unavailable.
+        assert_eq!(first.memory.map(|m| m.now.some.total_us), Some(21_694_886));
+        assert!(collector.available(Resource::Memory));
+        assert!(first.cpu.is_none() && !collector.available(Resource::Cpu));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
     fn cpu_without_full_line_is_fine() {
         let psi = parse_psi(CPU_OLD, "cpu").expect("fixture parses");
         assert!(psi.full.is_none());
