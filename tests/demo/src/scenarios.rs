@@ -297,8 +297,8 @@ impl Cluster<'_> {
         TestCgroup::create_at(&rel, limits).with_context(|| format!("creating cgroup {rel}"))
     }
 
-    /// Group verdicts in force, from the aggregator's metrics.
-    async fn verdicts(&self) -> anyhow::Result<u64> {
+    /// Whether a group verdict is in force, from the aggregator's metrics.
+    async fn verdict(&self) -> anyhow::Result<bool> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.aggregator_http)).await?;
         stream
@@ -309,26 +309,119 @@ impl Cluster<'_> {
         text.lines()
             .find_map(|l| l.strip_prefix("graywatch_aggregator_verdicts "))
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
+            .map(|v| v > 0.0)
             .context("no graywatch_aggregator_verdicts in the aggregator's metrics")
     }
 }
 
+/// Per node: Overall False, the family conditions that are False, tainted.
+pub type FleetView = BTreeMap<String, (bool, BTreeSet<String>, bool)>;
+
 /// The state of the fleet at one instant, as the matrix judges it.
 struct Snapshot {
-    /// Per node: Overall False, the family conditions that are False, tainted.
-    nodes: BTreeMap<String, (bool, BTreeSet<String>, bool)>,
-    verdicts: u64,
+    nodes: FleetView,
+    verdict: bool,
 }
 
 impl Snapshot {
     fn clean(&self) -> bool {
-        self.verdicts == 0 && self.nodes.values().all(|(bad, _, tainted)| !bad && !tainted)
+        !self.verdict && self.nodes.values().all(|(bad, _, tainted)| !bad && !tainted)
+    }
+
+    /// Records every action on a node outside `targets`.
+    fn false_actions(&self, targets: &BTreeSet<&str>, into: &mut BTreeSet<String>) {
+        for (name, (bad, families, tainted)) in &self.nodes {
+            if targets.contains(name.as_str()) {
+                continue;
+            }
+            if *bad {
+                let families: Vec<&str> = families.iter().map(String::as_str).collect();
+                into.insert(format!("{name} condition False ({})", families.join(", ")));
+            }
+            if *tainted {
+                into.insert(format!("{name} tainted"));
+            }
+        }
+    }
+}
+
+/// What one run of a scenario saw.
+#[derive(Default)]
+struct Outcome {
+    condition: Option<Duration>,
+    taint: Option<Duration>,
+    verdict: Option<Duration>,
+    expected: Option<Duration>,
+    recovery: Option<Duration>,
+    reacted: BTreeSet<String>,
+    tainted_targets: BTreeSet<String>,
+    false_actions: BTreeSet<String>,
+}
+
+impl Outcome {
+    /// Takes in one snapshot taken `elapsed` after the injection.
+    fn observe(&mut self, s: &Snapshot, scenario: &Scenario, targets: &BTreeSet<&str>, elapsed: Duration) {
+        s.false_actions(targets, &mut self.false_actions);
+        let mut all_false = true;
+        for name in targets {
+            let (bad, families, tainted) = s.nodes.get(*name).cloned().unwrap_or_default();
+            all_false &= bad;
+            self.reacted.extend(families);
+            if tainted {
+                self.tainted_targets.insert((*name).to_owned());
+            }
+        }
+        if all_false {
+            self.condition.get_or_insert(elapsed);
+        }
+        if !self.tainted_targets.is_empty() {
+            self.taint.get_or_insert(elapsed);
+        }
+        if s.verdict {
+            self.verdict.get_or_insert(elapsed);
+        }
+        if scenario.condition.is_some_and(|c| self.reacted.contains(c)) {
+            self.expected.get_or_insert(elapsed);
+        }
+    }
+
+    /// The reaction the scenario waits for has happened.
+    fn complete(&self, scenario: &Scenario) -> bool {
+        let acted = match scenario.targets {
+            Targets::Zone => self.verdict.is_some() && self.condition.is_some(),
+            Targets::One | Targets::Two => self.condition.is_some() && self.taint.is_some(),
+        };
+        acted && (scenario.condition.is_none() || self.expected.is_some())
+    }
+
+    fn document(
+        &self,
+        scenario: &Scenario,
+        run: usize,
+        targets: &BTreeSet<&str>,
+        clean_before: bool,
+    ) -> serde_json::Value {
+        let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+        json!({
+            "scenario": scenario.name,
+            "run": run,
+            "targets": targets,
+            "clean_before": clean_before,
+            "reacted": self.reacted,
+            "condition_seconds": secs(self.condition),
+            "taint_seconds": secs(self.taint),
+            "expected_condition": scenario.condition,
+            "expected_condition_seconds": secs(self.expected),
+            "verdict_seconds": secs(self.verdict),
+            "recovery_seconds": secs(self.recovery),
+            "tainted_targets": self.tainted_targets,
+            "false_actions": self.false_actions,
+        })
     }
 }
 
 /// Runs `scenarios` `runs` times each (all scenarios once, then again), printing one result line
-/// per run. `observe` reads the fleet: node → (Overall False, False family conditions, tainted).
+/// per run. `observe` reads the fleet.
 pub async fn run_matrix<F, Fut>(
     cluster: &Cluster<'_>,
     scenarios: &[Scenario],
@@ -337,16 +430,16 @@ pub async fn run_matrix<F, Fut>(
 ) -> anyhow::Result<Vec<serde_json::Value>>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<BTreeMap<String, (bool, BTreeSet<String>, bool)>>>,
+    Fut: std::future::Future<Output = anyhow::Result<FleetView>>,
 {
-    let mut results = Vec::new();
     let snapshot = || async {
         anyhow::Ok(Snapshot {
             nodes: observe().await?,
-            verdicts: cluster.verdicts().await?,
+            verdict: cluster.verdict().await?,
         })
     };
     let tick = Duration::from_millis(250);
+    let mut results = Vec::new();
     for run in 0..runs {
         for scenario in scenarios {
             // Start from a healthy fleet: the previous fault's hysteresis must have run out.
@@ -379,24 +472,8 @@ where
             let mut injected = Some(cluster.inject(scenario.fault, &targets, &spare, run)?);
             let started = Instant::now();
             let mut flip = started;
-            let (mut condition, mut taint, mut verdict, mut expected) = (None, None, None, None);
-            let mut reacted = BTreeSet::new();
-            let mut tainted_targets = BTreeSet::new();
-            let mut false_actions = BTreeSet::new();
-            let judge = |s: &Snapshot, false_actions: &mut BTreeSet<String>| {
-                for (name, (bad, families, tainted)) in &s.nodes {
-                    if target_names.contains(name.as_str()) {
-                        continue;
-                    }
-                    if *bad {
-                        false_actions.insert(format!("{name} condition False ({})", join(families)));
-                    }
-                    if *tainted {
-                        false_actions.insert(format!("{name} tainted"));
-                    }
-                }
-            };
-            while started.elapsed() < cluster.max_wait {
+            let mut outcome = Outcome::default();
+            while started.elapsed() < cluster.max_wait && !outcome.complete(scenario) {
                 if scenario.flapping && flip.elapsed() >= Duration::from_secs(5) {
                     flip = Instant::now();
                     injected = match injected {
@@ -404,78 +481,31 @@ where
                         None => Some(cluster.inject(scenario.fault, &targets, &spare, run)?),
                     };
                 }
-                let s = snapshot().await?;
-                judge(&s, &mut false_actions);
-                let mut all_false = true;
-                for name in &target_names {
-                    let (bad, families, tainted) = s.nodes.get(*name).cloned().unwrap_or_default();
-                    all_false &= bad;
-                    reacted.extend(families);
-                    if tainted {
-                        tainted_targets.insert((*name).to_owned());
-                    }
+                outcome.observe(&snapshot().await?, scenario, &target_names, started.elapsed());
+                if !outcome.complete(scenario) {
+                    tokio::time::sleep(tick).await;
                 }
-                if condition.is_none() && all_false {
-                    condition = Some(started.elapsed());
-                }
-                if taint.is_none() && !tainted_targets.is_empty() {
-                    taint = Some(started.elapsed());
-                }
-                if verdict.is_none() && s.verdicts > 0 {
-                    verdict = Some(started.elapsed());
-                }
-                if expected.is_none() && scenario.condition.is_some_and(|c| reacted.contains(c)) {
-                    expected = Some(started.elapsed());
-                }
-                let done = match scenario.targets {
-                    Targets::Zone => verdict.is_some() && condition.is_some(),
-                    Targets::One | Targets::Two => condition.is_some() && taint.is_some(),
-                } && (scenario.condition.is_none() || expected.is_some());
-                if done {
-                    break;
-                }
-                tokio::time::sleep(tick).await;
             }
             drop(injected);
             let removed = Instant::now();
-            let mut recovery = None;
             while removed.elapsed() < cluster.max_wait * 3 {
                 let s = snapshot().await?;
-                judge(&s, &mut false_actions);
+                s.false_actions(&target_names, &mut outcome.false_actions);
                 for name in &target_names {
                     if s.nodes.get(*name).is_some_and(|n| n.2) {
-                        tainted_targets.insert((*name).to_owned());
+                        outcome.tainted_targets.insert((*name).to_owned());
                     }
                 }
                 if s.clean() {
-                    recovery = Some(removed.elapsed());
+                    outcome.recovery = Some(removed.elapsed());
                     break;
                 }
                 tokio::time::sleep(tick).await;
             }
-            let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
-            let result = json!({
-                "scenario": scenario.name,
-                "run": run,
-                "targets": target_names,
-                "clean_before": clean_before,
-                "reacted": reacted,
-                "condition_seconds": secs(condition),
-                "taint_seconds": secs(taint),
-                "expected_condition": scenario.condition,
-                "expected_condition_seconds": secs(expected),
-                "verdict_seconds": secs(verdict),
-                "recovery_seconds": secs(recovery),
-                "tainted_targets": tainted_targets,
-                "false_actions": false_actions,
-            });
+            let result = outcome.document(scenario, run, &target_names, clean_before);
             println!("scenario_result={result}");
             results.push(result);
         }
     }
     Ok(results)
-}
-
-fn join(set: &BTreeSet<String>) -> String {
-    set.iter().cloned().collect::<Vec<_>>().join(", ")
 }

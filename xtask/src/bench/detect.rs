@@ -254,73 +254,9 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
     let mut docs = Vec::new();
     for name in names {
         let of: Vec<&ScenarioRun> = results.iter().filter(|r| r.scenario == name).collect();
-        let figures =
-            |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> { of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect() };
-        let (condition, taint, verdict, recovery) = (
-            figures(|r| r.condition_seconds),
-            figures(|r| r.taint_seconds),
-            figures(|r| r.verdict_seconds),
-            figures(|r| r.recovery_seconds),
-        );
-        let spread = |v: &[f64]| {
-            let (lo, hi) = min_max(v);
-            format!("{} ({}–{})", fmt(median(v), 1), fmt(lo, 1), fmt(hi, 1))
-        };
-        let detected = condition.iter().filter(|v| v.is_finite()).count();
-        let mut reacted: Vec<String> = of.iter().flat_map(|r| r.reacted.iter().cloned()).collect();
-        reacted.sort();
-        reacted.dedup();
-        let reacted = reacted
-            .iter()
-            .map(|c| c.trim_end_matches("Healthy"))
-            .collect::<Vec<_>>();
-        let mut false_actions: Vec<String> = of.iter().flat_map(|r| r.false_actions.iter().cloned()).collect();
-        false_actions.sort();
-        false_actions.dedup();
-        let runs_with_false = of.iter().filter(|r| !r.false_actions.is_empty()).count();
-        let verdicts = verdict.iter().filter(|v| v.is_finite()).count();
-        rows.push(vec![
-            name.to_owned(),
-            if reacted.is_empty() {
-                "NOT DETECTED".to_owned()
-            } else {
-                reacted.join("+")
-            },
-            format!("{detected}/{}", of.len()),
-            spread(&condition),
-            spread(&taint),
-            if verdicts > 0 {
-                format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1))
-            } else {
-                "—".to_owned()
-            },
-            spread(&recovery),
-            if false_actions.is_empty() {
-                "none".to_owned()
-            } else {
-                format!("{runs_with_false}/{} runs: {}", of.len(), false_actions.join("; "))
-            },
-        ]);
-        let series = |v: &[f64]| {
-            let (lo, hi) = min_max(v);
-            json!({"seconds": v.iter().map(|x| finite(*x)).collect::<Vec<_>>(), "median": finite(median(v)),
-                   "min": finite(lo), "max": finite(hi)})
-        };
-        docs.push(json!({
-            "scenario": name,
-            "runs": of.len(),
-            "detected_runs": detected,
-            "reacted": reacted,
-            "fault_to_condition_false": series(&condition),
-            "fault_to_taint": series(&taint),
-            "fault_to_own_family_condition_false": series(&figures(|r| r.expected_condition_seconds)),
-            "fault_to_zone_verdict": series(&verdict),
-            "recovery": series(&recovery),
-            "tainted_targets": of.iter().map(|r| r.tainted_targets.clone()).collect::<Vec<_>>(),
-            "false_actions": false_actions,
-            "runs_with_false_actions": runs_with_false,
-            "runs_not_starting_clean": of.iter().filter(|r| !r.clean_before).count(),
-        }));
+        let (row, doc) = summarise(name, &of);
+        rows.push(row);
+        docs.push(doc);
     }
     print_table(
         &format!(
@@ -349,4 +285,76 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
         }),
     )?;
     Ok(())
+}
+
+/// One scenario's table row and result document from its runs.
+fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value) {
+    let figures =
+        |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> { of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect() };
+    let (condition, taint, verdict, recovery) = (
+        figures(|r| r.condition_seconds),
+        figures(|r| r.taint_seconds),
+        figures(|r| r.verdict_seconds),
+        figures(|r| r.recovery_seconds),
+    );
+    let spread = |v: &[f64]| {
+        let (lo, hi) = min_max(v);
+        format!("{} ({}–{})", fmt(median(v), 1), fmt(lo, 1), fmt(hi, 1))
+    };
+    let detected = condition.iter().filter(|v| v.is_finite()).count();
+    let mut reacted: Vec<String> = of.iter().flat_map(|r| r.reacted.iter().cloned()).collect();
+    reacted.sort();
+    reacted.dedup();
+    let reacted = reacted
+        .iter()
+        .map(|c| c.trim_end_matches("Healthy"))
+        .collect::<Vec<_>>();
+    let mut false_actions: Vec<String> = of.iter().flat_map(|r| r.false_actions.iter().cloned()).collect();
+    false_actions.sort();
+    false_actions.dedup();
+    let runs_with_false = of.iter().filter(|r| !r.false_actions.is_empty()).count();
+    let verdicts = verdict.iter().filter(|v| v.is_finite()).count();
+    let row = vec![
+        name.to_owned(),
+        if reacted.is_empty() {
+            "NOT DETECTED".to_owned()
+        } else {
+            reacted.join("+")
+        },
+        format!("{detected}/{}", of.len()),
+        spread(&condition),
+        spread(&taint),
+        if verdicts > 0 {
+            format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1))
+        } else {
+            "—".to_owned()
+        },
+        spread(&recovery),
+        if false_actions.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("{runs_with_false}/{} runs: {}", of.len(), false_actions.join("; "))
+        },
+    ];
+    let series = |v: &[f64]| {
+        let (lo, hi) = min_max(v);
+        json!({"seconds": v.iter().map(|x| finite(*x)).collect::<Vec<_>>(), "median": finite(median(v)),
+               "min": finite(lo), "max": finite(hi)})
+    };
+    let doc = json!({
+        "scenario": name,
+        "runs": of.len(),
+        "detected_runs": detected,
+        "reacted": reacted,
+        "fault_to_condition_false": series(&condition),
+        "fault_to_taint": series(&taint),
+        "fault_to_own_family_condition_false": series(&figures(|r| r.expected_condition_seconds)),
+        "fault_to_zone_verdict": series(&verdict),
+        "recovery": series(&recovery),
+        "tainted_targets": of.iter().map(|r| r.tainted_targets.clone()).collect::<Vec<_>>(),
+        "false_actions": false_actions,
+        "runs_with_false_actions": runs_with_false,
+        "runs_not_starting_clean": of.iter().filter(|r| !r.clean_before).count(),
+    });
+    (row, doc)
 }
