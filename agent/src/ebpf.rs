@@ -472,7 +472,7 @@ impl KernelPrograms {
         self.ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
     }
 
-    /// The kernel's names for `enum skb_drop_reason` values, from the kfree_skb format.
+    /// The kernel's names for `enum skb_drop_reason` values, from the `kfree_skb` format.
     pub fn drop_reasons(&self) -> &HashMap<u32, String> {
         &self.drop_reasons
     }

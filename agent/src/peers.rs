@@ -490,7 +490,10 @@ mod tests {
             }],
         });
         let book = shared.get();
-        assert_eq!(book.node_of(&pod).map(|n| n.to_string()).as_deref(), Some("node-a"));
+        assert_eq!(
+            book.node_of(&pod).map(std::string::ToString::to_string).as_deref(),
+            Some("node-a")
+        );
         let summary = window_with_flows(&[(pod, 500, 4, 40, 1)]);
         let peers = peers(&summary, &book, PeerLimits::default());
         assert_eq!(peers.len(), 1);
@@ -530,7 +533,12 @@ mod tests {
     fn the_aggregators_pages_build_the_book_and_deltas_change_it() {
         let shared = SharedPeerBook::default();
         let mut pages = BookPages::default();
-        let of = |s: &str| shared.get().node_of(&s.parse().expect("ip")).map(|n| n.to_string());
+        let of = |s: &str| {
+            shared
+                .get()
+                .node_of(&s.parse().expect("ip"))
+                .map(std::string::ToString::to_string)
+        };
         let first = page(true, vec![node("node-a", "10.0.0.1", &["10.9.0.1/32"])], &[], true);
         assert!(pages.apply(first).is_none(), "a run is not used before its last page");
         let last = page(false, vec![node("node-b", "10.0.0.2", &["10.9.0.2/32"])], &[], false);
@@ -575,7 +583,10 @@ mod tests {
     #[test]
     fn the_book_maps_internal_ips_and_pod_cidrs() {
         let book = book();
-        let of = |s: &str| book.node_of(&s.parse().expect("ip")).map(|n| n.to_string());
+        let of = |s: &str| {
+            book.node_of(&s.parse().expect("ip"))
+                .map(std::string::ToString::to_string)
+        };
         assert_eq!(of("10.0.0.1").as_deref(), Some("node-a"));
         assert_eq!(of("10.244.1.77").as_deref(), Some("node-a"));
         assert_eq!(of("fd00:1::1234").as_deref(), Some("node-b"));

@@ -12,7 +12,7 @@ use crate::{peers::PeerWindow, summary::WindowSummary};
 const PEER_IDLE_WINDOWS: u32 = 300;
 
 /// The families the local score covers, in the order it reports them (CPU steal is fed into
-/// CpuContention until it becomes its own scored family).
+/// `CpuContention` until it becomes its own scored family).
 const SCORED: [Family; 4] = [
     Family::NetworkLatency,
     Family::PacketLoss,

@@ -17,11 +17,11 @@ pub struct Identity {
     pub node_name: String,
     pub boot_id: String,
     pub addresses: Vec<String>,
-    /// This agent incarnation: when it started, in ns of CLOCK_BOOTTIME (see [`boottime_ns`]).
+    /// This agent incarnation: when it started, in ns of `CLOCK_BOOTTIME` (see [`boottime_ns`]).
     pub agent_started_ns: u64,
 }
 
-/// Now on the node's CLOCK_BOOTTIME, in ns (0 if the clock cannot be read, which the aggregator
+/// Now on the node's `CLOCK_BOOTTIME`, in ns (0 if the clock cannot be read, which the aggregator
 /// treats as "incarnation unknown").
 ///
 /// The clock is the kernel's, shared by every container on the node and monotonic for the whole

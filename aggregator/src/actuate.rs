@@ -403,15 +403,12 @@ impl Actuator {
             if !verified {
                 return Err(ActError::PoolUnverified(pool.to_owned()));
             }
-            match excluded {
-                Some(excluded) => {
-                    self.save_snapshot(pool, excluded, &added).await?;
-                    tracing::info!(pool = %pool, excluded = ?excluded, added = ?added, "nodepool excluded");
-                }
-                None => {
-                    self.delete_snapshot(&snapshot_name(pool)).await?;
-                    tracing::info!(pool = %pool, removed = ?remove, "nodepool restored");
-                }
+            if let Some(excluded) = excluded {
+                self.save_snapshot(pool, excluded, &added).await?;
+                tracing::info!(pool = %pool, excluded = ?excluded, added = ?added, "nodepool excluded");
+            } else {
+                self.delete_snapshot(&snapshot_name(pool)).await?;
+                tracing::info!(pool = %pool, removed = ?remove, "nodepool restored");
             }
             return Ok(());
         }

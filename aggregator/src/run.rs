@@ -253,13 +253,15 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     let _ = leader_task.await;
     // Streams end on the token; bound the drain anyway so a stuck client cannot hold us.
     let drain = Duration::from_secs(5);
-    match tokio::time::timeout(drain, grpc_task).await {
-        Ok(r) => r.context("grpc task")?.context("grpc server")?,
-        Err(_) => tracing::warn!("gRPC connections did not drain within 5 s; exiting anyway"),
+    if let Ok(r) = tokio::time::timeout(drain, grpc_task).await {
+        r.context("grpc task")?.context("grpc server")?
+    } else {
+        tracing::warn!("gRPC connections did not drain within 5 s; exiting anyway")
     }
-    match tokio::time::timeout(drain, http_task).await {
-        Ok(r) => r.context("http task")?.context("http server")?,
-        Err(_) => tracing::warn!("HTTP connections did not drain within 5 s; exiting anyway"),
+    if let Ok(r) = tokio::time::timeout(drain, http_task).await {
+        r.context("http task")?.context("http server")?
+    } else {
+        tracing::warn!("HTTP connections did not drain within 5 s; exiting anyway")
     }
     tracing::info!("stopped");
     Ok(())

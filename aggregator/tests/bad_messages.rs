@@ -9,7 +9,7 @@ use common::*;
 use graywatch_proto::v1::{NodeSummary, ingest_client::IngestClient};
 use tonic::Code;
 
-/// A message that is not a NodeSummary on the wire: field 2 (node) as a varint.
+/// A message that is not a `NodeSummary` on the wire: field 2 (node) as a varint.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Garbage {
     #[prost(uint64, tag = "2")]

@@ -469,7 +469,7 @@ async fn mode_change_stops_the_deployment_then_removes_only_the_taint() -> anyho
         "graywatch-aggregator",
         |d: Option<&k8s_openapi::api::apps::v1::Deployment>| d.and_then(|d| d.spec.as_ref()?.replicas) == Some(0),
     );
-    tokio::time::timeout(std::time::Duration::from_secs(60), scaled).await??;
+    tokio::time::timeout(std::time::Duration::from_mins(1), scaled).await??;
     // Scaled down, but its pod is still there: the cleanup waits and has removed nothing.
     assert!(
         child.try_wait()?.is_none(),

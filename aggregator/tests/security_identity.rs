@@ -1,9 +1,9 @@
 //! Agent identity on the real apiserver: a projected ServiceAccount token bound to a pod on
 //! node-0 (TokenRequest with our audience and a boundObjectRef) is verified by the aggregator
 //! with TokenReview + a pod lookup. The stream may report for node-0 only: a summary claiming
-//! node-1 is refused with PERMISSION_DENIED and counted; missing, foreign-audience and
+//! node-1 is refused with `PERMISSION_DENIED` and counted; missing, foreign-audience and
 //! stale-pod tokens are refused too; per-identity stream and rate limits answer
-//! RESOURCE_EXHAUSTED.
+//! `RESOURCE_EXHAUSTED`.
 
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 

@@ -339,7 +339,7 @@ pub struct PageHinkley {
     scale: RobustBaseline,
     n: u64,
     mean: f64,
-    /// PH statistic for increases (m_t − min m).
+    /// PH statistic for increases (`m_t` − min m).
     m_up: f64,
     /// PH statistic for decreases.
     m_down: f64,

@@ -82,7 +82,7 @@ fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
-/// (VmRSS, VmHWM) of `pid` in bytes.
+/// (`VmRSS`, `VmHWM`) of `pid` in bytes.
 fn rss(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {

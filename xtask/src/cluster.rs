@@ -552,14 +552,14 @@ fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
         ]),
     )?;
 
-    wait_for(p, "the Node to be Ready", Duration::from_secs(180), &COMPONENTS, || {
+    wait_for(p, "the Node to be Ready", Duration::from_mins(3), &COMPONENTS, || {
         node_ready(p).as_deref() == Some("True")
     })?;
     // Pods in `default` are rejected until the controller-manager created its ServiceAccount.
     wait_for(
         p,
         "the default ServiceAccount",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         &COMPONENTS,
         || succeeds(kubectl(p).args(["get", "serviceaccount", "default", "-n", "default"])),
     )?;
@@ -670,7 +670,7 @@ fn write_kubeconfig(p: &Paths, who: &str, cert: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// containerd with every directory private, runc behind the oom_score_adj clamp, CNI from Debian.
+/// containerd with every directory private, runc behind the `oom_score_adj` clamp, CNI from Debian.
 fn write_containerd_config(p: &Paths) -> anyhow::Result<()> {
     let dir = p.run.join("containerd");
     let cni = p.run.join("cni");

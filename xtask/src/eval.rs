@@ -24,7 +24,7 @@ enum EvalCommand {
 
 #[derive(clap::Args)]
 struct NabArgs {
-    /// Corpus root: data/, labels/combined_windows.json, config/profiles.json. Default: the
+    /// Corpus root: data/, `labels/combined_windows.json`, config/profiles.json. Default: the
     /// repository's datasets/nab-dev.tar.xz, unpacked into the target dir (or
     /// $GRAYWATCH_DATASETS/nab-dev).
     #[arg(long)]
@@ -37,13 +37,13 @@ struct NabArgs {
     /// Without DIR: the corpus's own reference/ (NAB's published outputs).
     #[arg(long)]
     reference: Option<Option<PathBuf>>,
-    /// Also write {"<detector>": {"standard": x, "reward_low_FP": y, "reward_low_FN": z}} here.
+    /// Also write {"<detector>": {"standard": x, "`reward_low_FP"`: y, "`reward_low_FN"`: z}} here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// JSON overriding fields of the `gray` detector's config (for tuning on dev data).
     #[arg(long)]
     gray_config: Option<String>,
-    /// Write NAB-format per-row result files (timestamp,value,anomaly_score,label) of our
+    /// Write NAB-format per-row result files (`timestamp,value,anomaly_score,label`) of our
     /// detectors to DIR/<det>/<category>/<det>_<file>.csv.
     #[arg(long)]
     write_results: Option<PathBuf>,

@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(&args),
         Command::Setup(args) => setup::run(&args),
-        Command::BuildEbpf(args) => ebpf::run(&args).map(|_| ()),
+        Command::BuildEbpf(args) => ebpf::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::K8s(args) => k8s::run(&args),

@@ -182,7 +182,7 @@ impl RunqReader {
         let first = !self.primed;
         self.primed = true;
         let mut now = HashMap::with_capacity(self.last.len());
-        for entry in self.map.iter() {
+        for entry in &self.map {
             let (id, stats) = entry?;
             now.insert(id, stats);
         }

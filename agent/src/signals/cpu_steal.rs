@@ -23,7 +23,7 @@ pub enum StatError {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Cumulative time of one CPU (or the node) in clock ticks (USER_HZ).
+/// Cumulative time of one CPU (or the node) in clock ticks (`USER_HZ`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuTimes {
     /// Sum of user, nice, system, idle, iowait, irq, softirq, steal: the CPU's wall time.

@@ -117,7 +117,7 @@ impl NetCollector {
         let mut delta = NetDelta::default();
 
         let mut seen = HashSet::new();
-        for entry in self.flows.iter() {
+        for entry in &self.flows {
             let (key, stats) = entry?;
             seen.insert(key);
             let previous = self.previous_flows.get_mut(&key);
@@ -160,7 +160,7 @@ impl NetCollector {
         }
 
         let mut seen_drops = HashSet::new();
-        for entry in self.drops.iter() {
+        for entry in &self.drops {
             let (key, count) = entry?;
             seen_drops.insert(key);
             let previous = self.previous_drops.get(&key).map_or(0, |t| t.value);

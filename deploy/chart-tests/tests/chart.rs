@@ -84,7 +84,7 @@ const VARIANTS: [&Variant; 5] = [
     &DIRECT_NO_KARPENTER,
 ];
 
-/// The aggregator's field manager (aggregator/src/actuate.rs FIELD_MANAGER).
+/// The aggregator's field manager (aggregator/src/actuate.rs `FIELD_MANAGER`).
 const FIELD_MANAGER: &str = "graywatch-aggregator";
 
 impl Variant {
@@ -2282,7 +2282,7 @@ async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind()
         let scaled = kube::runtime::wait::await_condition(deployments.clone(), &dep_name, |d: Option<&Deployment>| {
             d.and_then(|d| d.spec.as_ref()?.replicas) == Some(0)
         });
-        tokio::time::timeout(std::time::Duration::from_secs(60), scaled).await??;
+        tokio::time::timeout(std::time::Duration::from_mins(1), scaled).await??;
         assert!(
             !run.is_finished(),
             "{transition}: the cleanup ended while an aggregator pod exists"

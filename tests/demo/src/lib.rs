@@ -433,7 +433,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     let injected = Instant::now();
     let mut result = DemoResult::default();
     let mut last_print = Instant::now();
-    while Instant::now() - injected < options.max_wait
+    while injected.elapsed() < options.max_wait
         && (result.fault_to_condition.is_none() || result.fault_to_taint.is_none())
     {
         processes.check(&logs)?;
@@ -469,7 +469,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     step(7, STEPS, "removing the fault; waiting for recovery (hysteresis)");
     drop(fault);
     let removed = Instant::now();
-    while Instant::now() - removed < options.max_wait * 3 {
+    while removed.elapsed() < options.max_wait * 3 {
         processes.check(&logs)?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let views = node_views(&nodes_api, policy_prefix, taint_key).await?;

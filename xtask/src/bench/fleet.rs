@@ -353,7 +353,7 @@ impl Aggregator {
             {
                 return Ok(agg);
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > Duration::from_mins(1) {
                 bail!(
                     "graywatch-aggregator not leading within 60 s; log {}",
                     agg.log.display()
@@ -405,7 +405,7 @@ fn le(bound: Option<Bound>) -> String {
     }
 }
 
-/// The same for JSON: {"at_most": N}, {"above": N}, or null.
+/// The same for JSON: {"`at_most"`: N}, {"above": N}, or null.
 fn le_json(bound: Option<Bound>) -> Value {
     match bound {
         Some(Bound::AtMost(ms)) => json!({"at_most": ms}),
@@ -574,7 +574,7 @@ fn measure(
     })
 }
 
-/// Opens `n` Report streams over n / STREAMS_PER_CONNECTION connections and runs every virtual
+/// Opens `n` Report streams over n / `STREAMS_PER_CONNECTION` connections and runs every virtual
 /// agent until `sim.stop`.
 async fn simulate(n: usize, grpc: SocketAddr, sim: Arc<Sim>) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?;

@@ -224,7 +224,7 @@ impl Observer {
                 self.attachments.extend(found);
                 return Ok(());
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > Duration::from_mins(1) {
                 bail!(
                     "{name} attached {} of {expected} programs within 60 s; log {}",
                     found.len(),
