@@ -304,6 +304,10 @@ impl Config {
         Self::merge(cli, file)
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one short block per setting: command line over file over default"
+    )]
     pub fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let node_name = cli
             .node_name

@@ -207,6 +207,10 @@ impl std::fmt::Debug for KernelPrograms {
 impl KernelPrograms {
     /// Resolves offsets, loads the object and attaches the network programs and `group`'s.
     /// `procfs` is read for sysctls.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "loads and attaches each program in turn, one block per program"
+    )]
     pub fn load<G: ProgramGlobals>(
         options: &LoadOptions,
         procfs: &Path,

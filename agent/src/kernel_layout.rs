@@ -75,7 +75,7 @@ impl KernelLayout {
                     member: members.peek().copied().unwrap_or_default().to_owned(),
                     path: path.to_owned(),
                 })?;
-                structure = member.to_owned();
+                member.clone_into(&mut structure);
             }
         }
         if !offset_bits.is_multiple_of(8) {

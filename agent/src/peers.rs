@@ -353,7 +353,7 @@ struct Fold {
 }
 
 impl Fold {
-    fn add(&mut self, other: Fold) {
+    fn add(&mut self, other: &Fold) {
         self.segments_out += other.segments_out;
         self.retransmits += other.retransmits;
         self.outbound.add(&other.outbound);
@@ -420,7 +420,7 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Ve
                     .entry(node.clone())
                     .or_insert_with(|| (representative, Fold::default()))
                     .1
-                    .add(fold);
+                    .add(&fold);
             }
             None => others.push((remote, fold)),
         }
@@ -429,11 +429,11 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Ve
     let mut nodes: Vec<(Arc<str>, IpAddr, Fold)> = by_node.into_iter().map(|(n, (a, f))| (n, a, f)).collect();
     nodes.sort_by(|a, b| b.2.weight().cmp(&a.2.weight()).then_with(|| a.0.cmp(&b.0)));
     for (_, _, fold) in nodes.drain(limits.max_nodes.min(nodes.len())..) {
-        external.add(fold);
+        external.add(&fold);
     }
     others.sort_by(|a, b| b.1.weight().cmp(&a.1.weight()).then_with(|| a.0.cmp(&b.0)));
     for (_, fold) in others.drain(limits.max_others.min(others.len())..) {
-        external.add(fold);
+        external.add(&fold);
     }
     nodes.sort_by(|a, b| a.0.cmp(&b.0));
     others.sort_by_key(|(addr, _)| *addr);
@@ -635,7 +635,10 @@ mod tests {
         let external = peers.last().expect("external");
         assert!(external.external);
         assert_eq!(external.remote, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
-        assert_eq!(external.addresses, 5_000 - limits.max_others as u32);
+        assert_eq!(
+            external.addresses,
+            5_000 - u32::try_from(limits.max_others).expect("test limit fits u32")
+        );
         let total: u64 = peers.iter().map(|p| p.segments_out).sum();
         let expected: u64 = flows.iter().map(|f| f.3).sum();
         assert_eq!(total, expected);

@@ -268,6 +268,10 @@ impl Reporter {
     }
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "only the low 64 bits of the clock seed the jitter"
+)]
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -180,7 +180,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         signals::net::{FlowDelta, NetDelta, network_window},
-        summary::Workload,
+        summary::{CpuWindow, MemoryWindow, PressureWindow, Workload},
     };
 
     /// A window with one flow to `remote` whose RTT samples are all `rtt_us`.
@@ -245,9 +245,9 @@ pub(crate) mod tests {
                 cgroup_path: None,
                 pod: None,
             }),
-            cpu: Default::default(),
-            memory: Default::default(),
-            pressure: Default::default(),
+            cpu: CpuWindow::default(),
+            memory: MemoryWindow::default(),
+            pressure: PressureWindow::default(),
             lost_events: BTreeMap::new(),
             unavailable: BTreeMap::new(),
             local_scores: Vec::new(),
@@ -255,6 +255,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[expect(clippy::similar_names, reason = "the scorer and its scores")]
     fn a_latency_step_to_one_peer_raises_the_network_latency_score() {
         let peer = Ipv4Addr::new(10, 0, 0, 2);
         let mut scorer = LocalScorer::default();

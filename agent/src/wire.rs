@@ -126,6 +126,11 @@ pub fn node_summary(
         });
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the window is a validated positive config value of at most an hour; `as` saturates"
+    )]
     let end = summary.window_start_unix_ms + (summary.window_seconds * 1000.0) as u64;
     NodeSummary {
         protocol_version: PROTOCOL_VERSION,

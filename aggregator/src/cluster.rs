@@ -1,7 +1,7 @@
 //! Reads the cluster into the core's plain data: Nodes (from a watch-fed reflector store),
 //! Karpenter NodePools / NodeClaims and our NodePool snapshots (listed each step; few objects).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node};
@@ -64,8 +64,10 @@ pub fn snapshot_digest(data: &BTreeMap<String, String>) -> String {
     ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
         .as_ref()
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// The data of the snapshot ConfigMap recording `snapshot`.

@@ -167,7 +167,11 @@ mod tests {
             subject: "s".into(),
             node: Some("node-0".into()),
         };
-        let now = UNIX_EPOCH + Duration::from_hours(500000);
+        #[expect(
+            clippy::duration_suboptimal_units,
+            reason = "seconds, like the token expiry it is compared with"
+        )]
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let cache = ReviewCache::new(Duration::from_mins(5), 8);
         let soon = jwt(1_800_000_060);
         cache.put(&soon, &id, now);
@@ -187,7 +191,11 @@ mod tests {
             subject: "s".into(),
             node: Some(node.into()),
         };
-        let now = UNIX_EPOCH + Duration::from_hours(500000);
+        #[expect(
+            clippy::duration_suboptimal_units,
+            reason = "seconds, like the token expiry it is compared with"
+        )]
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let cache = ReviewCache::new(Duration::from_mins(5), 3);
         assert!(cache.put(&jwt(1_800_000_060), &on("node-0"), now));
         assert!(cache.put(&jwt(1_800_000_600), &on("node-1"), now));

@@ -266,6 +266,10 @@ impl FleetStore {
 }
 
 /// Validates a summary and reduces it to a report. Errors carry the status to send.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one check per field of the wire message, in message order"
+)]
 pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(String, NodeReport), Status> {
     if !graywatch_proto::version_supported(s.protocol_version) {
         return Err(Status::failed_precondition(format!(
@@ -550,6 +554,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::float_cmp, reason = "the figure is passed through unchanged")]
     fn accepts_good_and_rejects_bad_with_clear_codes() {
         let (name, r) = validate(&good(), 10, 5).expect("valid");
         assert_eq!(name, "node-1");

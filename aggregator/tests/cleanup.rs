@@ -91,6 +91,7 @@ async fn resource_versions(cluster: &Cluster) -> anyhow::Result<BTreeMap<String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn cleanup_removes_ours_and_keeps_everything_else() -> anyhow::Result<()> {
     let Some(cluster) = Cluster::start(3, 3).await? else {
         return Ok(());
@@ -420,6 +421,7 @@ async fn finish(child: std::process::Child) -> anyhow::Result<Run> {
     clippy::zombie_processes,
     reason = "an early `?` fails the test; the cleanup child is waited for by `finish` on every path that goes on"
 )]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn mode_change_stops_the_deployment_then_removes_only_the_taint() -> anyhow::Result<()> {
     let Some(cluster) = Cluster::start(2, 2).await? else {
         return Ok(());

@@ -226,7 +226,12 @@ async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_mins(1)).await;
     cluster.api.instance_mut().restart_apiserver()?;
     eventually(90, "apiserver back", || async {
-        cluster.nodes().list(&Default::default()).await.ok().map(|_| ())
+        cluster
+            .nodes()
+            .list(&kube::api::ListParams::default())
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
     let log = agg.log();

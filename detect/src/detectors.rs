@@ -613,6 +613,7 @@ fn build_tree(
     if node >= dims.len() {
         return;
     }
+    #[expect(clippy::cast_possible_truncation, reason = "below HST_DIMS")]
     let d = (rng.next_u64() % HST_DIMS as u64) as usize;
     let mid = 0.5 * (lo[d] + hi[d]);
     #[expect(clippy::cast_possible_truncation, reason = "HST_DIMS is 2")]

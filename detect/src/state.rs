@@ -200,14 +200,7 @@ impl HealthMachine {
         let dwell = now - self.since;
         let c = self.cfg;
         let next = match self.state {
-            HealthState::Unknown => {
-                if s >= c.suspect_enter {
-                    HealthState::Suspect
-                } else {
-                    HealthState::Healthy
-                }
-            }
-            HealthState::Healthy => {
+            HealthState::Unknown | HealthState::Healthy => {
                 if s >= c.suspect_enter {
                     HealthState::Suspect
                 } else {

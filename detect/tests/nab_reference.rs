@@ -55,6 +55,10 @@ fn data() -> &'static Data {
 }
 
 /// Full-precision expected scores from `reference/expected_scores.md`.
+#[expect(
+    clippy::unreadable_literal,
+    reason = "copied digit for digit from NAB's reference results"
+)]
 const EXPECTED: &[(&str, [f64; 3])] = &[
     (
         "windowedGaussian",

@@ -376,6 +376,7 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
     let Some(mut collector) = collector() else {
         return;
     };
+    #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
     const IDLE: u32 = 2;
     collector
         .host_mut()

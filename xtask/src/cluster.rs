@@ -17,6 +17,7 @@
 //! Integration tests: `ensure_up()` (or the command `cargo xtask cluster up`, idempotent) and the
 //! kubeconfig it returns; images from `cargo xtask image` (target/images/) are loaded at `up`.
 
+use std::fmt::Write as _;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::TcpListener,
@@ -410,6 +411,10 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
     Ok(archive)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "starts the cluster's components in their required order"
+)]
 fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(p.run.join("pki"))?;
@@ -571,7 +576,7 @@ fn record_host_state(p: &Paths) -> anyhow::Result<()> {
     let mut sysctls = String::new();
     for s in SYSCTLS {
         if let Ok(v) = std::fs::read_to_string(Path::new("/proc/sys").join(s)) {
-            sysctls.push_str(&format!("{s}={}\n", v.trim()));
+            let _ = writeln!(sysctls, "{s}={}", v.trim());
         }
     }
     std::fs::write(p.run.join("sysctl.saved"), sysctls)?;
@@ -579,7 +584,7 @@ fn record_host_state(p: &Paths) -> anyhow::Result<()> {
     let mut text = existing.join("\n");
     for ctl in cgroup_controllers() {
         if ctl.join("kubepods").exists() {
-            text.push_str(&format!("\n{}", ctl.join("kubepods").display()));
+            let _ = write!(text, "\n{}", ctl.join("kubepods").display());
         }
     }
     std::fs::write(p.run.join("host-paths.existing"), text)?;
@@ -944,6 +949,10 @@ fn stop_pid(pid: i32, grace: Duration) {
     }
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "one arm of the subcommand dispatch, which returns Result"
+)]
 fn status() -> anyhow::Result<()> {
     let p = Paths::new();
     let mut alive = 0;
@@ -1063,7 +1072,7 @@ pub fn down() -> anyhow::Result<()> {
 /// Pids whose command line names `dir` (containerd shims), their descendants, and every process
 /// in a kubepods cgroup.
 fn leftover_processes(dir: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
+    let me = std::process::id().cast_signed();
     let mut parent: BTreeMap<i32, i32> = BTreeMap::new();
     let mut roots = BTreeSet::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -36,6 +36,10 @@ struct NabArgs {
     /// <det>_<file>.csv for every detector directory in DIR, or DIR/<category>/... for one.
     /// Without DIR: the corpus's own reference/ (NAB's published outputs).
     #[arg(long)]
+    #[expect(
+        clippy::option_option,
+        reason = "clap: absent, `--reference` alone, or `--reference DIR`"
+    )]
     reference: Option<Option<PathBuf>>,
     /// Also write {"<detector>": {"standard": x, "`reward_low_FP"`: y, "`reward_low_FN"`: z}} here.
     #[arg(long)]

@@ -177,7 +177,7 @@ mod tests {
     fn parses_captured_stat() {
         let s = parse_proc_stat(STAT, "/proc/stat").expect("fixture parses");
         assert_eq!(s.node.steal, Some(14));
-        assert_eq!(s.node.total, 31516 + 2389 + 5874 + 158728 + 571 + 73 + 14);
+        assert_eq!(s.node.total, 31_516 + 2389 + 5874 + 158_728 + 571 + 73 + 14);
         assert_eq!(s.cpus.len(), 2);
         assert_eq!(
             s.cpus[1],

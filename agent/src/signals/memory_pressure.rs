@@ -188,7 +188,7 @@ impl MemoryPressureReader {
                 tracing::warn!(cgroup_id = kill.cgroup_id, pid = kill.pid, comm = %kill.comm, "OOM kill");
                 out.oom_kills.push(kill);
             } else {
-                tracing::warn!(len = item.len(), "short OOM event record ignored")
+                tracing::warn!(len = item.len(), "short OOM event record ignored");
             }
         }
         let mut reclaim = HashMap::with_capacity(self.last_reclaim.len());

@@ -222,6 +222,10 @@ struct WorkloadTotals {
 }
 
 /// Builds the attributed window from raw deltas. `workload_of` resolves a cgroup id.
+#[expect(
+    clippy::implicit_hasher,
+    reason = "the agent has one drop-reason map, built with the default hasher"
+)]
 pub fn network_window(
     delta: &NetDelta,
     drop_reasons: &HashMap<u32, String>,

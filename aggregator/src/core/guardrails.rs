@@ -149,6 +149,11 @@ impl Guardrails {
 
 /// Allowed number of nodes acted on in a group of `n` (at least one).
 #[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "fraction is a validated share in [0, 1], so the product is in 0..=n"
+)]
 pub fn blast_allowance(fraction: f64, n: usize) -> usize {
     ((fraction * n as f64).floor() as usize).max(1)
 }

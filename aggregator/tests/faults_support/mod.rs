@@ -308,7 +308,8 @@ impl AgentFleet {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap()
-                    .as_millis() as i64;
+                    .as_millis();
+                let now = i64::try_from(now).expect("now in ms fits i64");
                 for (i, agent) in ags.lock().unwrap().iter_mut().enumerate() {
                     // Every agent keeps measuring whatever its link does.
                     agent.seq += 1;

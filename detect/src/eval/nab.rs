@@ -376,6 +376,7 @@ pub fn optimize_threshold(rows: &[SweepRow], n_ids: u32, p: &Profile) -> Thresho
 }
 
 /// Call `emit` for each threshold in descending order, starting with "no detection".
+#[expect(clippy::many_single_char_names, reason = "the names of NAB's scoring formula")]
 pub fn sweep_thresholds(rows: &[SweepRow], n_ids: u32, p: &Profile, mut emit: impl FnMut(ThresholdScore)) {
     let mut scorable: Vec<&SweepRow> = rows.iter().filter(|r| !r.probation).collect();
     // Stable, descending; NaN scores sort last (never detected).
@@ -407,6 +408,10 @@ pub fn sweep_thresholds(rows: &[SweepRow], n_ids: u32, p: &Profile, mut emit: im
         if r.anomaly.is_nan() {
             break;
         }
+        #[expect(
+            clippy::float_cmp,
+            reason = "groups rows of the identical score, as NAB's sweeper does"
+        )]
         if r.anomaly != cur {
             if dirty {
                 win_sum = parts.iter().flatten().sum();
@@ -481,6 +486,7 @@ pub fn score_at(rows: &[SweepRow], n_ids: u32, p: &Profile, threshold: f64) -> T
                 if let Some(slot) = slot {
                     let v = slot.get_or_insert(-p.fn_);
                     if det {
+                        #[expect(clippy::float_cmp, reason = "still the untouched initial value")]
                         if *v == -p.fn_ {
                             s.windows_detected += 1;
                         }

@@ -89,7 +89,7 @@ impl Drop for Processes {
         for (_, child) in &mut self.0 {
             // SIGTERM first so agents detach their programs and the aggregator drains.
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::unistd::Pid::from_raw(child.id().cast_signed()),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
@@ -239,6 +239,7 @@ fn overall(view: &NodeView) -> Option<&str> {
 }
 
 /// Runs the demo end to end and returns the measured times. Requires root.
+#[expect(clippy::too_many_lines, reason = "the demo's steps in the order they are shown")]
 pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     const STEPS: u8 = 7;
     let started = Instant::now();

@@ -171,6 +171,7 @@ fn one_run(
     })
 }
 
+#[expect(clippy::too_many_lines, reason = "prints one table, one block per row")]
 fn report(
     runs: &[Run],
     unavailable: &[(String, String)],

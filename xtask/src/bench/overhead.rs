@@ -162,6 +162,10 @@ fn tcp_rr(binaries: &Binaries, bed: &TrafficBed, rounds: usize, load: &Rr) -> an
     Ok((json!(out), met, unavailable))
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one benchmark loop over the rates, its steps in order"
+)]
 fn agent_at_rates(
     binaries: &Binaries,
     bed: &TrafficBed,
@@ -227,6 +231,11 @@ fn agent_at_rates(
                 request: 64,
                 response: 64,
             };
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "connections is a small whole number held as f64 for the rate division"
+            )]
             bed.rr(connections as usize, &load)?;
         }
         let elapsed = started.elapsed().as_secs_f64();
