@@ -202,7 +202,11 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     unsafe {
         add_u64(&raw mut (*stats).samples, 1);
         add_u64(&raw mut (*stats).sum_us, waited_us);
-        let bucket = rtt_bucket(u32::try_from(waited_us).unwrap_or(u32::MAX));
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "clamped to u32::MAX first; the verifier rejects the program when this is written with try_from"
+        )]
+        let bucket = rtt_bucket(waited_us.min(u64::from(u32::MAX)) as u32);
         if let Some(slot) = (*stats).buckets.get_mut(bucket) {
             add_u32(slot, 1);
         }
@@ -216,7 +220,10 @@ fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {
         return Some(stats);
     }
     // Concurrent first inserts of one cgroup: NOEXIST lets one win harmlessly.
-    #[expect(clippy::needless_borrows_for_generic_args, reason = "by reference, not copied onto the 512-byte BPF stack")]
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by reference, not copied onto the 512-byte BPF stack"
+    )]
     let _ = RUNQ.insert(cgroup_id, &ZERO_RUNQ, u64::from(BPF_NOEXIST));
     let stats = RUNQ.get_ptr_mut(cgroup_id);
     if stats.is_none() {

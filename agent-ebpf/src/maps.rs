@@ -133,7 +133,10 @@ pub fn flow_stats<C: EbpfContext>(ctx: &C, key: &FlowKey) -> Option<*mut FlowSta
         return Some(stats);
     }
     // Another CPU may insert the same key concurrently: NOEXIST makes one of us lose harmlessly.
-    #[expect(clippy::needless_borrows_for_generic_args, reason = "by reference, not copied onto the 512-byte BPF stack")]
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by reference, not copied onto the 512-byte BPF stack"
+    )]
     let _ = FLOWS.insert(key, &ZERO_FLOW, u64::from(BPF_NOEXIST));
     let stats = FLOWS.get_ptr_mut(key);
     if let Some(stats) = stats {
