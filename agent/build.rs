@@ -1,7 +1,7 @@
 //! Builds the kernel programs (agent-ebpf/) with Debian's rustc-web + bpf-linker and embeds the
 //! object. Without that toolchain (e.g. a plain `cargo check` or clippy on a laptop) it embeds an
 //! empty stub and the agent explains at start-up how to get a real build; set
-//! GRAYWATCH_REQUIRE_EBPF=1 to make a missing toolchain a build error instead.
+//! `GRAYWATCH_REQUIRE_EBPF=1` to make a missing toolchain a build error instead.
 
 use std::{
     env,

@@ -75,7 +75,7 @@ const TASK_RUNNING: u64 = 0;
 #[inline(always)]
 pub fn task_offsets() -> TaskOffsets {
     // SAFETY: a static in .rodata; volatile so the compiler cannot fold the initialiser.
-    unsafe { core::ptr::read_volatile(&TASK_OFFSETS) }
+    unsafe { core::ptr::read_volatile(&raw const TASK_OFFSETS) }
 }
 
 #[inline(always)]
@@ -88,12 +88,11 @@ unsafe fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
 #[inline(always)]
 pub fn task_pid(o: &TaskOffsets, task: *const u8) -> Option<u32> {
     // SAFETY: read through bpf_probe_read_kernel.
-    match unsafe { read::<i32>(task, o.task_pid) } {
-        Ok(pid) => Some(pid as u32),
-        Err(_) => {
-            count_lost(LostEvent::TaskReadFailed);
-            None
-        }
+    if let Ok(pid) = unsafe { read::<i32>(task, o.task_pid) } {
+        Some(pid.cast_unsigned())
+    } else {
+        count_lost(LostEvent::TaskReadFailed);
+        None
     }
 }
 
@@ -116,12 +115,11 @@ pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Optio
             read(kn, o.kernfs_node_id)
         }
     })();
-    match id {
-        Ok(id) => Some(id),
-        Err(_) => {
-            count_lost(LostEvent::TaskReadFailed);
-            None
-        }
+    if let Ok(id) = id {
+        Some(id)
+    } else {
+        count_lost(LostEvent::TaskReadFailed);
+        None
     }
 }
 
@@ -129,7 +127,7 @@ pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Optio
 fn mark_runnable(task: u64, now: u64) {
     // Overwrite in place when the task has an entry (the common case: no allocation, which is
     // most of an LRU insert's cost); insert only for tasks not seen yet.
-    if let Some(entry) = RUNNABLE.get_ptr_mut(&task) {
+    if let Some(entry) = RUNNABLE.get_ptr_mut(task) {
         // SAFETY: value pointer of a live entry; a racing writer stores the same kind of value.
         unsafe { (*entry).since_ns = now };
         return;
@@ -161,7 +159,7 @@ pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-/// unsigned int prev_state)` (prev_state is an argument since 5.18).
+/// unsigned int prev_state)` (`prev_state` is an argument since 5.18).
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
@@ -184,7 +182,7 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     {
         mark_runnable(prev, now);
     }
-    let entry = RUNNABLE.get_ptr_mut(&next).ok_or(())?;
+    let entry = RUNNABLE.get_ptr_mut(next).ok_or(())?;
     // SAFETY: value pointer of a live entry, only this CPU switches `next` in.
     let task = unsafe { &mut *entry };
     let since_ns = task.since_ns;
@@ -204,6 +202,10 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     unsafe {
         add_u64(&raw mut (*stats).samples, 1);
         add_u64(&raw mut (*stats).sum_us, waited_us);
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "clamped to u32::MAX first; the verifier rejects the program when this is written with try_from"
+        )]
         let bucket = rtt_bucket(waited_us.min(u64::from(u32::MAX)) as u32);
         if let Some(slot) = (*stats).buckets.get_mut(bucket) {
             add_u32(slot, 1);
@@ -214,12 +216,16 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
 
 #[inline(always)]
 fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {
-    if let Some(stats) = RUNQ.get_ptr_mut(&cgroup_id) {
+    if let Some(stats) = RUNQ.get_ptr_mut(cgroup_id) {
         return Some(stats);
     }
     // Concurrent first inserts of one cgroup: NOEXIST lets one win harmlessly.
-    let _ = RUNQ.insert(&cgroup_id, &ZERO_RUNQ, u64::from(BPF_NOEXIST));
-    let stats = RUNQ.get_ptr_mut(&cgroup_id);
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by reference, not copied onto the 512-byte BPF stack"
+    )]
+    let _ = RUNQ.insert(cgroup_id, &ZERO_RUNQ, u64::from(BPF_NOEXIST));
+    let stats = RUNQ.get_ptr_mut(cgroup_id);
     if stats.is_none() {
         count_lost(LostEvent::RunqMapFull);
     }

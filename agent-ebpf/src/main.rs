@@ -5,7 +5,7 @@
 #![no_main]
 // Atomic adds on map values (see maps::add_u64); built with RUSTC_BOOTSTRAP like aya-ebpf itself.
 #![feature(core_intrinsics)]
-#![allow(internal_features)]
+#![allow(internal_features, reason = "core_intrinsics is internal; see the line above")]
 
 mod cpu_contention;
 mod maps;

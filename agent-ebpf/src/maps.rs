@@ -17,7 +17,7 @@ use graywatch_common::{
 };
 
 /// Cumulative network statistics per (cgroup, remote address). Shared (not per-CPU) with atomic
-/// adds: a per-CPU map of histograms would cost MAX_FLOWS × 900 B × CPUs of kernel memory.
+/// adds: a per-CPU map of histograms would cost `MAX_FLOWS` × 900 B × CPUs of kernel memory.
 #[map]
 pub static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, 0);
 
@@ -81,9 +81,13 @@ static NET_SETTINGS: NetSettings = NetSettings {
 };
 
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the loader writes a port (at most 65535) from ip_local_port_range"
+)]
 pub fn ephemeral_port_min() -> u16 {
     // SAFETY: a static in .rodata written by the loader.
-    let settings = unsafe { core::ptr::read_volatile(&NET_SETTINGS) };
+    let settings = unsafe { core::ptr::read_volatile(&raw const NET_SETTINGS) };
     settings.ephemeral_port_min as u16
 }
 
@@ -92,17 +96,17 @@ pub fn ephemeral_port_min() -> u16 {
 #[inline(always)]
 pub fn socket_key_is_address() -> bool {
     // SAFETY: a static in .rodata written by the loader.
-    let settings = unsafe { core::ptr::read_volatile(&NET_SETTINGS) };
+    let settings = unsafe { core::ptr::read_volatile(&raw const NET_SETTINGS) };
     settings.socket_key == SOCKET_KEY_ADDRESS
 }
 
 #[inline(always)]
 pub fn kernel_offsets() -> KernelOffsets {
     // SAFETY: a static in .rodata; volatile so the compiler cannot fold the zero initialiser.
-    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+    unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) }
 }
 
-/// Zeroed value to insert new flows from: a global, because FlowStats is larger than the
+/// Zeroed value to insert new flows from: a global, because `FlowStats` is larger than the
 /// 512-byte BPF stack.
 static ZERO_FLOW: FlowStats = FlowStats::ZERO;
 
@@ -129,6 +133,10 @@ pub fn flow_stats<C: EbpfContext>(ctx: &C, key: &FlowKey) -> Option<*mut FlowSta
         return Some(stats);
     }
     // Another CPU may insert the same key concurrently: NOEXIST makes one of us lose harmlessly.
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by reference, not copied onto the 512-byte BPF stack"
+    )]
     let _ = FLOWS.insert(key, &ZERO_FLOW, u64::from(BPF_NOEXIST));
     let stats = FLOWS.get_ptr_mut(key);
     if let Some(stats) = stats {
@@ -168,7 +176,7 @@ pub fn count_drop(key: &DropKey) {
         add_u64(count, 1);
         return;
     }
-    let _ = DROPS.insert(key, &0u64, u64::from(BPF_NOEXIST));
+    let _ = DROPS.insert(key, 0u64, u64::from(BPF_NOEXIST));
     match DROPS.get_ptr_mut(key) {
         Some(count) => add_u64(count, 1),
         None => {

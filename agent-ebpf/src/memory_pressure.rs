@@ -30,7 +30,7 @@ use crate::{
 #[map]
 pub static RECLAIM: HashMap<ReclaimKey, ReclaimStats> = HashMap::with_max_entries(MAX_RECLAIM_KEYS, 0);
 
-/// Tasks currently in reclaim, by pid_tgid. LRU so a missed end event cannot pin an entry.
+/// Tasks currently in reclaim, by `pid_tgid`. LRU so a missed end event cannot pin an entry.
 #[map]
 static RECLAIMING: LruHashMap<u64, ReclaimStart> = LruHashMap::with_max_entries(MAX_RECLAIMING_TASKS, 0);
 
@@ -89,20 +89,24 @@ fn reclaim_begin(kind: ReclaimKind) {
         kind: kind as u32,
         _pad: 0,
     };
-    if RECLAIMING.insert(&bpf_get_current_pid_tgid(), &start, 0).is_err() {
+    if RECLAIMING.insert(bpf_get_current_pid_tgid(), start, 0).is_err() {
         count_lost(LostEvent::ReclaimMapFull);
     }
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the stall is clamped to u32::MAX first; the verifier rejects the program when this is written with try_from"
+)]
 fn reclaim_end(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let id = bpf_get_current_pid_tgid();
     // SAFETY: value copied out of a live entry.
-    let start = unsafe { RECLAIMING.get(&id) }.copied().ok_or(())?;
-    let _ = RECLAIMING.remove(&id);
+    let start = unsafe { RECLAIMING.get(id) }.copied().ok_or(())?;
+    let _ = RECLAIMING.remove(id);
     // SAFETY: a static in .rodata written by the loader.
-    let fields = unsafe { core::ptr::read_volatile(&RECLAIM_END_FIELDS) };
+    let fields = unsafe { core::ptr::read_volatile(&raw const RECLAIM_END_FIELDS) };
     // SAFETY: offset from this kernel's format file.
     let pages = unsafe { ctx.read_at::<u64>(fields.nr_reclaimed as usize) }.unwrap_or(0);
     let key = ReclaimKey {
@@ -144,6 +148,10 @@ fn reclaim_stats(key: &ReclaimKey) -> Option<*mut ReclaimStats> {
     if let Some(stats) = RECLAIM.get_ptr_mut(key) {
         return Some(stats);
     }
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by reference, not copied onto the 512-byte BPF stack"
+    )]
     let _ = RECLAIM.insert(key, &ZERO_RECLAIM, u64::from(BPF_NOEXIST));
     let stats = RECLAIM.get_ptr_mut(key);
     if stats.is_none() {
@@ -160,14 +168,22 @@ pub fn mark_victim(ctx: RawTracePointContext) -> u32 {
     }
 }
 
+#[expect(
+    clippy::cast_ptr_alignment,
+    clippy::cast_possible_truncation,
+    reason = "bpf_probe_read_kernel copies bytes, so the field pointers need no alignment; \
+              on older kernels the u64 argument holds a 32-bit pid"
+)]
 fn try_mark_victim(ctx: &RawTracePointContext) -> Result<(), ()> {
     let o = task_offsets();
     // SAFETY: a static in .rodata written by the loader.
-    let arg_is_task = unsafe { core::ptr::read_volatile(&OOM_ARG_IS_TASK) } != 0;
+    let arg_is_task = unsafe { core::ptr::read_volatile(&raw const OOM_ARG_IS_TASK) } != 0;
     let arg0: u64 = ctx.arg(0);
-    let mut event = OomEvent::default();
-    // SAFETY: a helper without preconditions.
-    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    let mut event = OomEvent {
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        ..OomEvent::default()
+    };
     if arg_is_task {
         let task = arg0 as *const u8;
         event.cgroup_id = task_cgroup_id(&o, task, o.memory_hierarchy).ok_or(())?;
@@ -196,12 +212,12 @@ fn try_mark_victim(ctx: &RawTracePointContext) -> Result<(), ()> {
 
 #[inline(always)]
 fn count_oom(cgroup_id: u64) {
-    if let Some(count) = OOM_KILLS.get_ptr_mut(&cgroup_id) {
+    if let Some(count) = OOM_KILLS.get_ptr_mut(cgroup_id) {
         add_u64(count, 1);
         return;
     }
-    let _ = OOM_KILLS.insert(&cgroup_id, &0u64, u64::from(BPF_NOEXIST));
-    match OOM_KILLS.get_ptr_mut(&cgroup_id) {
+    let _ = OOM_KILLS.insert(cgroup_id, 0u64, u64::from(BPF_NOEXIST));
+    match OOM_KILLS.get_ptr_mut(cgroup_id) {
         Some(count) => add_u64(count, 1),
         None => {
             count_lost(LostEvent::ReclaimMapFull);

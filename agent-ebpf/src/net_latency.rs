@@ -71,6 +71,10 @@ fn field<const N: usize>(record: &[u8; TCP_PROBE_RECORD_MAX], offset: u32) -> Re
 const USUAL_SOCK_COOKIE_OFFSET: u32 = 112;
 
 #[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "the record is 8-byte aligned and its offset, 112, a multiple of 8"
+)]
 fn sock_cookie(ctx: &TracePointContext, fields: &TcpProbeFields) -> Result<u64, ()> {
     if fields.sock_cookie == USUAL_SOCK_COOKIE_OFFSET {
         // SAFETY: the record is at least `record_len` > 112 + 8 bytes (its format file says so).
@@ -89,7 +93,7 @@ fn sock_cookie(ctx: &TracePointContext, fields: &TcpProbeFields) -> Result<u64, 
 
 fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a static in .rodata written by the loader.
-    let fields = unsafe { core::ptr::read_volatile(&TCP_PROBE_FIELDS) };
+    let fields = unsafe { core::ptr::read_volatile(&raw const TCP_PROBE_FIELDS) };
     let cookie = sock_cookie(ctx, &fields)?;
     sample_socket(
         ctx,
@@ -230,7 +234,7 @@ fn record_sample<C: EbpfContext>(ctx: &C, flow: &FlowKey, segs: u32, srtt: u32) 
             // The volatile read hides the index's derivation from LLVM so the bounds check in
             // get_mut survives: the verifier loses track of bounds through the shifts above.
             let bucket = rtt_bucket(srtt);
-            let bucket = core::ptr::read_volatile(&bucket);
+            let bucket = core::ptr::read_volatile(&raw const bucket);
             if let Some(slot) = (*stats).rtt_buckets.get_mut(bucket) {
                 add_u32(slot, 1);
             }
@@ -250,7 +254,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a static in .rodata written by the loader.
-    let fields = unsafe { core::ptr::read_volatile(&SOCK_STATE_FIELDS) };
+    let fields = unsafe { core::ptr::read_volatile(&raw const SOCK_STATE_FIELDS) };
     // SAFETY: offsets come from this kernel's tracepoint format file.
     let (protocol, oldstate) = unsafe {
         (

@@ -43,7 +43,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a static in .rodata written by the loader.
-    let fields = unsafe { core::ptr::read_volatile(&TCP_RETRANSMIT_FIELDS) };
+    let fields = unsafe { core::ptr::read_volatile(&raw const TCP_RETRANSMIT_FIELDS) };
     let offsets = kernel_offsets();
     // SAFETY: offsets come from this kernel's tracepoint format file.
     let (family, sk, skb, sport, dport) = unsafe {
@@ -97,7 +97,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), ()> {
 }
 
 /// Segments `sk` sent since its flow was last brought up to date: from its `SOCKETS` state and
-/// `tcp_sock.segs_out` (which counts the retransmission just made). A socket tcp_probe has not
+/// `tcp_sock.segs_out` (which counts the retransmission just made). A socket `tcp_probe` has not
 /// seen yet has no state: its retransmitted segments are what it is known to have sent.
 #[inline(always)]
 fn segments_sent_at_retransmit(offsets: &KernelOffsets, sk: *const u8, retransmitted: u64) -> u64 {
@@ -124,7 +124,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
 
 fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a static in .rodata written by the loader.
-    let fields = unsafe { core::ptr::read_volatile(&KFREE_SKB_FIELDS) };
+    let fields = unsafe { core::ptr::read_volatile(&raw const KFREE_SKB_FIELDS) };
     let offsets = kernel_offsets();
     // SAFETY: offsets come from this kernel's tracepoint format file.
     let (skb, protocol, reason) = unsafe {

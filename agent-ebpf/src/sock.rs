@@ -24,12 +24,11 @@ pub fn socket_cgroup_id(offsets: &KernelOffsets, sk: *const u8) -> Option<u64> {
             read(kn, offsets.kernfs_node_id)
         }
     })();
-    match id {
-        Ok(id) => Some(id),
-        Err(_) => {
-            count_lost(LostEvent::KernelReadFailed);
-            None
-        }
+    if let Ok(id) = id {
+        Some(id)
+    } else {
+        count_lost(LostEvent::KernelReadFailed);
+        None
     }
 }
 

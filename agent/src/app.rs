@@ -242,6 +242,12 @@ pub fn in_scope(path: &str, scope: &str) -> bool {
 }
 
 /// Runs the agent until SIGINT/SIGTERM (or after one window with `--once`).
+#[expect(
+    clippy::too_many_lines,
+    clippy::similar_names,
+    reason = "the agent's wiring in start-up order: config, programs, tasks, window loop, shutdown; \
+              `scorer` and its `scores`"
+)]
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));

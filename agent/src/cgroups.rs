@@ -1,5 +1,5 @@
 //! The agent's one cgroup model: which hierarchies the host mounts ([`CgroupMode`], as vector's
-//! host_metrics has it: legacy v1, hybrid, modern v2) and where ([`CgroupLayout`]), which paths
+//! `host_metrics` has it: legacy v1, hybrid, modern v2) and where ([`CgroupLayout`]), which paths
 //! are kubelet's pod cgroups ([`parse_pod_cgroup`]), and cgroup ids → cgroup paths → pods.
 //!
 //! The kernel programs key everything by cgroup v2 id, which is the inode number of the cgroup's
@@ -30,7 +30,7 @@ pub enum CgroupError {
     },
 }
 
-/// Which cgroup hierarchies a host mounts (the three modes of vector's host_metrics cgroups).
+/// Which cgroup hierarchies a host mounts (the three modes of vector's `host_metrics` cgroups).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CgroupMode {
@@ -125,15 +125,12 @@ fn unescape_mount(s: &str) -> String {
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
         let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(byte) => {
-                out.push(char::from(byte));
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
+        if let Some(byte) = code {
+            out.push(char::from(byte));
+            rest = &rest[i + 4..];
+        } else {
+            out.push('\\');
+            rest = &rest[i + 1..];
         }
     }
     out.push_str(rest);

@@ -99,7 +99,7 @@ pub struct Cli {
     #[arg(long, env = "SYSFS_ROOT")]
     pub sysfs_root: Option<PathBuf>,
 
-    /// Stream window summaries to this aggregator (e.g. http://graywatch-aggregator:7443).
+    /// Stream window summaries to this aggregator (e.g. <http://graywatch-aggregator:7443>).
     #[arg(long, env = "GRAYWATCH_AGGREGATOR")]
     pub aggregator: Option<String>,
 
@@ -144,7 +144,7 @@ pub struct Cli {
     #[arg(long, value_enum, env = "GRAYWATCH_KUBE")]
     pub kube: Option<KubeMode>,
 
-    /// Log filter (tracing EnvFilter syntax, e.g. info or graywatch_agent=debug).
+    /// Log filter (tracing `EnvFilter` syntax, e.g. info or `graywatch_agent=debug`).
     #[arg(long, env = "GRAYWATCH_LOG", default_value = "info")]
     pub log: String,
 
@@ -302,7 +302,7 @@ pub enum ConfigError {
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9101";
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
-const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+const MAX_INTERVAL: Duration = Duration::from_hours(1);
 
 impl Config {
     /// Merges flags over the file (if any) over defaults, and validates.
@@ -314,6 +314,10 @@ impl Config {
         Self::merge(cli, file)
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one short block per setting: command line over file over default"
+    )]
     pub fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let node_name = cli
             .node_name
@@ -327,7 +331,7 @@ impl Config {
         if node_name.is_empty() || node_name.len() > 253 {
             return Err(ConfigError::Invalid {
                 field: "node_name",
-                reason: format!("must be 1-253 characters, got {:?}", node_name),
+                reason: format!("must be 1-253 characters, got {node_name:?}"),
             });
         }
         let interval = cli.interval.or(file.interval).unwrap_or(Duration::from_secs(1));

@@ -207,6 +207,10 @@ impl std::fmt::Debug for KernelPrograms {
 impl KernelPrograms {
     /// Resolves offsets, loads the object and attaches the network programs and `group`'s.
     /// `procfs` is read for sysctls.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "loads and attaches each program in turn, one block per program"
+    )]
     pub fn load<G: ProgramGlobals>(
         options: &LoadOptions,
         procfs: &Path,
@@ -472,7 +476,7 @@ impl KernelPrograms {
         self.ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
     }
 
-    /// The kernel's names for `enum skb_drop_reason` values, from the kfree_skb format.
+    /// The kernel's names for `enum skb_drop_reason` values, from the `kfree_skb` format.
     pub fn drop_reasons(&self) -> &HashMap<u32, String> {
         &self.drop_reasons
     }

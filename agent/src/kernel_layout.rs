@@ -75,7 +75,7 @@ impl KernelLayout {
                     member: members.peek().copied().unwrap_or_default().to_owned(),
                     path: path.to_owned(),
                 })?;
-                structure = member.to_owned();
+                member.clone_into(&mut structure);
             }
         }
         if !offset_bits.is_multiple_of(8) {
@@ -168,9 +168,10 @@ mod tests {
 
     #[test]
     fn resolves_the_network_offsets_on_this_kernel() {
-        if !Path::new(VMLINUX).exists() {
-            panic!("{VMLINUX} is missing: graywatch's supported kernels all have BTF");
-        }
+        assert!(
+            Path::new(VMLINUX).exists(),
+            "{VMLINUX} is missing: graywatch's supported kernels all have BTF"
+        );
         let layout = KernelLayout::from_file(Path::new(VMLINUX)).expect("parse vmlinux BTF");
         let offsets = layout.kernel_offsets().expect("all offsets resolve");
         // skc_family sits in the first cache line of struct sock_common on every kernel.

@@ -467,6 +467,7 @@ impl HostMetrics {
         m
     }
 
+    #[expect(clippy::too_many_lines, reason = "one gauge update per exported series")]
     pub fn observe(&self, cpu: &CpuWindow, memory: &MemoryWindow, pressure: &PressureWindow) {
         if let Some(steal) = &cpu.steal {
             self.steal_ratio.set(steal.node_pct / 100.0);
@@ -614,9 +615,9 @@ mod tests {
                     .collect(),
                 ..Default::default()
             },
-            cpu: Default::default(),
-            memory: Default::default(),
-            pressure: Default::default(),
+            cpu: CpuWindow::default(),
+            memory: MemoryWindow::default(),
+            pressure: PressureWindow::default(),
             lost_events: BTreeMap::new(),
             unavailable: BTreeMap::new(),
             local_scores: Vec::new(),

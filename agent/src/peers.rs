@@ -353,7 +353,7 @@ struct Fold {
 }
 
 impl Fold {
-    fn add(&mut self, other: Fold) {
+    fn add(&mut self, other: &Fold) {
         self.segments_out += other.segments_out;
         self.retransmits += other.retransmits;
         self.outbound.add(&other.outbound);
@@ -420,7 +420,7 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Ve
                     .entry(node.clone())
                     .or_insert_with(|| (representative, Fold::default()))
                     .1
-                    .add(fold);
+                    .add(&fold);
             }
             None => others.push((remote, fold)),
         }
@@ -429,11 +429,11 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Ve
     let mut nodes: Vec<(Arc<str>, IpAddr, Fold)> = by_node.into_iter().map(|(n, (a, f))| (n, a, f)).collect();
     nodes.sort_by(|a, b| b.2.weight().cmp(&a.2.weight()).then_with(|| a.0.cmp(&b.0)));
     for (_, _, fold) in nodes.drain(limits.max_nodes.min(nodes.len())..) {
-        external.add(fold);
+        external.add(&fold);
     }
     others.sort_by(|a, b| b.1.weight().cmp(&a.1.weight()).then_with(|| a.0.cmp(&b.0)));
     for (_, fold) in others.drain(limits.max_others.min(others.len())..) {
-        external.add(fold);
+        external.add(&fold);
     }
     nodes.sort_by(|a, b| a.0.cmp(&b.0));
     others.sort_by_key(|(addr, _)| *addr);
@@ -490,7 +490,10 @@ mod tests {
             }],
         });
         let book = shared.get();
-        assert_eq!(book.node_of(&pod).map(|n| n.to_string()).as_deref(), Some("node-a"));
+        assert_eq!(
+            book.node_of(&pod).map(std::string::ToString::to_string).as_deref(),
+            Some("node-a")
+        );
         let summary = window_with_flows(&[(pod, 500, 4, 40, 1)]);
         let peers = peers(&summary, &book, PeerLimits::default());
         assert_eq!(peers.len(), 1);
@@ -530,7 +533,12 @@ mod tests {
     fn the_aggregators_pages_build_the_book_and_deltas_change_it() {
         let shared = SharedPeerBook::default();
         let mut pages = BookPages::default();
-        let of = |s: &str| shared.get().node_of(&s.parse().expect("ip")).map(|n| n.to_string());
+        let of = |s: &str| {
+            shared
+                .get()
+                .node_of(&s.parse().expect("ip"))
+                .map(std::string::ToString::to_string)
+        };
         let first = page(true, vec![node("node-a", "10.0.0.1", &["10.9.0.1/32"])], &[], true);
         assert!(pages.apply(first).is_none(), "a run is not used before its last page");
         let last = page(false, vec![node("node-b", "10.0.0.2", &["10.9.0.2/32"])], &[], false);
@@ -575,7 +583,10 @@ mod tests {
     #[test]
     fn the_book_maps_internal_ips_and_pod_cidrs() {
         let book = book();
-        let of = |s: &str| book.node_of(&s.parse().expect("ip")).map(|n| n.to_string());
+        let of = |s: &str| {
+            book.node_of(&s.parse().expect("ip"))
+                .map(std::string::ToString::to_string)
+        };
         assert_eq!(of("10.0.0.1").as_deref(), Some("node-a"));
         assert_eq!(of("10.244.1.77").as_deref(), Some("node-a"));
         assert_eq!(of("fd00:1::1234").as_deref(), Some("node-b"));
@@ -624,7 +635,10 @@ mod tests {
         let external = peers.last().expect("external");
         assert!(external.external);
         assert_eq!(external.remote, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
-        assert_eq!(external.addresses, 5_000 - limits.max_others as u32);
+        assert_eq!(
+            external.addresses,
+            5_000 - u32::try_from(limits.max_others).expect("test limit fits u32")
+        );
         let total: u64 = peers.iter().map(|p| p.segments_out).sum();
         let expected: u64 = flows.iter().map(|f| f.3).sum();
         assert_eq!(total, expected);

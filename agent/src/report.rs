@@ -34,7 +34,7 @@ pub struct ReportConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
-    /// TLS and the bearer token (see stream_security.rs).
+    /// TLS and the bearer token (see `stream_security.rs`).
     pub security: crate::stream_security::StreamSecurity,
 }
 
@@ -65,7 +65,7 @@ pub struct ReportStats {
     pub reconnects: AtomicU64,
     /// Streams the aggregator ended with an error status (bad message, wrong version, restart).
     pub rejected: AtomicU64,
-    /// Windows the aggregator refused as invalid (INVALID_ARGUMENT, OUT_OF_RANGE): dropped, not
+    /// Windows the aggregator refused as invalid (`INVALID_ARGUMENT`, `OUT_OF_RANGE`): dropped, not
     /// replayed, or one bad window would end every stream for as long as it stays buffered.
     pub invalid: AtomicU64,
 }
@@ -268,6 +268,10 @@ impl Reporter {
     }
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "only the low 64 bits of the clock seed the jitter"
+)]
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

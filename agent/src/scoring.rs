@@ -187,7 +187,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         signals::net::{FlowDelta, NetDelta, network_window},
-        summary::Workload,
+        summary::{CpuWindow, MemoryWindow, PressureWindow, Workload},
     };
 
     /// A window with one flow to `remote` whose RTT samples are all `rtt_us`.
@@ -252,9 +252,9 @@ pub(crate) mod tests {
                 cgroup_path: None,
                 pod: None,
             }),
-            cpu: Default::default(),
-            memory: Default::default(),
-            pressure: Default::default(),
+            cpu: CpuWindow::default(),
+            memory: MemoryWindow::default(),
+            pressure: PressureWindow::default(),
             lost_events: BTreeMap::new(),
             unavailable: BTreeMap::new(),
             local_scores: Vec::new(),
@@ -262,6 +262,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[expect(clippy::similar_names, reason = "the scorer and its scores")]
     fn a_latency_step_to_one_peer_raises_the_network_latency_score() {
         let peer = Ipv4Addr::new(10, 0, 0, 2);
         let mut scorer = LocalScorer::default();
@@ -315,18 +316,18 @@ pub(crate) mod tests {
             .expect("every scored family is reported")
     }
 
-    /// Steal is its own family: a steal step raises CpuSteal with a steal reason and leaves the
-    /// run-queue family (CpuContention) alone.
+    /// Steal is its own family: a steal step raises `CpuSteal` with a steal reason and leaves the
+    /// run-queue family (`CpuContention`) alone.
     #[test]
     fn a_steal_step_raises_cpu_steal_not_cpu_contention() {
         let mut scorer = LocalScorer::default();
         let mut t = 0.0;
         for i in 0..120 {
             let window = window_with_steal(Some(0.2 + f64::from(i % 3) * 0.05));
-            let scores = scorer.observe(t, &window, &peers_of(&window));
+            let by_family = scorer.observe(t, &window, &peers_of(&window));
             t += 1.0;
             if i > 100 {
-                let steal = family(&scores, Family::CpuSteal);
+                let steal = family(&by_family, Family::CpuSteal);
                 assert!(steal.score.is_some_and(|s| s < 0.3), "quiet baseline: {steal:?}");
             }
         }
@@ -353,8 +354,8 @@ pub(crate) mod tests {
         let mut observe = |steal: f64, scorer: &mut LocalScorer| {
             let window = window_with_steal(Some(steal));
             t += 1.0;
-            let scores = scorer.observe(t, &window, &peers_of(&window));
-            family(&scores, Family::CpuSteal).score
+            let by_family = scorer.observe(t, &window, &peers_of(&window));
+            family(&by_family, Family::CpuSteal).score
         };
         for _ in 0..100 {
             observe(0.0, &mut scorer);
@@ -366,14 +367,14 @@ pub(crate) mod tests {
         assert!(step.is_some_and(|s| s > 0.7), "{step:?}");
     }
 
-    /// A kernel without steal accounting leaves CpuSteal unscored (Unknown upstream), not 0 %.
+    /// A kernel without steal accounting leaves `CpuSteal` unscored (Unknown upstream), not 0 %.
     #[test]
     fn steal_is_not_scored_where_the_kernel_has_no_steal_column() {
         let mut scorer = LocalScorer::default();
         for i in 0..60 {
             let window = window_with_steal(None);
-            let scores = scorer.observe(f64::from(i), &window, &peers_of(&window));
-            let steal = family(&scores, Family::CpuSteal);
+            let by_family = scorer.observe(f64::from(i), &window, &peers_of(&window));
+            let steal = family(&by_family, Family::CpuSteal);
             assert_eq!((steal.score, steal.reason.as_str()), (None, "no data"));
         }
     }

@@ -411,6 +411,11 @@ impl RttBuckets {
         }
         // Same rank rule as HDR's value_at_quantile: the smallest value with at least
         // ceil(q * total) samples at or below it (at least one).
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "q is clamped to [0, 1], so the rank is in 0..=total"
+        )]
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
         let mut seen = 0;
         for (index, count) in &self.counts {

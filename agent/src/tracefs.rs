@@ -85,7 +85,7 @@ impl EventFormat {
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
             if let Some(rest) = line.strip_prefix("print fmt:") {
-                format.print_fmt = rest.trim().to_owned();
+                rest.trim().clone_into(&mut format.print_fmt);
                 continue;
             }
             if !line.starts_with("field:") {
@@ -108,9 +108,8 @@ impl EventFormat {
                     _ => {}
                 }
             }
-            let (decl, offset, size) = match (decl, offset, size) {
-                (Some(d), Some(o), Some(s)) => (d, o, s),
-                _ => return Err(malformed()),
+            let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
+                return Err(malformed());
             };
             // The name is the last word of the declaration, without an array suffix.
             let name = decl

@@ -17,11 +17,11 @@ pub struct Identity {
     pub node_name: String,
     pub boot_id: String,
     pub addresses: Vec<String>,
-    /// This agent incarnation: when it started, in ns of CLOCK_BOOTTIME (see [`boottime_ns`]).
+    /// This agent incarnation: when it started, in ns of `CLOCK_BOOTTIME` (see [`boottime_ns`]).
     pub agent_started_ns: u64,
 }
 
-/// Now on the node's CLOCK_BOOTTIME, in ns (0 if the clock cannot be read, which the aggregator
+/// Now on the node's `CLOCK_BOOTTIME`, in ns (0 if the clock cannot be read, which the aggregator
 /// treats as "incarnation unknown").
 ///
 /// The clock is the kernel's, shared by every container on the node and monotonic for the whole
@@ -126,6 +126,11 @@ pub fn node_summary(
         });
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the window is a validated positive config value of at most an hour; `as` saturates"
+    )]
     let end = summary.window_start_unix_ms + (summary.window_seconds * 1000.0) as u64;
     NodeSummary {
         protocol_version: PROTOCOL_VERSION,

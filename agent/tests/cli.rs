@@ -138,7 +138,7 @@ fn serves_metrics_and_health_then_stops_on_sigterm() {
     assert_eq!(status, 200);
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::unistd::Pid::from_raw(agent.id().cast_signed()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("send SIGTERM");

@@ -21,7 +21,7 @@ const AGENT: &str = env!("CARGO_BIN_EXE_graywatch-agent");
 const LINES: &[&str] = &["6.1", "6.12"];
 
 /// A guest that has not powered off by then is hung (TCG boots in seconds); not a measurement.
-const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+const GUEST_DEADLINE: Duration = Duration::from_mins(5);
 
 /// What the guest runs as /init. Markers delimit the agent's output on the serial console.
 const INIT: &str = r#"#!/bin/busybox sh

@@ -22,14 +22,23 @@ use graywatch_proto::v1;
 
 const PEERS: usize = 20;
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the index's low bytes are the address octets"
+)]
 fn ip(i: usize) -> IpAddr {
     IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8])
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the index's low bytes are the address octets"
+)]
 fn pod_ip(i: usize) -> IpAddr {
     IpAddr::from([100, (i >> 8) as u8 & 0x3f, i as u8, 7])
 }
 
+#[expect(clippy::too_many_lines, reason = "one benchmark scenario, read top to bottom")]
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let rounds = 10;
@@ -89,7 +98,7 @@ fn main() {
             input.reports.insert(
                 format!("node-{i}"),
                 std::sync::Arc::new(NodeReport {
-                    seq: round as u64,
+                    seq: u64::try_from(round).expect("rounds count up from 1"),
                     boot_id: "b".into(),
                     agent_started_ns: 1,
                     received_ms: input.now_ms,

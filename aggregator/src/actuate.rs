@@ -374,35 +374,32 @@ impl Actuator {
             }
             // Read back: the change is in the pool as stored.
             let now = pools.get(pool).await.map_err(kube_err("NodePool", pool))?;
-            let now_reqs = &now.data["spec"]["template"]["spec"]["requirements"];
-            let now_budgets = &now.data["spec"]["disruption"]["budgets"];
+            let reread_reqs = &now.data["spec"]["template"]["spec"]["requirements"];
+            let reread_budgets = &now.data["spec"]["disruption"]["budgets"];
             let count = |list: &serde_json::Value, x: &serde_json::Value| {
                 list.as_array().map_or(0, |l| l.iter().filter(|y| *y == x).count())
             };
             let new_reqs = serde_json::Value::Array(new_reqs);
             let new_budgets = serde_json::Value::Array(new_budgets);
-            let verified = added.requirements.iter().all(|r| count(now_reqs, r) > 0)
-                && added.budgets.iter().all(|b| count(now_budgets, b) > 0)
+            let verified = added.requirements.iter().all(|r| count(reread_reqs, r) > 0)
+                && added.budgets.iter().all(|b| count(reread_budgets, b) > 0)
                 && remove
                     .requirements
                     .iter()
-                    .all(|r| count(now_reqs, r) <= count(&new_reqs, r))
+                    .all(|r| count(reread_reqs, r) <= count(&new_reqs, r))
                 && remove
                     .budgets
                     .iter()
-                    .all(|b| count(now_budgets, b) <= count(&new_budgets, b));
+                    .all(|b| count(reread_budgets, b) <= count(&new_budgets, b));
             if !verified {
                 return Err(ActError::PoolUnverified(pool.to_owned()));
             }
-            match excluded {
-                Some(excluded) => {
-                    self.save_snapshot(pool, excluded, &added).await?;
-                    tracing::info!(pool = %pool, excluded = ?excluded, added = ?added, "nodepool excluded");
-                }
-                None => {
-                    self.delete_snapshot(&snapshot_name(pool)).await?;
-                    tracing::info!(pool = %pool, removed = ?remove, "nodepool restored");
-                }
+            if let Some(excluded) = excluded {
+                self.save_snapshot(pool, excluded, &added).await?;
+                tracing::info!(pool = %pool, excluded = ?excluded, added = ?added, "nodepool excluded");
+            } else {
+                self.delete_snapshot(&snapshot_name(pool)).await?;
+                tracing::info!(pool = %pool, removed = ?remove, "nodepool restored");
             }
             return Ok(());
         }

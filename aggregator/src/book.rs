@@ -18,7 +18,7 @@ pub type Book = BTreeMap<String, NodePeers>;
 /// in its own page.
 pub const PAGE_BYTES: usize = 32 * 1024;
 
-/// Room for the `Directive` around a page: protocol_version, the oneof tag and length, `reset`
+/// Room for the `Directive` around a page: `protocol_version`, the oneof tag and length, `reset`
 /// and `more`.
 const PAGE_OVERHEAD: usize = 16;
 

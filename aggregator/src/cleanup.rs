@@ -330,6 +330,10 @@ async fn restore_after_failure(client: &Client, cfg: &FileConfig, name: &str, re
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the cleanup steps in their required order, each recorded in the report"
+)]
 async fn clean(client: Client, cfg: &FileConfig, args: &CleanupArgs, stopped: bool, mut report: Report) -> Report {
     let actuator = Actuator::new(client.clone(), cfg);
 

@@ -1,7 +1,7 @@
 //! Reads the cluster into the core's plain data: Nodes (from a watch-fed reflector store),
 //! Karpenter NodePools / NodeClaims and our NodePool snapshots (listed each step; few objects).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node};
@@ -68,8 +68,10 @@ pub fn snapshot_digest(data: &BTreeMap<String, String>) -> String {
     ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
         .as_ref()
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// The data of the snapshot ConfigMap recording `snapshot`.
@@ -369,7 +371,7 @@ impl ClusterReader {
     /// the apiserver's `--event-ttl` (1 h by default), longer than the rate window (10 min).
     pub async fn past_actions(&self, now_ms: Millis, window_ms: Millis) -> Result<Vec<PastAction>, ReadError> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &self.event_namespace);
-        let lp = ListParams::default().fields(&format!("source={}", FIELD_MANAGER));
+        let lp = ListParams::default().fields(&format!("source={FIELD_MANAGER}"));
         let list = api.list(&lp).await.map_err(|source| ReadError::List {
             what: "our Events",
             source,

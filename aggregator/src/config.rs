@@ -151,11 +151,11 @@ pub struct FileConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
-    /// Largest accepted message (bytes); larger ones get OUT_OF_RANGE before decoding.
+    /// Largest accepted message (bytes); larger ones get `OUT_OF_RANGE` before decoding.
     pub max_message_bytes: usize,
     /// Most peers per summary.
     pub max_peers: usize,
-    /// Most nodes in the fleet view (reports of further nodes are refused, RESOURCE_EXHAUSTED);
+    /// Most nodes in the fleet view (reports of further nodes are refused, `RESOURCE_EXHAUSTED`);
     /// the per-identity limiter and the TokenReview cache hold at most twice as many entries.
     pub max_nodes: usize,
 }

@@ -167,16 +167,20 @@ mod tests {
             subject: "s".into(),
             node: Some("node-0".into()),
         };
+        #[expect(
+            clippy::duration_suboptimal_units,
+            reason = "seconds, like the token expiry it is compared with"
+        )]
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let cache = ReviewCache::new(Duration::from_secs(300), 8);
+        let cache = ReviewCache::new(Duration::from_mins(5), 8);
         let soon = jwt(1_800_000_060);
         cache.put(&soon, &id, now);
         assert_eq!(cache.get(&soon, now + Duration::from_secs(59)), Some(id.clone()));
-        assert_eq!(cache.get(&soon, now + Duration::from_secs(60)), None, "token expired");
+        assert_eq!(cache.get(&soon, now + Duration::from_mins(1)), None, "token expired");
         let late = jwt(1_800_003_600);
         cache.put(&late, &id, now);
         assert!(cache.get(&late, now + Duration::from_secs(299)).is_some());
-        assert_eq!(cache.get(&late, now + Duration::from_secs(300)), None, "max age");
+        assert_eq!(cache.get(&late, now + Duration::from_mins(5)), None, "max age");
         assert_eq!(cache.get("unknown", now), None);
     }
 
@@ -187,17 +191,21 @@ mod tests {
             subject: "s".into(),
             node: Some(node.into()),
         };
+        #[expect(
+            clippy::duration_suboptimal_units,
+            reason = "seconds, like the token expiry it is compared with"
+        )]
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let cache = ReviewCache::new(Duration::from_secs(300), 3);
+        let cache = ReviewCache::new(Duration::from_mins(5), 3);
         assert!(cache.put(&jwt(1_800_000_060), &on("node-0"), now));
         assert!(cache.put(&jwt(1_800_000_600), &on("node-1"), now));
         assert!(cache.put(&jwt(1_800_000_601), &on("node-2"), now));
         assert!(!cache.put(&jwt(1_800_000_602), &on("node-3"), now), "full");
         // A rotated token expired; node-2 was deleted: both go, only node-1's stays.
-        assert_eq!(cache.prune(now + Duration::from_secs(60), |n| n != "node-2"), 1);
-        assert!(cache.put(&jwt(1_800_000_602), &on("node-3"), now + Duration::from_secs(60)));
+        assert_eq!(cache.prune(now + Duration::from_mins(1), |n| n != "node-2"), 1);
+        assert!(cache.put(&jwt(1_800_000_602), &on("node-3"), now + Duration::from_mins(1)));
         // Everything expires at the max age.
-        assert_eq!(cache.prune(now + Duration::from_secs(360), |_| true), 0);
+        assert_eq!(cache.prune(now + Duration::from_mins(6), |_| true), 0);
     }
 }
 

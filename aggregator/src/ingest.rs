@@ -2,8 +2,8 @@
 //! a [`NodeReport`] and stored in the [`FleetStore`]; replays (same boot id and agent incarnation,
 //! seq not newer) and windows of a superseded agent incarnation are acknowledged and dropped
 //! (see [`classify`]). A bad message ends the stream with a status naming the problem:
-//! FAILED_PRECONDITION for an unsupported protocol version, INVALID_ARGUMENT for content;
-//! tonic itself answers OUT_OF_RANGE for oversized and INTERNAL for undecodable messages.
+//! `FAILED_PRECONDITION` for an unsupported protocol version, `INVALID_ARGUMENT` for content;
+//! tonic itself answers `OUT_OF_RANGE` for oversized and INTERNAL for undecodable messages.
 
 use std::{
     collections::BTreeMap,
@@ -171,45 +171,42 @@ impl FleetStore {
         if map.len() >= self.max_nodes && !map.contains_key(node) {
             return Stored::Full;
         }
-        match map.get_mut(node) {
-            Some(prev) => {
-                let stored = classify(prev, &report);
-                if stored == Stored::New {
-                    // The agent's counts are cumulative per incarnation: what this window lost.
-                    if prev.boot_id == report.boot_id && prev.agent_started_ns == report.agent_started_ns {
-                        report.lost_events = report
-                            .lost_events_total
-                            .iter()
-                            .map(|(kind, n)| {
-                                (
-                                    kind.clone(),
-                                    n.saturating_sub(prev.lost_events_total.get(kind).copied().unwrap_or(0)),
-                                )
-                            })
-                            .filter(|(_, n)| *n > 0)
-                            .collect();
-                    }
-                    if prev.boot_id == report.boot_id && prev.agent_started_ns != report.agent_started_ns {
-                        tracing::info!(
-                            node,
-                            boot_id = %report.boot_id,
-                            previous_agent_started_ns = prev.agent_started_ns,
-                            agent_started_ns = report.agent_started_ns,
-                            seq = report.seq,
-                            "agent restarted: its windows replace the previous incarnation's"
-                        );
-                    }
-                    *prev = Arc::new(report);
+        if let Some(prev) = map.get_mut(node) {
+            let stored = classify(prev, &report);
+            if stored == Stored::New {
+                // The agent's counts are cumulative per incarnation: what this window lost.
+                if prev.boot_id == report.boot_id && prev.agent_started_ns == report.agent_started_ns {
+                    report.lost_events = report
+                        .lost_events_total
+                        .iter()
+                        .map(|(kind, n)| {
+                            (
+                                kind.clone(),
+                                n.saturating_sub(prev.lost_events_total.get(kind).copied().unwrap_or(0)),
+                            )
+                        })
+                        .filter(|(_, n)| *n > 0)
+                        .collect();
                 }
-                stored
+                if prev.boot_id == report.boot_id && prev.agent_started_ns != report.agent_started_ns {
+                    tracing::info!(
+                        node,
+                        boot_id = %report.boot_id,
+                        previous_agent_started_ns = prev.agent_started_ns,
+                        agent_started_ns = report.agent_started_ns,
+                        seq = report.seq,
+                        "agent restarted: its windows replace the previous incarnation's"
+                    );
+                }
+                *prev = Arc::new(report);
             }
-            None => {
-                // First sight (e.g. after an aggregator restart): the agent's old losses are its
-                // baseline, not this window's.
-                report.lost_events.clear();
-                map.insert(node.to_string(), Arc::new(report));
-                Stored::New
-            }
+            stored
+        } else {
+            // First sight (e.g. after an aggregator restart): the agent's old losses are its
+            // baseline, not this window's.
+            report.lost_events.clear();
+            map.insert(node.to_string(), Arc::new(report));
+            Stored::New
         }
     }
 
@@ -269,6 +266,10 @@ impl FleetStore {
 }
 
 /// Validates a summary and reduces it to a report. Errors carry the status to send.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one check per field of the wire message, in message order"
+)]
 pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(String, NodeReport), Status> {
     if !graywatch_proto::version_supported(s.protocol_version) {
         return Err(Status::failed_precondition(format!(
@@ -553,6 +554,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::float_cmp, reason = "the figure is passed through unchanged")]
     fn accepts_good_and_rejects_bad_with_clear_codes() {
         let (name, r) = validate(&good(), 10, 5).expect("valid");
         assert_eq!(name, "node-1");

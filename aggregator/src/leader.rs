@@ -7,7 +7,7 @@
 //! * expiry is judged on OUR clock from when we last saw the Lease record change, never by
 //!   comparing the holder's renewTime with our clock (no clock-skew assumptions);
 //! * a leader that has not renewed within `renew_deadline` (shorter than the lease duration;
-//!   client-go's RenewDeadline) steps down (stops writing) the moment the deadline passes, even
+//!   client-go's `RenewDeadline`) steps down (stops writing) the moment the deadline passes, even
 //!   while a renew call is still hanging (it is abandoned), so it has stopped before its lease
 //!   can have expired for the others; every call has that deadline too;
 //! * the Lease is released on graceful shutdown so a successor starts at once.

@@ -83,7 +83,7 @@ pub enum LimitError {
 }
 
 impl LimitError {
-    /// RESOURCE_EXHAUSTED, with the limit named.
+    /// `RESOURCE_EXHAUSTED`, with the limit named.
     #[must_use]
     pub fn status(&self) -> tonic::Status {
         tonic::Status::resource_exhausted(self.to_string())

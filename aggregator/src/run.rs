@@ -89,6 +89,10 @@ impl SeenWindows {
 }
 
 /// Runs the aggregator until `shutdown` is cancelled.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the aggregator's wiring in start-up order, then the drain"
+)]
 pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = FleetStore::new(cfg.ingest.max_nodes);
@@ -253,13 +257,15 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
     let _ = leader_task.await;
     // Streams end on the token; bound the drain anyway so a stuck client cannot hold us.
     let drain = Duration::from_secs(5);
-    match tokio::time::timeout(drain, grpc_task).await {
-        Ok(r) => r.context("grpc task")?.context("grpc server")?,
-        Err(_) => tracing::warn!("gRPC connections did not drain within 5 s; exiting anyway"),
+    if let Ok(r) = tokio::time::timeout(drain, grpc_task).await {
+        r.context("grpc task")?.context("grpc server")?;
+    } else {
+        tracing::warn!("gRPC connections did not drain within 5 s; exiting anyway");
     }
-    match tokio::time::timeout(drain, http_task).await {
-        Ok(r) => r.context("http task")?.context("http server")?,
-        Err(_) => tracing::warn!("HTTP connections did not drain within 5 s; exiting anyway"),
+    if let Ok(r) = tokio::time::timeout(drain, http_task).await {
+        r.context("http task")?.context("http server")?;
+    } else {
+        tracing::warn!("HTTP connections did not drain within 5 s; exiting anyway");
     }
     tracing::info!("stopped");
     Ok(())

@@ -5,11 +5,13 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+
 use common::*;
 use graywatch_proto::v1::{NodeSummary, ingest_client::IngestClient};
 use tonic::Code;
 
-/// A message that is not a NodeSummary on the wire: field 2 (node) as a varint.
+/// A message that is not a `NodeSummary` on the wire: field 2 (node) as a varint.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Garbage {
     #[prost(uint64, tag = "2")]
@@ -39,7 +41,7 @@ where
             let mut stream = resp.into_inner();
             loop {
                 match stream.message().await {
-                    Ok(Some(_)) => continue,
+                    Ok(Some(_)) => {}
                     Ok(None) => panic!("stream ended without an error"),
                     Err(s) => return s,
                 }
@@ -62,7 +64,7 @@ async fn bad_messages_get_clear_statuses_and_nothing_panics() -> anyhow::Result<
     })
     .await;
 
-    let good = summary(0, 2, 1, &Default::default());
+    let good = summary(0, 2, 1, &BTreeSet::default());
 
     let wrong_version = NodeSummary {
         protocol_version: 7,

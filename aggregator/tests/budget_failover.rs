@@ -1,5 +1,5 @@
 //! Issue 15, point 3: the action budget survives a restart. With `rate_limit = 1` per 10 min,
-//! one taint spends it; the aggregator is SIGKILLed and started again (a new engine, as on a
+//! one taint spends it; the aggregator is `SIGKILLed` and started again (a new engine, as on a
 //! failover) and a second node degrades in another zone (within the blast radius): it must be
 //! held by the rate limit (read back from our Events), not tainted on a fresh budget.
 

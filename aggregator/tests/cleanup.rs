@@ -92,6 +92,7 @@ async fn resource_versions(cluster: &Cluster) -> anyhow::Result<BTreeMap<String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn cleanup_removes_ours_and_keeps_everything_else() -> anyhow::Result<()> {
     let Some(cluster) = Cluster::start(3, 3).await? else {
         return Ok(());
@@ -421,6 +422,7 @@ async fn finish(child: std::process::Child) -> anyhow::Result<Run> {
     clippy::zombie_processes,
     reason = "an early `?` fails the test; the cleanup child is waited for by `finish` on every path that goes on"
 )]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn mode_change_stops_the_deployment_then_removes_only_the_taint() -> anyhow::Result<()> {
     let Some(cluster) = Cluster::start(2, 2).await? else {
         return Ok(());
@@ -470,7 +472,7 @@ async fn mode_change_stops_the_deployment_then_removes_only_the_taint() -> anyho
         "graywatch-aggregator",
         |d: Option<&k8s_openapi::api::apps::v1::Deployment>| d.and_then(|d| d.spec.as_ref()?.replicas) == Some(0),
     );
-    tokio::time::timeout(std::time::Duration::from_secs(60), scaled).await??;
+    tokio::time::timeout(std::time::Duration::from_mins(1), scaled).await??;
     // Scaled down, but its pod is still there: the cleanup waits and has removed nothing.
     assert!(
         child.try_wait()?.is_none(),

@@ -201,7 +201,7 @@ async fn apiserver_stopped_for_60_seconds_mid_fault() -> anyhow::Result<()> {
     // length is the scenario, not a synchronisation.
     let pid = cluster.api.instance().apiserver_pid();
     signal(pid, "STOP");
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_mins(1)).await;
     signal(pid, "CONT");
 
     fleet_drained(&fleet).await;
@@ -223,10 +223,15 @@ async fn apiserver_down_for_60_seconds_mid_fault() -> anyhow::Result<()> {
     // The apiserver process dies (connections refused) and comes back 60 s later with the same
     // etcd; the outage's length is the scenario, not a synchronisation.
     cluster.api.instance_mut().kill_apiserver();
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_mins(1)).await;
     cluster.api.instance_mut().restart_apiserver()?;
     eventually(90, "apiserver back", || async {
-        cluster.nodes().list(&Default::default()).await.ok().map(|_| ())
+        cluster
+            .nodes()
+            .list(&kube::api::ListParams::default())
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
     let log = agg.log();

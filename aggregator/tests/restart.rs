@@ -52,6 +52,7 @@ async fn restart_does_not_flap_or_repeat_actions() -> anyhow::Result<()> {
     // The new process takes no action until every agent is back and judged against the whole
     // fleet; from then on it acts, so let it decide for a while, still with zone-a degraded.
     eventually(40, "restarted aggregator settled its fleet view", || async {
+        #[expect(clippy::float_cmp, reason = "a 0/1 gauge")]
         agg.metric(SETTLED).await.filter(|v| *v == 1.0).map(|_| ())
     })
     .await;

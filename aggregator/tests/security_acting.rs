@@ -1,7 +1,7 @@
 //! Issue 15, point 2, on the real apiserver with the real binary and gRPC clients:
 //! * an acting mode (direct taint, nrc) with `auth = "insecure-none"` refuses to start, naming
 //!   the field and the loudly named override; dry-run still starts unauthenticated;
-//! * a summary for a name that is no Node is refused (NOT_FOUND, `denied{reason="unknown_node"}`);
+//! * a summary for a name that is no Node is refused (`NOT_FOUND`, `denied{reason="unknown_node"}`);
 //! * the reports of a deleted Node are evicted from the fleet view (`fleet_reports`).
 
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]

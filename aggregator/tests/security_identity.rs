@@ -1,15 +1,18 @@
 //! Agent identity on the real apiserver: a projected ServiceAccount token bound to a pod on
 //! node-0 (TokenRequest with our audience and a boundObjectRef) is verified by the aggregator
 //! with TokenReview + a pod lookup. The stream may report for node-0 only: a summary claiming
-//! node-1 is refused with PERMISSION_DENIED and counted; missing, foreign-audience and
+//! node-1 is refused with `PERMISSION_DENIED` and counted; missing, foreign-audience and
 //! stale-pod tokens are refused too; per-identity stream and rate limits answer
-//! RESOURCE_EXHAUSTED.
+//! `RESOURCE_EXHAUSTED`.
 
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 mod common;
 
-use std::io::{Read, Write};
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+};
 
 use common::*;
 use graywatch_proto::v1::ingest_client::IngestClient;
@@ -95,6 +98,11 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "counters are whole non-negative numbers printed as floats"
+)]
 fn metric(text: &str, name_and_labels: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse::<f64>().ok())
@@ -110,6 +118,7 @@ async fn wait_up(agg: &Aggregator) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let Some(cluster) = Cluster::start(2, 2).await? else {
         return Ok(());
@@ -136,7 +145,7 @@ async fn a_node_claiming_another_node_is_refused() -> anyhow::Result<()> {
     let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
     let ep = agg.endpoint();
-    let none = Default::default();
+    let none = BTreeSet::default();
 
     // The honest agent: its own node is accepted and acknowledged.
     let mut honest = open_stream_with_token(&ep, Some(&token_a)).await.expect("admitted");
@@ -262,7 +271,7 @@ async fn per_identity_stream_and_rate_limits() -> anyhow::Result<()> {
     let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
     let ep = agg.endpoint();
-    let none = Default::default();
+    let none = BTreeSet::default();
 
     let mut first = open_stream_with_token(&ep, Some(&token_a)).await.expect("admitted");
     assert_eq!(send_summary(&mut first, summary(0, 2, 1, &none)).await.expect("ack"), 1);
@@ -333,7 +342,7 @@ async fn tokenless_streams_spend_no_review_budget_and_reviews_are_cached() -> an
     let agg = Aggregator::spawn(&cluster, "agg-0", &config_with_security("", &security));
     wait_up(&agg).await;
     let ep = agg.endpoint();
-    let none = Default::default();
+    let none = BTreeSet::default();
 
     for _ in 0..20 {
         let s = open_stream_with_token(&ep, None).await.expect_err("no token");

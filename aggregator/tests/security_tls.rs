@@ -7,7 +7,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use common::*;
 use graywatch_k8s_testkit::{Pki, Usage};
@@ -16,6 +19,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate (the testkit's
 /// generator).
+///
+/// # Panics
+/// If the certificates cannot be generated.
 pub fn gen_certs(dir: &Path, ca_name: &str) -> PathBuf {
     let pki = Pki::create(dir, &format!("/CN={ca_name}")).unwrap();
     pki.sign(
@@ -43,7 +49,7 @@ fn read(dir: &Path, f: &str) -> Vec<u8> {
 async fn report_once(endpoint: Endpoint) -> Result<(), String> {
     let channel = endpoint.connect().await.map_err(|e| format!("connect: {e:?}"))?;
     let mut client = IngestClient::new(channel);
-    let s = summary(0, 2, 1, &Default::default());
+    let s = summary(0, 2, 1, &BTreeSet::default());
     let resp = client
         .report(tokio_stream::iter(vec![s]))
         .await

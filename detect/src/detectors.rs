@@ -349,7 +349,7 @@ pub struct PageHinkley {
     scale: RobustBaseline,
     n: u64,
     mean: f64,
-    /// PH statistic for increases (m_t − min m).
+    /// PH statistic for increases (`m_t` − min m).
     m_up: f64,
     /// PH statistic for decreases.
     m_down: f64,
@@ -623,6 +623,7 @@ fn build_tree(
     if node >= dims.len() {
         return;
     }
+    #[expect(clippy::cast_possible_truncation, reason = "below HST_DIMS")]
     let d = (rng.next_u64() % HST_DIMS as u64) as usize;
     let mid = 0.5 * (lo[d] + hi[d]);
     #[expect(clippy::cast_possible_truncation, reason = "HST_DIMS is 2")]

@@ -187,6 +187,7 @@ impl GrayDetector {
 }
 
 impl Detector for GrayDetector {
+    #[expect(clippy::many_single_char_names, reason = "the names of the detector's formulas")]
     fn update(&mut self, t_secs: f64, x: f64) -> DetectorOutput {
         let (t, _) = self.clock.tick(t_secs);
         let Some(x) = sanitize(x) else {

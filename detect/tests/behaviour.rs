@@ -20,6 +20,11 @@ fn feed(d: &mut dyn Detector, t: &mut f64, n: u32, level: f64, amp: f64) -> f64 
     let mut max = 0.0f64;
     for i in 0..n {
         *t += 1.0;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "t counts up from 0 in whole steps"
+        )]
         let o = d.update(*t, level + amp * noise(i + (*t as u32)));
         max = max.max(o.score);
     }

@@ -1,5 +1,5 @@
-//! The NAB scorer reproduces NAB's own numbers on nab-dev (reference/expected_scores.md and
-//! expected_per_file_scores.csv).
+//! The NAB scorer reproduces NAB's own numbers on nab-dev (`reference/expected_scores.md` and
+//! `expected_per_file_scores.csv`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -54,7 +54,11 @@ fn data() -> &'static Data {
     })
 }
 
-/// Full-precision expected scores from reference/expected_scores.md.
+/// Full-precision expected scores from `reference/expected_scores.md`.
+#[expect(
+    clippy::unreadable_literal,
+    reason = "copied digit for digit from NAB's reference results"
+)]
 const EXPECTED: &[(&str, [f64; 3])] = &[
     (
         "windowedGaussian",

@@ -83,7 +83,7 @@ impl Layout {
 /// What to limit.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
-    /// CPU bandwidth: (quota µs, period µs), e.g. (20_000, 100_000) = 20% of one CPU.
+    /// CPU bandwidth: (quota µs, period µs), e.g. (`20_000`, `100_000`) = 20% of one CPU.
     pub cpu_quota: Option<(u64, u64)>,
     /// Memory limit in bytes (swap too, where the kernel accounts it).
     pub memory_max: Option<u64>,

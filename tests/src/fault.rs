@@ -65,7 +65,7 @@ impl LinkSpec {
             match key {
                 "delay" => link.delay = humantime::parse_duration(value).map_err(|e| format!("delay={value}: {e}"))?,
                 "jitter" => {
-                    link.jitter = humantime::parse_duration(value).map_err(|e| format!("jitter={value}: {e}"))?
+                    link.jitter = humantime::parse_duration(value).map_err(|e| format!("jitter={value}: {e}"))?;
                 }
                 "loss" => {
                     let percent = value
@@ -165,11 +165,11 @@ impl LinkEmulator {
         let (to_writer, from_reader) = mpsc::channel::<(Instant, Vec<u8>)>();
         let (stop, stats) = (emulator.stop.clone(), emulator.stats.clone());
         emulator.threads.push(std::thread::spawn(move || {
-            read_loop(tun, spec, &stop, &stats, &to_writer)
+            read_loop(tun, spec, &stop, &stats, &to_writer);
         }));
         let (stop, stats) = (emulator.stop.clone(), emulator.stats.clone());
         emulator.threads.push(std::thread::spawn(move || {
-            write_loop(&raw, &stop, &stats, &from_reader)
+            write_loop(&raw, &stop, &stats, &from_reader);
         }));
         Ok(emulator)
     }
@@ -230,7 +230,7 @@ fn open_in_netns(netns: &str, device: &str) -> Result<(File, OwnedFd), BenchErro
         // IFF_TUN | IFF_NO_PI: raw IP packets, no packet-info header.
         ifreq[16..18].copy_from_slice(&(0x0001u16 | 0x1000).to_ne_bytes());
         // SAFETY: TUNSETIFF reads a 40-byte struct ifreq that lives across the call.
-        unsafe { tun_set_iff(tun.as_raw_fd(), &ifreq) }.map_err(|e| io("TUNSETIFF", e.into()))?;
+        unsafe { tun_set_iff(tun.as_raw_fd(), &raw const ifreq) }.map_err(|e| io("TUNSETIFF", e.into()))?;
         let raw = socket(
             AddressFamily::Inet,
             SockType::Raw,

@@ -1,5 +1,5 @@
 //! The kernel's own view of a node's TCP state, to check the agent against: `ss -tin` smoothed
-//! RTT per connection and `nstat` TcpRetransSegs.
+//! RTT per connection and `nstat` `TcpRetransSegs`.
 
 use std::net::IpAddr;
 
@@ -20,7 +20,7 @@ pub fn parse_ss_rtts(text: &str) -> Vec<f64> {
         .collect()
 }
 
-/// The namespace's cumulative TcpRetransSegs counter.
+/// The namespace's cumulative `TcpRetransSegs` counter.
 pub fn nstat_retrans_segs(netns: &str) -> Result<u64, BenchError> {
     nstat_counter(netns, "TcpRetransSegs")
 }

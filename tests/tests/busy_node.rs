@@ -82,7 +82,7 @@ fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
-/// (VmRSS, VmHWM) of `pid` in bytes.
+/// (`VmRSS`, `VmHWM`) of `pid` in bytes.
 fn rss(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
@@ -94,6 +94,11 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    clippy::float_cmp,
+    reason = "one end-to-end scenario, read top to bottom; the counters compared are whole numbers"
+)]
 async fn a_node_serving_5000_remote_addresses_keeps_reporting_within_its_memory_limit() -> anyhow::Result<()> {
     let Some(api) = graywatch_k8s_testkit::TestApiserver::start().await? else {
         return Ok(());

@@ -105,8 +105,8 @@ fn cpu_quota_shows_as_run_queue_delay_and_throttling() {
 
     let mut a = stress(&limited, &["--cpu", "4", "--timeout", "4s"]);
     let mut b = stress(&free, &["--cpu", "1", "--timeout", "4s"]);
-    wait(&mut a, Duration::from_secs(60));
-    wait(&mut b, Duration::from_secs(60));
+    wait(&mut a, Duration::from_mins(1));
+    wait(&mut b, Duration::from_mins(1));
     let summary = collector.collect().expect("window");
 
     let lim = runq(&summary, &limited)
@@ -225,7 +225,7 @@ fn memory_limit_below_working_set_shows_pressure_and_reclaim() {
         .spawn(Command::new("sleep").arg("1"))
         .expect("spawn the quiet process");
     assert!(
-        wait(&mut load, Duration::from_secs(120)).success(),
+        wait(&mut load, Duration::from_mins(2)).success(),
         "working-set script failed"
     );
     wait(&mut idle, Duration::from_secs(30));
@@ -322,7 +322,7 @@ fn forced_oom_is_reported_with_cgroup_and_comm() {
     let mut idle = quiet
         .spawn(Command::new("sleep").arg("1"))
         .expect("spawn the quiet process");
-    let status = wait(&mut hog, Duration::from_secs(60));
+    let status = wait(&mut hog, Duration::from_mins(1));
     wait(&mut idle, Duration::from_secs(30));
     let summary = collector.collect().expect("window");
 
@@ -368,7 +368,7 @@ fn forced_oom_is_reported_with_cgroup_and_comm() {
     assert_eq!(quiet_stats.oom_kills, Some(0));
 }
 
-/// Issue 16.6: the RECLAIM and OOM_KILLS kernel maps were never evicted: every cgroup that
+/// Issue 16.6: the RECLAIM and `OOM_KILLS` kernel maps were never evicted: every cgroup that
 /// ever reclaimed or lost a task to the OOM killer kept its entry, until the maps were full and
 /// new pods went unmeasured. Entries unchanged for a number of windows are now evicted.
 #[test]
@@ -376,6 +376,7 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
     let Some(mut collector) = collector() else {
         return;
     };
+    #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
     const IDLE: u32 = 2;
     collector
         .host_mut()
@@ -394,7 +395,7 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
     collector.collect().expect("baseline window");
     // Reclaim at the limit, then the OOM kill.
     let mut hog = victim.spawn(Command::new("tail").arg("/dev/zero")).expect("spawn tail");
-    let status = wait(&mut hog, Duration::from_secs(60));
+    let status = wait(&mut hog, Duration::from_mins(1));
     assert!(!status.success(), "tail must have been killed");
     collector.collect().expect("window with the kill");
     let entries = |collector: &mut Collector| {
@@ -503,9 +504,9 @@ fn v1_attribution_keys_by_the_controller_cgroups() {
     collector.collect().expect("baseline window");
 
     let mut busy = stress(&group, &["--cpu", "2", "--timeout", "2s"]);
-    wait(&mut busy, Duration::from_secs(60));
+    wait(&mut busy, Duration::from_mins(1));
     let mut hog = group.spawn(Command::new("tail").arg("/dev/zero")).expect("spawn tail");
-    wait(&mut hog, Duration::from_secs(60));
+    wait(&mut hog, Duration::from_mins(1));
     let summary = collector.collect().expect("window");
 
     let (cpu_id, memory_id) = (

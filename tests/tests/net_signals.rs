@@ -406,6 +406,7 @@ fn short_connections_count_their_segments(source: RttSource) {
     let mut agent = collector_with(source);
     let short = cgroup(&mut agent, "short-connections");
     let out_before = nstat_counter(&client_node.netns, "TcpOutSegs").expect("nstat");
+    #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
     const CONNECTIONS: u64 = 20;
     for _ in 0..CONNECTIONS {
         let mut client = Client::start(

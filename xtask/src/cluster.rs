@@ -17,6 +17,7 @@
 //! Integration tests: `ensure_up()` (or the command `cargo xtask cluster up`, idempotent) and the
 //! kubeconfig it returns; images from `cargo xtask image` (target/images/) are loaded at `up`.
 
+use std::fmt::Write as _;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::TcpListener,
@@ -377,6 +378,10 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
     Ok(archive)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "starts the cluster's components in their required order"
+)]
 fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(p.run.join("pki"))?;
@@ -519,14 +524,14 @@ fn start(p: &Paths, pause: &Path, node_link: &str) -> anyhow::Result<()> {
         ]),
     )?;
 
-    wait_for(p, "the Node to be Ready", Duration::from_secs(180), &COMPONENTS, || {
+    wait_for(p, "the Node to be Ready", Duration::from_mins(3), &COMPONENTS, || {
         node_ready(p).as_deref() == Some("True")
     })?;
     // Pods in `default` are rejected until the controller-manager created its ServiceAccount.
     wait_for(
         p,
         "the default ServiceAccount",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         &COMPONENTS,
         || succeeds(kubectl(p).args(["get", "serviceaccount", "default", "-n", "default"])),
     )?;
@@ -538,7 +543,7 @@ fn record_host_state(p: &Paths) -> anyhow::Result<()> {
     let mut sysctls = String::new();
     for s in SYSCTLS {
         if let Ok(v) = std::fs::read_to_string(Path::new("/proc/sys").join(s)) {
-            sysctls.push_str(&format!("{s}={}\n", v.trim()));
+            let _ = writeln!(sysctls, "{s}={}", v.trim());
         }
     }
     std::fs::write(p.run.join("sysctl.saved"), sysctls)?;
@@ -546,7 +551,7 @@ fn record_host_state(p: &Paths) -> anyhow::Result<()> {
     let mut text = existing.join("\n");
     for ctl in cgroup_controllers() {
         if ctl.join("kubepods").exists() {
-            text.push_str(&format!("\n{}", ctl.join("kubepods").display()));
+            let _ = write!(text, "\n{}", ctl.join("kubepods").display());
         }
     }
     std::fs::write(p.run.join("host-paths.existing"), text)?;
@@ -637,7 +642,7 @@ fn write_kubeconfig(p: &Paths, who: &str, cert: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// containerd with every directory private, runc behind the oom_score_adj clamp, CNI from Debian.
+/// containerd with every directory private, runc behind the `oom_score_adj` clamp, CNI from Debian.
 fn write_containerd_config(p: &Paths) -> anyhow::Result<()> {
     let dir = p.run.join("containerd");
     let cni = p.run.join("cni");
@@ -911,6 +916,10 @@ fn stop_pid(pid: i32, grace: Duration) {
     }
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "one arm of the subcommand dispatch, which returns Result"
+)]
 fn status() -> anyhow::Result<()> {
     let p = Paths::new();
     let mut alive = 0;
@@ -1030,7 +1039,7 @@ pub fn down() -> anyhow::Result<()> {
 /// Pids whose command line names `dir` (containerd shims), their descendants, and every process
 /// in a kubepods cgroup.
 fn leftover_processes(dir: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
+    let me = std::process::id().cast_signed();
     let mut parent: BTreeMap<i32, i32> = BTreeMap::new();
     let mut roots = BTreeSet::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -1,9 +1,10 @@
 //! `cargo xtask build-ebpf`: build the kernel programs and the agent that embeds them.
+//! `cargo xtask lint-ebpf`: clippy on the kernel crate.
 //!
 //! The kernel crate itself is compiled by agent/build.rs (Debian rustc + bpf-linker); this
 //! command makes a missing toolchain an error instead of a stub build.
 
-use std::process::Command;
+use std::{env, path::PathBuf, process::Command};
 
 use crate::{
     setup,
@@ -26,5 +27,27 @@ pub fn run(args: &BuildEbpfArgs) -> anyhow::Result<()> {
     if args.release {
         cmd.arg("--release");
     }
+    run_cmd(&mut cmd)
+}
+
+/// Clippy on agent-ebpf (its own workspace, lints in its Cargo.toml), warnings denied. It must be
+/// Debian's clippy: rustup's toolchains have no `core` for bpfel-unknown-none, and the kernel
+/// crate is built by Debian's rustc of the same version. Checking does not link, so no bpf-linker.
+pub fn lint() -> anyhow::Result<()> {
+    crate::util::ensure_debian_packages(setup::EBPF_PACKAGES)?;
+    let mut cmd = Command::new("/usr/bin/cargo-clippy");
+    cmd.current_dir(workspace_root().join("agent-ebpf"))
+        .args(["clippy", "--release", "--", "-D", "warnings"]);
+    // As in agent/build.rs: this cargo's settings (target dir, rustup's cargo in CARGO) must not
+    // reach the Debian toolchain, whose binaries come first on PATH.
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO") || key.starts_with("RUSTC") || key.starts_with("RUSTUP") || key == "RUSTFLAGS" {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    let mut path = vec![PathBuf::from("/usr/bin")];
+    path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    cmd.env("PATH", env::join_paths(path)?).env("RUSTC_BOOTSTRAP", "1");
     run_cmd(&mut cmd)
 }

@@ -24,7 +24,7 @@ enum EvalCommand {
 
 #[derive(clap::Args)]
 struct NabArgs {
-    /// Corpus root: data/, labels/combined_windows.json, config/profiles.json. Default: the
+    /// Corpus root: data/, `labels/combined_windows.json`, config/profiles.json. Default: the
     /// repository's datasets/nab-dev.tar.xz, unpacked into the target dir (or
     /// $GRAYWATCH_DATASETS/nab-dev).
     #[arg(long)]
@@ -36,8 +36,12 @@ struct NabArgs {
     /// <det>_<file>.csv for every detector directory in DIR, or DIR/<category>/... for one.
     /// Without DIR: the corpus's own reference/ (NAB's published outputs).
     #[arg(long)]
+    #[expect(
+        clippy::option_option,
+        reason = "clap: absent, `--reference` alone, or `--reference DIR`"
+    )]
     reference: Option<Option<PathBuf>>,
-    /// Also write {"<detector>": {"standard": x, "reward_low_FP": y, "reward_low_FN": z}} here.
+    /// Also write {"<detector>": {"standard": x, "`reward_low_FP"`: y, "`reward_low_FN"`: z}} here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// JSON overriding fields of the detectors' default configs, nested objects merged field by
@@ -48,7 +52,7 @@ struct NabArgs {
     /// other categories, the left-out one scored, rotated), with each knob's sensitivity.
     #[arg(long, value_enum)]
     cv: Option<CvMode>,
-    /// Write NAB-format per-row result files (timestamp,value,anomaly_score,label) of our
+    /// Write NAB-format per-row result files (`timestamp,value,anomaly_score,label`) of our
     /// detectors to DIR/<det>/<category>/<det>_<file>.csv.
     #[arg(long)]
     write_results: Option<PathBuf>,

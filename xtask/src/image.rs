@@ -69,13 +69,13 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
     let revision = git_output(&root, &["rev-parse", "HEAD"])?;
     let source = repository_url(&root)?;
 
-    let mut build = Command::new("cargo");
-    build.args(["build", "--release"]).current_dir(&root);
+    let mut cargo_build = Command::new("cargo");
+    cargo_build.args(["build", "--release"]).current_dir(&root);
     for s in &SPECS {
-        build.args(["-p", s.package]);
+        cargo_build.args(["-p", s.package]);
     }
     // A stub eBPF object in an image would only fail at run time: make it a build error.
-    run_cmd(build.env("GRAYWATCH_REQUIRE_EBPF", "1"))
+    run_cmd(cargo_build.env("GRAYWATCH_REQUIRE_EBPF", "1"))
         .context("building release binaries (needs `cargo xtask setup`)")?;
 
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);

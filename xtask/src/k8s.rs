@@ -225,6 +225,10 @@ fn patch_for_go119(k: &Path, src: &Path) -> anyhow::Result<()> {
     // 2. Go >= 1.18 breaks go-openapi's "zero value" test in the CRD schema validator
     //    (reflect.DeepEqual of two reflect.Value structs is true for ""), so every empty string in
     //    a custom resource is rejected as null. Upstream later changed the test to `data == nil`.
+    #[expect(
+        clippy::items_after_statements,
+        reason = "declared next to the comment that explains it"
+    )]
     const OLD: &str =
         "if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {";
     for f in [

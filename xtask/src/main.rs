@@ -34,6 +34,8 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Build the kernel programs (agent-ebpf) with Debian's rustc + bpf-linker.
     BuildEbpf(ebpf::BuildEbpfArgs),
+    /// Clippy on the kernel programs (agent-ebpf) with Debian's clippy, warnings denied.
+    LintEbpf,
     /// Run the whole test suite: unit, property and integration tests on the real kernel.
     Test(test::TestArgs),
     /// Score detectors on labelled data (NAB format, Microsoft cloud-monitoring set).
@@ -54,7 +56,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(&args),
         Command::Setup(args) => setup::run(&args),
-        Command::BuildEbpf(args) => ebpf::run(&args).map(|_| ()),
+        Command::BuildEbpf(args) => ebpf::run(&args),
+        Command::LintEbpf => ebpf::lint(),
         Command::Test(args) => test::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::K8s(args) => k8s::run(&args),

@@ -8,7 +8,14 @@ use anyhow::{Context, bail};
 use crate::util::{cache_dir, ensure_debian_packages, is_root, run_cmd, succeeds};
 
 /// Debian packages, by what needs them.
-const EBPF_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
+/// `rust-web-clippy` is the clippy of that same rustc, for `cargo xtask lint-ebpf`.
+pub const EBPF_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "rust-web-clippy",
+];
 const BENCH_PACKAGES: &[&str] = &["iproute2", "nftables", "stress-ng", "bpftool", "kmod"];
 const K8S_PACKAGES: &[&str] = &["etcd-server", "golang-1.19-go"];
 /// `cargo xtask cluster` and `cargo xtask image`: container runtime, CNI, daemonless image builds.

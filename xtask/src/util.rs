@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// The workspace root (parent of xtask/). `cargo run` sets CARGO_MANIFEST_DIR at run time too;
+/// The workspace root (parent of xtask/). `cargo run` sets `CARGO_MANIFEST_DIR` at run time too;
 /// that value wins over the compiled-in one, which is stale when a target dir shared between
 /// checkouts holds an xtask built in another one.
 pub fn workspace_root() -> PathBuf {

@@ -14,7 +14,7 @@ pub const CGROUP_V2: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskOffsets {
-    /// `task_struct.pid` (pid_t: the thread id).
+    /// `task_struct.pid` (`pid_t`: the thread id).
     pub task_pid: u32,
     /// `task_struct.tgid` (the process id).
     pub task_tgid: u32,
@@ -36,6 +36,10 @@ pub struct TaskOffsets {
     pub cpu_hierarchy: u32,
     /// Hierarchy for memory attribution: [`CGROUP_V2`] or the v1 memory controller's index.
     pub memory_hierarchy: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: u32,
 }
 

@@ -37,6 +37,10 @@ pub struct ReclaimKey {
     pub cgroup_id: u64,
     /// A [`ReclaimKind`].
     pub kind: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: u32,
 }
 
@@ -61,12 +65,16 @@ impl ReclaimStats {
     };
 }
 
-/// When a task entered reclaim, keyed by pid_tgid.
+/// When a task entered reclaim, keyed by `pid_tgid`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReclaimStart {
     pub start_ns: u64,
     pub kind: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: u32,
 }
 
@@ -91,6 +99,10 @@ pub struct OomEvent {
 pub struct ReclaimEndFields {
     /// `unsigned long nr_reclaimed`.
     pub nr_reclaimed: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: u32,
 }
 

@@ -19,6 +19,10 @@ pub struct FlowKey {
     pub family: u16,
     /// Who opened the connection, see [`flow_direction`].
     pub direction: u8,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: [u8; 5],
 }
 
@@ -33,6 +37,10 @@ pub const DIRECTION_INBOUND: u8 = 2;
 /// request/response connection the ACK of each response rides on the client's next request (or
 /// its delayed-ACK timer), so the server side's smoothed RTT includes the client's think time;
 /// the connecting side's RTT is the network's.
+#[expect(
+    clippy::inline_always,
+    reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+)]
 #[inline(always)]
 pub fn flow_direction(local_port: u16, remote_port: u16, ephemeral_port_min: u16) -> u8 {
     let local_ephemeral = local_port >= ephemeral_port_min;
@@ -54,7 +62,7 @@ pub struct FlowStats {
     /// retransmit ratio.
     pub segs_out: u64,
     /// Segments retransmitted (`tcp:tcp_retransmit_skb` events weighted by the skb's segment
-    /// count, as the kernel's TcpRetransSegs counts them).
+    /// count, as the kernel's `TcpRetransSegs` counts them).
     pub retransmits: u64,
     /// When the kernel created this entry (`bpf_ktime_get_ns`; 0 until set): tells an entry the
     /// agent evicted and the kernel recreated apart from counters that wrapped. The u32 RTT
@@ -99,12 +107,20 @@ pub struct SocketState {
     /// `tcp_sock.segs_out` when the flow's `segs_out` was last brought up to date: at the previous
     /// RTT sample (or the socket leaving ESTABLISHED, `sock:inet_sock_set_state`).
     pub segs_out: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: u32,
 }
 
 impl SocketState {
     /// Segments sent since the previous call, given the kernel's cumulative `segs_out` now
     /// (`None` if it could not be read: nothing is counted, the next read catches up).
+    #[expect(
+        clippy::inline_always,
+        reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+    )]
     #[inline(always)]
     pub fn take_segs_sent(&mut self, segs_out: Option<u32>) -> u32 {
         let Some(now) = segs_out else { return 0 };
@@ -133,6 +149,10 @@ pub struct DropKey {
 /// Index of the histogram bucket for an RTT of `us` microseconds.
 ///
 /// Written without `leading_zeros` so the BPF backend never has to expand `ctlz`.
+#[expect(
+    clippy::inline_always,
+    reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+)]
 #[inline(always)]
 pub fn rtt_bucket(us: u32) -> usize {
     if us < SUB_BUCKETS {
@@ -157,6 +177,10 @@ pub fn rtt_bucket_bounds(index: usize) -> (u64, u64) {
     ((sub_buckets + sub) << shift, 1 << shift)
 }
 
+#[expect(
+    clippy::inline_always,
+    reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+)]
 #[inline(always)]
 fn most_significant_bit(mut v: u32) -> u32 {
     let mut msb = 0;

@@ -48,7 +48,7 @@ pub struct TcpProbeFields {
     /// `__u8 daddr[28]`: a `sockaddr_in` or `sockaddr_in6`.
     pub daddr: u32,
     pub family: u32,
-    /// `__u32 srtt`: smoothed RTT in µs (the tracepoint already shifts out tcp_sock's <<3).
+    /// `__u32 srtt`: smoothed RTT in µs (the tracepoint already shifts out `tcp_sock`'s <<3).
     pub srtt: u32,
     pub skaddr: u32,
     /// `__u64 sock_cookie`: unique for the socket's lifetime, unlike its address.
@@ -107,6 +107,10 @@ pub struct SockStateFields {
     pub oldstate: u32,
     /// `__u16 protocol` (`IPPROTO_TCP` = 6).
     pub protocol: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
+    )]
     pub _pad: u32,
 }
 

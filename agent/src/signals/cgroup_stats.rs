@@ -35,7 +35,7 @@ pub enum CgroupFileError {
 }
 
 /// Parses a cgroup "flat keyed" file (`key value` per line: memory.events, cpu.stat,
-/// memory.oom_control). Borrowed keys, in file order.
+/// `memory.oom_control`). Borrowed keys, in file order.
 pub fn parse_flat_keyed<'a>(text: &'a str, file: &str) -> Result<Vec<(&'a str, u64)>, CgroupFileError> {
     let mut out = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -304,7 +304,7 @@ impl CgroupStatsCollector {
                     seen.insert(path, (stats, now_t));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, cgroup = %path, "unreadable cgroup statistics")
+                    tracing::warn!(%error, cgroup = %path, "unreadable cgroup statistics");
                 }
             }
         }

@@ -100,6 +100,11 @@ pub fn quantile_us(buckets: &BucketDeltas, q: f64) -> Option<f64> {
         return None;
     }
     // Rank of the sample we want, 1-based: the smallest count c with c/total >= q.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "q is clamped to [0, 1], so the rank is in 0..=total"
+    )]
     let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
     let mut seen = 0;
     for (index, count) in buckets.iter().enumerate() {
@@ -182,7 +187,7 @@ impl RunqReader {
         let first = !self.primed;
         self.primed = true;
         let mut now = HashMap::with_capacity(self.last.len());
-        for entry in self.map.iter() {
+        for entry in &self.map {
             let (id, stats) = entry?;
             now.insert(id, stats);
         }

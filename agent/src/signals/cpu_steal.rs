@@ -23,7 +23,7 @@ pub enum StatError {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Cumulative time of one CPU (or the node) in clock ticks (USER_HZ).
+/// Cumulative time of one CPU (or the node) in clock ticks (`USER_HZ`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuTimes {
     /// Sum of user, nice, system, idle, iowait, irq, softirq, steal: the CPU's wall time.
@@ -177,7 +177,7 @@ mod tests {
     fn parses_captured_stat() {
         let s = parse_proc_stat(STAT, "/proc/stat").expect("fixture parses");
         assert_eq!(s.node.steal, Some(14));
-        assert_eq!(s.node.total, 31516 + 2389 + 5874 + 158728 + 571 + 73 + 14);
+        assert_eq!(s.node.total, 31_516 + 2389 + 5874 + 158_728 + 571 + 73 + 14);
         assert_eq!(s.cpus.len(), 2);
         assert_eq!(
             s.cpus[1],

@@ -183,22 +183,21 @@ impl MemoryPressureReader {
     pub fn collect(&mut self) -> Result<MemoryKernelWindow, MapError> {
         let mut out = MemoryKernelWindow::default();
         while let Some(item) = self.oom_events.next() {
-            match decode_oom_event(&item) {
-                Some(event) => {
-                    let kill = OomKill::from(&event);
-                    tracing::warn!(cgroup_id = kill.cgroup_id, pid = kill.pid, comm = %kill.comm, "OOM kill");
-                    out.oom_kills.push(kill);
-                }
-                None => tracing::warn!(len = item.len(), "short OOM event record ignored"),
+            if let Some(event) = decode_oom_event(&item) {
+                let kill = OomKill::from(&event);
+                tracing::warn!(cgroup_id = kill.cgroup_id, pid = kill.pid, comm = %kill.comm, "OOM kill");
+                out.oom_kills.push(kill);
+            } else {
+                tracing::warn!(len = item.len(), "short OOM event record ignored");
             }
         }
         let mut reclaim = HashMap::with_capacity(self.last_reclaim.len());
-        for entry in self.reclaim.iter() {
+        for entry in &self.reclaim {
             let (key, stats) = entry?;
             reclaim.insert(key, stats);
         }
         let mut oom = HashMap::with_capacity(self.last_oom.len());
-        for entry in self.oom_kills.iter() {
+        for entry in &self.oom_kills {
             let (id, count) = entry?;
             oom.insert(id, count);
         }

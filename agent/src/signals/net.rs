@@ -117,7 +117,7 @@ impl NetCollector {
         let mut delta = NetDelta::default();
 
         let mut seen = HashSet::new();
-        for entry in self.flows.iter() {
+        for entry in &self.flows {
             let (key, stats) = entry?;
             seen.insert(key);
             let previous = self.previous_flows.get_mut(&key);
@@ -160,7 +160,7 @@ impl NetCollector {
         }
 
         let mut seen_drops = HashSet::new();
-        for entry in self.drops.iter() {
+        for entry in &self.drops {
             let (key, count) = entry?;
             seen_drops.insert(key);
             let previous = self.previous_drops.get(&key).map_or(0, |t| t.value);
@@ -222,6 +222,10 @@ struct WorkloadTotals {
 }
 
 /// Builds the attributed window from raw deltas. `workload_of` resolves a cgroup id.
+#[expect(
+    clippy::implicit_hasher,
+    reason = "the agent has one drop-reason map, built with the default hasher"
+)]
 pub fn network_window(
     delta: &NetDelta,
     drop_reasons: &HashMap<u32, String>,

@@ -54,7 +54,7 @@ pub fn parse_psi(text: &str, file: &str) -> Result<Psi, PsiError> {
             let (key, value) = word
                 .split_once('=')
                 .ok_or_else(|| malformed(format!("expected key=value, got {word:?}")))?;
-            let bad_number = |_| malformed(format!("bad number in {word:?}"));
+            let bad_number = |()| malformed(format!("bad number in {word:?}"));
             match key {
                 "avg10" => avg10 = Some(parse_avg(value).map_err(bad_number)?),
                 "avg60" => avg60 = Some(parse_avg(value).map_err(bad_number)?),
@@ -64,7 +64,7 @@ pub fn parse_psi(text: &str, file: &str) -> Result<Psi, PsiError> {
                         value
                             .parse::<u64>()
                             .map_err(|_| malformed(format!("bad number in {word:?}")))?,
-                    )
+                    );
                 }
                 // Newer kernels may add fields; ignoring them keeps old agents working.
                 _ => {}

@@ -149,6 +149,11 @@ impl Guardrails {
 
 /// Allowed number of nodes acted on in a group of `n` (at least one).
 #[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "fraction is a validated share in [0, 1], so the product is in 0..=n"
+)]
 pub fn blast_allowance(fraction: f64, n: usize) -> usize {
     ((fraction * n as f64).floor() as usize).max(1)
 }
@@ -249,47 +254,44 @@ pub(super) fn plan_taints(
         if is_tainted || phase != Phase::Degraded || !ctx.fresh.contains_key(name.as_str()) {
             continue;
         }
-        match guard.taint_block(st, view, &now_tainted, ctx) {
-            Some(why) => {
-                match &st.suppressed {
-                    // A predecessor already announced why; do not repeat it.
-                    Some(Suppressed::Inherited) => {}
-                    Some(Suppressed::Held(prev)) if *prev == why => {}
-                    _ => plan.events.push(PlannedEvent {
-                        target: EventTarget::Node(name.clone()),
-                        kind: EventKind::Warning,
-                        reason: "ActionSuppressed".into(),
-                        action: "AddTaint".into(),
-                        note: format!("not tainting: {why}"),
-                    }),
-                }
-                st.suppressed = Some(Suppressed::Held(why));
-            }
-            None => {
-                st.suppressed = None;
-                st.shadow_tainted = true;
-                st.taint_intent_ms = Some(ctx.now);
-                now_tainted.insert(name.clone());
-                guard.actions.push_back(ctx.now);
-                plan.taints.push(TaintChange {
-                    node: name.clone(),
-                    add: true,
-                });
-                let detail = st
-                    .families
-                    .values()
-                    .filter(|f| f.phase == Phase::Degraded)
-                    .map(|f| f.detail.clone())
-                    .collect::<Vec<_>>()
-                    .join(" | ");
-                plan.events.push(PlannedEvent {
+        if let Some(why) = guard.taint_block(st, view, &now_tainted, ctx) {
+            match &st.suppressed {
+                // A predecessor already announced why; do not repeat it.
+                Some(Suppressed::Inherited) => {}
+                Some(Suppressed::Held(prev)) if *prev == why => {}
+                _ => plan.events.push(PlannedEvent {
                     target: EventTarget::Node(name.clone()),
                     kind: EventKind::Warning,
-                    reason: "GrayFailureTaint".into(),
+                    reason: "ActionSuppressed".into(),
                     action: "AddTaint".into(),
-                    note: format!("tainted {}:NoSchedule: {detail}", p.taint_key),
-                });
+                    note: format!("not tainting: {why}"),
+                }),
             }
+            st.suppressed = Some(Suppressed::Held(why));
+        } else {
+            st.suppressed = None;
+            st.shadow_tainted = true;
+            st.taint_intent_ms = Some(ctx.now);
+            now_tainted.insert(name.clone());
+            guard.actions.push_back(ctx.now);
+            plan.taints.push(TaintChange {
+                node: name.clone(),
+                add: true,
+            });
+            let detail = st
+                .families
+                .values()
+                .filter(|f| f.phase == Phase::Degraded)
+                .map(|f| f.detail.clone())
+                .collect::<Vec<_>>()
+                .join(" | ");
+            plan.events.push(PlannedEvent {
+                target: EventTarget::Node(name.clone()),
+                kind: EventKind::Warning,
+                reason: "GrayFailureTaint".into(),
+                action: "AddTaint".into(),
+                note: format!("tainted {}:NoSchedule: {detail}", p.taint_key),
+            });
         }
     }
 }

@@ -76,7 +76,7 @@ pub struct NodeReport {
     pub seq: u64,
     /// Agent boot id; a change restarts the sequence.
     pub boot_id: String,
-    /// When the reporting agent process started (ns of the node's CLOCK_BOOTTIME; 0 = unknown):
+    /// When the reporting agent process started (ns of the node's `CLOCK_BOOTTIME`; 0 = unknown):
     /// the agent incarnation. A restarted agent restarts the sequence too.
     pub agent_started_ns: u64,
     /// When the aggregator received it.

@@ -17,6 +17,10 @@ pub enum TaintMode {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent yes/no switches of the config file"
+)]
 pub struct Policy {
     /// Log and emit Events of what would be done; write nothing else.
     pub dry_run: bool,

@@ -36,11 +36,15 @@ struct Sim {
 }
 
 fn zone_of(i: usize, per_zone: usize) -> String {
-    format!("zone-{}", (b'a' + (i / per_zone) as u8) as char)
+    format!(
+        "zone-{}",
+        char::from(b'a' + u8::try_from(i / per_zone).expect("under 26 zones"))
+    )
 }
 
 fn ip(i: usize) -> IpAddr {
-    IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1])
+    let octet = |v: usize| u8::try_from(v).expect("test fleets have under 62 500 nodes");
+    IpAddr::from([10, 0, octet(i / 250), octet(i % 250) + 1])
 }
 
 impl Sim {
@@ -87,7 +91,7 @@ impl Sim {
     /// One round: every node in `reporting` reports a window; nodes in `bad` are slow and lossy.
     fn round(&mut self, bad: &BTreeSet<usize>, reporting: impl Fn(usize) -> bool) {
         self.round += 1;
-        self.input.now_ms = self.round as i64 * 1000;
+        self.input.now_ms = i64::try_from(self.round).expect("round fits i64") * 1000;
         let n = self.input.nodes.len();
         for i in (0..n).filter(|i| reporting(*i)) {
             let peers = (0..n)
@@ -250,10 +254,10 @@ fn zone_a_degraded(p: &Policy) -> (Engine, Sim) {
     (eng, sim)
 }
 
-/// A node's own steal detector moves its CpuSteal condition under the rules of every family:
+/// A node's own steal detector moves its `CpuSteal` condition under the rules of every family:
 /// alone it is evidence below the degrade confidence (the condition stays True), with its steal
 /// standing out from its peer group it goes False after `degrade_windows`; the run-queue family
-/// (CpuContention) is not touched by steal evidence.
+/// (`CpuContention`) is not touched by steal evidence.
 #[test]
 fn a_nodes_own_steal_score_moves_cpu_steal_and_nothing_else() {
     let p = Policy::default();
@@ -736,7 +740,7 @@ fn a_new_engine_inherits_the_spent_action_budget() {
     // Once the window has passed, the budget is back.
     let mut later = Engine::new(p.clone());
     sim.input.now_ms = taint_at + p.rate_window_ms;
-    sim.round = (sim.input.now_ms / 1000) as u64;
+    sim.round = u64::try_from(sim.input.now_ms / 1000).expect("time is after the epoch");
     sim.run(&mut later, &set(&[1, 6]), 8);
     assert!(sim.tainted().contains("node-6"), "{:?}", sim.tainted());
 }

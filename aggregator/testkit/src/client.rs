@@ -25,7 +25,7 @@ pub struct TestApiserver {
 }
 
 impl TestApiserver {
-    /// Starts a fresh instance (AlwaysAllow authorization) and waits for `/readyz`.
+    /// Starts a fresh instance (`AlwaysAllow` authorization) and waits for `/readyz`.
     ///
     /// Returns `Ok(None)` only when the binary is missing and `GRAYWATCH_SKIP_K8S=1` is set
     /// (and `GRAYWATCH_REQUIRE_K8S` is not); a missing binary is otherwise an error naming the

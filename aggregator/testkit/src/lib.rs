@@ -90,7 +90,7 @@ pub fn etcd_args(dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
 /// How a test apiserver is set up beyond the common command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApiserverOptions {
-    /// `--authorization-mode=RBAC` instead of AlwaysAllow: requests are checked against the
+    /// `--authorization-mode=RBAC` instead of `AlwaysAllow`: requests are checked against the
     /// bootstrap roles and whatever the test creates (e.g. a chart's ServiceAccount roles).
     pub rbac: bool,
 }
@@ -103,7 +103,7 @@ impl ApiserverOptions {
     }
 }
 
-/// The kube-apiserver command line (static token, no controllers; AlwaysAllow unless `opts`
+/// The kube-apiserver command line (static token, no controllers; `AlwaysAllow` unless `opts`
 /// asks for RBAC).
 #[must_use]
 pub fn apiserver_args(dir: &Path, port: u16, etcd_port: u16, opts: &ApiserverOptions) -> Vec<String> {

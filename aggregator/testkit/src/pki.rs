@@ -2,6 +2,7 @@
 //! leaves it signs, made with Debian's `openssl` (P-256 keys: fast, accepted by every Kubernetes
 //! 1.20 component, rustls and Go).
 
+use std::fmt::Write as _;
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -51,15 +52,16 @@ impl Pki {
         self.openssl(&req)?;
         let mut text = String::new();
         if !sans.is_empty() {
-            text.push_str(&format!("subjectAltName={}\n", sans.join(",")));
+            let _ = writeln!(text, "subjectAltName={}", sans.join(","));
         }
         let eku = match usage {
             Usage::Server => "serverAuth",
             Usage::Client => "clientAuth",
         };
-        text.push_str(&format!(
-            "extendedKeyUsage={eku}\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        ));
+        let _ = writeln!(
+            text,
+            "extendedKeyUsage={eku}\nkeyUsage=critical,digitalSignature,keyEncipherment"
+        );
         std::fs::write(self.dir.join(&ext), text)?;
         self.openssl(&[
             "x509",

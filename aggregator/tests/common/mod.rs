@@ -68,7 +68,10 @@ impl Cluster {
             .map(|i| {
                 let cidr = format!("10.244.{i}.0/24");
                 NodeBuilder::new(&node_name(i))
-                    .zone(&format!("zone-{}", (b'a' + (i / per_zone) as u8) as char))
+                    .zone(&format!(
+                        "zone-{}",
+                        char::from(b'a' + u8::try_from(i / per_zone).expect("under 26 zones"))
+                    ))
                     .nodepool("default")
                     .instance_type("m5.large")
                     .pod_cidr(&cidr)

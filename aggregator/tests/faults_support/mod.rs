@@ -47,7 +47,7 @@ pub async fn start_fault_scene(n: usize) -> anyhow::Result<Option<(Cluster, Hist
 }
 
 /// The aggregator binary on a given gRPC port (where the agents look for it across a restart)
-/// and a free HTTP port; SIGKILLed on drop.
+/// and a free HTTP port; `SIGKILLed` on drop.
 pub struct AggProc(Aggregator);
 
 impl AggProc {
@@ -260,7 +260,7 @@ pub struct Agent {
     pub reporter: Reporter,
     /// The last window seq pushed (the first window of an incarnation is 1).
     pub seq: u64,
-    /// `NodeIdentity.agent_started_ns`: the real agent's clock reading (CLOCK_BOOTTIME) at start.
+    /// `NodeIdentity.agent_started_ns`: the real agent's clock reading (`CLOCK_BOOTTIME`) at start.
     pub started_ns: u64,
 }
 
@@ -308,7 +308,8 @@ impl AgentFleet {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap()
-                    .as_millis() as i64;
+                    .as_millis();
+                let now = i64::try_from(now).expect("now in ms fits i64");
                 for (i, agent) in ags.lock().unwrap().iter_mut().enumerate() {
                     // Every agent keeps measuring whatever its link does.
                     agent.seq += 1;

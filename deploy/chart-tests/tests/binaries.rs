@@ -232,6 +232,7 @@ async fn tainted(admin: &Client) -> anyhow::Result<bool> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn the_aggregator_code_runs_with_the_chart_rbac_in_every_mode() -> anyhow::Result<()> {
     let (server, admin, discovery) = apiserver_with_crds().await?;
     let node = Node {

@@ -333,6 +333,11 @@ fn str_list(v: &Value) -> Vec<&str> {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    clippy::similar_names,
+    reason = "one check per security property, for every mode; NodeReadinessRule `rules` and RBAC `roles`"
+)]
 fn every_mode_renders_with_the_security_properties_and_exact_rbac() -> anyhow::Result<()> {
     for v in VARIANTS {
         let objs = v.render("1.20.2")?;
@@ -992,6 +997,7 @@ fn allowed<T>(what: &str, r: Result<T, kube::Error>) -> bool {
 
 /// The calls the aggregator makes (aggregator/src/{cluster,actuate,leader}.rs), each made as the
 /// chart's aggregator ServiceAccount; returns which were allowed.
+#[expect(clippy::too_many_lines, reason = "one call per API request the aggregator makes")]
 async fn aggregator_calls(c: &Client, v: &Variant, node: &str) -> anyhow::Result<BTreeMap<&'static str, bool>> {
     let mut out = BTreeMap::new();
     let nodes: Api<Node> = Api::all(c.clone());
@@ -1265,6 +1271,7 @@ fn expected_aggregator_calls(v: &Variant) -> BTreeSet<&'static str> {
 }
 
 #[tokio::test]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn the_chart_rbac_allows_exactly_the_calls_the_binaries_make() -> anyhow::Result<()> {
     let (server, admin, discovery) = apiserver_with_crds().await?;
     // The objects the calls act on, made by the admin.
@@ -1704,6 +1711,7 @@ async fn the_eks_values_render_and_are_stored_by_the_apiserver() -> anyhow::Resu
 /// apiserver with RBAC enforced, in dry-run mode (where the aggregator itself may write nothing):
 /// everything there is to undo is undone, and calls outside cleanup's needs are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Result<()> {
     use graywatch_aggregator::{
         actuate::Actuator,
@@ -2169,6 +2177,7 @@ async fn delete_if_present(client: &Client, discovery: &kube::discovery::Discove
 /// the Lease is released, and calls outside the scope are refused. The next `helm upgrade`
 /// puts the chart's replica count back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind() -> anyhow::Result<()> {
     use graywatch_aggregator::{cleanup, config::FileConfig};
     use k8s_openapi::api::apps::v1::Deployment;
@@ -2280,7 +2289,7 @@ async fn mode_changes_render_the_hook_only_when_a_mode_leaves_something_behind()
         let scaled = kube::runtime::wait::await_condition(deployments.clone(), &dep_name, |d: Option<&Deployment>| {
             d.and_then(|d| d.spec.as_ref()?.replicas) == Some(0)
         });
-        tokio::time::timeout(std::time::Duration::from_secs(60), scaled).await??;
+        tokio::time::timeout(std::time::Duration::from_mins(1), scaled).await??;
         assert!(
             !run.is_finished(),
             "{transition}: the cleanup ended while an aggregator pod exists"

@@ -231,6 +231,10 @@ pub fn run_series(det: &mut dyn Detector, timestamps_us: &[i64], values: &[f64])
 
 /// Parse `YYYY-MM-DD[ T]HH:MM:SS[.ffffff][Z]` (UTC) into microseconds since the Unix epoch.
 #[must_use]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "date fields y, m, d, h, s as in the civil-date formula"
+)]
 pub fn parse_timestamp(s: &str) -> Option<i64> {
     let s = s.trim().trim_matches('"');
     let s = s.strip_suffix('Z').unwrap_or(s);

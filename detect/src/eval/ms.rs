@@ -241,6 +241,10 @@ pub fn best_f1(series: &[MsSeries], scores: &[Vec<f64>], candidates: usize) -> P
         )]
         let idx = ((q * (all.len() - 1) as f64).round() as usize).min(all.len() - 1);
         let th = all[idx];
+        #[expect(
+            clippy::float_cmp,
+            reason = "skips a threshold equal to the previous one, as the reference does"
+        )]
         if th == last {
             continue;
         }

@@ -306,19 +306,16 @@ pub fn sweep_file(
             *next_id += 1;
         }
         #[expect(clippy::cast_precision_loss, reason = "row counts are far below 2^52")]
-        let (unit, window) = match cur {
-            Some((id, right, width, _)) => {
-                let pos = -((right as f64) - (i as f64) + 1.0) / width;
-                (scaled_sigmoid(pos) / max_tp, Some(id))
-            }
-            None => {
-                // Before any window a false positive costs the full weight.
-                let unit = match prev {
-                    None => -1.0,
-                    Some((r, w)) => scaled_sigmoid(((r as f64) - (i as f64)).abs() / (w - 1.0)),
-                };
-                (unit, None)
-            }
+        let (unit, window) = if let Some((id, right, width, _)) = cur {
+            let pos = -((right as f64) - (i as f64) + 1.0) / width;
+            (scaled_sigmoid(pos) / max_tp, Some(id))
+        } else {
+            // Before any window a false positive costs the full weight.
+            let unit = match prev {
+                None => -1.0,
+                Some((r, w)) => scaled_sigmoid(((r as f64) - (i as f64)).abs() / (w - 1.0)),
+            };
+            (unit, None)
         };
         #[expect(clippy::cast_precision_loss, reason = "row counts are far below 2^52")]
         let probation_row = (i as f64) < probation;
@@ -379,6 +376,7 @@ pub fn optimize_threshold(rows: &[SweepRow], n_ids: u32, p: &Profile) -> Thresho
 }
 
 /// Call `emit` for each threshold in descending order, starting with "no detection".
+#[expect(clippy::many_single_char_names, reason = "the names of NAB's scoring formula")]
 pub fn sweep_thresholds(rows: &[SweepRow], n_ids: u32, p: &Profile, mut emit: impl FnMut(ThresholdScore)) {
     let mut scorable: Vec<&SweepRow> = rows.iter().filter(|r| !r.probation).collect();
     // Stable, descending; NaN scores sort last (never detected).
@@ -410,6 +408,10 @@ pub fn sweep_thresholds(rows: &[SweepRow], n_ids: u32, p: &Profile, mut emit: im
         if r.anomaly.is_nan() {
             break;
         }
+        #[expect(
+            clippy::float_cmp,
+            reason = "groups rows of the identical score, as NAB's sweeper does"
+        )]
         if r.anomaly != cur {
             if dirty {
                 win_sum = parts.iter().flatten().sum();
@@ -426,29 +428,26 @@ pub fn sweep_thresholds(rows: &[SweepRow], n_ids: u32, p: &Profile, mut emit: im
             });
             cur = r.anomaly;
         }
-        match r.window {
-            Some(id) => {
-                tp += 1;
-                fn_ -= 1;
-                let w = r.weight(p);
-                if let Some(Some(v)) = parts.get_mut(id as usize)
-                    && w > *v
-                {
-                    *v = w;
-                    dirty = true;
-                }
-                if let Some(d) = detected.get_mut(id as usize)
-                    && !*d
-                {
-                    *d = true;
-                    windows_detected += 1;
-                }
+        if let Some(id) = r.window {
+            tp += 1;
+            fn_ -= 1;
+            let w = r.weight(p);
+            if let Some(Some(v)) = parts.get_mut(id as usize)
+                && w > *v
+            {
+                *v = w;
+                dirty = true;
             }
-            None => {
-                fp += 1;
-                tn -= 1;
-                fp_sum += r.weight(p);
+            if let Some(d) = detected.get_mut(id as usize)
+                && !*d
+            {
+                *d = true;
+                windows_detected += 1;
             }
+        } else {
+            fp += 1;
+            tn -= 1;
+            fp_sum += r.weight(p);
         }
     }
     if dirty {
@@ -487,6 +486,7 @@ pub fn score_at(rows: &[SweepRow], n_ids: u32, p: &Profile, threshold: f64) -> T
                 if let Some(slot) = slot {
                     let v = slot.get_or_insert(-p.fn_);
                     if det {
+                        #[expect(clippy::float_cmp, reason = "still the untouched initial value")]
                         if *v == -p.fn_ {
                             s.windows_detected += 1;
                         }

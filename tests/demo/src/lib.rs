@@ -102,7 +102,7 @@ impl Drop for Processes {
         for (_, child) in &mut self.0 {
             // SIGTERM first so agents detach their programs and the aggregator drains.
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::unistd::Pid::from_raw(child.id().cast_signed()),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
@@ -252,6 +252,7 @@ fn overall(view: &NodeView) -> Option<&str> {
 }
 
 /// Runs the demo end to end and returns the measured times. Requires root.
+#[expect(clippy::too_many_lines, reason = "the demo's steps in the order they are shown")]
 pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     const STEPS: u8 = 7;
     let started = Instant::now();
@@ -489,7 +490,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     let injected = Instant::now();
     let mut result = DemoResult::default();
     let mut last_print = Instant::now();
-    while Instant::now() - injected < options.max_wait
+    while injected.elapsed() < options.max_wait
         && (result.fault_to_condition.is_none() || result.fault_to_taint.is_none())
     {
         processes.check(&logs)?;
@@ -525,7 +526,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     step(7, STEPS, "removing the fault; waiting for recovery (hysteresis)");
     drop(fault);
     let removed = Instant::now();
-    while Instant::now() - removed < options.max_wait * 3 {
+    while removed.elapsed() < options.max_wait * 3 {
         processes.check(&logs)?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let views = node_views(&nodes_api, policy_prefix, taint_key).await?;

@@ -4,7 +4,7 @@
 //!   graywatch-traffic client --connect 10.231.1.2:7000 --count 200            # transactions
 //!   graywatch-traffic client --connect 10.231.1.2:7000 --bulk 20000000        # bytes
 //!
-//!   graywatch-traffic swarm --connect [fd00::1]:7000 --first-source fd00:77::1 --count 5000
+//!   graywatch-traffic swarm --connect [`fd00::1`]:7000 --first-source `fd00:77::1` --count 5000
 //!
 //! The client prints one JSON report line. With `--hold` it then prints `holding` and keeps
 //! the connection open until its stdin closes, so tests can inspect the live socket (ss).
@@ -121,25 +121,24 @@ fn main() -> ExitCode {
                     return ExitCode::from(3);
                 }
             };
-            let result = match bulk {
-                Some(bytes) => run_bulk(&mut stream, bytes),
-                None => {
-                    let count = if count.is_none() && duration.is_none() {
-                        Some(100)
-                    } else {
-                        count
-                    };
-                    run_rr(
-                        &mut stream,
-                        &RrLoad {
-                            request,
-                            response,
-                            count,
-                            duration,
-                            rate,
-                        },
-                    )
-                }
+            let result = if let Some(bytes) = bulk {
+                run_bulk(&mut stream, bytes)
+            } else {
+                let count = if count.is_none() && duration.is_none() {
+                    Some(100)
+                } else {
+                    count
+                };
+                run_rr(
+                    &mut stream,
+                    &RrLoad {
+                        request,
+                        response,
+                        count,
+                        duration,
+                        rate,
+                    },
+                )
             };
             match result {
                 Ok(report) => {

@@ -43,6 +43,7 @@ pub struct DetectArgs {
 
 const BUDGET_SECONDS: f64 = 10.0;
 
+#[expect(clippy::too_many_lines, reason = "one benchmark, its steps in order")]
 pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
     let quick = args.common.quick;
     let repetitions = args.repetitions.unwrap_or(if quick { 1 } else { 5 }).max(1);

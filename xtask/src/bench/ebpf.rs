@@ -1,4 +1,4 @@
-//! `cargo xtask bench ebpf`: the kernel's own cost accounting (`bpf_stats`: run_time_ns / run_cnt)
+//! `cargo xtask bench ebpf`: the kernel's own cost accounting (`bpf_stats`: `run_time_ns` / `run_cnt`)
 //! of every program graywatch attaches, side by side with a peer observer on the same hooks, under
 //! one fixed TCP load (request/response, then bulk) on the veth bench; the same load with nothing
 //! attached is the floor. Configurations alternate round by round.
@@ -171,6 +171,7 @@ fn one_run(
     })
 }
 
+#[expect(clippy::too_many_lines, reason = "prints one table, one block per row")]
 fn report(
     runs: &[Run],
     unavailable: &[(String, String)],

@@ -9,6 +9,7 @@
 //! and RSS, and apiserver writes per minute (the aggregator's applied actions and the apiserver's
 //! own count of mutating requests).
 
+use std::fmt::Write as _;
 use std::{
     collections::HashMap,
     io::{Read, Write},
@@ -70,6 +71,7 @@ const PEERS_PER_NODE: usize = 8;
 /// Virtual agents per HTTP/2 connection (stays under the server's concurrent-stream limit).
 const STREAMS_PER_CONNECTION: usize = 100;
 
+#[expect(clippy::too_many_lines, reason = "one benchmark, its steps in order")]
 pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
     let quick = args.common.quick;
     let sizes = if args.nodes.is_empty() {
@@ -239,10 +241,11 @@ impl Apiserver {
         for i in 0..n {
             let node = node_object(i);
             let escaped = node.to_string().replace('\\', "\\\\").replace('"', "\\\"");
-            config.push_str(&format!(
-                "url = \"{}/api/v1/nodes\"\ncacert = \"{ca}\"\nheader = \"Content-Type: application/json\"\nheader = \"{auth}\"\ndata = \"{escaped}\"\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}}\\n\"\n",
+            let _ = writeln!(
+                config,
+                "url = \"{}/api/v1/nodes\"\ncacert = \"{ca}\"\nheader = \"Content-Type: application/json\"\nheader = \"{auth}\"\ndata = \"{escaped}\"\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}}\\n\"",
                 self.instance.url()
-            ));
+            );
             if i + 1 < n {
                 config.push_str("next\n");
             }
@@ -273,6 +276,11 @@ impl Apiserver {
 
     /// Mutating requests the apiserver has served (POST, PUT, PATCH, APPLY — server-side apply —,
     /// DELETE), from its metrics.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "apiserver counters are whole non-negative numbers printed as floats"
+    )]
     fn mutating_requests(&self) -> anyhow::Result<u64> {
         let text = self.instance.curl("/metrics", &[])?;
         Ok(text
@@ -353,7 +361,7 @@ impl Aggregator {
             {
                 return Ok(agg);
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > Duration::from_mins(1) {
                 bail!(
                     "graywatch-aggregator not leading within 60 s; log {}",
                     agg.log.display()
@@ -405,7 +413,7 @@ fn le(bound: Option<Bound>) -> String {
     }
 }
 
-/// The same for JSON: {"at_most": N}, {"above": N}, or null.
+/// The same for JSON: {"`at_most"`: N}, {"above": N}, or null.
 fn le_json(bound: Option<Bound>) -> Value {
     match bound {
         Some(Bound::AtMost(ms)) => json!({"at_most": ms}),
@@ -547,6 +555,11 @@ fn measure(
         .map(|us| f64::from(*us) / 1000.0)
         .collect();
     lat.sort_by(f64::total_cmp);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an index into lat: p is in [0, 1]"
+    )]
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
             return f64::NAN;
@@ -560,11 +573,21 @@ fn measure(
         p50_ms: if lat.is_empty() { f64::NAN } else { median(&lat) },
         p99_ms: pct(0.99),
         samples: lat.len(),
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a counter delta, whole and non-negative"
+        )]
         steps: delta("graywatch_aggregator_leader_steps_total") as u64,
         cpu_percent: (cpu_after - cpu_before) as f64 / clock_ticks() / elapsed * 100.0,
         simulator_cpu_percent: (self_after - self_before) as f64 / clock_ticks() / elapsed * 100.0,
         rss_mib: kib("VmRSS:") / 1024.0,
         peak_rss_mib: kib("VmHWM:") / 1024.0,
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a counter delta, whole and non-negative"
+        )]
         actions: delta("graywatch_aggregator_actions_total") as u64,
         apiserver_writes: api_after.saturating_sub(api_before),
         errors: sim.errors.load(Ordering::Relaxed),
@@ -574,7 +597,7 @@ fn measure(
     })
 }
 
-/// Opens `n` Report streams over n / STREAMS_PER_CONNECTION connections and runs every virtual
+/// Opens `n` Report streams over n / `STREAMS_PER_CONNECTION` connections and runs every virtual
 /// agent until `sim.stop`.
 async fn simulate(n: usize, grpc: SocketAddr, sim: Arc<Sim>) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?;
@@ -694,6 +717,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::float_cmp, reason = "bucket bounds are passed through unchanged")]
     fn quantiles_come_from_the_bucket_deltas_between_scrapes() {
         let before = scrape(&[("0.1", 10.0), ("1.0", 10.0), ("+Inf", 10.0)]);
         // 100 new observations: 50 ≤ 0.1 s, 49 in (0.1, 1], 1 above 1 s.

@@ -106,8 +106,8 @@ pub struct Attachment {
     pub hook: String,
 }
 
-/// The attachments held by `pids`: bpf links (`/proc/<pid>/fdinfo`: link_type, tp_name,
-/// prog_id — how aya and libbpf attach) and perf-event attachments without a link (bpftool perf
+/// The attachments held by `pids`: bpf links (`/proc/<pid>/fdinfo`: `link_type`, `tp_name`,
+/// `prog_id` — how aya and libbpf attach) and perf-event attachments without a link (bpftool perf
 /// show — how bpftrace attaches).
 pub fn attachments(pids: &[u32]) -> anyhow::Result<Vec<Attachment>> {
     let mut out: Vec<Attachment> = Vec::new();

@@ -132,7 +132,7 @@ impl TrafficBed {
         Ok(bed)
     }
 
-    fn client_command(&self, args: &[String]) -> anyhow::Result<Command> {
+    fn client_command(&self, args: &[String]) -> Command {
         let mut cmd = Command::new("nice");
         cmd.args(LOAD_NICE)
             .args(["ip", "netns", "exec", &self.client_ns])
@@ -140,7 +140,7 @@ impl TrafficBed {
             .args(["client", "--connect", &format!("{SERVER_ADDR}:{PORT}")])
             .args(args)
             .stdin(Stdio::null());
-        Ok(cmd)
+        cmd
     }
 
     /// Runs `clients` request/response connections at once and returns each one's result.
@@ -162,7 +162,7 @@ impl TrafficBed {
         }
         let children = (0..clients)
             .map(|_| -> anyhow::Result<Child> {
-                let mut cmd = self.client_command(&args)?;
+                let mut cmd = self.client_command(&args);
                 cmd.stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -174,7 +174,7 @@ impl TrafficBed {
 
     /// One bulk transfer of `bytes`.
     pub fn bulk(&self, bytes: u64) -> anyhow::Result<ClientResult> {
-        let mut cmd = self.client_command(&["--bulk".to_owned(), bytes.to_string()])?;
+        let mut cmd = self.client_command(&["--bulk".to_owned(), bytes.to_string()]);
         finish(
             cmd.stdout(Stdio::piped())
                 .stderr(Stdio::piped())

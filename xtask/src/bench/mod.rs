@@ -33,7 +33,7 @@ pub struct BenchArgs {
 
 #[derive(clap::Subcommand)]
 pub enum Which {
-    /// Per-program kernel cost (bpf_stats run_time_ns / run_cnt) of graywatch's programs and of a
+    /// Per-program kernel cost (`bpf_stats` `run_time_ns` / `run_cnt`) of graywatch's programs and of a
     /// peer observer (bpftrace, libbpf-tools) under one fixed TCP load, with nothing attached as the floor.
     Ebpf(ebpf::EbpfArgs),
     /// TCP request/response rate with no agent, graywatch-agent and the peer observer (ratios from

@@ -161,16 +161,16 @@ impl Observer {
                 }
             }
         }
-        observer.settle()?;
+        observer.settle();
         Ok(observer)
     }
 
     /// Waits until the observer's processes are quiet (start-up work done: below 5% of a core
     /// over half a second), at most 15 s, so that a run measures the steady state.
-    fn settle(&mut self) -> anyhow::Result<()> {
+    fn settle(&mut self) {
         let pids: Vec<u32> = self.children.iter().map(|(_, c, _)| c.id()).collect();
         if pids.is_empty() {
-            return Ok(());
+            return;
         }
         let started = Instant::now();
         let window = Duration::from_millis(500);
@@ -180,11 +180,10 @@ impl Observer {
             let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
             let percent = (after - before.min(after)) as f64 / clock_ticks() / window.as_secs_f64() * 100.0;
             if percent < 5.0 {
-                return Ok(());
+                return;
             }
         }
         eprintln!("observer still busy after 15 s; measuring anyway");
-        Ok(())
     }
 
     fn spawn(&mut self, name: &str, mut cmd: Command) -> anyhow::Result<usize> {
@@ -224,7 +223,7 @@ impl Observer {
                 self.attachments.extend(found);
                 return Ok(());
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > Duration::from_mins(1) {
                 bail!(
                     "{name} attached {} of {expected} programs within 60 s; log {}",
                     found.len(),

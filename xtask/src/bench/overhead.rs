@@ -1,11 +1,11 @@
 //! `cargo xtask bench overhead`: what watching costs the workload and the node.
 //!
-//! 1. TCP request/response rate (closed loop, one connection, 64 B/64 B, like netperf TCP_RR)
+//! 1. TCP request/response rate (closed loop, one connection, 64 B/64 B, like netperf `TCP_RR`)
 //!    with no observer, with graywatch-agent and with the peer observer, alternating within each
 //!    round; each figure is a ratio to "none" of the same round.
 //! 2. graywatch-agent's own CPU (utime + stime from /proc/<pid>/stat, % of one core) and RSS
-//!    (VmRSS, peak VmHWM) while paced TCP load produces a target rate of TCP events (10k / 50k /
-//!    100k per second, counted by the kernel's run_cnt of the agent's TCP programs), plus the
+//!    (`VmRSS`, peak `VmHWM`) while paced TCP load produces a target rate of TCP events (10k / 50k /
+//!    100k per second, counted by the kernel's `run_cnt` of the agent's TCP programs), plus the
 //!    in-kernel time of its programs (which runs on the workload's CPUs, not the agent's).
 
 use std::time::{Duration, Instant};
@@ -162,6 +162,10 @@ fn tcp_rr(binaries: &Binaries, bed: &TrafficBed, rounds: usize, load: &Rr) -> an
     Ok((json!(out), met, unavailable))
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one benchmark loop over the rates, its steps in order"
+)]
 fn agent_at_rates(
     binaries: &Binaries,
     bed: &TrafficBed,
@@ -227,6 +231,11 @@ fn agent_at_rates(
                 request: 64,
                 response: 64,
             };
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "connections is a small whole number held as f64 for the rate division"
+            )]
             bed.rr(connections as usize, &load)?;
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -319,14 +328,14 @@ fn schedstat_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// Resets VmHWM to the current RSS (`echo 5 > /proc/<pid>/clear_refs`), so the next read is the
+/// Resets `VmHWM` to the current RSS (`echo 5 > /proc/<pid>/clear_refs`), so the next read is the
 /// peak within one run.
 fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
     let path = format!("/proc/{pid}/clear_refs");
     std::fs::write(&path, "5").with_context(|| format!("resetting the peak RSS ({path})"))
 }
 
-/// (VmRSS, VmHWM) in KiB.
+/// (`VmRSS`, `VmHWM`) in KiB.
 fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
