@@ -81,7 +81,7 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
 /// detected on the faulty node, in one of its families, tainted and recovered, and no other node
 /// is ever False or tainted. The demo awaits each reaction (bounded) and reports what it saw.
 /// The memory thrash stalls the node's tasks on the run queue as well as on memory, and its
-/// MemoryPressure verdict is marginal at this load (BENCHMARKS.md, scenario matrix), so either
+/// `MemoryPressure` verdict is marginal at this load (BENCHMARKS.md, scenario matrix), so either
 /// family counts for it.
 #[test]
 fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
