@@ -15,26 +15,17 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
-    cluster::{nodeclaim_resource, nodepool_resource, snapshot_configmap, snapshot_name},
+    cluster::{FIELD_MANAGER, nodeclaim_resource, nodepool_resource, snapshot_configmap, snapshot_name},
+    config::{EVENT_NAMESPACE, FileConfig},
     core::{
-        engine::EKS_NETWORKING_CONDITION,
         karpenter::edit_list,
         model::{Millis, PoolEdits, PoolSnapshot},
         plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent, PoolChange},
         policy::Policy,
+        step::EKS_NETWORKING_CONDITION,
     },
     metrics::Metrics,
 };
-
-/// The one field manager for everything the aggregator writes.
-pub const FIELD_MANAGER: &str = "graywatch-aggregator";
-/// Default namespace for Events about cluster-scoped objects (where the kubelet puts Node
-/// events); config `event_namespace` overrides it.
-pub const EVENT_NAMESPACE: &str = "default";
-/// The namespaces the API server accepts Events about cluster-scoped objects (Nodes,
-/// NodePools) in: an Event whose involved object has no namespace must be in "default" without
-/// an eventTime, or in "kube-system" with one (the actuator sets it there).
-pub const EVENT_NAMESPACES: [&str; 2] = ["default", "kube-system"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActError {
@@ -102,7 +93,7 @@ fn kube_err(what: &'static str, name: &str) -> impl FnOnce(kube::Error) -> ActEr
 impl Actuator {
     /// The actuator the aggregator's configuration describes.
     #[must_use]
-    pub fn new(client: Client, cfg: &crate::config::FileConfig) -> Self {
+    pub fn new(client: Client, cfg: &FileConfig) -> Self {
         Self {
             client,
             namespace: cfg.namespace.clone(),

@@ -41,73 +41,11 @@ use kube::{
 };
 
 use crate::{
-    actuate::{Actuator, FIELD_MANAGER},
-    cluster::{list_snapshots, nodepool_resource},
-    config::FileConfig,
-    core::{engine::EKS_NETWORKING_CONDITION, model::Family, plan::PoolChange},
+    actuate::Actuator,
+    cluster::{FIELD_MANAGER, list_snapshots, nodepool_resource},
+    config::{CleanupArgs, FileConfig, Only},
+    core::{model::Family, plan::PoolChange, step::EKS_NETWORKING_CONDITION},
 };
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct CleanupArgs {
-    /// How long the cleanup keeps the leader Lease (seconds): long enough that no aggregator
-    /// replica takes it back before `helm uninstall` has deleted them.
-    #[arg(long, env = "GRAYWATCH_CLEANUP_HOLD_LEASE_SECONDS", default_value_t = 300)]
-    pub hold_lease_seconds: u32,
-    /// A NodeReadinessRule of ours (repeatable): deleted before our conditions are removed, and
-    /// its taint removed from every Node.
-    #[arg(long, value_name = "NAME")]
-    pub node_readiness_rule: Vec<String>,
-    /// What to remove: `all` (taints, NodePool changes, conditions) or only our `taint`.
-    #[arg(long, value_enum, default_value_t = Only::All)]
-    pub only: Only,
-    /// The aggregator Deployment (release namespace) to scale to 0 first, waiting until its
-    /// pods are gone: the fence of a `helm upgrade` (`stop.rs`). The Lease is then released at
-    /// the end instead of held, and the Deployment scaled back if the cleanup fails.
-    #[arg(long, value_name = "NAME")]
-    pub stop_deployment: Option<String>,
-    /// Longest wait for the Deployment's pods to be gone (seconds).
-    #[arg(long, default_value_t = 300)]
-    pub stop_timeout_seconds: u64,
-    /// Why, for the logs and the summary: the mode the release ran in before
-    /// (`dry-run`, `nrc`, `direct-taint`) ...
-    #[arg(long, value_name = "MODE")]
-    pub from_mode: Option<String>,
-    /// ... and the mode it is upgraded to.
-    #[arg(long, value_name = "MODE")]
-    pub to_mode: Option<String>,
-}
-
-impl Default for CleanupArgs {
-    fn default() -> Self {
-        Self {
-            hold_lease_seconds: 300,
-            node_readiness_rule: Vec::new(),
-            only: Only::All,
-            stop_deployment: None,
-            stop_timeout_seconds: 300,
-            from_mode: None,
-            to_mode: None,
-        }
-    }
-}
-
-/// What a cleanup removes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Only {
-    /// Everything the aggregator wrote (uninstall; a change to mode dry-run).
-    All,
-    /// Our taint only (a change from direct-taint to nrc: the conditions stay for NRC).
-    Taint,
-}
-
-impl Only {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::All => "all",
-            Self::Taint => "taint",
-        }
-    }
-}
 
 /// The Node Readiness Controller's rules (readiness.node.x-k8s.io/v1alpha1).
 #[must_use]

@@ -13,19 +13,19 @@ use kube::{
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
-    engine::EKS_NETWORKING_CONDITION,
     model::{
         CondStatus, Input, Millis, NodeReport, NodeView, ObservedCondition, PastAction, PoolEdits, PoolSnapshot,
         PoolView,
     },
     policy::Policy,
+    step::EKS_NETWORKING_CONDITION,
 };
 
 /// An action Event of ours (taint added, NodePool excluded, NodeClaim deleted; not their
 /// dry-run shadows) within the rate window, as a past action.
 #[must_use]
 pub fn past_action(e: &Event, now_ms: Millis, window_ms: Millis) -> Option<PastAction> {
-    if e.source.as_ref().and_then(|s| s.component.as_deref()) != Some(crate::actuate::FIELD_MANAGER) {
+    if e.source.as_ref().and_then(|s| s.component.as_deref()) != Some(FIELD_MANAGER) {
         return None;
     }
     let reason = e.reason.as_deref()?;
@@ -51,6 +51,10 @@ pub fn past_action(e: &Event, now_ms: Millis, window_ms: Millis) -> Option<PastA
         claim_deletion,
     })
 }
+
+/// The one field manager for everything the aggregator writes (and the Event source it lists
+/// its own actions by).
+pub const FIELD_MANAGER: &str = "graywatch-aggregator";
 
 /// Label on our snapshot ConfigMaps naming the NodePool.
 pub const SNAPSHOT_LABEL: &str = "graywatch.io/snapshot-of-nodepool";
@@ -93,7 +97,7 @@ pub fn snapshot_configmap(namespace: &str, pool: &str, snapshot: &PoolSnapshot) 
         "metadata": {
             "name": snapshot_name(pool),
             "namespace": namespace,
-            "labels": {SNAPSHOT_LABEL: pool, "app.kubernetes.io/managed-by": crate::actuate::FIELD_MANAGER},
+            "labels": {SNAPSHOT_LABEL: pool, "app.kubernetes.io/managed-by": FIELD_MANAGER},
             "annotations": {SNAPSHOT_DIGEST_ANNOTATION: snapshot_digest(&data)},
         },
         "data": data,
@@ -216,7 +220,7 @@ impl ClusterReader {
             policy,
             nodes: store,
             pod_addresses: None,
-            event_namespace: crate::actuate::EVENT_NAMESPACE.into(),
+            event_namespace: crate::config::EVENT_NAMESPACE.into(),
         }
     }
 
@@ -369,7 +373,7 @@ impl ClusterReader {
     /// the apiserver's `--event-ttl` (1 h by default), longer than the rate window (10 min).
     pub async fn past_actions(&self, now_ms: Millis, window_ms: Millis) -> Result<Vec<PastAction>, ReadError> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &self.event_namespace);
-        let lp = ListParams::default().fields(&format!("source={}", crate::actuate::FIELD_MANAGER));
+        let lp = ListParams::default().fields(&format!("source={}", FIELD_MANAGER));
         let list = api.list(&lp).await.map_err(|source| ReadError::List {
             what: "our Events",
             source,
@@ -487,7 +491,7 @@ pub fn verify_snapshot(cm: &ConfigMap, pool: &str) -> Result<PoolSnapshot, ReadE
         .flatten()
         .map(|m| m.manager.as_deref().unwrap_or(""))
         .collect();
-    if let Some(other) = managers.iter().find(|m| **m != crate::actuate::FIELD_MANAGER) {
+    if let Some(other) = managers.iter().find(|m| **m != FIELD_MANAGER) {
         return Err(refuse(format!("written by {other:?} too, not by us alone")));
     }
     if managers.is_empty() {
@@ -547,11 +551,7 @@ pub fn node_view(n: &Node, p: &Policy) -> NodeView {
     // The EKS node monitoring agent (or anyone else) writing NetworkingReady makes it theirs.
     let foreign_conditions = [EKS_NETWORKING_CONDITION]
         .into_iter()
-        .filter(|ty| {
-            condition_managers(n, ty)
-                .iter()
-                .any(|m| *m != crate::actuate::FIELD_MANAGER)
-        })
+        .filter(|ty| condition_managers(n, ty).iter().any(|m| *m != FIELD_MANAGER))
         .map(str::to_string)
         .collect();
     let tainted = spec

@@ -52,8 +52,78 @@ pub enum Command {
     /// Remove everything the aggregator wrote to the cluster and exit: our taint and conditions
     /// on every Node, NodePools restored from our snapshots (then deleted). Run by the chart's
     /// pre-delete hook on `helm uninstall`. Exit code 1 if a write failed.
-    Cleanup(crate::cleanup::CleanupArgs),
+    Cleanup(CleanupArgs),
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CleanupArgs {
+    /// How long the cleanup keeps the leader Lease (seconds): long enough that no aggregator
+    /// replica takes it back before `helm uninstall` has deleted them.
+    #[arg(long, env = "GRAYWATCH_CLEANUP_HOLD_LEASE_SECONDS", default_value_t = 300)]
+    pub hold_lease_seconds: u32,
+    /// A NodeReadinessRule of ours (repeatable): deleted before our conditions are removed, and
+    /// its taint removed from every Node.
+    #[arg(long, value_name = "NAME")]
+    pub node_readiness_rule: Vec<String>,
+    /// What to remove: `all` (taints, NodePool changes, conditions) or only our `taint`.
+    #[arg(long, value_enum, default_value_t = Only::All)]
+    pub only: Only,
+    /// The aggregator Deployment (release namespace) to scale to 0 first, waiting until its
+    /// pods are gone: the fence of a `helm upgrade` (`stop.rs`). The Lease is then released at
+    /// the end instead of held, and the Deployment scaled back if the cleanup fails.
+    #[arg(long, value_name = "NAME")]
+    pub stop_deployment: Option<String>,
+    /// Longest wait for the Deployment's pods to be gone (seconds).
+    #[arg(long, default_value_t = 300)]
+    pub stop_timeout_seconds: u64,
+    /// Why, for the logs and the summary: the mode the release ran in before
+    /// (`dry-run`, `nrc`, `direct-taint`) ...
+    #[arg(long, value_name = "MODE")]
+    pub from_mode: Option<String>,
+    /// ... and the mode it is upgraded to.
+    #[arg(long, value_name = "MODE")]
+    pub to_mode: Option<String>,
+}
+
+impl Default for CleanupArgs {
+    fn default() -> Self {
+        Self {
+            hold_lease_seconds: 300,
+            node_readiness_rule: Vec::new(),
+            only: Only::All,
+            stop_deployment: None,
+            stop_timeout_seconds: 300,
+            from_mode: None,
+            to_mode: None,
+        }
+    }
+}
+
+/// What a cleanup removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// Everything the aggregator wrote (uninstall; a change to mode dry-run).
+    All,
+    /// Our taint only (a change from direct-taint to nrc: the conditions stay for NRC).
+    Taint,
+}
+
+impl Only {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Taint => "taint",
+        }
+    }
+}
+
+/// Default namespace for Events about cluster-scoped objects (where the kubelet puts Node
+/// events); config `event_namespace` overrides it.
+pub const EVENT_NAMESPACE: &str = "default";
+/// The namespaces the API server accepts Events about cluster-scoped objects (Nodes,
+/// NodePools) in: an Event whose involved object has no namespace must be in "default" without
+/// an eventTime, or in "kube-system" with one (the actuator sets it there).
+pub const EVENT_NAMESPACES: [&str; 2] = ["default", "kube-system"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -117,7 +187,7 @@ impl Default for FileConfig {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             identity: String::new(),
             namespace: "graywatch".into(),
-            event_namespace: crate::actuate::EVENT_NAMESPACE.into(),
+            event_namespace: EVENT_NAMESPACE.into(),
             tick_ms: 1000,
             max_concurrent_writes: 16,
             ingest: IngestConfig::default(),
@@ -230,7 +300,7 @@ impl FileConfig {
         if self.namespace.is_empty() {
             return bad("namespace", "must not be empty");
         }
-        if !crate::actuate::EVENT_NAMESPACES.contains(&self.event_namespace.as_str()) {
+        if !EVENT_NAMESPACES.contains(&self.event_namespace.as_str()) {
             return bad(
                 "event_namespace",
                 "must be \"default\" or \"kube-system\": the API server accepts Events about Nodes and NodePools (cluster-scoped) nowhere else",

@@ -26,7 +26,7 @@ use kube::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::actuate::FIELD_MANAGER;
+use crate::cluster::FIELD_MANAGER;
 
 pub struct LeaderElector {
     pub api: Api<Lease>,

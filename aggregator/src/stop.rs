@@ -27,7 +27,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 
-use crate::actuate::FIELD_MANAGER;
+use crate::cluster::FIELD_MANAGER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StopError {

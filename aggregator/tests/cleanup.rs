@@ -8,7 +8,8 @@ use std::{collections::BTreeMap, process::Command};
 
 use common::*;
 use graywatch_aggregator::{
-    actuate::{Actuator, FIELD_MANAGER},
+    actuate::Actuator,
+    cluster::FIELD_MANAGER,
     config::FileConfig,
     core::{karpenter::exclusion_edits, model::PoolEdits, plan::PoolChange},
 };

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use graywatch_aggregator::{actuate::FIELD_MANAGER, cluster::condition_managers};
+use graywatch_aggregator::cluster::{FIELD_MANAGER, condition_managers};
 
 const NR: &str = "NetworkingReady";
 const EKS_AGENT: &str = "eks-node-monitoring-agent";

@@ -11,8 +11,9 @@ use std::{
 
 use common::*;
 use graywatch_aggregator::{
-    actuate::FIELD_MANAGER,
-    cluster::{SNAPSHOT_DIGEST_ANNOTATION, SNAPSHOT_LABEL, snapshot_data, snapshot_digest, snapshot_name},
+    cluster::{
+        FIELD_MANAGER, SNAPSHOT_DIGEST_ANNOTATION, SNAPSHOT_LABEL, snapshot_data, snapshot_digest, snapshot_name,
+    },
     core::model::{PoolEdits, PoolSnapshot},
 };
 use graywatch_proto::v1::{Directive, NodeSummary};

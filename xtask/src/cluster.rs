@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context, bail};
 use graywatch_k8s_testkit as kit;
 
-use crate::util::{cache_dir, describe, is_root, run_cmd, succeeds, workspace_root};
+use crate::util::{cache_dir, describe, ensure_debian_packages, is_root, run_cmd, succeeds, workspace_root};
 
 /// Node name, and the dummy interface carrying its address.
 pub const NODE_NAME: &str = "gw-node0";
@@ -230,7 +230,7 @@ pub fn up() -> anyhow::Result<ClusterInfo> {
         );
         down()?;
     }
-    ensure_packages()?;
+    ensure_debian_packages(crate::setup::CLUSTER_PACKAGES)?;
     let node_link = preflight()?;
     ensure_binaries(&p)?;
     let pause = ensure_pause_image(&p)?;
@@ -251,39 +251,6 @@ pub fn up() -> anyhow::Result<ClusterInfo> {
         t0.elapsed().as_secs_f64()
     );
     Ok(p.info())
-}
-
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = crate::setup::CLUSTER_PACKAGES
-        .iter()
-        .copied()
-        .filter(|pkg| !package_installed(pkg))
-        .collect();
-    install_packages(&missing)
-}
-
-/// apt-get installs `missing` (as root), e.g. the cluster's or the image build's tools.
-pub fn install_packages(missing: &[&str]) -> anyhow::Result<()> {
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
-    }
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(["-o", "DPkg::Lock::Timeout=600"])
-            .args(missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-pub fn package_installed(name: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", name])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 /// Checks the kernel and the ports before anything is started, so a failure names its reason.
@@ -395,8 +362,8 @@ fn ensure_pause_image(p: &Paths) -> anyhow::Result<PathBuf> {
     )
     .context("compiling pause.c (needs gcc and libc6-dev)")?;
     let partial = p.images.join("pause-3.4.1.tar.partial");
-    crate::image::build_scratch(
-        &crate::image::ScratchImage {
+    crate::oci::build_scratch(
+        &crate::oci::ScratchImage {
             tag: PAUSE_IMAGE,
             rootfs: &work,
             entrypoint: &["/pause"],

@@ -26,7 +26,7 @@ pub fn kernels_dir() -> PathBuf {
 /// Fetches each kernel line's current cloud kernel (skipped when the cached one is current)
 /// and the guest's packages.
 pub fn ensure() -> anyhow::Result<PathBuf> {
-    crate::setup::ensure_debian_packages(GUEST_PACKAGES)?;
+    crate::util::ensure_debian_packages(GUEST_PACKAGES)?;
     let dir = kernels_dir();
     for (line, meta) in KERNEL_LINES {
         let package = current_package(meta)?;

@@ -12,6 +12,7 @@ mod fuzz;
 mod image;
 mod k8s;
 mod kernels;
+mod oci;
 mod setup;
 mod test;
 mod util;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
 
-use crate::util::{cache_dir, is_root, run_cmd, succeeds};
+use crate::util::{cache_dir, ensure_debian_packages, is_root, run_cmd, succeeds};
 
 /// Debian packages, by what needs them.
 const EBPF_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
@@ -53,32 +53,6 @@ fn ensure_packages(with_k8s: bool) -> anyhow::Result<()> {
         wanted.extend(CLUSTER_PACKAGES);
     }
     ensure_debian_packages(&wanted)
-}
-
-/// Installs those of `packages` that are missing (apt-get, as root).
-pub fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root (it uses apt-get)");
-    }
-    eprintln!("setup: installing {}", missing.join(" "));
-    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-fn package_installed(name: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", name])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {

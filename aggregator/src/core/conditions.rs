@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use super::{
-    engine::{EKS_NETWORKING_CONDITION, INTENT_GRACE_MS, StepCtx},
     model::{CondStatus, Family, Millis, NodeView},
     plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
     state_machine::{FamilyState, NodeState, Phase},
+    step::{EKS_NETWORKING_CONDITION, INTENT_GRACE_MS, StepCtx},
 };
 
 /// Condition type names, built once per step.

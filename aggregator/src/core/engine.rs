@@ -16,23 +16,17 @@ use super::{
     conditions,
     guardrails::{self, Guardrails},
     karpenter::{self, KarpenterState},
-    model::{Input, Millis, NodeReport},
+    model::{Input, Millis},
     plan::Plan,
     policy::Policy,
     state_machine::{self, NodeState},
+    step::StepCtx,
 };
 pub use super::{
     guardrails::blast_allowance,
     karpenter::with_exclusions,
     state_machine::{FamilyState, LOST_EVENTS_NOTE_WINDOWS, Phase, Suppressed, UnknownReason, advance, overall_phase},
 };
-
-/// How long a planned taint change is trusted over an observed state that does not show it yet
-/// (the shell reads Nodes from a watch, which lags our own writes a little).
-pub const INTENT_GRACE_MS: Millis = 30_000;
-
-/// Condition type Karpenter's EKS node repair watches for networking.
-pub const EKS_NETWORKING_CONDITION: &str = "NetworkingReady";
 
 /// The engine; see the module docs.
 #[derive(Debug, Clone)]
@@ -64,19 +58,6 @@ pub enum Settling {
         complete_ms: Millis,
     },
     Settled,
-}
-
-/// What every phase of one step reads.
-pub(super) struct StepCtx<'a> {
-    pub policy: &'a Policy,
-    pub input: &'a Input,
-    pub now: Millis,
-    /// Time of the engine's first step.
-    pub started: Millis,
-    /// The reports of existing nodes no older than `stale_after_ms`.
-    pub fresh: BTreeMap<&'a str, &'a NodeReport>,
-    /// The view is settled (set once the state machines have seen this step's windows).
-    pub settled: bool,
 }
 
 impl Engine {

@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::{
-    engine::{INTENT_GRACE_MS, StepCtx},
     model::{Millis, NodeView},
     plan::{EventKind, EventTarget, Plan, PlannedEvent, TaintChange},
     policy::{Policy, TaintMode},
     state_machine::{NodeState, Phase, Suppressed, fmt_num},
+    step::{INTENT_GRACE_MS, StepCtx},
 };
 
 /// A (label, value) group, e.g. ("topology.kubernetes.io/zone", "zone-a").

@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::{
-    engine::StepCtx,
     guardrails::{Group, Guardrails, blast_allowance, members},
     model::{PoolEdits, PoolView},
     plan::{ClaimDeletion, EventKind, EventTarget, Plan, PlannedEvent, PoolChange},
     policy::Policy,
     state_machine::{NodeState, Phase},
+    step::StepCtx,
 };
 
 /// The disruption reason Karpenter replaces NodeClaims for when a NodePool's requirements no

@@ -14,6 +14,7 @@ pub mod model;
 pub mod plan;
 pub mod policy;
 pub mod state_machine;
+pub mod step;
 
 #[cfg(test)]
 mod tests;

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 
 use super::{
-    engine::{EKS_NETWORKING_CONDITION, StepCtx},
     evidence::{self, AddressBook, VantageEvidence},
     model::{CondStatus, Family, Millis, NodeReport, NodeView, WindowId},
     plan::{EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
+    step::{EKS_NETWORKING_CONDITION, StepCtx},
 };
 
 /// Per node and family: Healthy → Suspect → Degraded → Recovering → Healthy; Unknown when stale.

@@ -84,8 +84,8 @@ const VARIANTS: [&Variant; 5] = [
     &DIRECT_NO_KARPENTER,
 ];
 
-/// The aggregator's field manager (aggregator/src/actuate.rs FIELD_MANAGER).
-const FIELD_MANAGER: &str = "graywatch-aggregator";
+/// The aggregator's field manager.
+use graywatch_aggregator::cluster::FIELD_MANAGER;
 
 impl Variant {
     fn args(&self, kube_version: &str) -> Vec<String> {
@@ -798,13 +798,12 @@ fn the_rendered_config_and_flags_are_ones_the_binaries_accept() -> anyhow::Resul
         }
         // The uninstall hook: the aggregator's flags, the `cleanup` subcommand (a variant of
         // Command), then CleanupArgs' flags.
-        let cleanup_rs = read_source("aggregator/src/cleanup.rs")?;
-        let cleanup_fields = struct_fields(&cleanup_rs, "CleanupArgs")?;
+        let cleanup_fields = struct_fields(&config_rs, "CleanupArgs")?;
         let job = find(&objs, "Job", "-cleanup")?;
         let mut sub = false;
         for a in str_list(&container(job, "cleanup")?["args"]) {
             if a == "cleanup" {
-                assert!(config_rs.contains("Cleanup(crate::cleanup::CleanupArgs)"));
+                assert!(config_rs.contains("Cleanup(CleanupArgs)"));
                 sub = true;
                 continue;
             }
@@ -933,16 +932,15 @@ fn the_resources_the_binaries_call_are_the_ones_the_chart_grants() -> anyhow::Re
     }
     assert_eq!(cleanup, hook, "cleanup's kube calls and the hook's roles disagree");
     // Events go to the namespace the chart's events Role is in.
-    let actuate = read_source("aggregator/src/actuate.rs")?;
     let ns = find(&objs, "Role", "-aggregator-events")?["metadata"]["namespace"]
         .as_str()
         .context("ns")?
         .to_string();
-    assert!(
-        actuate.contains(&format!("pub const EVENT_NAMESPACE: &str = \"{ns}\";")),
-        "aggregator/src/actuate.rs EVENT_NAMESPACE is not {ns:?} (aggregator.eventNamespace)"
+    assert_eq!(
+        graywatch_aggregator::config::EVENT_NAMESPACE,
+        ns,
+        "the aggregator's default event namespace and the chart's events Role (aggregator.eventNamespace) disagree"
     );
-    assert!(actuate.contains(&format!("pub const FIELD_MANAGER: &str = \"{FIELD_MANAGER}\";")));
     Ok(())
 }
 
@@ -1709,8 +1707,8 @@ async fn the_eks_values_render_and_are_stored_by_the_apiserver() -> anyhow::Resu
 async fn the_cleanup_hook_rbac_allows_exactly_what_cleanup_needs() -> anyhow::Result<()> {
     use graywatch_aggregator::{
         actuate::Actuator,
-        cleanup::{self, CleanupArgs},
-        config::FileConfig,
+        cleanup,
+        config::{CleanupArgs, FileConfig},
         core::{karpenter::exclusion_edits, model::PoolEdits, plan::PoolChange},
     };
     let (server, admin, discovery) = apiserver_with_crds().await?;
@@ -2043,8 +2041,8 @@ fn check_mode_change_hook(
     scope: &str,
     from: &str,
     to: &str,
-) -> anyhow::Result<graywatch_aggregator::cleanup::CleanupArgs> {
-    use graywatch_aggregator::cleanup::{CleanupArgs, Only};
+) -> anyhow::Result<graywatch_aggregator::config::CleanupArgs> {
+    use graywatch_aggregator::config::{CleanupArgs, Only};
     let name = format!("{}-mode-change", v.fullname());
     let kinds: BTreeSet<&str> = hooks.iter().filter_map(|o| o["kind"].as_str()).collect();
     assert_eq!(
@@ -2111,7 +2109,7 @@ fn check_mode_change_hook(
         ]
     );
     // Each flag is one of CleanupArgs' (the binary's parser); parsed as it would be.
-    let fields = struct_fields(&read_source("aggregator/src/cleanup.rs")?, "CleanupArgs")?;
+    let fields = struct_fields(&read_source("aggregator/src/config.rs")?, "CleanupArgs")?;
     let mut parsed = CleanupArgs::default();
     for a in &args[sub + 1..] {
         let (flag, value) = a.trim_start_matches("--").split_once('=').context("flag=value")?;
