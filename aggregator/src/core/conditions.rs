@@ -133,8 +133,10 @@ fn transition_event(prev: Option<CondStatus>, now: CondStatus) -> Option<(EventK
 }
 
 /// When an unchanged node's conditions are due again after a write at `last_write`: the first
-/// point of the node's own phase in the refresh period that is at least `refresh` after it
-/// (so between `refresh` and twice that; exactly `refresh` apart while nothing changes). The
+/// point of the node's own phase in the refresh period at least 0.9 × `refresh` after it (so
+/// 0.9–1.9 periods after a write that a change caused; exactly `refresh` apart while nothing
+/// changes: a refresh is written at the first step after its phase point, up to a tick later,
+/// and the next phase point is one period after the point, not after the write). The
 /// phases (a hash of the name) spread an idle fleet's refreshes evenly over the period: without
 /// them every node written in one step (a new leader's first) is due in one step again, a burst
 /// of the whole fleet per period that holds the decision loop while it is written.
@@ -145,7 +147,7 @@ pub(super) fn refresh_due_at(node: &str, last_write: Millis, refresh: Millis) ->
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     let phase = Millis::try_from(hash % refresh.unsigned_abs()).unwrap_or(0);
-    let earliest = last_write.saturating_add(refresh);
+    let earliest = last_write.saturating_add(refresh - refresh / 10);
     earliest.saturating_add((phase - earliest).rem_euclid(refresh))
 }
 
