@@ -141,7 +141,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         if n == 10_000 && interval == Duration::from_secs(1) {
             met = Some(m.cpu_percent < 100.0 && m.p99_ms < P99_BUDGET_MS && m.ingest_per_s >= 0.95 * n as f64);
         }
-        rows.push(vec![
+        let row = vec![
             label.clone(),
             format!("{n}{}", if dry_run { " (dry-run)" } else { "" }),
             fmt(interval.as_secs_f64(), 1),
@@ -163,7 +163,10 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
             fmt(api_writes_per_min, 1),
             m.errors.to_string(),
             load.join(" "),
-        ]);
+        ];
+        // As each run ends: a later run that fails keeps the earlier figures.
+        println!("  {}", row.join(" | "));
+        rows.push(row);
         out.push(json!({
             "build": label, "aggregator": aggregator.display().to_string(), "interval_ms": interval.as_millis() as u64,
             "load_average": load,
@@ -432,7 +435,8 @@ impl Aggregator {
     /// The aggregator's /metrics as name{labels} → value, with sums per metric name too.
     fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let mut stream = TcpStream::connect_timeout(&self.http, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // A starved aggregator (10,000 streams on 2 shared cores) can take seconds to answer.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(stream, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.http)?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
