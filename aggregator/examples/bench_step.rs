@@ -1,14 +1,60 @@
 //! Decision-core throughput: N simulated nodes reporting once per round (1 Hz in production),
 //! each with per-peer stats towards `PEERS` other nodes (pod IPs, so the pod-CIDR lookup is
-//! exercised). Prints the time per decision step and the validate+store cost per summary.
+//! exercised). Prints the time and the heap allocations per decision step, those of the other
+//! per-tick work over the fleet (the store's snapshot, the agents' peer book), and the
+//! validate+store cost per summary.
 //!
 //!     cargo run --release -p graywatch-aggregator --example bench_step -- 10000
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
     collections::BTreeMap,
     net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
+
+/// The system allocator, counting allocations (and reallocations) and the bytes they asked for.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `f`, returning its result with the allocations and bytes it asked for.
+fn counted<T>(f: impl FnOnce() -> T) -> (T, u64, u64) {
+    let (a, b) = (ALLOCATIONS.load(Ordering::Relaxed), BYTES.load(Ordering::Relaxed));
+    let out = f();
+    (
+        out,
+        ALLOCATIONS.load(Ordering::Relaxed) - a,
+        BYTES.load(Ordering::Relaxed) - b,
+    )
+}
 
 use graywatch_aggregator::{
     core::{
@@ -79,6 +125,7 @@ fn main() {
     }
     let mut engine = Engine::new(Policy::default());
     let mut steps = Vec::new();
+    let mut allocs = Vec::new();
     for round in 1..=rounds {
         input.now_ms = round * 1000;
         for i in 0..n {
@@ -114,8 +161,9 @@ fn main() {
             );
         }
         let t = Instant::now();
-        let plan = engine.step(&input);
+        let (plan, count, bytes) = counted(|| engine.step(&input));
         steps.push(t.elapsed());
+        allocs.push((count, bytes));
         std::hint::black_box(plan);
     }
     steps.sort();
@@ -125,6 +173,31 @@ fn main() {
         ms(steps[steps.len() / 2]),
         ms(steps[steps.len() - 1])
     );
+    // The first steps take every node over and write every condition: the last is the steady state.
+    let (count, bytes) = allocs[allocs.len() - 1];
+    println!(
+        "decision step allocations (steady state): {count} ({:.1} per node), {:.1} MiB asked for",
+        count as f64 / n as f64,
+        bytes as f64 / (1 << 20) as f64
+    );
+    let store = FleetStore::default();
+    for (name, report) in &input.reports {
+        store.store(name, NodeReport::clone(report));
+    }
+    let (snapshot, count, bytes) = counted(|| store.snapshot());
+    println!(
+        "fleet store snapshot: {count} allocations ({:.1} per node), {:.1} MiB",
+        count as f64 / n as f64,
+        bytes as f64 / (1 << 20) as f64
+    );
+    drop(snapshot);
+    let (book, count, bytes) = counted(|| graywatch_aggregator::cluster::peer_book_of(&input.nodes));
+    println!(
+        "peer book of the node views: {count} allocations ({:.1} per node), {:.1} MiB",
+        count as f64 / n as f64,
+        bytes as f64 / (1 << 20) as f64
+    );
+    drop(book);
 
     // Ingest: validate + store one summary (what each gRPC message costs before the step).
     let summary = v1::NodeSummary {

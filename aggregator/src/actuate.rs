@@ -119,29 +119,43 @@ impl Actuator {
     ) -> Applied {
         let mut out = Applied::default();
         let is_leader = || *leader.borrow();
-        let record = |kind: &'static str, r: Result<(), ActError>, out: &mut Applied| match r {
-            Ok(()) => metrics.action(kind, true),
-            Err(e) => {
-                metrics.action(e.metric_label(), false);
+        // Counted as each write completes (not when its phase ends), so the counter and the
+        // apiserver's own count agree over any window.
+        let count = |kind: &'static str, r: Result<(), ActError>| {
+            match &r {
+                Ok(()) => metrics.action(kind, true),
+                Err(e) => metrics.action(e.metric_label(), false),
+            }
+            r
+        };
+        let tally = |kind: &'static str, r: &Result<(), ActError>, out: &mut Applied| {
+            if let Err(e) = r {
                 out.errors += 1;
                 tracing::warn!(error = %e, kind, "action failed");
             }
         };
+        let record = |kind: &'static str, r: Result<(), ActError>, out: &mut Applied| {
+            tally(kind, &count(kind, r), out);
+        };
         for (w, r) in self
-            .each_while_leader(&plan.conditions, leader, |w| self.write_conditions(w, now_ms))
+            .each_while_leader(&plan.conditions, leader, |w| async move {
+                count("conditions", self.write_conditions(w, now_ms).await)
+            })
             .await
         {
             if r.is_err() {
                 out.failed_condition_nodes.push(w.node.clone());
             }
-            record("conditions", r, &mut out);
+            tally("conditions", &r, &mut out);
         }
         for (t, r) in self
-            .each_while_leader(&plan.taints, leader, |t| self.set_taint(&t.node, t.add))
+            .each_while_leader(&plan.taints, leader, |t| async move {
+                count("taint", self.set_taint(&t.node, t.add).await)
+            })
             .await
         {
             tracing::info!(node = %t.node, add = t.add, ok = r.is_ok(), "taint");
-            record("taint", r, &mut out);
+            tally("taint", &r, &mut out);
         }
         // Few and ordered (snapshot, then pool): one at a time.
         for p in &plan.pools {

@@ -15,8 +15,10 @@ pub type Book = BTreeMap<String, NodePeers>;
 
 /// Largest `Directive` carrying a page, encoded. A single node's entry larger than this (one with
 /// thousands of reported IPv6 pod IPs; at most `MAX_POD_ADDRESSES` of them, ~200 KiB) goes alone
-/// in its own page.
-pub const PAGE_BYTES: usize = 32 * 1024;
+/// in its own page. No larger than what the stream's encoder hands on at once
+/// ([`graywatch_proto::BOOK_PAGE_BYTES`]): each stream's encode buffer keeps the largest size it
+/// grew to, for the stream's lifetime (with 32 KiB pages, ~32–64 KiB per agent).
+pub const PAGE_BYTES: usize = graywatch_proto::BOOK_PAGE_BYTES;
 
 /// Room for the `Directive` around a page: `protocol_version`, the oneof tag and length, `reset`
 /// and `more`.
@@ -31,8 +33,16 @@ enum Change<'a> {
 /// The pages that bring an agent holding `sent` to `book`, produced one at a time (a stream
 /// holds at most one page besides what its channel buffers). With `sent` `None` the first page
 /// has `reset` and the pages carry the whole book. Empty when nothing changed.
+///
+/// The changes are found as the pages are made, walking both books in order: a stream paging a
+/// book holds no list of its N changes (at 10,000 nodes, 10,000 streams connecting at once each
+/// held one of 240 KiB).
 pub struct Pages<'a> {
-    changes: std::vec::IntoIter<Change<'a>>,
+    sent: Option<&'a Book>,
+    book: &'a Book,
+    /// Names of `sent` still to check for removal (walked first), then `book`'s entries.
+    removals: std::collections::btree_map::Keys<'a, String, NodePeers>,
+    upserts: std::collections::btree_map::Iter<'a, String, NodePeers>,
     next: Option<Change<'a>>,
     reset: bool,
     limit: usize,
@@ -47,32 +57,32 @@ impl<'a> Pages<'a> {
     /// As [`Pages::new`] with pages of at most `limit` bytes (tests).
     #[must_use]
     pub fn with_limit(sent: Option<&'a Book>, book: &'a Book, limit: usize) -> Self {
-        let mut changes = Vec::new();
-        match sent {
-            None => changes.extend(book.values().map(Change::Upsert)),
-            Some(sent) => {
-                changes.extend(
-                    sent.keys()
-                        .filter(|name| !book.contains_key(*name))
-                        .map(|name| Change::Remove(name)),
-                );
-                changes.extend(
-                    book.iter()
-                        .filter(|(name, entry)| sent.get(*name) != Some(entry))
-                        .map(|(_, entry)| Change::Upsert(entry)),
-                );
-            }
-        }
-        let reset = sent.is_none();
-        let mut changes = changes.into_iter();
-        // With `reset` an empty book still yields one (empty) page: it clears what the agent held.
-        let next = changes.next();
-        Self {
-            changes,
-            next,
-            reset,
+        static EMPTY: Book = Book::new();
+        let mut pages = Self {
+            sent,
+            book,
+            removals: sent.unwrap_or(&EMPTY).keys(),
+            upserts: book.iter(),
+            next: None,
+            // With `reset` an empty book still yields one (empty) page: it clears what the agent held.
+            reset: sent.is_none(),
             limit,
+        };
+        pages.next = pages.next_change();
+        pages
+    }
+
+    /// The next change in order: removals (names of `sent` gone from `book`), then upserts (every
+    /// entry of `book` without `sent`, the new or changed ones with it).
+    fn next_change(&mut self) -> Option<Change<'a>> {
+        let book = self.book;
+        if let Some(name) = self.removals.find(|name| !book.contains_key(*name)) {
+            return Some(Change::Remove(name));
         }
+        let sent = self.sent;
+        self.upserts
+            .find(|(name, entry)| sent.is_none_or(|s| s.get(*name) != Some(*entry)))
+            .map(|(_, entry)| Change::Upsert(entry))
     }
 }
 
@@ -105,7 +115,7 @@ impl Iterator for Pages<'_> {
                 Change::Upsert(entry) => page.upsert.push(entry.clone()),
                 Change::Remove(name) => page.remove.push(name.to_owned()),
             }
-            self.next = self.changes.next();
+            self.next = self.next_change();
         }
         page.more = self.next.is_some();
         Some(page)

@@ -226,11 +226,11 @@ impl ClusterReader {
         }
     }
 
-    /// The address book for the agents (`Directive.peer_book_delta`): every Node's InternalIPs and pod
-    /// CIDRs, and the pod IPs its agent reported (host prefixes). No API call: the Node watch's
-    /// store and the ingested pod IPs.
+    /// Every Node as the core sees it, with the pod IPs its agent reported (host prefixes). No
+    /// API call: the Node watch's store and the ingested pod IPs. Built once per tick, for both
+    /// the agents' address book ([`peer_book_of`]) and the decision step ([`Self::read_views`]).
     #[must_use]
-    pub fn peer_book(&self) -> crate::book::Book {
+    pub fn node_views(&self) -> BTreeMap<String, NodeView> {
         let mut nodes: BTreeMap<String, NodeView> = self
             .nodes
             .state()
@@ -240,7 +240,7 @@ impl ClusterReader {
         if let Some(store) = &self.pod_addresses {
             add_pod_addresses(&mut nodes, &store.pod_addresses());
         }
-        peer_book_of(&nodes)
+        nodes
     }
 
     /// Reads our Events in `namespace` (config `event_namespace`) rather than the default.
@@ -257,24 +257,28 @@ impl ClusterReader {
         self
     }
 
-    /// One consistent-enough view for a decision step. A Karpenter read that fails (NodePools,
-    /// our snapshots of them, NodeClaims) is flagged in the input and costs only the Karpenter
-    /// part of the step: conditions and taints go on.
+    /// One consistent-enough view for a decision step ([`Self::read_views`] of the Nodes now).
     pub async fn read(
         &self,
         now_ms: Millis,
         reports: BTreeMap<String, std::sync::Arc<NodeReport>>,
         actuator_failures: u32,
     ) -> Input {
-        let mut nodes: BTreeMap<String, NodeView> = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| (n.name_any(), node_view(n, &self.policy)))
-            .collect();
-        if let Some(store) = &self.pod_addresses {
-            add_pod_addresses(&mut nodes, &store.pod_addresses());
-        }
+        self.read_views(now_ms, reports, self.node_views(), actuator_failures)
+            .await
+    }
+
+    /// The decision step's input from `nodes` ([`Self::node_views`]) and what else the cluster
+    /// holds. A Karpenter read that fails (NodePools, our snapshots of them, NodeClaims) is
+    /// flagged in the input and costs only the Karpenter part of the step: conditions and taints
+    /// go on.
+    pub async fn read_views(
+        &self,
+        now_ms: Millis,
+        reports: BTreeMap<String, std::sync::Arc<NodeReport>>,
+        mut nodes: BTreeMap<String, NodeView>,
+        actuator_failures: u32,
+    ) -> Input {
         let mut input = Input {
             now_ms,
             reports,
@@ -398,7 +402,8 @@ impl ClusterReader {
 /// agents' InternalIPs and pod CIDRs still come from the agents' own Node watch); a warning says so.
 pub const MAX_PEER_BOOK_BYTES: usize = 64 * 1024 * 1024;
 
-/// The peer book of `nodes` (see [`ClusterReader::peer_book`]), at most [`MAX_PEER_BOOK_BYTES`].
+/// The address book for the agents (`Directive.peer_book_delta`) of `nodes` ([`ClusterReader::node_views`]):
+/// every Node's InternalIPs and pod CIDRs and the pod IPs its agent reported; at most [`MAX_PEER_BOOK_BYTES`].
 /// Each entry's lists are sorted, so an unchanged node compares equal and is not sent again.
 #[must_use]
 pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> crate::book::Book {

@@ -410,7 +410,9 @@ impl Ingest for IngestService {
     async fn report(&self, request: Request<Streaming<NodeSummary>>) -> Result<Response<Self::ReportStream>, Status> {
         let mut admission = self.gate.admit(&request).await?;
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(16);
+        // Two directives queued at most: a stream paging the book on connect holds two pages
+        // (owned copies of their entries) besides the one being encoded, not sixteen.
+        let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(2);
         let this = self.clone();
         let mut books = this.store.peer_book_updates();
         books.mark_changed();

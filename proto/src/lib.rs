@@ -103,3 +103,45 @@ mod tests {
         assert!(!version_supported(PROTOCOL_VERSION + 1));
     }
 }
+
+/// The codec of the graywatch.v1 services (`codec_path` in build.rs): prost, with smaller buffers
+/// than tonic's defaults (8 KiB to start, 32 KiB before yielding). An aggregator holds one
+/// stream per agent, and each stream's encode buffer keeps the largest size it grew to: with
+/// the defaults, a peer book paged on connect left ~32–64 KiB per stream for its lifetime
+/// (hundreds of MiB at 10,000 agents). Summaries and Acks are well under 1 KiB; book pages are
+/// at most [`BOOK_PAGE_BYTES`].
+#[derive(Debug, Clone, Copy)]
+pub struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
+
+/// The encode and decode buffers: 1 KiB to start, handed on to HTTP/2 from 8 KiB.
+fn buffers() -> tonic::codec::BufferSettings {
+    tonic::codec::BufferSettings::new(1024, 8 * 1024)
+}
+
+/// Largest peer-book page the aggregator sends: no more than the encoder hands on at once.
+pub const BOOK_PAGE_BYTES: usize = 4 * 1024;
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(buffers())
+    }
+}

@@ -1,14 +1,15 @@
 //! The conditions phase of a step: the Node conditions each node's state calls for, written when
-//! they change (with an Event for the transitions that matter) or when a refresh is due.
+//! they change (with an Event for the transitions that matter), when someone else changed them,
+//! or when a refresh is due (`condition_refresh_ms`, 5 min: the only write of an idle node).
 
 use std::collections::BTreeMap;
 
 use super::{
-    model::{CondStatus, Family, NodeView},
+    model::{CondStatus, Family, Millis, NodeView},
     plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
     state_machine::{FamilyState, NodeState, Phase},
-    step::{EKS_NETWORKING_CONDITION, StepCtx},
+    step::{EKS_NETWORKING_CONDITION, INTENT_GRACE_MS, StepCtx},
 };
 
 /// Condition type names, built once per step.
@@ -131,6 +132,39 @@ fn transition_event(prev: Option<CondStatus>, now: CondStatus) -> Option<(EventK
     }
 }
 
+/// When an unchanged node's conditions are due again after a write at `last_write`: the first
+/// point of the node's own phase in the refresh period at least 0.9 × `refresh` after it (so
+/// 0.9–1.9 periods after a write that a change caused; exactly `refresh` apart while nothing
+/// changes: a refresh is written at the first step after its phase point, up to a tick later,
+/// and the next phase point is one period after the point, not after the write). The
+/// phases (a hash of the name) spread an idle fleet's refreshes evenly over the period: without
+/// them every node written in one step (a new leader's first) is due in one step again, a burst
+/// of the whole fleet per period that holds the decision loop while it is written.
+pub(super) fn refresh_due_at(node: &str, last_write: Millis, refresh: Millis) -> Millis {
+    let refresh = refresh.max(1);
+    // FNV-1a: stable across builds and runs, unlike the std hasher.
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let phase = Millis::try_from(hash % refresh.unsigned_abs()).unwrap_or(0);
+    let earliest = last_write.saturating_add(refresh - refresh / 10);
+    earliest.saturating_add((phase - earliest).rem_euclid(refresh))
+}
+
+/// Whether the Node shows a condition we wrote with another status or reason, or not at all:
+/// someone else changed it. Only once our last write is [`INTENT_GRACE_MS`] old, since the Node
+/// watch lags our own writes. Conditions another manager owns (`foreign_conditions`) are theirs.
+fn overwritten(st: &NodeState, view: &NodeView, now: Millis) -> bool {
+    st.last_write_ms.is_some_and(|t| now - t >= INTENT_GRACE_MS)
+        && st.written.iter().any(|(ty, (status, reason))| {
+            !view.foreign_conditions.contains(ty)
+                && view
+                    .conditions
+                    .get(ty)
+                    .is_none_or(|c| c.status != *status || c.reason != *reason)
+        })
+}
+
 /// The conditions phase: plans a write per node whose conditions changed or are due a refresh.
 pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, plan: &mut Plan) {
     let p = ctx.policy;
@@ -165,9 +199,14 @@ pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &Ste
                 });
             }
         }
-        // Unchanged: at most one write per refresh period (keeps the message figures fresh and
-        // repairs a condition someone else changed).
-        let refresh_due = st.last_write_ms.is_none_or(|t| ctx.now - t >= p.condition_refresh_ms);
+        // A condition of ours that someone else changed or removed is put back now, not at the
+        // next refresh.
+        changed |= !p.dry_run && overwritten(st, view, ctx.now);
+        // Unchanged: at most one write per refresh period (keeps `lastHeartbeatTime` and the
+        // message figures fresh), at the node's own phase of it.
+        let refresh_due = st
+            .last_write_ms
+            .is_none_or(|t| ctx.now >= refresh_due_at(name, t, p.condition_refresh_ms));
         if !(changed || refresh_due) {
             continue;
         }

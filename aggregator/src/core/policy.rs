@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use super::model::Millis;
 
+/// Default `condition_refresh_ms`: the kubelet's own `nodeStatusReportFrequency` (5 min), so an
+/// idle fleet costs the apiserver no more Node status writes than the kubelets do (10,000 nodes:
+/// 33 writes/s, where a 60 s refresh cost 167).
+pub const NODE_STATUS_REPORT_MS: Millis = 300_000;
+
 /// How the aggregator acts on a degraded node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -92,7 +97,9 @@ pub struct Policy {
     pub weight_local: f64,
     pub weight_peer: f64,
     pub weight_vantage: f64,
-    /// Condition refresh interval when nothing changed (≤ 1 write per node per this period).
+    /// Condition refresh interval when nothing changed (≤ 1 write per node per this period):
+    /// it refreshes `lastHeartbeatTime` and the figures in the messages. Status and reason
+    /// changes are written at once whatever it says.
     pub condition_refresh_ms: Millis,
 }
 
@@ -140,7 +147,7 @@ impl Default for Policy {
             weight_local: 0.6,
             weight_peer: 0.8,
             weight_vantage: 0.9,
-            condition_refresh_ms: 60_000,
+            condition_refresh_ms: NODE_STATUS_REPORT_MS,
         }
     }
 }
@@ -201,6 +208,9 @@ impl Policy {
         }
         if self.stale_after_ms <= 0 {
             return err("stale_after_ms", "must be positive");
+        }
+        if self.condition_refresh_ms <= 0 {
+            return err("condition_refresh_ms", "must be positive");
         }
         if self.rate_window_ms <= 0 {
             return err("rate_window_ms", "must be positive");

@@ -531,11 +531,116 @@ fn unchanged_conditions_are_rewritten_at_most_once_per_refresh_period() {
     let mut sim = Sim::new(6, 6);
     let plans = sim.run(&mut eng, &set(&[]), 25);
     // 1 s per round: first write, then at most one per 10 s.
-    let writes_node0 = plans
-        .iter()
-        .filter(|pl| pl.conditions.iter().any(|w| w.node == "node-0"))
-        .count();
-    assert_eq!(writes_node0, 3);
+    let times = write_times(&plans, 1_000, "node-0");
+    assert!(times.len() >= 2, "{times:?}");
+    assert!(times.windows(2).all(|w| w[1] - w[0] >= 10_000), "{times:?}");
+}
+
+/// The steps (in ms) at which `node` got a condition write.
+fn write_times(plans: &[Plan], first_ms: i64, node: &str) -> Vec<i64> {
+    (first_ms..)
+        .step_by(1000)
+        .zip(plans)
+        .filter(|(_, pl)| pl.conditions.iter().any(|w| w.node == node))
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// Issue 18 point 2: an idle fleet costs at most one Node status write per node per 5 minutes
+/// (the kubelet's `nodeStatusReportFrequency`), and nothing else: no Event, no taint.
+#[test]
+fn an_idle_node_is_written_once_per_five_minutes_by_default() {
+    let p = Policy::default();
+    assert_eq!(p.condition_refresh_ms, 300_000);
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    // 30 minutes at 1 s.
+    let plans = sim.run(&mut eng, &set(&[]), 1_800);
+    let mut first_refreshes = BTreeSet::new();
+    for i in 0..6 {
+        let node = format!("node-{i}");
+        let times = write_times(&plans, 1_000, &node);
+        let gaps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(times[0], 1_000, "{node}: first sight");
+        // The first refresh at the node's phase (4.5 to 9.5 min), then every 5 min exactly.
+        assert!((270_000..570_000).contains(&gaps[0]), "{node}: {times:?}");
+        assert!(gaps[1..].iter().all(|g| *g == 300_000), "{node}: {times:?}");
+        assert!(times.len() >= 5, "{node}: {times:?}");
+        first_refreshes.insert(times[1]);
+    }
+    assert!(
+        first_refreshes.len() > 1,
+        "nodes written together are refreshed at their own phases, not in one burst"
+    );
+    assert!(plans.iter().all(|pl| pl.events.is_empty() && pl.taints.is_empty()));
+    assert!(
+        plans
+            .iter()
+            .all(|pl| pl.pools.is_empty() && pl.claim_deletions.is_empty())
+    );
+}
+
+/// Someone else changes one of our conditions: put back once the watch had time to show our own
+/// last write, not at the next refresh, and not again while the watch may still lag.
+#[test]
+fn a_condition_changed_by_someone_else_is_put_back_before_the_refresh() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    sim.run(&mut eng, &set(&[]), 60);
+    let tamper = |sim: &mut Sim| {
+        let c = sim
+            .input
+            .nodes
+            .get_mut("node-2")
+            .and_then(|v| v.conditions.get_mut(&p.overall_condition()))
+            .expect("our condition");
+        c.status = CondStatus::False;
+        c.reason = "Tampered".into();
+    };
+    tamper(&mut sim);
+    // Step at 61 s: our last write (1 s) is older than the watch's grace.
+    let plans = sim.run(&mut eng, &set(&[]), 1);
+    assert_eq!(write_times(&plans, 61_000, "node-2"), [61_000]);
+    assert_eq!(sim.overall(&p, 2), Some(CondStatus::True), "put back");
+    assert_eq!(plans[0].conditions.len(), 1, "the other nodes wait for their refresh");
+    assert!(plans[0].events.is_empty(), "our own status did not change: no Event");
+    // The watch still shows the tampered condition (it lags our write): wait for the grace.
+    tamper(&mut sim);
+    let mut steps = Vec::new();
+    for _ in 0..40 {
+        sim.round(&set(&[]), |_| true);
+        let plan = eng.step(&sim.input);
+        if !plan.conditions.is_empty() {
+            sim.apply(&plan);
+        }
+        steps.push(plan);
+    }
+    assert_eq!(write_times(&steps, 62_000, "node-2"), [91_000]);
+    // Removed altogether: put back as well.
+    sim.input
+        .nodes
+        .get_mut("node-2")
+        .expect("node")
+        .conditions
+        .remove(&p.overall_condition());
+    let plans = sim.run(&mut eng, &set(&[]), 31);
+    assert_eq!(write_times(&plans, 102_000, "node-2"), [121_000]);
+}
+
+/// Dry-run writes no conditions, so the Node never shows them: not a reason to write (or to
+/// plan anything) each step.
+#[test]
+fn dry_run_never_sees_its_conditions_and_does_not_repair_them() {
+    let p = Policy {
+        dry_run: true,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    let plans = sim.run(&mut eng, &set(&[]), 120);
+    assert!(plans.iter().all(|pl| pl.conditions.is_empty() && pl.events.is_empty()));
+    assert_eq!(eng.node_state("node-0").and_then(|s| s.last_write_ms), Some(1_000));
 }
 
 #[test]
@@ -550,6 +655,11 @@ fn policy_validation_names_the_field() {
         ..Policy::default()
     };
     assert_eq!(bad.validate().map_err(|e| e.field), Err("recover_confidence"));
+    let bad = Policy {
+        condition_refresh_ms: 0,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("condition_refresh_ms"));
     assert!(Policy::default().validate().is_ok());
 }
 
@@ -756,6 +866,44 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Whatever the refresh period (from 10 ticks), an unchanged node is written at its first
+    /// step, then at its phase of the period (0.9 to 1.9 periods later, up to a tick), then once
+    /// per period exactly.
+    #[test]
+    fn unchanged_nodes_are_written_once_per_refresh_period(refresh_s in 10i64..200, rounds in 1usize..700) {
+        let refresh = refresh_s * 1000;
+        let p = Policy { condition_refresh_ms: refresh, ..Policy::default() };
+        let mut eng = Engine::new(p);
+        let mut sim = Sim::new(4, 4);
+        let plans = sim.run(&mut eng, &set(&[]), rounds);
+        let end = rounds as i64 * 1000;
+        for i in 0..4 {
+            let times = write_times(&plans, 1_000, &format!("node-{i}"));
+            prop_assert_eq!(times[0], 1_000);
+            let last = *times.last().expect("a write");
+            prop_assert!(end - last < 2 * refresh, "{:?}", times);
+            for (k, w) in times.windows(2).enumerate() {
+                let gap = w[1] - w[0];
+                if k == 0 {
+                    // Written at the first step (1 s apart) at or after the phase point.
+                    prop_assert!(gap >= refresh - refresh / 10 && gap < 2 * refresh - refresh / 10 + 1_000, "{:?}", times);
+                } else {
+                    prop_assert_eq!(gap, refresh);
+                }
+            }
+        }
+    }
+
+    /// A node's refresh is due 0.9 to 1.9 periods after its last write, at its phase.
+    #[test]
+    fn refresh_is_due_within_one_to_two_periods(name in "[a-z0-9.-]{1,40}", last in 0i64..1 << 45, refresh in 1i64..1 << 30) {
+        let due = super::conditions::refresh_due_at(&name, last, refresh);
+        let earliest = last + refresh - refresh / 10;
+        prop_assert!(due >= earliest && due < earliest + refresh);
+        // The same phase whatever the last write.
+        prop_assert_eq!((due - super::conditions::refresh_due_at(&name, 0, refresh)).rem_euclid(refresh), 0);
+    }
 
     /// Degraded needs `degrade_windows` consecutive bad windows; Healthy after Degraded needs
     /// `recover_windows` consecutive good ones.

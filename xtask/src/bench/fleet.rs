@@ -3,7 +3,7 @@
 //! A private etcd + kube-apiserver (the cached v1.20.2 build) gets N Node objects (zones,
 //! instance types, InternalIPs); the release aggregator runs against it (its kube actuator writes
 //! to that apiserver, or dry-run); one process opens N gRPC `Report` streams, one per virtual
-//! agent, each sending a realistic `NodeSummary` once per second (five families, local scores,
+//! agent, each sending a realistic `NodeSummary` once per `--interval-ms` (five families, local scores,
 //! eight peers with RTT percentiles). Measured over a window after warm-up: ingest rate (the
 //! aggregator's own counter), send → Ack latency per summary, decision steps, the aggregator's CPU
 //! and RSS, and apiserver writes per minute (the aggregator's applied actions and the apiserver's
@@ -58,6 +58,18 @@ pub struct FleetArgs {
     /// runs once per value, in this order). Empty: the aggregator's default.
     #[arg(long, value_delimiter = ',')]
     pub write_concurrency: Vec<usize>,
+    /// Each virtual agent's report interval in ms (1000: 1 Hz; 5000: the 0.2 Hz of fleets past
+    /// 10,000 nodes).
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Aggregator binaries to compare, `label=path` (comma-separated; nothing is built): every
+    /// configuration runs once per binary, alternating, `--rounds` times. Default: the release
+    /// build of the working tree.
+    #[arg(long, value_delimiter = ',')]
+    pub aggregator: Vec<String>,
+    /// How many times each configuration runs (alternating the binaries of `--aggregator`).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 const P99_BUDGET_MS: f64 = 50.0;
@@ -81,13 +93,17 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
     };
     let warmup = Duration::from_secs(args.warmup_seconds.unwrap_or(if quick { 5 } else { 15 }));
     let window = Duration::from_secs(args.seconds.unwrap_or(if quick { 10 } else { 30 }));
-    let aggregator = aggregator_binary(&args.common)?;
+    let interval = Duration::from_millis(args.interval_ms.max(1));
+    let binaries = aggregator_binaries(args)?;
     k8s::ensure_apiserver()?;
     println!(
-        "fleet: {sizes:?} virtual agents at 1 Hz; warm-up {} s, measured {} s each; dry-run from {}",
+        "fleet: {sizes:?} virtual agents, one summary each per {} ms; warm-up {} s, measured {} s each; dry-run from {}; builds {:?}, {} round(s)",
+        interval.as_millis(),
         warmup.as_secs(),
         window.as_secs(),
-        args.dry_run_from
+        args.dry_run_from,
+        binaries.iter().map(|(label, _)| label.as_str()).collect::<Vec<_>>(),
+        args.rounds.max(1)
     );
     let mut rows = Vec::new();
     let mut out = Vec::new();
@@ -97,22 +113,40 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
     } else {
         args.write_concurrency.iter().copied().map(Some).collect()
     };
-    for (n, writes) in sizes.iter().flat_map(|&n| concurrencies.iter().map(move |&c| (n, c))) {
+    // Each configuration `rounds` times, alternating the binaries.
+    let rounds = args.rounds.max(1);
+    let mut runs = Vec::new();
+    for &n in &sizes {
+        for &c in &concurrencies {
+            for _ in 0..rounds {
+                runs.extend((0..binaries.len()).map(|b| (n, c, b)));
+            }
+        }
+    }
+    for (n, writes, b) in runs {
+        let (label, aggregator) = &binaries[b];
         let dry_run = n >= args.dry_run_from;
         let api = Apiserver::start()?;
         api.create_namespace("graywatch")?;
         let started = Instant::now();
         api.create_nodes(n)?;
         println!("  {n} Node objects created in {:.1} s", started.elapsed().as_secs_f64());
-        let agg = Aggregator::start(&aggregator, &api, dry_run, writes)?;
-        let m = measure(n, &agg, &api, warmup, window)?;
+        let agg = Aggregator::start(aggregator, &api, dry_run, writes)?;
+        let m = measure(n, &agg, &api, warmup, window, interval)?;
         let writes_per_min = m.actions as f64 / window.as_secs_f64() * 60.0;
         let api_writes_per_min = m.apiserver_writes as f64 / window.as_secs_f64() * 60.0;
-        if n == 10_000 {
+        // CPU per summary ingested (the decision steps included), and memory per node.
+        let cpu_us_per_summary = m.cpu_percent / 100.0 * 1e6 / m.ingest_per_s;
+        let rss_kib_per_node = m.rss_mib * 1024.0 / n as f64;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load: Vec<&str> = load.split_whitespace().take(3).collect();
+        if n == 10_000 && interval == Duration::from_secs(1) {
             met = Some(m.cpu_percent < 100.0 && m.p99_ms < P99_BUDGET_MS && m.ingest_per_s >= 0.95 * n as f64);
         }
-        rows.push(vec![
+        let row = vec![
+            label.clone(),
             format!("{n}{}", if dry_run { " (dry-run)" } else { "" }),
+            fmt(interval.as_secs_f64(), 1),
             writes.map_or_else(|| "default".to_owned(), |w| w.to_string()),
             fmt(m.ingest_per_s, 0),
             fmt(m.p50_ms, 2),
@@ -122,13 +156,23 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
             le(m.decision_p99_ms),
             le(m.step_p99_ms),
             fmt(m.cpu_percent, 1),
+            fmt(cpu_us_per_summary, 1),
+            fmt(m.simulator_cpu_percent, 1),
             fmt(m.rss_mib, 1),
             fmt(m.peak_rss_mib, 1),
+            fmt(rss_kib_per_node, 1),
             fmt(writes_per_min, 1),
             fmt(api_writes_per_min, 1),
             m.errors.to_string(),
-        ]);
+            load.join(" "),
+        ];
+        // As each run ends: a later run that fails keeps the earlier figures.
+        println!("  {}", row.join(" | "));
+        rows.push(row);
         out.push(json!({
+            "build": label, "aggregator": aggregator.display().to_string(), "interval_ms": interval.as_millis() as u64,
+            "load_average": load,
+            "aggregator_cpu_us_per_summary": finite(cpu_us_per_summary), "aggregator_rss_kib_per_node": finite(rss_kib_per_node),
             "nodes": n, "dry_run": dry_run, "max_concurrent_writes": writes,
             "decision_step_ms": {"p99": le_json(m.step_p99_ms)}, "seconds": window.as_secs(), "ingest_per_s": finite(m.ingest_per_s),
             "ack_latency_ms": {"p50": finite(m.p50_ms), "p99": finite(m.p99_ms), "samples": m.samples},
@@ -143,9 +187,11 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         drop(api);
     }
     print_table(
-        "Aggregator under N virtual agents at 1 Hz (send → Ack latency; measured window)",
+        "Aggregator under N virtual agents (send → Ack latency; measured window)",
         &[
+            "build",
             "agents",
+            "interval s",
             "writes in flight",
             "ingest/s",
             "p50 ms",
@@ -155,11 +201,15 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
             "p99 ms",
             "step p99 ms",
             "agg CPU % core",
+            "agg CPU µs/summary",
+            "sim CPU % core",
             "RSS MiB",
             "peak RSS MiB",
+            "RSS KiB/node",
             "agg writes/min",
             "apiserver writes/min",
             "stream errors",
+            "load 1/5/15",
         ],
         &rows,
     );
@@ -178,6 +228,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         quick,
         json!({
             "config": {"sizes": sizes, "warmup_seconds": warmup.as_secs(), "seconds": window.as_secs(),
+                       "interval_ms": interval.as_millis() as u64, "rounds": args.rounds.max(1),
                        "dry_run_from": args.dry_run_from, "peers_per_node": PEERS_PER_NODE,
                        "streams_per_connection": STREAMS_PER_CONNECTION},
             "runs": out,
@@ -185,6 +236,24 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         }),
     )?;
     Ok(())
+}
+
+/// The binaries to run, labelled: those of `--aggregator`, or the working tree's release build.
+fn aggregator_binaries(args: &FleetArgs) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    if args.aggregator.is_empty() {
+        return Ok(vec![("tree".to_owned(), aggregator_binary(&args.common)?)]);
+    }
+    args.aggregator
+        .iter()
+        .map(|spec| {
+            let (label, path) = spec.split_once('=').unwrap_or((spec.as_str(), spec.as_str()));
+            let path = PathBuf::from(path);
+            if !path.is_file() {
+                bail!("--aggregator {spec}: {} is not a file", path.display());
+            }
+            Ok((label.to_owned(), path))
+        })
+        .collect()
 }
 
 fn aggregator_binary(common: &CommonArgs) -> anyhow::Result<PathBuf> {
@@ -197,7 +266,7 @@ fn aggregator_binary(common: &CommonArgs) -> anyhow::Result<PathBuf> {
             "--bins",
         ]))?;
     }
-    let from = workspace_root().join("target/release/graywatch-aggregator");
+    let from = super::target_dir().join("release/graywatch-aggregator");
     if !from.is_file() {
         bail!(
             "{} is missing: build it with `cargo build --release -p graywatch-aggregator`",
@@ -374,7 +443,8 @@ impl Aggregator {
     /// The aggregator's /metrics as name{labels} → value, with sums per metric name too.
     fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let mut stream = TcpStream::connect_timeout(&self.http, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // A starved aggregator (10,000 streams on 2 shared cores) can take seconds to answer.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(stream, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.http)?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
@@ -502,6 +572,7 @@ fn measure(
     api: &Apiserver,
     warmup: Duration,
     window: Duration,
+    interval: Duration,
 ) -> anyhow::Result<Measured> {
     let sim = Arc::new(Sim::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -512,7 +583,7 @@ fn measure(
     let grpc = agg.grpc;
     let driver = {
         let sim = sim.clone();
-        runtime.spawn(async move { simulate(n, grpc, sim).await })
+        runtime.spawn(async move { simulate(n, grpc, interval, sim).await })
     };
     std::thread::sleep(warmup);
     let pid = agg.child.id();
@@ -599,7 +670,7 @@ fn measure(
 
 /// Opens `n` Report streams over n / `STREAMS_PER_CONNECTION` connections and runs every virtual
 /// agent until `sim.stop`.
-async fn simulate(n: usize, grpc: SocketAddr, sim: Arc<Sim>) -> anyhow::Result<()> {
+async fn simulate(n: usize, grpc: SocketAddr, interval: Duration, sim: Arc<Sim>) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?;
     let mut channels = Vec::new();
     for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
@@ -609,10 +680,11 @@ async fn simulate(n: usize, grpc: SocketAddr, sim: Arc<Sim>) -> anyhow::Result<(
     for i in 0..n {
         let channel = channels[i / STREAMS_PER_CONNECTION].clone();
         let sim = sim.clone();
-        // Spread the agents' phases over the second, as real agents started at different times.
-        let phase = Duration::from_micros((i as u64 * 1_000_000 / n as u64) % 1_000_000);
+        // Spread the agents' phases over the interval, as real agents started at different times.
+        let period = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let phase = Duration::from_micros((i as u64 * period / n as u64) % period);
         tasks.push(tokio::spawn(async move {
-            if let Err(error) = agent(i, n, channel, phase, &sim).await
+            if let Err(error) = agent(i, n, channel, phase, interval, &sim).await
                 && sim.errors.fetch_add(1, Ordering::Relaxed) < 3
             {
                 eprintln!("virtual agent {i}: {error:#}");
@@ -630,6 +702,7 @@ async fn agent(
     n: usize,
     channel: tonic::transport::Channel,
     phase: Duration,
+    interval: Duration,
     sim: &Sim,
 ) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel::<NodeSummary>(4);
@@ -638,14 +711,15 @@ async fn agent(
     let response = client.report(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
     let mut inbound = response.into_inner();
     let mut sent: HashMap<u64, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(interval);
     let mut seq = 0u64;
     while !sim.stop.load(Ordering::Relaxed) {
         tokio::select! {
             _ = tick.tick() => {
                 seq += 1;
                 sent.insert(seq, Instant::now());
-                tx.send(summary(i, n, seq)).await.context("stream closed")?;
+                let window_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+                tx.send(summary(i, n, seq, window_ms)).await.context("stream closed")?;
             }
             msg = inbound.message() => {
                 let Some(directive) = msg? else { bail!("the aggregator closed the stream") };
@@ -663,7 +737,7 @@ async fn agent(
 }
 
 /// A realistic healthy window: five families, local scores, eight peers with RTT figures.
-fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
+fn summary(i: usize, n: usize, seq: u64, window_ms: i64) -> NodeSummary {
     let now_ms = i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -683,7 +757,7 @@ fn summary(i: usize, n: usize, seq: u64) -> NodeSummary {
             .boot_id(&format!("boot-{i}"))
             .address(&node_ip(i))
             .agent_version("bench")
-            .window_ms(now_ms - 1000, now_ms),
+            .window_ms(now_ms - window_ms, now_ms),
         |r, (family, value, unit)| {
             r.family(*family, *value, unit, 1000)
                 .score(*family, 0.05 * jitter, "normal")
