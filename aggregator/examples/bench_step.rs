@@ -178,7 +178,7 @@ fn main() {
     println!(
         "decision step allocations (steady state): {count} ({:.1} per node), {:.1} MiB asked for",
         count as f64 / n as f64,
-        bytes as f64 / (1 << 20) as f64
+        bytes as f64 / f64::from(1 << 20)
     );
     let store = FleetStore::default();
     for (name, report) in &input.reports {
@@ -188,14 +188,14 @@ fn main() {
     println!(
         "fleet store snapshot: {count} allocations ({:.1} per node), {:.1} MiB",
         count as f64 / n as f64,
-        bytes as f64 / (1 << 20) as f64
+        bytes as f64 / f64::from(1 << 20)
     );
     drop(snapshot);
     let (book, count, bytes) = counted(|| graywatch_aggregator::cluster::peer_book_of(&input.nodes));
     println!(
         "peer book of the node views: {count} allocations ({:.1} per node), {:.1} MiB",
         count as f64 / n as f64,
-        bytes as f64 / (1 << 20) as f64
+        bytes as f64 / f64::from(1 << 20)
     );
     drop(book);
 

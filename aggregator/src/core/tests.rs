@@ -877,7 +877,7 @@ proptest! {
         let mut eng = Engine::new(p);
         let mut sim = Sim::new(4, 4);
         let plans = sim.run(&mut eng, &set(&[]), rounds);
-        let end = rounds as i64 * 1000;
+        let end = i64::try_from(rounds).expect("rounds < 700") * 1000;
         for i in 0..4 {
             let times = write_times(&plans, 1_000, &format!("node-{i}"));
             prop_assert_eq!(times[0], 1_000);

@@ -170,7 +170,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         println!("  {}", row.join(" | "));
         rows.push(row);
         out.push(json!({
-            "build": label, "aggregator": aggregator.display().to_string(), "interval_ms": interval.as_millis() as u64,
+            "build": label, "aggregator": aggregator.display().to_string(), "interval_ms": u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
             "load_average": load,
             "aggregator_cpu_us_per_summary": finite(cpu_us_per_summary), "aggregator_rss_kib_per_node": finite(rss_kib_per_node),
             "nodes": n, "dry_run": dry_run, "max_concurrent_writes": writes,
@@ -228,7 +228,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         quick,
         json!({
             "config": {"sizes": sizes, "warmup_seconds": warmup.as_secs(), "seconds": window.as_secs(),
-                       "interval_ms": interval.as_millis() as u64, "rounds": args.rounds.max(1),
+                       "interval_ms": u64::try_from(interval.as_millis()).unwrap_or(u64::MAX), "rounds": args.rounds.max(1),
                        "dry_run_from": args.dry_run_from, "peers_per_node": PEERS_PER_NODE,
                        "streams_per_connection": STREAMS_PER_CONNECTION},
             "runs": out,
