@@ -58,6 +58,37 @@ pub struct DemoResult {
     pub recovery: Option<Duration>,
     /// One document per scenario run (see [`scenarios::run_matrix`]).
     pub scenarios: Vec<serde_json::Value>,
+    /// What the aggregator did during the clean baseline, before any fault: a false alarm each.
+    pub baseline_alarms: Vec<String>,
+    /// Nodes × baseline hours: the denominator of false alarms per node-hour.
+    pub baseline_node_hours: f64,
+}
+
+/// Event reasons that are an alarm: a detection, an action, or an action held back. Seen before
+/// any fault is injected, each is a false alarm.
+const ALARM_REASONS: [&str; 6] = [
+    "GrayFailureDetected",
+    "GrayFailureTaint",
+    "ActionSuppressed",
+    "UncorroboratedVantage",
+    "NodeClaimReplaced",
+    "NetworkingFault",
+];
+
+/// Our alarm Events so far (each repetition the apiserver folded into one Event counts).
+async fn alarm_events(events: &Api<Event>) -> anyhow::Result<Vec<String>> {
+    let mut alarms = Vec::new();
+    for event in events.list(&ListParams::default()).await? {
+        let reason = event.reason.clone().unwrap_or_default();
+        if !ALARM_REASONS.contains(&reason.as_str()) {
+            continue;
+        }
+        let object = event.involved_object.name.clone().unwrap_or_default();
+        let message = event.message.clone().unwrap_or_default();
+        let repeats = usize::try_from(event.count.unwrap_or(1).max(1)).unwrap_or(1);
+        alarms.extend(std::iter::repeat_n(format!("{reason} on {object}: {message}"), repeats));
+    }
+    Ok(alarms)
 }
 
 /// Child processes killed (and reaped) on drop.
@@ -421,6 +452,17 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         );
     }
 
+    let baseline_alarms = alarm_events(&events_api).await?;
+    let baseline_node_hours = bench.nodes.len() as f64 * options.baseline.as_secs_f64() / 3600.0;
+    println!(
+        "  baseline: {} false alarm(s) over {:.2} node-hours",
+        baseline_alarms.len(),
+        baseline_node_hours
+    );
+    for alarm in &baseline_alarms {
+        println!("    FALSE ALARM {alarm}");
+    }
+
     let zones: Vec<&'static str> = (0..bench.nodes.len())
         .map(|i| ZONES[i * ZONES.len() / bench.nodes.len()])
         .collect();
@@ -468,6 +510,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         print_new_events(&events_api, &mut seen_events).await?;
         return Ok(DemoResult {
             scenarios: results?,
+            baseline_alarms,
+            baseline_node_hours,
             ..DemoResult::default()
         });
     }
@@ -488,7 +532,11 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     );
     let fault = LinkEmulator::start(&target_node.netns, target_node.ipv4, "eth0", &peers, options.fault)?;
     let injected = Instant::now();
-    let mut result = DemoResult::default();
+    let mut result = DemoResult {
+        baseline_alarms,
+        baseline_node_hours,
+        ..DemoResult::default()
+    };
     let mut last_print = Instant::now();
     while injected.elapsed() < options.max_wait
         && (result.fault_to_condition.is_none() || result.fault_to_taint.is_none())

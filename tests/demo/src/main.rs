@@ -81,6 +81,7 @@ async fn main() -> ExitCode {
             // The bench reads the `scenario_result=` lines; a missed scenario is a finding it
             // reports, not a failure of this program.
             println!("\nresults: {} scenario run(s)", result.scenarios.len());
+            print_baseline(&result);
             ExitCode::SUCCESS
         }
         Ok(result) => {
@@ -89,6 +90,7 @@ async fn main() -> ExitCode {
             println!("fault_to_condition_seconds={}", secs(result.fault_to_condition));
             println!("fault_to_taint_seconds={}", secs(result.fault_to_taint));
             println!("recovery_seconds={}", secs(result.recovery));
+            print_baseline(&result);
             if result.fault_to_condition.is_some() && result.fault_to_taint.is_some() && result.recovery.is_some() {
                 ExitCode::SUCCESS
             } else {
@@ -100,5 +102,18 @@ async fn main() -> ExitCode {
             eprintln!("graywatch-demo: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The clean run before the fault: false alarms and their rate per node-hour.
+fn print_baseline(result: &graywatch_demo::DemoResult) {
+    let alarms = result.baseline_alarms.len();
+    println!("baseline_false_alarms={alarms}");
+    println!("baseline_node_hours={:.3}", result.baseline_node_hours);
+    if result.baseline_node_hours > 0.0 {
+        println!(
+            "false_alarms_per_node_hour={:.2}",
+            alarms as f64 / result.baseline_node_hours
+        );
     }
 }
