@@ -391,6 +391,8 @@ pub struct IngestService {
     pub gate: crate::gate::Gate,
     pub metrics: Arc<Metrics>,
     pub max_peers: usize,
+    /// One permit per stream paging the peer book (`ingest.max_streams_paging_book`).
+    pub book_pagers: Arc<tokio::sync::Semaphore>,
     /// Ends every open stream (UNAVAILABLE, "shutting down") so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -402,6 +404,16 @@ pub fn now_ms() -> Millis {
 }
 
 type DirectiveStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send>>;
+
+/// A stream's wait for a book-paging slot, kept across loop turns so it keeps its place in the
+/// semaphore's queue (which is FIFO) while the stream goes on acking summaries.
+type PagerSlot =
+    Pin<Box<dyn Future<Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
+
+/// Longest a page may wait for room on a stream. An agent that reads no directive for this long
+/// while it is owed the book would hold a paging slot from every other agent: its stream is
+/// closed instead (it reconnects).
+const BOOK_PAGE_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
@@ -421,24 +433,27 @@ impl Ingest for IngestService {
             // The book this stream last sent (shared with the published one): the next change
             // is paged as a diff from it; `None` until the first, which resets the agent's.
             let mut sent: Option<Arc<crate::book::Book>> = None;
+            // Set while the book changed and this stream waits for a paging slot; the changes
+            // that arrive meanwhile fold into the one diff paged once the slot is granted.
+            let mut slot: Option<PagerSlot> = None;
             loop {
                 let msg = tokio::select! {
                     () = this.shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("aggregator shutting down; reconnect"))).await;
                         return;
                     }
-                    Ok(()) = books.changed() => {
+                    Ok(()) = books.changed(), if slot.is_none() => {
+                        slot = Some(Box::pin(this.book_pagers.clone().acquire_owned()));
+                        continue;
+                    }
+                    permit = async { slot.as_mut().expect("polled only while waiting").await }, if slot.is_some() => {
+                        slot = None;
+                        // The semaphore is never closed.
+                        let Ok(_permit) = permit else { return };
                         let book = books.borrow_and_update().clone();
                         if let Some(book) = book {
-                            // One page at a time: the channel's bound holds back the rest.
-                            for page in crate::book::Pages::new(sent.as_deref(), &book) {
-                                let directive = Directive {
-                                    protocol_version: PROTOCOL_VERSION,
-                                    kind: Some(directive::Kind::PeerBookDelta(page)),
-                                };
-                                if tx.send(Ok(directive)).await.is_err() {
-                                    return;
-                                }
+                            if !page_book(&tx, sent.as_deref(), &book, node.as_deref()).await {
+                                return;
                             }
                             sent = Some(book);
                         }
@@ -511,6 +526,36 @@ impl Ingest for IngestService {
         let out = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(out) as DirectiveStream))
     }
+}
+
+/// Pages the diff from `sent` to `book` onto a stream, one page at a time (the channel's bound
+/// holds back the rest). False when the stream is gone or its agent reads no directive for
+/// [`BOOK_PAGE_SEND_TIMEOUT`] (the stream is then closed: it would hold its paging slot).
+async fn page_book(
+    tx: &mpsc::Sender<Result<Directive, Status>>,
+    sent: Option<&crate::book::Book>,
+    book: &crate::book::Book,
+    node: Option<&str>,
+) -> bool {
+    for page in crate::book::Pages::new(sent, book) {
+        let directive = Directive {
+            protocol_version: PROTOCOL_VERSION,
+            kind: Some(directive::Kind::PeerBookDelta(page)),
+        };
+        match tokio::time::timeout(BOOK_PAGE_SEND_TIMEOUT, tx.send(Ok(directive))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                tracing::warn!(
+                    node = node.unwrap_or("?"),
+                    timeout_s = BOOK_PAGE_SEND_TIMEOUT.as_secs(),
+                    "the agent read no directive while owed the peer book: closing its stream (it reconnects)"
+                );
+                return false;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]

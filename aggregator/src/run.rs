@@ -126,6 +126,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         gate: gate.clone(),
         metrics: metrics.clone(),
         max_peers: cfg.ingest.max_peers,
+        book_pagers: Arc::new(tokio::sync::Semaphore::new(cfg.ingest.max_streams_paging_book)),
         shutdown: shutdown.clone(),
     };
     let mut grpc_server = grpc_server(&cfg.security)?;
