@@ -51,6 +51,10 @@ impl Default for SignalScorerConfig {
                 // must still score (one alarm per event is the aggregator's job: it acts on
                 // consecutive bad windows and announces transitions only). Costs 1.4 NAB points.
                 refractory_factor: 1.0,
+                // Ready with the rest of the pipeline (`warmup`: 30 samples, 30 s) rather than
+                // after gray's own 50: a fault that starts between the two would be learned as
+                // the baseline (an agent restarted 44 s before a memory thrash never flagged it).
+                warmup: 30,
                 ..GrayDetectorConfig::default()
             },
             robust: RobustZConfig {

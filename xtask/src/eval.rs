@@ -41,7 +41,7 @@ struct NabArgs {
         reason = "clap: absent, `--reference` alone, or `--reference DIR`"
     )]
     reference: Option<Option<PathBuf>>,
-    /// Also write {"<detector>": {"standard": x, "`reward_low_FP"`: y, "`reward_low_FN"`: z}} here.
+    /// Also write `{"<detector>": {"standard": x, "reward_low_FP": y, "reward_low_FN": z}}` here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// JSON overriding fields of the detectors' default configs, nested objects merged field by

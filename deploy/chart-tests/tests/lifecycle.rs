@@ -464,10 +464,12 @@ fn pod_memory_bytes(uid: &str) -> Option<u64> {
     None
 }
 
-/// Values for a one-node cluster, written once next to the test's other files.
+/// Values for a one-node cluster, written once next to the test's other files. One node has no
+/// peer group and no vantage: its own detector is all the evidence there is, so it gets full
+/// weight (at 0.9, a local score under 0.89 could never reach `min_action_confidence` 0.8).
 fn single_node_values() -> PathBuf {
     let path = std::env::temp_dir().join(format!("graywatch-lifecycle-{}-values.yaml", std::process::id()));
-    std::fs::write(&path, "extraPolicy:\n  weight_local: 0.9\n").expect("write values");
+    std::fs::write(&path, "extraPolicy:\n  weight_local: 1.0\n").expect("write values");
     path
 }
 
