@@ -60,6 +60,17 @@ fn page_of(d: &Directive) -> Option<&graywatch_proto::v1::PeerBookDelta> {
     }
 }
 
+/// Reads `stream` to its end: whether the last book page it held said more was to come.
+async fn last_page_says_more(stream: &mut Streaming<Directive>) -> bool {
+    let mut more = true;
+    while let Ok(Some(d)) = stream.message().await {
+        if let Some(page) = page_of(&d) {
+            more = page.more;
+        }
+    }
+    more
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_page_the_book_in_turn_and_a_stalled_one_gives_its_turn_up() -> anyhow::Result<()> {
     let Some(cluster) = Cluster::start(N, 3).await? else {
@@ -164,13 +175,10 @@ async fn streams_page_the_book_in_turn_and_a_stalled_one_gives_its_turn_up() -> 
     }
     // What the stalled agent still gets is what was buffered before its stream was closed: never
     // the end of the book.
-    let mut last_more = true;
-    while let Ok(Some(d)) = stalled.message().await {
-        if let Some(page) = page_of(&d) {
-            last_more = page.more;
-        }
-    }
-    assert!(last_more, "the stalled stream was cut off before the last page");
+    assert!(
+        last_page_says_more(&mut stalled).await,
+        "the stalled stream was cut off before the last page"
+    );
     for (tx, task) in feeders {
         drop(tx);
         task.abort();
