@@ -402,6 +402,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         aggregator.arg("--config").arg(config);
     }
     processes.spawn("aggregator", &mut aggregator, &logs.join("aggregator.log"))?;
+    // Each agent's /metrics tells when its detectors are warm (a family's local score appears).
+    let agent_metrics_ports: Vec<u16> = names.iter().map(|_| free_port()).collect::<Result<_, _>>()?;
     for (i, name) in names.iter().enumerate() {
         let mut agent = Command::new(options.bin_dir.join("graywatch-agent"));
         agent
@@ -411,7 +413,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
                 "--interval",
                 "1s",
                 "--listen",
-                "off",
+                &format!("127.0.0.1:{}", agent_metrics_ports[i]),
                 "--kube",
                 "off",
             ])
@@ -438,22 +440,46 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         5,
         STEPS,
         &format!(
-            "learning the baseline for {}s (detectors warm up on normal traffic)",
+            "learning the baseline for {}s, and until every agent's detectors are warm",
             options.baseline.as_secs()
         ),
     );
-    let baseline_until = Instant::now() + options.baseline;
-    while Instant::now() < baseline_until {
+    // A fault injected while a detector still learns its baseline is learned as normal: the
+    // fault waits for the warm-up, however slowly the agents started.
+    let baseline_started = Instant::now();
+    let baseline_until = baseline_started + options.baseline;
+    let warm_limit = baseline_until + WARM_UP_LIMIT;
+    let mut cold = cold_agents(&names, &agent_metrics_ports).await;
+    let mut last_print = Instant::now();
+    while Instant::now() < baseline_until || !cold.is_empty() {
         processes.check(&logs)?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        print_view(
-            started.elapsed(),
-            &node_views(&nodes_api, policy_prefix, taint_key).await?,
-        );
+        if Instant::now() > warm_limit {
+            bail!(
+                "agents still warming up {}s after they started: {}",
+                baseline_started.elapsed().as_secs(),
+                cold.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(if cold.is_empty() { 5 } else { 1 })).await;
+        let was_cold = !cold.is_empty();
+        cold = cold_agents(&names, &agent_metrics_ports).await;
+        if was_cold && cold.is_empty() {
+            println!(
+                "  every agent's detectors are warm ({:.0}s after the agents started)",
+                baseline_started.elapsed().as_secs_f64()
+            );
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            print_view(
+                started.elapsed(),
+                &node_views(&nodes_api, policy_prefix, taint_key).await?,
+            );
+        }
     }
 
     let baseline_alarms = alarm_events(&events_api).await?;
-    let baseline_node_hours = bench.nodes.len() as f64 * options.baseline.as_secs_f64() / 3600.0;
+    let baseline_node_hours = bench.nodes.len() as f64 * baseline_started.elapsed().as_secs_f64() / 3600.0;
     println!(
         "  baseline: {} false alarm(s) over {:.2} node-hours",
         baseline_alarms.len(),
@@ -620,6 +646,49 @@ fn wait_for_listeners(bench: &Bench, limit: Duration) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The families every demo agent scores from its node's traffic and cgroup (steal is the
+/// hypervisor's, and not every VM has it).
+const WARM_FAMILIES: [&str; 4] = ["NetworkLatency", "PacketLoss", "CpuContention", "MemoryPressure"];
+
+/// How long past the baseline the demo waits for the agents' detectors to warm up.
+const WARM_UP_LIMIT: Duration = Duration::from_mins(2);
+
+/// The agents whose detectors are still warming up, each with the families that have no local
+/// score yet (or why its metrics could not be read).
+async fn cold_agents(names: &[String], metrics_ports: &[u16]) -> Vec<String> {
+    let mut cold = Vec::new();
+    for (name, port) in names.iter().zip(metrics_ports) {
+        match http_get_local(*port, "/metrics").await {
+            Ok(text) => {
+                let missing: Vec<&str> = WARM_FAMILIES
+                    .into_iter()
+                    .filter(|family| {
+                        let series = format!("graywatch_local_score{{family=\"{family}\"}}");
+                        !text.lines().any(|l| l.starts_with(&series))
+                    })
+                    .collect();
+                if !missing.is_empty() {
+                    cold.push(format!("{name}: no local score yet for {}", missing.join(", ")));
+                }
+            }
+            Err(error) => cold.push(format!("{name}: metrics unreadable ({error:#})")),
+        }
+    }
+    cold
+}
+
+/// The body of a plain HTTP GET to `127.0.0.1:port`.
+pub(crate) async fn http_get_local(port: u16, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -271,12 +271,17 @@ impl Cluster<'_> {
                         "/var/tmp/graywatch-demo-thrash-{}-{t}.dat",
                         std::process::id()
                     )));
-                    // 200 MiB of anonymous memory kept resident, and a 128 MiB file re-read
-                    // through the rest of a 256 MiB limit: every pass evicts and refaults.
+                    // 220 MiB of anonymous memory kept resident (no swap: it cannot be
+                    // reclaimed), and four readers re-reading a 64 MiB file through the ~36 MiB
+                    // left under the 256 MiB limit: the file's pages are the working set, so
+                    // each refault is a workingset refault, which the kernel counts as a memory
+                    // stall. Measured on a hybrid-cgroup host: memory PSI some 12–23 % (one
+                    // reader of a 128 MiB file, the earlier load: 0.2 %, which is no pressure).
                     let script = format!(
-                        "stress-ng --vm 1 --vm-bytes 200M --vm-keep --quiet & \
-                         dd if=/dev/zero of={f} bs=1M count=128 status=none; \
-                         while :; do cat {f} > /dev/null; done",
+                        "stress-ng --vm 1 --vm-bytes 220M --vm-keep --quiet & \
+                         dd if=/dev/zero of={f} bs=1M count=64 status=none; \
+                         for reader in 1 2 3 4; do \
+                         (while :; do cat {f} > /dev/null; done) & done; wait",
                         f = file.0.display()
                     );
                     let child = cgroup.spawn(Command::new("sh").args(["-c", &script]))?;
@@ -299,14 +304,9 @@ impl Cluster<'_> {
 
     /// Whether a group verdict is in force, from the aggregator's metrics.
     async fn verdict(&self) -> anyhow::Result<bool> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.aggregator_http)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        text.lines()
+        crate::http_get_local(self.aggregator_http, "/metrics")
+            .await?
+            .lines()
             .find_map(|l| l.strip_prefix("graywatch_aggregator_verdicts "))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|v| v > 0.0)
