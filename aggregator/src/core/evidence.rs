@@ -166,6 +166,11 @@ pub struct VantageEvidence {
     /// The target's own measurements towards everyone sit far above the fleet's (its own link is
     /// slow; TCP RTT and retransmits are seen by both ends of a connection).
     pub own_link_slow: bool,
+    /// The peers (sorted) whose links alone explain what the target sees and what is seen of it:
+    /// it flags at most a third of its peers, and only those flag it. Empty when the evidence is
+    /// not link-shaped. Both ends of a broken link see the same figures (TCP measures the round
+    /// trip), so which end is at fault cannot be told; neither node is to blame.
+    pub link_partners: Vec<String>,
 }
 
 impl VantageEvidence {
@@ -198,7 +203,7 @@ fn vantage_floor(family: Family) -> f64 {
 fn peer_figure(family: Family, p: &super::model::PeerObservation) -> Option<f64> {
     match family {
         Family::NetworkLatency if p.rtt_samples > 0 && p.rtt_p99_us.is_finite() => Some(p.rtt_p99_us),
-        Family::PacketLoss if p.segments_out > 0 => Some(p.retrans_pct()),
+        Family::PacketLoss if p.segments_out > 0 || p.retransmits > 0 => Some(p.retrans_pct()),
         _ => None,
     }
 }
@@ -249,6 +254,8 @@ pub fn vantage<'a>(
     let fleet_base = median(&mut bases);
     let mut tally = vec![VantageEvidence::default(); book.names.len()];
     let mut flagged_sets: Vec<Vec<usize>> = vec![Vec::new(); book.names.len()];
+    // What each reliable observer flags, and how many targets it measured.
+    let mut flags_of: Vec<Option<(Vec<usize>, usize)>> = vec![None; book.names.len()];
     let reporting: Vec<bool> = {
         let mut r = vec![false; book.names.len()];
         for o in &observers {
@@ -264,14 +271,17 @@ pub fn vantage<'a>(
             tally[o.id].own_link_slow = true;
             continue;
         }
+        let mut flags = Vec::new();
         for (target, v) in &o.per_target {
             let e = &mut tally[*target];
             e.observers += 1;
             if *v >= base * ratio && *v - base >= vantage_floor(family) {
                 e.flagged += 1;
                 flagged_sets[*target].push(o.id);
+                flags.push(*target);
             }
         }
+        flags_of[o.id] = Some((flags, o.per_target.len()));
     }
     for o in &observers {
         let e = &mut tally[o.id];
@@ -282,11 +292,21 @@ pub fn vantage<'a>(
             .filter(|f| partners.binary_search(f).is_ok())
             .count();
     }
+    for (id, flags) in flags_of.iter().enumerate() {
+        let Some((flags, measured)) = flags else { continue };
+        // Link-shaped: a few of its links look bad from its end, and the only nodes that see it
+        // bad are at the other end of those links (flags is sorted: per_target is).
+        let few = !flags.is_empty() && 3 * flags.len() <= *measured;
+        if few && flagged_sets[id].iter().all(|o| flags.binary_search(o).is_ok()) {
+            tally[id].link_partners = flags.iter().map(|t| book.names[*t].clone()).collect();
+            tally[id].link_partners.sort();
+        }
+    }
     tally
         .into_iter()
         .zip(flagged_sets)
         .enumerate()
-        .filter(|(_, (e, _))| e.observers > 0 || e.own_link_slow)
+        .filter(|(_, (e, _))| e.observers > 0 || e.own_link_slow || !e.link_partners.is_empty())
         .map(|(id, (mut e, flagged))| {
             let mut names: Vec<String> = flagged.into_iter().map(|f| book.names[f].clone()).collect();
             names.sort();
@@ -411,7 +431,74 @@ mod tests {
         for i in 1..=4 {
             assert_eq!(v[&format!("n{i}")].flagged, 0, "n{i}");
             assert!(!v[&format!("n{i}")].own_link_slow, "n{i}");
+            // What each healthy node sees is its link to n5, not itself.
+            assert_eq!(v[&format!("n{i}")].link_partners, ["n5"], "n{i}");
         }
+        assert!(v["n5"].link_partners.is_empty(), "the slow node is no link fault");
+    }
+
+    /// n1 ↔ n2 broken (each sees the other slow), everything else fine: both ends are
+    /// link-explained, by each other; nobody else is.
+    #[test]
+    fn one_broken_link_blames_the_link_not_either_end() {
+        let nodes: Vec<NodeView> = (1..=5).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        let mut reports = BTreeMap::new();
+        for i in 1..=5u8 {
+            let t: Vec<(u8, f64)> = (1..=5u8)
+                .filter(|j| *j != i)
+                .map(|j| {
+                    (
+                        j,
+                        if (i, j) == (1, 2) || (i, j) == (2, 1) {
+                            5000.0
+                        } else {
+                            300.0
+                        },
+                    )
+                })
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        let v = vantage(
+            Family::NetworkLatency,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(v["n1"].link_partners, ["n2"]);
+        assert_eq!(v["n2"].link_partners, ["n1"]);
+        assert_eq!((v["n1"].flagged, v["n2"].flagged), (1, 1));
+        for i in 3..=5 {
+            assert!(v[&format!("n{i}")].link_partners.is_empty(), "n{i}");
+        }
+    }
+
+    /// A node slow towards 3 of its 8 peers, and flagged by them: more than a third of its
+    /// links, so the node, not its links.
+    #[test]
+    fn many_bad_links_are_the_node() {
+        let nodes: Vec<NodeView> = (1..=9).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        let slow = |i: u8, j: u8| (i == 1 && (2..=4).contains(&j)) || (j == 1 && (2..=4).contains(&i));
+        let mut reports = BTreeMap::new();
+        for i in 1..=9u8 {
+            let t: Vec<(u8, f64)> = (1..=9u8)
+                .filter(|j| *j != i)
+                .map(|j| (j, if slow(i, j) { 5000.0 } else { 300.0 }))
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        let v = vantage(
+            Family::NetworkLatency,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(v["n1"].flagged_by, ["n2", "n3", "n4"]);
+        assert!(v["n1"].link_partners.is_empty(), "{:?}", v["n1"]);
+        // Each of n2..n4 has one bad link out of 8, to n1: that one is link-shaped.
+        assert_eq!(v["n2"].link_partners, ["n1"]);
     }
 
     /// n1..n3 lie about n9 (20 ms towards it, 300 µs towards the rest); n4..n8 are honest and
