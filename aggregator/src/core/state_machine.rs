@@ -100,7 +100,8 @@ pub struct FamilyState {
     /// broken link is acted on, since which end is at fault cannot be told. Such a family is
     /// Suspect at most.
     pub link: Vec<String>,
-    /// Consecutive windows in which both ends of a link blamed it.
+    /// Windows in which both ends of a link blamed it, counted up (to twice `degrade_windows`)
+    /// and worn down by one per window without that evidence.
     pub link_streak: u32,
 }
 
@@ -467,6 +468,31 @@ fn peer_evidence(f: Family, figure: f64, view: &NodeView, ev: &Evidence, p: &Pol
     evidence::ramp(z, p.peer_z_low, p.peer_z_high)
 }
 
+/// The links this family blames after this window, given the peers that blame their link to
+/// this node back in it. A broken link is measured only when traffic crosses it (a blackholed
+/// connection retransmits ever more rarely): windows without the evidence wear the streak down
+/// one at a time instead of resetting it, so the link stays reported through the quiet ones.
+fn link_streak(fs: &mut FamilyState, mutual: Vec<String>, p: &Policy) -> Vec<String> {
+    if mutual.is_empty() {
+        fs.link_streak = fs.link_streak.saturating_sub(1);
+        if fs.link_streak == 0 {
+            Vec::new()
+        } else {
+            fs.link.clone()
+        }
+    } else {
+        fs.link_streak = fs
+            .link_streak
+            .saturating_add(1)
+            .min(p.degrade_windows.saturating_mul(2));
+        if fs.link_streak >= p.degrade_windows {
+            mutual
+        } else {
+            fs.link.clone()
+        }
+    }
+}
+
 /// The peers in `link` whose own evidence blames their link to `name` in turn.
 fn blamed_back(ev: &Evidence, f: Family, name: &str, link: &[String]) -> Vec<String> {
     let of_family = ev.vantage.get(&f);
@@ -569,16 +595,7 @@ fn score_family(
     let mutual = blamed_back(ev, f, name, link);
     advance(fs, if link_shaped { 0.0 } else { conf }, p);
     fs.confidence = conf;
-    fs.link_streak = if mutual.is_empty() {
-        0
-    } else {
-        fs.link_streak.saturating_add(1)
-    };
-    let blamed = if fs.link_streak >= p.degrade_windows {
-        mutual
-    } else {
-        Vec::new()
-    };
+    let blamed = link_streak(fs, mutual, p);
     if link_shaped {
         detail.push(format!(
             "explained by its link to {}: only that link looks degraded, no action",
