@@ -100,6 +100,9 @@ pub struct FamilyState {
     /// broken link is acted on, since which end is at fault cannot be told. Such a family is
     /// Suspect at most.
     pub link: Vec<String>,
+    /// The peers that blamed their link to this node back in the last window with such
+    /// evidence (to tell the same link from a different one each window).
+    pub link_candidates: Vec<String>,
     /// Windows in which both ends of a link blamed it, counted up (to twice `degrade_windows`)
     /// and worn down by one per window without that evidence.
     pub link_streak: u32,
@@ -117,6 +120,7 @@ impl FamilyState {
             unknown_reason: UnknownReason::NoReport,
             uncorroborated: Vec::new(),
             link: Vec::new(),
+            link_candidates: Vec::new(),
             link_streak: 0,
         }
     }
@@ -468,29 +472,38 @@ fn peer_evidence(f: Family, figure: f64, view: &NodeView, ev: &Evidence, p: &Pol
     evidence::ramp(z, p.peer_z_low, p.peer_z_high)
 }
 
-/// The links this family blames after this window, given the peers that blame their link to
-/// this node back in it. A broken link is measured only when traffic crosses it (a blackholed
-/// connection retransmits ever more rarely): windows without the evidence wear the streak down
-/// one at a time instead of resetting it, so the link stays reported through the quiet ones.
-fn link_streak(fs: &mut FamilyState, mutual: Vec<String>, p: &Policy) -> Vec<String> {
+/// Judges this window's link evidence: the peers that blame their link to this node back
+/// (`mutual`). Returns the links the family blames after this window, and whether this window's
+/// figures are explained by a link: the same peer blamed back two windows in a row, or a link
+/// already blamed. A node that is weakly bad towards everyone has a different peer stand out in
+/// each window; a broken link is the same peer every time. A broken link is measured only when
+/// traffic crosses it (a blackholed connection retransmits ever more rarely): windows without
+/// the evidence wear the streak down one at a time instead of resetting it.
+fn judge_link(fs: &mut FamilyState, mutual: Vec<String>, p: &Policy) -> (Vec<String>, bool) {
     if mutual.is_empty() {
         fs.link_streak = fs.link_streak.saturating_sub(1);
         if fs.link_streak == 0 {
-            Vec::new()
-        } else {
-            fs.link.clone()
+            fs.link_candidates.clear();
+            return (Vec::new(), false);
         }
-    } else {
-        fs.link_streak = fs
-            .link_streak
-            .saturating_add(1)
-            .min(p.degrade_windows.saturating_mul(2));
-        if fs.link_streak >= p.degrade_windows {
-            mutual
-        } else {
-            fs.link.clone()
-        }
+        return (fs.link.clone(), false);
     }
+    let again = mutual.iter().any(|peer| fs.link_candidates.contains(peer));
+    fs.link_streak = if again {
+        fs.link_streak
+            .saturating_add(1)
+            .min(p.degrade_windows.saturating_mul(2))
+    } else {
+        1
+    };
+    let explained = again || !fs.link.is_empty();
+    fs.link_candidates.clone_from(&mutual);
+    let blamed = if fs.link_streak >= p.degrade_windows {
+        mutual
+    } else {
+        fs.link.clone()
+    };
+    (blamed, explained)
 }
 
 /// The peers in `link` whose own evidence blames their link to `name` in turn.
@@ -592,11 +605,11 @@ fn score_family(
     // for `degrade_windows` windows in a row; a healthy node's link to a slow node is the slow
     // node's story, told on that node.
     let link_shaped = !link.is_empty();
-    let mutual = blamed_back(ev, f, name, link);
-    advance(fs, if link_shaped { 0.0 } else { conf }, p);
+    let (blamed, explained) = judge_link(fs, blamed_back(ev, f, name, link), p);
+    let explained = link_shaped && explained;
+    advance(fs, if explained { 0.0 } else { conf }, p);
     fs.confidence = conf;
-    let blamed = link_streak(fs, mutual, p);
-    if link_shaped {
+    if explained {
         detail.push(format!(
             "explained by its link to {}: only that link looks degraded, no action",
             link.join(", ")
@@ -607,7 +620,7 @@ fn score_family(
     }
     fs.detail = format!("confidence {}: {}", fmt_num(conf), detail.join("; "));
     let alone: Vec<String> = match observers_alone {
-        Some(v) if !link_shaped && raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => {
+        Some(v) if !explained && raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => {
             v.flagged_by.clone()
         }
         _ => Vec::new(),

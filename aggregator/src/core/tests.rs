@@ -829,24 +829,7 @@ fn a_broken_link_acts_on_neither_end() {
         sim.run(&mut eng, &set(&[]), 3);
         for _ in 0..8 {
             sim.round(&BTreeSet::new(), |_| true);
-            for (end, other) in [(1, 2), (2, 1)] {
-                let r = sim
-                    .input
-                    .reports
-                    .get_mut(&format!("node-{end}"))
-                    .map(std::sync::Arc::make_mut)
-                    .expect("report");
-                for peer in r.peers.iter_mut().filter(|peer| peer.addr == ip(other)) {
-                    peer.rtt_p99_us = 8000.0;
-                    peer.retransmits = 60;
-                }
-                r.figures.insert(Family::NetworkLatency, 8000.0);
-                r.figures.insert(Family::PacketLoss, 6.0);
-                r.local = BTreeMap::from([
-                    (Family::NetworkLatency, (1.0, format!("rtt p99 to node-{other}"))),
-                    (Family::PacketLoss, (1.0, format!("retransmits to node-{other}"))),
-                ]);
-            }
+            break_link(&mut sim, 1, 2);
             let plan = eng.step(&sim.input);
             sim.apply(&plan);
             for end in [1, 2] {
@@ -872,6 +855,47 @@ fn a_broken_link_acts_on_neither_end() {
         assert_eq!(plan.degraded_links, [("node-1".to_string(), "node-2".to_string())]);
         assert!(eng.verdicts().is_empty());
     }
+}
+
+/// Breaks the link between `end` and `other` in this round's reports (both directions), with
+/// both ends' detectors firing.
+fn break_link(sim: &mut Sim, a: usize, b: usize) {
+    for (end, other) in [(a, b), (b, a)] {
+        let r = sim
+            .input
+            .reports
+            .get_mut(&format!("node-{end}"))
+            .map(std::sync::Arc::make_mut)
+            .expect("report");
+        for peer in r.peers.iter_mut().filter(|peer| peer.addr == ip(other)) {
+            peer.rtt_p99_us = 8000.0;
+            peer.retransmits = 60;
+        }
+        r.figures.insert(Family::NetworkLatency, 8000.0);
+        r.figures.insert(Family::PacketLoss, 6.0);
+        r.local = BTreeMap::from([
+            (Family::NetworkLatency, (1.0, format!("rtt p99 to node-{other}"))),
+            (Family::PacketLoss, (1.0, format!("retransmits to node-{other}"))),
+        ]);
+    }
+}
+
+/// node-1 weakly bad towards everyone: in each window a different one of its links stands out
+/// from both ends. That is no broken link (a link is the same peer every window): Degraded.
+#[test]
+fn a_different_link_every_window_is_the_node() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(10, 5);
+    sim.run(&mut eng, &set(&[]), 3);
+    for round in 0..8 {
+        sim.round(&BTreeSet::new(), |_| true);
+        break_link(&mut sim, 1, 2 + round % 7);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+    }
+    assert_eq!(sim.overall(&p, 1), Some(CondStatus::False));
+    assert_eq!(sim.count("LinkDegraded"), 0, "{:?}", sim.events);
 }
 
 #[test]
@@ -969,7 +993,7 @@ proptest! {
     /// `recover_windows` consecutive good ones.
     #[test]
     fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
-        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), link: Vec::new(), link_streak: 0 };
+        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), link: Vec::new(), link_candidates: Vec::new(), link_streak: 0 };
         let mut bad_run = 0u32;
         let mut good_run = 0u32;
         for c in confs {

@@ -84,8 +84,10 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
 #[test]
 fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
     let expected: [(&str, &[&str]); 3] = [
-        ("memory-pressure", &["MemoryPressureHealthy"]),
+        // Run-queue first: the memory thrash queues on the CPU too, and a run-queue detector
+        // that has just seen such a level discounts the next one (BENCHMARKS.md).
         ("run-queue", &["CpuContentionHealthy"]),
+        ("memory-pressure", &["MemoryPressureHealthy"]),
         ("loss-10%", &["PacketLossHealthy", "NetworkLatencyHealthy"]),
     ];
     let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
