@@ -339,3 +339,38 @@ fn gray_detector_discounts_values_inside_the_range_already_seen() {
     let (full, half) = (run(1.0, 200.0), run(0.5, 200.0));
     assert!((full - half).abs() < 1e-12, "full {full} half {half}");
 }
+
+/// A fault that comes back (a noisy neighbour's CPU hogs, twice, two minutes apart) scores as
+/// high the second time: the first one must not be learnt as a range the series visits.
+#[test]
+fn signal_scorer_scores_a_fault_that_comes_back() {
+    let mut s = SignalScorer::new(SignalScorerConfig {
+        min_delta: Family::CpuContention.min_change(),
+        ..SignalScorerConfig::default()
+    })
+    .expect("config");
+    let mut t = 0.0;
+    let mut feed_level = |s: &mut SignalScorer, n: u32, level: f64, seed: u32| -> Vec<f64> {
+        (0..n)
+            .map(|i| {
+                t += 1.0;
+                s.update(t, level + 60.0 * noise(i + seed))
+            })
+            .collect()
+    };
+    feed_level(&mut s, 200, 400.0, 0);
+    // The window the fault starts in is half faulty.
+    let mut first = feed_level(&mut s, 1, 1700.0, 1000);
+    first.extend(feed_level(&mut s, 20, 3000.0, 2000));
+    feed_level(&mut s, 120, 400.0, 3000);
+    // Scattered spikes in between (other faults' retry storms): each a window alone.
+    for k in 0..60 {
+        feed_level(&mut s, 4, 400.0, 6000 + 10 * k);
+        feed_level(&mut s, 1, 2500.0 + 25.0 * f64::from(k), 7000 + k);
+    }
+    let mut second = feed_level(&mut s, 1, 1700.0, 4000);
+    second.extend(feed_level(&mut s, 20, 3000.0, 5000));
+    let elevated = |v: &[f64]| v.iter().filter(|x| **x >= 0.5).count();
+    assert!(elevated(&first) >= 18, "first: {first:?}");
+    assert!(elevated(&second) >= 18, "second: {second:?}");
+}
