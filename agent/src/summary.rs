@@ -335,6 +335,10 @@ pub struct CgroupWindow {
     /// Throttled periods / elapsed periods in the window, in %.
     pub throttled_pct: Option<f64>,
     pub throttled_ms: Option<f64>,
+    /// Memory usage less inactive page cache at the end of the window (bytes).
+    pub memory_working_set_bytes: Option<u64>,
+    /// The cgroup's memory limit; `None` without a limit (or without a reading).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the buckets report.
