@@ -42,7 +42,7 @@ impl Default for CrossingConfig {
             horizon_secs: 600.0,
             warmup: 30,
             fit_samples: 30,
-            min_confidence: 0.5,
+            min_confidence: 0.8,
             alpha: 0.3,
             beta: 0.1,
         }
