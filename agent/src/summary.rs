@@ -29,6 +29,27 @@ pub struct WindowSummary {
     /// The node's local score per family (filled in after scoring; absent while warming up).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub local_scores: Vec<LocalScoreView>,
+    /// Failures forecast within the horizon, soonest first (filled in after scoring, see
+    /// `crate::predict`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub predictions: Vec<Prediction>,
+}
+
+/// A failure forecast before it happens: a figure rising steadily towards its limit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub family: graywatch_detect::Family,
+    /// Pod `namespace/name` when known, else pod UID, else the cgroup path.
+    pub workload: String,
+    pub cgroup_path: String,
+    /// Seconds until the forecast crosses the limit.
+    pub eta_seconds: f64,
+    /// In [0, 1]: R² of the recent rise.
+    pub confidence: f64,
+    pub value: f64,
+    pub limit: f64,
+    pub unit: &'static str,
+    pub reason: String,
 }
 
 /// One family's local score as printed.

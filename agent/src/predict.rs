@@ -1,0 +1,204 @@
+//! Predicted failures: per workload with a memory limit, a [`CrossingForecast`] of its working
+//! set; a prediction when the forecast crosses the limit within the horizon at the forecast's
+//! confidence floor. Pure over window summaries, like [`crate::scoring`]; the aggregator decides
+//! what a prediction becomes (a family condition False with reason `PredictedFailure`).
+
+use std::collections::HashMap;
+
+use graywatch_detect::{CrossingConfig, CrossingForecast, Family};
+
+use crate::summary::{Prediction, WindowSummary};
+
+/// Forget a cgroup's forecast after this many windows without a working-set reading (the
+/// workload went away; a new one at the same path starts over).
+const IDLE_WINDOWS: u32 = 5;
+
+/// At most this many forecasts (a node runs at most a few hundred pods).
+const MAX_SERIES: usize = 4_096;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+struct Series {
+    forecast: CrossingForecast,
+    /// The limit the forecast is for: a changed limit (a resized pod) starts over.
+    limit: u64,
+    idle_windows: u32,
+}
+
+/// Per-node forecasting state.
+pub struct Predictor {
+    config: CrossingConfig,
+    series: HashMap<String, Series>,
+}
+
+impl Default for Predictor {
+    fn default() -> Self {
+        Self::new(CrossingConfig::default())
+    }
+}
+
+impl Predictor {
+    /// A predictor with `config` (an invalid one falls back to the default, which the detect
+    /// crate's tests validate).
+    pub fn new(config: CrossingConfig) -> Self {
+        let config = if CrossingForecast::new(config).is_ok() {
+            config
+        } else {
+            CrossingConfig::default()
+        };
+        Self {
+            config,
+            series: HashMap::new(),
+        }
+    }
+
+    /// Feeds one window (at `t` seconds) and returns the predictions, soonest first. `pod_name`
+    /// turns a pod UID into `namespace/name` where the agent knows it.
+    pub fn observe(
+        &mut self,
+        t: f64,
+        summary: &WindowSummary,
+        pod_name: impl Fn(&str) -> Option<String>,
+    ) -> Vec<Prediction> {
+        for series in self.series.values_mut() {
+            series.idle_windows = series.idle_windows.saturating_add(1);
+        }
+        let mut out = Vec::new();
+        for cgroup in &summary.pressure.cgroups {
+            // No limit, no figure: nothing to forecast (never a zero or an invented limit).
+            let (Some(working_set), Some(limit)) = (cgroup.memory_working_set_bytes, cgroup.memory_limit_bytes)
+            else {
+                continue;
+            };
+            if !self.series.contains_key(&cgroup.path) && self.series.len() >= MAX_SERIES {
+                continue;
+            }
+            let config = self.config;
+            let series = self.series.entry(cgroup.path.clone()).or_insert_with(|| Series {
+                forecast: CrossingForecast::new(config).unwrap_or_else(|_| unreachable_default()),
+                limit,
+                idle_windows: 0,
+            });
+            if series.limit != limit {
+                *series = Series {
+                    forecast: CrossingForecast::new(config).unwrap_or_else(|_| unreachable_default()),
+                    limit,
+                    idle_windows: 0,
+                };
+            }
+            series.idle_windows = 0;
+            series.forecast.update(t, working_set as f64);
+            let Some(crossing) = series.forecast.predict(limit as f64) else {
+                continue;
+            };
+            let workload = cgroup
+                .pod_uid
+                .as_deref()
+                .map(|uid| pod_name(uid).unwrap_or_else(|| format!("pod {uid}")))
+                .unwrap_or_else(|| cgroup.path.clone());
+            out.push(Prediction {
+                family: Family::MemoryPressure,
+                reason: format!(
+                    "{workload}: working set {:.0} MiB rising {:.2} MiB/s towards its {:.0} MiB limit, reached in {:.0} s (confidence {:.2})",
+                    working_set as f64 / MIB,
+                    crossing.trend_per_sec / MIB,
+                    limit as f64 / MIB,
+                    crossing.eta_secs,
+                    crossing.confidence
+                ),
+                workload,
+                cgroup_path: cgroup.path.clone(),
+                eta_seconds: crossing.eta_secs,
+                confidence: crossing.confidence,
+                value: working_set as f64,
+                limit: limit as f64,
+                unit: "bytes",
+            });
+        }
+        self.series.retain(|_, s| s.idle_windows < IDLE_WINDOWS);
+        out.sort_by(|a, b| a.eta_seconds.total_cmp(&b.eta_seconds));
+        out
+    }
+}
+
+/// The default config is valid (the detect crate's tests build it).
+fn unreachable_default() -> CrossingForecast {
+    CrossingForecast::new(CrossingConfig::default()).expect("the default forecast config is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::summary::CgroupWindow;
+
+    fn window(cgroups: Vec<CgroupWindow>) -> WindowSummary {
+        let mut w = crate::scoring::tests::window_with(std::net::Ipv4Addr::new(10, 0, 0, 1), 100, 1, 1, 0);
+        w.pressure.cgroups = cgroups;
+        w
+    }
+
+    fn cgroup(path: &str, pod_uid: Option<&str>, working_set: Option<u64>, limit: Option<u64>) -> CgroupWindow {
+        CgroupWindow {
+            path: path.into(),
+            pod_uid: pod_uid.map(str::to_owned),
+            memory_working_set_bytes: working_set,
+            memory_limit_bytes: limit,
+            ..CgroupWindow::default()
+        }
+    }
+
+    /// A pod leaking 2 MiB/s under a 256 MiB limit is predicted, named, with a sane ETA; a
+    /// flat neighbour, one without a limit and one without a reading are not.
+    #[test]
+    fn a_leaking_pod_is_predicted_and_its_neighbours_are_not() {
+        let mut predictor = Predictor::default();
+        let limit = 256u64 << 20;
+        let mut last = Vec::new();
+        for i in 0..60u64 {
+            let leak = (20u64 << 20) + i * (2 << 20);
+            let w = window(vec![
+                cgroup("kubepods/pod1", Some("uid-1"), Some(leak), Some(limit)),
+                cgroup("kubepods/pod2", Some("uid-2"), Some(100 << 20), Some(limit)),
+                cgroup("kubepods/pod3", None, Some(leak), None),
+                cgroup("kubepods/pod4", None, None, Some(limit)),
+            ]);
+            #[expect(clippy::cast_precision_loss, reason = "small test counts")]
+            let t = i as f64;
+            last = predictor.observe(t, &w, |uid| (uid == "uid-1").then(|| "shop/cart-0".to_owned()));
+            if i < 29 {
+                assert!(last.is_empty(), "warming up: {last:?}");
+            }
+        }
+        assert_eq!(last.len(), 1, "{last:?}");
+        let p = &last[0];
+        assert_eq!((p.family, p.workload.as_str()), (Family::MemoryPressure, "shop/cart-0"));
+        // At sample 59 the working set is 138 MiB: 59 s to go at 2 MiB/s.
+        assert!((p.eta_seconds - 59.0).abs() < 5.0, "{p:?}");
+        assert!(p.reason.starts_with("shop/cart-0: working set 138 MiB"), "{}", p.reason);
+    }
+
+    /// A resized limit starts the forecast over; a workload that stops reporting is forgotten.
+    #[test]
+    fn a_changed_limit_starts_over() {
+        let mut predictor = Predictor::default();
+        let feed = |predictor: &mut Predictor, from: u64, limit: u64| {
+            let mut out = Vec::new();
+            for i in from..from + 40 {
+                let w = window(vec![cgroup("c", None, Some((20 << 20) + i * (2 << 20)), Some(limit))]);
+                #[expect(clippy::cast_precision_loss, reason = "small test counts")]
+                let t = i as f64;
+                out = predictor.observe(t, &w, |_| None);
+            }
+            out
+        };
+        assert_eq!(feed(&mut predictor, 0, 256 << 20).len(), 1);
+        let mut first = Vec::new();
+        let w = window(vec![cgroup("c", None, Some(120 << 20), Some(512 << 20))]);
+        first.extend(predictor.observe(40.0, &w, |_| None));
+        assert!(first.is_empty(), "a new limit warms up again");
+        for i in 0..IDLE_WINDOWS {
+            predictor.observe(41.0 + f64::from(i), &window(Vec::new()), |_| None);
+        }
+        assert!(predictor.series.is_empty());
+    }
+}
