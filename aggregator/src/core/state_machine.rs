@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use super::{
     evidence::{self, AddressBook, VantageEvidence},
-    model::{CondStatus, Family, Millis, NodeReport, NodeView, WindowId},
+    model::{CondStatus, Family, Millis, NodeReport, NodeView, Prediction, WindowId},
     plan::{EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
+    prediction,
     step::{EKS_NETWORKING_CONDITION, StepCtx},
 };
 
@@ -96,6 +97,8 @@ pub struct FamilyState {
     /// by the node's own measurements or a majority of its traffic partners (empty = none). Such
     /// evidence raises Suspect at most: no False condition, no action, no group verdict.
     pub uncorroborated: Vec<String>,
+    /// The agent's latest forecast failure for this family, if any (see `prediction`).
+    pub prediction: Option<Prediction>,
 }
 
 impl FamilyState {
@@ -109,6 +112,7 @@ impl FamilyState {
             detail: String::new(),
             unknown_reason: UnknownReason::NoReport,
             uncorroborated: Vec::new(),
+            prediction: None,
         }
     }
 
@@ -210,6 +214,8 @@ impl NodeState {
                     written.insert(ty, (c.status, c.reason.clone()));
                     let phase = match c.status {
                         CondStatus::True => Phase::Healthy,
+                        // A forecast, not a failure: the next window says whether it holds.
+                        CondStatus::False if c.reason == prediction::REASON => Phase::Healthy,
                         // Keep a node we found degraded degraded until it recovers through hysteresis.
                         CondStatus::False => Phase::Degraded,
                         CondStatus::Unknown => Phase::Unknown,
@@ -377,6 +383,7 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
                 plan.events.push(event);
             }
         }
+        prediction::note(st, report);
         if st.overall() == Phase::Degraded {
             st.degraded_windows = st.degraded_windows.saturating_add(1);
         } else {
