@@ -66,8 +66,7 @@ impl Predictor {
         let mut out = Vec::new();
         for cgroup in &summary.pressure.cgroups {
             // No limit, no figure: nothing to forecast (never a zero or an invented limit).
-            let (Some(working_set), Some(limit)) = (cgroup.memory_working_set_bytes, cgroup.memory_limit_bytes)
-            else {
+            let (Some(working_set), Some(limit)) = (cgroup.memory_working_set_bytes, cgroup.memory_limit_bytes) else {
                 continue;
             };
             if !self.series.contains_key(&cgroup.path) && self.series.len() >= MAX_SERIES {

@@ -286,7 +286,10 @@ mod tests {
         assert_eq!(msg.predictions.len(), 1, "{:?}", msg.predictions);
         let p = &msg.predictions[0];
         assert_eq!(p.family, i32::from(Family::MemoryPressure));
-        assert_eq!((p.workload.as_str(), p.eta_seconds, p.unit.as_str()), ("a", 30.0, "bytes"));
+        assert_eq!(
+            (p.workload.as_str(), p.eta_seconds, p.unit.as_str()),
+            ("a", 30.0, "bytes")
+        );
     }
 
     /// Issue 16: 5,000 remote addresses made a summary of 5,000 peers (the aggregator refuses

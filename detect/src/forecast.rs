@@ -182,7 +182,11 @@ mod tests {
             if i >= 40 {
                 let c = f.predict(LIMIT).expect("a steady leak is predicted");
                 let truth = (LIMIT - x) / (2.0 * MIB);
-                assert!((c.eta_secs - truth).abs() < 10.0, "eta {} vs {truth} at {i}", c.eta_secs);
+                assert!(
+                    (c.eta_secs - truth).abs() < 10.0,
+                    "eta {} vs {truth} at {i}",
+                    c.eta_secs
+                );
                 assert!(c.confidence > 0.95, "{c:?}");
                 etas.push(c.eta_secs);
             }

@@ -35,7 +35,7 @@ pub mod eval;
 pub use combine::{FamilyScore, Score, SignalScorer, SignalScorerConfig};
 pub use detectors::{Cusum, HalfSpaceTrees, Holt, PageHinkley, RobustZ};
 pub use ensemble::{GrayDetector, GrayDetectorConfig};
-pub use forecast::{CrossingConfig, CrossingForecast, Crossing};
+pub use forecast::{Crossing, CrossingConfig, CrossingForecast};
 
 use serde::{Deserialize, Serialize};
 

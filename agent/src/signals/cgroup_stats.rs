@@ -168,7 +168,12 @@ pub fn parse_memory_limit(text: &str, file: &str) -> Result<Option<u64>, CgroupF
 
 /// The working set from a usage figure and `memory.stat`: usage less `inactive_key`
 /// (`inactive_file` on v2, the hierarchical `total_inactive_file` on v1, as usage is).
-pub fn working_set(usage_text: &str, stat_text: &str, inactive_key: &'static str, files: (&str, &str)) -> Result<u64, CgroupFileError> {
+pub fn working_set(
+    usage_text: &str,
+    stat_text: &str,
+    inactive_key: &'static str,
+    files: (&str, &str),
+) -> Result<u64, CgroupFileError> {
     let word = usage_text.trim();
     let usage = word.parse::<u64>().map_err(|_| CgroupFileError::Malformed {
         file: files.0.to_owned(),
@@ -573,7 +578,11 @@ mod tests {
         std::fs::create_dir_all(v2.join("bench/none")).expect("tmp dir");
         std::fs::write(v2.join("cgroup.controllers"), "memory").expect("write");
         std::fs::write(leak.join("memory.current"), "300000000\n").expect("write");
-        std::fs::write(leak.join("memory.stat"), "anon 1\ninactive_file 100000000\nactive_file 5\n").expect("write");
+        std::fs::write(
+            leak.join("memory.stat"),
+            "anon 1\ninactive_file 100000000\nactive_file 5\n",
+        )
+        .expect("write");
         std::fs::write(leak.join("memory.max"), "268435456\n").expect("write");
         let layout = CgroupLayout::detect(&v2);
         let stats = read_cgroup_stats(&layout, "/bench/leak").expect("reads");
@@ -599,11 +608,7 @@ mod tests {
         let leak = v1.join("memory/bench/leak");
         std::fs::create_dir_all(&leak).expect("tmp dir");
         std::fs::write(leak.join("memory.usage_in_bytes"), "50000\n").expect("write");
-        std::fs::write(
-            leak.join("memory.stat"),
-            "inactive_file 1\ntotal_inactive_file 20000\n",
-        )
-        .expect("write");
+        std::fs::write(leak.join("memory.stat"), "inactive_file 1\ntotal_inactive_file 20000\n").expect("write");
         std::fs::write(leak.join("memory.limit_in_bytes"), "9223372036854771712\n").expect("write");
         let layout = CgroupLayout::detect(&v1);
         assert_eq!(layout.mode, CgroupMode::Legacy);

@@ -324,7 +324,8 @@ fn a_prediction_is_advice_on_the_family_condition_only() {
     sim.predicted.insert(4, forecast(120.0, p.predict_confidence / 2.0));
     sim.run(&mut eng, &set(&[]), 2);
     assert_eq!(memory(&sim).status, CondStatus::True, "below the policy's confidence");
-    sim.predicted.insert(4, forecast(p.predict_horizon_ms as f64 / 1000.0 + 1.0, 0.99));
+    sim.predicted
+        .insert(4, forecast(p.predict_horizon_ms as f64 / 1000.0 + 1.0, 0.99));
     sim.run(&mut eng, &set(&[]), 2);
     assert_eq!(memory(&sim).status, CondStatus::True, "beyond the policy's horizon");
 
@@ -333,14 +334,19 @@ fn a_prediction_is_advice_on_the_family_condition_only() {
     let c = memory(&sim);
     assert_eq!((c.status, c.reason.as_str()), (CondStatus::False, "PredictedFailure"));
     assert!(
-        c.message.starts_with("predicted failure in 120 s (confidence 0.97): shop/cart-0"),
+        c.message
+            .starts_with("predicted failure in 120 s (confidence 0.97): shop/cart-0"),
         "{}",
         c.message
     );
     assert_eq!(sim.count("PredictedFailure"), 1, "one Event on the transition");
     assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
     let overall = &sim.input.nodes["node-4"].conditions[&p.overall_condition()];
-    assert!(overall.message.contains("predicted failure: MemoryPressure in 120 s"), "{}", overall.message);
+    assert!(
+        overall.message.contains("predicted failure: MemoryPressure in 120 s"),
+        "{}",
+        overall.message
+    );
     assert!(sim.tainted().is_empty());
     assert_eq!(sim.count("GrayFailureDetected"), 0);
     assert!(eng.verdicts().is_empty());
@@ -385,14 +391,25 @@ fn a_degradation_takes_precedence_over_a_prediction() {
     assert_eq!(crate::core::prediction::in_force(&degraded, &p), None);
     degraded.phase = Phase::Unknown;
     degraded.unknown_reason = UnknownReason::AgentStale;
-    assert_eq!(crate::core::prediction::in_force(&degraded, &p), None, "a stale agent's forecast");
+    assert_eq!(
+        crate::core::prediction::in_force(&degraded, &p),
+        None,
+        "a stale agent's forecast"
+    );
     // Off by policy: never shown.
     let off = Policy {
         predict_failures: false,
         ..p.clone()
     };
     let (mut eng, mut sim) = settled(&off);
-    sim.predicted = BTreeMap::from([(3, Prediction { eta_secs: 60.0, confidence: 0.99, reason: "leak".into() })]);
+    sim.predicted = BTreeMap::from([(
+        3,
+        Prediction {
+            eta_secs: 60.0,
+            confidence: 0.99,
+            reason: "leak".into(),
+        },
+    )]);
     sim.run(&mut eng, &set(&[]), 2);
     assert_ne!(sim.input.nodes["node-3"].conditions[&memory].reason, "PredictedFailure");
 }

@@ -429,7 +429,11 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
                 &format!("http://127.0.0.1:{grpc_port}"),
             ]);
         // A scoped agent reports pods and watched cgroups only: the memory-leak runs' cgroups.
-        if options.scenarios.iter().any(|s| s.fault == scenarios::Fault::MemoryLeak) {
+        if options
+            .scenarios
+            .iter()
+            .any(|s| s.fault == scenarios::Fault::MemoryLeak)
+        {
             let leaks: Vec<String> = (0..options.runs)
                 .map(|run| scenarios::leak_cgroup(&cgroups[i].cgroup_path, run))
                 .collect();
