@@ -73,28 +73,24 @@ impl Predictor {
                 continue;
             }
             let config = self.config;
-            let series = self.series.entry(cgroup.path.clone()).or_insert_with(|| Series {
-                forecast: CrossingForecast::new(config).unwrap_or_else(|_| unreachable_default()),
+            let fresh = |limit| Series {
+                forecast: CrossingForecast::new(config).unwrap_or_else(|_| default_forecast()),
                 limit,
                 idle_windows: 0,
-            });
+            };
+            let series = self.series.entry(cgroup.path.clone()).or_insert_with(|| fresh(limit));
             if series.limit != limit {
-                *series = Series {
-                    forecast: CrossingForecast::new(config).unwrap_or_else(|_| unreachable_default()),
-                    limit,
-                    idle_windows: 0,
-                };
+                *series = fresh(limit);
             }
             series.idle_windows = 0;
             series.forecast.update(t, working_set as f64);
             let Some(crossing) = series.forecast.predict(limit as f64) else {
                 continue;
             };
-            let workload = cgroup
-                .pod_uid
-                .as_deref()
-                .map(|uid| pod_name(uid).unwrap_or_else(|| format!("pod {uid}")))
-                .unwrap_or_else(|| cgroup.path.clone());
+            let workload = cgroup.pod_uid.as_deref().map_or_else(
+                || cgroup.path.clone(),
+                |uid| pod_name(uid).unwrap_or_else(|| format!("pod {uid}")),
+            );
             out.push(Prediction {
                 family: Family::MemoryPressure,
                 reason: format!(
@@ -121,7 +117,7 @@ impl Predictor {
 }
 
 /// The default config is valid (the detect crate's tests build it).
-fn unreachable_default() -> CrossingForecast {
+fn default_forecast() -> CrossingForecast {
     CrossingForecast::new(CrossingConfig::default()).expect("the default forecast config is valid")
 }
 

@@ -59,9 +59,9 @@ pub(super) fn desired_conditions(
 ) -> Vec<DesiredCondition> {
     let mut out = Vec::new();
     for (f, fs) in &st.families {
-        let type_ = types.families.get(f).cloned().unwrap_or_else(|| p.family_condition(*f));
+        let condition = types.families.get(f).cloned().unwrap_or_else(|| p.family_condition(*f));
         if let Some(predicted) = prediction::in_force(fs, p) {
-            out.push(prediction::condition(type_, predicted));
+            out.push(prediction::condition(condition, predicted));
             continue;
         }
         let message = match fs.phase {
@@ -69,7 +69,7 @@ pub(super) fn desired_conditions(
             _ => fs.detail.clone(),
         };
         out.push(DesiredCondition {
-            type_,
+            type_: condition,
             status: fs.phase.status(),
             reason: reason_of(fs),
             message,

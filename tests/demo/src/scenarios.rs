@@ -488,7 +488,7 @@ where
 {
     let tick = Duration::from_millis(250);
     let name = cluster.names[cluster.target].as_str();
-    let mut load = cluster.start_leak(cluster.target, run)?;
+    let mut leak = cluster.start_leak(cluster.target, run)?;
     let started = Instant::now();
     let mut outcome = Outcome::default();
     let (mut predicted, mut killed, mut exit) = (None, None, None);
@@ -508,7 +508,7 @@ where
                 );
             }
         }
-        if let Some(status) = load.child.try_wait()? {
+        if let Some(status) = leak.child.try_wait()? {
             killed = Some(started.elapsed());
             exit = Some(status);
             println!(
@@ -519,8 +519,8 @@ where
         }
         tokio::time::sleep(tick).await;
     }
-    let oom_kills = oom_kills(&load.cgroup);
-    drop(load);
+    let oom_kills = oom_kills(&leak.cgroup);
+    drop(leak);
     let removed = Instant::now();
     while removed.elapsed() < cluster.max_wait * 3 {
         let s = snapshot().await?;
@@ -533,7 +533,7 @@ where
         tokio::time::sleep(tick).await;
     }
     let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
-    let lead = match (predicted, killed) {
+    let lead_secs = match (predicted, killed) {
         (Some(p), Some(k)) => Some(k.as_secs_f64() - p.as_secs_f64()),
         _ => None,
     };
@@ -549,7 +549,7 @@ where
         "oom_kill_seconds": secs(killed),
         "killed_by_signal": exit.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
         "cgroup_oom_kills": oom_kills,
-        "predicted_lead_seconds": lead.map(|l| (l * 10.0).round() / 10.0),
+        "predicted_lead_seconds": lead_secs.map(|l| (l * 10.0).round() / 10.0),
         "overall_false": overall_false,
         "tainted": tainted,
         "recovery_seconds": secs(outcome.recovery),
