@@ -277,6 +277,23 @@ fn memory_limit_below_working_set_shows_pressure_and_reclaim() {
         );
     }
 
+    // The working set against the limit (what the predicted-failure forecast reads): the limit
+    // as set, a working set within it; no limit on the quiet cgroup is no limit, not a zero.
+    eprintln!(
+        "working set: limited {:?} of {:?}; quiet {:?} of {:?}",
+        lim_stats.memory_working_set_bytes,
+        lim_stats.memory_limit_bytes,
+        quiet_stats.memory_working_set_bytes,
+        quiet_stats.memory_limit_bytes
+    );
+    assert_eq!(lim_stats.memory_limit_bytes, Some(32 << 20));
+    assert!(
+        lim_stats.memory_working_set_bytes.is_some_and(|ws| ws <= 32 << 20),
+        "{lim_stats:?}"
+    );
+    assert_eq!(quiet_stats.memory_limit_bytes, None);
+    assert!(quiet_stats.memory_working_set_bytes.is_some(), "{quiet_stats:?}");
+
     let events: u64 = lim_reclaim.iter().map(|r| r.stalls.events).sum();
     assert!(events > 0, "a limit below the working set must make the cgroup reclaim");
     assert!(
