@@ -108,6 +108,9 @@ pub struct Policy {
     pub predict_confidence: f64,
     /// A prediction further away than this is not shown (the agent's own horizon is 10 min).
     pub predict_horizon_ms: Millis,
+    /// A prediction shown stays until this many windows in a row bring none (damps a forecast
+    /// at the edge of the confidence floor or the horizon).
+    pub predict_clear_windows: u32,
 }
 
 impl Default for Policy {
@@ -158,6 +161,7 @@ impl Default for Policy {
             predict_failures: true,
             predict_confidence: 0.8,
             predict_horizon_ms: 600_000,
+            predict_clear_windows: 5,
         }
     }
 }
@@ -225,6 +229,9 @@ impl Policy {
         }
         if self.predict_horizon_ms <= 0 {
             return err("predict_horizon_ms", "must be positive");
+        }
+        if self.predict_clear_windows == 0 {
+            return err("predict_clear_windows", "must be at least 1");
         }
         if self.rate_window_ms <= 0 {
             return err("rate_window_ms", "must be positive");

@@ -15,16 +15,33 @@ use super::{
 /// The condition reason of a predicted failure.
 pub const REASON: &str = "PredictedFailure";
 
-/// Takes in the window's predictions: each family shows its agent's latest (none = cleared).
-pub(super) fn note(st: &mut NodeState, report: &NodeReport) {
+/// Takes in the window's predictions: a family holds its agent's latest one that is confident
+/// enough and within the horizon, and keeps holding it until `predict_clear_windows` windows in
+/// a row bring none (a forecast at the edge of the confidence floor or of the horizon would
+/// otherwise flap the condition, an Event and a Node write each time).
+pub(super) fn note(st: &mut NodeState, report: &NodeReport, p: &Policy) {
+    let horizon_secs = p.predict_horizon_ms as f64 / 1000.0;
     for (f, fs) in &mut st.families {
-        fs.prediction = report.predictions.get(f).cloned();
+        let fresh = report
+            .predictions
+            .get(f)
+            .filter(|pr| pr.confidence >= p.predict_confidence && pr.eta_secs <= horizon_secs);
+        if let Some(pr) = fresh {
+            fs.prediction = Some(pr.clone());
+            fs.prediction_misses = 0;
+        } else if fs.prediction.is_some() {
+            fs.prediction_misses = fs.prediction_misses.saturating_add(1);
+            if fs.prediction_misses >= p.predict_clear_windows {
+                fs.prediction = None;
+                fs.prediction_misses = 0;
+            }
+        }
     }
 }
 
-/// The prediction a family's condition shows: the policy predicts, the forecast is confident
-/// enough and within the horizon, and the family is not failing already (a Degraded or
-/// Recovering family shows `GrayFailure`; Unknown for want of a fresh report shows that).
+/// The prediction a family's condition shows: the policy predicts, one is held (see [`note`]),
+/// and the family is not failing already (a Degraded or Recovering family shows `GrayFailure`;
+/// Unknown for want of a fresh report shows that).
 #[must_use]
 pub fn in_force<'a>(fs: &'a FamilyState, p: &Policy) -> Option<&'a Prediction> {
     let open = match fs.phase {
@@ -33,10 +50,7 @@ pub fn in_force<'a>(fs: &'a FamilyState, p: &Policy) -> Option<&'a Prediction> {
         Phase::Unknown => fs.unknown_reason == UnknownReason::NoData,
         Phase::Degraded | Phase::Recovering => false,
     };
-    let horizon_secs = p.predict_horizon_ms as f64 / 1000.0;
-    fs.prediction
-        .as_ref()
-        .filter(|pr| p.predict_failures && open && pr.confidence >= p.predict_confidence && pr.eta_secs <= horizon_secs)
+    fs.prediction.as_ref().filter(|_| p.predict_failures && open)
 }
 
 /// The condition a prediction in force calls for.

@@ -99,6 +99,8 @@ pub struct FamilyState {
     pub uncorroborated: Vec<String>,
     /// The agent's latest forecast failure for this family, if any (see `prediction`).
     pub prediction: Option<Prediction>,
+    /// Windows in a row without a forecast since `prediction` was last confirmed.
+    pub prediction_misses: u32,
 }
 
 impl FamilyState {
@@ -113,6 +115,7 @@ impl FamilyState {
             unknown_reason: UnknownReason::NoReport,
             uncorroborated: Vec::new(),
             prediction: None,
+            prediction_misses: 0,
         }
     }
 
@@ -383,7 +386,7 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
                 plan.events.push(event);
             }
         }
-        prediction::note(st, report);
+        prediction::note(st, report, ctx.policy);
         if st.overall() == Phase::Degraded {
             st.degraded_windows = st.degraded_windows.saturating_add(1);
         } else {

@@ -308,8 +308,9 @@ fn a_nodes_own_steal_score_moves_cpu_steal_and_nothing_else() {
 /// An agent's forecast (a pod's working set reaching its limit in 2 minutes) sets the memory
 /// condition False with reason `PredictedFailure` and an Event, and nothing else: the overall
 /// condition stays True, nothing is tainted, no verdict. Below the policy's confidence or
-/// beyond its horizon it does not show; it clears with the forecast; a restarted aggregator
-/// that finds it on the Node does not take it for a degradation.
+/// beyond its horizon it does not show; a forecast that comes and goes does not flap it; it
+/// clears `predict_clear_windows` windows after the forecast goes; a restarted aggregator that
+/// finds it on the Node does not take it for a degradation.
 #[test]
 fn a_prediction_is_advice_on_the_family_condition_only() {
     let p = Policy::default();
@@ -359,7 +360,22 @@ fn a_prediction_is_advice_on_the_family_condition_only() {
     assert_eq!(st.families[&Family::MemoryPressure].phase, Phase::Healthy);
     assert_eq!(st.suppressed, None);
 
+    // A forecast that comes and goes (at the edge of the agent's confidence floor) does not
+    // flap the condition.
+    for _ in 0..6 {
+        sim.predicted.clear();
+        sim.run(&mut eng, &set(&[]), 1);
+        sim.predicted.insert(4, forecast(110.0, 0.97));
+        sim.run(&mut eng, &set(&[]), 1);
+    }
+    assert_eq!(memory(&sim).reason, "PredictedFailure");
+    assert_eq!(sim.count("PredictedFailure"), 1);
+    assert_eq!(sim.count("PredictedFailureCleared"), 0);
+
+    // Gone for good (the trend reversed): cleared after predict_clear_windows windows.
     sim.predicted.clear();
+    sim.run(&mut eng, &set(&[]), p.predict_clear_windows as usize - 1);
+    assert_eq!(memory(&sim).reason, "PredictedFailure");
     sim.run(&mut eng, &set(&[]), 1);
     let c = memory(&sim);
     assert_eq!((c.status, c.reason.as_str()), (CondStatus::True, "Healthy"));
@@ -793,6 +809,11 @@ fn policy_validation_names_the_field() {
         ..Policy::default()
     };
     assert_eq!(bad.validate().map_err(|e| e.field), Err("predict_horizon_ms"));
+    let bad = Policy {
+        predict_clear_windows: 0,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("predict_clear_windows"));
     assert!(Policy::default().validate().is_ok());
 }
 
@@ -1042,7 +1063,7 @@ proptest! {
     /// `recover_windows` consecutive good ones.
     #[test]
     fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
-        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), prediction: None };
+        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), prediction: None, prediction_misses: 0 };
         let mut bad_run = 0u32;
         let mut good_run = 0u32;
         for c in confs {
