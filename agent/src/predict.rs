@@ -1,16 +1,19 @@
-//! Predicted failures: per workload with a memory limit, a [`CrossingForecast`] of its working
-//! set; a prediction when the forecast crosses the limit within the horizon at the forecast's
-//! confidence floor. Pure over window summaries, like [`crate::scoring`]; the aggregator decides
-//! what a prediction becomes (a family condition False with reason `PredictedFailure`).
+//! Predicted failures: a [`CrossingForecast`] per figure that has a failure threshold, and a
+//! prediction when the forecast crosses it within the horizon at the forecast's confidence
+//! floor. Per workload with a memory limit: its working set towards the limit (the OOM kill).
+//! Per node: CPU steal towards [`Thresholds::steal_pct`] and the worst workload's run-queue p99
+//! towards [`Thresholds::run_queue_p99_us`] (levels past which workloads suffer; there is no
+//! kernel limit to cross). Pure over window summaries, like [`crate::scoring`]; the aggregator
+//! decides what a prediction becomes (a family condition False with reason `PredictedFailure`).
 
 use std::collections::HashMap;
 
-use graywatch_detect::{CrossingConfig, CrossingForecast, Family};
+use graywatch_detect::{Crossing, CrossingConfig, CrossingForecast, Family};
 
 use crate::summary::{Prediction, WindowSummary};
 
-/// Forget a cgroup's forecast after this many windows without a working-set reading (the
-/// workload went away; a new one at the same path starts over).
+/// Forget a series' forecast after this many windows without a reading (the workload went
+/// away; a new one at the same path starts over).
 const IDLE_WINDOWS: u32 = 5;
 
 /// At most this many forecasts (a node runs at most a few hundred pods).
@@ -18,29 +21,49 @@ const MAX_SERIES: usize = 4_096;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The node-level failure thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// CPU steal, % of the node's CPU time: past it every workload runs visibly slower.
+    pub steal_pct: f64,
+    /// The worst workload's run-queue p99, µs: 50 ms of waiting for a CPU is a stall a latency-
+    /// sensitive service shows in its own p99.
+    pub run_queue_p99_us: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            steal_pct: 10.0,
+            run_queue_p99_us: 50_000.0,
+        }
+    }
+}
+
 struct Series {
     forecast: CrossingForecast,
     /// The limit the forecast is for: a changed limit (a resized pod) starts over.
-    limit: u64,
+    limit: f64,
     idle_windows: u32,
 }
 
 /// Per-node forecasting state.
 pub struct Predictor {
     config: CrossingConfig,
+    thresholds: Thresholds,
     series: HashMap<String, Series>,
 }
 
 impl Default for Predictor {
     fn default() -> Self {
-        Self::new(CrossingConfig::default())
+        Self::new(CrossingConfig::default(), Thresholds::default())
     }
 }
 
 impl Predictor {
     /// A predictor with `config` (an invalid one falls back to the default, which the detect
     /// crate's tests validate).
-    pub fn new(config: CrossingConfig) -> Self {
+    pub fn new(config: CrossingConfig, thresholds: Thresholds) -> Self {
         let config = if CrossingForecast::new(config).is_ok() {
             config
         } else {
@@ -48,8 +71,29 @@ impl Predictor {
         };
         Self {
             config,
+            thresholds,
             series: HashMap::new(),
         }
+    }
+
+    /// Feeds `value` at `t` to the series `key` forecast towards `limit`; its crossing, if any.
+    fn forecast(&mut self, key: &str, limit: f64, t: f64, value: f64) -> Option<Crossing> {
+        if !self.series.contains_key(key) && self.series.len() >= MAX_SERIES {
+            return None;
+        }
+        let config = self.config;
+        let fresh = |limit| Series {
+            forecast: CrossingForecast::new(config).unwrap_or_else(|_| default_forecast()),
+            limit,
+            idle_windows: 0,
+        };
+        let series = self.series.entry(key.to_owned()).or_insert_with(|| fresh(limit));
+        if series.limit.to_bits() != limit.to_bits() {
+            *series = fresh(limit);
+        }
+        series.idle_windows = 0;
+        series.forecast.update(t, value);
+        series.forecast.predict(limit)
     }
 
     /// Feeds one window (at `t` seconds) and returns the predictions, soonest first. `pod_name`
@@ -69,50 +113,89 @@ impl Predictor {
             let (Some(working_set), Some(limit)) = (cgroup.memory_working_set_bytes, cgroup.memory_limit_bytes) else {
                 continue;
             };
-            if !self.series.contains_key(&cgroup.path) && self.series.len() >= MAX_SERIES {
-                continue;
-            }
-            let config = self.config;
-            let fresh = |limit| Series {
-                forecast: CrossingForecast::new(config).unwrap_or_else(|_| default_forecast()),
-                limit,
-                idle_windows: 0,
-            };
-            let series = self.series.entry(cgroup.path.clone()).or_insert_with(|| fresh(limit));
-            if series.limit != limit {
-                *series = fresh(limit);
-            }
-            series.idle_windows = 0;
-            series.forecast.update(t, working_set as f64);
-            let Some(crossing) = series.forecast.predict(limit as f64) else {
+            let (working_set, limit) = (working_set as f64, limit as f64);
+            let Some(crossing) = self.forecast(&cgroup.path, limit, t, working_set) else {
                 continue;
             };
             let workload = cgroup.pod_uid.as_deref().map_or_else(
                 || cgroup.path.clone(),
                 |uid| pod_name(uid).unwrap_or_else(|| format!("pod {uid}")),
             );
-            out.push(Prediction {
-                family: Family::MemoryPressure,
-                reason: format!(
-                    "{workload}: working set {:.0} MiB rising {:.2} MiB/s towards its {:.0} MiB limit, reached in {:.0} s (confidence {:.2})",
-                    working_set as f64 / MIB,
-                    crossing.trend_per_sec / MIB,
-                    limit as f64 / MIB,
-                    crossing.eta_secs,
-                    crossing.confidence
-                ),
+            out.push(prediction(
+                Family::MemoryPressure,
                 workload,
-                cgroup_path: cgroup.path.clone(),
-                eta_seconds: crossing.eta_secs,
-                confidence: crossing.confidence,
-                value: working_set as f64,
-                limit: limit as f64,
-                unit: "bytes",
-            });
+                Some(cgroup.path.clone()),
+                &crossing,
+                (working_set, limit, "bytes"),
+            ));
+        }
+        // No steal column, no run-queue figures: nothing fed, nothing forecast.
+        let thresholds = self.thresholds;
+        if let Some(steal) = &summary.cpu.steal
+            && let Some(crossing) = self.forecast("node: cpu steal", thresholds.steal_pct, t, steal.node_pct)
+        {
+            out.push(prediction(
+                Family::CpuSteal,
+                "node".into(),
+                None,
+                &crossing,
+                (steal.node_pct, thresholds.steal_pct, "%"),
+            ));
+        }
+        if let Some(runq) = summary.cpu.worst_run_queue_p99_us()
+            && let Some(crossing) = self.forecast("node: run-queue p99", thresholds.run_queue_p99_us, t, runq)
+        {
+            out.push(prediction(
+                Family::CpuContention,
+                "node".into(),
+                None,
+                &crossing,
+                (runq, thresholds.run_queue_p99_us, "us"),
+            ));
         }
         self.series.retain(|_, s| s.idle_windows < IDLE_WINDOWS);
         out.sort_by(|a, b| a.eta_seconds.total_cmp(&b.eta_seconds));
         out
+    }
+}
+
+/// A prediction with its reason in words: "<who>: <figure> rising <rate> towards its <limit>".
+fn prediction(
+    family: Family,
+    workload: String,
+    cgroup_path: Option<String>,
+    crossing: &Crossing,
+    (value, limit, unit): (f64, f64, &'static str),
+) -> Prediction {
+    let what = match family {
+        Family::MemoryPressure => format!(
+            "working set {:.0} MiB rising {:.2} MiB/s towards its {:.0} MiB limit",
+            value / MIB,
+            crossing.trend_per_sec / MIB,
+            limit / MIB
+        ),
+        Family::CpuSteal => format!(
+            "cpu steal {value:.1} % rising {:.3} %/s towards {limit:.0} %",
+            crossing.trend_per_sec
+        ),
+        _ => format!(
+            "run-queue p99 (worst workload) {value:.0} µs rising {:.0} µs/s towards {limit:.0} µs",
+            crossing.trend_per_sec
+        ),
+    };
+    Prediction {
+        family,
+        reason: format!(
+            "{workload}: {what}, reached in {:.0} s (confidence {:.2})",
+            crossing.eta_secs, crossing.confidence
+        ),
+        workload,
+        cgroup_path,
+        eta_seconds: crossing.eta_secs,
+        confidence: crossing.confidence,
+        value,
+        limit,
+        unit,
     }
 }
 
@@ -170,6 +253,43 @@ mod tests {
         // At sample 59 the working set is 138 MiB: 59 s to go at 2 MiB/s.
         assert!((p.eta_seconds - 59.0).abs() < 5.0, "{p:?}");
         assert!(p.reason.starts_with("shop/cart-0: working set 138 MiB"), "{}", p.reason);
+    }
+
+    /// Steal rising 0.1 %/s from 1 % is forecast to reach the 10 % threshold; steady steal at 3 %
+    /// (with noise) is not; a host without a steal column feeds nothing.
+    #[test]
+    fn rising_steal_is_predicted_towards_its_threshold() {
+        let with_steal = |pct: Option<f64>| {
+            let mut w = window(Vec::new());
+            w.cpu.steal = pct.map(|node_pct| crate::summary::StealWindow {
+                node_pct,
+                node_seconds: 0.0,
+                per_cpu_pct: Vec::new(),
+            });
+            w
+        };
+        let (mut rising, mut steady, mut blind) = (Predictor::default(), Predictor::default(), Predictor::default());
+        let (mut last, mut calm) = (Vec::new(), Vec::new());
+        for i in 0..50u32 {
+            let t = f64::from(i);
+            last = rising.observe(t, &with_steal(Some(1.0 + 0.1 * t)), |_| None);
+            let noise = f64::from(i % 3) * 0.2;
+            calm.extend(steady.observe(t, &with_steal(Some(3.0 + noise)), |_| None));
+            assert!(blind.observe(t, &with_steal(None), |_| None).is_empty());
+        }
+        assert!(calm.is_empty(), "{calm:?}");
+        assert!(blind.series.is_empty());
+        assert_eq!(last.len(), 1, "{last:?}");
+        let p = &last[0];
+        assert_eq!((p.family, p.workload.as_str(), p.unit), (Family::CpuSteal, "node", "%"));
+        // 5.9 % at t = 49: 41 s to 10 % at 0.1 %/s.
+        assert!((p.eta_seconds - 41.0).abs() < 4.0, "{p:?}");
+        assert!(
+            p.reason
+                .starts_with("node: cpu steal 5.9 % rising 0.100 %/s towards 10 %"),
+            "{}",
+            p.reason
+        );
     }
 
     /// A resized limit starts the forecast over; a workload that stops reporting is forgotten.

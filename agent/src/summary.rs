@@ -39,9 +39,11 @@ pub struct WindowSummary {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Prediction {
     pub family: graywatch_detect::Family,
-    /// Pod `namespace/name` when known, else pod UID, else the cgroup path.
+    /// Pod `namespace/name` when known, else pod UID, else the cgroup path; `node` for a
+    /// node-level figure.
     pub workload: String,
-    pub cgroup_path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_path: Option<String>,
     /// Seconds until the forecast crosses the limit.
     pub eta_seconds: f64,
     /// In [0, 1]: R² of the recent rise.

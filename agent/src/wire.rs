@@ -273,7 +273,7 @@ mod tests {
         let prediction = |workload: &str, eta_seconds: f64| crate::summary::Prediction {
             family: graywatch_proto::Family::MemoryPressure,
             workload: workload.into(),
-            cgroup_path: format!("kubepods/{workload}"),
+            cgroup_path: Some(format!("kubepods/{workload}")),
             eta_seconds,
             confidence: 0.97,
             value: 100.0,
