@@ -111,8 +111,8 @@ impl LocalScorer {
                     p99,
                 );
             }
-            if loss_measured && peer.segments_out > 0 {
-                let pct = 100.0 * peer.retransmits as f64 / peer.segments_out as f64;
+            if loss_measured && (peer.segments_out > 0 || peer.retransmits > 0) {
+                let pct = graywatch_detect::retransmit_pct(peer.retransmits, peer.segments_out);
                 self.feed(
                     Family::PacketLoss,
                     format!("retransmits to {}", peer.label()),

@@ -92,11 +92,11 @@ pub fn node_summary(
         });
     }
     let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
-    if segments > 0 {
-        let retransmits: u64 = peers.iter().map(|p| p.retransmits).sum();
+    let retransmits: u64 = peers.iter().map(|p| p.retransmits).sum();
+    if segments > 0 || retransmits > 0 {
         families.push(FamilyFigures {
             family: Family::PacketLoss.into(),
-            value: 100.0 * retransmits as f64 / segments as f64,
+            value: graywatch_detect::retransmit_pct(retransmits, segments),
             unit: "percent".into(),
             samples: segments,
         });

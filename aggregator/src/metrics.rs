@@ -32,6 +32,8 @@ pub struct Metrics {
     /// 1 once the leader's fleet view is settled (every node reported after a start).
     pub fleet_view_settled: Gauge,
     pub verdicts: Gauge,
+    /// Node pairs whose link alone looks degraded, from both ends (no action taken).
+    pub degraded_links: Gauge,
     pub nodes: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Nodes with a report in the fleet view (reports of deleted Nodes are evicted).
     pub fleet_reports: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -78,6 +80,7 @@ const LATENCY_BUCKETS_SECONDS: [f64; 13] = [
 ];
 
 impl Default for Metrics {
+    #[expect(clippy::too_many_lines, reason = "one registration per metric, nothing else")]
     fn default() -> Self {
         let mut registry = Registry::with_prefix("graywatch_aggregator");
         let m = Self {
@@ -91,6 +94,7 @@ impl Default for Metrics {
             breaker_open: Gauge::default(),
             fleet_view_settled: Gauge::default(),
             verdicts: Gauge::default(),
+            degraded_links: Gauge::default(),
             nodes: Gauge::default(),
             fleet_reports: Gauge::default(),
             token_reviews: Counter::default(),
@@ -141,6 +145,11 @@ impl Default for Metrics {
             "verdicts",
             "Group (zone / instance type) verdicts in force",
             m.verdicts.clone(),
+        );
+        registry.register(
+            "degraded_links",
+            "Node pairs whose link alone looks degraded, seen from both ends: neither end is acted on",
+            m.degraded_links.clone(),
         );
         registry.register("nodes", "Nodes in the fleet view", m.nodes.clone());
         registry.register(

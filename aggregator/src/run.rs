@@ -247,6 +247,9 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         metrics
             .verdicts
             .set(i64::try_from(plan.verdicts.len()).unwrap_or(i64::MAX));
+        metrics
+            .degraded_links
+            .set(i64::try_from(plan.degraded_links.len()).unwrap_or(i64::MAX));
         if plan.breaker_open {
             tracing::warn!("circuit breaker open: no new disruptive actions");
         }

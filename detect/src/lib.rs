@@ -99,6 +99,31 @@ impl Family {
     }
 }
 
+/// Retransmitted segments as a percentage of the segments sent, both counted over one window
+/// towards one peer (or a whole node). Retransmissions with nothing acknowledged are 100 %: a
+/// blackhole acknowledges nothing, which is total loss, not "no data". Capped at 100.
+#[must_use]
+pub fn retransmit_pct(retransmits: u64, segments_sent: u64) -> f64 {
+    match (retransmits, segments_sent) {
+        (0, _) => 0.0,
+        (_, 0) => 100.0,
+        (r, s) => (100.0 * r as f64 / s as f64).min(100.0),
+    }
+}
+
+#[cfg(test)]
+mod retransmit_pct_tests {
+    use super::retransmit_pct;
+
+    #[test]
+    fn nothing_acknowledged_is_total_loss_and_nothing_retransmitted_none() {
+        assert!((retransmit_pct(3, 0) - 100.0).abs() < 1e-12);
+        assert!(retransmit_pct(0, 0).abs() < 1e-12);
+        assert!((retransmit_pct(1, 200) - 0.5).abs() < 1e-12);
+        assert!((retransmit_pct(500, 100) - 100.0).abs() < 1e-12, "capped");
+    }
+}
+
 impl std::fmt::Display for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

@@ -127,6 +127,7 @@ impl Engine {
         };
         self.karpenter.seed_verdicts(&mut self.guard, &ctx);
         state_machine::observe(&mut self.nodes, &ctx, &mut plan);
+        plan.degraded_links = state_machine::degraded_links(&self.nodes);
         self.settling = self.next_settling(&ctx);
         ctx.settled = self.settling == Settling::Settled;
         plan.settled = ctx.settled;

@@ -166,6 +166,13 @@ pub struct VantageEvidence {
     /// The target's own measurements towards everyone sit far above the fleet's (its own link is
     /// slow; TCP RTT and retransmits are seen by both ends of a connection).
     pub own_link_slow: bool,
+    /// The peers (sorted) whose links explain what the target sees and what is seen of it: it
+    /// sees fewer than half of its peers degraded, fewer than half of its observers see it
+    /// degraded, and at least one of those sees it in turn. Empty when the evidence is not
+    /// link-shaped. Both ends of a broken link see the same figures (TCP measures the round
+    /// trip), so which end is at fault cannot be told; neither node is to blame. (A node slow
+    /// towards everyone sees everyone slow and is seen slow by everyone.)
+    pub link_partners: Vec<String>,
 }
 
 impl VantageEvidence {
@@ -198,7 +205,7 @@ fn vantage_floor(family: Family) -> f64 {
 fn peer_figure(family: Family, p: &super::model::PeerObservation) -> Option<f64> {
     match family {
         Family::NetworkLatency if p.rtt_samples > 0 && p.rtt_p99_us.is_finite() => Some(p.rtt_p99_us),
-        Family::PacketLoss if p.segments_out > 0 => Some(p.retrans_pct()),
+        Family::PacketLoss if p.segments_out > 0 || p.retransmits > 0 => Some(p.retrans_pct()),
         _ => None,
     }
 }
@@ -249,6 +256,8 @@ pub fn vantage<'a>(
     let fleet_base = median(&mut bases);
     let mut tally = vec![VantageEvidence::default(); book.names.len()];
     let mut flagged_sets: Vec<Vec<usize>> = vec![Vec::new(); book.names.len()];
+    // What each reliable observer flags, and how many targets it measured.
+    let mut flags_of: Vec<Option<(Vec<usize>, usize)>> = vec![None; book.names.len()];
     let reporting: Vec<bool> = {
         let mut r = vec![false; book.names.len()];
         for o in &observers {
@@ -264,14 +273,17 @@ pub fn vantage<'a>(
             tally[o.id].own_link_slow = true;
             continue;
         }
+        let mut flags = Vec::new();
         for (target, v) in &o.per_target {
             let e = &mut tally[*target];
             e.observers += 1;
             if *v >= base * ratio && *v - base >= vantage_floor(family) {
                 e.flagged += 1;
                 flagged_sets[*target].push(o.id);
+                flags.push(*target);
             }
         }
+        flags_of[o.id] = Some((flags, o.per_target.len()));
     }
     for o in &observers {
         let e = &mut tally[o.id];
@@ -282,11 +294,26 @@ pub fn vantage<'a>(
             .filter(|f| partners.binary_search(f).is_ok())
             .count();
     }
+    for (id, flags) in flags_of.iter().enumerate() {
+        let Some((flags, measured)) = flags else { continue };
+        // Link-shaped: a minority of its links look bad from its end, a minority of its
+        // observers see it bad, and some of them are at the other end of its bad links (flags
+        // is sorted: per_target is). Noise on a busy node flags the odd link; the tallies are
+        // judged against halves, not exact sets, so one noisy window does not undo it.
+        let flaggers = &flagged_sets[id];
+        let few_seen_bad = 2 * flags.len() < *measured;
+        let few_see_it_bad = 2 * flaggers.len() < tally[id].observers;
+        let mutual = flaggers.iter().any(|o| flags.binary_search(o).is_ok());
+        if few_seen_bad && few_see_it_bad && mutual {
+            tally[id].link_partners = flags.iter().map(|t| book.names[*t].clone()).collect();
+            tally[id].link_partners.sort();
+        }
+    }
     tally
         .into_iter()
         .zip(flagged_sets)
         .enumerate()
-        .filter(|(_, (e, _))| e.observers > 0 || e.own_link_slow)
+        .filter(|(_, (e, _))| e.observers > 0 || e.own_link_slow || !e.link_partners.is_empty())
         .map(|(id, (mut e, flagged))| {
             let mut names: Vec<String> = flagged.into_iter().map(|f| book.names[f].clone()).collect();
             names.sort();
@@ -411,7 +438,110 @@ mod tests {
         for i in 1..=4 {
             assert_eq!(v[&format!("n{i}")].flagged, 0, "n{i}");
             assert!(!v[&format!("n{i}")].own_link_slow, "n{i}");
+            // n5 sees everyone slow and abstains: no link is blamed back, it is n5's story.
+            assert!(v[&format!("n{i}")].link_partners.is_empty(), "n{i}");
         }
+        assert!(v["n5"].link_partners.is_empty(), "the slow node is no link fault");
+    }
+
+    /// n1 ↔ n2 broken (each sees the other slow), everything else fine: both ends are
+    /// link-explained, by each other; nobody else is.
+    #[test]
+    fn one_broken_link_blames_the_link_not_either_end() {
+        let nodes: Vec<NodeView> = (1..=5).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        let mut reports = BTreeMap::new();
+        for i in 1..=5u8 {
+            let t: Vec<(u8, f64)> = (1..=5u8)
+                .filter(|j| *j != i)
+                .map(|j| {
+                    (
+                        j,
+                        if (i, j) == (1, 2) || (i, j) == (2, 1) {
+                            5000.0
+                        } else {
+                            300.0
+                        },
+                    )
+                })
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        let v = vantage(
+            Family::NetworkLatency,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(v["n1"].link_partners, ["n2"]);
+        assert_eq!(v["n2"].link_partners, ["n1"]);
+        assert_eq!((v["n1"].flagged, v["n2"].flagged), (1, 1));
+        for i in 3..=5 {
+            assert!(v[&format!("n{i}")].link_partners.is_empty(), "n{i}");
+        }
+    }
+
+    /// n1 ↔ n2 broken in six nodes, and a noisy n3 also sees n1 slow in this window: still the
+    /// link (two of five observers is a minority).
+    #[test]
+    fn a_noisy_observer_does_not_turn_a_link_into_a_node() {
+        let nodes: Vec<NodeView> = (1..=6).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        let mut reports = BTreeMap::new();
+        for i in 1..=6u8 {
+            let t: Vec<(u8, f64)> = (1..=6u8)
+                .filter(|j| *j != i)
+                .map(|j| match (i, j) {
+                    (1, 2) | (2, 1) => (j, 5000.0),
+                    (3, 1) => (j, 1500.0),
+                    _ => (j, 300.0),
+                })
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        let v = vantage(
+            Family::NetworkLatency,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(v["n1"].flagged_by, ["n2", "n3"]);
+        assert_eq!(v["n1"].link_partners, ["n2"]);
+        assert_eq!(v["n2"].link_partners, ["n1"]);
+    }
+
+    /// A node slow towards 4 of its 8 peers, and flagged by them: half of its links, so the
+    /// node, not its links.
+    #[test]
+    fn many_bad_links_are_the_node() {
+        let nodes: Vec<NodeView> = (1..=9).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        let slow = |i: u8, j: u8| (i == 1 && (2..=5).contains(&j)) || (j == 1 && (2..=5).contains(&i));
+        let mut reports = BTreeMap::new();
+        for i in 1..=9u8 {
+            let t: Vec<(u8, f64)> = (1..=9u8)
+                .filter(|j| *j != i)
+                .map(|j| match (i, j) {
+                    // n1 sees n2 far worse than the rest, so it does flag one link.
+                    (1, 2) => (j, 50_000.0),
+                    _ if slow(i, j) => (j, 5000.0),
+                    _ => (j, 300.0),
+                })
+                .collect();
+            reports.insert(format!("n{i}"), report_towards(&t));
+        }
+        let v = vantage(
+            Family::NetworkLatency,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(v["n1"].flagged_by, ["n2", "n3", "n4", "n5"]);
+        assert!(v["n1"].link_partners.is_empty(), "{:?}", v["n1"]);
+        // n1 sees half its peers slow: its own view is unreliable, so nobody's link to it is
+        // blamed back; their view of it is n1's story.
+        assert!(v["n1"].own_link_slow);
+        assert!(v["n2"].link_partners.is_empty(), "{:?}", v["n2"]);
     }
 
     /// n1..n3 lie about n9 (20 ms towards it, 300 µs towards the rest); n4..n8 are honest and

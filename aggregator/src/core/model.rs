@@ -14,6 +14,7 @@ pub type Millis = i64;
 
 /// The signal families; one Node condition each (defined once, shared with agent and wire).
 pub use graywatch_proto::Family;
+use graywatch_proto::retransmit_pct;
 
 /// What the cluster says about one Node (from a watch of Nodes), including what we wrote before.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -141,11 +142,7 @@ impl PeerObservation {
     /// Retransmitted / sent segments in percent (0 when nothing was sent).
     #[must_use]
     pub fn retrans_pct(&self) -> f64 {
-        if self.segments_out == 0 {
-            0.0
-        } else {
-            100.0 * self.retransmits as f64 / self.segments_out as f64
-        }
+        retransmit_pct(self.retransmits, self.segments_out)
     }
 }
 

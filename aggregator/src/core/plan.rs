@@ -16,6 +16,8 @@ pub struct Plan {
     pub settled: bool,
     /// Group verdicts in force, as (label, value).
     pub verdicts: Vec<(String, String)>,
+    /// Node pairs (sorted) whose link alone looks degraded from both ends: no action on either.
+    pub degraded_links: Vec<(String, String)>,
 }
 
 impl Plan {

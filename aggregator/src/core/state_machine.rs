@@ -97,6 +97,13 @@ pub struct FamilyState {
     /// by the node's own measurements or a majority of its traffic partners (empty = none). Such
     /// evidence raises Suspect at most: no False condition, no action, no group verdict.
     pub uncorroborated: Vec<String>,
+    /// The peers whose link to this node both ends blame (empty = none): neither end of a
+    /// broken link is acted on, since which end is at fault cannot be told. Such a family is
+    /// Suspect at most.
+    pub link: Vec<String>,
+    /// Windows in which both ends of a link blamed it, counted up (to twice `degrade_windows`)
+    /// and worn down by one per window without that evidence.
+    pub link_streak: u32,
     /// The agent's latest forecast failure for this family, if any (see `prediction`).
     pub prediction: Option<Prediction>,
     /// Windows in a row without a forecast since `prediction` was last confirmed.
@@ -114,6 +121,8 @@ impl FamilyState {
             detail: String::new(),
             unknown_reason: UnknownReason::NoReport,
             uncorroborated: Vec::new(),
+            link: Vec::new(),
+            link_streak: 0,
             prediction: None,
             prediction_misses: 0,
         }
@@ -285,12 +294,13 @@ impl NodeState {
     }
 
     /// Unhealthy for keeping a group verdict: a family Suspect only on uncorroborated vantage
-    /// evidence does not count (other nodes' words must not hold a zone excluded either).
+    /// evidence (other nodes' words must not hold a zone excluded either) or on a broken link
+    /// does not count.
     #[must_use]
     pub fn counts_unhealthy(&self) -> bool {
-        self.families
-            .values()
-            .any(|f| f.phase.is_unhealthy() && (f.phase != Phase::Suspect || f.uncorroborated.is_empty()))
+        self.families.values().any(|f| {
+            f.phase.is_unhealthy() && (f.phase != Phase::Suspect || (f.uncorroborated.is_empty() && f.link.is_empty()))
+        })
     }
 }
 
@@ -395,6 +405,29 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
     }
 }
 
+/// Node pairs whose link is blamed by both ends (in any family), each pair once, sorted.
+pub(super) fn degraded_links(nodes: &BTreeMap<String, NodeState>) -> Vec<(String, String)> {
+    let blames = |node: &str, peer: &str| {
+        nodes
+            .get(node)
+            .is_some_and(|st| st.families.values().any(|fs| fs.link.iter().any(|n| n == peer)))
+    };
+    let mut links: Vec<(String, String)> = nodes
+        .iter()
+        .flat_map(|(name, st)| {
+            st.families
+                .values()
+                .flat_map(|fs| fs.link.iter())
+                .map(move |peer| (name, peer))
+        })
+        .filter(|(name, peer)| name.as_str() < peer.as_str() && blames(peer, name))
+        .map(|(name, peer)| (name.clone(), peer.clone()))
+        .collect();
+    links.sort();
+    links.dedup();
+    links
+}
+
 fn go_unknown(st: &mut NodeState, name: &str, ctx: &StepCtx) {
     let reported = ctx.input.reports.contains_key(name);
     // Just started and no report yet: keep what we found on the Node.
@@ -424,8 +457,83 @@ fn note_lost_events(st: &mut NodeState, report: &NodeReport) {
     }
 }
 
+/// The peer-group part of a family's evidence: how far the node's `figure` sits from its
+/// group's (0 when the group is too small to judge).
+fn peer_evidence(f: Family, figure: f64, view: &NodeView, ev: &Evidence, p: &Policy, detail: &mut Vec<String>) -> f64 {
+    let Some(group) = ev
+        .groups
+        .get(&(f, group_key(p, view)))
+        .filter(|group| group.n >= p.peer_min_group)
+    else {
+        return 0.0;
+    };
+    let z = group.z(figure);
+    detail.push(format!(
+        "{} vs peer median {} (z {}, {} peers)",
+        fmt_num(figure),
+        fmt_num(group.median),
+        fmt_num(z),
+        group.n
+    ));
+    evidence::ramp(z, p.peer_z_low, p.peer_z_high)
+}
+
+/// The links this family blames after this window, given the peers that blame their link to
+/// this node back in it. A broken link is measured only when traffic crosses it (a blackholed
+/// connection retransmits ever more rarely): windows without the evidence wear the streak down
+/// one at a time instead of resetting it, so the link stays reported through the quiet ones.
+fn link_streak(fs: &mut FamilyState, mutual: Vec<String>, p: &Policy) -> Vec<String> {
+    if mutual.is_empty() {
+        fs.link_streak = fs.link_streak.saturating_sub(1);
+        if fs.link_streak == 0 {
+            Vec::new()
+        } else {
+            fs.link.clone()
+        }
+    } else {
+        fs.link_streak = fs
+            .link_streak
+            .saturating_add(1)
+            .min(p.degrade_windows.saturating_mul(2));
+        if fs.link_streak >= p.degrade_windows {
+            mutual
+        } else {
+            fs.link.clone()
+        }
+    }
+}
+
+/// The peers in `link` whose own evidence blames their link to `name` in turn.
+fn blamed_back(ev: &Evidence, f: Family, name: &str, link: &[String]) -> Vec<String> {
+    let of_family = ev.vantage.get(&f);
+    link.iter()
+        .filter(|peer| {
+            of_family
+                .and_then(|m| m.get(peer.as_str()))
+                .is_some_and(|v| v.link_partners.iter().any(|n| n == name))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The `LinkDegraded` Event when the links both ends blame for a family change (once per
+/// change, not per window).
+fn link_event(before: &[String], blamed: &[String], f: Family, name: &str) -> Option<PlannedEvent> {
+    (!blamed.is_empty() && before != blamed).then(|| PlannedEvent {
+        target: EventTarget::Node(name.to_string()),
+        kind: EventKind::Warning,
+        reason: "LinkDegraded".into(),
+        action: "None".into(),
+        note: format!(
+            "{}: only its link to {} looks degraded, seen from both ends, while the other nodes see both healthy: no action on either end (which end is at fault cannot be told)",
+            f.as_str(),
+            blamed.join(", ")
+        ),
+    })
+}
+
 /// Scores one family of one new window and advances its machine; the Event announcing
-/// uncorroborated vantage evidence, if this window brings it.
+/// uncorroborated vantage evidence or a degraded link, if this window brings it.
 fn score_family(
     fs: &mut FamilyState,
     f: Family,
@@ -448,23 +556,7 @@ fn score_family(
         }
         *s
     });
-    let mut peer_score = 0.0;
-    if let Some(x) = figure
-        && let Some(g) = ev
-            .groups
-            .get(&(f, group_key(p, view)))
-            .filter(|g| g.n >= p.peer_min_group)
-    {
-        let z = g.z(x);
-        peer_score = evidence::ramp(z, p.peer_z_low, p.peer_z_high);
-        detail.push(format!(
-            "{} vs peer median {} (z {}, {} peers)",
-            fmt_num(x),
-            fmt_num(g.median),
-            fmt_num(z),
-            g.n
-        ));
-    }
+    let peer_score = figure.map_or(0.0, |x| peer_evidence(f, x, view, ev, p, &mut detail));
     // Vantage evidence counts only when corroborated: by the node's own measurements (its
     // detector, its position in its peer group, or its own view of everyone) or by a strict
     // majority of the nodes it reports traffic with. Other nodes' words alone raise Suspect at
@@ -498,13 +590,40 @@ fn score_family(
         (p.weight_peer, peer_score),
         (p.weight_vantage, raw_vantage),
     ]);
-    advance(fs, conf, p);
+    // One broken link is no broken node: when all this node sees, and all that is seen of it,
+    // is its link to one or a few peers, neither end is acted on.
+    let link: &[String] = ev
+        .vantage
+        .get(&f)
+        .and_then(|m| m.get(name))
+        .map_or(&[], |v| v.link_partners.as_slice());
+    // What a link explains is no evidence against the node, whatever its confidence. The link
+    // itself is reported (Suspect, an Event) when both of its ends blame it, once that has held
+    // for `degrade_windows` windows in a row; a healthy node's link to a slow node is the slow
+    // node's story, told on that node.
+    let link_shaped = !link.is_empty();
+    let mutual = blamed_back(ev, f, name, link);
+    advance(fs, if link_shaped { 0.0 } else { conf }, p);
+    fs.confidence = conf;
+    let blamed = link_streak(fs, mutual, p);
+    if link_shaped {
+        detail.push(format!(
+            "explained by its link to {}: only that link looks degraded, no action",
+            link.join(", ")
+        ));
+    }
+    if !blamed.is_empty() && fs.phase == Phase::Healthy {
+        fs.phase = Phase::Suspect;
+    }
     fs.detail = format!("confidence {}: {}", fmt_num(conf), detail.join("; "));
     let alone: Vec<String> = match observers_alone {
-        Some(v) if raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => v.flagged_by.clone(),
+        Some(v) if !link_shaped && raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => {
+            v.flagged_by.clone()
+        }
         _ => Vec::new(),
     };
-    let mut event = None;
+    let mut event = link_event(&fs.link, &blamed, f, name);
+    fs.link = blamed;
     if !alone.is_empty() {
         if fs.phase == Phase::Healthy {
             fs.phase = Phase::Suspect;

@@ -968,6 +968,66 @@ fn corroborated_vantage_still_degrades() {
     assert_eq!(sim.count("UncorroboratedVantage"), 0);
 }
 
+/// node-1 ↔ node-2 broken (each end sees only the other slow and lossy, its own detector fires,
+/// every other node sees both fine): neither end is False or tainted, each is Suspect with the
+/// link named, and each gets one `LinkDegraded` Event per network family, not one per window.
+#[test]
+fn a_broken_link_acts_on_neither_end() {
+    for mode in [TaintMode::Direct, TaintMode::Nrc] {
+        let p = Policy {
+            taint_mode: mode,
+            ..Policy::default()
+        };
+        let mut eng = Engine::new(p.clone());
+        let mut sim = Sim::new(10, 5);
+        sim.run(&mut eng, &set(&[]), 3);
+        for _ in 0..8 {
+            sim.round(&BTreeSet::new(), |_| true);
+            for (end, other) in [(1, 2), (2, 1)] {
+                let r = sim
+                    .input
+                    .reports
+                    .get_mut(&format!("node-{end}"))
+                    .map(std::sync::Arc::make_mut)
+                    .expect("report");
+                for peer in r.peers.iter_mut().filter(|peer| peer.addr == ip(other)) {
+                    peer.rtt_p99_us = 8000.0;
+                    peer.retransmits = 60;
+                }
+                r.figures.insert(Family::NetworkLatency, 8000.0);
+                r.figures.insert(Family::PacketLoss, 6.0);
+                r.local = BTreeMap::from([
+                    (Family::NetworkLatency, (1.0, format!("rtt p99 to node-{other}"))),
+                    (Family::PacketLoss, (1.0, format!("retransmits to node-{other}"))),
+                ]);
+            }
+            let plan = eng.step(&sim.input);
+            sim.apply(&plan);
+            for end in [1, 2] {
+                assert_ne!(sim.overall(&p, end), Some(CondStatus::False), "{mode:?}: node-{end}");
+            }
+            assert!(sim.tainted().is_empty(), "{mode:?}: {:?}", sim.tainted());
+        }
+        for (end, other) in [(1, 2), (2, 1)] {
+            let nl = &sim.input.nodes[&format!("node-{end}")].conditions[&p.family_condition(Family::NetworkLatency)];
+            assert_eq!(
+                (nl.status, nl.reason.as_str()),
+                (CondStatus::True, "Suspect"),
+                "{mode:?}"
+            );
+            assert!(
+                nl.message.contains(&format!("explained by its link to node-{other}")),
+                "{}",
+                nl.message
+            );
+        }
+        assert_eq!(sim.count("LinkDegraded"), 4, "{mode:?}: {:?}", sim.events);
+        let plan = eng.step(&sim.input);
+        assert_eq!(plan.degraded_links, [("node-1".to_string(), "node-2".to_string())]);
+        assert!(eng.verdicts().is_empty());
+    }
+}
+
 #[test]
 fn a_new_engine_inherits_the_spent_action_budget() {
     // rate_limit 1: one node tainted by the first engine uses the whole budget.
@@ -1063,7 +1123,7 @@ proptest! {
     /// `recover_windows` consecutive good ones.
     #[test]
     fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
-        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), prediction: None, prediction_misses: 0 };
+        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), link: Vec::new(), link_streak: 0, prediction: None, prediction_misses: 0 };
         let mut bad_run = 0u32;
         let mut good_run = 0u32;
         for c in confs {

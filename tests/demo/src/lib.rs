@@ -66,11 +66,12 @@ pub struct DemoResult {
 
 /// Event reasons that are an alarm: a detection, an action, or an action held back. Seen before
 /// any fault is injected, each is a false alarm.
-const ALARM_REASONS: [&str; 6] = [
+const ALARM_REASONS: [&str; 7] = [
     "GrayFailureDetected",
     "GrayFailureTaint",
     "ActionSuppressed",
     "UncorroboratedVantage",
+    "LinkDegraded",
     "NodeClaimReplaced",
     "NetworkingFault",
 ];

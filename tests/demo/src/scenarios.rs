@@ -52,6 +52,10 @@ pub fn leak_cgroup(node_cgroup: &str, run: usize) -> String {
 pub enum Targets {
     /// The demo's target node.
     One,
+    /// The link between the demo's target node and one peer (the fault is on the target's
+    /// packets towards that peer): expected to be reported as a degraded link, with no action on
+    /// either end, since both ends measure the same round trips.
+    OneLink,
     /// The target and a node of the other zone.
     Two,
     /// Every node of the last zone, towards every node outside it: expected to give one zone
@@ -101,7 +105,7 @@ pub const ALL: &[Scenario] = &[
             spec: "loss=100%",
             one_peer: true,
         },
-        targets: Targets::One,
+        targets: Targets::OneLink,
         flapping: false,
         condition: None,
     },
@@ -111,7 +115,7 @@ pub const ALL: &[Scenario] = &[
             spec: "delay=30ms",
             one_peer: true,
         },
-        targets: Targets::One,
+        targets: Targets::OneLink,
         flapping: false,
         condition: None,
     },
@@ -223,7 +227,7 @@ impl Cluster<'_> {
     fn targets(&self, targets: Targets) -> Vec<usize> {
         let n = self.names.len();
         match targets {
-            Targets::One => vec![self.target],
+            Targets::One | Targets::OneLink => vec![self.target],
             Targets::Two => {
                 // The second one in the other zone, so that neither zone has a majority faulty.
                 let zone = self.zones[self.target];
@@ -350,15 +354,20 @@ impl Cluster<'_> {
         TestCgroup::create_at(&rel, limits).with_context(|| format!("creating cgroup {rel}"))
     }
 
-    /// Whether a group verdict is in force, from the aggregator's metrics.
-    async fn verdict(&self) -> anyhow::Result<bool> {
-        crate::http_get_local(self.aggregator_http, "/metrics")
-            .await?
-            .lines()
-            .find_map(|l| l.strip_prefix("graywatch_aggregator_verdicts "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v > 0.0)
-            .context("no graywatch_aggregator_verdicts in the aggregator's metrics")
+    /// Whether a group verdict, and a degraded link, are in force, from the aggregator's metrics.
+    async fn verdict_and_link(&self) -> anyhow::Result<(bool, bool)> {
+        let text = crate::http_get_local(self.aggregator_http, "/metrics").await?;
+        let positive = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|v| v > 0.0)
+                .with_context(|| format!("no {name} in the aggregator's metrics"))
+        };
+        Ok((
+            positive("graywatch_aggregator_verdicts")?,
+            positive("graywatch_aggregator_degraded_links")?,
+        ))
     }
 }
 
@@ -369,11 +378,12 @@ pub type FleetView = BTreeMap<String, (bool, BTreeSet<String>, bool)>;
 struct Snapshot {
     nodes: FleetView,
     verdict: bool,
+    link: bool,
 }
 
 impl Snapshot {
     fn clean(&self) -> bool {
-        !self.verdict && self.nodes.values().all(|(bad, _, tainted)| !bad && !tainted)
+        !self.verdict && !self.link && self.nodes.values().all(|(bad, _, tainted)| !bad && !tainted)
     }
 
     /// Records every action on a node outside `targets`.
@@ -399,6 +409,7 @@ struct Outcome {
     condition: Option<Duration>,
     taint: Option<Duration>,
     verdict: Option<Duration>,
+    link: Option<Duration>,
     expected: Option<Duration>,
     recovery: Option<Duration>,
     reacted: BTreeSet<String>,
@@ -408,8 +419,15 @@ struct Outcome {
 
 impl Outcome {
     /// Takes in one snapshot taken `elapsed` after the injection.
-    fn observe(&mut self, s: &Snapshot, scenario: &Scenario, targets: &BTreeSet<&str>, elapsed: Duration) {
-        s.false_actions(targets, &mut self.false_actions);
+    fn observe(
+        &mut self,
+        s: &Snapshot,
+        scenario: &Scenario,
+        targets: &BTreeSet<&str>,
+        blamable: &BTreeSet<&str>,
+        elapsed: Duration,
+    ) {
+        s.false_actions(blamable, &mut self.false_actions);
         let mut all_false = true;
         for name in targets {
             let (bad, families, tainted) = s.nodes.get(*name).cloned().unwrap_or_default();
@@ -428,6 +446,9 @@ impl Outcome {
         if s.verdict {
             self.verdict.get_or_insert(elapsed);
         }
+        if s.link {
+            self.link.get_or_insert(elapsed);
+        }
         if scenario.condition.is_some_and(|c| self.reacted.contains(c)) {
             self.expected.get_or_insert(elapsed);
         }
@@ -438,6 +459,7 @@ impl Outcome {
         let acted = match scenario.targets {
             Targets::Zone => self.verdict.is_some() && self.condition.is_some(),
             Targets::One | Targets::Two => self.condition.is_some() && self.taint.is_some(),
+            Targets::OneLink => self.link.is_some(),
         };
         acted && (scenario.condition.is_none() || self.expected.is_some())
     }
@@ -461,6 +483,7 @@ impl Outcome {
             "expected_condition": scenario.condition,
             "expected_condition_seconds": secs(self.expected),
             "verdict_seconds": secs(self.verdict),
+            "link_seconds": secs(self.link),
             "recovery_seconds": secs(self.recovery),
             "tainted_targets": self.tainted_targets,
             "false_actions": self.false_actions,
@@ -584,9 +607,11 @@ where
     Fut: std::future::Future<Output = anyhow::Result<FleetView>>,
 {
     let snapshot = || async {
+        let (verdict, link) = cluster.verdict_and_link().await?;
         anyhow::Ok(Snapshot {
             nodes: observe().await?,
-            verdict: cluster.verdict().await?,
+            verdict,
+            link,
         })
     };
     let tick = Duration::from_millis(250);
@@ -605,6 +630,13 @@ where
             }
             let targets = cluster.targets(scenario.targets);
             let target_names: BTreeSet<&str> = targets.iter().map(|&t| cluster.names[t].as_str()).collect();
+            // Nodes an action on is no false action: none for a link fault (neither end is to
+            // blame), the faulty nodes otherwise.
+            let blamable: BTreeSet<&str> = if scenario.targets == Targets::OneLink {
+                BTreeSet::new()
+            } else {
+                target_names.clone()
+            };
             println!(
                 "\n== scenario {} (run {}/{runs}) on {target_names:?}{}",
                 scenario.name,
@@ -638,7 +670,13 @@ where
                         None => Some(cluster.inject(scenario.fault, &targets, &spare, run)?),
                     };
                 }
-                outcome.observe(&snapshot().await?, scenario, &target_names, started.elapsed());
+                outcome.observe(
+                    &snapshot().await?,
+                    scenario,
+                    &target_names,
+                    &blamable,
+                    started.elapsed(),
+                );
                 if !outcome.complete(scenario) {
                     tokio::time::sleep(tick).await;
                 }
@@ -647,7 +685,7 @@ where
             let removed = Instant::now();
             while removed.elapsed() < cluster.max_wait * 3 {
                 let s = snapshot().await?;
-                s.false_actions(&target_names, &mut outcome.false_actions);
+                s.false_actions(&blamable, &mut outcome.false_actions);
                 for name in &target_names {
                     if s.nodes.get(*name).is_some_and(|n| n.2) {
                         outcome.tainted_targets.insert((*name).to_owned());

@@ -88,15 +88,8 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
     for rep in 0..repetitions {
         let log = output_dir()?.join(format!("logs/demo-{rep}.log"));
         let started = Instant::now();
-        let mut child = Command::new(&demo)
-            .arg("--bin-dir")
-            .arg(&bin_dir)
-            .arg("--aggregator-config")
-            .arg(root.join("tests/demo/aggregator.toml"))
+        let mut child = demo_command(&demo)?
             .args(["--fault", &args.fault, "--baseline", &baseline])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .context("starting graywatch-demo")?;
         let stdout = child.stdout.take().context("demo stdout")?;
@@ -177,6 +170,20 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// graywatch-demo with the binaries beside it and the demo's aggregator config, its stdout piped.
+fn demo_command(demo: &std::path::Path) -> anyhow::Result<Command> {
+    let mut command = Command::new(demo);
+    command
+        .arg("--bin-dir")
+        .arg(demo.parent().context("demo binary directory")?)
+        .arg("--aggregator-config")
+        .arg(workspace_root().join("tests/demo/aggregator.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Ok(command)
+}
+
 /// One scenario run as graywatch-demo reports it (`scenario_result=` lines).
 #[derive(serde::Deserialize)]
 struct ScenarioRun {
@@ -188,6 +195,9 @@ struct ScenarioRun {
     /// For a load in the node's cgroup: when the condition of its own family went False.
     expected_condition_seconds: Option<f64>,
     verdict_seconds: Option<f64>,
+    /// For a fault on one link: when the aggregator reported the link degraded.
+    #[serde(default)]
+    link_seconds: Option<f64>,
     recovery_seconds: Option<f64>,
     #[serde(default)]
     tainted_targets: Vec<String>,
@@ -198,23 +208,15 @@ struct ScenarioRun {
 }
 
 fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: &str) -> anyhow::Result<()> {
-    let root = workspace_root();
     let runs = args.runs.max(1);
     let load_before = super::loadavg();
     println!("detect: scenario matrix `{scenarios}`, {runs} run(s) each, baseline {baseline}, load {load_before}");
     let log = output_dir()?.join("logs/detect-matrix.log");
     let started = Instant::now();
-    let mut child = Command::new(demo)
-        .arg("--bin-dir")
-        .arg(demo.parent().context("demo binary directory")?)
-        .arg("--aggregator-config")
-        .arg(root.join("tests/demo/aggregator.toml"))
+    let mut child = demo_command(demo)?
         // Two zones of three: a zone verdict needs three nodes in the zone and three outside.
         .args(["--nodes", "6", "--baseline", baseline, "--max-wait", "60s"])
         .args(["--scenarios", scenarios, "--runs", &runs.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .context("starting graywatch-demo")?;
     let stdout = child.stdout.take().context("demo stdout")?;
@@ -270,7 +272,7 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
             "detected",
             "→ False s med (min–max)",
             "→ taint s",
-            "zone verdict",
+            "zone verdict / link",
             "recovery s",
             "false actions elsewhere",
         ],
@@ -292,17 +294,23 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
 fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value) {
     let figures =
         |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> { of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect() };
-    let (condition, taint, verdict, recovery) = (
+    let (condition, taint, verdict, link, recovery) = (
         figures(|r| r.condition_seconds),
         figures(|r| r.taint_seconds),
         figures(|r| r.verdict_seconds),
+        figures(|r| r.link_seconds),
         figures(|r| r.recovery_seconds),
     );
     let spread = |v: &[f64]| {
         let (lo, hi) = min_max(v);
         format!("{} ({}–{})", fmt(median(v), 1), fmt(lo, 1), fmt(hi, 1))
     };
-    let detected = condition.iter().filter(|v| v.is_finite()).count();
+    // Detected: the faulty node went False, or (a fault on one link) the link was reported.
+    let detected = condition
+        .iter()
+        .zip(&link)
+        .filter(|(c, l)| c.is_finite() || l.is_finite())
+        .count();
     let mut reacted: Vec<String> = of.iter().flat_map(|r| r.reacted.iter().cloned()).collect();
     reacted.sort();
     reacted.dedup();
@@ -315,20 +323,22 @@ fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value
     false_actions.dedup();
     let runs_with_false = of.iter().filter(|r| !r.false_actions.is_empty()).count();
     let verdicts = verdict.iter().filter(|v| v.is_finite()).count();
+    let links = link.iter().filter(|v| v.is_finite()).count();
     let row = vec![
         name.to_owned(),
-        if reacted.is_empty() {
-            "NOT DETECTED".to_owned()
-        } else {
-            reacted.join("+")
+        match (reacted.is_empty(), links > 0) {
+            (true, false) => "NOT DETECTED".to_owned(),
+            (true, true) => "link".to_owned(),
+            (false, true) => format!("link, {}", reacted.join("+")),
+            (false, false) => reacted.join("+"),
         },
         format!("{detected}/{}", of.len()),
         spread(&condition),
         spread(&taint),
-        if verdicts > 0 {
-            format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1))
-        } else {
-            "—".to_owned()
+        match (verdicts, links) {
+            (0, 0) => "—".to_owned(),
+            (0, _) => format!("link {links}/{} ({})", of.len(), fmt(median(&link), 1)),
+            _ => format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1)),
         },
         spread(&recovery),
         if false_actions.is_empty() {
@@ -351,6 +361,7 @@ fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value
         "fault_to_taint": series(&taint),
         "fault_to_own_family_condition_false": series(&figures(|r| r.expected_condition_seconds)),
         "fault_to_zone_verdict": series(&verdict),
+        "fault_to_degraded_link": series(&link),
         "recovery": series(&recovery),
         "tainted_targets": of.iter().map(|r| r.tainted_targets.clone()).collect::<Vec<_>>(),
         "false_actions": false_actions,
