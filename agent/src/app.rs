@@ -204,6 +204,7 @@ impl Collector {
             lost_events: delta.lost_events,
             unavailable,
             local_scores: Vec::new(),
+            predictions: Vec::new(),
         })
     }
 
@@ -316,6 +317,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let identity = crate::wire::Identity::from_host(&config.node_name, Path::new("/proc"));
     let mut scorer = crate::scoring::LocalScorer::default();
+    let mut predictor = crate::predict::Predictor::default();
     let started_at = Instant::now();
     let mut seq = 0u64;
     let mut last_book: Option<Arc<graywatch_proto::v1::PeerBook>> = None;
@@ -345,9 +347,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // Once per window, for the scorer and the wire summary alike.
         let peers = crate::peers::peers(&summary, &peer_book.get(), crate::peers::PeerLimits::default());
         health.metrics.observe_peers(&peers);
-        let scores = scorer.observe(started_at.elapsed().as_secs_f64(), &summary, &peers);
+        let t = started_at.elapsed().as_secs_f64();
+        let scores = scorer.observe(t, &summary, &peers);
         health.metrics.observe_scores(&scores);
+        let predictions = predictor.observe(t, &summary, |uid| {
+            pods.get(uid).map(|pod| format!("{}/{}", pod.namespace, pod.name))
+        });
         let mut summary = summary;
+        summary.predictions = predictions;
         summary.local_scores = scores
             .iter()
             .filter_map(|s| {

@@ -16,6 +16,7 @@ pub mod kernel_layout;
 pub mod metrics;
 pub mod peers;
 pub mod pods;
+pub mod predict;
 pub mod report;
 pub mod scoring;
 pub mod signals;

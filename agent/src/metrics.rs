@@ -621,6 +621,7 @@ mod tests {
             lost_events: BTreeMap::new(),
             unavailable: BTreeMap::new(),
             local_scores: Vec::new(),
+            predictions: Vec::new(),
         }
     }
 

@@ -258,6 +258,7 @@ pub(crate) mod tests {
             lost_events: BTreeMap::new(),
             unavailable: BTreeMap::new(),
             local_scores: Vec::new(),
+            predictions: Vec::new(),
         }
     }
 

@@ -29,6 +29,29 @@ pub struct WindowSummary {
     /// The node's local score per family (filled in after scoring; absent while warming up).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub local_scores: Vec<LocalScoreView>,
+    /// Failures forecast within the horizon, soonest first (filled in after scoring, see
+    /// `crate::predict`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub predictions: Vec<Prediction>,
+}
+
+/// A failure forecast before it happens: a figure rising steadily towards its limit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub family: graywatch_detect::Family,
+    /// Pod `namespace/name` when known, else pod UID, else the cgroup path; `node` for a
+    /// node-level figure.
+    pub workload: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_path: Option<String>,
+    /// Seconds until the forecast crosses the limit.
+    pub eta_seconds: f64,
+    /// In [0, 1]: R² of the recent rise.
+    pub confidence: f64,
+    pub value: f64,
+    pub limit: f64,
+    pub unit: &'static str,
+    pub reason: String,
 }
 
 /// One family's local score as printed.
@@ -335,6 +358,10 @@ pub struct CgroupWindow {
     /// Throttled periods / elapsed periods in the window, in %.
     pub throttled_pct: Option<f64>,
     pub throttled_ms: Option<f64>,
+    /// Memory usage less inactive page cache at the end of the window (bytes).
+    pub memory_working_set_bytes: Option<u64>,
+    /// The cgroup's memory limit; `None` without a limit (or without a reading).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// Midpoint (µs) of kernel RTT bucket `index`, clamped to what the buckets report.

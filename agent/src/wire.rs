@@ -2,7 +2,7 @@
 
 use graywatch_proto::{
     PROTOCOL_VERSION,
-    v1::{Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Window},
+    v1::{Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Prediction, Window},
 };
 
 use crate::{
@@ -174,7 +174,30 @@ pub fn node_summary(
                 })
             })
             .collect(),
+        predictions: predictions(summary),
     }
+}
+
+/// The window's predictions, the soonest per family (they come sorted soonest first).
+fn predictions(summary: &WindowSummary) -> Vec<Prediction> {
+    let mut out: Vec<Prediction> = Vec::new();
+    for p in &summary.predictions {
+        let family = i32::from(Family::from(p.family));
+        if out.iter().any(|o| o.family == family) {
+            continue;
+        }
+        out.push(Prediction {
+            family,
+            eta_seconds: p.eta_seconds,
+            confidence: p.confidence,
+            reason: p.reason.clone(),
+            workload: p.workload.clone(),
+            value: p.value,
+            limit: p.limit,
+            unit: p.unit.into(),
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -240,6 +263,32 @@ mod tests {
             !msg.families
                 .iter()
                 .any(|f| f.family == i32::from(Family::MemoryPressure))
+        );
+    }
+
+    /// Predictions go on the wire, the soonest per family only.
+    #[test]
+    fn the_soonest_prediction_per_family_goes_on_the_wire() {
+        let mut window = window_with(Ipv4Addr::new(10, 0, 0, 9), 2_000, 40, 1_000, 0);
+        let prediction = |workload: &str, eta_seconds: f64| crate::summary::Prediction {
+            family: graywatch_proto::Family::MemoryPressure,
+            workload: workload.into(),
+            cgroup_path: Some(format!("kubepods/{workload}")),
+            eta_seconds,
+            confidence: 0.97,
+            value: 100.0,
+            limit: 256.0,
+            unit: "bytes",
+            reason: format!("{workload} leaks"),
+        };
+        window.predictions = vec![prediction("a", 30.0), prediction("b", 90.0)];
+        let msg = node_summary(&Identity::default(), 1, &window, &peers_of(&window), &[]);
+        assert_eq!(msg.predictions.len(), 1, "{:?}", msg.predictions);
+        let p = &msg.predictions[0];
+        assert_eq!(p.family, i32::from(Family::MemoryPressure));
+        assert_eq!(
+            (p.workload.as_str(), p.eta_seconds, p.unit.as_str()),
+            ("a", 30.0, "bytes")
         );
     }
 

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    core::model::{Millis, NodeReport, PeerObservation},
+    core::model::{Millis, NodeReport, PeerObservation, Prediction},
     metrics::Metrics,
 };
 
@@ -334,6 +334,31 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             local.insert(fam, (sc.score, sc.reason.chars().take(256).collect()));
         }
     }
+    let mut predictions = BTreeMap::new();
+    for (i, p) in s.predictions.iter().enumerate() {
+        if !(0.0..=1.0).contains(&p.confidence) {
+            return Err(Status::invalid_argument(format!(
+                "predictions[{i}].confidence: {} not in [0, 1]",
+                p.confidence
+            )));
+        }
+        if !p.eta_seconds.is_finite() || p.eta_seconds < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "predictions[{i}].eta_seconds: {} is not a finite figure >= 0",
+                p.eta_seconds
+            )));
+        }
+        if let Some(fam) = family_from_wire(p.family) {
+            predictions.insert(
+                fam,
+                Prediction {
+                    eta_secs: p.eta_seconds,
+                    confidence: p.confidence,
+                    reason: p.reason.chars().take(256).collect(),
+                },
+            );
+        }
+    }
     if s.lost_events.len() > MAX_LOST_EVENT_KINDS {
         return Err(Status::invalid_argument(format!(
             "lost_events: {} kinds, at most {MAX_LOST_EVENT_KINDS}",
@@ -376,6 +401,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             received_ms: now_ms,
             figures,
             local,
+            predictions,
             peers,
             lost_events: lost_events.clone(),
             lost_events_total: lost_events,
@@ -626,6 +652,31 @@ mod tests {
                 .expect_err("nan")
                 .message()
                 .starts_with("scores[0].score")
+        );
+        let mut s = good();
+        s.predictions.push(graywatch_proto::v1::Prediction {
+            family: graywatch_proto::v1::Family::MemoryPressure.into(),
+            eta_seconds: 42.0,
+            confidence: 0.9,
+            reason: "shop/cart-0 leaks".into(),
+            ..Default::default()
+        });
+        let (_, r) = validate(&s, 10, 5).expect("a prediction is valid");
+        assert_eq!(r.predictions[&Family::MemoryPressure].eta_secs, 42.0);
+        s.predictions[0].confidence = 1.5;
+        assert!(
+            validate(&s, 10, 5)
+                .expect_err("confidence")
+                .message()
+                .starts_with("predictions[0].confidence")
+        );
+        s.predictions[0].confidence = 0.9;
+        s.predictions[0].eta_seconds = f64::INFINITY;
+        assert!(
+            validate(&s, 10, 5)
+                .expect_err("eta")
+                .message()
+                .starts_with("predictions[0].eta_seconds")
         );
         let mut s = good();
         s.node = None;

@@ -45,7 +45,13 @@ async fn nrc_mode_writes_conditions_only_and_examples_are_valid() -> anyhow::Res
         assert!(resp.is_ok(), "{} rejected: {resp:?}", path.display());
         created += 1;
     }
-    assert_eq!(created, 4);
+    assert_eq!(created, 5);
+    let predicted = rules.get("graywatch-predicted-failure").await?;
+    assert_eq!(predicted.data["spec"]["taint"]["effect"], "PreferNoSchedule");
+    assert_eq!(
+        predicted.data["spec"]["conditions"][0]["type"],
+        "graywatch.io/MemoryPressureHealthy"
+    );
     let rule = rules.get("graywatch-gray-failure").await?;
     assert_eq!(rule.data["spec"]["conditions"][0]["type"], "graywatch.io/Healthy");
     assert!(

@@ -7,6 +7,8 @@
 //!   EWMA z-score ([`detectors::RobustZ`]), [`detectors::Cusum`], [`detectors::PageHinkley`],
 //!   [`detectors::HalfSpaceTrees`], and a Holt forecaster ([`detectors::Holt`]) that can say
 //!   "will cross the threshold in N s".
+//! * [`forecast`]: [`forecast::CrossingForecast`], the predicted-failure forecast (Holt's ETA
+//!   to a limit, with the confidence of a steady rise).
 //! * [`filters`]: k-of-n persistence (ignore transient spikes) and warm-up suppression.
 //! * [`ensemble`]: [`ensemble::GrayDetector`], the anomaly score inside the shipped pipeline.
 //! * [`combine`]: [`combine::SignalScorer`], the per-signal pipeline the agent runs and the
@@ -23,6 +25,7 @@ pub mod combine;
 pub mod detectors;
 pub mod ensemble;
 pub mod filters;
+pub mod forecast;
 mod robust;
 mod tail;
 
@@ -32,6 +35,7 @@ pub mod eval;
 pub use combine::{FamilyScore, Score, SignalScorer, SignalScorerConfig};
 pub use detectors::{Cusum, HalfSpaceTrees, Holt, PageHinkley, RobustZ};
 pub use ensemble::{GrayDetector, GrayDetectorConfig};
+pub use forecast::{Crossing, CrossingConfig, CrossingForecast};
 
 use serde::{Deserialize, Serialize};
 

@@ -193,6 +193,25 @@ impl Drop for TempFile {
     }
 }
 
+/// The working set against the limit (what the predicted-failure forecast reads): the limit as
+/// set, a working set within it; no limit on the quiet cgroup is no limit, not a zero.
+fn assert_working_set(limited: &CgroupWindow, quiet: &CgroupWindow, limit: u64) {
+    eprintln!(
+        "working set: limited {:?} of {:?}; quiet {:?} of {:?}",
+        limited.memory_working_set_bytes,
+        limited.memory_limit_bytes,
+        quiet.memory_working_set_bytes,
+        quiet.memory_limit_bytes
+    );
+    assert_eq!(limited.memory_limit_bytes, Some(limit));
+    assert!(
+        limited.memory_working_set_bytes.is_some_and(|ws| ws <= limit),
+        "{limited:?}"
+    );
+    assert_eq!(quiet.memory_limit_bytes, None);
+    assert!(quiet.memory_working_set_bytes.is_some(), "{quiet:?}");
+}
+
 #[test]
 fn memory_limit_below_working_set_shows_pressure_and_reclaim() {
     let Some(mut collector) = collector() else {
@@ -276,6 +295,8 @@ fn memory_limit_below_working_set_shows_pressure_and_reclaim() {
             mem.now.some.avg10, mem.some_pct
         );
     }
+
+    assert_working_set(lim_stats, quiet_stats, 32 << 20);
 
     let events: u64 = lim_reclaim.iter().map(|r| r.stalls.events).sum();
     assert!(events > 0, "a limit below the working set must make the cgroup reclaim");

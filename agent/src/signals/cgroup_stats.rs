@@ -4,8 +4,11 @@
 //!
 //! Read per cgroup: `memory.pressure` / `cpu.pressure` (v2 only: PSI has no v1 interface),
 //! OOM and `high` events (v2 `memory.events`, v1 `memory.oom_control`) and CFS throttling
-//! (`cpu.stat`: v2 `throttled_usec`, v1 `throttled_time` in ns). A source the layout lacks is
-//! `None`; nothing is ever reported as a zero it did not read.
+//! (`cpu.stat`: v2 `throttled_usec`, v1 `throttled_time` in ns), and the memory working set
+//! against the limit (v2 `memory.current` − `inactive_file` of `memory.stat`, limit
+//! `memory.max`; v1 `memory.usage_in_bytes` − `total_inactive_file`, limit
+//! `memory.limit_in_bytes`), which feeds the predicted-failure forecast. A source the layout
+//! lacks is `None`; nothing is ever reported as a zero it did not read.
 
 use std::{
     collections::HashMap,
@@ -136,6 +139,54 @@ pub fn parse_cpu_stat(text: &str, file: &str) -> Result<Option<CpuThrottle>, Cgr
     }))
 }
 
+/// A limit at or above this many bytes is no limit: v1 writes "unlimited" as
+/// `PAGE_COUNTER_MAX` × page size (9223372036854771712 on x86-64), not as a word.
+const NO_LIMIT_BYTES: u64 = 1 << 60;
+
+/// A memory cgroup's working set (what kubelet's eviction and the OOM killer care about: usage
+/// less the inactive page cache the kernel can drop) and its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryUsage {
+    pub working_set_bytes: u64,
+    /// `None` when the cgroup has no limit (`max`, or v1's huge "unlimited").
+    pub limit_bytes: Option<u64>,
+}
+
+/// A memory limit file (v2 `memory.max`, v1 `memory.limit_in_bytes`): `Ok(None)` for no limit.
+pub fn parse_memory_limit(text: &str, file: &str) -> Result<Option<u64>, CgroupFileError> {
+    let word = text.trim();
+    if word == "max" {
+        return Ok(None);
+    }
+    let bytes = word.parse::<u64>().map_err(|_| CgroupFileError::Malformed {
+        file: file.to_owned(),
+        line: 1,
+        reason: format!("expected a byte count or `max`, got {word:?}"),
+    })?;
+    Ok((bytes < NO_LIMIT_BYTES).then_some(bytes))
+}
+
+/// The working set from a usage figure and `memory.stat`: usage less `inactive_key`
+/// (`inactive_file` on v2, the hierarchical `total_inactive_file` on v1, as usage is).
+pub fn working_set(
+    usage_text: &str,
+    stat_text: &str,
+    inactive_key: &'static str,
+    files: (&str, &str),
+) -> Result<u64, CgroupFileError> {
+    let word = usage_text.trim();
+    let usage = word.parse::<u64>().map_err(|_| CgroupFileError::Malformed {
+        file: files.0.to_owned(),
+        line: 1,
+        reason: format!("expected a byte count, got {word:?}"),
+    })?;
+    let inactive = key(&parse_flat_keyed(stat_text, files.1)?, inactive_key).ok_or(CgroupFileError::MissingKey {
+        file: files.1.to_owned(),
+        key: inactive_key,
+    })?;
+    Ok(usage.saturating_sub(inactive))
+}
+
 /// One reading of a cgroup. Every field is `None` when the layout/kernel does not offer it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CgroupStats {
@@ -143,6 +194,34 @@ pub struct CgroupStats {
     pub cpu_pressure: Option<Psi>,
     pub memory_events: Option<MemoryEvents>,
     pub cpu_throttle: Option<CpuThrottle>,
+    pub memory_usage: Option<MemoryUsage>,
+}
+
+/// Reads a memory usage triple (usage, stat, limit) in `dir`; `None` unless usage and stat are
+/// both there (a missing limit file is no limit we know of: no figure either).
+fn read_memory_usage(
+    dir: &Path,
+    [usage, stat, limit]: [&str; 3],
+    inactive_key: &'static str,
+) -> Result<Option<MemoryUsage>, CgroupFileError> {
+    let label = |p: &Path| p.display().to_string();
+    let (usage_path, stat_path, limit_path) = (dir.join(usage), dir.join(stat), dir.join(limit));
+    let (Some(usage_text), Some(stat_text), Some(limit_text)) = (
+        read_optional(&usage_path)?,
+        read_optional(&stat_path)?,
+        read_optional(&limit_path)?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(MemoryUsage {
+        working_set_bytes: working_set(
+            &usage_text,
+            &stat_text,
+            inactive_key,
+            (&label(&usage_path), &label(&stat_path)),
+        )?,
+        limit_bytes: parse_memory_limit(&limit_text, &label(&limit_path))?,
+    }))
 }
 
 fn read_optional(path: &Path) -> Result<Option<String>, CgroupFileError> {
@@ -181,6 +260,16 @@ pub fn read_cgroup_stats(layout: &CgroupLayout, rel: &str) -> Result<CgroupStats
         if let Some(text) = read_optional(&path)? {
             stats.cpu_throttle = parse_cpu_stat(&text, &label(&path))?;
         }
+        stats.memory_usage = read_memory_usage(&dir, ["memory.current", "memory.stat", "memory.max"], "inactive_file")?;
+    }
+    if stats.memory_usage.is_none()
+        && let Some(memory) = layout.v1_root("memory")
+    {
+        stats.memory_usage = read_memory_usage(
+            &memory.join(rel),
+            ["memory.usage_in_bytes", "memory.stat", "memory.limit_in_bytes"],
+            "total_inactive_file",
+        )?;
     }
     if stats.memory_events.is_none()
         && let Some(memory) = layout.v1_root("memory")
@@ -235,6 +324,8 @@ pub fn cgroup_window(path: &str, prev: Option<&CgroupStats>, now: &CgroupStats, 
             now.cpu_throttle.map(|t| t.throttled_us),
         )
         .map(|us| us as f64 / 1_000.0),
+        memory_working_set_bytes: now.memory_usage.map(|m| m.working_set_bytes),
+        memory_limit_bytes: now.memory_usage.and_then(|m| m.limit_bytes),
     }
 }
 
@@ -476,6 +567,70 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
     }
 
+    /// Working set = usage − inactive file pages, in both layouts; `max` and v1's huge
+    /// "unlimited" are no limit; a cgroup without the files has no figure (not a zero).
+    #[test]
+    fn reads_working_set_and_limit_in_both_layouts() {
+        let root = std::env::temp_dir().join(format!("gw-cgroup-mem-{}", std::process::id()));
+        let v2 = root.join("v2");
+        let leak = v2.join("bench/leak");
+        std::fs::create_dir_all(&leak).expect("tmp dir");
+        std::fs::create_dir_all(v2.join("bench/none")).expect("tmp dir");
+        std::fs::write(v2.join("cgroup.controllers"), "memory").expect("write");
+        std::fs::write(leak.join("memory.current"), "300000000\n").expect("write");
+        std::fs::write(
+            leak.join("memory.stat"),
+            "anon 1\ninactive_file 100000000\nactive_file 5\n",
+        )
+        .expect("write");
+        std::fs::write(leak.join("memory.max"), "268435456\n").expect("write");
+        let layout = CgroupLayout::detect(&v2);
+        let stats = read_cgroup_stats(&layout, "/bench/leak").expect("reads");
+        assert_eq!(
+            stats.memory_usage,
+            Some(MemoryUsage {
+                working_set_bytes: 200_000_000,
+                limit_bytes: Some(268_435_456)
+            })
+        );
+        std::fs::write(leak.join("memory.max"), "max\n").expect("write");
+        let unlimited = read_cgroup_stats(&layout, "bench/leak").expect("reads");
+        assert_eq!(unlimited.memory_usage.and_then(|m| m.limit_bytes), None);
+        let window = cgroup_window("bench/leak", None, &unlimited, Duration::ZERO);
+        assert_eq!(window.memory_working_set_bytes, Some(200_000_000));
+        assert_eq!(
+            read_cgroup_stats(&layout, "bench/none").expect("reads").memory_usage,
+            None,
+            "no files: no figure"
+        );
+
+        let v1 = root.join("v1");
+        let leak = v1.join("memory/bench/leak");
+        std::fs::create_dir_all(&leak).expect("tmp dir");
+        std::fs::write(leak.join("memory.usage_in_bytes"), "50000\n").expect("write");
+        std::fs::write(leak.join("memory.stat"), "inactive_file 1\ntotal_inactive_file 20000\n").expect("write");
+        std::fs::write(leak.join("memory.limit_in_bytes"), "9223372036854771712\n").expect("write");
+        let layout = CgroupLayout::detect(&v1);
+        assert_eq!(layout.mode, CgroupMode::Legacy);
+        let usage = read_cgroup_stats(&layout, "bench/leak").expect("reads").memory_usage;
+        assert_eq!(
+            usage,
+            Some(MemoryUsage {
+                working_set_bytes: 30_000,
+                limit_bytes: None
+            })
+        );
+        std::fs::write(leak.join("memory.stat"), "cache 1\n").expect("write");
+        assert!(matches!(
+            read_cgroup_stats(&layout, "bench/leak"),
+            Err(CgroupFileError::MissingKey {
+                key: "total_inactive_file",
+                ..
+            })
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
@@ -483,6 +638,8 @@ mod tests {
             let _ = parse_memory_events(&text, "fuzz");
             let _ = parse_oom_control(&text, "fuzz");
             let _ = parse_cpu_stat(&text, "fuzz");
+            let _ = parse_memory_limit(&text, "fuzz");
+            let _ = working_set(&text, &text, "total_inactive_file", ("fuzz", "fuzz"));
         }
     }
 }

@@ -8,6 +8,7 @@ use super::{
     model::{CondStatus, Family, Millis, NodeView},
     plan::{ConditionWrite, DesiredCondition, EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
+    prediction,
     state_machine::{FamilyState, NodeState, Phase},
     step::{EKS_NETWORKING_CONDITION, INTENT_GRACE_MS, StepCtx},
 };
@@ -24,6 +25,11 @@ impl ConditionTypes {
             families: Family::ALL.iter().map(|f| (*f, p.family_condition(*f))).collect(),
             overall: p.overall_condition(),
         }
+    }
+
+    /// The family whose condition type `type_` is.
+    fn family_of(&self, type_: &str) -> Option<Family> {
+        self.families.iter().find(|(_, t)| t.as_str() == type_).map(|(f, _)| *f)
     }
 }
 
@@ -53,12 +59,17 @@ pub(super) fn desired_conditions(
 ) -> Vec<DesiredCondition> {
     let mut out = Vec::new();
     for (f, fs) in &st.families {
+        let condition = types.families.get(f).cloned().unwrap_or_else(|| p.family_condition(*f));
+        if let Some(predicted) = prediction::in_force(fs, p) {
+            out.push(prediction::condition(condition, predicted));
+            continue;
+        }
         let message = match fs.phase {
             Phase::Unknown => fs.unknown_reason.message(p),
             _ => fs.detail.clone(),
         };
         out.push(DesiredCondition {
-            type_: types.families.get(f).cloned().unwrap_or_else(|| p.family_condition(*f)),
+            type_: condition,
             status: fs.phase.status(),
             reason: reason_of(fs),
             message,
@@ -75,7 +86,13 @@ pub(super) fn desired_conditions(
                 .map_or_else(|| "NoReport".to_string(), |f| f.unknown_reason.as_str().to_string());
             (r, "no fresh data from the graywatch agent".to_string())
         }
-        Phase::Healthy => ("Healthy".into(), "all reported families healthy".into()),
+        Phase::Healthy => (
+            "Healthy".into(),
+            prediction::overall_note(st, p).map_or_else(
+                || "all reported families healthy".into(),
+                |note| format!("all reported families healthy; {note}"),
+            ),
+        ),
         _ => (
             reason_of_phase(overall, &FamilyState::new(overall)),
             st.families
@@ -185,6 +202,11 @@ pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &Ste
                 continue;
             }
             changed = true;
+            if let Some(family) = types.family_of(&d.type_)
+                && let Some(event) = prediction::transition_event(name, family, prev.map(|(_, r)| r.as_str()), d)
+            {
+                plan.events.push(event);
+            }
             let prev_status = prev.map(|(s, _)| *s);
             if d.type_ != types.overall || prev_status == Some(d.status) {
                 continue;

@@ -86,6 +86,8 @@ pub struct NodeReport {
     pub figures: BTreeMap<Family, f64>,
     /// The agent's own detector scores in [0,1] with reasons.
     pub local: BTreeMap<Family, (f64, String)>,
+    /// Failures the agent forecasts (the soonest per family).
+    pub predictions: BTreeMap<Family, Prediction>,
     /// What this node measured towards remote addresses.
     pub peers: Vec<PeerObservation>,
     /// Events the agent's kernel programs could not record since it started, by kind.
@@ -106,6 +108,17 @@ impl NodeReport {
             seq: self.seq,
         }
     }
+}
+
+/// A failure an agent forecasts: a figure rising steadily towards its limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Seconds from the end of the window until the forecast crosses the limit.
+    pub eta_secs: f64,
+    /// In [0, 1]: how steadily the figure has been rising.
+    pub confidence: f64,
+    /// The agent's words: workload, figure, limit.
+    pub reason: String,
 }
 
 /// Identifies one window: (boot id, agent incarnation, seq).

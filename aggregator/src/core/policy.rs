@@ -101,6 +101,16 @@ pub struct Policy {
     /// it refreshes `lastHeartbeatTime` and the figures in the messages. Status and reason
     /// changes are written at once whatever it says.
     pub condition_refresh_ms: Millis,
+    /// Show an agent's forecast failure (a workload's working set reaching its memory limit)
+    /// as the family condition False with reason `PredictedFailure` (never an action by itself).
+    pub predict_failures: bool,
+    /// Minimum confidence (R² of the rise, from the agent) for a prediction to show.
+    pub predict_confidence: f64,
+    /// A prediction further away than this is not shown (the agent's own horizon is 10 min).
+    pub predict_horizon_ms: Millis,
+    /// A prediction shown stays until this many windows in a row bring none (damps a forecast
+    /// at the edge of the confidence floor or the horizon).
+    pub predict_clear_windows: u32,
 }
 
 impl Default for Policy {
@@ -148,6 +158,10 @@ impl Default for Policy {
             weight_peer: 0.8,
             weight_vantage: 0.9,
             condition_refresh_ms: NODE_STATUS_REPORT_MS,
+            predict_failures: true,
+            predict_confidence: 0.8,
+            predict_horizon_ms: 600_000,
+            predict_clear_windows: 5,
         }
     }
 }
@@ -186,6 +200,7 @@ impl Policy {
             ("weight_local", self.weight_local),
             ("weight_peer", self.weight_peer),
             ("weight_vantage", self.weight_vantage),
+            ("predict_confidence", self.predict_confidence),
         ] {
             if !unit(v) {
                 return err(field, "must be in [0, 1]");
@@ -211,6 +226,12 @@ impl Policy {
         }
         if self.condition_refresh_ms <= 0 {
             return err("condition_refresh_ms", "must be positive");
+        }
+        if self.predict_horizon_ms <= 0 {
+            return err("predict_horizon_ms", "must be positive");
+        }
+        if self.predict_clear_windows == 0 {
+            return err("predict_clear_windows", "must be at least 1");
         }
         if self.rate_window_ms <= 0 {
             return err("rate_window_ms", "must be positive");

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use super::{
     evidence::{self, AddressBook, VantageEvidence},
-    model::{CondStatus, Family, Millis, NodeReport, NodeView, WindowId},
+    model::{CondStatus, Family, Millis, NodeReport, NodeView, Prediction, WindowId},
     plan::{EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
+    prediction,
     step::{EKS_NETWORKING_CONDITION, StepCtx},
 };
 
@@ -106,6 +107,10 @@ pub struct FamilyState {
     /// Windows in which both ends of a link blamed it, counted up (to twice `degrade_windows`)
     /// and worn down by one per window without that evidence.
     pub link_streak: u32,
+    /// The agent's latest forecast failure for this family, if any (see `prediction`).
+    pub prediction: Option<Prediction>,
+    /// Windows in a row without a forecast since `prediction` was last confirmed.
+    pub prediction_misses: u32,
 }
 
 impl FamilyState {
@@ -122,6 +127,8 @@ impl FamilyState {
             link: Vec::new(),
             link_candidates: Vec::new(),
             link_streak: 0,
+            prediction: None,
+            prediction_misses: 0,
         }
     }
 
@@ -223,6 +230,8 @@ impl NodeState {
                     written.insert(ty, (c.status, c.reason.clone()));
                     let phase = match c.status {
                         CondStatus::True => Phase::Healthy,
+                        // A forecast, not a failure: the next window says whether it holds.
+                        CondStatus::False if c.reason == prediction::REASON => Phase::Healthy,
                         // Keep a node we found degraded degraded until it recovers through hysteresis.
                         CondStatus::False => Phase::Degraded,
                         CondStatus::Unknown => Phase::Unknown,
@@ -391,6 +400,7 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
                 plan.events.push(event);
             }
         }
+        prediction::note(st, report, ctx.policy);
         if st.overall() == Phase::Degraded {
             st.degraded_windows = st.degraded_windows.saturating_add(1);
         } else {

@@ -13,7 +13,7 @@ use super::{
     karpenter::edit_list,
     model::{
         CondStatus, Family, Input, NodeReport, NodeView, ObservedCondition, PeerObservation, PoolEdits, PoolSnapshot,
-        PoolView,
+        PoolView, Prediction,
     },
     plan::{EventTarget, Plan, PoolChange},
     policy::{Policy, TaintMode},
@@ -33,6 +33,10 @@ struct Sim {
     /// Nodes whose hypervisor steals CPU: node → steal figure (%); their agent's own steal
     /// detector scores 1 (the other nodes report 0.5 % and no local steal score).
     stolen: BTreeMap<usize, f64>,
+    /// Every node reports a healthy memory PSI figure (0.2 %).
+    memory_figures: bool,
+    /// Nodes whose agent forecasts a memory failure.
+    predicted: BTreeMap<usize, Prediction>,
 }
 
 fn zone_of(i: usize, per_zone: usize) -> String {
@@ -85,6 +89,8 @@ impl Sim {
             local_bad: false,
             fail_pool_patches: false,
             stolen: BTreeMap::new(),
+            memory_figures: false,
+            predicted: BTreeMap::new(),
         }
     }
 
@@ -108,7 +114,7 @@ impl Sim {
                 })
                 .collect();
             let slow = bad.contains(&i);
-            let report = NodeReport {
+            let mut report = NodeReport {
                 seq: self.round,
                 boot_id: "b".into(),
                 agent_started_ns: 1,
@@ -130,8 +136,16 @@ impl Sim {
                     BTreeMap::new()
                 },
                 peers,
+                predictions: self
+                    .predicted
+                    .get(&i)
+                    .map(|pr| BTreeMap::from([(Family::MemoryPressure, pr.clone())]))
+                    .unwrap_or_default(),
                 ..Default::default()
             };
+            if self.memory_figures {
+                report.figures.insert(Family::MemoryPressure, 0.2);
+            }
             self.input.reports.insert(format!("node-{i}"), report.into());
         }
     }
@@ -289,6 +303,131 @@ fn a_nodes_own_steal_score_moves_cpu_steal_and_nothing_else() {
     for i in (0..10).filter(|i| *i != 4) {
         assert_eq!(sim.overall(&p, i), Some(CondStatus::True), "node-{i}");
     }
+}
+
+/// An agent's forecast (a pod's working set reaching its limit in 2 minutes) sets the memory
+/// condition False with reason `PredictedFailure` and an Event, and nothing else: the overall
+/// condition stays True, nothing is tainted, no verdict. Below the policy's confidence or
+/// beyond its horizon it does not show; a forecast that comes and goes does not flap it; it
+/// clears `predict_clear_windows` windows after the forecast goes; a restarted aggregator that
+/// finds it on the Node does not take it for a degradation.
+#[test]
+fn a_prediction_is_advice_on_the_family_condition_only() {
+    let p = Policy::default();
+    let (mut eng, mut sim) = settled(&p);
+    sim.memory_figures = true;
+    let memory = |sim: &Sim| sim.input.nodes["node-4"].conditions[&p.family_condition(Family::MemoryPressure)].clone();
+    let forecast = |eta_secs: f64, confidence: f64| Prediction {
+        eta_secs,
+        confidence,
+        reason: "shop/cart-0: working set 138 MiB rising 2.00 MiB/s towards its 256 MiB limit".into(),
+    };
+    sim.predicted.insert(4, forecast(120.0, p.predict_confidence / 2.0));
+    sim.run(&mut eng, &set(&[]), 2);
+    assert_eq!(memory(&sim).status, CondStatus::True, "below the policy's confidence");
+    sim.predicted
+        .insert(4, forecast(p.predict_horizon_ms as f64 / 1000.0 + 1.0, 0.99));
+    sim.run(&mut eng, &set(&[]), 2);
+    assert_eq!(memory(&sim).status, CondStatus::True, "beyond the policy's horizon");
+
+    sim.predicted.insert(4, forecast(120.0, 0.97));
+    sim.run(&mut eng, &set(&[]), p.degrade_windows as usize + 3);
+    let c = memory(&sim);
+    assert_eq!((c.status, c.reason.as_str()), (CondStatus::False, "PredictedFailure"));
+    assert!(
+        c.message
+            .starts_with("predicted failure in 120 s (confidence 0.97): shop/cart-0"),
+        "{}",
+        c.message
+    );
+    assert_eq!(sim.count("PredictedFailure"), 1, "one Event on the transition");
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
+    let overall = &sim.input.nodes["node-4"].conditions[&p.overall_condition()];
+    assert!(
+        overall.message.contains("predicted failure: MemoryPressure in 120 s"),
+        "{}",
+        overall.message
+    );
+    assert!(sim.tainted().is_empty());
+    assert_eq!(sim.count("GrayFailureDetected"), 0);
+    assert!(eng.verdicts().is_empty());
+
+    // A new aggregator finds it on the Node: Healthy, nothing inherited, nothing to act on.
+    let mut fresh = Engine::new(p.clone());
+    let plan = fresh.step(&sim.input);
+    assert!(plan.taints.is_empty());
+    let st = fresh.node_state("node-4").expect("state");
+    assert_eq!(st.families[&Family::MemoryPressure].phase, Phase::Healthy);
+    assert_eq!(st.suppressed, None);
+
+    // A forecast that comes and goes (at the edge of the agent's confidence floor) does not
+    // flap the condition.
+    for _ in 0..6 {
+        sim.predicted.clear();
+        sim.run(&mut eng, &set(&[]), 1);
+        sim.predicted.insert(4, forecast(110.0, 0.97));
+        sim.run(&mut eng, &set(&[]), 1);
+    }
+    assert_eq!(memory(&sim).reason, "PredictedFailure");
+    assert_eq!(sim.count("PredictedFailure"), 1);
+    assert_eq!(sim.count("PredictedFailureCleared"), 0);
+
+    // Gone for good (the trend reversed): cleared after predict_clear_windows windows.
+    sim.predicted.clear();
+    sim.run(&mut eng, &set(&[]), p.predict_clear_windows as usize - 1);
+    assert_eq!(memory(&sim).reason, "PredictedFailure");
+    sim.run(&mut eng, &set(&[]), 1);
+    let c = memory(&sim);
+    assert_eq!((c.status, c.reason.as_str()), (CondStatus::True, "Healthy"));
+    assert_eq!(sim.count("PredictedFailureCleared"), 1);
+}
+
+/// A real degradation takes precedence over a prediction: the family shows `GrayFailure`.
+#[test]
+fn a_degradation_takes_precedence_over_a_prediction() {
+    let p = Policy::default();
+    let (mut eng, mut sim) = settled(&p);
+    sim.predicted.insert(
+        3,
+        Prediction {
+            eta_secs: 60.0,
+            confidence: 0.99,
+            reason: "leak".into(),
+        },
+    );
+    sim.memory_figures = true;
+    sim.run(&mut eng, &set(&[]), 1);
+    let memory = p.family_condition(Family::MemoryPressure);
+    assert_eq!(sim.input.nodes["node-3"].conditions[&memory].reason, "PredictedFailure");
+    let st = eng.node_state("node-3").expect("state");
+    let mut degraded = st.families[&Family::MemoryPressure].clone();
+    degraded.phase = Phase::Degraded;
+    assert_eq!(crate::core::prediction::in_force(&degraded, &p), None);
+    degraded.phase = Phase::Recovering;
+    assert_eq!(crate::core::prediction::in_force(&degraded, &p), None);
+    degraded.phase = Phase::Unknown;
+    degraded.unknown_reason = UnknownReason::AgentStale;
+    assert_eq!(
+        crate::core::prediction::in_force(&degraded, &p),
+        None,
+        "a stale agent's forecast"
+    );
+    // Off by policy: never shown.
+    let off = Policy {
+        predict_failures: false,
+        ..p.clone()
+    };
+    let (mut eng, mut sim) = settled(&off);
+    sim.predicted = BTreeMap::from([(
+        3,
+        Prediction {
+            eta_secs: 60.0,
+            confidence: 0.99,
+            reason: "leak".into(),
+        },
+    )]);
+    sim.run(&mut eng, &set(&[]), 2);
+    assert_ne!(sim.input.nodes["node-3"].conditions[&memory].reason, "PredictedFailure");
 }
 
 #[test]
@@ -660,6 +799,21 @@ fn policy_validation_names_the_field() {
         ..Policy::default()
     };
     assert_eq!(bad.validate().map_err(|e| e.field), Err("condition_refresh_ms"));
+    let bad = Policy {
+        predict_confidence: 1.2,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("predict_confidence"));
+    let bad = Policy {
+        predict_horizon_ms: 0,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("predict_horizon_ms"));
+    let bad = Policy {
+        predict_clear_windows: 0,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("predict_clear_windows"));
     assert!(Policy::default().validate().is_ok());
 }
 
@@ -993,7 +1147,7 @@ proptest! {
     /// `recover_windows` consecutive good ones.
     #[test]
     fn state_machine_hysteresis(p in arb_policy(), confs in proptest::collection::vec(0.0f64..=1.0, 1..60)) {
-        let mut st = FamilyState { phase: Phase::Healthy, bad_streak: 0, good_streak: 0, confidence: 0.0, detail: String::new(), unknown_reason: UnknownReason::NoReport, uncorroborated: Vec::new(), link: Vec::new(), link_candidates: Vec::new(), link_streak: 0 };
+        let mut st = FamilyState::new(Phase::Healthy);
         let mut bad_run = 0u32;
         let mut good_run = 0u32;
         for c in confs {

@@ -162,6 +162,8 @@ fn step(n: u8, total: u8, what: &str) {
 struct NodeView {
     zone: String,
     conditions: BTreeMap<String, (String, String)>,
+    /// Condition reasons by type (prefix trimmed, as in `conditions`).
+    reasons: BTreeMap<String, String>,
     tainted: bool,
 }
 
@@ -178,22 +180,23 @@ async fn node_views(nodes: &Api<Node>, prefix: &str, taint_key: &str) -> anyhow:
             .as_ref()
             .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
             .unwrap_or_default();
-        let conditions = node
+        let ours: Vec<_> = node
             .status
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
-            .map(|cs| {
-                cs.iter()
-                    .filter(|c| c.type_.starts_with(prefix))
-                    .map(|c| {
-                        (
-                            c.type_.trim_start_matches(prefix).to_owned(),
-                            (c.status.clone(), c.message.clone().unwrap_or_default()),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .into_iter()
+            .flatten()
+            .filter(|c| c.type_.starts_with(prefix))
+            .collect();
+        let kind = |c: &k8s_openapi::api::core::v1::NodeCondition| c.type_.trim_start_matches(prefix).to_owned();
+        let conditions = ours
+            .iter()
+            .map(|c| (kind(c), (c.status.clone(), c.message.clone().unwrap_or_default())))
+            .collect();
+        let reasons = ours
+            .iter()
+            .map(|c| (kind(c), c.reason.clone().unwrap_or_default()))
+            .collect();
         let tainted = node
             .spec
             .as_ref()
@@ -204,6 +207,7 @@ async fn node_views(nodes: &Api<Node>, prefix: &str, taint_key: &str) -> anyhow:
             NodeView {
                 zone,
                 conditions,
+                reasons,
                 tainted,
             },
         );
@@ -425,6 +429,17 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
                 "--aggregator",
                 &format!("http://127.0.0.1:{grpc_port}"),
             ]);
+        // A scoped agent reports pods and watched cgroups only: the memory-leak runs' cgroups.
+        if options
+            .scenarios
+            .iter()
+            .any(|s| s.fault == scenarios::Fault::MemoryLeak)
+        {
+            let leaks: Vec<String> = (0..options.runs)
+                .map(|run| scenarios::leak_cgroup(&cgroups[i].cgroup_path, run))
+                .collect();
+            agent.arg("--watch-cgroups").arg(leaks.join(","));
+        }
         processes.spawn(
             &format!("agent-{name}"),
             &mut agent,
@@ -510,6 +525,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
             target: target_index,
             aggregator_http: http_port,
             max_wait: options.max_wait,
+            bin_dir: options.bin_dir.clone(),
         };
         let observe = || {
             let api = nodes_api.clone();
@@ -524,7 +540,10 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
                             .filter(|(kind, (status, _))| {
                                 status == "False" && !matches!(kind.as_str(), "GrayFailureHealthy" | "Healthy")
                             })
-                            .map(|(kind, _)| kind.clone())
+                            .map(|(kind, _)| match view.reasons.get(kind) {
+                                Some(reason) if reason == "PredictedFailure" => format!("{kind}:{reason}"),
+                                _ => kind.clone(),
+                            })
                             .collect();
                         (name, (overall(&view) == Some("False"), families, view.tainted))
                     })

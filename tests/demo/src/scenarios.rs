@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context;
 use graywatch_testbench::{
-    cgroup::{Limits, TestCgroup},
+    cgroup::{Layout, Limits, TestCgroup},
     fault::{LinkEmulator, LinkSpec},
     netns::Bench,
 };
@@ -30,6 +30,21 @@ pub enum Fault {
     CpuHogs,
     /// Anonymous memory plus page-cache re-reads under a memory limit, inside the node's cgroup.
     MemoryThrash,
+    /// A process leaking [`LEAK_MIB_PER_SECOND`] under a [`LEAK_LIMIT_MIB`] limit until the OOM
+    /// killer ends it: the memory condition should go False with reason `PredictedFailure`
+    /// before the kill (see [`run_matrix`]: this one measures the lead time).
+    MemoryLeak,
+}
+
+/// The leak's rate and limit: the kill comes ~2 minutes in, after the forecast's 30 s warm-up.
+const LEAK_MIB_PER_SECOND: &str = "2";
+const LEAK_LIMIT_MIB: u64 = 256;
+
+/// The cgroup (relative to node `cgroup`'s) of the leak of run `run`: the demo's agents watch
+/// these paths (a scoped agent reports pods and watched cgroups only).
+#[must_use]
+pub fn leak_cgroup(node_cgroup: &str, run: usize) -> String {
+    format!("{}/memory-leak-{run}", node_cgroup.trim_end_matches('/'))
 }
 
 /// Which nodes are faulty.
@@ -120,6 +135,13 @@ pub const ALL: &[Scenario] = &[
         condition: Some("MemoryPressureHealthy"),
     },
     Scenario {
+        name: "memory-leak",
+        fault: Fault::MemoryLeak,
+        targets: Targets::One,
+        flapping: false,
+        condition: Some("MemoryPressureHealthy"),
+    },
+    Scenario {
         name: "zone-wide",
         fault: DEMO_FAULT,
         targets: Targets::Zone,
@@ -169,6 +191,8 @@ pub struct Cluster<'a> {
     pub target: usize,
     pub aggregator_http: u16,
     pub max_wait: Duration,
+    /// Where graywatch-traffic is (the leak).
+    pub bin_dir: PathBuf,
 }
 
 /// A fault in force; dropping it removes it.
@@ -295,9 +319,33 @@ impl Cluster<'_> {
                         _file: Some(file),
                     }));
                 }
+                Fault::MemoryLeak => injected.push(Injected::Load(self.start_leak(t, run)?)),
             }
         }
         Ok(injected)
+    }
+
+    /// The leak in node `t`'s cgroup, at [`leak_cgroup`].
+    fn start_leak(&self, t: usize, run: usize) -> anyhow::Result<Load> {
+        let rel = leak_cgroup(&self.node_cgroups[t], run);
+        let cgroup = TestCgroup::create_at(
+            &rel,
+            Limits {
+                cpu_quota: None,
+                memory_max: Some(LEAK_LIMIT_MIB << 20),
+            },
+        )
+        .with_context(|| format!("creating cgroup {rel}"))?;
+        let child = cgroup.spawn(
+            Command::new(self.bin_dir.join("graywatch-traffic"))
+                .args(["leak", "--mib-per-second", LEAK_MIB_PER_SECOND])
+                .stdout(std::process::Stdio::null()),
+        )?;
+        Ok(Load {
+            cgroup,
+            child,
+            _file: None,
+        })
     }
 
     /// A cgroup for a load inside node `t`'s cgroup (so its figures are that node's).
@@ -443,6 +491,109 @@ impl Outcome {
     }
 }
 
+/// How a predicted memory failure shows in a [`FleetView`]'s family set (the observer appends
+/// the reason to a False family condition whose reason is `PredictedFailure`).
+pub const PREDICTED_MEMORY: &str = "MemoryPressureHealthy:PredictedFailure";
+
+/// The memory-leak run: the leak in the target until the OOM killer ends it (or 6 × the
+/// scenario wait), watching for the memory condition's `PredictedFailure`; then until the fleet
+/// is clean again. The lead time is kill − prediction, both from the injection, on one clock.
+async fn run_leak<S, SF>(
+    cluster: &Cluster<'_>,
+    run: usize,
+    target_names: &BTreeSet<&str>,
+    clean_before: bool,
+    snapshot: &S,
+) -> anyhow::Result<serde_json::Value>
+where
+    S: Fn() -> SF,
+    SF: std::future::Future<Output = anyhow::Result<Snapshot>>,
+{
+    let tick = Duration::from_millis(250);
+    let name = cluster.names[cluster.target].as_str();
+    let mut leak = cluster.start_leak(cluster.target, run)?;
+    let started = Instant::now();
+    let mut outcome = Outcome::default();
+    let (mut predicted, mut killed, mut exit) = (None, None, None);
+    let (mut overall_false, mut tainted) = (false, false);
+    while started.elapsed() < cluster.max_wait * 6 {
+        let s = snapshot().await?;
+        s.false_actions(target_names, &mut outcome.false_actions);
+        if let Some((bad, families, taint)) = s.nodes.get(name) {
+            overall_false |= *bad;
+            tainted |= *taint;
+            outcome.reacted.extend(families.iter().cloned());
+            if predicted.is_none() && families.contains(PREDICTED_MEMORY) {
+                predicted = Some(started.elapsed());
+                println!(
+                    "  >> {name}: MemoryPressureHealthy False (PredictedFailure) {:.1}s after the leak started",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if let Some(status) = leak.child.try_wait()? {
+            killed = Some(started.elapsed());
+            exit = Some(status);
+            println!(
+                "  >> the leak ended ({status}) {:.1}s after it started",
+                started.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        tokio::time::sleep(tick).await;
+    }
+    let oom_kills = oom_kills(&leak.cgroup);
+    drop(leak);
+    let removed = Instant::now();
+    while removed.elapsed() < cluster.max_wait * 3 {
+        let s = snapshot().await?;
+        s.false_actions(target_names, &mut outcome.false_actions);
+        let still = s.nodes.get(name).is_some_and(|n| n.1.contains(PREDICTED_MEMORY));
+        if s.clean() && !still {
+            outcome.recovery = Some(removed.elapsed());
+            break;
+        }
+        tokio::time::sleep(tick).await;
+    }
+    let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+    let lead_secs = match (predicted, killed) {
+        (Some(p), Some(k)) => Some(k.as_secs_f64() - p.as_secs_f64()),
+        _ => None,
+    };
+    Ok(json!({
+        "scenario": "memory-leak",
+        "run": run,
+        "targets": target_names,
+        "clean_before": clean_before,
+        "leak_mib_per_second": LEAK_MIB_PER_SECOND,
+        "limit_mib": LEAK_LIMIT_MIB,
+        "reacted": outcome.reacted,
+        "predicted_seconds": secs(predicted),
+        "oom_kill_seconds": secs(killed),
+        "killed_by_signal": exit.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+        "cgroup_oom_kills": oom_kills,
+        "predicted_lead_seconds": lead_secs.map(|l| (l * 10.0).round() / 10.0),
+        "overall_false": overall_false,
+        "tainted": tainted,
+        "recovery_seconds": secs(outcome.recovery),
+        "false_actions": outcome.false_actions,
+    }))
+}
+
+/// The cgroup's OOM kill count (v2 `memory.events`, v1 `memory.oom_control`), if readable.
+fn oom_kills(cgroup: &TestCgroup) -> Option<u64> {
+    let file = match cgroup.layout() {
+        Layout::V2 { .. } => cgroup.v2_dir()?.join("memory.events"),
+        Layout::Hybrid { root, .. } | Layout::V1 { root } => {
+            root.join("memory").join(cgroup.rel()).join("memory.oom_control")
+        }
+    };
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
 /// Runs `scenarios` `runs` times each (all scenarios once, then again), printing one result line
 /// per run. `observe` reads the fleet.
 pub async fn run_matrix<F, Fut>(
@@ -496,6 +647,12 @@ where
                     " — the fleet was NOT healthy before it"
                 }
             );
+            if scenario.fault == Fault::MemoryLeak {
+                let result = run_leak(cluster, run, &target_names, clean_before, &snapshot).await?;
+                println!("scenario_result={result}");
+                results.push(result);
+                continue;
+            }
             let spare = if scenario.targets == Targets::Zone {
                 targets.clone()
             } else {

@@ -6,6 +6,8 @@
 //!
 //!   graywatch-traffic swarm --connect [`fd00::1`]:7000 --first-source `fd00:77::1` --count 5000
 //!
+//!   graywatch-traffic leak --mib-per-second 2                                  # memory leak
+//!
 //! The client prints one JSON report line. With `--hold` it then prints `holding` and keeps
 //! the connection open until its stdin closes, so tests can inspect the live socket (ss).
 
@@ -74,10 +76,52 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
         duration: Duration,
     },
+    /// Leak memory slowly: allocate and touch this many MiB per second (in ten steps a second)
+    /// and keep it all, until killed (by a cgroup limit's OOM killer) or `--max-mib` is held.
+    Leak {
+        #[arg(long, default_value_t = 2.0)]
+        mib_per_second: f64,
+        /// Stop growing (and keep holding) at this many MiB.
+        #[arg(long)]
+        max_mib: Option<u64>,
+    },
+}
+
+/// The `leak` subcommand: never returns while below `max_mib`.
+fn leak(mib_per_second: f64, max_mib: Option<u64>) -> ExitCode {
+    const STEP: Duration = Duration::from_millis(100);
+    if !(mib_per_second.is_finite() && mib_per_second > 0.0) {
+        eprintln!("graywatch-traffic leak: --mib-per-second must be a positive number");
+        return ExitCode::FAILURE;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a positive finite rate; `as` saturates"
+    )]
+    let step_bytes = ((mib_per_second * 1024.0 * 1024.0 / 10.0) as usize).max(4096);
+    let limit = max_mib.map_or(usize::MAX, |m| usize::try_from(m << 20).unwrap_or(usize::MAX));
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0usize;
+    let started = std::time::Instant::now();
+    let mut next = started;
+    loop {
+        if total < limit {
+            // Non-zero bytes: every page is written, so resident, not a lazily mapped zero page.
+            held.push(std::hint::black_box(vec![0xa5; step_bytes]));
+            total += step_bytes;
+        }
+        next += STEP;
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    }
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Leak {
+            mib_per_second,
+            max_mib,
+        } => leak(mib_per_second, max_mib),
         Cmd::Swarm {
             connect,
             first_source,

@@ -1,0 +1,108 @@
+//! Predicted failures: an agent's forecast that a family will fail (a workload's working set
+//! reaching its memory limit within the horizon) becomes that family's condition False with
+//! reason `PredictedFailure`, so a NodeReadinessRule can steer new pods away before workloads
+//! suffer. Advice only: the family's phase is untouched, so the prediction alone never makes
+//! the overall condition False, taints in direct mode, counts towards a group verdict or
+//! replaces a NodeClaim. A real degradation takes precedence (reason `GrayFailure`).
+
+use super::{
+    model::{CondStatus, Family, NodeReport, Prediction},
+    plan::{DesiredCondition, EventKind, EventTarget, PlannedEvent},
+    policy::Policy,
+    state_machine::{FamilyState, NodeState, Phase, UnknownReason},
+};
+
+/// The condition reason of a predicted failure.
+pub const REASON: &str = "PredictedFailure";
+
+/// Takes in the window's predictions: a family holds its agent's latest one that is confident
+/// enough and within the horizon, and keeps holding it until `predict_clear_windows` windows in
+/// a row bring none (a forecast at the edge of the confidence floor or of the horizon would
+/// otherwise flap the condition, an Event and a Node write each time).
+pub(super) fn note(st: &mut NodeState, report: &NodeReport, p: &Policy) {
+    let horizon_secs = p.predict_horizon_ms as f64 / 1000.0;
+    for (f, fs) in &mut st.families {
+        let fresh = report
+            .predictions
+            .get(f)
+            .filter(|pr| pr.confidence >= p.predict_confidence && pr.eta_secs <= horizon_secs);
+        if let Some(pr) = fresh {
+            fs.prediction = Some(pr.clone());
+            fs.prediction_misses = 0;
+        } else if fs.prediction.is_some() {
+            fs.prediction_misses = fs.prediction_misses.saturating_add(1);
+            if fs.prediction_misses >= p.predict_clear_windows {
+                fs.prediction = None;
+                fs.prediction_misses = 0;
+            }
+        }
+    }
+}
+
+/// The prediction a family's condition shows: the policy predicts, one is held (see [`note`]),
+/// and the family is not failing already (a Degraded or Recovering family shows `GrayFailure`;
+/// Unknown for want of a fresh report shows that).
+#[must_use]
+pub fn in_force<'a>(fs: &'a FamilyState, p: &Policy) -> Option<&'a Prediction> {
+    let open = match fs.phase {
+        Phase::Healthy | Phase::Suspect => true,
+        // The agent reports nothing else for this family (e.g. no PSI on a v1 host).
+        Phase::Unknown => fs.unknown_reason == UnknownReason::NoData,
+        Phase::Degraded | Phase::Recovering => false,
+    };
+    fs.prediction.as_ref().filter(|_| p.predict_failures && open)
+}
+
+/// The condition a prediction in force calls for.
+pub(super) fn condition(type_: String, prediction: &Prediction) -> DesiredCondition {
+    DesiredCondition {
+        type_,
+        status: CondStatus::False,
+        reason: REASON.into(),
+        message: format!(
+            "predicted failure in {:.0} s (confidence {:.2}): {}",
+            prediction.eta_secs, prediction.confidence, prediction.reason
+        ),
+        last_transition_ms: 0,
+    }
+}
+
+/// A note for the overall condition's message: which families have a prediction in force.
+pub(super) fn overall_note(st: &NodeState, p: &Policy) -> Option<String> {
+    let notes: Vec<String> = st
+        .families
+        .iter()
+        .filter_map(|(f, fs)| in_force(fs, p).map(|pr| format!("{} in {:.0} s", f.as_str(), pr.eta_secs)))
+        .collect();
+    (!notes.is_empty()).then(|| format!("predicted failure: {}", notes.join(", ")))
+}
+
+/// The Event a family condition's change of reason deserves: into `PredictedFailure`, and out
+/// of it other than into a real degradation (which the overall condition's Event announces).
+pub(super) fn transition_event(
+    node: &str,
+    family: Family,
+    prev_reason: Option<&str>,
+    desired: &DesiredCondition,
+) -> Option<PlannedEvent> {
+    let was = prev_reason == Some(REASON);
+    let is = desired.reason == REASON;
+    let (kind, reason) = match (was, is) {
+        (false, true) => (EventKind::Warning, REASON),
+        (true, false) if desired.status != CondStatus::False => (EventKind::Normal, "PredictedFailureCleared"),
+        _ => return None,
+    };
+    Some(PlannedEvent {
+        target: EventTarget::Node(node.to_owned()),
+        kind,
+        reason: reason.into(),
+        action: "SetCondition".into(),
+        note: format!(
+            "{} {} ({}): {}",
+            desired.type_,
+            desired.status.as_str(),
+            family.as_str(),
+            desired.message
+        ),
+    })
+}
