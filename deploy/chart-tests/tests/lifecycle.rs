@@ -182,6 +182,20 @@ impl Cluster {
                 );
             }
         }
+        if let Ok(node) = self.nodes().get(&self.node).await {
+            for c in node.status.and_then(|s| s.conditions).unwrap_or_default() {
+                if c.type_.starts_with("graywatch.io/") {
+                    let _ = writeln!(
+                        out,
+                        "node condition {} {} {}: {}",
+                        c.type_,
+                        c.status,
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default()
+                    );
+                }
+            }
+        }
         out.push_str(&self.aggregator_logs().await);
         out
     }
@@ -290,6 +304,24 @@ where
         "timed out waiting for: {what}\n{}",
         cluster.diagnostics().await
     );
+}
+
+/// Waits until the (current) agent pod's detectors are warm: its memory family has a local
+/// score. They learn a baseline first, and a fault injected before is learnt as normal.
+async fn await_agent_warm(cluster: &Cluster) {
+    let agent_ip = cluster
+        .pod_ips("app.kubernetes.io/component=agent")
+        .await
+        .first()
+        .map(|(_, ip)| ip.clone())
+        .expect("an agent pod");
+    eventually(cluster, "the agent scores memory pressure", || {
+        let ip = agent_ip.clone();
+        async move {
+            scrape(&ip, 9101, "graywatch_local_score", "family=\"MemoryPressure\"").is_ok_and(|v| v.is_some())
+        }
+    })
+    .await;
 }
 
 /// A self-signed CA and a serving certificate for the aggregator's Service name, as a Secret.
@@ -571,20 +603,7 @@ async fn the_chart_runs_on_a_real_kubelet_through_its_whole_lifecycle() {
 
     // 2. A fault the node's own agent sees.
     eprintln!("== memory thrash in a pod under a memory limit");
-    let agent_ip = cluster
-        .pod_ips("app.kubernetes.io/component=agent")
-        .await
-        .first()
-        .map(|(_, ip)| ip.clone())
-        .expect("an agent pod");
-    // The agent's detectors learn a baseline before they score: wait for a memory score.
-    eventually(&cluster, "the agent scores memory pressure", || {
-        let ip = agent_ip.clone();
-        async move {
-            scrape(&ip, 9101, "graywatch_local_score", "family=\"MemoryPressure\"").is_ok_and(|v| v.is_some())
-        }
-    })
-    .await;
+    await_agent_warm(&cluster).await;
     let stress: Pod = serde_json::from_value(json!({
         "metadata": {"name": "memory-thrash", "namespace": NAMESPACE},
         "spec": {
@@ -703,6 +722,9 @@ async fn the_chart_runs_on_a_real_kubelet_through_its_whole_lifecycle() {
         .helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .expect("helm upgrade to direct-taint");
     await_rollout(&cluster, "Deployment", &format!("{fullname}-aggregator")).await;
+    // The agent restarted in step 3 (and a chart upgrade may restart it): a fault injected
+    // while its detectors learn their baseline would be learnt as normal.
+    await_agent_warm(&cluster).await;
     pods.create(&PostParams::default(), &stress)
         .await
         .expect("start the memory thrash again");
@@ -712,10 +734,16 @@ async fn the_chart_runs_on_a_real_kubelet_through_its_whole_lifecycle() {
         n.and_then(|n| n.spec.as_ref()?.taints.as_ref())
             .is_some_and(|t| t.iter().any(|t| t.key == TAINT))
     });
-    tokio::time::timeout(STEP_DEADLINE, wait)
-        .await
-        .unwrap_or_else(|_| panic!("direct-taint mode never tainted the degraded node"))
-        .expect("watch the node");
+    let tainted = tokio::time::timeout(STEP_DEADLINE, wait).await.is_ok();
+    let diagnostics = if tainted {
+        String::new()
+    } else {
+        cluster.diagnostics().await
+    };
+    assert!(
+        tainted,
+        "direct-taint mode never tainted the degraded node\n{diagnostics}"
+    );
     let args = install_args("nrc", &[]);
     cluster
         .helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
