@@ -41,6 +41,42 @@ pub fn serve(listen: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
+/// Accepts any number of connections on one thread and discards what they send; answers each
+/// with the byte count at its end (the bulk protocol). For swarms of tens of thousands of
+/// connections, where [`serve`]'s thread per connection runs out of memory mappings.
+pub fn sink(listen: SocketAddr) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        println!("listening {}", listener.local_addr()?);
+        io::stdout().flush()?;
+        loop {
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, typically: let connections end before accepting more.
+                    eprintln!("accept: {error}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                let mut total = 0u64;
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = stream.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    })
+}
+
 fn handle(mut stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut mode = [0u8; 1];
@@ -210,7 +246,8 @@ pub fn await_line(reader: &mut impl BufRead, prefix: &str) -> io::Result<String>
     }
 }
 
-/// Raises this process' open-file limit to its hard limit (a swarm holds thousands of sockets).
+/// Raises this process' open-file limit: as root to the kernel's most (`nr_open`), else to its
+/// hard limit (a swarm holds thousands of sockets).
 pub fn raise_nofile_limit() -> io::Result<()> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -220,6 +257,20 @@ pub fn raise_nofile_limit() -> io::Result<()> {
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
             return Err(io::Error::last_os_error());
+        }
+        // Root may raise the hard limit too (to the kernel's nr_open): a swarm of 20,000
+        // connections needs more than a container's usual hard limit of 20,000.
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|v| v.trim().parse::<libc::rlim_t>().ok());
+        if let Some(most) = nr_open.filter(|most| *most > limit.rlim_max) {
+            let raised = libc::rlimit {
+                rlim_cur: most,
+                rlim_max: most,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) == 0 {
+                return Ok(());
+            }
         }
         limit.rlim_cur = limit.rlim_max;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {

@@ -19,7 +19,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use graywatch_testbench::traffic::{RrLoad, connect, raise_nofile_limit, run_bulk, run_rr, serve, swarm};
+use graywatch_testbench::traffic::{RrLoad, connect, raise_nofile_limit, run_bulk, run_rr, serve, sink, swarm};
 
 #[derive(Parser)]
 #[command(name = "graywatch-traffic", about = "TCP load for the graywatch bench")]
@@ -33,6 +33,12 @@ enum Cmd {
     /// Serve request/response and bulk clients.
     Server {
         #[arg(long, default_value = "[::]:7000")]
+        listen: SocketAddr,
+    },
+    /// Accept any number of connections on one thread and discard what they send (for `swarm`s
+    /// of tens of thousands of connections; `server` runs a thread per connection).
+    Sink {
+        #[arg(long, default_value = "[::]:7001")]
         listen: SocketAddr,
     },
     /// Generate load against a server.
@@ -137,6 +143,13 @@ fn main() -> ExitCode {
             }
             Err(error) => {
                 eprintln!("graywatch-traffic swarm {connect}: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Sink { listen } => match raise_nofile_limit().and_then(|()| sink(listen)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("graywatch-traffic sink {listen}: {error}");
                 ExitCode::FAILURE
             }
         },

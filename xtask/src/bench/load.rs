@@ -60,11 +60,21 @@ const LOAD_NICE: [&str; 2] = ["-n", "-5"];
 
 const CLIENT_ADDR: &str = "10.239.0.1";
 const SERVER_ADDR: &str = "10.239.0.2";
+const CLIENT_ADDR6: &str = "fd00:239::1";
+const SERVER_ADDR6: &str = "fd00:239::2";
+/// The swarm's source addresses: a whole /64 local to the client namespace, routed to it.
+const SWARM_PREFIX: &str = "fd00:239:1::";
+/// The swarm's sinks (IPv6) listen beside the request/response server, one port per chunk.
+const SWARM_PORT: u16 = PORT + 1;
+/// The most connections one swarm process opens.
+const SWARM_CHUNK: u32 = 15_000;
 
 /// Server in one namespace, clients in the other. Dropping it stops the server and deletes both
 /// namespaces (and with them the veth pair).
 pub struct TrafficBed {
     server: Option<Child>,
+    /// The IPv6 sinks for swarms (one per chunk of a swarm), started as swarms need them.
+    sinks: std::cell::RefCell<Vec<Child>>,
     traffic: std::path::PathBuf,
     client_ns: String,
     server_ns: String,
@@ -80,6 +90,7 @@ impl TrafficBed {
         // From here on the bed exists, so Drop cleans up whatever the next steps leave.
         let mut bed = Self {
             server: None,
+            sinks: std::cell::RefCell::new(Vec::new()),
             traffic: binaries.traffic.clone(),
             client_ns,
             server_ns,
@@ -105,18 +116,28 @@ impl TrafficBed {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         let listen = format!("{SERVER_ADDR}:{PORT}");
+        bed.server = Some(bed.start_server(&listen)?);
+        Ok(bed)
+    }
+
+    /// A `graywatch-traffic server` in the server namespace, once it listens.
+    fn start_server(&self, listen: &str) -> anyhow::Result<Child> {
+        self.start_listener("server", listen)
+    }
+
+    /// `graywatch-traffic <mode> --listen <listen>` in the server namespace, once it listens.
+    fn start_listener(&self, mode: &str, listen: &str) -> anyhow::Result<Child> {
         let mut server = Command::new("nice")
             .args(LOAD_NICE)
-            .args(["ip", "netns", "exec", &bed.server_ns])
-            .arg(&bed.traffic)
-            .args(["server", "--listen", &listen])
+            .args(["ip", "netns", "exec", &self.server_ns])
+            .arg(&self.traffic)
+            .args([mode, "--listen", listen])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting graywatch-traffic server")?;
+            .with_context(|| format!("starting graywatch-traffic {mode}"))?;
         let stdout = server.stdout.take().context("server stdout")?;
-        bed.server = Some(server);
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
         while !line.starts_with("listening") {
@@ -126,10 +147,138 @@ impl TrafficBed {
                 .context("reading the traffic server's output")?
                 == 0
             {
-                bail!("graywatch-traffic server exited before listening on {listen}");
+                server.kill().ok();
+                server.wait().ok();
+                bail!("graywatch-traffic {mode} exited before listening on {listen}");
             }
         }
-        Ok(bed)
+        Ok(server)
+    }
+
+    /// Gives both namespaces an IPv6 address, the client namespace a local /64 for the swarm's
+    /// sources, and the server namespace a route back to it.
+    fn add_ipv6(&self) -> anyhow::Result<()> {
+        for (ns, addr) in [(&self.client_ns, CLIENT_ADDR6), (&self.server_ns, SERVER_ADDR6)] {
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        ip(&[
+            "-n",
+            &self.client_ns,
+            "-6",
+            "route",
+            "add",
+            "local",
+            &format!("{SWARM_PREFIX}/64"),
+            "dev",
+            "lo",
+        ])?;
+        ip(&[
+            "-n",
+            &self.server_ns,
+            "-6",
+            "route",
+            "add",
+            &format!("{SWARM_PREFIX}/64"),
+            "via",
+            CLIENT_ADDR6,
+        ])?;
+        // Binding to an address of a local route (not of an interface) needs non-local binds.
+        let sysctl = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.client_ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.ip_nonlocal_bind=1",
+            ])
+            .status()
+            .context("running sysctl in the client namespace")?;
+        if !sysctl.success() {
+            bail!(
+                "sysctl net.ipv6.ip_nonlocal_bind=1 failed in {} ({sysctl})",
+                self.client_ns
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts `count` connections from as many IPv6 source addresses, each sending a byte every
+    /// 100 ms for `duration` once all are up; returns when they are (the swarm's "connected"
+    /// line). The first call gives the namespaces their IPv6 addresses and routes.
+    pub fn swarm(&self, count: u32, duration: Duration) -> anyhow::Result<Swarm> {
+        if self.sinks.borrow().is_empty() {
+            self.add_ipv6()?;
+        }
+        // One process holds at most SWARM_CHUNK sockets (a container's hard open-file limit is
+        // often 20,000): larger swarms run as several, each towards its own sink.
+        let chunks = count.div_ceil(SWARM_CHUNK).max(1);
+        let mut parts = Vec::new();
+        for chunk in 0..chunks {
+            let port = SWARM_PORT + u16::try_from(chunk).context("too many swarm chunks")?;
+            if self.sinks.borrow().len() <= chunk as usize {
+                let sink = self.start_listener("sink", &format!("[::]:{port}"))?;
+                self.sinks.borrow_mut().push(sink);
+            }
+            let size = SWARM_CHUNK.min(count - chunk * SWARM_CHUNK);
+            let first = std::net::Ipv6Addr::from(
+                u128::from(SWARM_PREFIX.parse::<std::net::Ipv6Addr>()?) + 1 + u128::from(chunk * SWARM_CHUNK),
+            );
+            let child = Command::new("nice")
+                .args(LOAD_NICE)
+                .args(["ip", "netns", "exec", &self.client_ns])
+                .arg(&self.traffic)
+                .args(["swarm", "--connect", &format!("[{SERVER_ADDR6}]:{port}")])
+                .args(["--first-source", &first.to_string()])
+                .args(["--count", &size.to_string(), "--interval", "100ms"])
+                .args(["--duration", &format!("{}ms", duration.as_millis())])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting graywatch-traffic swarm")?;
+            parts.push(child);
+        }
+        let mut swarm = Swarm {
+            parts: Vec::new(),
+            connected: 0,
+        };
+        for mut child in parts {
+            let Some(stdout) = child.stdout.take() else {
+                swarm.parts.push((child, None));
+                bail!("swarm stdout");
+            };
+            let mut out = BufReader::new(stdout);
+            let mut line = String::new();
+            while !line.starts_with("connected") {
+                line.clear();
+                if out.read_line(&mut line).context("reading the swarm's output")? == 0 {
+                    let output = child.wait_with_output().context("waiting for the swarm")?;
+                    bail!(
+                        "graywatch-traffic swarm of {count} exited before connecting ({}): {}",
+                        output.status,
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    );
+                }
+            }
+            swarm.connected += line
+                .trim()
+                .strip_prefix("connected")
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .context("the swarm's connected line has no count")?;
+            swarm.parts.push((child, Some(out)));
+        }
+        Ok(swarm)
     }
 
     fn client_command(&self, args: &[String]) -> Command {
@@ -209,9 +358,46 @@ fn finish(child: Child) -> anyhow::Result<ClientResult> {
     })
 }
 
+/// A running swarm: `connected` connections up, each sending a byte every 100 ms.
+pub struct Swarm {
+    /// Each process and its stdout; killed on drop unless [`Swarm::finish`] waited for them.
+    parts: Vec<(Child, Option<BufReader<std::process::ChildStdout>>)>,
+    pub connected: u32,
+}
+
+impl Swarm {
+    /// Waits for the swarm's end (each process's report line) and checks that it succeeded.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        for (child, out) in std::mem::take(&mut self.parts) {
+            if let Some(mut out) = out {
+                let mut report = String::new();
+                out.read_line(&mut report).context("reading the swarm's report")?;
+            }
+            let output = child.wait_with_output().context("waiting for the swarm")?;
+            if !output.status.success() {
+                bail!(
+                    "graywatch-traffic swarm failed ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.parts {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
 impl Drop for TrafficBed {
     fn drop(&mut self) {
-        if let Some(server) = &mut self.server {
+        for server in self.server.iter_mut().chain(self.sinks.get_mut().iter_mut()) {
             server.kill().ok();
             server.wait().ok();
         }

@@ -7,6 +7,9 @@
 //!    (`VmRSS`, peak `VmHWM`) while paced TCP load produces a target rate of TCP events (10k / 50k /
 //!    100k per second, counted by the kernel's `run_cnt` of the agent's TCP programs), plus the
 //!    in-kernel time of its programs (which runs on the workload's CPUs, not the agent's).
+//! 3. The same agent's CPU and RSS while the node talks with 1k / 5k / 20k distinct remote
+//!    addresses (a swarm of IPv6 connections, one byte each per 100 ms), against the same agent
+//!    idle in the same run, and its peak RSS against the chart's memory limit.
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +41,16 @@ pub struct OverheadArgs {
     /// Seconds of load per target rate.
     #[arg(long)]
     pub rate_seconds: Option<u64>,
+    /// Distinct remote addresses for the agent's many-remotes part (comma-separated; 0 skips).
+    #[arg(long, value_delimiter = ',')]
+    pub remotes: Vec<u32>,
+    /// Seconds of steady traffic per remote count, once every connection is up.
+    #[arg(long)]
+    pub remotes_seconds: Option<u64>,
 }
+
+/// The agent container's memory limit in the chart (deploy/helm/graywatch/values.yaml).
+const CHART_AGENT_MEMORY_LIMIT_MIB: f64 = 128.0;
 
 const CPU_BUDGET_PERCENT: f64 = 0.5;
 const RSS_BUDGET_MIB: f64 = 40.0;
@@ -79,6 +91,19 @@ pub fn run(args: &OverheadArgs) -> anyhow::Result<()> {
     )?;
     let (rr_json, rr_met, unavailable) = tcp_rr(&binaries, &bed, rounds, &load)?;
     let (agent_json, agent_met) = agent_at_rates(&binaries, &bed, &rates, Duration::from_secs(rate_seconds))?;
+    let remotes = match args.remotes.as_slice() {
+        [] if quick => vec![1_000],
+        [] => vec![1_000, 5_000, 20_000],
+        [0] => Vec::new(),
+        counts => counts.to_vec(),
+    };
+    let remotes_seconds = Duration::from_secs(args.remotes_seconds.unwrap_or(if quick { 5 } else { 20 }));
+    let (remotes_json, remotes_met) = if remotes.is_empty() {
+        (Value::Null, None)
+    } else {
+        let (json, met) = agent_with_remotes(&binaries, &bed, &remotes, remotes_seconds)?;
+        (json, Some(met))
+    };
     if !unavailable.is_empty() {
         println!("\nPeer tools unavailable on this kernel (peer column without them):");
         for (tool, why) in &unavailable {
@@ -90,16 +115,23 @@ pub fn run(args: &OverheadArgs) -> anyhow::Result<()> {
         verdict(rr_met),
         agent_met.map_or("not measured (no 50k target)", verdict)
     );
+    println!(
+        "Agent peak RSS within the chart's {CHART_AGENT_MEMORY_LIMIT_MIB} MiB limit at every remote count: {}",
+        remotes_met.map_or("not measured (--remotes 0)", verdict)
+    );
     write_result(
         "overhead",
         quick,
         json!({
             "config": {"rounds": rounds, "rr_seconds": rr_seconds, "rr_request_bytes": 64, "rr_response_bytes": 64,
-                       "rates": rates, "rate_seconds": rate_seconds},
+                       "rates": rates, "rate_seconds": rate_seconds, "remotes": remotes,
+                       "remotes_seconds": remotes_seconds.as_secs()},
             "tcp_rr": rr_json,
             "agent": agent_json,
+            "agent_with_remotes": remotes_json,
             "peer_unavailable": unavailable.iter().map(|(t, w)| json!({"tool": t, "why": w})).collect::<Vec<_>>(),
-            "goals": {"tcp_rr_at_least_0_98": rr_met, "agent_cpu_rss_at_50k": agent_met},
+            "goals": {"tcp_rr_at_least_0_98": rr_met, "agent_cpu_rss_at_50k": agent_met,
+                      "agent_rss_within_chart_limit_with_remotes": remotes_met},
         }),
     )?;
     Ok(())
@@ -294,6 +326,88 @@ fn agent_at_rates(
     Ok((
         json!({"tcp_events_per_transaction": per_tx, "background_tcp_events_per_s": background, "startup_peak_rss_mib": startup_peak as f64 / 1024.0, "rates": out}),
         met,
+    ))
+}
+
+/// The agent's CPU and RSS with the node talking to each of `counts` distinct remote addresses,
+/// and idle first, in the same run; whether its peak stayed within the chart's memory limit.
+fn agent_with_remotes(
+    binaries: &Binaries,
+    bed: &TrafficBed,
+    counts: &[u32],
+    seconds: Duration,
+) -> anyhow::Result<(Value, bool)> {
+    let observer = Observer::start(Kind::Graywatch, binaries)?;
+    let pid = observer.main_pid().context("agent pid")?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    let mut idle: Option<(f64, f64)> = None;
+    let mut within_limit = true;
+    for count in std::iter::once(0).chain(counts.iter().copied()) {
+        // The connections open first (a burst of handshakes); the figures are of the steady
+        // state after, while every connection sends a byte each 100 ms.
+        let swarm = (count > 0).then(|| bed.swarm(count, seconds)).transpose()?;
+        reset_peak_rss(pid)?;
+        let cpu_before = cpu_ticks(pid);
+        let sched_before = schedstat_ns(pid);
+        let started = Instant::now();
+        match swarm {
+            Some(swarm) => {
+                let connected = swarm.connected;
+                swarm.finish()?;
+                if connected < count {
+                    anyhow::bail!("only {connected} of {count} swarm connections came up");
+                }
+            }
+            None => std::thread::sleep(seconds),
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu_percent = cpu_ticks(pid).saturating_sub(cpu_before) as f64 / clock_ticks() / elapsed * 100.0;
+        let sched_percent = schedstat_ns(pid).saturating_sub(sched_before) as f64 / 1e9 / elapsed * 100.0;
+        let (rss, hwm) = memory_kib(pid)?;
+        let (rss_mib, peak_mib) = (rss as f64 / 1024.0, hwm as f64 / 1024.0);
+        within_limit &= peak_mib < CHART_AGENT_MEMORY_LIMIT_MIB;
+        let (idle_cpu, idle_peak) = *idle.get_or_insert((sched_percent, peak_mib));
+        rows.push(vec![
+            if count == 0 {
+                "idle".to_owned()
+            } else {
+                count.to_string()
+            },
+            fmt(cpu_percent, 3),
+            fmt(sched_percent, 3),
+            fmt(sched_percent / idle_cpu, 2),
+            fmt(rss_mib, 1),
+            fmt(peak_mib, 1),
+            fmt(peak_mib / idle_peak, 2),
+        ]);
+        out.push(json!({
+            "remote_addresses": count, "seconds": elapsed, "agent_cpu_percent_of_core": finite(cpu_percent),
+            "agent_cpu_percent_of_core_schedstat": finite(sched_percent),
+            "cpu_ratio_to_idle_schedstat": finite(sched_percent / idle_cpu), "rss_mib": rss_mib, "peak_rss_mib": peak_mib,
+            "peak_rss_ratio_to_idle": finite(peak_mib / idle_peak),
+        }));
+    }
+    observer.stop()?;
+    print_table(
+        &format!(
+            "graywatch-agent with many remote addresses (one byte per connection per 100 ms, {} s each; ratios to the idle agent of this run)",
+            seconds.as_secs()
+        ),
+        &[
+            "remotes",
+            "agent CPU % (stat)",
+            "(schedstat)",
+            "× idle",
+            "RSS MiB",
+            "peak RSS MiB",
+            "peak × idle",
+        ],
+        &rows,
+    );
+    Ok((
+        json!({"runs": out, "chart_memory_limit_mib": CHART_AGENT_MEMORY_LIMIT_MIB}),
+        within_limit,
     ))
 }
 
