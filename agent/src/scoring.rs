@@ -80,6 +80,9 @@ impl LocalScorer {
     fn feed(&mut self, family: Family, key: String, unit: &'static str, t: f64, value: f64) {
         let config = SignalScorerConfig {
             min_delta: family.min_change(),
+            // Node-level figures (pressure, run-queue, steal): see `robust_floor`. Per-peer
+            // network series keep the long-memory score alone.
+            robust_floor: !family.has_vantage(),
             ..self.config
         };
         let series = self.families.entry(family).or_default();

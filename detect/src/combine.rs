@@ -41,6 +41,12 @@ pub struct SignalScorerConfig {
     /// (a series that sits at 0 has no scale: its first 0.01 % is otherwise an enormous z). The
     /// agent sets it per family ([`Family::min_change`]); 0 disables (unitless data, NAB).
     pub min_delta: f64,
+    /// Score a sample at least as high as its robust (median/MAD) z says. A few extreme
+    /// samples (a node busy while the agent warmed up) inflate the long-memory variance for
+    /// hours but not the median's scale: without this, a later memory thrash at that level
+    /// scored 0.65–0.77, under the aggregator's 0.75. The agent sets it for the node-level
+    /// families (pressure, run-queue, steal), whose `min_delta` keeps noise out; off for NAB.
+    pub robust_floor: bool,
 }
 
 impl Default for SignalScorerConfig {
@@ -73,6 +79,7 @@ impl Default for SignalScorerConfig {
             max_freeze_secs: 600.0,
             min_ratio: 1.5,
             min_delta: 0.0,
+            robust_floor: false,
         }
     }
 }
@@ -156,6 +163,9 @@ impl SignalScorer {
         } else {
             0.0
         };
+        if self.cfg.robust_floor && self.cfg.direction.project(zo.z) > 0.0 {
+            raw = raw.max(zo.score);
+        }
         let base = self.z.baseline();
         let (ratio_ok, delta) = match self.cfg.direction {
             Direction::Up => (x >= base * self.cfg.min_ratio || base <= 0.0, x - base),
