@@ -405,29 +405,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn vantage_votes_against_the_slow_node_only() {
-        let nodes: Vec<NodeView> = (1..=5).map(node).collect();
+    /// `NetworkLatency` vantage of `n1..=n{size}`, each reporting every other at `rtt(i, j)` µs.
+    fn full_mesh_vantage(size: u8, rtt: impl Fn(u8, u8) -> f64) -> BTreeMap<String, VantageEvidence> {
+        let nodes: Vec<NodeView> = (1..=size).map(node).collect();
         let book = AddressBook::new(&nodes);
-        // n5 is slow: everyone sees it slow; n5 sees everyone slow (its own link).
-        let mut reports = BTreeMap::new();
-        for i in 1..=4u8 {
-            let t: Vec<(u8, f64)> = (1..=5u8)
-                .filter(|j| *j != i)
-                .map(|j| (j, if j == 5 { 5000.0 } else { 300.0 }))
-                .collect();
-            reports.insert(format!("n{i}"), report_towards(&t));
-        }
-        reports.insert(
-            "n5".into(),
-            report_towards(&[(1, 5000.0), (2, 5000.0), (3, 5000.0), (4, 5000.0)]),
-        );
-        let v = vantage(
+        let reports: BTreeMap<String, NodeReport> = (1..=size)
+            .map(|i| {
+                let t: Vec<(u8, f64)> = (1..=size).filter(|j| *j != i).map(|j| (j, rtt(i, j))).collect();
+                (format!("n{i}"), report_towards(&t))
+            })
+            .collect();
+        vantage(
             Family::NetworkLatency,
             &book,
             reports.iter().map(|(k, r)| (k.as_str(), r)),
             3.0,
-        );
+        )
+    }
+
+    #[test]
+    fn vantage_votes_against_the_slow_node_only() {
+        // n5 is slow: everyone sees it slow; n5 sees everyone slow (its own link).
+        let v = full_mesh_vantage(5, |i, j| if i == 5 || j == 5 { 5000.0 } else { 300.0 });
         assert_eq!((v["n5"].observers, v["n5"].flagged), (4, 4));
         assert_eq!(v["n5"].flagged_by, ["n1", "n2", "n3", "n4"]);
         // n5 talked with all four, all four flag it: a majority of its partners.
@@ -448,31 +447,13 @@ mod tests {
     /// link-explained, by each other; nobody else is.
     #[test]
     fn one_broken_link_blames_the_link_not_either_end() {
-        let nodes: Vec<NodeView> = (1..=5).map(node).collect();
-        let book = AddressBook::new(&nodes);
-        let mut reports = BTreeMap::new();
-        for i in 1..=5u8 {
-            let t: Vec<(u8, f64)> = (1..=5u8)
-                .filter(|j| *j != i)
-                .map(|j| {
-                    (
-                        j,
-                        if (i, j) == (1, 2) || (i, j) == (2, 1) {
-                            5000.0
-                        } else {
-                            300.0
-                        },
-                    )
-                })
-                .collect();
-            reports.insert(format!("n{i}"), report_towards(&t));
-        }
-        let v = vantage(
-            Family::NetworkLatency,
-            &book,
-            reports.iter().map(|(k, r)| (k.as_str(), r)),
-            3.0,
-        );
+        let v = full_mesh_vantage(5, |i, j| {
+            if (i, j) == (1, 2) || (i, j) == (2, 1) {
+                5000.0
+            } else {
+                300.0
+            }
+        });
         assert_eq!(v["n1"].link_partners, ["n2"]);
         assert_eq!(v["n2"].link_partners, ["n1"]);
         assert_eq!((v["n1"].flagged, v["n2"].flagged), (1, 1));
@@ -485,26 +466,11 @@ mod tests {
     /// link (two of five observers is a minority).
     #[test]
     fn a_noisy_observer_does_not_turn_a_link_into_a_node() {
-        let nodes: Vec<NodeView> = (1..=6).map(node).collect();
-        let book = AddressBook::new(&nodes);
-        let mut reports = BTreeMap::new();
-        for i in 1..=6u8 {
-            let t: Vec<(u8, f64)> = (1..=6u8)
-                .filter(|j| *j != i)
-                .map(|j| match (i, j) {
-                    (1, 2) | (2, 1) => (j, 5000.0),
-                    (3, 1) => (j, 1500.0),
-                    _ => (j, 300.0),
-                })
-                .collect();
-            reports.insert(format!("n{i}"), report_towards(&t));
-        }
-        let v = vantage(
-            Family::NetworkLatency,
-            &book,
-            reports.iter().map(|(k, r)| (k.as_str(), r)),
-            3.0,
-        );
+        let v = full_mesh_vantage(6, |i, j| match (i, j) {
+            (1, 2) | (2, 1) => 5000.0,
+            (3, 1) => 1500.0,
+            _ => 300.0,
+        });
         assert_eq!(v["n1"].flagged_by, ["n2", "n3"]);
         assert_eq!(v["n1"].link_partners, ["n2"]);
         assert_eq!(v["n2"].link_partners, ["n1"]);
@@ -514,28 +480,13 @@ mod tests {
     /// node, not its links.
     #[test]
     fn many_bad_links_are_the_node() {
-        let nodes: Vec<NodeView> = (1..=9).map(node).collect();
-        let book = AddressBook::new(&nodes);
         let slow = |i: u8, j: u8| (i == 1 && (2..=5).contains(&j)) || (j == 1 && (2..=5).contains(&i));
-        let mut reports = BTreeMap::new();
-        for i in 1..=9u8 {
-            let t: Vec<(u8, f64)> = (1..=9u8)
-                .filter(|j| *j != i)
-                .map(|j| match (i, j) {
-                    // n1 sees n2 far worse than the rest, so it does flag one link.
-                    (1, 2) => (j, 50_000.0),
-                    _ if slow(i, j) => (j, 5000.0),
-                    _ => (j, 300.0),
-                })
-                .collect();
-            reports.insert(format!("n{i}"), report_towards(&t));
-        }
-        let v = vantage(
-            Family::NetworkLatency,
-            &book,
-            reports.iter().map(|(k, r)| (k.as_str(), r)),
-            3.0,
-        );
+        let v = full_mesh_vantage(9, |i, j| match (i, j) {
+            // n1 sees n2 far worse than the rest, so it does flag one link.
+            (1, 2) => 50_000.0,
+            _ if slow(i, j) => 5000.0,
+            _ => 300.0,
+        });
         assert_eq!(v["n1"].flagged_by, ["n2", "n3", "n4", "n5"]);
         assert!(v["n1"].link_partners.is_empty(), "{:?}", v["n1"]);
         // n1 sees half its peers slow: its own view is unreliable, so nobody's link to it is
