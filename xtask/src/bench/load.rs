@@ -116,13 +116,8 @@ impl TrafficBed {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         let listen = format!("{SERVER_ADDR}:{PORT}");
-        bed.server = Some(bed.start_server(&listen)?);
+        bed.server = Some(bed.start_listener("server", &listen)?);
         Ok(bed)
-    }
-
-    /// A `graywatch-traffic server` in the server namespace, once it listens.
-    fn start_server(&self, listen: &str) -> anyhow::Result<Child> {
-        self.start_listener("server", listen)
     }
 
     /// `graywatch-traffic <mode> --listen <listen>` in the server namespace, once it listens.
@@ -223,7 +218,11 @@ impl TrafficBed {
         // One process holds at most SWARM_CHUNK sockets (a container's hard open-file limit is
         // often 20,000): larger swarms run as several, each towards its own sink.
         let chunks = count.div_ceil(SWARM_CHUNK).max(1);
-        let mut parts = Vec::new();
+        // Held from the first spawn on, so that an error later kills every process started.
+        let mut swarm = Swarm {
+            parts: Vec::new(),
+            connected: 0,
+        };
         for chunk in 0..chunks {
             let port = SWARM_PORT + u16::try_from(chunk).context("too many swarm chunks")?;
             if self.sinks.borrow().len() <= chunk as usize {
@@ -234,7 +233,7 @@ impl TrafficBed {
             let first = std::net::Ipv6Addr::from(
                 u128::from(SWARM_PREFIX.parse::<std::net::Ipv6Addr>()?) + 1 + u128::from(chunk * SWARM_CHUNK),
             );
-            let child = Command::new("nice")
+            let mut child = Command::new("nice")
                 .args(LOAD_NICE)
                 .args(["ip", "netns", "exec", &self.client_ns])
                 .arg(&self.traffic)
@@ -247,27 +246,23 @@ impl TrafficBed {
                 .stderr(Stdio::piped())
                 .spawn()
                 .context("starting graywatch-traffic swarm")?;
-            parts.push(child);
+            let out = child.stdout.take().map(BufReader::new);
+            swarm.parts.push((child, out));
         }
-        let mut swarm = Swarm {
-            parts: Vec::new(),
-            connected: 0,
-        };
-        for mut child in parts {
-            let Some(stdout) = child.stdout.take() else {
-                swarm.parts.push((child, None));
-                bail!("swarm stdout");
-            };
-            let mut out = BufReader::new(stdout);
+        for (child, out) in &mut swarm.parts {
+            let out = out.as_mut().context("swarm stdout")?;
             let mut line = String::new();
             while !line.starts_with("connected") {
                 line.clear();
                 if out.read_line(&mut line).context("reading the swarm's output")? == 0 {
-                    let output = child.wait_with_output().context("waiting for the swarm")?;
+                    let status = child.wait().context("waiting for the swarm")?;
+                    let mut stderr = String::new();
+                    if let Some(mut err) = child.stderr.take() {
+                        std::io::Read::read_to_string(&mut err, &mut stderr).ok();
+                    }
                     bail!(
-                        "graywatch-traffic swarm of {count} exited before connecting ({}): {}",
-                        output.status,
-                        String::from_utf8_lossy(&output.stderr).trim()
+                        "graywatch-traffic swarm of {count} exited before connecting ({status}): {}",
+                        stderr.trim()
                     );
                 }
             }
@@ -276,7 +271,6 @@ impl TrafficBed {
                 .strip_prefix("connected")
                 .and_then(|n| n.trim().parse::<u32>().ok())
                 .context("the swarm's connected line has no count")?;
-            swarm.parts.push((child, Some(out)));
         }
         Ok(swarm)
     }
@@ -368,7 +362,8 @@ pub struct Swarm {
 impl Swarm {
     /// Waits for the swarm's end (each process's report line) and checks that it succeeded.
     pub fn finish(mut self) -> anyhow::Result<()> {
-        for (child, out) in std::mem::take(&mut self.parts) {
+        // Popped one by one: on an error, the processes not yet waited for stay for Drop.
+        while let Some((child, out)) = self.parts.pop() {
             if let Some(mut out) = out {
                 let mut report = String::new();
                 out.read_line(&mut report).context("reading the swarm's report")?;
