@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the Unix epoch (an input; the core never reads a clock).
 pub type Millis = i64;
 
+/// The condition reason of a family whose failure is forecast, not observed (see `prediction`).
+pub const PREDICTED_FAILURE_REASON: &str = "PredictedFailure";
+
 /// The signal families; one Node condition each (defined once, shared with agent and wire).
 pub use graywatch_proto::Family;
 use graywatch_proto::retransmit_pct;

@@ -6,40 +6,16 @@
 //! replaces a NodeClaim. A real degradation takes precedence (reason `GrayFailure`).
 
 use super::{
-    model::{CondStatus, Family, NodeReport, Prediction},
+    model::{CondStatus, Family, Prediction},
     plan::{DesiredCondition, EventKind, EventTarget, PlannedEvent},
     policy::Policy,
     state_machine::{FamilyState, NodeState, Phase, UnknownReason},
 };
 
 /// The condition reason of a predicted failure.
-pub const REASON: &str = "PredictedFailure";
+pub use super::model::PREDICTED_FAILURE_REASON as REASON;
 
-/// Takes in the window's predictions: a family holds its agent's latest one that is confident
-/// enough and within the horizon, and keeps holding it until `predict_clear_windows` windows in
-/// a row bring none (a forecast at the edge of the confidence floor or of the horizon would
-/// otherwise flap the condition, an Event and a Node write each time).
-pub(super) fn note(st: &mut NodeState, report: &NodeReport, p: &Policy) {
-    let horizon_secs = p.predict_horizon_ms as f64 / 1000.0;
-    for (f, fs) in &mut st.families {
-        let fresh = report
-            .predictions
-            .get(f)
-            .filter(|pr| pr.confidence >= p.predict_confidence && pr.eta_secs <= horizon_secs);
-        if let Some(pr) = fresh {
-            fs.prediction = Some(pr.clone());
-            fs.prediction_misses = 0;
-        } else if fs.prediction.is_some() {
-            fs.prediction_misses = fs.prediction_misses.saturating_add(1);
-            if fs.prediction_misses >= p.predict_clear_windows {
-                fs.prediction = None;
-                fs.prediction_misses = 0;
-            }
-        }
-    }
-}
-
-/// The prediction a family's condition shows: the policy predicts, one is held (see [`note`]),
+/// The prediction a family's condition shows: the policy predicts, one is held (see [`super::state_machine::note_predictions`]),
 /// and the family is not failing already (a Degraded or Recovering family shows `GrayFailure`;
 /// Unknown for want of a fresh report shows that).
 #[must_use]

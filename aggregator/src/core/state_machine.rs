@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 
 use super::{
     evidence::{self, AddressBook, VantageEvidence},
-    model::{CondStatus, Family, Millis, NodeReport, NodeView, Prediction, WindowId},
+    model::{CondStatus, Family, Millis, NodeReport, NodeView, PREDICTED_FAILURE_REASON, Prediction, WindowId},
     plan::{EventKind, EventTarget, Plan, PlannedEvent},
     policy::Policy,
-    prediction,
     step::{EKS_NETWORKING_CONDITION, StepCtx},
 };
 
@@ -231,7 +230,7 @@ impl NodeState {
                     let phase = match c.status {
                         CondStatus::True => Phase::Healthy,
                         // A forecast, not a failure: the next window says whether it holds.
-                        CondStatus::False if c.reason == prediction::REASON => Phase::Healthy,
+                        CondStatus::False if c.reason == PREDICTED_FAILURE_REASON => Phase::Healthy,
                         // Keep a node we found degraded degraded until it recovers through hysteresis.
                         CondStatus::False => Phase::Degraded,
                         CondStatus::Unknown => Phase::Unknown,
@@ -400,7 +399,7 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
                 plan.events.push(event);
             }
         }
-        prediction::note(st, report, ctx.policy);
+        note_predictions(st, report, ctx.policy);
         if st.overall() == Phase::Degraded {
             st.degraded_windows = st.degraded_windows.saturating_add(1);
         } else {
@@ -657,6 +656,30 @@ fn score_family(
     }
     fs.uncorroborated = alone;
     event
+}
+
+/// Takes in the window's predictions: a family holds its agent's latest one that is confident
+/// enough and within the horizon, and keeps holding it until `predict_clear_windows` windows in
+/// a row bring none (a forecast at the edge of the confidence floor or of the horizon would
+/// otherwise flap the condition, an Event and a Node write each time).
+fn note_predictions(st: &mut NodeState, report: &NodeReport, p: &Policy) {
+    let horizon_secs = p.predict_horizon_ms as f64 / 1000.0;
+    for (f, fs) in &mut st.families {
+        let fresh = report
+            .predictions
+            .get(f)
+            .filter(|pr| pr.confidence >= p.predict_confidence && pr.eta_secs <= horizon_secs);
+        if let Some(pr) = fresh {
+            fs.prediction = Some(pr.clone());
+            fs.prediction_misses = 0;
+        } else if fs.prediction.is_some() {
+            fs.prediction_misses = fs.prediction_misses.saturating_add(1);
+            if fs.prediction_misses >= p.predict_clear_windows {
+                fs.prediction = None;
+                fs.prediction_misses = 0;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
