@@ -321,6 +321,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started_at = Instant::now();
     let mut seq = 0u64;
     let mut last_book: Option<Arc<graywatch_proto::v1::PeerBook>> = None;
+    let mut address_answers = crate::peers::AddressAnswers::default();
 
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -345,7 +346,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health.metrics.collect_seconds.observe(started.elapsed().as_secs_f64());
         health.metrics.observe(&summary);
         // Once per window, for the scorer and the wire summary alike.
-        let peers = crate::peers::peers(&summary, &peer_book.get(), crate::peers::PeerLimits::default());
+        let crate::peers::WindowPeers { peers, unmapped } = crate::peers::peers(
+            &summary,
+            &peer_book.get(),
+            &address_answers,
+            crate::peers::PeerLimits::default(),
+        );
         health.metrics.observe_peers(&peers);
         let t = started_at.elapsed().as_secs_f64();
         let scores = scorer.observe(t, &summary, &peers);
@@ -379,7 +385,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let (generation, addresses) = pods.pod_addresses();
                 reporter.set_pod_addresses(generation, addresses);
             }
-            reporter.push(&crate::wire::node_summary(&identity, seq, &summary, &peers, &scores));
+            let now = Instant::now();
+            for answers in reporter.take_answers() {
+                address_answers.absorb(&answers, now);
+            }
+            let mut msg = crate::wire::node_summary(&identity, seq, &summary, &peers, &scores);
+            msg.address_lookups = address_answers
+                .lookups(&unmapped, now, graywatch_proto::MAX_ADDRESS_LOOKUPS)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            health
+                .metrics
+                .address_answers
+                .set(i64::try_from(address_answers.len()).unwrap_or(i64::MAX));
+            reporter.push(&msg);
             health.metrics.observe_report(&reporter.stats(), reporter.buffered());
         }
         health.window_done();

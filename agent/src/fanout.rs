@@ -218,7 +218,12 @@ impl Fanout {
         total
     }
 
-    /// The latest peer book any replica sent (they build it from the same Nodes).
+    /// The answers to address lookups any replica sent since the last call.
+    pub fn take_answers(&self) -> Vec<graywatch_proto::v1::AddressAnswers> {
+        self.reporters.values().flat_map(Reporter::take_answers).collect()
+    }
+
+    /// The latest peer book any replica (of an older version) sent (they build it from the same Nodes).
     pub fn peer_book(&self) -> Option<std::sync::Arc<graywatch_proto::v1::PeerBook>> {
         self.reporters.values().find_map(Reporter::peer_book)
     }

@@ -111,6 +111,8 @@ pub struct Metrics {
     report_buffered: Gauge,
     window_peers: Family<KindLabels, Gauge>,
     window_remote_addresses: Gauge,
+    /// Remote addresses held with the aggregator's answer (see `peers::AddressAnswers`).
+    pub address_answers: Gauge,
     workload_series: SeriesExpiry<WorkloadLabels>,
 }
 
@@ -145,6 +147,7 @@ impl Metrics {
             report_buffered: Gauge::default(),
             window_peers: Family::default(),
             window_remote_addresses: Gauge::default(),
+            address_answers: Gauge::default(),
             workload_series: SeriesExpiry::default(),
             registry: Registry::default(),
             host: HostMetrics::default(),
@@ -215,6 +218,11 @@ impl Metrics {
             "window_remote_addresses",
             "Distinct remote addresses in the last window, before folding into peers",
             m.window_remote_addresses.clone(),
+        );
+        registry.register(
+            "address_answers",
+            "Remote addresses the agent's own Node watch cannot map, held with the aggregator's answer (node or unknown)",
+            m.address_answers.clone(),
         );
         let host = HostMetrics::register(&mut registry);
         Metrics { registry, host, ..m }

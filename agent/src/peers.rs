@@ -5,11 +5,14 @@
 //!
 //! The address → node book comes from the Kubernetes API (a watch of the Nodes, kept as
 //! addresses and CIDRs only) when the agent has a client; without one every address is "other".
+//! Addresses it does not map (pod IPs outside any pod CIDR) are asked of the aggregator, which
+//! knows every agent's pod IPs ([`AddressAnswers`]).
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, RwLock},
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -311,6 +314,114 @@ impl SharedPeerBook {
     }
 }
 
+/// How long an answer naming a node holds before the address is asked about again (it is still
+/// used meanwhile): a pod IP moves to another node only after its pod is gone and the IP is
+/// handed out again, which the VPC CNI delays.
+pub const OWNER_TTL: Duration = Duration::from_mins(5);
+/// How long an "unknown" answer holds: a new pod's IP is unknown until its agent reports it.
+pub const UNKNOWN_TTL: Duration = Duration::from_mins(1);
+/// An asked address without an answer (no aggregator, or a lost directive) is asked again after
+/// this long.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// An address not seen in any window for this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_mins(10);
+/// At most this many addresses are held; past it new ones are neither asked about nor held
+/// (they stay "other" addresses) until old ones are forgotten.
+pub const MAX_ANSWERS: usize = 65_536;
+
+/// The aggregator's answers about remote addresses the agent's own book does not map (pod IPs
+/// outside any pod CIDR: EKS's VPC CNI), asked for address by address as traffic to them is
+/// seen (`NodeSummary.address_lookups`). Each agent holds only the addresses it talks to, where
+/// a book of every node's pod IPs sent to every agent would cost O(nodes²) bytes at connect.
+#[derive(Debug, Default)]
+pub struct AddressAnswers {
+    entries: HashMap<IpAddr, Answer>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    /// The node; `None` while unknown to the aggregator or not answered yet.
+    node: Option<Arc<str>>,
+    /// When the address is due to be asked about (again).
+    ask_at: Instant,
+    /// When the address was last seen in a window.
+    seen_at: Instant,
+}
+
+impl AddressAnswers {
+    /// The node the aggregator last named for `addr`.
+    pub fn node_of(&self, addr: &IpAddr) -> Option<&Arc<str>> {
+        self.entries.get(addr).and_then(|a| a.node.as_ref())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Takes in an answer. Only addresses this agent asked about are held (an aggregator cannot
+    /// grow the agent's memory by answering what nobody asked); unparsable entries are skipped.
+    pub fn absorb(&mut self, answers: &graywatch_proto::v1::AddressAnswers, now: Instant) {
+        let owners = answers
+            .owners
+            .iter()
+            .filter_map(|o| Some((o.address.parse().ok()?, Some(o.node_name.as_str()))));
+        let unknown = answers.unknown.iter().filter_map(|a| Some((a.parse().ok()?, None)));
+        for (addr, node) in owners.chain(unknown) {
+            if let Some(entry) = self.entries.get_mut(&addr) {
+                entry.node = node.filter(|n| !n.is_empty()).map(Arc::from);
+                entry.ask_at = now + if entry.node.is_some() { OWNER_TTL } else { UNKNOWN_TTL };
+            }
+        }
+    }
+
+    /// The window's addresses that the agent's own book does not map (`unmapped`, busiest first)
+    /// to ask about now: never asked, or their answer expired, or asked without an answer for
+    /// [`RETRY_AFTER`]; at most `max`. Also forgets addresses unseen for [`FORGET_AFTER`].
+    pub fn lookups(&mut self, unmapped: &[IpAddr], now: Instant, max: usize) -> Vec<IpAddr> {
+        let mut ask = Vec::new();
+        for addr in unmapped {
+            let due = ask.len() < max;
+            let room = self.entries.len() < MAX_ANSWERS;
+            match self.entries.get_mut(addr) {
+                Some(entry) => {
+                    entry.seen_at = now;
+                    if due && entry.ask_at <= now {
+                        entry.ask_at = now + RETRY_AFTER;
+                        ask.push(*addr);
+                    }
+                }
+                None if due && room => {
+                    self.entries.insert(
+                        *addr,
+                        Answer {
+                            node: None,
+                            ask_at: now + RETRY_AFTER,
+                            seen_at: now,
+                        },
+                    );
+                    ask.push(*addr);
+                }
+                None => {}
+            }
+        }
+        self.entries.retain(|_, a| now.duration_since(a.seen_at) < FORGET_AFTER);
+        ask
+    }
+}
+
+/// A window's peers, and the addresses among them the agent's own book does not map.
+#[derive(Debug, Clone, Default)]
+pub struct WindowPeers {
+    pub peers: Vec<PeerWindow>,
+    /// Remote addresses in no Node's InternalIPs or pod CIDRs as the agent's book knows them
+    /// (whether or not the aggregator has answered for them), busiest first.
+    pub unmapped: Vec<IpAddr>,
+}
+
 /// What the node measured towards one peer (a node, one address, or the external bucket), over
 /// all its workloads.
 #[derive(Debug, Clone, PartialEq)]
@@ -392,8 +503,10 @@ impl Fold {
 
 /// The window's peers: node-level peers (busiest `max_nodes`), the busiest `max_others`
 /// addresses that map to no node, and one external bucket with everything else (absent when
-/// empty). Node peers first (by name), then addresses, then the external bucket.
-pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Vec<PeerWindow> {
+/// empty). Node peers first (by name), then addresses, then the external bucket. An address
+/// maps to a node through the agent's own `book` first, then through the aggregator's
+/// `answers`.
+pub fn peers(summary: &WindowSummary, book: &PeerBook, answers: &AddressAnswers, limits: PeerLimits) -> WindowPeers {
     let mut by_remote: HashMap<IpAddr, Fold> = HashMap::new();
     for flow in &summary.network.flows {
         let fold = by_remote.entry(flow.remote).or_insert_with(|| Fold {
@@ -412,8 +525,13 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Ve
     }
     let mut by_node: HashMap<Arc<str>, (IpAddr, Fold)> = HashMap::new();
     let mut others: Vec<(IpAddr, Fold)> = Vec::new();
+    let mut unmapped: Vec<(IpAddr, u64)> = Vec::new();
     for (remote, fold) in by_remote {
-        match book.node_of(&remote) {
+        let node = book.node_of(&remote).or_else(|| {
+            unmapped.push((remote, fold.weight()));
+            answers.node_of(&remote)
+        });
+        match node {
             Some(node) => {
                 let representative = book.representative.get(node).copied().unwrap_or(remote);
                 by_node
@@ -445,7 +563,11 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, limits: PeerLimits) -> Ve
     if external.addresses > 0 {
         out.push(external.into_peer(IpAddr::V6(Ipv6Addr::UNSPECIFIED), None, true));
     }
-    out
+    unmapped.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    WindowPeers {
+        peers: out,
+        unmapped: unmapped.into_iter().map(|(addr, _)| addr).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -495,7 +617,7 @@ mod tests {
             Some("node-a")
         );
         let summary = window_with_flows(&[(pod, 500, 4, 40, 1)]);
-        let peers = peers(&summary, &book, PeerLimits::default());
+        let peers = peers(&summary, &book, &AddressAnswers::default(), PeerLimits::default()).peers;
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].node.as_deref(), Some("node-a"));
         assert_eq!(
@@ -503,6 +625,104 @@ mod tests {
             IpAddr::V4(Ipv4Addr::new(192, 168, 0, 10)),
             "named by its InternalIP"
         );
+    }
+
+    fn answers(owners: &[(&str, &str)], unknown: &[&str]) -> graywatch_proto::v1::AddressAnswers {
+        graywatch_proto::v1::AddressAnswers {
+            owners: owners
+                .iter()
+                .map(|(a, n)| graywatch_proto::v1::AddressOwner {
+                    address: (*a).into(),
+                    node_name: (*n).into(),
+                })
+                .collect(),
+            unknown: unknown.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    /// EKS VPC CNI: a pod IP in no pod CIDR is asked of the aggregator once it carries traffic;
+    /// once answered, traffic to it folds into its node's peer (named by the node's InternalIP
+    /// where the agent's book knows it), and it is not asked again until the answer expires.
+    #[test]
+    fn an_unmapped_address_is_asked_once_and_its_answer_folds_it_into_its_node() {
+        let book = book();
+        let pod: IpAddr = "192.168.77.12".parse().expect("ip");
+        let summary = window_with_flows(&[(pod, 500, 4, 40, 1)]);
+        let mut held = AddressAnswers::default();
+        let t0 = Instant::now();
+
+        let first = peers(&summary, &book, &held, PeerLimits::default());
+        assert_eq!(first.unmapped, [pod]);
+        assert_eq!(first.peers[0].node, None, "not mapped before the answer");
+        assert_eq!(held.lookups(&first.unmapped, t0, 256), [pod]);
+        // Asked, not answered yet: not asked again in the next windows.
+        assert!(
+            held.lookups(&first.unmapped, t0 + Duration::from_secs(1), 256)
+                .is_empty()
+        );
+
+        held.absorb(
+            &answers(&[("192.168.77.12", "node-b")], &[]),
+            t0 + Duration::from_secs(1),
+        );
+        let second = peers(&summary, &book, &held, PeerLimits::default());
+        assert_eq!(second.peers.len(), 1);
+        assert_eq!(second.peers[0].node.as_deref(), Some("node-b"));
+        assert_eq!(
+            second.peers[0].remote,
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+            "node-b's InternalIP"
+        );
+        assert_eq!(second.unmapped, [pod], "still outside the agent's own book");
+        let later = t0 + Duration::from_secs(1) + OWNER_TTL;
+        assert!(held.lookups(&second.unmapped, t0 + OWNER_TTL, 256).is_empty());
+        // The answer expired: asked again, still folded meanwhile.
+        assert_eq!(held.lookups(&second.unmapped, later, 256), [pod]);
+        assert_eq!(held.node_of(&pod).map(|n| &**n), Some("node-b"));
+    }
+
+    #[test]
+    fn unknown_and_unanswered_addresses_are_asked_again_and_unsolicited_answers_ignored() {
+        let [ext, lost, stranger]: [IpAddr; 3] =
+            ["203.0.113.9", "203.0.113.10", "198.51.100.1"].map(|a| a.parse().expect("ip"));
+        let mut held = AddressAnswers::default();
+        let t0 = Instant::now();
+        assert_eq!(held.lookups(&[ext, lost], t0, 256), [ext, lost]);
+        held.absorb(
+            &answers(&[("198.51.100.1", "node-a"), ("bogus", "node-a")], &["203.0.113.9"]),
+            t0,
+        );
+        assert_eq!(held.node_of(&stranger), None, "never asked: not held");
+        assert_eq!(held.len(), 2);
+        let retry = t0 + RETRY_AFTER;
+        assert_eq!(
+            held.lookups(&[ext, lost], retry, 256),
+            [lost],
+            "unanswered: asked again"
+        );
+        assert_eq!(
+            held.lookups(&[ext, lost], t0 + UNKNOWN_TTL, 256),
+            [ext, lost],
+            "unknown: asked again once its answer expired (and the unanswered one once more)"
+        );
+    }
+
+    #[test]
+    fn lookups_are_bounded_per_window_and_unseen_addresses_forgotten() {
+        let addrs: Vec<IpAddr> = (0..10u8).map(|i| IpAddr::V4(Ipv4Addr::new(203, 0, 113, i))).collect();
+        let mut held = AddressAnswers::default();
+        let t0 = Instant::now();
+        assert_eq!(held.lookups(&addrs, t0, 4), addrs[..4], "the busiest first");
+        assert_eq!(held.lookups(&addrs, t0 + Duration::from_secs(1), 4), addrs[4..8]);
+        assert_eq!(held.len(), 8);
+        // Only the first address is seen again, after everything else went unseen for long.
+        let late = t0 + Duration::from_secs(1) + FORGET_AFTER;
+        assert_eq!(
+            held.lookups(&addrs[..1], late, 4),
+            addrs[..1],
+            "still unanswered: asked again"
+        );
+        assert_eq!(held.len(), 1, "the others are forgotten");
     }
 
     fn node(name: &str, ip: &str, pods: &[&str]) -> graywatch_proto::v1::NodePeers {
@@ -601,7 +821,7 @@ mod tests {
             ("10.244.1.6".parse().expect("ip"), 3_000, 10, 100, 3),
             ("10.0.0.1".parse().expect("ip"), 2_000, 10, 100, 0),
         ]);
-        let peers = peers(&summary, &book(), PeerLimits::default());
+        let peers = peers(&summary, &book(), &AddressAnswers::default(), PeerLimits::default()).peers;
         assert_eq!(peers.len(), 1, "{peers:?}");
         let p = &peers[0];
         assert_eq!(p.node.as_deref(), Some("node-a"));
@@ -629,7 +849,7 @@ mod tests {
         let summary = window_with_flows(&flows);
         assert_eq!(summary.network.flows.len(), 5_001);
         let limits = PeerLimits::default();
-        let peers = peers(&summary, &book(), limits);
+        let peers = peers(&summary, &book(), &AddressAnswers::default(), limits).peers;
         assert_eq!(peers.len(), 1 + limits.max_others + 1, "node + top-N + external");
         assert_eq!(peers[0].node.as_deref(), Some("node-a"));
         let external = peers.last().expect("external");
@@ -647,7 +867,14 @@ mod tests {
         assert!(peers[1..=limits.max_others].iter().all(|p| p.segments_out == 7));
         // Nothing measured: one peer per window, not one per address.
         assert_eq!(
-            super::peers(&window_with(Ipv4Addr::new(10, 9, 9, 9), 1, 1, 1, 0), &book(), limits).len(),
+            super::peers(
+                &window_with(Ipv4Addr::new(10, 9, 9, 9), 1, 1, 1, 0),
+                &book(),
+                &AddressAnswers::default(),
+                limits
+            )
+            .peers
+            .len(),
             1
         );
     }

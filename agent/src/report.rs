@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use graywatch_proto::v1::{NodeSummary, PeerBook, directive, ingest_client::IngestClient};
+use graywatch_proto::v1::{AddressAnswers, NodeSummary, PeerBook, directive, ingest_client::IngestClient};
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::transport::Endpoint;
 
@@ -174,9 +174,16 @@ struct Shared {
     stats: ReportStats,
     /// The node's pod IPs and their generation (see [`Reporter::set_pod_addresses`]).
     pod_addresses: Mutex<Option<(u64, Vec<String>)>>,
-    /// The latest peer book from the aggregator (its pages applied, `Directive.peer_book_delta`).
+    /// The latest peer book from an older aggregator (its pages applied, `Directive.peer_book_delta`).
     peer_book: watch::Sender<Option<Arc<PeerBook>>>,
+    /// Answers to this agent's address lookups not yet taken (see [`Reporter::take_answers`]);
+    /// at most [`MAX_PENDING_ANSWERS`], the oldest dropped first.
+    answers: Mutex<std::collections::VecDeque<AddressAnswers>>,
 }
+
+/// Answers held for the window loop at most (one arrives per summary that asked; the loop takes
+/// them every window).
+const MAX_PENDING_ANSWERS: usize = 16;
 
 /// Whether the aggregator refused the window itself (so replaying it can only fail again),
 /// rather than the stream (auth, limits, shutdown, version).
@@ -213,6 +220,7 @@ impl Reporter {
             stats: ReportStats::default(),
             pod_addresses: Mutex::new(None),
             peer_book: watch::Sender::new(None),
+            answers: Mutex::new(std::collections::VecDeque::new()),
         });
         let task = tokio::spawn(run(shared.clone(), cfg));
         Self { shared, task }
@@ -254,7 +262,18 @@ impl Reporter {
         self.shared.buf.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    /// The latest peer book the aggregator sent (which addresses belong to which Node).
+    /// The answers to address lookups that arrived since the last call.
+    #[must_use]
+    pub fn take_answers(&self) -> Vec<AddressAnswers> {
+        self.shared
+            .answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect()
+    }
+
+    /// The latest peer book an older aggregator sent (which addresses belong to which Node).
     #[must_use]
     pub fn peer_book(&self) -> Option<Arc<PeerBook>> {
         self.shared.peer_book.borrow().clone()
@@ -400,6 +419,13 @@ async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Res
                         *healthy = true;
                         shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                         shared.buf.lock().unwrap_or_else(PoisonError::into_inner).ack(a.seq);
+                    }
+                    Some(directive::Kind::AddressAnswers(answers)) => {
+                        let mut held = shared.answers.lock().unwrap_or_else(PoisonError::into_inner);
+                        if held.len() >= MAX_PENDING_ANSWERS {
+                            held.pop_front();
+                        }
+                        held.push_back(answers);
                     }
                     Some(directive::Kind::PeerBookDelta(page)) => {
                         if let Some(book) = book_pages.apply(page) {

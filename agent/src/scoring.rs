@@ -209,8 +209,10 @@ pub(crate) mod tests {
         crate::peers::peers(
             summary,
             &crate::peers::PeerBook::default(),
+            &crate::peers::AddressAnswers::default(),
             crate::peers::PeerLimits::default(),
         )
+        .peers
     }
 
     /// A window with one outbound flow per (remote, rtt µs, RTT samples, segments, retransmits).

@@ -175,6 +175,8 @@ pub fn node_summary(
             })
             .collect(),
         predictions: predictions(summary),
+        // Set by the window loop, which holds the aggregator's earlier answers.
+        address_lookups: Vec::new(),
     }
 }
 

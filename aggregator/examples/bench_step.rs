@@ -1,7 +1,7 @@
 //! Decision-core throughput: N simulated nodes reporting once per round (1 Hz in production),
 //! each with per-peer stats towards `PEERS` other nodes (pod IPs, so the pod-CIDR lookup is
 //! exercised). Prints the time and the heap allocations per decision step, those of the other
-//! per-tick work over the fleet (the store's snapshot, the agents' peer book), and the
+//! per-tick work over the fleet (the store's snapshot, the address book the agents' lookups are answered from), and the
 //! validate+store cost per summary.
 //!
 //!     cargo run --release -p graywatch-aggregator --example bench_step -- 10000
@@ -191,9 +191,9 @@ fn main() {
         bytes as f64 / f64::from(1 << 20)
     );
     drop(snapshot);
-    let (book, count, bytes) = counted(|| graywatch_aggregator::cluster::peer_book_of(&input.nodes));
+    let (book, count, bytes) = counted(|| graywatch_aggregator::core::evidence::AddressBook::new(input.nodes.values()));
     println!(
-        "peer book of the node views: {count} allocations ({:.1} per node), {:.1} MiB",
+        "address book of the node views (answers the agents' lookups): {count} allocations ({:.1} per node), {:.1} MiB",
         count as f64 / n as f64,
         bytes as f64 / f64::from(1 << 20)
     );

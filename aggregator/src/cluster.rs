@@ -228,7 +228,8 @@ impl ClusterReader {
 
     /// Every Node as the core sees it, with the pod IPs its agent reported (host prefixes). No
     /// API call: the Node watch's store and the ingested pod IPs. Built once per tick, for both
-    /// the agents' address book ([`peer_book_of`]) and the decision step ([`Self::read_views`]).
+    /// the agents' address lookups ([`crate::core::evidence::AddressBook`]) and the decision step
+    /// ([`Self::read_views`]).
     #[must_use]
     pub fn node_views(&self) -> BTreeMap<String, NodeView> {
         let mut nodes: BTreeMap<String, NodeView> = self
@@ -394,48 +395,6 @@ impl ClusterReader {
         let nodes = self.nodes.clone();
         std::sync::Arc::new(move |name: &str| nodes.get(&reflector::ObjectRef::new(name)).is_some())
     }
-}
-
-/// Largest peer book kept (encoded): a bound on its total, far above any real fleet (5,000 Nodes
-/// with 100 pod IPs each are ~12 MiB). The agents receive it in pages of
-/// [`crate::book::PAGE_BYTES`], so no message limit applies. Nodes past it are left out (their
-/// agents' InternalIPs and pod CIDRs still come from the agents' own Node watch); a warning says so.
-pub const MAX_PEER_BOOK_BYTES: usize = 64 * 1024 * 1024;
-
-/// The address book for the agents (`Directive.peer_book_delta`) of `nodes` ([`ClusterReader::node_views`]):
-/// every Node's InternalIPs and pod CIDRs and the pod IPs its agent reported; at most [`MAX_PEER_BOOK_BYTES`].
-/// Each entry's lists are sorted, so an unchanged node compares equal and is not sent again.
-#[must_use]
-pub fn peer_book_of(nodes: &BTreeMap<String, NodeView>) -> crate::book::Book {
-    use prost::Message;
-    let mut book = crate::book::Book::new();
-    let mut bytes = 0;
-    for (name, view) in nodes {
-        let mut pod_cidrs: Vec<String> = view.pod_cidrs.iter().map(ToString::to_string).collect();
-        pod_cidrs.sort_unstable();
-        let entry = graywatch_proto::v1::NodePeers {
-            node_name: name.clone(),
-            addresses: view.internal_ips.iter().map(ToString::to_string).collect(),
-            pod_cidrs,
-        };
-        // Field tag and length prefix: a few bytes over the entry itself.
-        let size = entry.encoded_len() + 4;
-        if bytes + size > MAX_PEER_BOOK_BYTES {
-            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-            tracing::warn!(
-                nodes = nodes.len(),
-                kept = book.len(),
-                "peer book over {MAX_PEER_BOOK_BYTES} bytes: the remaining nodes are left out"
-            );
-            break;
-        }
-        bytes += size;
-        book.insert(name.clone(), entry);
-    }
-    book
 }
 
 /// One of our NodePool snapshot ConfigMaps, verified and parsed.

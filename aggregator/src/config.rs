@@ -158,11 +158,6 @@ pub struct IngestConfig {
     /// Most nodes in the fleet view (reports of further nodes are refused, `RESOURCE_EXHAUSTED`);
     /// the per-identity limiter and the TokenReview cache hold at most twice as many entries.
     pub max_nodes: usize,
-    /// Most streams paging the peer book at once (the rest keep acking their summaries and page
-    /// theirs when a slot frees). Bounds the connect burst after an aggregator restart, where
-    /// every agent is owed the whole book: memory and encode work in flight stay O(this), not
-    /// O(agents).
-    pub max_streams_paging_book: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,7 +204,6 @@ impl Default for IngestConfig {
             max_message_bytes: graywatch_proto::MAX_MESSAGE_BYTES,
             max_peers: 4096,
             max_nodes: crate::ingest::DEFAULT_MAX_NODES,
-            max_streams_paging_book: 64,
         }
     }
 }
@@ -320,9 +314,6 @@ impl FileConfig {
         }
         if self.ingest.max_nodes == 0 {
             return bad("ingest.max_nodes", "must be positive");
-        }
-        if self.ingest.max_streams_paging_book == 0 {
-            return bad("ingest.max_streams_paging_book", "must be positive");
         }
         if self.leader.lease_duration_ms < 1000 || !self.leader.lease_duration_ms.is_multiple_of(1000) {
             return bad(

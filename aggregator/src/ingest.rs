@@ -14,14 +14,17 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use graywatch_proto::{
-    PROTOCOL_VERSION, family_from_wire,
+    MAX_ADDRESS_LOOKUPS, PROTOCOL_VERSION, family_from_wire,
     v1::{self, Directive, NodeSummary, directive, ingest_server::Ingest},
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    core::model::{Millis, NodeReport, PeerObservation, Prediction},
+    core::{
+        evidence::AddressBook,
+        model::{Millis, NodeReport, PeerObservation, Prediction},
+    },
     metrics::Metrics,
 };
 
@@ -40,9 +43,10 @@ use crate::{
 pub struct FleetStore {
     inner: Arc<Mutex<Fleet>>,
     max_nodes: usize,
-    /// The address book handed to every agent (`Directive.peer_book_delta`), published by the
-    /// decision loop from the Nodes and the reported pod IPs.
-    peer_book: PeerBookChannel,
+    /// Which Node each address belongs to (InternalIPs, pod CIDRs, reported pod IPs), published
+    /// by the decision loop once per tick: the streams answer their agents' address lookups
+    /// from it.
+    address_book: AddressBookChannel,
 }
 
 /// Both per-node maps under one lock, so they are evicted together.
@@ -64,15 +68,9 @@ impl Default for FleetStore {
     }
 }
 
-/// The latest peer book for the ingest streams.
-#[derive(Debug, Clone)]
-struct PeerBookChannel(Arc<tokio::sync::watch::Sender<Option<Arc<crate::book::Book>>>>);
-
-impl Default for PeerBookChannel {
-    fn default() -> Self {
-        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
-    }
-}
+/// The latest address book for the ingest streams.
+#[derive(Debug, Clone, Default)]
+struct AddressBookChannel(Arc<tokio::sync::watch::Sender<Arc<AddressBook>>>);
 
 /// At most this many kinds of lost events per summary (the agent has a handful).
 pub const MAX_LOST_EVENT_KINDS: usize = 32;
@@ -102,6 +100,41 @@ pub fn pod_addresses(s: &NodeSummary) -> Result<Option<Vec<IpAddr>>, Status> {
     out.sort_unstable();
     out.dedup();
     Ok(Some(out))
+}
+
+/// The addresses a summary asks about (`address_lookups`): an error naming the first bad entry,
+/// or too many of them.
+pub fn address_lookups(s: &NodeSummary) -> Result<Vec<IpAddr>, Status> {
+    if s.address_lookups.len() > MAX_ADDRESS_LOOKUPS {
+        return Err(Status::invalid_argument(format!(
+            "address_lookups: {} entries, at most {MAX_ADDRESS_LOOKUPS}",
+            s.address_lookups.len()
+        )));
+    }
+    s.address_lookups
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.parse()
+                .map_err(|_| Status::invalid_argument(format!("address_lookups[{i}]: {a:?} is not an IP address")))
+        })
+        .collect()
+}
+
+/// The answer to `lookups` from `book`: each address under its node, or unknown.
+#[must_use]
+pub fn answer_lookups(book: &AddressBook, lookups: &[IpAddr]) -> v1::AddressAnswers {
+    let mut answers = v1::AddressAnswers::default();
+    for addr in lookups {
+        match book.node_of(addr) {
+            Some(node) => answers.owners.push(v1::AddressOwner {
+                address: addr.to_string(),
+                node_name: node.to_owned(),
+            }),
+            None => answers.unknown.push(addr.to_string()),
+        }
+    }
+    answers
 }
 
 /// What storing a summary did.
@@ -151,7 +184,7 @@ impl FleetStore {
         Self {
             inner: Arc::default(),
             max_nodes,
-            peer_book: PeerBookChannel::default(),
+            address_book: AddressBookChannel::default(),
         }
     }
 
@@ -219,21 +252,15 @@ impl FleetStore {
         }
     }
 
-    /// Publishes the peer book for every stream; an unchanged book is not sent again.
-    pub fn publish_peer_book(&self, book: crate::book::Book) {
-        self.peer_book.0.send_if_modified(|current| {
-            if current.as_deref() == Some(&book) {
-                return false;
-            }
-            *current = Some(Arc::new(book));
-            true
-        });
+    /// Publishes the address book the streams answer lookups from.
+    pub fn publish_address_book(&self, book: AddressBook) {
+        self.address_book.0.send_replace(Arc::new(book));
     }
 
-    /// The peer book as it changes (the current one first).
+    /// The current address book (a pointer copy).
     #[must_use]
-    pub fn peer_book_updates(&self) -> tokio::sync::watch::Receiver<Option<Arc<crate::book::Book>>> {
-        self.peer_book.0.subscribe()
+    pub fn address_book(&self) -> Arc<AddressBook> {
+        self.address_book.0.borrow().clone()
     }
 
     /// Every node's last reported pod IPs.
@@ -417,8 +444,6 @@ pub struct IngestService {
     pub gate: crate::gate::Gate,
     pub metrics: Arc<Metrics>,
     pub max_peers: usize,
-    /// One permit per stream paging the peer book (`ingest.max_streams_paging_book`).
-    pub book_pagers: Arc<tokio::sync::Semaphore>,
     /// Ends every open stream (UNAVAILABLE, "shutting down") so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -431,16 +456,6 @@ pub fn now_ms() -> Millis {
 
 type DirectiveStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send>>;
 
-/// A stream's wait for a book-paging slot, kept across loop turns so it keeps its place in the
-/// semaphore's queue (which is FIFO) while the stream goes on acking summaries.
-type PagerSlot =
-    Pin<Box<dyn Future<Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
-
-/// Longest a page may wait for room on a stream. An agent that reads no directive for this long
-/// while it is owed the book would hold a paging slot from every other agent: its stream is
-/// closed instead (it reconnects).
-const BOOK_PAGE_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 #[tonic::async_trait]
 impl Ingest for IngestService {
     type ReportStream = DirectiveStream;
@@ -448,42 +463,16 @@ impl Ingest for IngestService {
     async fn report(&self, request: Request<Streaming<NodeSummary>>) -> Result<Response<Self::ReportStream>, Status> {
         let mut admission = self.gate.admit(&request).await?;
         let mut inbound = request.into_inner();
-        // Two directives queued at most: a stream paging the book on connect holds two pages
-        // (owned copies of their entries) besides the one being encoded, not sixteen.
+        // Two directives queued at most (an Ack and an address answer per summary).
         let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(2);
         let this = self.clone();
-        let mut books = this.store.peer_book_updates();
-        books.mark_changed();
         tokio::spawn(async move {
             let mut node: Option<String> = None;
-            // The book this stream last sent (shared with the published one): the next change
-            // is paged as a diff from it; `None` until the first, which resets the agent's.
-            let mut sent: Option<Arc<crate::book::Book>> = None;
-            // Set while the book changed and this stream waits for a paging slot; the changes
-            // that arrive meanwhile fold into the one diff paged once the slot is granted.
-            let mut slot: Option<PagerSlot> = None;
             loop {
                 let msg = tokio::select! {
                     () = this.shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("aggregator shutting down; reconnect"))).await;
                         return;
-                    }
-                    Ok(()) = books.changed(), if slot.is_none() => {
-                        slot = Some(Box::pin(this.book_pagers.clone().acquire_owned()));
-                        continue;
-                    }
-                    permit = async { slot.as_mut().expect("polled only while waiting").await }, if slot.is_some() => {
-                        slot = None;
-                        // The semaphore is never closed.
-                        let Ok(_permit) = permit else { return };
-                        let book = books.borrow_and_update().clone();
-                        if let Some(book) = book {
-                            if !page_book(&tx, sent.as_deref(), &book, node.as_deref()).await {
-                                return;
-                            }
-                            sent = Some(book);
-                        }
-                        continue;
                     }
                     msg = inbound.next() => match msg {
                         Some(m) => m,
@@ -500,10 +489,11 @@ impl Ingest for IngestService {
                         return;
                     }
                 };
-                let checked = validate(&summary, this.max_peers, now_ms())
-                    .and_then(|(name, report)| Ok((name, report, pod_addresses(&summary)?)));
+                let checked = validate(&summary, this.max_peers, now_ms()).and_then(|(name, report)| {
+                    Ok((name, report, pod_addresses(&summary)?, address_lookups(&summary)?))
+                });
                 match checked {
-                    Ok((name, report, pods)) => {
+                    Ok((name, report, pods, lookups)) => {
                         if let Err(status) = this.gate.check(&mut admission, &name) {
                             let _ = tx.send(Err(status)).await;
                             return;
@@ -539,6 +529,18 @@ impl Ingest for IngestService {
                         if tx.send(Ok(ack)).await.is_err() {
                             return;
                         }
+                        if !lookups.is_empty() {
+                            let answers = answer_lookups(&this.store.address_book(), &lookups);
+                            this.metrics
+                                .address_lookups(answers.owners.len(), answers.unknown.len());
+                            let directive = Directive {
+                                protocol_version: PROTOCOL_VERSION,
+                                kind: Some(directive::Kind::AddressAnswers(answers)),
+                            };
+                            if tx.send(Ok(directive)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                     Err(status) => {
                         this.metrics.rejected(status.code());
@@ -552,36 +554,6 @@ impl Ingest for IngestService {
         let out = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(out) as DirectiveStream))
     }
-}
-
-/// Pages the diff from `sent` to `book` onto a stream, one page at a time (the channel's bound
-/// holds back the rest). False when the stream is gone or its agent reads no directive for
-/// [`BOOK_PAGE_SEND_TIMEOUT`] (the stream is then closed: it would hold its paging slot).
-async fn page_book(
-    tx: &mpsc::Sender<Result<Directive, Status>>,
-    sent: Option<&crate::book::Book>,
-    book: &crate::book::Book,
-    node: Option<&str>,
-) -> bool {
-    for page in crate::book::Pages::new(sent, book) {
-        let directive = Directive {
-            protocol_version: PROTOCOL_VERSION,
-            kind: Some(directive::Kind::PeerBookDelta(page)),
-        };
-        match tokio::time::timeout(BOOK_PAGE_SEND_TIMEOUT, tx.send(Ok(directive))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return false,
-            Err(_) => {
-                tracing::warn!(
-                    node = node.unwrap_or("?"),
-                    timeout_s = BOOK_PAGE_SEND_TIMEOUT.as_secs(),
-                    "the agent read no directive while owed the peer book: closing its stream (it reconnects)"
-                );
-                return false;
-            }
-        }
-    }
-    true
 }
 
 #[cfg(test)]
@@ -776,6 +748,35 @@ mod tests {
         assert!(store.pod_addresses().is_empty());
         assert_eq!(store.store("node-2", incarnation(1, 1)), Stored::New);
         assert_eq!(store.snapshot().keys().collect::<Vec<_>>(), ["node-1", "node-2"]);
+    }
+
+    #[test]
+    fn address_lookups_are_bounded_and_answered_from_the_published_book() {
+        let mut s = good();
+        s.address_lookups = vec!["10.0.0.2".into(), "not-an-ip".into()];
+        let err = address_lookups(&s).expect_err("bad entry");
+        assert!(err.message().contains("address_lookups[1]"), "{}", err.message());
+        s.address_lookups = vec!["10.0.0.2".into(); MAX_ADDRESS_LOOKUPS + 1];
+        let err = address_lookups(&s).expect_err("too many");
+        assert!(err.message().contains("at most"), "{}", err.message());
+
+        let store = FleetStore::default();
+        let node = crate::core::model::NodeView {
+            name: "node-2".into(),
+            internal_ips: vec![IpAddr::from([10, 0, 0, 2])],
+            pod_cidrs: vec!["192.168.7.9/32".parse().expect("prefix")],
+            ..Default::default()
+        };
+        store.publish_address_book(AddressBook::new([&node]));
+        s.address_lookups = vec!["192.168.7.9".into(), "203.0.113.1".into(), "10.0.0.2".into()];
+        let answers = answer_lookups(&store.address_book(), &address_lookups(&s).expect("valid"));
+        let owners: Vec<(&str, &str)> = answers
+            .owners
+            .iter()
+            .map(|o| (o.address.as_str(), o.node_name.as_str()))
+            .collect();
+        assert_eq!(owners, [("192.168.7.9", "node-2"), ("10.0.0.2", "node-2")]);
+        assert_eq!(answers.unknown, ["203.0.113.1"]);
     }
 
     #[test]

@@ -2,13 +2,12 @@
 //! failures with peer and vantage evidence, and applies guarded plans to the cluster.
 //!
 //! `core` is the pure decision core; `cluster` reads and `actuate` writes the cluster;
-//! `ingest` is the gRPC server (`book` pages the peer book it sends); `leader` the Lease election; `run` wires them together;
+//! `ingest` is the gRPC server (it also answers the agents' address lookups); `leader` the Lease election; `run` wires them together;
 //! `cleanup` undoes every write (the chart's uninstall hook); `stop` scales the aggregator
 //! Deployment down for the chart's mode-change hook.
 
 pub mod actuate;
 pub mod auth;
-pub mod book;
 pub mod cleanup;
 pub mod cluster;
 pub mod config;

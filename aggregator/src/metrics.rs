@@ -24,6 +24,8 @@ pub struct Metrics {
     registry: Registry,
     pub summaries: Family<ResultLabel, Counter>,
     pub rejected: Family<ResultLabel, Counter>,
+    /// Addresses the agents asked about, by answer (`node` or `unknown`).
+    pub address_lookups: Family<ResultLabel, Counter>,
     pub steps: Counter,
     pub actions: Family<KindLabel, Counter>,
     pub action_errors: Family<KindLabel, Counter>,
@@ -87,6 +89,7 @@ impl Default for Metrics {
             registry: Registry::default(),
             summaries: Family::default(),
             rejected: Family::default(),
+            address_lookups: Family::default(),
             steps: Counter::default(),
             actions: Family::default(),
             action_errors: Family::default(),
@@ -112,6 +115,11 @@ impl Default for Metrics {
             m.summaries.clone(),
         );
         registry.register("rejected", "Messages rejected, by gRPC status code", m.rejected.clone());
+        registry.register(
+            "address_lookups",
+            "Remote addresses the agents asked about, by answer (result=node|unknown)",
+            m.address_lookups.clone(),
+        );
         registry.register("decision_steps", "Decision steps run", m.steps.clone());
         registry.register("leader_steps", "Decision steps run as leader", m.leader_steps.clone());
         registry.register(
@@ -192,6 +200,14 @@ impl Metrics {
         self.summaries
             .get_or_create(&ResultLabel { result: result.into() })
             .inc();
+    }
+
+    pub fn address_lookups(&self, owners: usize, unknown: usize) {
+        for (result, n) in [("node", owners), ("unknown", unknown)] {
+            self.address_lookups
+                .get_or_create(&ResultLabel { result: result.into() })
+                .inc_by(n as u64);
+        }
     }
 
     pub fn rejected(&self, code: tonic::Code) {

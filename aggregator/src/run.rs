@@ -126,7 +126,6 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         gate: gate.clone(),
         metrics: metrics.clone(),
         max_peers: cfg.ingest.max_peers,
-        book_pagers: Arc::new(tokio::sync::Semaphore::new(cfg.ingest.max_streams_paging_book)),
         shutdown: shutdown.clone(),
     };
     let mut grpc_server = grpc_server(&cfg.security)?;
@@ -187,11 +186,11 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         let is_node = known_nodes.get_or_init(|| reader.node_lookup());
         let (kept, pods) = store.retain_nodes(|n| is_node(n));
         gate.prune(|n| is_node(n));
-        // Once per tick, for the agents' address book and (as leader) the decision step; off the
-        // runtime's worker like the step (milliseconds of CPU over 10,000 Nodes).
+        // Once per tick, for the agents' address lookups and (as leader) the decision step; off
+        // the runtime's worker like the step (milliseconds of CPU over 10,000 Nodes).
         let views = tokio::task::block_in_place(|| {
             let views = reader.node_views();
-            store.publish_peer_book(crate::cluster::peer_book_of(&views));
+            store.publish_address_book(crate::core::evidence::AddressBook::new(views.values()));
             views
         });
         metrics.fleet_reports.set(i64::try_from(kept).unwrap_or(i64::MAX));

@@ -55,44 +55,40 @@ async fn peers_named_by_pod_ips_outside_any_pod_cidr_are_evidence_about_their_no
         message.contains(&format!("{}/{} peers see it degraded", N - 1, N - 1)),
         "vantage evidence through pod IPs: {message}"
     );
-    // The aggregator hands the agents its peer book: node-3's reported pod IP is in node-3's
-    // entry, so the agents fold traffic to it into node-3's peer.
+    // The agents ask the aggregator about addresses their own Node watch cannot map: node-3's
+    // reported pod IP is answered with node-3, so the agents fold traffic to it into node-3's
+    // peer; an address of no node is answered unknown, and an InternalIP with its node.
     let mut client = IngestClient::connect(agg.endpoint()).await?;
     let (tx, rx) = mpsc::channel(4);
     let mut own = summary(0, N, 1_000_000, &BTreeSet::new());
     to_pod_ips(0, &mut own);
+    own.address_lookups = vec![pod_ip(3), "203.0.113.9".into(), node_ip(2)];
     tx.send(own).await?;
     let mut directives = client
         .report(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let wanted = format!("{}/32", pod_ip(3));
-    // In pages: the first resets, the last has `more` unset.
-    let entry = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut held = std::collections::BTreeMap::new();
-        let mut pages = 0;
+    let answers = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(d) = directives.message().await? {
-            let Some(directive::Kind::PeerBookDelta(page)) = d.kind else {
-                continue;
-            };
-            assert_eq!(page.reset, pages == 0, "only the first page after connect resets");
-            pages += 1;
-            for name in &page.remove {
-                held.remove(name);
-            }
-            held.extend(page.upsert.into_iter().map(|n| (n.node_name.clone(), n)));
-            if !page.more
-                && let Some(node) = held.remove("node-3")
-            {
-                return Ok::<_, tonic::Status>(Some(node));
+            if let Some(directive::Kind::AddressAnswers(answers)) = d.kind {
+                return Ok::<_, tonic::Status>(Some(answers));
             }
         }
         Ok(None)
     })
     .await??
-    .expect("a peer book on the stream");
-    assert!(entry.pod_cidrs.contains(&wanted), "{entry:?}");
-    assert_eq!(entry.addresses, vec![node_ip(3)], "InternalIPs");
+    .expect("address answers on the stream");
+    let owners: Vec<(&str, &str)> = answers
+        .owners
+        .iter()
+        .map(|o| (o.address.as_str(), o.node_name.as_str()))
+        .collect();
+    assert_eq!(
+        owners,
+        [(pod_ip(3).as_str(), "node-3"), (node_ip(2).as_str(), "node-2")],
+        "{answers:?}"
+    );
+    assert_eq!(answers.unknown, ["203.0.113.9"]);
     drop(tx);
     drop(fleet);
     Ok(())

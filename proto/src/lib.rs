@@ -108,8 +108,8 @@ mod tests {
 /// than tonic's defaults (8 KiB to start, 32 KiB before yielding). An aggregator holds one
 /// stream per agent, and each stream's encode buffer keeps the largest size it grew to: with
 /// the defaults, a peer book paged on connect left ~32–64 KiB per stream for its lifetime
-/// (hundreds of MiB at 10,000 agents). Summaries and Acks are well under 1 KiB; book pages are
-/// at most [`BOOK_PAGE_BYTES`].
+/// (hundreds of MiB at 10,000 agents). Summaries and Acks are well under 1 KiB; address answers
+/// are at most [`MAX_ADDRESS_LOOKUPS`] short entries.
 #[derive(Debug, Clone, Copy)]
 pub struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
 
@@ -118,8 +118,10 @@ fn buffers() -> tonic::codec::BufferSettings {
     tonic::codec::BufferSettings::new(1024, 8 * 1024)
 }
 
-/// Largest peer-book page the aggregator sends: no more than the encoder hands on at once.
-pub const BOOK_PAGE_BYTES: usize = 4 * 1024;
+/// Most addresses one summary asks the aggregator about (`NodeSummary.address_lookups`): the
+/// lookups and their answers stay within a few encoder buffers (~25 KiB with IPv6 addresses and
+/// long node names); an agent with more unmapped partners asks about the rest in later windows.
+pub const MAX_ADDRESS_LOOKUPS: usize = 256;
 
 impl<T, U> Default for Codec<T, U> {
     fn default() -> Self {

@@ -4,7 +4,8 @@
 //! instance types, InternalIPs); the release aggregator runs against it (its kube actuator writes
 //! to that apiserver, or dry-run); one process opens N gRPC `Report` streams, one per virtual
 //! agent, each sending a realistic `NodeSummary` once per `--interval-ms` (five families, local scores,
-//! eight peers with RTT percentiles). Measured over a window after warm-up: ingest rate (the
+//! eight peers with RTT percentiles; its 30 pod IPs on its first window, and the pod IPs of its
+//! peers asked about on its first window and every 300th, as an agent on EKS's VPC CNI does). Measured over a window after warm-up: ingest rate (the
 //! aggregator's own counter), send → Ack latency per summary, decision steps, the aggregator's CPU
 //! and RSS, and apiserver writes per minute (the aggregator's applied actions and the apiserver's
 //! own count of mutating requests).
@@ -80,6 +81,13 @@ const STEP_HISTOGRAM: &str = "graywatch_aggregator_decision_step_seconds";
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 const INSTANCE_TYPES: [&str; 4] = ["m5.large", "m5.xlarge", "c5.2xlarge", "r5.large"];
 const PEERS_PER_NODE: usize = 8;
+/// Pod IPs each virtual agent reports (EKS VPC CNI: addresses in no pod CIDR).
+const PODS_PER_NODE: usize = 30;
+/// Pod IPs of each peer a virtual agent asks the aggregator about (`address_lookups`): on its
+/// first window, then once per `LOOKUP_PERIOD` windows, at its own phase, as a real agent
+/// re-asks when its answers expire.
+const LOOKUPS_PER_PEER: usize = 4;
+const LOOKUP_PERIOD: u64 = 300;
 /// Virtual agents per HTTP/2 connection (stays under the server's concurrent-stream limit).
 const STREAMS_PER_CONNECTION: usize = 100;
 
@@ -164,6 +172,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
             fmt(writes_per_min, 1),
             fmt(api_writes_per_min, 1),
             m.errors.to_string(),
+            fmt(m.answered_per_s, 0),
             load.join(" "),
         ];
         // As each run ends: a later run that fails keeps the earlier figures.
@@ -182,6 +191,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
             "aggregator_rss_mib": m.rss_mib, "aggregator_peak_rss_mib": m.peak_rss_mib,
             "aggregator_writes_per_min": writes_per_min, "apiserver_mutating_requests_per_min": api_writes_per_min,
             "simulator_cpu_percent_of_core": finite(m.simulator_cpu_percent), "stream_errors": m.errors,
+            "address_lookups_answered_per_s": finite(m.answered_per_s),
         }));
         drop(agg);
         drop(api);
@@ -209,6 +219,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
             "agg writes/min",
             "apiserver writes/min",
             "stream errors",
+            "lookups answered/s",
             "load 1/5/15",
         ],
         &rows,
@@ -550,6 +561,8 @@ struct Measured {
     actions: u64,
     apiserver_writes: u64,
     errors: u64,
+    /// Lookups answered with a node per second (the aggregator's answers the agents received).
+    answered_per_s: f64,
     /// Ingest → decision (the aggregator's histogram), bucket upper bounds in ms.
     decision_p50_ms: Option<Bound>,
     decision_p99_ms: Option<Bound>,
@@ -564,6 +577,8 @@ struct Sim {
     stop: AtomicBool,
     latencies_us: Mutex<Vec<u32>>,
     errors: AtomicU64,
+    /// Addresses answered with a node while recording.
+    answered: AtomicU64,
 }
 
 fn measure(
@@ -662,6 +677,7 @@ fn measure(
         actions: delta("graywatch_aggregator_actions_total") as u64,
         apiserver_writes: api_after.saturating_sub(api_before),
         errors: sim.errors.load(Ordering::Relaxed),
+        answered_per_s: sim.answered.load(Ordering::Relaxed) as f64 / elapsed,
         decision_p50_ms: bucket_quantile(&before, &after, DECISION_HISTOGRAM, 0.5),
         decision_p99_ms: bucket_quantile(&before, &after, DECISION_HISTOGRAM, 0.99),
         step_p99_ms: bucket_quantile(&before, &after, STEP_HISTOGRAM, 0.99),
@@ -723,12 +739,20 @@ async fn agent(
             }
             msg = inbound.message() => {
                 let Some(directive) = msg? else { bail!("the aggregator closed the stream") };
-                if let Some(directive::Kind::Ack(ack)) = directive.kind
-                    && let Some(at) = sent.remove(&ack.seq)
-                    && sim.recording.load(Ordering::Relaxed)
-                {
-                    let us = u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX);
-                    sim.latencies_us.lock().map_err(|_| anyhow::anyhow!("lock"))?.push(us);
+                let recording = sim.recording.load(Ordering::Relaxed);
+                match directive.kind {
+                    Some(directive::Kind::Ack(ack)) => {
+                        if let Some(at) = sent.remove(&ack.seq)
+                            && recording
+                        {
+                            let us = u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX);
+                            sim.latencies_us.lock().map_err(|_| anyhow::anyhow!("lock"))?.push(us);
+                        }
+                    }
+                    Some(directive::Kind::AddressAnswers(answers)) if recording => {
+                        sim.answered.fetch_add(answers.owners.len() as u64, Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -763,9 +787,10 @@ fn summary(i: usize, n: usize, seq: u64, window_ms: i64) -> NodeSummary {
                 .score(*family, 0.05 * jitter, "normal")
         },
     );
-    report
+    let peer_of = |k: usize| (i + k * 37) % n.max(1);
+    let mut summary = report
         .peers((1..=PEERS_PER_NODE).map(|k| {
-            let peer = (i + k * 37) % n.max(1);
+            let peer = peer_of(k);
             PeerStats {
                 remote_addr: node_ip(peer),
                 rtt_samples: 200,
@@ -776,7 +801,24 @@ fn summary(i: usize, n: usize, seq: u64, window_ms: i64) -> NodeSummary {
                 ..Default::default()
             }
         }))
-        .build()
+        .build();
+    if seq == 1 {
+        summary.pod_addresses = Some(graywatch_proto::v1::PodAddresses {
+            addresses: (0..PODS_PER_NODE).map(|p| pod_ip(i, p)).collect(),
+        });
+    }
+    if seq == 1 || (seq + i as u64).is_multiple_of(LOOKUP_PERIOD) {
+        summary.address_lookups = (1..=PEERS_PER_NODE)
+            .flat_map(|k| (0..LOOKUPS_PER_PEER).map(move |p| pod_ip(peer_of(k), p)))
+            .collect();
+    }
+    summary
+}
+
+/// Pod `p` of node `i`: synthetic addresses from 10.0.0.0/8 (data only).
+fn pod_ip(i: usize, p: usize) -> String {
+    let offset = u32::try_from(i * PODS_PER_NODE + p).unwrap_or(u32::MAX) & 0x00ff_ffff;
+    std::net::Ipv4Addr::from((10 << 24) | offset).to_string()
 }
 
 #[cfg(test)]
