@@ -106,6 +106,45 @@ pub fn snapshot_configmap(namespace: &str, pool: &str, snapshot: &PoolSnapshot) 
     })
 }
 
+/// Cuts a watched Node down to what [`node_view`] reads before the watch's store keeps it: a
+/// kubelet's Node carries its image list, capacity, annotations and every writer's
+/// managedFields, several KiB each, for every Node of the fleet. Of managedFields only the
+/// entries that own part of the EKS `NetworkingReady` condition stay, reduced to that part
+/// ([`condition_managers`]).
+pub fn prune_node(node: &mut Node) {
+    let key = format!("k:{}", serde_json::json!({ "type": EKS_NETWORKING_CONDITION }));
+    let meta = &mut node.metadata;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    if let Some(entries) = meta.managed_fields.as_mut() {
+        entries.retain_mut(|m| {
+            let owns = m
+                .fields_v1
+                .as_ref()
+                .is_some_and(|f| !f.0["f:status"]["f:conditions"][key.as_str()].is_null());
+            m.fields_v1 = owns.then(|| {
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                    serde_json::json!({ "f:status": { "f:conditions": { key.as_str(): {} } } }),
+                )
+            });
+            owns
+        });
+    }
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.node_info = None;
+        status.capacity = None;
+        status.allocatable = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+        status.daemon_endpoints = None;
+        status.config = None;
+        status.features = None;
+        status.runtime_handlers = None;
+    }
+}
+
 /// The field managers that own any part of the Node's condition of type `ty` (managedFields).
 #[must_use]
 pub fn condition_managers<'a>(node: &'a Node, ty: &str) -> Vec<&'a str> {
@@ -198,7 +237,7 @@ impl ClusterReader {
         let (store, writer) = reflector::store();
         let stream = reflector(
             writer,
-            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(prune_node),
         )
         .default_backoff()
         .touched_objects();
@@ -591,5 +630,74 @@ mod tests {
         );
         assert_eq!(book.node_of(&ip("10.244.2.3")), Some("c"), "pod CIDRs still map");
         assert_eq!(book.node_of(&ip("192.168.0.11")), Some("b"), "InternalIPs still map");
+    }
+
+    /// A kubelet's Node as the watch delivers it, and another manager writing `NetworkingReady`.
+    fn kubelet_node() -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "ip-10-0-1-7",
+                "labels": {"topology.kubernetes.io/zone": "zone-a", "karpenter.sh/nodepool": "default"},
+                "annotations": {"node.alpha.kubernetes.io/ttl": "0", "csi.volume.kubernetes.io/nodeid": "{}"},
+                "managedFields": [
+                    {"manager": "kubelet", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {
+                        "f:status": {"f:conditions": {"k:{\"type\":\"Ready\"}": {".": {}}}, "f:images": {}}}},
+                    {"manager": "eks-node-monitoring-agent", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {
+                        "f:status": {"f:conditions": {"k:{\"type\":\"NetworkingReady\"}": {".": {}, "f:status": {}}}}}},
+                    {"manager": FIELD_MANAGER, "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {
+                        "f:status": {"f:conditions": {"k:{\"type\":\"graywatch.io/Healthy\"}": {".": {}}}}}}
+                ]
+            },
+            "spec": {"podCIDR": "10.244.7.0/24", "taints": [{"key": "graywatch.io/degraded", "effect": "NoSchedule"}]},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.1.7"}, {"type": "Hostname", "address": "ip-10-0-1-7"}],
+                "conditions": [
+                    {"type": "Ready", "status": "True"},
+                    {"type": "NetworkingReady", "status": "False", "reason": "IPAMDNotReady"},
+                    {"type": "graywatch.io/Healthy", "status": "True", "reason": "Healthy"}
+                ],
+                "images": [{"names": ["public.ecr.aws/eks/aws-vpc-cni:v1.19.0"], "sizeBytes": 50_000_000}],
+                "capacity": {"cpu": "2", "memory": "8Gi"},
+                "allocatable": {"cpu": "1930m", "memory": "7Gi"},
+                "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "6.1.0",
+                    "osImage": "Amazon Linux 2023", "containerRuntimeVersion": "containerd://1.7", "kubeletVersion": "v1.33.0",
+                    "kubeProxyVersion": "v1.33.0", "operatingSystem": "linux", "architecture": "amd64"}
+            }
+        }))
+        .expect("a Node")
+    }
+
+    #[test]
+    fn a_pruned_node_keeps_everything_its_view_reads() {
+        let policy = Policy::default();
+        let node = kubelet_node();
+        let mut pruned = node.clone();
+        prune_node(&mut pruned);
+        let view = node_view(&node, &policy);
+        assert!(
+            view.foreign_conditions.contains(EKS_NETWORKING_CONDITION),
+            "the fixture exercises ownership"
+        );
+        assert!(view.tainted && !view.labels.is_empty() && !view.internal_ips.is_empty());
+        assert_eq!(node_view(&pruned, &policy), view);
+        let managers: Vec<_> = pruned
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|m| m.manager.as_deref())
+            .collect();
+        assert_eq!(
+            managers,
+            ["eks-node-monitoring-agent"],
+            "only owners of NetworkingReady stay"
+        );
+        let status = pruned.status.as_ref().expect("status");
+        assert!(status.images.is_none() && status.node_info.is_none() && status.capacity.is_none());
+        assert!(pruned.metadata.annotations.is_none());
+        assert!(
+            serde_json::to_vec(&pruned).expect("json").len() * 2 < serde_json::to_vec(&node).expect("json").len(),
+            "pruned to less than half"
+        );
     }
 }

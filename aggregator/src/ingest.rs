@@ -253,8 +253,8 @@ impl FleetStore {
     }
 
     /// Publishes the address book the streams answer lookups from.
-    pub fn publish_address_book(&self, book: AddressBook) {
-        self.address_book.0.send_replace(Arc::new(book));
+    pub fn publish_address_book(&self, book: Arc<AddressBook>) {
+        self.address_book.0.send_replace(book);
     }
 
     /// The current address book (a pointer copy).
@@ -456,6 +456,30 @@ pub fn now_ms() -> Millis {
 
 type DirectiveStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send>>;
 
+/// What a stream's task queues for its agent, made into a `Directive` (or the ending status) as
+/// it is sent. Small on purpose: each stream's queue allocates slots in blocks of 32, and a
+/// `Result<Directive, Status>` slot is ~200 bytes (`Status` alone is most of it), ~6 KiB a
+/// stream at 10,000 streams; these are 16.
+enum Outbound {
+    Ack(u64),
+    Answers(Box<v1::AddressAnswers>),
+    End(Box<Status>),
+}
+
+impl Outbound {
+    fn into_directive(self) -> Result<Directive, Status> {
+        let kind = match self {
+            Outbound::Ack(seq) => directive::Kind::Ack(v1::Ack { seq }),
+            Outbound::Answers(answers) => directive::Kind::AddressAnswers(*answers),
+            Outbound::End(status) => return Err(*status),
+        };
+        Ok(Directive {
+            protocol_version: PROTOCOL_VERSION,
+            kind: Some(kind),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
     type ReportStream = DirectiveStream;
@@ -464,14 +488,14 @@ impl Ingest for IngestService {
         let mut admission = self.gate.admit(&request).await?;
         let mut inbound = request.into_inner();
         // Two directives queued at most (an Ack and an address answer per summary).
-        let (tx, rx) = mpsc::channel::<Result<Directive, Status>>(2);
+        let (tx, rx) = mpsc::channel::<Outbound>(2);
         let this = self.clone();
         tokio::spawn(async move {
             let mut node: Option<String> = None;
             loop {
                 let msg = tokio::select! {
                     () = this.shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("aggregator shutting down; reconnect"))).await;
+                        let _ = tx.send(Outbound::End(Box::new(Status::unavailable("aggregator shutting down; reconnect")))).await;
                         return;
                     }
                     msg = inbound.next() => match msg {
@@ -485,7 +509,7 @@ impl Ingest for IngestService {
                         // Decode errors (malformed / oversized) arrive here; tell the agent why.
                         this.metrics.rejected(status.code());
                         tracing::warn!(node = node.as_deref().unwrap_or("?"), code = ?status.code(), message = status.message(), "ingest stream error");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Outbound::End(Box::new(status))).await;
                         return;
                     }
                 };
@@ -495,7 +519,7 @@ impl Ingest for IngestService {
                 match checked {
                     Ok((name, report, pods, lookups)) => {
                         if let Err(status) = this.gate.check(&mut admission, &name) {
-                            let _ = tx.send(Err(status)).await;
+                            let _ = tx.send(Outbound::End(Box::new(status))).await;
                             return;
                         }
                         let seq = report.seq;
@@ -508,7 +532,7 @@ impl Ingest for IngestService {
                                 "the fleet view holds {cap} nodes, its cap (ingest.max_nodes); {name:?} is not stored"
                             ));
                             this.metrics.rejected(status.code());
-                            let _ = tx.send(Err(status)).await;
+                            let _ = tx.send(Outbound::End(Box::new(status))).await;
                             return;
                         }
                         // Also from a replay: the agent sends them on a new stream's first window.
@@ -522,22 +546,14 @@ impl Ingest for IngestService {
                         }
                         this.metrics.ingested(stored != Stored::New);
                         node = Some(name);
-                        let ack = Directive {
-                            protocol_version: PROTOCOL_VERSION,
-                            kind: Some(directive::Kind::Ack(v1::Ack { seq })),
-                        };
-                        if tx.send(Ok(ack)).await.is_err() {
+                        if tx.send(Outbound::Ack(seq)).await.is_err() {
                             return;
                         }
                         if !lookups.is_empty() {
                             let answers = answer_lookups(&this.store.address_book(), &lookups);
                             this.metrics
                                 .address_lookups(answers.owners.len(), answers.unknown.len());
-                            let directive = Directive {
-                                protocol_version: PROTOCOL_VERSION,
-                                kind: Some(directive::Kind::AddressAnswers(answers)),
-                            };
-                            if tx.send(Ok(directive)).await.is_err() {
+                            if tx.send(Outbound::Answers(Box::new(answers))).await.is_err() {
                                 return;
                             }
                         }
@@ -545,13 +561,13 @@ impl Ingest for IngestService {
                     Err(status) => {
                         this.metrics.rejected(status.code());
                         tracing::warn!(node = node.as_deref().unwrap_or("?"), code = ?status.code(), message = status.message(), "rejected summary");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Outbound::End(Box::new(status))).await;
                         return;
                     }
                 }
             }
         });
-        let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx).map(Outbound::into_directive);
         Ok(Response::new(Box::pin(out) as DirectiveStream))
     }
 }
@@ -767,7 +783,7 @@ mod tests {
             pod_cidrs: vec!["192.168.7.9/32".parse().expect("prefix")],
             ..Default::default()
         };
-        store.publish_address_book(AddressBook::new([&node]));
+        store.publish_address_book(Arc::new(AddressBook::new([&node])));
         s.address_lookups = vec!["192.168.7.9".into(), "203.0.113.1".into(), "10.0.0.2".into()];
         let answers = answer_lookups(&store.address_book(), &address_lookups(&s).expect("valid"));
         let owners: Vec<(&str, &str)> = answers

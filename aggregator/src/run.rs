@@ -188,10 +188,11 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         gate.prune(|n| is_node(n));
         // Once per tick, for the agents' address lookups and (as leader) the decision step; off
         // the runtime's worker like the step (milliseconds of CPU over 10,000 Nodes).
-        let views = tokio::task::block_in_place(|| {
+        let (views, address_book) = tokio::task::block_in_place(|| {
             let views = reader.node_views();
-            store.publish_address_book(crate::core::evidence::AddressBook::new(views.values()));
-            views
+            let book = Arc::new(crate::core::evidence::AddressBook::new(views.values()));
+            store.publish_address_book(book.clone());
+            (views, book)
         });
         metrics.fleet_reports.set(i64::try_from(kept).unwrap_or(i64::MAX));
         metrics.map_entries("fleet_reports", kept);
@@ -207,6 +208,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         let step_started = std::time::Instant::now();
         let now = now_ms();
         let mut input = reader.read_views(now, store.snapshot(), views, failures).await;
+        input.address_book = Some(address_book);
         if engine.is_none() {
             // A new engine (start, restart, new leader) inherits the action budget spent
             // before: never act on a fresh one.

@@ -4,12 +4,10 @@
 //!   each observer judged against its own median towards everyone, so a slow observer does not
 //!   accuse the fleet).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::collections::BTreeMap;
 
-use super::model::{Family, NodeReport, NodeView};
+pub use super::model::AddressBook;
+use super::model::{Family, NodeReport};
 
 /// Floor of the MAD-based scale per family, so an idle, perfectly uniform group does not turn
 /// tiny differences into huge z: the family's smallest change that matters (the agent's local
@@ -93,55 +91,6 @@ pub struct PeerEvidence {
     pub z: f64,
     pub median: f64,
     pub group_size: usize,
-}
-
-/// Maps remote addresses to nodes via Node InternalIPs (exact) and pod CIDRs (longest prefix).
-/// Nodes are numbered; lookups cost one hash probe per distinct prefix length (usually one or
-/// two), not a scan of the fleet's CIDRs.
-#[derive(Debug, Default)]
-pub struct AddressBook {
-    names: Vec<String>,
-    by_name: HashMap<String, usize>,
-    exact: HashMap<IpAddr, usize>,
-    /// By prefix length, longest first: network → node.
-    cidrs: BTreeMap<std::cmp::Reverse<u8>, HashMap<ipnet::IpNet, usize>>,
-}
-
-impl AddressBook {
-    #[must_use]
-    pub fn new<'a>(nodes: impl IntoIterator<Item = &'a NodeView>) -> Self {
-        let mut book = Self::default();
-        for n in nodes {
-            let id = book.names.len();
-            book.names.push(n.name.clone());
-            book.by_name.insert(n.name.clone(), id);
-            for ip in &n.internal_ips {
-                book.exact.insert(*ip, id);
-            }
-            for c in &n.pod_cidrs {
-                book.cidrs
-                    .entry(std::cmp::Reverse(c.prefix_len()))
-                    .or_default()
-                    .insert(c.trunc(), id);
-            }
-        }
-        book
-    }
-
-    fn id_of(&self, addr: &IpAddr) -> Option<usize> {
-        if let Some(id) = self.exact.get(addr) {
-            return Some(*id);
-        }
-        self.cidrs.iter().find_map(|(len, nets)| {
-            let net = ipnet::IpNet::new(*addr, len.0).ok()?.trunc();
-            nets.get(&net).copied()
-        })
-    }
-
-    #[must_use]
-    pub fn node_of(&self, addr: &IpAddr) -> Option<&str> {
-        self.id_of(addr).map(|id| self.names[id].as_str())
-    }
 }
 
 /// Vantage tally for one target node and family.
@@ -344,8 +293,10 @@ pub fn combine(parts: &[(f64, f64)]) -> f64 {
 mod tests {
     use proptest::prelude::*;
 
+    use std::net::IpAddr;
+
     use super::*;
-    use crate::core::model::PeerObservation;
+    use crate::core::model::{NodeView, PeerObservation};
 
     #[test]
     fn robust_z_flags_outlier_not_inliers() {

@@ -2,7 +2,7 @@
 //! and the policy. No I/O, no clocks (time is an input).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
 };
@@ -189,11 +189,74 @@ pub struct PoolSnapshot {
     pub added: PoolEdits,
 }
 
+/// Maps remote addresses to nodes via Node InternalIPs and reported pod IPs (exact) and pod
+/// CIDRs (longest prefix). Nodes are numbered; lookups cost one hash probe per distinct prefix
+/// length (usually one or two), not a scan of the fleet's CIDRs. Built once per tick from the
+/// node views ([`Input::address_book`]): it answers the agents' address lookups and maps the
+/// peers of every report for the vantage evidence. With 30 pod IPs per node it is the largest
+/// per-node structure after the streams, hence the compact entries (a host prefix is an exact
+/// entry; ids are `u32`).
+#[derive(Debug, Default)]
+pub struct AddressBook {
+    pub(super) names: Vec<String>,
+    pub(super) by_name: HashMap<String, usize>,
+    exact: HashMap<IpAddr, u32>,
+    /// By prefix length, longest first: network → node.
+    cidrs: BTreeMap<std::cmp::Reverse<u8>, HashMap<ipnet::IpNet, u32>>,
+}
+
+impl AddressBook {
+    #[must_use]
+    pub fn new<'a>(nodes: impl IntoIterator<Item = &'a NodeView>) -> Self {
+        let mut book = Self::default();
+        for n in nodes {
+            let Ok(id) = u32::try_from(book.names.len()) else {
+                break;
+            };
+            book.by_name.insert(n.name.clone(), book.names.len());
+            book.names.push(n.name.clone());
+            for ip in &n.internal_ips {
+                // An InternalIP wins over another node's pod IP (hostNetwork pods share it).
+                book.exact.insert(*ip, id);
+            }
+            for c in &n.pod_cidrs {
+                if c.prefix_len() == c.max_prefix_len() {
+                    book.exact.entry(c.addr()).or_insert(id);
+                } else {
+                    book.cidrs
+                        .entry(std::cmp::Reverse(c.prefix_len()))
+                        .or_default()
+                        .insert(c.trunc(), id);
+                }
+            }
+        }
+        book
+    }
+
+    pub(super) fn id_of(&self, addr: &IpAddr) -> Option<usize> {
+        let id = self.exact.get(addr).copied().or_else(|| {
+            self.cidrs.iter().find_map(|(len, nets)| {
+                let net = ipnet::IpNet::new(*addr, len.0).ok()?.trunc();
+                nets.get(&net).copied()
+            })
+        })?;
+        usize::try_from(id).ok()
+    }
+
+    #[must_use]
+    pub fn node_of(&self, addr: &IpAddr) -> Option<&str> {
+        self.id_of(addr).map(|id| self.names[id].as_str())
+    }
+}
+
 /// Everything the core reads for one step.
 #[derive(Debug, Clone, Default)]
 pub struct Input {
     pub now_ms: Millis,
     pub nodes: BTreeMap<String, NodeView>,
+    /// The address book of `nodes`, when the shell built it already this tick (it also answers
+    /// the agents' lookups); `None`: the step builds its own.
+    pub address_book: Option<Arc<AddressBook>>,
     /// Shared with the ingest store (its snapshot copies pointers, not reports).
     pub reports: BTreeMap<String, Arc<NodeReport>>,
     pub pools: BTreeMap<String, PoolView>,

@@ -358,7 +358,11 @@ impl Evidence {
             .into_iter()
             .filter_map(|(k, vals)| evidence::GroupStats::of(k.0, &vals).map(|g| (k, g)))
             .collect();
-        let book = AddressBook::new(ctx.input.nodes.values());
+        let book = ctx
+            .input
+            .address_book
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::new(AddressBook::new(ctx.input.nodes.values())));
         let vantage = Family::ALL
             .into_iter()
             .filter(|f| f.has_vantage())
