@@ -50,8 +50,16 @@ pub struct Policy {
     pub degrade_confidence: f64,
     /// Confidence below which a window counts as good.
     pub recover_confidence: f64,
-    /// Consecutive bad windows before Degraded (Suspect in between).
+    /// Consecutive bad windows before Degraded (Suspect in between), when the node's own
+    /// detector (local score at least `recover_confidence`) or a majority of its traffic
+    /// partners (vantage) back them.
     pub degrade_windows: u32,
+    /// Consecutive bad windows before Degraded when nothing but the node's place in its peer
+    /// group says so (its own detector sees nothing unusual against its own baseline, and no
+    /// majority of its partners sees it degraded). A node that was always worse than its peers
+    /// is still found, but a few windows of shared load or noise that put one node above the
+    /// median (2026-12-06 soak: 2 of 3 false taints) are not acted on.
+    pub peer_only_degrade_windows: u32,
     /// Consecutive good windows before Healthy again (Recovering in between).
     pub recover_windows: u32,
     /// Minimum confidence to take an action (taint, claim deletion); conditions are written anyway.
@@ -135,6 +143,7 @@ impl Default for Policy {
             degrade_confidence: 0.75,
             recover_confidence: 0.4,
             degrade_windows: 3,
+            peer_only_degrade_windows: 30,
             recover_windows: 3,
             min_action_confidence: 0.8,
             blast_radius: 0.2,
@@ -220,6 +229,9 @@ impl Policy {
         }
         if self.recover_windows == 0 {
             return err("recover_windows", "must be at least 1");
+        }
+        if self.peer_only_degrade_windows < self.degrade_windows {
+            return err("peer_only_degrade_windows", "must be at least degrade_windows");
         }
         if self.stale_after_ms <= 0 {
             return err("stale_after_ms", "must be positive");

@@ -103,6 +103,9 @@ pub struct FamilyState {
     /// The peers that blamed their link to this node back in the last window with such
     /// evidence (to tell the same link from a different one each window).
     pub link_candidates: Vec<String>,
+    /// Of the current run of bad windows, how many in a row (the latest) the node's own
+    /// detector or a majority of its traffic partners backed (see `advance`).
+    pub backed_streak: u32,
     /// Windows in which both ends of a link blamed it, counted up (to twice `degrade_windows`)
     /// and worn down by one per window without that evidence.
     pub link_streak: u32,
@@ -118,6 +121,7 @@ impl FamilyState {
         Self {
             phase,
             bad_streak: 0,
+            backed_streak: 0,
             good_streak: 0,
             confidence: 0.0,
             detail: String::new(),
@@ -140,23 +144,28 @@ impl FamilyState {
 }
 
 /// One step of the state machine for a new window with confidence `conf`.
-pub fn advance(st: &mut FamilyState, conf: f64, p: &Policy) {
+pub fn advance(st: &mut FamilyState, conf: f64, backed: bool, p: &Policy) {
     let bad = conf >= p.degrade_confidence;
     let good = conf < p.recover_confidence;
     st.confidence = conf;
     if bad {
         st.bad_streak = st.bad_streak.saturating_add(1);
+        st.backed_streak = if backed { st.backed_streak.saturating_add(1) } else { 0 };
         st.good_streak = 0;
     } else if good {
         st.good_streak = st.good_streak.saturating_add(1);
         st.bad_streak = 0;
+        st.backed_streak = 0;
     } else {
         // In the hysteresis band: neither streak grows, a bad run is broken.
         st.bad_streak = 0;
+        st.backed_streak = 0;
     }
     st.phase = match st.phase {
         Phase::Unknown | Phase::Healthy | Phase::Suspect if bad => {
-            if st.bad_streak >= p.degrade_windows {
+            // Backed by the node's own detector or by its partners: `degrade_windows` in a
+            // row; by its place in its peer group alone: `peer_only_degrade_windows`.
+            if st.backed_streak >= p.degrade_windows || st.bad_streak >= p.peer_only_degrade_windows {
                 Phase::Degraded
             } else {
                 Phase::Suspect
@@ -580,13 +589,18 @@ fn score_family(
     let mut vantage_score = 0.0;
     let mut raw_vantage = 0.0;
     let mut observers_alone: Option<&VantageEvidence> = None;
+    // The node's own detector, or a majority of the nodes it talks with, back a bad window;
+    // its peer-group position alone must last longer (`peer_only_degrade_windows`).
+    let mut backed = local_score >= p.recover_confidence;
     if let Some(v) = ev.vantage.get(&f).and_then(|m| m.get(name)) {
         raw_vantage = v.score(p.vantage_min_observers);
         if v.observers > 0 {
             detail.push(format!("{}/{} peers see it degraded", v.flagged, v.observers));
         }
+        let partners_agree = v.majority_of_partners(p.vantage_min_observers);
+        backed |= partners_agree;
         let own = local_score >= p.recover_confidence || peer_score > 0.0 || v.own_link_slow;
-        if own || v.majority_of_partners(p.vantage_min_observers) {
+        if own || partners_agree {
             vantage_score = raw_vantage;
         } else if raw_vantage > 0.0 {
             observers_alone = Some(v);
@@ -620,7 +634,7 @@ fn score_family(
     let link_shaped = !link.is_empty();
     let (blamed, explained) = judge_link(fs, blamed_back(ev, f, name, link), p);
     let explained = link_shaped && explained;
-    advance(fs, if explained { 0.0 } else { conf }, p);
+    advance(fs, if explained { 0.0 } else { conf }, backed, p);
     fs.confidence = conf;
     if explained {
         detail.push(format!(

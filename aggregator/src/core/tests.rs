@@ -33,6 +33,9 @@ struct Sim {
     /// Nodes whose hypervisor steals CPU: node → steal figure (%); their agent's own steal
     /// detector scores 1 (the other nodes report 0.5 % and no local steal score).
     stolen: BTreeMap<usize, f64>,
+    /// The stolen nodes' agents report the steal figure only: their own detector has no score
+    /// (it learnt the level as normal, or is still warming up).
+    steal_figure_only: bool,
     /// Every node reports a healthy memory PSI figure (0.2 %).
     memory_figures: bool,
     /// Nodes whose agent forecasts a memory failure.
@@ -89,6 +92,7 @@ impl Sim {
             local_bad: false,
             fail_pool_patches: false,
             stolen: BTreeMap::new(),
+            steal_figure_only: false,
             memory_figures: false,
             predicted: BTreeMap::new(),
         }
@@ -129,7 +133,7 @@ impl Sim {
                 ]),
                 local: if slow && self.local_bad {
                     BTreeMap::from([(Family::NetworkLatency, (1.0, "local detector".to_string()))])
-                } else if let Some(steal) = self.stolen.get(&i) {
+                } else if let Some(steal) = self.stolen.get(&i).filter(|_| !self.steal_figure_only) {
                     let reason = format!("cpu steal {steal} % vs baseline 0.50 %, z=40.0, for 3 s");
                     BTreeMap::from([(Family::CpuSteal, (1.0, reason))])
                 } else {
@@ -303,6 +307,40 @@ fn a_nodes_own_steal_score_moves_cpu_steal_and_nothing_else() {
     for i in (0..10).filter(|i| *i != 4) {
         assert_eq!(sim.overall(&p, i), Some(CondStatus::True), "node-{i}");
     }
+}
+
+/// A node far above its peers with nothing else saying so (its own detector sees no change,
+/// and CPU steal has no vantage) is Degraded only once that has lasted
+/// `peer_only_degrade_windows`: a few windows of shared load that lift one node above the
+/// median are not acted on (the 2026-12-06 soak's false taints), a node that stays worse is.
+#[test]
+fn a_peer_group_outlier_alone_degrades_only_after_it_lasts() {
+    let p = Policy {
+        peer_only_degrade_windows: 10,
+        ..Policy::default()
+    };
+    let (mut eng, mut sim) = settled(&p);
+    let steal = |sim: &Sim| sim.input.nodes["node-4"].conditions[&p.family_condition(Family::CpuSteal)].clone();
+    sim.stolen.insert(4, 30.0);
+    sim.steal_figure_only = true;
+    sim.run(&mut eng, &set(&[]), p.peer_only_degrade_windows as usize - 1);
+    let fs = &eng.node_state("node-4").expect("state").families[&Family::CpuSteal];
+    assert!(
+        fs.confidence >= p.degrade_confidence,
+        "each window is bad: {}",
+        fs.detail
+    );
+    assert_eq!(fs.phase, Phase::Suspect, "{}", fs.detail);
+    assert_eq!(steal(&sim).status, CondStatus::True);
+    assert!(sim.tainted().is_empty());
+    sim.run(&mut eng, &set(&[]), 1);
+    let c = steal(&sim);
+    assert_eq!(c.status, CondStatus::False, "lasted: {}", c.message);
+    // Backed by its own detector, the same figure degrades after `degrade_windows`.
+    let (mut eng, mut sim) = settled(&p);
+    sim.stolen.insert(4, 30.0);
+    sim.run(&mut eng, &set(&[]), p.degrade_windows as usize);
+    assert_eq!(steal(&sim).status, CondStatus::False);
 }
 
 /// An agent's forecast (a pod's working set reaching its limit in 2 minutes) sets the memory
@@ -814,6 +852,12 @@ fn policy_validation_names_the_field() {
         ..Policy::default()
     };
     assert_eq!(bad.validate().map_err(|e| e.field), Err("predict_clear_windows"));
+    let bad = Policy {
+        degrade_windows: 5,
+        peer_only_degrade_windows: 4,
+        ..Policy::default()
+    };
+    assert_eq!(bad.validate().map_err(|e| e.field), Err("peer_only_degrade_windows"));
     assert!(Policy::default().validate().is_ok());
 }
 
@@ -1152,7 +1196,7 @@ proptest! {
         let mut good_run = 0u32;
         for c in confs {
             let before = st.phase;
-            advance(&mut st, c, &p);
+            advance(&mut st, c, true, &p);
             if c >= p.degrade_confidence { bad_run += 1; good_run = 0; } else if c < p.recover_confidence { good_run += 1; bad_run = 0; } else { bad_run = 0; }
             if st.phase == Phase::Degraded && !matches!(before, Phase::Degraded | Phase::Recovering) {
                 prop_assert!(bad_run >= p.degrade_windows);
