@@ -22,6 +22,10 @@ use super::{
 const ZONE: &str = "topology.kubernetes.io/zone";
 
 /// A simulated cluster + fleet of agents.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches of the simulated fleet, each set by the tests that need it"
+)]
 struct Sim {
     input: Input,
     round: u64,
