@@ -190,45 +190,8 @@ pub struct ClusterReader {
     namespace: String,
     policy: Policy,
     nodes: reflector::Store<Node>,
-    /// The pod IPs the agents report (ingest), mapped to their nodes alongside pod CIDRs.
-    pod_addresses: Option<crate::ingest::FleetStore>,
     /// Where our Events are (config `event_namespace`).
     event_namespace: String,
-}
-
-/// Adds each node's reported pod IPs to its view as host prefixes (/32, /128), so the address
-/// book maps a remote pod IP to its node where it lies in no pod CIDR (EKS VPC CNI: pod IPs are
-/// secondary ENI addresses, `spec.podCIDR` is empty). Nodes that are gone are skipped; an
-/// address two nodes claim (a pod IP reused after its pod moved) goes to neither until the
-/// stale list is replaced.
-pub fn add_pod_addresses(
-    nodes: &mut BTreeMap<String, NodeView>,
-    reported: &BTreeMap<String, std::sync::Arc<[IpAddr]>>,
-) {
-    let mut owners: std::collections::HashMap<IpAddr, Option<&str>> = std::collections::HashMap::new();
-    for (node, addresses) in reported {
-        if !nodes.contains_key(node) {
-            continue;
-        }
-        for a in addresses.iter() {
-            owners
-                .entry(*a)
-                .and_modify(|owner| {
-                    if *owner != Some(node.as_str()) {
-                        *owner = None;
-                    }
-                })
-                .or_insert(Some(node.as_str()));
-        }
-    }
-    for (addr, owner) in owners {
-        let (Some(owner), Ok(net)) = (owner, ipnet::IpNet::new(addr, if addr.is_ipv4() { 32 } else { 128 })) else {
-            continue;
-        };
-        if let Some(view) = nodes.get_mut(owner) {
-            view.pod_cidrs.push(net);
-        }
-    }
 }
 
 impl ClusterReader {
@@ -260,40 +223,27 @@ impl ClusterReader {
             namespace,
             policy,
             nodes: store,
-            pod_addresses: None,
             event_namespace: crate::config::EVENT_NAMESPACE.into(),
         }
     }
 
-    /// Every Node as the core sees it, with the pod IPs its agent reported (host prefixes). No
-    /// API call: the Node watch's store and the ingested pod IPs. Built once per tick, for both
-    /// the agents' address lookups ([`crate::core::evidence::AddressBook`]) and the decision step
+    /// Every Node as the core sees it. No API call: the Node watch's store. Built once per tick,
+    /// for both the address book (with the agents' pod IPs:
+    /// [`crate::core::evidence::AddressBook::with_pod_addresses`]) and the decision step
     /// ([`Self::read_views`]).
     #[must_use]
     pub fn node_views(&self) -> BTreeMap<String, NodeView> {
-        let mut nodes: BTreeMap<String, NodeView> = self
-            .nodes
+        self.nodes
             .state()
             .iter()
             .map(|n| (n.name_any(), node_view(n, &self.policy)))
-            .collect();
-        if let Some(store) = &self.pod_addresses {
-            add_pod_addresses(&mut nodes, &store.pod_addresses());
-        }
-        nodes
+            .collect()
     }
 
     /// Reads our Events in `namespace` (config `event_namespace`) rather than the default.
     #[must_use]
     pub fn with_event_namespace(mut self, namespace: String) -> Self {
         self.event_namespace = namespace;
-        self
-    }
-
-    /// Maps the pod IPs the agents report (kept by `store`) to their nodes.
-    #[must_use]
-    pub fn with_pod_addresses(mut self, store: crate::ingest::FleetStore) -> Self {
-        self.pod_addresses = Some(store);
         self
     }
 
@@ -590,7 +540,7 @@ mod tests {
     #[test]
     fn reported_pod_ips_outside_any_pod_cidr_map_to_their_node() {
         let policy = Policy::default();
-        let mut nodes: BTreeMap<String, NodeView> = [
+        let nodes: BTreeMap<String, NodeView> = [
             node("a", "192.168.0.10", None),
             node("b", "192.168.0.11", None),
             node("c", "192.168.0.12", Some("10.244.2.0/24")),
@@ -612,8 +562,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        add_pod_addresses(&mut nodes, &reported);
-        let book = AddressBook::new(nodes.values());
+        let book = AddressBook::with_pod_addresses(&nodes, &reported);
         assert_eq!(book.node_of(&ip("192.168.5.7")), Some("a"));
         assert_eq!(book.node_of(&ip("2600:1f18::7")), Some("a"));
         assert_eq!(book.node_of(&ip("192.168.5.8")), Some("b"));

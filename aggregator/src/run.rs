@@ -168,7 +168,6 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         shutdown.clone(),
     )
     .await
-    .with_pod_addresses(store.clone())
     .with_event_namespace(cfg.event_namespace.clone());
     let actuator = Actuator::new(client, &cfg);
 
@@ -190,7 +189,10 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         // the runtime's worker like the step (milliseconds of CPU over 10,000 Nodes).
         let (views, address_book) = tokio::task::block_in_place(|| {
             let views = reader.node_views();
-            let book = Arc::new(crate::core::evidence::AddressBook::new(views.values()));
+            let book = Arc::new(crate::core::evidence::AddressBook::with_pod_addresses(
+                &views,
+                &store.pod_addresses(),
+            ));
             store.publish_address_book(book.clone());
             (views, book)
         });

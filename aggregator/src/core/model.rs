@@ -233,6 +233,38 @@ impl AddressBook {
         book
     }
 
+    /// The book of `nodes` plus the pod IPs each node's agent reported (EKS VPC CNI: pod IPs
+    /// are secondary ENI addresses, outside any pod CIDR). Nodes that are gone are skipped; an
+    /// address two nodes claim (a pod IP reused after its pod moved) goes to neither until the
+    /// stale list is replaced; a node's InternalIP is never taken over by a pod IP.
+    #[must_use]
+    pub fn with_pod_addresses(nodes: &BTreeMap<String, NodeView>, reported: &BTreeMap<String, Arc<[IpAddr]>>) -> Self {
+        let mut book = Self::new(nodes.values());
+        let mut owners: HashMap<IpAddr, Option<u32>> = HashMap::new();
+        for (node, addresses) in reported {
+            let Some(id) = book.by_name.get(node).and_then(|id| u32::try_from(*id).ok()) else {
+                continue;
+            };
+            for a in addresses.iter() {
+                owners
+                    .entry(*a)
+                    .and_modify(|owner| {
+                        if *owner != Some(id) {
+                            *owner = None;
+                        }
+                    })
+                    .or_insert(Some(id));
+            }
+        }
+        book.exact.reserve(owners.len());
+        for (addr, owner) in owners {
+            if let Some(id) = owner {
+                book.exact.entry(addr).or_insert(id);
+            }
+        }
+        book
+    }
+
     pub(super) fn id_of(&self, addr: &IpAddr) -> Option<usize> {
         let id = self.exact.get(addr).copied().or_else(|| {
             self.cidrs.iter().find_map(|(len, nets)| {
