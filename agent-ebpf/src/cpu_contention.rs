@@ -9,9 +9,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::RawTracePointContext,
 };
 use graywatch_common::{
@@ -32,6 +32,12 @@ pub static RUNQ: HashMap<u64, RunqStats> = HashMap::with_max_entries(MAX_RUNQ_CG
 /// bounds the map as tasks exit. Per-CPU LRU lists avoid a shared lock per wakeup.
 #[map]
 static RUNNABLE: LruHashMap<u64, RunnableTask> = LruHashMap::with_max_entries(MAX_RUNNABLE_TASKS, BPF_F_NO_COMMON_LRU);
+
+/// This CPU's idle task (its `task_struct` address), learnt when it switches out: a switch to it
+/// ends no wait (the idle task is never runnable in our sense), so it needs no `RUNNABLE` lookup.
+/// On a machine that idles between requests every other switch is one to the idle task.
+#[map]
+static IDLE_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-task state of the run-queue clock (kernel side only).
 #[repr(C)]
@@ -82,18 +88,6 @@ pub fn task_offsets() -> TaskOffsets {
 unsafe fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel validates the address; a bad one is an Err, not a fault.
     unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()) }
-}
-
-/// The task's thread id.
-#[inline(always)]
-pub fn task_pid(o: &TaskOffsets, task: *const u8) -> Option<u32> {
-    // SAFETY: read through bpf_probe_read_kernel.
-    if let Ok(pid) = unsafe { read::<i32>(task, o.task_pid) } {
-        Some(pid.cast_unsigned())
-    } else {
-        count_lost(LostEvent::TaskReadFailed);
-        None
-    }
 }
 
 /// The task's cgroup id in `hierarchy` ([`CGROUP_V2`] or a v1 controller's subsys index).
@@ -168,20 +162,30 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 }
 
 fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
-    let o = task_offsets();
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let preempt: u64 = ctx.arg(0);
     let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    // A preempted task is still runnable. So is one that yielded (switched out "running"
-    // without preemption), except the idle task (pid 0), which leaves the CPU that way too.
-    if preempt & 1 == 1
-        || (prev_state & 0xffff_ffff == TASK_RUNNING && task_pid(&o, prev as *const u8).is_some_and(|pid| pid != 0))
-    {
+    let idle_task = IDLE_TASK.get_ptr_mut(0).ok_or(())?;
+    // The tracepoint fires before the switch, so `current` is still `prev`: its pid comes from a
+    // helper, not from a kernel read. (pid 0 is this CPU's idle task.)
+    #[expect(clippy::cast_possible_truncation, reason = "the low 32 bits are the thread id")]
+    let prev_is_idle = bpf_get_current_pid_tgid() as u32 == 0;
+    if prev_is_idle {
+        // SAFETY: this CPU's slot, used only while a program runs on it.
+        unsafe { *idle_task = prev };
+    } else if preempt & 1 == 1 || prev_state & 0xffff_ffff == TASK_RUNNING {
+        // A preempted task is still runnable. So is one that yielded (switched out "running"
+        // without preemption), except the idle task, which leaves the CPU that way too.
         mark_runnable(prev, now);
     }
+    // SAFETY: as above.
+    if next == unsafe { *idle_task } {
+        return Ok(());
+    }
+    let o = task_offsets();
     let entry = RUNNABLE.get_ptr_mut(next).ok_or(())?;
     // SAFETY: value pointer of a live entry, only this CPU switches `next` in.
     let task = unsafe { &mut *entry };
@@ -198,9 +202,9 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     }
     let cgroup_id = task.cgroup_id;
     let stats = runq_stats(cgroup_id).ok_or(())?;
-    // SAFETY: `stats` points into a live RUNQ value; fields are updated atomically.
+    // SAFETY: `stats` points into a live RUNQ value; fields are updated atomically. (No sample
+    // counter: the agent sums the histogram, one shared atomic add fewer per switch.)
     unsafe {
-        add_u64(&raw mut (*stats).samples, 1);
         add_u64(&raw mut (*stats).sum_us, waited_us);
         #[expect(
             clippy::cast_possible_truncation,

@@ -31,15 +31,26 @@ pub static DROPS: HashMap<DropKey, u64> = HashMap::with_max_entries(MAX_DROP_KEY
 #[map]
 pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
 
-/// The socket this CPU last saw in `tcp:tcp_probe` and when that socket last added an RTT
-/// sample: consecutive ACKs on a CPU are mostly one socket's, so most probes inside the sampling
-/// interval end here without a hash lookup. Only ever behind `SOCKETS` (a stale entry makes a
-/// probe skip a sample that `SOCKETS` would also have skipped).
+/// The sockets this CPU last saw in `tcp:tcp_probe` and when each last added an RTT sample: most
+/// probes inside the sampling interval end here without a hash lookup. Several slots, because
+/// the two ends of a local connection (or a request and its response) alternate on one CPU, and
+/// with one slot every probe missed. Only ever behind `SOCKETS` (a stale entry makes a probe skip
+/// a sample that `SOCKETS` would also have skipped).
 #[map]
 pub static LAST_PROBED: PerCpuArray<LastProbed> = PerCpuArray::with_max_entries(1, 0);
 
+/// Sockets remembered per CPU in [`LAST_PROBED`].
+pub const LAST_PROBED_SLOTS: usize = 4;
+
 #[repr(C)]
 pub struct LastProbed {
+    pub slots: [ProbedSocket; LAST_PROBED_SLOTS],
+    /// The slot the next socket not in `slots` replaces (round robin).
+    pub next: usize,
+}
+
+#[repr(C)]
+pub struct ProbedSocket {
     pub cookie: u64,
     pub last_sample_ns: u64,
 }

@@ -17,8 +17,8 @@ use graywatch_common::{
 
 use crate::{
     maps::{
-        LAST_PROBED, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min, flow_stats,
-        kernel_offsets, socket_key_is_address,
+        LAST_PROBED, LAST_PROBED_SLOTS, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min,
+        flow_stats, kernel_offsets, socket_key_is_address,
     },
     sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, socket_peer, socket_ports, tcp_segs_out, tcp_srtt_us},
 };
@@ -151,12 +151,25 @@ fn sample_socket<C: EbpfContext>(
 ) -> Result<(), ()> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let last = LAST_PROBED.get_ptr_mut(0).ok_or(())?;
-    // SAFETY: this CPU's slot, used only while this program runs on it.
-    let last = unsafe { &mut *last };
-    if last.cookie == key && now.wrapping_sub(last.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
-        return Ok(());
+    let cache = LAST_PROBED.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's slots, used only while this program runs on it.
+    let cache = unsafe { &mut *cache };
+    let mut hit = None;
+    for (i, slot) in cache.slots.iter().enumerate() {
+        if slot.cookie == key {
+            if now.wrapping_sub(slot.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
+                return Ok(());
+            }
+            hit = Some(i);
+            break;
+        }
     }
+    let index = hit.unwrap_or_else(|| {
+        let victim = cache.next % LAST_PROBED_SLOTS;
+        cache.next = cache.next.wrapping_add(1);
+        victim
+    });
+    let last = cache.slots.get_mut(index).ok_or(())?;
     last.cookie = key;
     let Some(state) = SOCKETS.get_ptr_mut(key) else {
         last.last_sample_ns = now;

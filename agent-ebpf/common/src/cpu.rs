@@ -49,15 +49,14 @@ pub struct TaskOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct RunqStats {
-    pub samples: u64,
     pub sum_us: u64,
     /// Log-linear histogram of the latency in µs (same buckets as RTT, see [`crate::rtt_bucket`]).
+    /// Also the sample count (its sum): one shared counter fewer to update per context switch.
     pub buckets: [u32; RTT_BUCKETS],
 }
 
 impl RunqStats {
     pub const ZERO: RunqStats = RunqStats {
-        samples: 0,
         sum_us: 0,
         buckets: [0; RTT_BUCKETS],
     };
@@ -81,6 +80,6 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 12 * 4);
-        assert_eq!(core::mem::size_of::<RunqStats>(), 16 + 4 * RTT_BUCKETS);
+        assert_eq!(core::mem::size_of::<RunqStats>(), 8 + 4 * RTT_BUCKETS);
     }
 }

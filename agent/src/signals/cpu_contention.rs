@@ -133,12 +133,13 @@ pub fn bucket_deltas(prev: Option<&[u32; RTT_BUCKETS]>, now: &[u32; RTT_BUCKETS]
 
 /// Window of one cgroup from two cumulative readings; `None` when nothing was scheduled.
 pub fn runq_window(cgroup_id: u64, prev: Option<&RunqStats>, now: &RunqStats) -> Option<RunqWindow> {
-    let samples = now.samples.wrapping_sub(prev.map_or(0, |p| p.samples));
+    // The kernel keeps no sample counter: the histogram's deltas add up to it.
+    let buckets = bucket_deltas(prev.map(|p| &p.buckets), &now.buckets);
+    let samples: u64 = buckets.iter().sum();
     if samples == 0 {
         return None;
     }
     let sum_us = now.sum_us.wrapping_sub(prev.map_or(0, |p| p.sum_us));
-    let buckets = bucket_deltas(prev.map(|p| &p.buckets), &now.buckets);
     Some(RunqWindow {
         cgroup_id,
         samples,
@@ -202,7 +203,7 @@ impl RunqReader {
         // Cgroups idle for long (typically deleted pods) leave the bounded kernel map; if one
         // comes back its counters restart from zero and are compared against zero.
         for (id, stats) in &now {
-            let unchanged = self.last.get(id).is_some_and(|p| p.samples == stats.samples);
+            let unchanged = self.last.get(id).is_some_and(|p| p.buckets == stats.buckets);
             let idle = self.idle.entry(*id).or_insert(0);
             *idle = if unchanged { *idle + 1 } else { 0 };
         }
@@ -232,7 +233,6 @@ mod tests {
     fn stats(samples_us: &[u32]) -> RunqStats {
         let mut s = RunqStats::ZERO;
         for us in samples_us {
-            s.samples += 1;
             s.sum_us += u64::from(*us);
             s.buckets[rtt_bucket(*us)] += 1;
         }

@@ -3,7 +3,7 @@
 //! one fixed TCP load (request/response, then bulk) on the veth bench; the same load with nothing
 //! attached is the floor. Configurations alternate round by round.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use serde_json::{Value, json};
 
@@ -11,7 +11,7 @@ use super::{
     Binaries, CommonArgs, binaries, finite, fmt,
     kernel::{BpfStats, Counters, hook_label},
     load::{ClientResult, Rr, TrafficBed, total},
-    median, min_max,
+    median, median_ci, min_max,
     observer::{Kind, Observer, peer_unavailable},
     print_table, verdict, write_result,
 };
@@ -29,6 +29,17 @@ pub struct EbpfArgs {
     /// Bytes of the bulk transfer per run.
     #[arg(long)]
     pub bulk_bytes: Option<u64>,
+    /// Delay (µs) the link emulator adds to the second request/response path, a stand-in for a
+    /// real network's RTT; 0 leaves that path out.
+    #[arg(long, default_value_t = 50)]
+    pub link_delay_us: u64,
+    /// Request/response transactions per run over the delayed path.
+    #[arg(long)]
+    pub delayed_rr_count: Option<u64>,
+    /// The CPU the load's server and clients are pinned to (default: the last one; the link
+    /// emulator stays unpinned).
+    #[arg(long)]
+    pub load_cpu: Option<usize>,
 }
 
 /// One program's share of one run.
@@ -44,6 +55,8 @@ struct Run {
     round: usize,
     kind: Kind,
     rr: ClientResult,
+    /// Request/response over the path with the emulated delay (when there is one).
+    rr_delayed: Option<ClientResult>,
     bulk: ClientResult,
     programs: Vec<ProgramRun>,
 }
@@ -82,7 +95,9 @@ const HOOK_ORDER: &[&str] = &[
 
 pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
     let quick = args.common.quick;
-    let rounds = args.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    // Ten rounds: from nine on, the 95 % interval of the median ratio is narrower than
+    // (min, max), i.e. one outlying round does not set it (see `median_ci`).
+    let rounds = args.rounds.unwrap_or(if quick { 1 } else { 10 }).max(1);
     let rr_count = args.rr_count.unwrap_or(if quick { 20_000 } else { 200_000 });
     let bulk_bytes = args
         .bulk_bytes
@@ -90,7 +105,13 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
     let binaries = binaries(&args.common)?;
     let _stats = BpfStats::enable()?;
     let not_runnable = peer_unavailable();
-    let bed = TrafficBed::new(&binaries)?;
+    let bed = TrafficBed::new(
+        &binaries,
+        Some(
+            args.load_cpu
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(0, |n| n.get() - 1)),
+        ),
+    )?;
     let load = Rr {
         count: Some(rr_count),
         duration: None,
@@ -98,9 +119,24 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
         request: 64,
         response: 64,
     };
+    let delay = Duration::from_micros(args.link_delay_us);
+    let _delayed_path = if delay.is_zero() {
+        None
+    } else {
+        Some(bed.delayed_path(&binaries.chaos, delay)?)
+    };
+    let delayed = (!delay.is_zero()).then_some(Rr {
+        count: Some(args.delayed_rr_count.unwrap_or(if quick { 5_000 } else { 30_000 })),
+        ..load
+    });
     println!(
-        "ebpf: {rounds} round(s) × (none, graywatch, peer); load per run: {rr_count} RR transactions (64 B/64 B, 1 connection) + {} MB bulk",
-        bulk_bytes / 1_000_000
+        "ebpf: {rounds} round(s) × (none, graywatch, peer); load per run: {rr_count} RR transactions (64 B/64 B, 1 connection) + {} MB bulk{}",
+        bulk_bytes / 1_000_000,
+        delayed.map_or(String::new(), |d| format!(
+            " + {} RR transactions on a path with {} µs added by the link emulator",
+            d.count.unwrap_or(0),
+            args.link_delay_us
+        ))
     );
     // Warm-up, unobserved: first connections, page cache, CPU frequency.
     bed.rr(
@@ -110,17 +146,32 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
             ..load
         },
     )?;
+    if let Some(delayed) = &delayed {
+        bed.rr_delayed(
+            1,
+            &Rr {
+                count: delayed.count.map(|c| c / 10),
+                ..*delayed
+            },
+        )?;
+    }
 
     let mut runs = Vec::new();
     let mut unavailable = not_runnable.clone();
     for round in 0..rounds {
         for offset in 0..Kind::ALL.len() {
             let kind = Kind::ALL[(round + offset) % Kind::ALL.len()];
-            let run = one_run(&binaries, &bed, kind, round, &load, bulk_bytes, &mut unavailable)?;
+            let loads = Loads {
+                rr: &load,
+                rr_delayed: delayed.as_ref(),
+                bulk_bytes,
+            };
+            let run = one_run(&binaries, &bed, kind, round, &loads, &mut unavailable)?;
             println!(
-                "  round {round} {:<9}  RR {:>8.0} tx/s  bulk {:>6.2} Gbit/s  programs {}",
+                "  round {round} {:<9}  RR {:>8.0} tx/s  delayed RR {:>8.0} tx/s  bulk {:>6.2} Gbit/s  programs {}",
                 kind.label(),
                 run.rr.transactions_per_second(),
+                run.rr_delayed.map_or(f64::NAN, |r| r.transactions_per_second()),
                 run.bulk.gbit_per_second(),
                 run.programs.len()
             );
@@ -129,7 +180,17 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
     }
     unavailable.sort();
     unavailable.dedup();
-    report(&runs, &unavailable, rounds, rr_count, bulk_bytes, quick)
+    let config = json!({"rounds": rounds, "rr_transactions": rr_count, "rr_request_bytes": 64, "rr_response_bytes": 64, "bulk_bytes": bulk_bytes,
+        "link_delay_us": args.link_delay_us, "delayed_rr_transactions": delayed.and_then(|d| d.count),
+        "peer": {"bpftrace": super::observer::BPFTRACE_SCRIPT, "runqlat": "libbpf-tools runqlat (default: one histogram)"}});
+    report(&runs, &unavailable, rounds, args.link_delay_us, &config, quick)
+}
+
+/// The load of one run.
+struct Loads<'a> {
+    rr: &'a Rr,
+    rr_delayed: Option<&'a Rr>,
+    bulk_bytes: u64,
 }
 
 fn one_run(
@@ -137,15 +198,18 @@ fn one_run(
     bed: &TrafficBed,
     kind: Kind,
     round: usize,
-    load: &Rr,
-    bulk_bytes: u64,
+    loads: &Loads<'_>,
     unavailable: &mut Vec<(String, String)>,
 ) -> anyhow::Result<Run> {
     let observer = Observer::start(kind, binaries)?;
     unavailable.extend(observer.unavailable.iter().cloned());
     let before = observer.counters()?;
-    let rr = total(&bed.rr(1, load)?);
-    let bulk = bed.bulk(bulk_bytes)?;
+    let rr = total(&bed.rr(1, loads.rr)?);
+    let rr_delayed = match loads.rr_delayed {
+        Some(load) => Some(total(&bed.rr_delayed(1, load)?)),
+        None => None,
+    };
+    let bulk = bed.bulk(loads.bulk_bytes)?;
     let after = observer.counters()?;
     observer.stop()?;
     let programs = after
@@ -166,6 +230,7 @@ fn one_run(
         round,
         kind,
         rr,
+        rr_delayed,
         bulk,
         programs,
     })
@@ -176,8 +241,8 @@ fn report(
     runs: &[Run],
     unavailable: &[(String, String)],
     rounds: usize,
-    rr_count: u64,
-    bulk_bytes: u64,
+    link_delay_us: u64,
+    config: &Value,
     quick: bool,
 ) -> anyhow::Result<()> {
     // Per observer and hook, summed over rounds.
@@ -255,46 +320,61 @@ fn report(
     let mut load_rows = Vec::new();
     let mut load_json = Vec::new();
     for kind in Kind::ALL {
-        let of = |f: fn(&Run) -> f64| -> Vec<f64> { runs.iter().filter(|r| r.kind == kind).map(f).collect() };
-        let ratio_of = |f: fn(&Run) -> f64| -> Vec<f64> {
-            runs.iter()
-                .filter(|r| r.kind == kind)
+        let mine = || runs.iter().filter(move |r| r.kind == kind);
+        let of = |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { mine().filter_map(f).collect() };
+        let ratio_of = |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> {
+            mine()
                 .filter_map(|r| {
                     let floor = runs.iter().find(|b| b.kind == Kind::None && b.round == r.round)?;
-                    Some(f(r) / f(floor))
+                    Some(f(r)? / f(floor)?)
                 })
                 .collect()
         };
-        let rr_tps = of(|r| r.rr.transactions_per_second());
-        let bulk = of(|r| r.bulk.gbit_per_second());
-        let rr_ratio = ratio_of(|r| r.rr.transactions_per_second());
-        let bulk_ratio = ratio_of(|r| r.bulk.gbit_per_second());
-        let program_ms: Vec<f64> = runs
-            .iter()
-            .filter(|r| r.kind == kind)
+        let rr = |r: &Run| Some(r.rr.transactions_per_second());
+        let rr_delayed = |r: &Run| r.rr_delayed.map(|d| d.transactions_per_second());
+        let bulk_of = |r: &Run| Some(r.bulk.gbit_per_second());
+        let rr_tps = of(&rr);
+        let rr_delayed_tps = of(&rr_delayed);
+        let bulk = of(&bulk_of);
+        let rr_ratio = ratio_of(&rr);
+        let rr_delayed_ratio = ratio_of(&rr_delayed);
+        let bulk_ratio = ratio_of(&bulk_of);
+        let program_ms: Vec<f64> = mine()
             .map(|r| r.programs.iter().map(|p| p.run_time_ns).sum::<u64>() as f64 / 1e6)
             .collect();
-        let (rr_lo, rr_hi) = min_max(&rr_ratio);
-        load_rows.push(vec![
-            kind.label().to_owned(),
-            fmt(median(&rr_tps), 0),
-            format!("{} [{}–{}]", fmt(median(&rr_ratio), 3), fmt(rr_lo, 3), fmt(rr_hi, 3)),
+        let mut row = vec![kind.label().to_owned(), fmt(median(&rr_tps), 0), ratio_cell(&rr_ratio)];
+        if link_delay_us > 0 {
+            row.extend([fmt(median(&rr_delayed_tps), 0), ratio_cell(&rr_delayed_ratio)]);
+        }
+        row.extend([
             fmt(median(&bulk), 2),
             fmt(median(&bulk_ratio), 3),
             fmt(median(&program_ms), 1),
         ]);
+        load_rows.push(row);
         load_json.push(json!({
             "observer": kind.label(),
             "rr_tps": rr_tps,
             "rr_ratio_to_none": rr_ratio,
+            "rr_ratio_median_ci95": ci_json(&rr_ratio),
+            "rr_delayed_tps": rr_delayed_tps,
+            "rr_delayed_ratio_to_none": rr_delayed_ratio,
+            "rr_delayed_ratio_median_ci95": ci_json(&rr_delayed_ratio),
             "bulk_gbit_s": bulk,
             "bulk_ratio_to_none": bulk_ratio,
             "program_time_ms_per_run": program_ms,
         }));
     }
+    let delayed_label = format!("RR +{link_delay_us} µs tx/s");
+    let mut header = vec!["observer", "RR tx/s", "×none (median, 95% CI, [min–max])"];
+    if link_delay_us > 0 {
+        header.extend([delayed_label.as_str(), "×none (median, 95% CI, [min–max])"]);
+    }
+    header.extend(["bulk Gbit/s", "×none", "program ms/run"]);
     print_table(
-        "The fixed load under each observer (medians over rounds; ratio to `none` of the same round [min–max])",
-        &["observer", "RR tx/s", "×none", "bulk Gbit/s", "×none", "program ms/run"],
+        "The fixed load under each observer (medians over rounds; ratio to `none` of the same round; \
+         CI: order statistics of the per-round ratios, distribution-free)",
+        &header,
         &load_rows,
     );
     if !unavailable.is_empty() {
@@ -315,6 +395,7 @@ fn report(
                 "round": r.round,
                 "observer": r.kind.label(),
                 "rr": {"transactions": r.rr.transactions, "seconds": r.rr.elapsed_seconds, "tps": finite(r.rr.transactions_per_second())},
+                "rr_delayed": r.rr_delayed.map(|d| json!({"transactions": d.transactions, "seconds": d.elapsed_seconds, "tps": finite(d.transactions_per_second())})),
                 "bulk": {"bytes": r.bulk.bytes, "seconds": r.bulk.elapsed_seconds, "gbit_s": finite(r.bulk.gbit_per_second())},
                 "programs": r.programs.iter().map(|p| json!({"hook": hook_label(&p.hook), "program": p.program, "events": p.events, "run_time_ns": p.run_time_ns})).collect::<Vec<_>>(),
             })
@@ -324,8 +405,7 @@ fn report(
         "ebpf",
         quick,
         json!({
-            "config": {"rounds": rounds, "rr_transactions": rr_count, "rr_request_bytes": 64, "rr_response_bytes": 64, "bulk_bytes": bulk_bytes,
-                       "peer": {"bpftrace": super::observer::BPFTRACE_SCRIPT, "runqlat": "libbpf-tools runqlat (default: one histogram)"}},
+            "config": config,
             "hooks": hook_json,
             "load": load_json,
             "peer_unavailable": unavailable.iter().map(|(t, w)| json!({"tool": t, "why": w})).collect::<Vec<_>>(),
@@ -334,4 +414,30 @@ fn report(
         }),
     )?;
     Ok(())
+}
+
+/// The 95 % confidence level of the intervals of median ratios.
+const CI_LEVEL: f64 = 0.95;
+
+/// "median [CI low–high] (min–max)" of per-round ratios; the CI is left out when there are too
+/// few rounds for one.
+fn ratio_cell(ratios: &[f64]) -> String {
+    let (lo, hi) = min_max(ratios);
+    match median_ci(ratios, CI_LEVEL) {
+        Some((ci_lo, ci_hi, _)) => format!(
+            "{} CI {}–{} [{}–{}]",
+            fmt(median(ratios), 3),
+            fmt(ci_lo, 3),
+            fmt(ci_hi, 3),
+            fmt(lo, 3),
+            fmt(hi, 3)
+        ),
+        None => format!("{} [{}–{}]", fmt(median(ratios), 3), fmt(lo, 3), fmt(hi, 3)),
+    }
+}
+
+fn ci_json(ratios: &[f64]) -> Value {
+    median_ci(ratios, CI_LEVEL).map_or(Value::Null, |(lo, hi, coverage)| {
+        json!({"low": lo, "high": hi, "coverage": coverage, "method": "order statistics (binomial), distribution-free"})
+    })
 }

@@ -4,6 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -60,6 +61,8 @@ const LOAD_NICE: [&str; 2] = ["-n", "-5"];
 
 const CLIENT_ADDR: &str = "10.239.0.1";
 const SERVER_ADDR: &str = "10.239.0.2";
+/// The server's second address, reached through the link emulator (see `delayed_path`).
+const DELAYED_SERVER_ADDR: &str = "10.239.0.3";
 const CLIENT_ADDR6: &str = "fd00:239::1";
 const SERVER_ADDR6: &str = "fd00:239::2";
 /// The swarm's source addresses: a whole /64 local to the client namespace, routed to it.
@@ -78,10 +81,16 @@ pub struct TrafficBed {
     traffic: std::path::PathBuf,
     client_ns: String,
     server_ns: String,
+    /// The CPU the request/response server and clients are pinned to, if any.
+    cpu: Option<usize>,
 }
 
 impl TrafficBed {
-    pub fn new(binaries: &Binaries) -> anyhow::Result<Self> {
+    /// The bed, with the request/response server and clients pinned to `cpu` if given: both ends
+    /// on one CPU make every transaction take the same path (two context switches, the softirq
+    /// in the sender's context), where unpinned runs on 2 CPUs swing by 2× between rounds
+    /// depending on where the scheduler put the two processes.
+    pub fn new(binaries: &Binaries, cpu: Option<usize>) -> anyhow::Result<Self> {
         let tag = std::process::id() % 100_000;
         let client_ns = format!("gwbench-{tag}-c");
         let server_ns = format!("gwbench-{tag}-s");
@@ -94,6 +103,7 @@ impl TrafficBed {
             traffic: binaries.traffic.clone(),
             client_ns,
             server_ns,
+            cpu,
         };
         ip(&["netns", "add", &bed.server_ns])?;
         ip(&[
@@ -122,8 +132,8 @@ impl TrafficBed {
 
     /// `graywatch-traffic <mode> --listen <listen>` in the server namespace, once it listens.
     fn start_listener(&self, mode: &str, listen: &str) -> anyhow::Result<Child> {
-        let mut server = Command::new("nice")
-            .args(LOAD_NICE)
+        let mut server = self
+            .load_command()
             .args(["ip", "netns", "exec", &self.server_ns])
             .arg(&self.traffic)
             .args([mode, "--listen", listen])
@@ -275,19 +285,83 @@ impl TrafficBed {
         Ok(swarm)
     }
 
-    fn client_command(&self, args: &[String]) -> Command {
+    /// `nice -n -5 [taskset -c CPU]`, the prefix of every load process.
+    fn load_command(&self) -> Command {
         let mut cmd = Command::new("nice");
-        cmd.args(LOAD_NICE)
-            .args(["ip", "netns", "exec", &self.client_ns])
+        cmd.args(LOAD_NICE);
+        if let Some(cpu) = self.cpu {
+            cmd.args(["taskset", "-c", &cpu.to_string()]);
+        }
+        cmd
+    }
+
+    fn client_command(&self, server: &str, args: &[String]) -> Command {
+        let mut cmd = self.load_command();
+        cmd.args(["ip", "netns", "exec", &self.client_ns])
             .arg(&self.traffic)
-            .args(["client", "--connect", &format!("{SERVER_ADDR}:{PORT}")])
+            .args(["client", "--connect", &format!("{server}:{PORT}")])
             .args(args)
             .stdin(Stdio::null());
         cmd
     }
 
+    /// A second path to the server with `delay` added to every client → server packet (so to
+    /// the RTT) by graywatch-chaos's userspace link emulator: a second server address, a second
+    /// listener on it, and the emulator diverting the client's packets to that address only. The
+    /// plain veth path is untouched. Undone when the returned guard (or the bed) goes.
+    pub fn delayed_path(&self, chaos: &Path, delay: Duration) -> anyhow::Result<DelayedPath> {
+        ip(&[
+            "-n",
+            &self.server_ns,
+            "addr",
+            "add",
+            &format!("{DELAYED_SERVER_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        let mut path = DelayedPath {
+            listener: Some(self.start_listener("server", &format!("{DELAYED_SERVER_ADDR}:{PORT}"))?),
+            emulator: None,
+        };
+        let mut emulator = Command::new("nice")
+            .args(LOAD_NICE)
+            .arg(chaos)
+            .args(["link", "--netns", &self.client_ns, "--local", CLIENT_ADDR])
+            .args(["--to", DELAYED_SERVER_ADDR, "--egress", "eth0"])
+            .args(["--fault", &format!("delay={}us", delay.as_micros())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting graywatch-chaos link")?;
+        let stderr = emulator.stderr.take().context("graywatch-chaos stderr")?;
+        path.emulator = Some(emulator);
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        while !line.contains("fault active") {
+            line.clear();
+            if reader
+                .read_line(&mut line)
+                .context("reading graywatch-chaos's output")?
+                == 0
+            {
+                bail!("graywatch-chaos exited before its link emulator was up");
+            }
+        }
+        Ok(path)
+    }
+
     /// Runs `clients` request/response connections at once and returns each one's result.
     pub fn rr(&self, clients: usize, load: &Rr) -> anyhow::Result<Vec<ClientResult>> {
+        self.rr_to(SERVER_ADDR, clients, load)
+    }
+
+    /// [`TrafficBed::rr`] over the path of [`TrafficBed::delayed_path`] (which must be up).
+    pub fn rr_delayed(&self, clients: usize, load: &Rr) -> anyhow::Result<Vec<ClientResult>> {
+        self.rr_to(DELAYED_SERVER_ADDR, clients, load)
+    }
+
+    fn rr_to(&self, server: &str, clients: usize, load: &Rr) -> anyhow::Result<Vec<ClientResult>> {
         let mut args = vec![
             "--request".to_owned(),
             load.request.to_string(),
@@ -305,7 +379,7 @@ impl TrafficBed {
         }
         let children = (0..clients)
             .map(|_| -> anyhow::Result<Child> {
-                let mut cmd = self.client_command(&args);
+                let mut cmd = self.client_command(server, &args);
                 cmd.stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -317,7 +391,7 @@ impl TrafficBed {
 
     /// One bulk transfer of `bytes`.
     pub fn bulk(&self, bytes: u64) -> anyhow::Result<ClientResult> {
-        let mut cmd = self.client_command(&["--bulk".to_owned(), bytes.to_string()]);
+        let mut cmd = self.client_command(SERVER_ADDR, &["--bulk".to_owned(), bytes.to_string()]);
         finish(
             cmd.stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -350,6 +424,29 @@ fn finish(child: Child) -> anyhow::Result<ClientResult> {
         bytes: report.get("bytes").and_then(Value::as_u64).unwrap_or(0),
         elapsed_seconds: field("elapsed_seconds"),
     })
+}
+
+/// The delayed path's listener and link emulator; the emulator stops with SIGTERM, so that it
+/// removes its routes and rule before the listener goes.
+pub struct DelayedPath {
+    listener: Option<Child>,
+    emulator: Option<Child>,
+}
+
+impl Drop for DelayedPath {
+    fn drop(&mut self) {
+        if let Some(mut emulator) = self.emulator.take() {
+            if let Ok(pid) = libc::pid_t::try_from(emulator.id()) {
+                // SAFETY: signals our own child, which has not been waited for (so its pid is ours).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            emulator.wait().ok();
+        }
+        if let Some(mut listener) = self.listener.take() {
+            listener.kill().ok();
+            listener.wait().ok();
+        }
+    }
 }
 
 /// A running swarm: `connected` connections up, each sending a byte every 100 ms.

@@ -74,6 +74,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 pub struct Binaries {
     pub agent: PathBuf,
     pub traffic: PathBuf,
+    /// graywatch-chaos, whose link emulator adds delay to a path.
+    pub chaos: PathBuf,
 }
 
 /// Builds graywatch-agent (with its kernel programs) and graywatch-traffic in release mode.
@@ -114,6 +116,7 @@ pub fn binaries(common: &CommonArgs) -> anyhow::Result<Binaries> {
     Ok(Binaries {
         agent: copy("graywatch-agent")?,
         traffic: copy("graywatch-traffic")?,
+        chaos: copy("graywatch-chaos")?,
     })
 }
 
@@ -246,6 +249,30 @@ pub fn min_max(values: &[f64]) -> (f64, f64) {
         .fold((f64::NAN, f64::NAN), |(lo, hi), x| (lo.min(x), hi.max(x)))
 }
 
+/// A distribution-free confidence interval of the median of `values`: the order statistics
+/// (x₍ₖ₎, x₍ₙ₊₁₋ₖ₎) with the largest k whose coverage, 1 − 2·P(Binomial(n, ½) < k), is still at
+/// least `level`. Returns (low, high, coverage), or None when even (min, max) covers less than
+/// `level` (n < 6 at 95 %).
+pub fn median_ci(values: &[f64], level: f64) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let all = 0.5f64.powi(i32::try_from(n).ok()?);
+    // P(Binomial(n, ½) < k), accumulated term by term: C(n, i) / 2ⁿ.
+    let (mut below, mut term) = (0.0, all);
+    let mut chosen = None;
+    for k in 1..=n / 2 {
+        below += term;
+        term *= (n - (k - 1)) as f64 / k as f64;
+        let coverage = 1.0 - 2.0 * below;
+        if coverage < level {
+            break;
+        }
+        chosen = Some((v[k - 1], v[n - k], coverage));
+    }
+    chosen
+}
+
 /// A plain text table: a header row and rows of cells, columns padded to their widest cell.
 pub fn print_table(title: &str, header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -305,4 +332,23 @@ pub fn verdict(met: bool) -> &'static str {
 /// JSON has no NaN: unmeasured figures are null.
 pub fn finite(value: f64) -> Value {
     if value.is_finite() { json!(value) } else { Value::Null }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_ci;
+
+    #[test]
+    fn median_ci_uses_the_widest_order_statistics_the_level_needs() {
+        let values: Vec<f64> = (1..=10).map(f64::from).collect();
+        // n = 10: (x₂, x₉) covers 1 − 2·11/1024 ≈ 0.979; (x₃, x₈) only 0.891.
+        let (lo, hi, coverage) = median_ci(&values, 0.95).expect("n = 10 is enough");
+        assert_eq!((lo, hi), (2.0, 9.0));
+        assert!((coverage - (1.0 - 22.0 / 1024.0)).abs() < 1e-12);
+        // n = 6: only (min, max), 1 − 2/64.
+        assert_eq!(median_ci(&values[..6], 0.95).map(|(l, h, _)| (l, h)), Some((1.0, 6.0)));
+        // n = 5: even (min, max) covers only 0.9375.
+        assert_eq!(median_ci(&values[..5], 0.95), None);
+        assert_eq!(median_ci(&[], 0.95), None);
+    }
 }

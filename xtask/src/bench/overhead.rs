@@ -70,7 +70,7 @@ pub fn run(args: &OverheadArgs) -> anyhow::Result<()> {
     };
     let binaries = binaries(&args.common)?;
     let _stats = BpfStats::enable()?;
-    let bed = TrafficBed::new(&binaries)?;
+    let bed = TrafficBed::new(&binaries, None)?;
 
     println!(
         "overhead: TCP_RR {rounds} round(s) × (none, graywatch, peer) × {rr_seconds} s; agent at {rates:?} TCP events/s × {rate_seconds} s"
