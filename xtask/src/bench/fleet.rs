@@ -139,7 +139,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         api.create_nodes(n)?;
         println!("  {n} Node objects created in {:.1} s", started.elapsed().as_secs_f64());
-        let agg = Aggregator::start(aggregator, &api, dry_run, writes)?;
+        let agg = Aggregator::start(aggregator, &api, dry_run, writes, n)?;
         let m = measure(n, &agg, &api, warmup, window, interval)?;
         let writes_per_min = m.actions as f64 / window.as_secs_f64() * 60.0;
         let api_writes_per_min = m.apiserver_writes as f64 / window.as_secs_f64() * 60.0;
@@ -409,7 +409,7 @@ struct Aggregator {
 }
 
 impl Aggregator {
-    fn start(bin: &Path, api: &Apiserver, dry_run: bool, writes: Option<usize>) -> anyhow::Result<Self> {
+    fn start(bin: &Path, api: &Apiserver, dry_run: bool, writes: Option<usize>, nodes: usize) -> anyhow::Result<Self> {
         let [grpc_port, http_port, _] = kit::free_ports()?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], grpc_port));
         let http = SocketAddr::from(([127, 0, 0, 1], http_port));
@@ -427,6 +427,13 @@ impl Aggregator {
         }
         if let Some(w) = writes {
             cmd.args(["--max-concurrent-writes", &w.to_string()]);
+        }
+        // Past the default cap of the fleet view (20,000 nodes) the fleet needs a config that
+        // raises it, as a cluster that size would.
+        if nodes > 20_000 {
+            let config = output_dir()?.join(format!("aggregator-{nodes}.toml"));
+            std::fs::write(&config, format!("[ingest]\nmax_nodes = {nodes}\n"))?;
+            cmd.arg("--config").arg(&config);
         }
         let child = kit::spawn_logged(&mut cmd, &log)?;
         let mut agg = Self { child, http, grpc, log };
