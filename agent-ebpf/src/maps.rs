@@ -82,6 +82,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     tcp_sock_srtt_us: 0,
     sock_dport: 0,
     sock_num: 0,
+    sock_state: 0,
 };
 
 /// Filled in by the agent from sysctls before load.

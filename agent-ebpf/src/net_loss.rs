@@ -9,7 +9,7 @@ use graywatch_common::{
 use crate::{
     maps::{SOCKETS, add_u64, count_drop, ephemeral_port_min, flow_stats, kernel_offsets, socket_key_is_address},
     sock::{
-        ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_peer,
+        ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_is_full, socket_peer,
         tcp_segs_out,
     },
 };
@@ -153,7 +153,10 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
     let peer = if sk.is_null() {
         skb_source(&offsets, skb)
     } else {
-        key.cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0);
+        // A `TIME_WAIT` or handshake socket has no cgroup of its own: charged to no workload.
+        if socket_is_full(&offsets, sk) {
+            key.cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0);
+        }
         socket_peer(&offsets, sk).or_else(|| skb_source(&offsets, skb))
     };
     if let Some((family, addr)) = peer

@@ -32,22 +32,43 @@ pub fn socket_cgroup_id(offsets: &KernelOffsets, sk: *const u8) -> Option<u64> {
     }
 }
 
-/// The socket's peer address as (family, IPv6 or IPv4-mapped address).
+/// `skc_state` of a socket that is only a `sock_common` (an `inet_timewait_sock`).
+const TCP_TIME_WAIT: u8 = 6;
+/// `skc_state` of a `request_sock` (a connection still in its handshake).
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// Whether `sk` is a full `struct sock`. A `TIME_WAIT` or `NEW_SYN_RECV` socket (as a packet
+/// dropped at it names) is only a `sock_common`: reading a full socket's fields there (its
+/// cgroup) reads another object's memory. `sock_common` fields (family, addresses, ports) are
+/// valid on all three.
+#[inline(always)]
+pub fn socket_is_full(offsets: &KernelOffsets, sk: *const u8) -> bool {
+    // SAFETY: bpf_probe_read_kernel.
+    if let Ok(state) = unsafe { read::<u8>(sk, offsets.sock_state) } {
+        state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV
+    } else {
+        count_lost(LostEvent::KernelReadFailed);
+        false
+    }
+}
+
+/// The socket's peer address as (family, IPv6 or IPv4-mapped address); `None` for a socket of
+/// another family (a Unix socket's dropped packet), which is no failed read.
 #[inline(always)]
 pub fn socket_peer(offsets: &KernelOffsets, sk: *const u8) -> Option<(u16, [u8; 16])> {
     // SAFETY: all reads go through bpf_probe_read_kernel.
     let peer = unsafe {
-        let family: u16 = read(sk, offsets.sock_family).ok()?;
-        match family {
-            AF_INET => Some((family, ipv4_mapped(read(sk, offsets.sock_daddr).ok()?))),
-            AF_INET6 => Some((family, read(sk, offsets.sock_v6_daddr).ok()?)),
-            _ => None,
+        match read::<u16>(sk, offsets.sock_family) {
+            Ok(AF_INET) => read(sk, offsets.sock_daddr).map(|a| Some((AF_INET, ipv4_mapped(a)))),
+            Ok(AF_INET6) => read(sk, offsets.sock_v6_daddr).map(|a| Some((AF_INET6, a))),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
         }
     };
-    if peer.is_none() {
+    peer.unwrap_or_else(|_| {
         count_lost(LostEvent::KernelReadFailed);
-    }
-    peer
+        None
+    })
 }
 
 /// `sock_common.skc_cookie`: 0 until the kernel first needed the socket's cookie.

@@ -102,6 +102,7 @@ impl KernelLayout {
             tcp_sock_srtt_us: self.offset_of("tcp_sock.srtt_us")?,
             sock_dport: self.offset_of("sock.__sk_common.skc_dport")?,
             sock_num: self.offset_of("sock.__sk_common.skc_num")?,
+            sock_state: self.offset_of("sock.__sk_common.skc_state")?,
         })
     }
 
@@ -176,6 +177,7 @@ mod tests {
         let offsets = layout.kernel_offsets().expect("all offsets resolve");
         // skc_family sits in the first cache line of struct sock_common on every kernel.
         assert!(offsets.sock_family < 64, "{offsets:?}");
+        assert!(offsets.sock_state < 64, "{offsets:?}");
         assert_ne!(offsets.sock_cgroup, 0);
         assert!(
             offsets.tcp_sock_segs_out > offsets.sock_cgroup,

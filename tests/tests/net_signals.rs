@@ -507,3 +507,60 @@ fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
         }
     }
 }
+
+/// A `TIME_WAIT` socket is an `inet_timewait_sock`, only a `sock_common`: packets dropped at it
+/// (or that it sent) are reported towards its peer, charged to no workload, and no read of a full
+/// socket's fields (its cgroup) is attempted there, so nothing is counted as lost.
+#[test]
+fn drops_at_a_time_wait_socket_are_reported_without_lost_events() {
+    let bench = Bench::new(2).expect("bench");
+    let (client_node, server_node) = (bench.node(0), bench.node(1));
+    let _server = Server::start(server_node);
+    let mut agent = collector();
+    let cgroup = cgroup(&mut agent, "time-wait");
+    let target = SocketAddr::new(server_node.ipv4.into(), PORT);
+    let mut client = Client::start(client_node, &cgroup, target, &["--count", "10", "--hold"]);
+    client.await_holding();
+    let lost_before = agent.collect().expect("collect a window").lost_events;
+    // The client's pure ACKs are lost from now on. It closes first, so its socket goes to
+    // TIME_WAIT; the ACK of the server's FIN never arrives, so the server retransmits its FIN
+    // (200 ms, 400 ms, … apart) to the TIME_WAIT socket, which drops it and ACKs again.
+    let _lost_acks = NftDrop::start(
+        &client_node.netns,
+        "output",
+        &format!("ip daddr {} tcp dport {PORT} tcp flags == ack", server_node.ipv4),
+        100,
+    )
+    .expect("nft drop");
+    assert!(client.finish().success(), "the client closes cleanly");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    // Three drops: the last ACK and two re-ACKs, each sent after a retransmitted FIN reached
+    // (and was freed at) the TIME_WAIT socket.
+    let lost_after = loop {
+        let summary = agent.collect().expect("collect a window");
+        seen.extend(
+            summary
+                .network
+                .drops
+                .iter()
+                .filter(|d| d.remote == Some(target.ip()) && d.workload.is_none())
+                .cloned(),
+        );
+        if seen.iter().map(|d| d.count).sum::<u64>() >= 3 {
+            break summary.lost_events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than 3 drops towards {} within 30 s of the close: {seen:?}; all drops of the last window: {:?}",
+            target.ip(),
+            summary.network.drops
+        );
+    };
+    eprintln!("time-wait drops: {seen:?}, lost before {lost_before:?}, after {lost_after:?}");
+    assert_eq!(
+        lost_after.get("kernel_read_failed"),
+        lost_before.get("kernel_read_failed"),
+        "a TIME_WAIT socket's packets are no failed kernel read"
+    );
+}

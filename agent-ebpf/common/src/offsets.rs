@@ -39,6 +39,9 @@ pub struct KernelOffsets {
     pub sock_dport: u32,
     /// `struct sock_common.skc_num` (u16, local port in host order).
     pub sock_num: u32,
+    /// `struct sock_common.skc_state` (u8): a `TIME_WAIT` or `NEW_SYN_RECV` socket is only a
+    /// `sock_common` (an `inet_timewait_sock` / `request_sock`), with no full-socket fields.
+    pub sock_state: u32,
 }
 
 /// Field offsets inside the `tcp:tcp_probe` tracepoint record.
