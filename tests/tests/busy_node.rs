@@ -254,7 +254,20 @@ async fn a_node_serving_5000_remote_addresses_keeps_reporting_within_its_memory_
     let status = swarm.0.wait()?;
     assert!(status.success(), "swarm: {report}");
 
-    let agent_metrics = http_get(agent_http, "/metrics").expect("agent metrics");
+    // One scrape counts a window the moment it is made, and in the buffer only once the
+    // reporter has it, and a window sent but not yet acknowledged is in neither: scrape until a
+    // scrape falls between two windows (the agent keeps making one per second), or give up.
+    let windows_of = |body: &str| metric(body, "graywatch_windows_total", "").unwrap_or(0.0);
+    let acked_of = |body: &str| metric(body, "graywatch_report_windows_total", "kind=\"acked\"").unwrap_or(0.0);
+    let buffered_of = |body: &str| metric(body, "graywatch_report_buffered_windows", "").unwrap_or(0.0);
+    let settle_deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let agent_metrics = loop {
+        let body = http_get(agent_http, "/metrics").expect("agent metrics");
+        if acked_of(&body) + buffered_of(&body) == windows_of(&body) || std::time::Instant::now() >= settle_deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let (_, peak) = rss(agent_pid).expect("agent alive");
     let windows_kind = |kind: &str| {
         metric(
@@ -264,9 +277,9 @@ async fn a_node_serving_5000_remote_addresses_keeps_reporting_within_its_memory_
         )
         .unwrap_or(0.0)
     };
-    let windows = metric(&agent_metrics, "graywatch_windows_total", "").unwrap_or(0.0);
-    let acked = windows_kind("acked");
-    let buffered = metric(&agent_metrics, "graywatch_report_buffered_windows", "").unwrap_or(0.0);
+    let windows = windows_of(&agent_metrics);
+    let acked = acked_of(&agent_metrics);
+    let buffered = buffered_of(&agent_metrics);
     let busiest = figures.iter().map(|f| f.0).fold(0.0, f64::max);
     let most_peers = figures.iter().map(|f| f.1).fold(0.0, f64::max);
     let agg_metrics = http_get(agg_http, "/metrics").unwrap_or_default();
