@@ -4,7 +4,10 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node};
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Event, Node},
+    apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry},
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
@@ -112,22 +115,16 @@ pub fn snapshot_configmap(namespace: &str, pool: &str, snapshot: &PoolSnapshot) 
 /// entries that own part of the EKS `NetworkingReady` condition stay, reduced to that part
 /// ([`condition_managers`]).
 pub fn prune_node(node: &mut Node) {
-    let key = format!("k:{}", serde_json::json!({ "type": EKS_NETWORKING_CONDITION }));
+    let key = condition_field_key(EKS_NETWORKING_CONDITION);
     let meta = &mut node.metadata;
     meta.annotations = None;
     meta.owner_references = None;
     meta.finalizers = None;
     if let Some(entries) = meta.managed_fields.as_mut() {
         entries.retain_mut(|m| {
-            let owns = m
-                .fields_v1
-                .as_ref()
-                .is_some_and(|f| !f.0["f:status"]["f:conditions"][key.as_str()].is_null());
-            m.fields_v1 = owns.then(|| {
-                k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
-                    serde_json::json!({ "f:status": { "f:conditions": { key.as_str(): {} } } }),
-                )
-            });
+            let owns = owns_condition(m, &key);
+            m.fields_v1 =
+                owns.then(|| FieldsV1(serde_json::json!({ "f:status": { "f:conditions": { key.as_str(): {} } } })));
             owns
         });
     }
@@ -148,18 +145,29 @@ pub fn prune_node(node: &mut Node) {
 /// The field managers that own any part of the Node's condition of type `ty` (managedFields).
 #[must_use]
 pub fn condition_managers<'a>(node: &'a Node, ty: &str) -> Vec<&'a str> {
-    let key = format!("k:{}", serde_json::json!({"type": ty}));
+    let key = condition_field_key(ty);
     node.metadata
         .managed_fields
         .iter()
         .flatten()
-        .filter(|m| {
-            m.fields_v1
-                .as_ref()
-                .is_some_and(|f| !f.0["f:status"]["f:conditions"][key.as_str()].is_null())
-        })
+        .filter(|m| owns_condition(m, &key))
         .filter_map(|m| m.manager.as_deref())
         .collect()
+}
+
+/// The managedFields key of the condition of type `ty` in `status.conditions` (a list keyed by
+/// `type`).
+fn condition_field_key(ty: &str) -> String {
+    format!("k:{}", serde_json::json!({ "type": ty }))
+}
+
+/// Whether the managedFields entry owns any part of the condition whose key is `key`
+/// ([`condition_field_key`]).
+fn owns_condition(entry: &ManagedFieldsEntry, key: &str) -> bool {
+    entry
+        .fields_v1
+        .as_ref()
+        .is_some_and(|f| !f.0["f:status"]["f:conditions"][key].is_null())
 }
 
 #[must_use]
