@@ -143,19 +143,12 @@ impl TrafficBed {
             .spawn()
             .with_context(|| format!("starting graywatch-traffic {mode}"))?;
         let stdout = server.stdout.take().context("server stdout")?;
-        let mut line = String::new();
-        let mut reader = BufReader::new(stdout);
-        while !line.starts_with("listening") {
-            line.clear();
-            if reader
-                .read_line(&mut line)
-                .context("reading the traffic server's output")?
-                == 0
-            {
-                server.kill().ok();
-                server.wait().ok();
-                bail!("graywatch-traffic {mode} exited before listening on {listen}");
-            }
+        let listening = line_where(&mut BufReader::new(stdout), |l| l.starts_with("listening"))
+            .context("reading the traffic server's output")?;
+        if listening.is_none() {
+            server.kill().ok();
+            server.wait().ok();
+            bail!("graywatch-traffic {mode} exited before listening on {listen}");
         }
         Ok(server)
     }
@@ -261,21 +254,18 @@ impl TrafficBed {
         }
         for (child, out) in &mut swarm.parts {
             let out = out.as_mut().context("swarm stdout")?;
-            let mut line = String::new();
-            while !line.starts_with("connected") {
-                line.clear();
-                if out.read_line(&mut line).context("reading the swarm's output")? == 0 {
-                    let status = child.wait().context("waiting for the swarm")?;
-                    let mut stderr = String::new();
-                    if let Some(mut err) = child.stderr.take() {
-                        std::io::Read::read_to_string(&mut err, &mut stderr).ok();
-                    }
-                    bail!(
-                        "graywatch-traffic swarm of {count} exited before connecting ({status}): {}",
-                        stderr.trim()
-                    );
+            let Some(line) = line_where(out, |l| l.starts_with("connected")).context("reading the swarm's output")?
+            else {
+                let status = child.wait().context("waiting for the swarm")?;
+                let mut stderr = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    std::io::Read::read_to_string(&mut err, &mut stderr).ok();
                 }
-            }
+                bail!(
+                    "graywatch-traffic swarm of {count} exited before connecting ({status}): {}",
+                    stderr.trim()
+                );
+            };
             swarm.connected += line
                 .trim()
                 .strip_prefix("connected")
@@ -336,17 +326,10 @@ impl TrafficBed {
             .context("starting graywatch-chaos link")?;
         let stderr = emulator.stderr.take().context("graywatch-chaos stderr")?;
         path.emulator = Some(emulator);
-        let mut reader = BufReader::new(stderr);
-        let mut line = String::new();
-        while !line.contains("fault active") {
-            line.clear();
-            if reader
-                .read_line(&mut line)
-                .context("reading graywatch-chaos's output")?
-                == 0
-            {
-                bail!("graywatch-chaos exited before its link emulator was up");
-            }
+        let active = line_where(&mut BufReader::new(stderr), |l| l.contains("fault active"))
+            .context("reading graywatch-chaos's output")?;
+        if active.is_none() {
+            bail!("graywatch-chaos exited before its link emulator was up");
         }
         Ok(path)
     }
@@ -424,6 +407,21 @@ fn finish(child: Child) -> anyhow::Result<ClientResult> {
         bytes: report.get("bytes").and_then(Value::as_u64).unwrap_or(0),
         elapsed_seconds: field("elapsed_seconds"),
     })
+}
+
+/// Reads `reader` up to the first line that `wanted` accepts and returns it; `None` when the
+/// output ends first (the process exited).
+fn line_where(reader: &mut impl BufRead, wanted: impl Fn(&str) -> bool) -> std::io::Result<Option<String>> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        if wanted(&line) {
+            return Ok(Some(line));
+        }
+    }
 }
 
 /// The delayed path's listener and link emulator; the emulator stops with SIGTERM, so that it
