@@ -591,7 +591,8 @@ fn score_family(
     let mut observers_alone: Option<&VantageEvidence> = None;
     // The node's own detector, or a majority of the nodes it talks with, back a bad window;
     // its peer-group position alone must last longer (`peer_only_degrade_windows`).
-    let mut backed = local_score >= p.recover_confidence;
+    let local_backs = local_score >= p.recover_confidence;
+    let mut backed = local_backs;
     if let Some(v) = ev.vantage.get(&f).and_then(|m| m.get(name)) {
         raw_vantage = v.score(p.vantage_min_observers);
         if v.observers > 0 {
@@ -599,7 +600,7 @@ fn score_family(
         }
         let partners_agree = v.majority_of_partners(p.vantage_min_observers);
         backed |= partners_agree;
-        let own = local_score >= p.recover_confidence || peer_score > 0.0 || v.own_link_slow;
+        let own = local_backs || peer_score > 0.0 || v.own_link_slow;
         if own || partners_agree {
             vantage_score = raw_vantage;
         } else if raw_vantage > 0.0 {
