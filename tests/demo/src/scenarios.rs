@@ -272,11 +272,16 @@ impl Cluster<'_> {
                 }
                 Fault::CpuHogs => {
                     let cgroup = self.load_cgroup(t, "cpu-hogs", run, Limits::default())?;
-                    // One busy worker per CPU of this machine, as a noisy neighbour would.
+                    // Two busy workers per CPU of this machine, each waiting for the other: the
+                    // node's workload is oversubscribed twice over. At the idle scheduling class,
+                    // so that the other nodes, which share this machine's CPUs but would not share
+                    // a real node's, preempt them at once instead of waiting behind them (CI
+                    // missed the fault when the hogs' delay spread to every node: each was then
+                    // hardly an outlier).
                     let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
                     let child = cgroup.spawn(
                         Command::new("stress-ng")
-                            .args(["--cpu", &cpus.to_string(), "--quiet"])
+                            .args(["--cpu", &(2 * cpus).to_string(), "--sched", "idle", "--quiet"])
                             .stdout(std::process::Stdio::null()),
                     )?;
                     injected.push(Injected::Load(Load {
