@@ -26,8 +26,8 @@ pub static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FL
 pub static DROPS: HashMap<DropKey, u64> = HashMap::with_max_entries(MAX_DROP_KEYS, 0);
 
 /// Per-socket state by socket cookie: the socket's flow (resolved once), when it last added an
-/// RTT sample, and the last `tcp_sock.segs_out`, to turn the kernel's cumulative counter into
-/// deltas. Entries go when the connection leaves ESTABLISHED; LRU eviction covers the rest.
+/// RTT sample, and the last `tcp_sock.data_segs_out`, to turn the kernel's cumulative counter
+/// into deltas. Entries go when the connection leaves ESTABLISHED; LRU eviction covers the rest.
 #[map]
 pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
 
@@ -73,7 +73,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sock_cgroup: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
-    tcp_sock_segs_out: 0,
+    tcp_sock_data_segs_out: 0,
     skb_sk: 0,
     skb_head: 0,
     skb_network_header: 0,

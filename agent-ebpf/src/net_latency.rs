@@ -1,8 +1,8 @@
 //! Network latency: the smoothed RTT of every established TCP socket, sampled by `tcp:tcp_probe`
 //! (which fires as segments arrive) at most once per socket and [`RTT_SAMPLE_INTERVAL_NS`], into
-//! a log-linear histogram per (cgroup, remote address). The same hook accumulates segments sent,
-//! the denominator of the retransmit ratio; `sock:inet_sock_set_state` hands over what a socket
-//! still holds when it leaves ESTABLISHED.
+//! a log-linear histogram per (cgroup, remote address). The same hook accumulates data segments
+//! sent, the denominator of the retransmit ratio; `sock:inet_sock_set_state` hands over what a
+//! socket still holds when it leaves ESTABLISHED.
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,7 +20,7 @@ use crate::{
         LAST_PROBED, LAST_PROBED_SLOTS, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min,
         flow_stats, kernel_offsets, socket_key_is_address,
     },
-    sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, socket_peer, socket_ports, tcp_segs_out, tcp_srtt_us},
+    sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, socket_peer, socket_ports, tcp_data_segs_out, tcp_srtt_us},
 };
 
 #[unsafe(no_mangle)]
@@ -175,17 +175,19 @@ fn sample_socket<C: EbpfContext>(
         last.last_sample_ns = now;
         // Remember the socket, and take its first RTT sample.
         let (flow, sk, srtt) = first()?;
+        let (segs, data_segs_out) =
+            SocketState::first_data_segs(tcp_data_segs_out(&kernel_offsets(), sk as *const u8));
         let state = SocketState {
             flow,
             sk,
             last_sample_ns: now,
-            segs_out: tcp_segs_out(&kernel_offsets(), sk as *const u8).unwrap_or(0),
+            data_segs_out,
             _pad: 0,
         };
         if SOCKETS.insert(key, state, 0).is_err() {
             count_lost(LostEvent::SocketMapFull);
         }
-        return record_sample(ctx, &flow, 0, srtt);
+        return record_sample(ctx, &flow, segs, srtt);
     };
     // SAFETY: value pointer of a live LRU entry; a socket's probes (and its state changes) are
     // serialised by the socket lock.
@@ -196,7 +198,7 @@ fn sample_socket<C: EbpfContext>(
     }
     state.last_sample_ns = now;
     last.last_sample_ns = now;
-    let segs = state.take_segs_sent(tcp_segs_out(&kernel_offsets(), state.sk as *const u8));
+    let segs = state.take_data_segs_sent(tcp_data_segs_out(&kernel_offsets(), state.sk as *const u8));
     let flow = state.flow;
     record_sample(ctx, &flow, segs, srtt()?)
 }
@@ -234,14 +236,14 @@ fn first_probe(ctx: &TracePointContext, fields: &TcpProbeFields) -> Result<(Flow
     Ok((flow, sk, srtt))
 }
 
-/// Adds `segs` segments sent and (if non-zero) one RTT sample to the flow's entry.
+/// Adds `segs` data segments sent and (if non-zero) one RTT sample to the flow's entry.
 #[inline(always)]
 fn record_sample<C: EbpfContext>(ctx: &C, flow: &FlowKey, segs: u32, srtt: u32) -> Result<(), ()> {
     let stats = flow_stats(ctx, flow).ok_or(())?;
     // SAFETY: `stats` points into a live FLOWS value; fields are updated atomically.
     unsafe {
         if segs > 0 {
-            add_u64(&raw mut (*stats).segs_out, u64::from(segs));
+            add_u64(&raw mut (*stats).data_segs_out, u64::from(segs));
         }
         if srtt > 0 {
             // The volatile read hides the index's derivation from LLVM so the bounds check in
@@ -296,7 +298,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: value pointer of a live LRU entry, under the socket lock.
     let (flow, segs) = unsafe {
         let state = &mut *state;
-        (state.flow, state.take_segs_sent(tcp_segs_out(&offsets, sk)))
+        (state.flow, state.take_data_segs_sent(tcp_data_segs_out(&offsets, sk)))
     };
     let _ = SOCKETS.remove(key);
     record_sample(ctx, &flow, segs, 0)

@@ -10,7 +10,7 @@ use crate::{
     maps::{SOCKETS, add_u64, count_drop, ephemeral_port_min, flow_stats, kernel_offsets, socket_key_is_address},
     sock::{
         ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_is_full, socket_peer,
-        tcp_segs_out,
+        tcp_data_segs_out,
     },
 };
 
@@ -90,15 +90,16 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), ()> {
     unsafe {
         add_u64(&raw mut (*stats).retransmits, segments);
         if sent > 0 {
-            add_u64(&raw mut (*stats).segs_out, sent);
+            add_u64(&raw mut (*stats).data_segs_out, sent);
         }
     }
     Ok(())
 }
 
-/// Segments `sk` sent since its flow was last brought up to date: from its `SOCKETS` state and
-/// `tcp_sock.segs_out` (which counts the retransmission just made). A socket `tcp_probe` has not
-/// seen yet has no state: its retransmitted segments are what it is known to have sent.
+/// Data segments `sk` sent since its flow was last brought up to date: from its `SOCKETS` state
+/// and `tcp_sock.data_segs_out` (which counts the retransmission just made). A socket
+/// `tcp_probe` has not seen yet has no state: its retransmitted segments are what it is known to
+/// have sent.
 #[inline(always)]
 fn segments_sent_at_retransmit(offsets: &KernelOffsets, sk: *const u8, retransmitted: u64) -> u64 {
     let key = if socket_key_is_address() {
@@ -110,7 +111,7 @@ fn segments_sent_at_retransmit(offsets: &KernelOffsets, sk: *const u8, retransmi
     match state {
         // SAFETY: value pointer of a live LRU entry; the retransmit runs under the socket lock,
         // as tcp_probe and the state change do.
-        Some(state) => u64::from(unsafe { (*state).take_segs_sent(tcp_segs_out(offsets, sk)) }),
+        Some(state) => u64::from(unsafe { (*state).take_data_segs_sent(tcp_data_segs_out(offsets, sk)) }),
         None => retransmitted,
     }
 }

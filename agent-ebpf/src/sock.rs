@@ -101,11 +101,11 @@ pub fn tcp_srtt_us(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> {
     unsafe { read::<u32>(sk, offsets.tcp_sock_srtt_us).ok().map(|v| v >> 3) }
 }
 
-/// `tcp_sock.segs_out`.
+/// `tcp_sock.data_segs_out`: segments with payload sent, retransmissions included.
 #[inline(always)]
-pub fn tcp_segs_out(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> {
+pub fn tcp_data_segs_out(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> {
     // SAFETY: bpf_probe_read_kernel.
-    unsafe { read(sk, offsets.tcp_sock_segs_out).ok() }
+    unsafe { read(sk, offsets.tcp_sock_data_segs_out).ok() }
 }
 
 /// `skb->sk`, null when the packet belongs to no socket.

@@ -93,7 +93,7 @@ impl KernelLayout {
             sock_cgroup: self.offset_of("sock.sk_cgrp_data.cgroup")?,
             cgroup_kn: self.offset_of("cgroup.kn")?,
             kernfs_node_id: self.offset_of("kernfs_node.id")?,
-            tcp_sock_segs_out: self.offset_of("tcp_sock.segs_out")?,
+            tcp_sock_data_segs_out: self.offset_of("tcp_sock.data_segs_out")?,
             skb_sk: self.offset_of("sk_buff.sk")?,
             skb_head: self.offset_of("sk_buff.head")?,
             skb_network_header: self.offset_of("sk_buff.network_header")?,
@@ -180,7 +180,7 @@ mod tests {
         assert!(offsets.sock_state < 64, "{offsets:?}");
         assert_ne!(offsets.sock_cgroup, 0);
         assert!(
-            offsets.tcp_sock_segs_out > offsets.sock_cgroup,
+            offsets.tcp_sock_data_segs_out > offsets.sock_cgroup,
             "tcp_sock embeds sock first"
         );
         assert!(matches!(

@@ -168,8 +168,8 @@ impl Metrics {
             m.retransmits.clone(),
         );
         registry.register(
-            "pod_tcp_segments_sent",
-            "TCP segments sent by the workload (seen at ACK time)",
+            "pod_tcp_data_segments_sent",
+            "TCP segments with payload sent by the workload, retransmissions included, pure ACKs not (seen at ACK time): the denominator of the retransmit ratio",
             m.segments_sent.clone(),
         );
         registry.register(
@@ -650,7 +650,7 @@ mod tests {
         // 1 + TTL windows of 10 segments each: a live workload's counter is never reset.
         assert!(
             text.contains(&format!(
-                "graywatch_pod_tcp_segments_sent_total{{cgroup=\"/kubepods/stays\",namespace=\"\",pod=\"\"}} {}",
+                "graywatch_pod_tcp_data_segments_sent_total{{cgroup=\"/kubepods/stays\",namespace=\"\",pod=\"\"}} {}",
                 10 * (WORKLOAD_SERIES_TTL_WINDOWS + 1)
             )),
             "{text}"

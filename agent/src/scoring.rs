@@ -222,7 +222,7 @@ pub(crate) mod tests {
             .map(|&(remote, rtt_us, samples, segments, retransmits)| {
                 let mut stats = FlowStats::ZERO;
                 stats.rtt_buckets[rtt_bucket(rtt_us).min(RTT_BUCKETS - 1)] = samples;
-                stats.segs_out = segments;
+                stats.data_segs_out = segments;
                 stats.retransmits = retransmits;
                 let mut key = graywatch_common::FlowKey {
                     cgroup_id: 5,

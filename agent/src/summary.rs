@@ -133,9 +133,10 @@ pub struct FlowWindow {
     pub direction: Direction,
     /// `None` when no RTT sample arrived in the window.
     pub rtt: Option<RttSummary>,
+    /// Data segments sent (`tcp_sock.data_segs_out`: pure ACKs not counted).
     pub segments_sent: u64,
     pub retransmits: u64,
-    /// retransmits / segments sent; `None` when nothing was sent.
+    /// retransmits / data segments sent; `None` when nothing was sent.
     pub retransmit_ratio: Option<f64>,
     /// The window's RTT distribution as the kernel's bucket counts (small: the per-flow HDR
     /// histograms of ~24 KiB each were most of a busy node's memory), for peers and scoring.

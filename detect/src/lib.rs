@@ -99,8 +99,9 @@ impl Family {
     }
 }
 
-/// Retransmitted segments as a percentage of the segments sent, both counted over one window
-/// towards one peer (or a whole node). Retransmissions with nothing acknowledged are 100 %: a
+/// Retransmitted segments as a percentage of the data segments sent (retransmissions included,
+/// pure ACKs not: they are never retransmitted), both counted over one window towards one peer
+/// (or a whole node). Retransmissions with nothing acknowledged are 100 %: a
 /// blackhole acknowledges nothing, which is total loss, not "no data". Capped at 100.
 #[must_use]
 pub fn retransmit_pct(retransmits: u64, segments_sent: u64) -> f64 {

@@ -1,5 +1,5 @@
 //! The kernel's own view of a node's TCP state, to check the agent against: `ss -tin` smoothed
-//! RTT per connection and `nstat` `TcpRetransSegs`.
+//! RTT and segment counts per connection, and `nstat` `TcpRetransSegs`.
 
 use std::net::IpAddr;
 
@@ -17,6 +17,39 @@ pub fn parse_ss_rtts(text: &str) -> Vec<f64> {
         .filter_map(|word| word.strip_prefix("rtt:"))
         .filter_map(|value| value.split('/').next())
         .filter_map(|srtt| srtt.parse().ok())
+        .collect()
+}
+
+/// A connection's segment counts as `ss -i` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentCounts {
+    /// `segs_out`: every segment sent, pure ACKs included.
+    pub all: u64,
+    /// `data_segs_out`: segments with payload, retransmissions included.
+    pub data: u64,
+}
+
+/// Segment counts of each established TCP connection in `netns` towards `peer`.
+pub fn ss_segments(netns: &str, peer: IpAddr) -> Result<Vec<SegmentCounts>, BenchError> {
+    let output = exec_in(netns, "ss", &["-tin", "state", "established", "dst", &peer.to_string()])?;
+    Ok(parse_ss_segments(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Extracts `segs_out:` and `data_segs_out:` of every connection from `ss -i` output (a
+/// connection without both is left out).
+pub fn parse_ss_segments(text: &str) -> Vec<SegmentCounts> {
+    text.lines()
+        .filter_map(|line| {
+            let value = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(key))
+                    .and_then(|v| v.parse().ok())
+            };
+            Some(SegmentCounts {
+                all: value("segs_out:")?,
+                data: value("data_segs_out:")?,
+            })
+        })
         .collect()
 }
 
@@ -52,6 +85,8 @@ mod tests {
     fn parses_ss_and_nstat() {
         let ss = "Recv-Q Send-Q Local Address:Port Peer Address:Port\n0 0 10.0.0.1:4000 10.0.0.2:7000\n\t cubic wscale:7,7 rto:224 rtt:20.512/0.31 ato:40 mss:1448\n";
         assert_eq!(parse_ss_rtts(ss), vec![20.512]);
+        let counts = "0 0 10.0.0.1:4000 10.0.0.2:7000\n\t cubic rtt:0.1/0.05 segs_out:411 segs_in:206 data_segs_out:400 data_segs_in:200\n";
+        assert_eq!(parse_ss_segments(counts), vec![SegmentCounts { all: 411, data: 400 }]);
         let nstat = "#kernel\nTcpRetransSegs                  42                 0.0\n";
         assert_eq!(parse_nstat(nstat, "TcpRetransSegs"), Some(42));
         assert_eq!(parse_nstat("#kernel\n", "TcpRetransSegs"), None);

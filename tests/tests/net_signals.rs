@@ -17,7 +17,7 @@ use graywatch_agent::{
 };
 use graywatch_testbench::{
     fault::{LinkEmulator, LinkSpec, NftDrop},
-    ground_truth::{nstat_counter, nstat_retrans_segs, ss_srtt_ms},
+    ground_truth::{nstat_counter, nstat_retrans_segs, ss_segments, ss_srtt_ms},
     netns::{Bench, Node, TestCgroup2, spawn_piped},
     traffic::await_line,
 };
@@ -425,12 +425,48 @@ fn short_connections_count_their_segments(source: RttSource) {
         "{CONNECTIONS} short connections: agent {} segments sent, kernel TcpOutSegs +{kernel_out}",
         flow.segments_sent
     );
-    // The kernel also counts what a socket sends after ESTABLISHED (its FIN and last ACK, about
-    // 2 of the ~9 segments of each of these connections); the agent stops counting there.
+    // The agent counts segments with payload; the kernel's TcpOutSegs also counts the handshake,
+    // pure ACKs and the FIN. Every one of the 5 transactions of a connection sends its request.
     assert!(
-        flow.segments_sent <= kernel_out && flow.segments_sent * 2 >= kernel_out,
+        flow.segments_sent <= kernel_out && flow.segments_sent >= CONNECTIONS * 5,
         "agent {} vs kernel {kernel_out}",
         flow.segments_sent
+    );
+}
+
+/// The retransmit ratio's denominator is the kernel's count of segments with payload
+/// (`data_segs_out`, which `ss -i` shows per connection), not of every segment: a
+/// request-response connection's pure ACKs, never retransmitted, would halve its ratio.
+#[test]
+fn a_connection_counts_the_data_segments_the_kernel_counts() {
+    let bench = Bench::new(2).expect("bench");
+    let (client_node, server_node) = (bench.node(0), bench.node(1));
+    let _server = Server::start(server_node);
+    let mut agent = collector();
+    let rr = cgroup(&mut agent, "data-segments");
+    let mut client = Client::start(
+        client_node,
+        &rr,
+        SocketAddr::new(server_node.ipv4.into(), PORT),
+        &["--count", "300", "--hold"],
+    );
+    client.await_holding();
+    let kernel = ss_segments(&client_node.netns, server_node.ipv4.into()).expect("ss");
+    let [kernel] = kernel.as_slice() else {
+        panic!("one connection towards the server, not {kernel:?}");
+    };
+    // Closing hands the socket's count over; the FIN and last ACK carry no payload.
+    assert!(client.finish().success());
+    let summary = agent.collect().expect("collect a window");
+    let flow = flow(&summary, &rr, server_node.ipv4.into()).expect("flow reported under its cgroup");
+    eprintln!(
+        "300 transactions: agent {} data segments; ss data_segs_out {} of segs_out {}",
+        flow.segments_sent, kernel.data, kernel.all
+    );
+    assert_eq!(flow.segments_sent, kernel.data);
+    assert!(
+        kernel.data < kernel.all,
+        "pure ACKs are counted in segs_out only: {kernel:?}"
     );
 }
 

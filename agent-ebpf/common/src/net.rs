@@ -58,9 +58,11 @@ pub fn flow_direction(local_port: u16, remote_port: u16, ephemeral_port_min: u16
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FlowStats {
-    /// Segments sent (`tcp_sock.segs_out` deltas seen at ACK time): the denominator of the
-    /// retransmit ratio.
-    pub segs_out: u64,
+    /// Data segments sent (`tcp_sock.data_segs_out` deltas seen at ACK time, retransmissions
+    /// included): the denominator of the retransmit ratio. Pure ACKs are left out on purpose:
+    /// they are never retransmitted, so counting them (`segs_out`) would dilute the ratio by the
+    /// share of ACKs in the traffic (about half of a request-response flow's segments).
+    pub data_segs_out: u64,
     /// Segments retransmitted (`tcp:tcp_retransmit_skb` events weighted by the skb's segment
     /// count, as the kernel's `TcpRetransSegs` counts them).
     pub retransmits: u64,
@@ -75,7 +77,7 @@ pub struct FlowStats {
 
 impl FlowStats {
     pub const ZERO: FlowStats = FlowStats {
-        segs_out: 0,
+        data_segs_out: 0,
         retransmits: 0,
         created_ns: 0,
         rtt_buckets: [0; RTT_BUCKETS],
@@ -100,13 +102,13 @@ pub struct SocketState {
     /// The flow the socket's figures go to: its owner's cgroup (fixed at socket creation), its
     /// peer and its direction, all resolved the first time the socket is seen.
     pub flow: FlowKey,
-    /// The `struct sock` address, to read `tcp_sock.segs_out` without the tracepoint record.
+    /// The `struct sock` address, to read `tcp_sock.data_segs_out` without the tracepoint record.
     pub sk: u64,
     /// When the socket last added an RTT sample (`bpf_ktime_get_ns`).
     pub last_sample_ns: u64,
-    /// `tcp_sock.segs_out` when the flow's `segs_out` was last brought up to date: at the previous
-    /// RTT sample (or the socket leaving ESTABLISHED, `sock:inet_sock_set_state`).
-    pub segs_out: u32,
+    /// `tcp_sock.data_segs_out` when the flow's `data_segs_out` was last brought up to date: at
+    /// the previous RTT sample (or the socket leaving ESTABLISHED, `sock:inet_sock_set_state`).
+    pub data_segs_out: u32,
     #[expect(
         clippy::pub_underscore_fields,
         reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
@@ -114,19 +116,45 @@ pub struct SocketState {
     pub _pad: u32,
 }
 
+/// A socket first seen with at most this many data segments sent is new: what it sent before
+/// its first sample is counted (see [`SocketState::first_data_segs`]).
+///
+/// `tcp:tcp_probe` first fires for a socket when a segment arrives on it ESTABLISHED, so a new
+/// connection has sent at most its first flight by then (the initial window: 10 segments by
+/// default). A socket with more was there before the agent: its history is not this window's.
+pub const NEW_SOCKET_MAX_DATA_SEGS: u32 = 64;
+
 impl SocketState {
-    /// Segments sent since the previous call, given the kernel's cumulative `segs_out` now
-    /// (`None` if it could not be read: nothing is counted, the next read catches up).
+    /// At a socket's first sample, given the kernel's cumulative `data_segs_out`: the data
+    /// segments to count now, and the value to count from afterwards. A new connection's first
+    /// flight (a short request-response connection's whole request, often) would otherwise
+    /// never be counted.
     #[expect(
         clippy::inline_always,
         reason = "called from kernel programs: inlined so the verifier sees each program as one function"
     )]
     #[inline(always)]
-    pub fn take_segs_sent(&mut self, segs_out: Option<u32>) -> u32 {
-        let Some(now) = segs_out else { return 0 };
+    #[must_use]
+    pub fn first_data_segs(data_segs_out: Option<u32>) -> (u32, u32) {
+        match data_segs_out {
+            Some(now) if now <= NEW_SOCKET_MAX_DATA_SEGS => (now, now),
+            Some(now) => (0, now),
+            None => (0, 0),
+        }
+    }
+
+    /// Data segments sent since the previous call, given the kernel's cumulative `data_segs_out`
+    /// now (`None` if it could not be read: nothing is counted, the next read catches up).
+    #[expect(
+        clippy::inline_always,
+        reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+    )]
+    #[inline(always)]
+    pub fn take_data_segs_sent(&mut self, data_segs_out: Option<u32>) -> u32 {
+        let Some(now) = data_segs_out else { return 0 };
         // The counter wraps; a cookie never names another socket, so a smaller value is a wrap.
-        let sent = now.wrapping_sub(self.segs_out);
-        self.segs_out = now;
+        let sent = now.wrapping_sub(self.data_segs_out);
+        self.data_segs_out = now;
         sent
     }
 }
@@ -222,19 +250,38 @@ mod tests {
     #[test]
     fn segments_sent_are_counted_once_across_reads_wraps_and_failed_reads() {
         let mut state = SocketState {
-            segs_out: u32::MAX - 2,
+            data_segs_out: u32::MAX - 2,
             ..SocketState::default()
         };
-        assert_eq!(state.take_segs_sent(None), 0);
-        assert_eq!(state.take_segs_sent(Some(u32::MAX)), 2);
-        assert_eq!(state.take_segs_sent(Some(4)), 5, "wraps past u32::MAX");
+        assert_eq!(state.take_data_segs_sent(None), 0);
+        assert_eq!(state.take_data_segs_sent(Some(u32::MAX)), 2);
+        assert_eq!(state.take_data_segs_sent(Some(4)), 5, "wraps past u32::MAX");
         assert_eq!(
-            state.take_segs_sent(None),
+            state.take_data_segs_sent(None),
             0,
             "an unreadable counter counts nothing now…"
         );
-        assert_eq!(state.take_segs_sent(Some(10)), 6, "…and is caught up by the next read");
-        assert_eq!(state.take_segs_sent(Some(10)), 0);
+        assert_eq!(
+            state.take_data_segs_sent(Some(10)),
+            6,
+            "…and is caught up by the next read"
+        );
+        assert_eq!(state.take_data_segs_sent(Some(10)), 0);
+    }
+
+    #[test]
+    fn a_new_sockets_first_flight_is_counted_and_an_old_sockets_history_is_not() {
+        assert_eq!(SocketState::first_data_segs(Some(1)), (1, 1));
+        assert_eq!(
+            SocketState::first_data_segs(Some(NEW_SOCKET_MAX_DATA_SEGS)),
+            (NEW_SOCKET_MAX_DATA_SEGS, NEW_SOCKET_MAX_DATA_SEGS)
+        );
+        assert_eq!(SocketState::first_data_segs(Some(1_000_000)), (0, 1_000_000));
+        assert_eq!(
+            SocketState::first_data_segs(None),
+            (0, 0),
+            "unreadable: the next read catches up"
+        );
     }
 
     #[test]

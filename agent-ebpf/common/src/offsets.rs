@@ -20,8 +20,9 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     /// `struct kernfs_node.id` (u64, the cgroup id user space sees as the directory inode).
     pub kernfs_node_id: u32,
-    /// `struct tcp_sock.segs_out` (u32).
-    pub tcp_sock_segs_out: u32,
+    /// `struct tcp_sock.data_segs_out` (u32): segments with payload sent, retransmissions
+    /// included.
+    pub tcp_sock_data_segs_out: u32,
     /// `struct sk_buff.sk`.
     pub skb_sk: u32,
     /// `struct sk_buff.head`.

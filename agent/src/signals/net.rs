@@ -54,7 +54,7 @@ impl FlowDelta {
     pub fn between(before: Option<&FlowStats>, now: &FlowStats) -> Self {
         let restarted = before.is_some_and(|b| {
             (b.created_ns != 0 && now.created_ns != 0 && b.created_ns != now.created_ns)
-                || now.segs_out < b.segs_out
+                || now.data_segs_out < b.data_segs_out
                 || now.retransmits < b.retransmits
         });
         let before = if restarted { None } else { before };
@@ -71,7 +71,7 @@ impl FlowDelta {
         Self {
             rtt_samples,
             rtt_sum_us,
-            segments_sent: now.segs_out - before.map_or(0, |b| b.segs_out),
+            segments_sent: now.data_segs_out - before.map_or(0, |b| b.data_segs_out),
             retransmits: now.retransmits - before.map_or(0, |b| b.retransmits),
             rtt_buckets,
         }
@@ -324,7 +324,7 @@ mod tests {
         for &rtt in rtts_us {
             s.rtt_buckets[rtt_bucket(rtt)] += 1;
         }
-        s.segs_out = segs;
+        s.data_segs_out = segs;
         s.retransmits = retrans;
         s
     }
@@ -370,7 +370,7 @@ mod tests {
         before.rtt_buckets[rtt_bucket(100)] = u32::MAX - 1;
         let mut now = before;
         now.rtt_buckets[rtt_bucket(100)] = 3; // wrapped: +5 samples
-        now.segs_out = 1_010;
+        now.data_segs_out = 1_010;
         let d = FlowDelta::between(Some(&before), &now);
         assert_eq!((d.rtt_samples, d.segments_sent, d.retransmits), (5, 10, 0));
     }
@@ -482,10 +482,10 @@ mod tests {
         fn deltas_never_underflow(a in any::<u32>(), b in any::<u32>(), s1 in any::<u64>(), s2 in any::<u64>()) {
             let mut before = FlowStats::ZERO;
             before.rtt_buckets[0] = a;
-            before.segs_out = s1;
+            before.data_segs_out = s1;
             let mut now = FlowStats::ZERO;
             now.rtt_buckets[0] = b;
-            now.segs_out = s2;
+            now.data_segs_out = s2;
             let d = FlowDelta::between(Some(&before), &now);
             prop_assert!(d.segments_sent <= s2.max(s2.wrapping_sub(s1)));
         }
