@@ -146,6 +146,9 @@ pub struct ClientReport {
     pub bytes: u64,
     pub elapsed_seconds: f64,
     pub transactions_per_second: f64,
+    /// Transactions and connection attempts given up at their deadline or on an error (with
+    /// [`run_rr_reconnecting`]; 0 otherwise).
+    pub failures: u64,
 }
 
 /// Request/response load on one connection.
@@ -169,32 +172,111 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
 
 pub fn run_rr(stream: &mut TcpStream, load: &RrLoad) -> io::Result<ClientReport> {
     stream.write_all(b"R")?;
-    let mut header = [0u8; 8];
-    header[..4].copy_from_slice(&load.request.to_be_bytes());
-    header[4..].copy_from_slice(&load.response.to_be_bytes());
-    let mut buf = vec![0u8; (load.request.max(load.response) as usize).clamp(1, 1 << 20)];
+    let mut transactions = Transactions::new(load);
     let started = Instant::now();
-    let mut transactions = 0u64;
-    let mut bytes = 0u64;
-    let pace = load.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
-    loop {
-        if load.count.is_some_and(|c| transactions >= c) || load.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        stream.write_all(&header)?;
-        send_zeros(stream, u64::from(load.request), &buf)?;
-        discard(stream, u64::from(load.response), &mut buf)?;
-        transactions += 1;
-        bytes += u64::from(load.request) + u64::from(load.response);
+    let pace = load.pace();
+    while !load.is_done(transactions.done, started) {
+        transactions.one(stream)?;
         if let Some(pace) = pace {
             // Open-loop pacing of the load itself (not test synchronisation).
-            let due = pace.mul_f64(transactions as f64);
+            let due = pace.mul_f64(transactions.done as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
     }
-    Ok(report(transactions, bytes, started))
+    Ok(report(transactions.done, transactions.bytes, started))
+}
+
+/// Request/response load as a service client with a deadline runs it: a transaction or a
+/// connection attempt that takes longer than `deadline`, or fails, is given up and the client
+/// connects again, until `load` is done. A peer that stops answering keeps seeing new attempts
+/// (SYNs, first requests) every `deadline`, as it would from real clients, instead of one
+/// connection whose retransmissions back off to minutes apart.
+///
+/// Pacing skips the slots a failure took rather than bursting to catch up afterwards.
+pub fn run_rr_reconnecting(addr: SocketAddr, load: &RrLoad, deadline: Duration) -> ClientReport {
+    /// Between two failed attempts at least this long, so a refused connection does not spin.
+    const MIN_RETRY: Duration = Duration::from_millis(100);
+    let started = Instant::now();
+    let pace = load.pace();
+    let mut transactions = Transactions::new(load);
+    let mut failures = 0u64;
+    let mut next_due = started;
+    while !load.is_done(transactions.done, started) {
+        let attempt = Instant::now();
+        let result = connect(addr, deadline).and_then(|mut stream| {
+            stream.set_read_timeout(Some(deadline))?;
+            stream.set_write_timeout(Some(deadline))?;
+            stream.write_all(b"R")?;
+            while !load.is_done(transactions.done, started) {
+                transactions.one(&mut stream)?;
+                if let Some(pace) = pace {
+                    // Open-loop pacing of the load itself (not test synchronisation); a slot
+                    // more than one interval late is skipped, not caught up in a burst.
+                    let now = Instant::now();
+                    next_due = (next_due + pace).max(now.checked_sub(pace).unwrap_or(now));
+                    std::thread::sleep(next_due.saturating_duration_since(now));
+                }
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            failures += 1;
+            let wait = pace.unwrap_or(Duration::ZERO).max(MIN_RETRY);
+            std::thread::sleep((attempt + wait).saturating_duration_since(Instant::now()));
+            next_due = Instant::now();
+        }
+    }
+    ClientReport {
+        failures,
+        ..report(transactions.done, transactions.bytes, started)
+    }
+}
+
+impl RrLoad {
+    fn is_done(&self, transactions: u64, started: Instant) -> bool {
+        self.count.is_some_and(|c| transactions >= c) || self.duration.is_some_and(|d| started.elapsed() >= d)
+    }
+
+    fn pace(&self) -> Option<Duration> {
+        self.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r))
+    }
+}
+
+/// Request/response transactions on a connection, and what they moved so far.
+struct Transactions {
+    header: [u8; 8],
+    request: u64,
+    response: u64,
+    buf: Vec<u8>,
+    done: u64,
+    bytes: u64,
+}
+
+impl Transactions {
+    fn new(load: &RrLoad) -> Self {
+        let mut header = [0u8; 8];
+        header[..4].copy_from_slice(&load.request.to_be_bytes());
+        header[4..].copy_from_slice(&load.response.to_be_bytes());
+        Self {
+            header,
+            request: u64::from(load.request),
+            response: u64::from(load.response),
+            buf: vec![0u8; (load.request.max(load.response) as usize).clamp(1, 1 << 20)],
+            done: 0,
+            bytes: 0,
+        }
+    }
+
+    fn one(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        stream.write_all(&self.header)?;
+        send_zeros(stream, self.request, &self.buf)?;
+        discard(stream, self.response, &mut self.buf)?;
+        self.done += 1;
+        self.bytes += self.request + self.response;
+        Ok(())
+    }
 }
 
 pub fn run_bulk(stream: &mut TcpStream, total: u64) -> io::Result<ClientReport> {
@@ -226,6 +308,7 @@ fn report(transactions: u64, bytes: u64, started: Instant) -> ClientReport {
         } else {
             0.0
         },
+        failures: 0,
     }
 }
 
@@ -411,4 +494,36 @@ pub fn swarm(
         connections: streams.len(),
         writes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A peer that stops answering mid-connection: the transaction is given up at its deadline
+    /// and the client connects again and carries on.
+    #[test]
+    fn a_stalled_transaction_is_given_up_and_the_client_reconnects() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = std::thread::spawn(move || {
+            // The first connection is accepted and never answered; the second is served.
+            let (stalled, _) = listener.accept().expect("first connection");
+            let (served, _) = listener.accept().expect("second connection");
+            handle(served).expect("serve the second connection");
+            drop(stalled);
+        });
+        let load = RrLoad {
+            request: 64,
+            response: 64,
+            count: Some(3),
+            duration: None,
+            rate: None,
+        };
+        let report = run_rr_reconnecting(addr, &load, Duration::from_millis(200));
+        assert_eq!((report.transactions, report.failures), (3, 1), "{report:?}");
+        server.join().expect("server thread");
+    }
 }

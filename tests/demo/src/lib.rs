@@ -344,7 +344,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     step(
         3,
         STEPS,
-        "starting traffic: every node serves TCP and calls every other node 50 times per second",
+        "starting traffic: every node serves TCP and calls every other node 50 times per second (1 s deadline)",
     );
     let cgroup_root = graywatch_agent::cgroups::find_unified_mount(&std::fs::read_to_string("/proc/self/mountinfo")?)
         .map(|(root, _)| root)
@@ -380,6 +380,10 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
                 "50",
                 "--duration",
                 "2h",
+                // As a service client with a deadline: a peer that stops answering keeps
+                // seeing new attempts (a blackholed link stays measured from both ends).
+                "--request-timeout",
+                "1s",
             ]);
             let name = format!("client-{}-{}", names[i], names[j]);
             processes.spawn(&name, &mut cmd, &logs.join(format!("{name}.log")))?;

@@ -8,6 +8,8 @@
 //!
 //!   graywatch-traffic leak --mib-per-second 2                                  # memory leak
 //!
+//!   graywatch-traffic client --connect 10.231.1.2:7000 --rate 50 --duration 2h --request-timeout 1s
+//!
 //! The client prints one JSON report line. With `--hold` it then prints `holding` and keeps
 //! the connection open until its stdin closes, so tests can inspect the live socket (ss).
 
@@ -19,7 +21,9 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use graywatch_testbench::traffic::{RrLoad, connect, raise_nofile_limit, run_bulk, run_rr, serve, sink, swarm};
+use graywatch_testbench::traffic::{
+    RrLoad, connect, raise_nofile_limit, run_bulk, run_rr, run_rr_reconnecting, serve, sink, swarm,
+};
 
 #[derive(Parser)]
 #[command(name = "graywatch-traffic", about = "TCP load for the graywatch bench")]
@@ -67,6 +71,12 @@ enum Cmd {
         /// Connect timeout.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
         connect_timeout: Duration,
+        /// Give up a transaction or a connection attempt after this long and connect again, as a
+        /// service client with a deadline does (request/response mode): a peer that stops
+        /// answering keeps seeing new attempts. Without it, one connection waits as long as TCP
+        /// retries.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["bulk", "hold"])]
+        request_timeout: Option<Duration>,
     },
     /// Many connections from as many IPv6 source addresses, each sending a byte per interval.
     Swarm {
@@ -122,6 +132,17 @@ fn leak(mib_per_second: f64, max_mib: Option<u64>) -> ExitCode {
     }
 }
 
+/// The client's JSON report line, then `holding` when it keeps its connection open.
+fn print_report(report: &graywatch_testbench::traffic::ClientReport, hold: bool) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, report);
+    let _ = writeln!(out);
+    if hold {
+        let _ = writeln!(out, "holding");
+    }
+    let _ = out.flush();
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Leak {
@@ -170,7 +191,19 @@ fn main() -> ExitCode {
             bulk,
             hold,
             connect_timeout,
+            request_timeout,
         } => {
+            if let Some(deadline) = request_timeout {
+                let load = RrLoad {
+                    request,
+                    response,
+                    count: count.or(duration.is_none().then_some(100)),
+                    duration,
+                    rate,
+                };
+                print_report(&run_rr_reconnecting(addr, &load, deadline), false);
+                return ExitCode::SUCCESS;
+            }
             let mut stream = match connect(addr, connect_timeout) {
                 Ok(stream) => stream,
                 Err(error) => {
@@ -199,14 +232,7 @@ fn main() -> ExitCode {
             };
             match result {
                 Ok(report) => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = serde_json::to_writer(&mut out, &report);
-                    let _ = writeln!(out);
-                    if hold {
-                        let _ = writeln!(out, "holding");
-                    }
-                    let _ = out.flush();
-                    drop(out);
+                    print_report(&report, hold);
                     if hold {
                         // Wait for the test to close stdin; the socket stays open meanwhile.
                         let _ = std::io::stdin().lock().lines().count();
