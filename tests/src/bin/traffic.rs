@@ -46,38 +46,7 @@ enum Cmd {
         listen: SocketAddr,
     },
     /// Generate load against a server.
-    Client {
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Number of transactions (request/response mode).
-        #[arg(long)]
-        count: Option<u64>,
-        /// Run for this long, e.g. 10s (request/response mode).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        duration: Option<Duration>,
-        /// Transactions per second per connection (default: as fast as possible).
-        #[arg(long)]
-        rate: Option<f64>,
-        #[arg(long, default_value_t = 64)]
-        request: u32,
-        #[arg(long, default_value_t = 64)]
-        response: u32,
-        /// Send this many bytes in one bulk transfer instead of transactions.
-        #[arg(long)]
-        bulk: Option<u64>,
-        /// Keep the connection open after the report until stdin closes.
-        #[arg(long)]
-        hold: bool,
-        /// Connect timeout.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
-        connect_timeout: Duration,
-        /// Give up a transaction or a connection attempt after this long and connect again, as a
-        /// service client with a deadline does (request/response mode): a peer that stops
-        /// answering keeps seeing new attempts. Without it, one connection waits as long as TCP
-        /// retries.
-        #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["bulk", "hold"])]
-        request_timeout: Option<Duration>,
-    },
+    Client(ClientArgs),
     /// Many connections from as many IPv6 source addresses, each sending a byte per interval.
     Swarm {
         #[arg(long)]
@@ -101,6 +70,41 @@ enum Cmd {
         #[arg(long)]
         max_mib: Option<u64>,
     },
+}
+
+/// What a client does (see `graywatch-traffic client --help`).
+#[derive(clap::Args, Clone, Copy)]
+struct ClientArgs {
+    #[arg(long)]
+    connect: SocketAddr,
+    /// Number of transactions (request/response mode).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Run for this long, e.g. 10s (request/response mode).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Transactions per second per connection (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 64)]
+    request: u32,
+    #[arg(long, default_value_t = 64)]
+    response: u32,
+    /// Send this many bytes in one bulk transfer instead of transactions.
+    #[arg(long)]
+    bulk: Option<u64>,
+    /// Keep the connection open after the report until stdin closes.
+    #[arg(long)]
+    hold: bool,
+    /// Connect timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    connect_timeout: Duration,
+    /// Give up a transaction or a connection attempt after this long and connect again, as a
+    /// service client with a deadline does (request/response mode): a peer that stops
+    /// answering keeps seeing new attempts. Without it, one connection waits as long as TCP
+    /// retries.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["bulk", "hold"])]
+    request_timeout: Option<Duration>,
 }
 
 /// The `leak` subcommand: never returns while below `max_mib`.
@@ -181,70 +185,61 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Client {
-            connect: addr,
-            count,
-            duration,
-            rate,
-            request,
-            response,
-            bulk,
-            hold,
-            connect_timeout,
-            request_timeout,
-        } => {
-            if let Some(deadline) = request_timeout {
-                let load = RrLoad {
-                    request,
-                    response,
-                    count: count.or(duration.is_none().then_some(100)),
-                    duration,
-                    rate,
-                };
-                print_report(&run_rr_reconnecting(addr, &load, deadline), false);
-                return ExitCode::SUCCESS;
+        Cmd::Client(args) => client(args),
+    }
+}
+
+/// The `client` subcommand.
+fn client(args: ClientArgs) -> ExitCode {
+    let ClientArgs {
+        connect: addr,
+        count,
+        duration,
+        rate,
+        request,
+        response,
+        bulk,
+        hold,
+        connect_timeout,
+        request_timeout,
+    } = args;
+    // Request/response mode: 100 transactions unless a count or a duration is given.
+    let load = RrLoad {
+        request,
+        response,
+        count: count.or(duration.is_none().then_some(100)),
+        duration,
+        rate,
+    };
+    if let Some(deadline) = request_timeout {
+        print_report(&run_rr_reconnecting(addr, &load, deadline), false);
+        return ExitCode::SUCCESS;
+    }
+    let mut stream = match connect(addr, connect_timeout) {
+        Ok(stream) => stream,
+        Err(error) => {
+            eprintln!("graywatch-traffic: connect {addr}: {error}");
+            return ExitCode::from(3);
+        }
+    };
+    let result = if let Some(bytes) = bulk {
+        run_bulk(&mut stream, bytes)
+    } else {
+        run_rr(&mut stream, &load)
+    };
+    match result {
+        Ok(report) => {
+            print_report(&report, hold);
+            if hold {
+                // Wait for the test to close stdin; the socket stays open meanwhile.
+                let _ = std::io::stdin().lock().lines().count();
             }
-            let mut stream = match connect(addr, connect_timeout) {
-                Ok(stream) => stream,
-                Err(error) => {
-                    eprintln!("graywatch-traffic: connect {addr}: {error}");
-                    return ExitCode::from(3);
-                }
-            };
-            let result = if let Some(bytes) = bulk {
-                run_bulk(&mut stream, bytes)
-            } else {
-                let count = if count.is_none() && duration.is_none() {
-                    Some(100)
-                } else {
-                    count
-                };
-                run_rr(
-                    &mut stream,
-                    &RrLoad {
-                        request,
-                        response,
-                        count,
-                        duration,
-                        rate,
-                    },
-                )
-            };
-            match result {
-                Ok(report) => {
-                    print_report(&report, hold);
-                    if hold {
-                        // Wait for the test to close stdin; the socket stays open meanwhile.
-                        let _ = std::io::stdin().lock().lines().count();
-                    }
-                    drop(stream);
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("graywatch-traffic: {addr}: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            drop(stream);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("graywatch-traffic: {addr}: {error}");
+            ExitCode::FAILURE
         }
     }
 }
