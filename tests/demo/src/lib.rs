@@ -28,14 +28,22 @@ use graywatch_testbench::{
     netns::{Bench, TestCgroup2, exec_in},
 };
 
-/// Label values of the demo's two zones.
-const ZONES: [&str; 2] = ["demo-zone-a", "demo-zone-b"];
+/// Label values of the demo's zones (the first `DemoOptions::zones` of them).
+const ZONES: [&str; 3] = ["demo-zone-a", "demo-zone-b", "demo-zone-c"];
 const TRAFFIC_PORT: u16 = 7000;
+
+/// The zone of node `i` of `nodes`: consecutive nodes share a zone, the zones as even as can be.
+fn zone_of(i: usize, nodes: usize, zones: u8) -> &'static str {
+    let zones = usize::from(zones).clamp(1, ZONES.len());
+    ZONES[(i * zones / nodes.max(1)).min(zones - 1)]
+}
 
 /// Everything the demo needs to know.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub nodes: u8,
+    /// 2 or 3.
+    pub zones: u8,
     pub target: Option<String>,
     pub fault: LinkSpec,
     pub baseline: Duration,
@@ -328,7 +336,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         .collect();
     let nodes_api: Api<Node> = Api::all(client.clone());
     for (i, node) in bench.nodes.iter().enumerate() {
-        let zone = ZONES[i * ZONES.len() / bench.nodes.len()];
+        let zone = zone_of(i, bench.nodes.len(), options.zones);
         // Play kubelet: the node Ready with its InternalIP (the netns address).
         apiserver
             .create_nodes(&[NodeBuilder::new(&names[i])
@@ -510,7 +518,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     }
 
     let zones: Vec<&'static str> = (0..bench.nodes.len())
-        .map(|i| ZONES[i * ZONES.len() / bench.nodes.len()])
+        .map(|i| zone_of(i, bench.nodes.len(), options.zones))
         .collect();
     let target_index = match &options.target {
         Some(t) => names

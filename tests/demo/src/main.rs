@@ -19,9 +19,13 @@ struct Cli {
     /// The node to inject it on (node-a, node-b, …).
     #[arg(long)]
     node: Option<String>,
-    /// Number of nodes (2 zones).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(3..=8))]
+    /// Number of nodes, spread over the zones in order (node-a … first).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(3..=9))]
     nodes: u8,
+    /// Number of zones (2 or 3). A fault on every link out of one zone is symmetric between two
+    /// zones (each side sees the other slow); a third zone tells which one is faulty.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=3))]
+    zones: u8,
     /// How long to learn the baseline before the fault.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "40s")]
     baseline: Duration,
@@ -65,6 +69,7 @@ async fn main() -> ExitCode {
     };
     let options = DemoOptions {
         nodes: cli.nodes,
+        zones: cli.zones,
         target: cli.node,
         fault: cli.fault,
         baseline: cli.baseline,

@@ -3,7 +3,7 @@
 //! namespaces with traffic, one agent per node, the aggregator in direct-taint mode), repeated;
 //! reports median, min and max. Each repetition is a fresh demo run.
 //!
-//! With `--scenarios`, the gray-failure matrix instead: one demo cluster (6 nodes, two zones)
+//! With `--scenarios`, the gray-failure matrix instead: one demo cluster (`--zones` of 3 nodes)
 //! runs every scenario `--runs` times and the table has one row per scenario: the conditions
 //! that reacted, fault → condition False and → taint (median, min, max), recovery, and every
 //! action on a node that was not faulted. A scenario that is not detected is a row that says so.
@@ -39,6 +39,10 @@ pub struct DetectArgs {
     /// With --scenarios: runs of each scenario.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// With --scenarios: zones of three nodes each (2: 6 nodes; 3: 9 nodes, which a zone-wide
+    /// fault needs, since between two zones it is symmetric).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=3))]
+    pub zones: u8,
 }
 
 const BUDGET_SECONDS: f64 = 10.0;
@@ -209,13 +213,15 @@ struct ScenarioRun {
 
 fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: &str) -> anyhow::Result<()> {
     let runs = args.runs.max(1);
+    let (zones, nodes) = (args.zones, 3 * args.zones);
     let load_before = super::loadavg();
     println!("detect: scenario matrix `{scenarios}`, {runs} run(s) each, baseline {baseline}, load {load_before}");
     let log = output_dir()?.join("logs/detect-matrix.log");
     let started = Instant::now();
     let mut child = demo_command(demo)?
-        // Two zones of three: a zone verdict needs three nodes in the zone and three outside.
-        .args(["--nodes", "6", "--baseline", baseline, "--max-wait", "60s"])
+        // Zones of three: a zone verdict needs three nodes in the zone and three outside.
+        .args(["--nodes", &nodes.to_string(), "--zones", &zones.to_string()])
+        .args(["--baseline", baseline, "--max-wait", "60s"])
         .args(["--scenarios", scenarios, "--runs", &runs.to_string()])
         .spawn()
         .context("starting graywatch-demo")?;
@@ -263,7 +269,7 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
     }
     print_table(
         &format!(
-            "Gray-failure scenarios on the netns bench (6 nodes, 2 zones; {runs} run(s) each; load {load_before} → {load_after}; {:.0} s)",
+            "Gray-failure scenarios on the netns bench ({nodes} nodes, {zones} zones; {runs} run(s) each; load {load_before} → {load_after}; {:.0} s)",
             started.elapsed().as_secs_f64()
         ),
         &[
@@ -282,7 +288,7 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
         "detect",
         args.common.quick,
         json!({
-            "config": {"scenarios": scenarios, "runs": runs, "baseline": baseline, "nodes": 6,
+            "config": {"scenarios": scenarios, "runs": runs, "baseline": baseline, "nodes": nodes, "zones": zones,
                        "loadavg_at_start": load_before},
             "scenarios": docs,
         }),
