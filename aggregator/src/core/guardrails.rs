@@ -22,6 +22,11 @@ pub struct Guardrails {
     /// Groups whose fresh nodes meet a new verdict's bar right now (Degraded with confidence):
     /// a new NodePool exclusion needs its group here.
     pub confident_groups: BTreeSet<Group>,
+    /// Groups without a verdict where enough nodes are unhealthy (Suspect included) that one
+    /// may be forming: a new taint in them waits. Nodes hit by a zone-wide fault cross into
+    /// Degraded a window or two apart, and the first would otherwise be tainted just before
+    /// the verdict that replaces node verdicts.
+    pub forming_groups: BTreeSet<Group>,
     /// Times of the disruptive actions within the rate window.
     pub actions: VecDeque<Millis>,
     pub breaker_open: bool,
@@ -64,6 +69,7 @@ impl Guardrails {
     pub(super) fn update_verdicts(&mut self, nodes: &BTreeMap<String, NodeState>, ctx: &StepCtx) {
         let p = ctx.policy;
         self.confident_groups.clear();
+        self.forming_groups.clear();
         if !ctx.settled {
             return;
         }
@@ -94,12 +100,15 @@ impl Guardrails {
                 if meets {
                     self.confident_groups.insert(key.clone());
                 }
+                let unhealthy_share = *bad as f64 / (*n).max(1) as f64;
                 if self.verdicts.contains(&key) {
-                    if *bad as f64 / (*n).max(1) as f64 <= p.verdict_recover_fraction {
+                    if unhealthy_share <= p.verdict_recover_fraction {
                         self.verdicts.remove(&key);
                     }
                 } else if meets {
                     self.verdicts.insert(key);
+                } else if *n >= p.verdict_min_nodes && unhealthy_share >= p.verdict_fraction && rest_ok {
+                    self.forming_groups.insert(key);
                 }
             }
         }
@@ -132,6 +141,16 @@ impl Guardrails {
             .find(|k| self.verdicts.contains(k))
         {
             return Some(format!("group verdict on {l}={v} replaces node verdicts"));
+        }
+        if let Some((l, v)) = p
+            .verdict_labels
+            .iter()
+            .filter_map(|l| view.labels.get(l).map(|v| (l.clone(), v.clone())))
+            .find(|k| self.forming_groups.contains(k))
+        {
+            return Some(format!(
+                "most nodes with {l}={v} are unhealthy: waiting to see whether the group as a whole gets a verdict"
+            ));
         }
         if let Some(why) = blast_radius_block(p, &ctx.input.nodes, tainted, view) {
             return Some(why);

@@ -516,6 +516,35 @@ fn one_slow_node_is_flagged_tainted_and_released_after_hysteresis() {
     assert_eq!(sim.count("GrayFailureCleared"), 1);
 }
 
+/// A zone-wide fault whose nodes cross into Degraded a window apart: the first is not tainted
+/// while most of its zone is unhealthy (Suspect counts), and the zone gets its verdict instead.
+/// A single degraded node in a healthy zone is still tainted.
+#[test]
+fn the_first_node_of_a_zone_wide_fault_waits_for_the_zone_verdict() {
+    let p = Policy::default();
+    let (mut eng, mut sim) = settled(&p);
+    sim.run(&mut eng, &set(&[0]), 1);
+    let plans = sim.run(&mut eng, &set(&[0, 1, 2]), 8);
+    assert!(eng.verdicts().contains(&(ZONE.to_string(), "zone-a".to_string())));
+    assert!(sim.tainted().is_empty(), "tainted {:?}", sim.tainted());
+    let held: Vec<&str> = plans
+        .iter()
+        .flat_map(|plan| &plan.events)
+        .filter(|e| e.target == EventTarget::Node("node-0".into()) && e.reason == "ActionSuppressed")
+        .map(|e| e.note.as_str())
+        .collect();
+    assert!(
+        held.first()
+            .is_some_and(|note| note.contains("waiting to see whether the group as a whole gets a verdict")),
+        "{held:?}"
+    );
+    // After recovery, one node alone in its zone is acted on.
+    sim.run(&mut eng, &set(&[]), 10);
+    assert!(eng.verdicts().is_empty());
+    sim.run(&mut eng, &set(&[3]), p.degrade_windows as usize + 1);
+    assert_eq!(sim.tainted(), BTreeSet::from(["node-3".to_string()]));
+}
+
 #[test]
 fn zone_wide_degradation_is_one_verdict_and_restores_pool_exactly() {
     let p = Policy::default();

@@ -1,7 +1,8 @@
 //! The README demo as a test: real apiserver, aggregator, agents on netns nodes, a real injected
 //! fault. Passes only if the faulted node's condition goes False, it is tainted, and it recovers
 //! (each within the demo's bounded wait), and no other node is touched. The second test runs the
-//! most distinct gray-failure scenarios of the bench matrix on one cluster, with the same rule.
+//! most distinct gray-failure scenarios of the bench matrix on one cluster, with the same rule;
+//! the third, a zone-wide fault, which must get one zone verdict and no taint.
 
 use std::process::Command;
 
@@ -32,6 +33,29 @@ fn demo() -> Command {
         .arg("--aggregator-config")
         .arg(config);
     command
+}
+
+/// Runs `scenarios` once each on a demo cluster with `args` (after a 30 s baseline, each
+/// reaction awaited up to 60 s); returns their `scenario_result` documents, in order, and the
+/// demo's output.
+fn run_scenarios(args: &[&str], scenarios: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let output = demo()
+        .args(["--baseline", "30s", "--max-wait", "60s", "--runs", "1"])
+        .args(args)
+        .args(["--scenarios", &scenarios.join(",")])
+        .output()
+        .expect("run graywatch-demo");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let results: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("scenario_result="))
+        .map(|doc| serde_json::from_str(doc).expect("scenario_result is JSON"))
+        .collect();
+    let names: Vec<&str> = results.iter().filter_map(|r| r["scenario"].as_str()).collect();
+    assert_eq!(names, scenarios, "one result per scenario, in order:\n{stdout}");
+    (results, stdout)
 }
 
 #[test]
@@ -92,31 +116,8 @@ fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
         ("loss-10%", &["PacketLossHealthy", "NetworkLatencyHealthy"]),
     ];
     let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
-    let output = demo()
-        .args([
-            "--baseline",
-            "30s",
-            "--max-wait",
-            "60s",
-            "--node",
-            "node-c",
-            "--runs",
-            "1",
-        ])
-        .args(["--scenarios", &scenarios.join(",")])
-        .output()
-        .expect("run graywatch-demo");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    let results: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("scenario_result="))
-        .map(|doc| serde_json::from_str(doc).expect("scenario_result is JSON"))
-        .collect();
-    assert_eq!(results.len(), expected.len(), "one result per scenario:\n{stdout}");
+    let (results, stdout) = run_scenarios(&["--node", "node-c"], &scenarios);
     for (result, (scenario, families)) in results.iter().zip(expected) {
-        assert_eq!(result["scenario"], scenario);
         let context = format!("{scenario}: {result}\n{stdout}");
         assert!(result["clean_before"].as_bool().unwrap_or(false), "{context}");
         assert!(result["condition_seconds"].is_number(), "no condition False: {context}");
@@ -129,4 +130,21 @@ fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
         assert!(result["recovery_seconds"].is_number(), "no recovery: {context}");
         assert_eq!(result["false_actions"], serde_json::json!([]), "{context}");
     }
+}
+
+/// A fault on every link out of one zone, on 9 nodes in 3 zones (between two zones it is
+/// symmetric): one zone verdict, no taint on any of its nodes (they cross into Degraded a
+/// window or two apart; the first waits for the verdict), and no action elsewhere.
+#[test]
+fn a_zone_wide_fault_gets_a_zone_verdict_and_no_taint() {
+    let (results, stdout) = run_scenarios(&["--nodes", "9", "--zones", "3", "--node", "node-b"], &["zone-wide"]);
+    let [zone] = results.as_slice() else {
+        panic!("one result:\n{stdout}");
+    };
+    let context = format!("{zone}\n{stdout}");
+    assert!(zone["clean_before"].as_bool().unwrap_or(false), "{context}");
+    assert!(zone["verdict_seconds"].is_number(), "no zone verdict: {context}");
+    assert_eq!(zone["tainted_targets"], serde_json::json!([]), "{context}");
+    assert_eq!(zone["false_actions"], serde_json::json!([]), "{context}");
+    assert!(zone["recovery_seconds"].is_number(), "no recovery: {context}");
 }

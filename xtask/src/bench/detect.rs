@@ -39,9 +39,9 @@ pub struct DetectArgs {
     /// With --scenarios: runs of each scenario.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// With --scenarios: zones of three nodes each (2: 6 nodes; 3: 9 nodes, which a zone-wide
-    /// fault needs, since between two zones it is symmetric).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=3))]
+    /// With --scenarios: zones of three nodes each (3: 9 nodes; 2: 6 nodes, on which a zone-wide
+    /// fault is symmetric between the zones and cannot be told from a fault of the other zone).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=3))]
     pub zones: u8,
 }
 
