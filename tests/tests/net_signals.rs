@@ -47,6 +47,45 @@ fn cgroup(collector: &mut Collector, name: &str) -> TestCgroup2 {
     TestCgroup2::create(&root, name).expect("create a cgroup v2 directory")
 }
 
+/// Two bench nodes, a traffic server on the second, and a collector watching one workload
+/// cgroup on the first: the set-up of the tests about one flow. Fields drop in order: the
+/// workload and the collector first, the nodes last.
+struct OneFlow {
+    workload: TestCgroup2,
+    agent: Collector,
+    _server: Server,
+    bench: Bench,
+}
+
+impl OneFlow {
+    fn start(source: RttSource, workload: &str) -> Self {
+        let bench = Bench::new(2).expect("bench");
+        let server = Server::start(bench.node(1));
+        let mut agent = collector_with(source);
+        let workload = cgroup(&mut agent, workload);
+        OneFlow {
+            workload,
+            agent,
+            _server: server,
+            bench,
+        }
+    }
+
+    fn client_node(&self) -> &Node {
+        self.bench.node(0)
+    }
+
+    fn server_node(&self) -> &Node {
+        self.bench.node(1)
+    }
+
+    /// A client in the workload cgroup towards the server's IPv4 address.
+    fn client(&self, args: &[&str]) -> Client {
+        let target = SocketAddr::new(self.server_node().ipv4.into(), PORT);
+        Client::start(self.client_node(), &self.workload, target, args)
+    }
+}
+
 /// A traffic server on `node`, ready when this returns.
 struct Server(Child);
 
@@ -364,14 +403,12 @@ fn drops_are_reported_with_the_kernels_reason() {
 
 #[test]
 fn ipv6_flows_are_attributed_to_their_cgroup() {
-    let bench = Bench::new(2).expect("bench");
-    let (client_node, server_node) = (bench.node(0), bench.node(1));
-    let _server = Server::start(server_node);
-    let mut agent = collector();
-    let v6 = cgroup(&mut agent, "ipv6");
+    let mut one = OneFlow::start(RttSource::Auto, "ipv6");
+    let (client_node, server_node) = (one.bench.node(0), one.bench.node(1));
+    let (agent, v6) = (&mut one.agent, &one.workload);
     let mut client = Client::start(
         client_node,
-        &v6,
+        v6,
         SocketAddr::new(server_node.ipv6.into(), PORT),
         // Long enough for many RTT samples: a socket adds at most one per millisecond.
         &["--duration", "1s"],
@@ -379,10 +416,10 @@ fn ipv6_flows_are_attributed_to_their_cgroup() {
     let report = client.report();
     assert!(client.finish().success());
     let summary = agent.collect().expect("collect a window");
-    let v6_flow = flow(&summary, &v6, server_node.ipv6.into()).expect("IPv6 flow reported under its cgroup");
+    let v6_flow = flow(&summary, v6, server_node.ipv6.into()).expect("IPv6 flow reported under its cgroup");
     let rtt = v6_flow.rtt.as_ref().expect("RTT samples over IPv6");
     assert!(rtt.samples >= 100, "{rtt:?} for {report}");
-    assert_eq!(flows_of(&summary, &v6).len(), 1, "only the one peer");
+    assert_eq!(flows_of(&summary, v6).len(), 1, "only the one peer");
 }
 
 #[test]
@@ -400,27 +437,19 @@ fn short_connections_count_their_segments(source: RttSource) {
     // A socket hands its segment count to its flow with an RTT sample (at most once a
     // millisecond) or when it leaves ESTABLISHED; a connection shorter than that interval is
     // counted only by the second path. Without it, these connections would count ~0 segments.
-    let bench = Bench::new(2).expect("bench");
-    let (client_node, server_node) = (bench.node(0), bench.node(1));
-    let _server = Server::start(server_node);
-    let mut agent = collector_with(source);
-    let short = cgroup(&mut agent, "short-connections");
-    let out_before = nstat_counter(&client_node.netns, "TcpOutSegs").expect("nstat");
+    let mut one = OneFlow::start(source, "short-connections");
+    let (client_netns, server_addr) = (one.client_node().netns.clone(), one.server_node().ipv4);
+    let out_before = nstat_counter(&client_netns, "TcpOutSegs").expect("nstat");
     #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
     const CONNECTIONS: u64 = 20;
     for _ in 0..CONNECTIONS {
-        let mut client = Client::start(
-            client_node,
-            &short,
-            SocketAddr::new(server_node.ipv4.into(), PORT),
-            &["--count", "5"],
-        );
+        let mut client = one.client(&["--count", "5"]);
         client.report();
         assert!(client.finish().success());
     }
-    let summary = agent.collect().expect("collect a window");
-    let kernel_out = nstat_counter(&client_node.netns, "TcpOutSegs").expect("nstat") - out_before;
-    let flow = flow(&summary, &short, server_node.ipv4.into()).expect("flow reported under its cgroup");
+    let summary = one.agent.collect().expect("collect a window");
+    let kernel_out = nstat_counter(&client_netns, "TcpOutSegs").expect("nstat") - out_before;
+    let flow = flow(&summary, &one.workload, server_addr.into()).expect("flow reported under its cgroup");
     eprintln!(
         "{CONNECTIONS} short connections: agent {} segments sent, kernel TcpOutSegs +{kernel_out}",
         flow.segments_sent
@@ -439,26 +468,18 @@ fn short_connections_count_their_segments(source: RttSource) {
 /// request-response connection's pure ACKs, never retransmitted, would halve its ratio.
 #[test]
 fn a_connection_counts_the_data_segments_the_kernel_counts() {
-    let bench = Bench::new(2).expect("bench");
-    let (client_node, server_node) = (bench.node(0), bench.node(1));
-    let _server = Server::start(server_node);
-    let mut agent = collector();
-    let rr = cgroup(&mut agent, "data-segments");
-    let mut client = Client::start(
-        client_node,
-        &rr,
-        SocketAddr::new(server_node.ipv4.into(), PORT),
-        &["--count", "300", "--hold"],
-    );
+    let mut one = OneFlow::start(RttSource::Auto, "data-segments");
+    let server_addr = one.server_node().ipv4;
+    let mut client = one.client(&["--count", "300", "--hold"]);
     client.await_holding();
-    let kernel = ss_segments(&client_node.netns, server_node.ipv4.into()).expect("ss");
+    let kernel = ss_segments(&one.client_node().netns, server_addr.into()).expect("ss");
     let [kernel] = kernel.as_slice() else {
         panic!("one connection towards the server, not {kernel:?}");
     };
     // Closing hands the socket's count over; the FIN and last ACK carry no payload.
     assert!(client.finish().success());
-    let summary = agent.collect().expect("collect a window");
-    let flow = flow(&summary, &rr, server_node.ipv4.into()).expect("flow reported under its cgroup");
+    let summary = one.agent.collect().expect("collect a window");
+    let flow = flow(&summary, &one.workload, server_addr.into()).expect("flow reported under its cgroup");
     eprintln!(
         "300 transactions: agent {} data segments; ss data_segs_out {} of segs_out {}",
         flow.segments_sent, kernel.data, kernel.all
@@ -484,17 +505,15 @@ fn a_blackholed_peer_shows_its_loss_ratio_with_the_raw_tracepoint() {
 /// segments sent were handed over only when a segment arrived: none does, so the window had
 /// retransmits over 0 segments sent and no loss ratio for the worst gray failure there is.
 fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
-    let bench = Bench::new(2).expect("bench");
-    let (client_node, server_node) = (bench.node(0), bench.node(1));
-    let _server = Server::start(server_node);
-    let mut agent = collector_with(source);
-    let cgroup = cgroup(&mut agent, "blackhole");
+    let mut one = OneFlow::start(source, "blackhole");
+    let (client_node, server_node) = (one.bench.node(0), one.bench.node(1));
+    let (agent, cgroup) = (&mut one.agent, &one.workload);
     let target = SocketAddr::new(server_node.ipv4.into(), PORT);
-    let mut client = Client::start(client_node, &cgroup, target, &["--rate", "20", "--duration", "120s"]);
+    let mut client = Client::start(client_node, cgroup, target, &["--rate", "20", "--duration", "120s"]);
     // The connection works: a window with RTT samples towards the peer.
     let healthy = loop {
         let summary = agent.collect().expect("collect a window");
-        if flow(&summary, &cgroup, target.ip()).is_some_and(|f| f.rtt.is_some()) {
+        if flow(&summary, cgroup, target.ip()).is_some_and(|f| f.rtt.is_some()) {
             break summary;
         }
     };
@@ -514,14 +533,14 @@ fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
     // RTO backoff: 200 ms, 400 ms, 800 ms, … — three retransmissions within a couple of seconds.
     while nstat_retrans_segs(&client_node.netns).expect("nstat") < before + 3 {
         let summary = agent.collect().expect("collect a window");
-        if let Some(f) = flow(&summary, &cgroup, target.ip()) {
+        if let Some(f) = flow(&summary, cgroup, target.ip()) {
             retransmits += f.retransmits;
             segments += f.segments_sent;
             windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
         }
     }
     let summary = agent.collect().expect("collect a window");
-    if let Some(f) = flow(&summary, &cgroup, target.ip()) {
+    if let Some(f) = flow(&summary, cgroup, target.ip()) {
         retransmits += f.retransmits;
         segments += f.segments_sent;
         windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
@@ -549,13 +568,11 @@ fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
 /// socket's fields (its cgroup) is attempted there, so nothing is counted as lost.
 #[test]
 fn drops_at_a_time_wait_socket_are_reported_without_lost_events() {
-    let bench = Bench::new(2).expect("bench");
-    let (client_node, server_node) = (bench.node(0), bench.node(1));
-    let _server = Server::start(server_node);
-    let mut agent = collector();
-    let cgroup = cgroup(&mut agent, "time-wait");
+    let mut one = OneFlow::start(RttSource::Auto, "time-wait");
+    let (client_node, server_node) = (one.bench.node(0), one.bench.node(1));
+    let (agent, cgroup) = (&mut one.agent, &one.workload);
     let target = SocketAddr::new(server_node.ipv4.into(), PORT);
-    let mut client = Client::start(client_node, &cgroup, target, &["--count", "10", "--hold"]);
+    let mut client = Client::start(client_node, cgroup, target, &["--count", "10", "--hold"]);
     client.await_holding();
     let lost_before = agent.collect().expect("collect a window").lost_events;
     // The client's pure ACKs are lost from now on. It closes first, so its socket goes to
