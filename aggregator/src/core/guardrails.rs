@@ -94,9 +94,9 @@ impl Guardrails {
                 let rest_bad = all_bad - bad;
                 let rest_ok =
                     rest_n >= p.verdict_min_nodes && (rest_bad as f64) < p.verdict_fraction / 2.0 * rest_n as f64;
-                let meets = *n >= p.verdict_min_nodes
-                    && *confident as f64 / (*n).max(1) as f64 >= p.verdict_fraction
-                    && rest_ok;
+                // A group that could get a verdict: big enough, and the rest of the fleet healthy.
+                let eligible = *n >= p.verdict_min_nodes && rest_ok;
+                let meets = eligible && *confident as f64 / (*n).max(1) as f64 >= p.verdict_fraction;
                 if meets {
                     self.confident_groups.insert(key.clone());
                 }
@@ -107,7 +107,7 @@ impl Guardrails {
                     }
                 } else if meets {
                     self.verdicts.insert(key);
-                } else if *n >= p.verdict_min_nodes && unhealthy_share >= p.verdict_fraction && rest_ok {
+                } else if eligible && unhealthy_share >= p.verdict_fraction {
                     self.forming_groups.insert(key);
                 }
             }
@@ -134,20 +134,10 @@ impl Guardrails {
         if self.breaker_open {
             return Some("circuit breaker open".into());
         }
-        if let Some((l, v)) = p
-            .verdict_labels
-            .iter()
-            .filter_map(|l| view.labels.get(l).map(|v| (l.clone(), v.clone())))
-            .find(|k| self.verdicts.contains(k))
-        {
+        if let Some((l, v)) = group_in(&self.verdicts, view, p) {
             return Some(format!("group verdict on {l}={v} replaces node verdicts"));
         }
-        if let Some((l, v)) = p
-            .verdict_labels
-            .iter()
-            .filter_map(|l| view.labels.get(l).map(|v| (l.clone(), v.clone())))
-            .find(|k| self.forming_groups.contains(k))
-        {
+        if let Some((l, v)) = group_in(&self.forming_groups, view, p) {
             return Some(format!(
                 "most nodes with {l}={v} are unhealthy: waiting to see whether the group as a whole gets a verdict"
             ));
@@ -164,6 +154,14 @@ impl Guardrails {
         }
         None
     }
+}
+
+/// The first of `view`'s verdict groups (label, value) that is in `groups`.
+fn group_in(groups: &BTreeSet<Group>, view: &NodeView, p: &Policy) -> Option<Group> {
+    p.verdict_labels
+        .iter()
+        .filter_map(|l| view.labels.get(l).map(|v| (l.clone(), v.clone())))
+        .find(|k| groups.contains(k))
 }
 
 /// Allowed number of nodes acted on in a group of `n` (at least one).

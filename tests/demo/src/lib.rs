@@ -335,8 +335,11 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         .map(|i| format!("node-{}", char::from(b'a' + i)))
         .collect();
     let nodes_api: Api<Node> = Api::all(client.clone());
+    let zones: Vec<&'static str> = (0..bench.nodes.len())
+        .map(|i| zone_of(i, bench.nodes.len(), options.zones))
+        .collect();
     for (i, node) in bench.nodes.iter().enumerate() {
-        let zone = zone_of(i, bench.nodes.len(), options.zones);
+        let zone = zones[i];
         // Play kubelet: the node Ready with its InternalIP (the netns address).
         apiserver
             .create_nodes(&[NodeBuilder::new(&names[i])
@@ -517,9 +520,6 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         println!("    FALSE ALARM {alarm}");
     }
 
-    let zones: Vec<&'static str> = (0..bench.nodes.len())
-        .map(|i| zone_of(i, bench.nodes.len(), options.zones))
-        .collect();
     let target_index = match &options.target {
         Some(t) => names
             .iter()

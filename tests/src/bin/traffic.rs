@@ -96,7 +96,7 @@ struct ClientArgs {
     /// Keep the connection open after the report until stdin closes.
     #[arg(long)]
     hold: bool,
-    /// Connect timeout.
+    /// Connect timeout (with --request-timeout, that deadline applies to connecting as well).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     connect_timeout: Duration,
     /// Give up a transaction or a connection attempt after this long and connect again, as a
@@ -136,8 +136,8 @@ fn leak(mib_per_second: f64, max_mib: Option<u64>) -> ExitCode {
     }
 }
 
-/// The client's JSON report line, then `holding` when it keeps its connection open.
-fn print_report(report: &graywatch_testbench::traffic::ClientReport, hold: bool) {
+/// A run's JSON report line, then `holding` when a client keeps its connection open.
+fn print_report(report: &impl serde::Serialize, hold: bool) {
     let mut out = std::io::stdout().lock();
     let _ = serde_json::to_writer(&mut out, report);
     let _ = writeln!(out);
@@ -161,9 +161,7 @@ fn main() -> ExitCode {
             duration,
         } => match swarm(connect, first_source, count, interval, duration) {
             Ok(report) => {
-                let mut out = std::io::stdout().lock();
-                let _ = serde_json::to_writer(&mut out, &report);
-                let _ = writeln!(out);
+                print_report(&report, false);
                 ExitCode::SUCCESS
             }
             Err(error) => {
