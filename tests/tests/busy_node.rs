@@ -57,10 +57,7 @@ impl Drop for Killed {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    graywatch_k8s_testkit::free_port().expect("a free port")
 }
 
 /// GET `path` from 127.0.0.1:`port` (`None` while nothing answers).

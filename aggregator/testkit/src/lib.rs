@@ -160,12 +160,47 @@ pub fn write_kubeconfig(dir: &Path, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Three distinct free loopback ports (bound together, then released).
+/// Three distinct free loopback ports (see [`free_port`]).
 pub fn free_ports() -> anyhow::Result<[u16; 3]> {
-    let a = TcpListener::bind("127.0.0.1:0")?;
-    let b = TcpListener::bind("127.0.0.1:0")?;
-    let c = TcpListener::bind("127.0.0.1:0")?;
-    Ok([a.local_addr()?.port(), b.local_addr()?.port(), c.local_addr()?.port()])
+    Ok([free_port()?, free_port()?, free_port()?])
+}
+
+/// The lowest port the kernel hands out to outgoing connections (`ip_local_port_range`).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// A port free on every address now, for a server a test starts later.
+///
+/// Chosen below the kernel's ephemeral range: a port the kernel picked for us (bind to port 0)
+/// is released before the server binds it, and in that gap any outgoing connection of the test
+/// (to the apiserver, etcd, an agent's stream) may take it as its local port ("Address already
+/// in use"). Ports below the range are never given to outgoing connections, so only another
+/// explicit bind can take it; each process walks the range from its own offset, and every port
+/// handed out is new within the process.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 20_000;
+    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+    let highest = u32::from(ephemeral_low()).min(30_000);
+    anyhow::ensure!(
+        highest > LOWEST,
+        "the ephemeral port range starts at {highest}: no room below it for test servers"
+    );
+    let span = highest - LOWEST;
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOWEST + (offset + n) % span)?;
+        // 0.0.0.0 conflicts with a bind to any address on the port, loopback included.
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {LOWEST}..{highest}")
 }
 
 /// Spawns `cmd` with stdout and stderr appended to `log`.
@@ -173,4 +208,23 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     Ok(cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ephemeral_low, free_port};
+
+    /// Every port handed out is new, free, and one the kernel never gives an outgoing connection.
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("a free port")).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+        let low = ephemeral_low();
+        for port in ports {
+            assert!(port < low, "port {port} is in the ephemeral range (from {low})");
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port));
+            assert!(listener.is_ok(), "port {port} cannot be bound: {listener:?}");
+        }
+    }
 }

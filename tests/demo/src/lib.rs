@@ -406,8 +406,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
         STEPS,
         "starting graywatch-aggregator (direct-taint mode) and one graywatch-agent per node",
     );
-    let grpc_port = free_port()?;
-    let http_port = free_port()?;
+    let grpc_port = graywatch_k8s_testkit::free_port()?;
+    let http_port = graywatch_k8s_testkit::free_port()?;
     let mut aggregator = Command::new(options.bin_dir.join("graywatch-aggregator"));
     aggregator
         .env("KUBECONFIG", apiserver.kubeconfig_path())
@@ -423,7 +423,10 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoResult> {
     }
     processes.spawn("aggregator", &mut aggregator, &logs.join("aggregator.log"))?;
     // Each agent's /metrics tells when its detectors are warm (a family's local score appears).
-    let agent_metrics_ports: Vec<u16> = names.iter().map(|_| free_port()).collect::<Result<_, _>>()?;
+    let agent_metrics_ports: Vec<u16> = names
+        .iter()
+        .map(|_| graywatch_k8s_testkit::free_port())
+        .collect::<Result<_, _>>()?;
     for (i, name) in names.iter().enumerate() {
         let mut agent = Command::new(options.bin_dir.join("graywatch-agent"));
         agent
@@ -721,8 +724,4 @@ pub(crate) async fn http_get_local(port: u16, path: &str) -> anyhow::Result<Stri
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(text)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
