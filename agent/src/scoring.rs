@@ -352,7 +352,7 @@ pub(crate) mod tests {
     }
 
     /// Steal that sits at 0 % has no scale of its own: a 0.05 % blip is below the smallest
-    /// change that matters (1 %) and stays a transient score, a 20 % step does not.
+    /// change that matters (5 %) and stays a transient score, a 20 % step does not.
     #[test]
     fn a_steal_blip_on_an_idle_hypervisor_is_not_evidence() {
         let mut scorer = LocalScorer::default();
@@ -371,6 +371,28 @@ pub(crate) mod tests {
         observe(0.0, &mut scorer);
         let step = observe(20.0, &mut scorer);
         assert!(step.is_some_and(|s| s > 0.7), "{step:?}");
+    }
+
+    /// A shared host's routine steal (this dev VM: up to 2.5 % in one-second samples while it
+    /// builds) is no gray failure even when it lasts: below the smallest change that matters
+    /// (5 %) it stays a transient score however long it holds.
+    #[test]
+    fn routine_steal_of_a_few_percent_is_not_evidence_however_long_it_lasts() {
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        let mut observe = |steal: f64, scorer: &mut LocalScorer| {
+            let window = window_with_steal(Some(steal));
+            t += 1.0;
+            let by_family = scorer.observe(t, &window, &peers_of(&window));
+            family(&by_family, Family::CpuSteal).score
+        };
+        for i in 0..100 {
+            observe(if i % 10 == 0 { 0.5 } else { 0.0 }, &mut scorer);
+        }
+        for second in 0..30 {
+            let score = observe(3.0, &mut scorer);
+            assert!(score.is_some_and(|s| s <= 0.3), "3 % steal, second {second}: {score:?}");
+        }
     }
 
     /// A kernel without steal accounting leaves `CpuSteal` unscored (Unknown upstream), not 0 %.
