@@ -94,6 +94,19 @@ impl Family {
         }
     }
 
+    /// The smallest spread of a peer group's figures the aggregator assumes, in the family's
+    /// unit: the smallest change that matters, except for steal. Across a fleet steal sits at 0
+    /// with no spread, and a node 5 points over its peers is already a strong outlier (z 5 on
+    /// a 1-point floor), while on a node's own series 5 points is the smallest step worth
+    /// calling: a 20 % steal on one node must still stand out against peers at 0.
+    #[must_use]
+    pub fn peer_scale_floor(self) -> f64 {
+        match self {
+            Family::CpuSteal => 1.0,
+            other => other.min_change(),
+        }
+    }
+
     /// Whether other nodes can observe this family towards a node (vantage evidence).
     #[must_use]
     pub fn has_vantage(self) -> bool {

@@ -10,11 +10,10 @@ pub use super::model::AddressBook;
 use super::model::{Family, NodeReport};
 
 /// Floor of the MAD-based scale per family, so an idle, perfectly uniform group does not turn
-/// tiny differences into huge z: the family's smallest change that matters (the agent's local
-/// scorer uses the same), or a fraction of the median.
+/// tiny differences into huge z: the family's peer scale floor, or a fraction of the median.
 fn scale_floor(family: Family, median: f64) -> f64 {
     let rel = if family == Family::CpuSteal { 0.1 } else { 0.2 };
-    family.min_change().max(rel * median.abs())
+    family.peer_scale_floor().max(rel * median.abs())
 }
 
 /// Median of a non-empty slice (NaNs must be filtered out by the caller).
@@ -310,6 +309,15 @@ mod tests {
         let g = [300.0; 8];
         let z = robust_z(Family::NetworkLatency, 301.0, &g);
         assert!(z.abs() < 0.1, "{z}");
+    }
+
+    /// Steal across a fleet sits at 0: a node 10 points over idle peers is a full-weight
+    /// outlier (`peer_z_high` is 6), although on its own series 5 points is the smallest step.
+    #[test]
+    fn ten_points_of_steal_over_idle_peers_is_a_strong_outlier() {
+        let peers = [0.0, 0.1, 0.0, 0.2, 0.0, 0.0, 0.1, 0.0];
+        let z = robust_z(Family::CpuSteal, 10.0, &peers);
+        assert!(z >= 6.0, "{z}");
     }
 
     #[test]
