@@ -646,6 +646,9 @@ fn score_family(
     if !blamed.is_empty() && fs.phase == Phase::Healthy {
         fs.phase = Phase::Suspect;
     }
+    if detail.is_empty() {
+        detail.push("nothing stands out (own detector, peer group and observers)".into());
+    }
     fs.detail = format!("confidence {}: {}", fmt_num(conf), detail.join("; "));
     let alone: Vec<String> = match observers_alone {
         Some(v) if !explained && raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => {

@@ -276,6 +276,23 @@ fn zone_a_degraded(p: &Policy) -> (Engine, Sim) {
     (eng, sim)
 }
 
+/// A healthy node's condition message says that nothing stands out, not a bare
+/// "confidence 0.00: ".
+#[test]
+fn a_healthy_nodes_condition_says_nothing_stands_out() {
+    let p = Policy::default();
+    let mut eng = Engine::new(p.clone());
+    // One node (no peer group, no observers), whose own detector has no score.
+    let mut sim = Sim::new(1, 1);
+    sim.run(&mut eng, &set(&[]), 2);
+    let c = &sim.input.nodes["node-0"].conditions[&p.family_condition(Family::CpuSteal)];
+    assert_eq!(c.status, CondStatus::True, "{}", c.message);
+    assert_eq!(
+        c.message,
+        "confidence 0.00: nothing stands out (own detector, peer group and observers)"
+    );
+}
+
 /// A node's own steal detector moves its `CpuSteal` condition under the rules of every family:
 /// alone it is evidence below the degrade confidence (the condition stays True), with its steal
 /// standing out from its peer group it goes False after `degrade_windows`; the run-queue family

@@ -120,15 +120,16 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
         response: 64,
     };
     let delay = Duration::from_micros(args.link_delay_us);
-    let _delayed_path = if delay.is_zero() {
-        None
+    // The delayed path lives as long as `_delayed_path` (its emulator is stopped on drop).
+    let (_delayed_path, delayed) = if delay.is_zero() {
+        (None, None)
     } else {
-        Some(bed.delayed_path(&binaries.chaos, delay)?)
+        let rr = Rr {
+            count: Some(args.delayed_rr_count.unwrap_or(if quick { 5_000 } else { 30_000 })),
+            ..load
+        };
+        (Some(bed.delayed_path(&binaries.chaos, delay)?), Some(rr))
     };
-    let delayed = (!delay.is_zero()).then_some(Rr {
-        count: Some(args.delayed_rr_count.unwrap_or(if quick { 5_000 } else { 30_000 })),
-        ..load
-    });
     println!(
         "ebpf: {rounds} round(s) × (none, graywatch, peer); load per run: {rr_count} RR transactions (64 B/64 B, 1 connection) + {} MB bulk{}",
         bulk_bytes / 1_000_000,
