@@ -351,25 +351,35 @@ pub(crate) mod tests {
         assert_eq!((contention.score, contention.reason.as_str()), (None, "no data"));
     }
 
+    /// One scorer fed a window a second carrying only a steal figure.
+    #[derive(Default)]
+    struct StealSeries {
+        scorer: LocalScorer,
+        t: f64,
+    }
+
+    impl StealSeries {
+        /// The `CpuSteal` score after one more window at `steal_pct`.
+        fn observe(&mut self, steal_pct: f64) -> Option<f64> {
+            let window = window_with_steal(Some(steal_pct));
+            self.t += 1.0;
+            let by_family = self.scorer.observe(self.t, &window, &peers_of(&window));
+            family(&by_family, Family::CpuSteal).score
+        }
+    }
+
     /// Steal that sits at 0 % has no scale of its own: a 0.05 % blip is below the smallest
     /// change that matters (5 %) and stays a transient score, a 20 % step does not.
     #[test]
     fn a_steal_blip_on_an_idle_hypervisor_is_not_evidence() {
-        let mut scorer = LocalScorer::default();
-        let mut t = 0.0;
-        let mut observe = |steal: f64, scorer: &mut LocalScorer| {
-            let window = window_with_steal(Some(steal));
-            t += 1.0;
-            let by_family = scorer.observe(t, &window, &peers_of(&window));
-            family(&by_family, Family::CpuSteal).score
-        };
+        let mut steal = StealSeries::default();
         for _ in 0..100 {
-            observe(0.0, &mut scorer);
+            steal.observe(0.0);
         }
-        let blip = observe(0.05, &mut scorer);
+        let blip = steal.observe(0.05);
         assert!(blip.is_some_and(|s| s <= 0.3), "{blip:?}");
-        observe(0.0, &mut scorer);
-        let step = observe(20.0, &mut scorer);
+        steal.observe(0.0);
+        let step = steal.observe(20.0);
         assert!(step.is_some_and(|s| s > 0.7), "{step:?}");
     }
 
@@ -378,19 +388,12 @@ pub(crate) mod tests {
     /// (5 %) it stays a transient score however long it holds.
     #[test]
     fn routine_steal_of_a_few_percent_is_not_evidence_however_long_it_lasts() {
-        let mut scorer = LocalScorer::default();
-        let mut t = 0.0;
-        let mut observe = |steal: f64, scorer: &mut LocalScorer| {
-            let window = window_with_steal(Some(steal));
-            t += 1.0;
-            let by_family = scorer.observe(t, &window, &peers_of(&window));
-            family(&by_family, Family::CpuSteal).score
-        };
+        let mut steal = StealSeries::default();
         for i in 0..100 {
-            observe(if i % 10 == 0 { 0.5 } else { 0.0 }, &mut scorer);
+            steal.observe(if i % 10 == 0 { 0.5 } else { 0.0 });
         }
         for second in 0..30 {
-            let score = observe(3.0, &mut scorer);
+            let score = steal.observe(3.0);
             assert!(score.is_some_and(|s| s <= 0.3), "3 % steal, second {second}: {score:?}");
         }
     }
