@@ -81,8 +81,9 @@ impl Family {
     /// The smallest change of the family's figure that matters, in its unit (µs of RTT p99 or
     /// run-queue p99, percent of retransmits, steal or memory PSI): below it a deviation is
     /// noise however steady the series was (a series at exactly 0 has no scale of its own).
-    /// Steal: a shared host's few percent come and go (up to 2.5 % in one-second samples on
-    /// the dev VM under a build), so 5 %, half the steal forecast's 10 % threshold.
+    /// Steal: a shared host's routine few percent come and go (on the dev VM, one-second
+    /// samples under load were ≤ 2.5 % but for rare bursts), so 5 %, half the steal forecast's
+    /// 10 % threshold.
     #[must_use]
     pub fn min_change(self) -> f64 {
         match self {

@@ -450,7 +450,7 @@ impl ConditionRecorder {
                 let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
                 let mut seen = sink.lock().expect("recorder lock");
                 for c in conditions.into_iter().filter(|c| c.type_.starts_with("graywatch.io/")) {
-                    if last.get(&c.type_) != Some(&c.status) {
+                    if changed(&mut last, &c.type_, &c.status) {
                         note_node(format!(
                             "{} {} {}: {}",
                             c.type_,
@@ -458,7 +458,6 @@ impl ConditionRecorder {
                             c.reason.clone().unwrap_or_default(),
                             c.message.clone().unwrap_or_default()
                         ));
-                        last.insert(c.type_.clone(), c.status.clone());
                     }
                     seen.insert((c.type_, c.status));
                 }
@@ -494,9 +493,8 @@ impl ConditionRecorder {
                         ""
                     }
                 );
-                if last.get(&name) != Some(&state) {
+                if changed(&mut last, &name, &state) {
                     record(format!("pod {name} {state}"));
-                    last.insert(name, state);
                 }
             }
         });
@@ -523,6 +521,15 @@ impl ConditionRecorder {
             "conditions during the {step}: {not_true:?}\n  {timeline}"
         );
     }
+}
+
+/// Whether `key`'s state differs from the last one recorded in `last` (which it then becomes).
+fn changed(last: &mut std::collections::BTreeMap<String, String>, key: &str, state: &str) -> bool {
+    if last.get(key).is_some_and(|s| s == state) {
+        return false;
+    }
+    last.insert(key.to_owned(), state.to_owned());
+    true
 }
 
 impl Drop for ConditionRecorder {
