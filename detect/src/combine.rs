@@ -227,10 +227,10 @@ impl SignalScorer {
         };
         let _ = write!(
             s,
-            "{what} {} {unit} vs baseline {} {unit}, z={:.1}",
+            "{what} {} {unit} vs baseline {} {unit}, z={}",
             fmt_num(self.last_x),
             fmt_num(base),
-            self.last_z
+            fmt_z(self.last_z)
         );
         if let Some(since) = self.anomalous_since {
             let _ = write!(s, ", for {:.0} s", (self.last_t - since).max(0.0));
@@ -239,19 +239,28 @@ impl SignalScorer {
     }
 }
 
-/// Up to 3 significant digits, no exponent for everyday magnitudes.
+/// Up to 3 significant digits above 1, two decimals below: a baseline learnt from a series at
+/// 0 is a tiny positive number (7.69e-11 % of retransmits), which reads as 0.00.
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if !v.is_finite() {
         "n/a".to_owned()
-    } else if a >= 100.0 || a == 0.0 {
+    } else if a >= 100.0 {
         format!("{v:.0}")
     } else if a >= 1.0 {
         format!("{v:.1}")
-    } else if a >= 0.01 {
-        format!("{v:.2}")
     } else {
-        format!("{v:.2e}")
+        format!("{v:.2}")
+    }
+}
+
+/// A z over a baseline with (almost) no spread is huge (clamped at 1e6): past 100 its digits
+/// say nothing more.
+fn fmt_z(z: f64) -> String {
+    if z.abs() >= 100.0 {
+        format!("{}100", if z > 0.0 { ">" } else { "<-" })
+    } else {
+        format!("{z:.1}")
     }
 }
 

@@ -96,14 +96,21 @@ impl Family {
     }
 
     /// The smallest spread of a peer group's figures the aggregator assumes, in the family's
-    /// unit: the smallest change that matters, except for steal. Across a fleet steal sits at 0
-    /// with no spread, and a node 5 points over its peers is already a strong outlier (z 5 on
-    /// a 1-point floor), while on a node's own series 5 points is the smallest step worth
-    /// calling: a 20 % steal on one node must still stand out against peers at 0.
+    /// unit: the smallest change that matters, except for steal and retransmits. Across a
+    /// fleet both sit at or near 0 with no spread:
+    /// - steal: a node 5 points over its peers is already a strong outlier (z 5 on a 1-point
+    ///   floor), while on a node's own series 5 points is the smallest step worth calling; a
+    ///   20 % steal on one node must still stand out against peers at 0;
+    /// - retransmits: a node losing 2 % of its segments over peers at 0 measured 1.4–2.4 % a
+    ///   window on the bench, z 3–5 on the 0.5-point floor (peer evidence 0–0.6, confidence
+    ///   0.58–0.78 against the 0.75 needed, so it was caught in 1 run of 3); on a 0.25-point
+    ///   floor z is 6–10. The node's own detector must still back a bad window (its step
+    ///   stays 0.5 points), so one noisy window on a quiet node is not enough.
     #[must_use]
     pub fn peer_scale_floor(self) -> f64 {
         match self {
             Family::CpuSteal => 1.0,
+            Family::PacketLoss => 0.25,
             other => other.min_change(),
         }
     }

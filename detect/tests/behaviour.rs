@@ -208,6 +208,13 @@ fn signal_scorer_ignores_changes_below_min_delta() {
     }
     t += 1.0;
     assert!(s.update(t, 3.0) > 0.7);
+    // A baseline learnt from (nearly) zeros is a tiny positive number and the z enormous: the
+    // reason says 0.00 and >100, not 5.49e-4 and 997.2.
+    let reason = s.reason("retransmits to node node-e", "%");
+    assert_eq!(
+        reason,
+        "retransmits to node node-e 3.0 % vs baseline 0.00 %, z=>100, for 0 s"
+    );
 }
 
 /// The bad side only: a drop of an up-is-bad signal is no evidence.

@@ -320,6 +320,20 @@ mod tests {
         assert!(z >= 6.0, "{z}");
     }
 
+    /// Retransmits across a healthy fleet sit at or near 0: a node losing 2 % of its segments
+    /// (1.4 % in its weakest windows on the bench) is a full-weight outlier, a node at 0.5 %
+    /// (one lost segment in 200) is not one at all.
+    #[test]
+    fn two_percent_of_retransmits_over_clean_peers_is_a_strong_outlier() {
+        let peers = [0.0, 0.0, 0.08, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let z = robust_z(Family::PacketLoss, 1.4, &peers);
+        assert!(z >= 5.5, "{z}");
+        let z = robust_z(Family::PacketLoss, 2.0, &peers);
+        assert!(z >= 6.0, "{z}");
+        let z = robust_z(Family::PacketLoss, 0.5, &peers);
+        assert!(z < 3.0, "{z}");
+    }
+
     #[test]
     fn address_book_prefers_exact_then_longest_prefix() {
         let a = NodeView {
