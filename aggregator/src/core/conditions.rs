@@ -26,114 +26,151 @@ impl ConditionTypes {
             overall: p.overall_condition(),
         }
     }
-
-    /// The family whose condition type `type_` is.
-    fn family_of(&self, type_: &str) -> Option<Family> {
-        self.families.iter().find(|(_, t)| t.as_str() == type_).map(|(f, _)| *f)
-    }
 }
 
-fn reason_of(fs: &FamilyState) -> String {
-    reason_of_phase(fs.phase, fs)
-}
-
-fn reason_of_phase(phase: Phase, fs: &FamilyState) -> String {
+fn reason_of_phase(phase: Phase, fs: &FamilyState) -> &'static str {
     match phase {
-        Phase::Healthy => "Healthy".into(),
-        Phase::Suspect => "Suspect".into(),
-        Phase::Degraded => "GrayFailure".into(),
-        Phase::Recovering => "Recovering".into(),
-        Phase::Unknown => fs.unknown_reason.as_str().into(),
+        Phase::Healthy => "Healthy",
+        Phase::Suspect => "Suspect",
+        Phase::Degraded => "GrayFailure",
+        Phase::Recovering => "Recovering",
+        Phase::Unknown => fs.unknown_reason.as_str(),
     }
 }
 
-/// The conditions `st` calls for on `view`'s Node. The EKS `NetworkingReady` (with
+/// Which of a node's conditions a [`Head`] is, to write its message.
+#[derive(Debug, Clone, Copy)]
+enum Subject {
+    Family(Family),
+    Overall,
+    /// The EKS `NetworkingReady`, with the network family whose detail it carries.
+    Eks(Family),
+}
+
+/// A condition a node's state calls for, without its message: what the step compares with
+/// what it wrote, for every node every second. The message (the numbers behind the verdict)
+/// is written only for a write.
+#[derive(Debug, Clone, Copy)]
+struct Head<'t> {
+    type_: &'t str,
+    status: CondStatus,
+    reason: &'static str,
+    subject: Subject,
+}
+
+/// The conditions `st` calls for on `view`'s Node, into `out`. The EKS `NetworkingReady` (with
 /// `mirror_eks`) is never one another field manager writes (the EKS node monitoring agent's own
 /// verdict is not ours to overwrite), and is ours only while the network families are not
 /// healthy: we add our evidence to node repair, we do not vouch for the node.
+fn desired_heads<'t>(st: &NodeState, view: &NodeView, p: &Policy, types: &'t ConditionTypes, out: &mut Vec<Head<'t>>) {
+    out.clear();
+    for (f, fs) in &st.families {
+        let Some(condition) = types.families.get(f) else {
+            continue;
+        };
+        let (status, reason) = if prediction::in_force(fs, p).is_some() {
+            (CondStatus::False, prediction::REASON)
+        } else {
+            (fs.phase.status(), reason_of_phase(fs.phase, fs))
+        };
+        out.push(Head {
+            type_: condition,
+            status,
+            reason,
+            subject: Subject::Family(*f),
+        });
+    }
+    let overall = st.overall();
+    let reason = match overall {
+        Phase::Unknown => st
+            .families
+            .values()
+            .next()
+            .map_or("NoReport", |f| f.unknown_reason.as_str()),
+        Phase::Healthy => "Healthy",
+        _ => reason_of_phase(overall, &FamilyState::new(overall)),
+    };
+    out.push(Head {
+        type_: &types.overall,
+        status: overall.status(),
+        reason,
+        subject: Subject::Overall,
+    });
+    if p.mirror_eks && !view.foreign_conditions.contains(EKS_NETWORKING_CONDITION) {
+        let net = [Family::NetworkLatency, Family::PacketLoss]
+            .into_iter()
+            .filter_map(|f| st.families.get(&f).map(|fs| (f, fs)))
+            .max_by_key(|(_, fs)| fs.phase);
+        if let Some((f, fs)) = net.filter(|(_, fs)| fs.phase.status() == CondStatus::False) {
+            out.push(Head {
+                type_: EKS_NETWORKING_CONDITION,
+                status: CondStatus::False,
+                reason: reason_of_phase(fs.phase, fs),
+                subject: Subject::Eks(f),
+            });
+        }
+    }
+}
+
+/// The message of `head`, a condition `st` calls for.
+fn message(head: &Head, st: &NodeState, p: &Policy) -> String {
+    let family_detail = |f: &Family| st.families.get(f).map(|fs| fs.detail.clone()).unwrap_or_default();
+    let message = match head.subject {
+        Subject::Family(f) => match st.families.get(&f) {
+            Some(fs) => match prediction::in_force(fs, p) {
+                Some(predicted) => prediction::message(predicted),
+                None if fs.phase == Phase::Unknown => fs.unknown_reason.message(p),
+                None => fs.detail.clone(),
+            },
+            None => String::new(),
+        },
+        Subject::Eks(f) => family_detail(&f),
+        Subject::Overall => match st.overall() {
+            Phase::Unknown => "no fresh data from the graywatch agent".to_string(),
+            Phase::Healthy => prediction::overall_note(st, p).map_or_else(
+                || "all reported families healthy".into(),
+                |note| format!("all reported families healthy; {note}"),
+            ),
+            overall => st
+                .families
+                .iter()
+                .filter(|(_, fs)| fs.phase == overall)
+                .map(|(f, fs)| format!("{}: {}", f.as_str(), fs.detail))
+                .collect::<Vec<_>>()
+                .join(" | "),
+        },
+    };
+    // An agent that loses kernel events measures less than happens: said in the overall
+    // condition's message, never a verdict by itself.
+    match (&head.subject, &st.lost_events) {
+        (Subject::Overall, Some((kinds, _))) => {
+            format!("{message}; the agent is losing kernel events ({kinds}): its figures may undercount")
+        }
+        _ => message,
+    }
+}
+
+/// The conditions `st` calls for on `view`'s Node, messages included.
+#[cfg(test)]
 pub(super) fn desired_conditions(
     st: &NodeState,
     view: &NodeView,
     p: &Policy,
     types: &ConditionTypes,
 ) -> Vec<DesiredCondition> {
-    let mut out = Vec::new();
-    for (f, fs) in &st.families {
-        let condition = types.families.get(f).cloned().unwrap_or_else(|| p.family_condition(*f));
-        if let Some(predicted) = prediction::in_force(fs, p) {
-            out.push(prediction::condition(condition, predicted));
-            continue;
-        }
-        let message = match fs.phase {
-            Phase::Unknown => fs.unknown_reason.message(p),
-            _ => fs.detail.clone(),
-        };
-        out.push(DesiredCondition {
-            type_: condition,
-            status: fs.phase.status(),
-            reason: reason_of(fs),
-            message,
-            last_transition_ms: 0,
-        });
-    }
-    let overall = st.overall();
-    let (reason, message) = match overall {
-        Phase::Unknown => {
-            let r = st
-                .families
-                .values()
-                .next()
-                .map_or_else(|| "NoReport".to_string(), |f| f.unknown_reason.as_str().to_string());
-            (r, "no fresh data from the graywatch agent".to_string())
-        }
-        Phase::Healthy => (
-            "Healthy".into(),
-            prediction::overall_note(st, p).map_or_else(
-                || "all reported families healthy".into(),
-                |note| format!("all reported families healthy; {note}"),
-            ),
-        ),
-        _ => (
-            reason_of_phase(overall, &FamilyState::new(overall)),
-            st.families
-                .iter()
-                .filter(|(_, fs)| fs.phase == overall)
-                .map(|(f, fs)| format!("{}: {}", f.as_str(), fs.detail))
-                .collect::<Vec<_>>()
-                .join(" | "),
-        ),
-    };
-    // An agent that loses kernel events measures less than happens: said in the message, never
-    // a verdict by itself.
-    let message = match &st.lost_events {
-        Some((kinds, _)) => {
-            format!("{message}; the agent is losing kernel events ({kinds}): its figures may undercount")
-        }
-        None => message,
-    };
-    out.push(DesiredCondition {
-        type_: types.overall.clone(),
-        status: overall.status(),
-        reason,
-        message,
+    let mut heads = Vec::new();
+    desired_heads(st, view, p, types, &mut heads);
+    heads.iter().map(|h| with_message(h, st, p)).collect()
+}
+
+fn with_message(head: &Head, st: &NodeState, p: &Policy) -> DesiredCondition {
+    DesiredCondition {
+        type_: head.type_.to_owned(),
+        status: head.status,
+        reason: head.reason.to_owned(),
+        message: message(head, st, p),
         last_transition_ms: 0,
-    });
-    if p.mirror_eks && !view.foreign_conditions.contains(EKS_NETWORKING_CONDITION) {
-        let net = [Family::NetworkLatency, Family::PacketLoss]
-            .iter()
-            .filter_map(|f| st.families.get(f))
-            .max_by_key(|f| f.phase);
-        if let Some(fs) = net.filter(|fs| fs.phase.status() == CondStatus::False) {
-            out.push(DesiredCondition {
-                type_: EKS_NETWORKING_CONDITION.into(),
-                status: CondStatus::False,
-                reason: reason_of(fs),
-                message: fs.detail.clone(),
-                last_transition_ms: 0,
-            });
-        }
     }
-    out
 }
 
 /// The Event a change of the overall condition deserves: into False, out of False, and losing a
@@ -186,29 +223,44 @@ fn overwritten(st: &NodeState, view: &NodeView, now: Millis) -> bool {
 pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, plan: &mut Plan) {
     let p = ctx.policy;
     let types = ConditionTypes::new(p);
+    let mut heads = Vec::new();
     for (name, view) in &ctx.input.nodes {
         let Some(st) = nodes.get_mut(name) else {
             continue;
         };
-        let desired = desired_conditions(st, view, p, &types);
+        desired_heads(st, view, p, &types, &mut heads);
+        let as_written =
+            |h: &Head| st.written.get(h.type_).map(|(s, r)| (*s, r.as_str())) == Some((h.status, h.reason));
         // The lost-events note is news: written now, not at the next refresh.
         let mut changed = st.lost_events.as_ref().map(|(k, _)| k) != st.lost_events_written.as_ref();
         // A condition we wrote and no longer want (the EKS mirror after recovery, or once
         // another manager writes it) goes with the next write.
-        changed |= st.written.keys().any(|ty| !desired.iter().any(|d| d.type_ == *ty));
-        for d in &desired {
+        changed |= st
+            .written
+            .keys()
+            .any(|ty| !heads.iter().any(|h| h.type_ == ty.as_str()));
+        changed |= !heads.iter().all(as_written);
+        // A condition of ours that someone else changed or removed is put back now, not at the
+        // next refresh.
+        changed |= !p.dry_run && overwritten(st, view, ctx.now);
+        // Unchanged: at most one write per refresh period (keeps `lastHeartbeatTime` and the
+        // message figures fresh), at the node's own phase of it.
+        let refresh_due = st
+            .last_write_ms
+            .is_none_or(|t| ctx.now >= refresh_due_at(name, t, p.condition_refresh_ms));
+        if !(changed || refresh_due) {
+            continue;
+        }
+        for head in heads.iter().filter(|h| !as_written(h)) {
+            let d = with_message(head, st, p);
             let prev = st.written.get(&d.type_);
-            if prev.map(|(s, r)| (*s, r.as_str())) == Some((d.status, d.reason.as_str())) {
-                continue;
-            }
-            changed = true;
-            if let Some(family) = types.family_of(&d.type_)
-                && let Some(event) = prediction::transition_event(name, family, prev.map(|(_, r)| r.as_str()), d)
+            if let Subject::Family(family) = head.subject
+                && let Some(event) = prediction::transition_event(name, family, prev.map(|(_, r)| r.as_str()), &d)
             {
                 plan.events.push(event);
             }
             let prev_status = prev.map(|(s, _)| *s);
-            if d.type_ != types.overall || prev_status == Some(d.status) {
+            if !matches!(head.subject, Subject::Overall) || prev_status == Some(d.status) {
                 continue;
             }
             if let Some((kind, reason)) = transition_event(prev_status, d.status) {
@@ -221,20 +273,10 @@ pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &Ste
                 });
             }
         }
-        // A condition of ours that someone else changed or removed is put back now, not at the
-        // next refresh.
-        changed |= !p.dry_run && overwritten(st, view, ctx.now);
-        // Unchanged: at most one write per refresh period (keeps `lastHeartbeatTime` and the
-        // message figures fresh), at the node's own phase of it.
-        let refresh_due = st
-            .last_write_ms
-            .is_none_or(|t| ctx.now >= refresh_due_at(name, t, p.condition_refresh_ms));
-        if !(changed || refresh_due) {
-            continue;
-        }
-        let conditions = desired
-            .into_iter()
-            .map(|d| {
+        let conditions = heads
+            .iter()
+            .map(|h| {
+                let d = with_message(h, st, p);
                 let keep = view.conditions.get(&d.type_).filter(|c| c.status == d.status);
                 DesiredCondition {
                     last_transition_ms: keep.map_or(ctx.now, |c| c.last_transition_ms),

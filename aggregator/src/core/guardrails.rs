@@ -7,7 +7,7 @@ use super::{
     model::{Millis, NodeView},
     plan::{EventKind, EventTarget, Plan, PlannedEvent, TaintChange},
     policy::{Policy, TaintMode},
-    state_machine::{NodeState, Phase, Suppressed, fmt_num},
+    state_machine::{NodeState, Num, Phase, Suppressed},
     step::{INTENT_GRACE_MS, StepCtx},
 };
 
@@ -127,7 +127,7 @@ impl Guardrails {
         if conf < p.min_action_confidence {
             return Some(format!(
                 "confidence {} below min_action_confidence {}",
-                fmt_num(conf),
+                Num(conf),
                 p.min_action_confidence
             ));
         }

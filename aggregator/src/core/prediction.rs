@@ -29,18 +29,13 @@ pub fn in_force<'a>(fs: &'a FamilyState, p: &Policy) -> Option<&'a Prediction> {
     fs.prediction.as_ref().filter(|_| p.predict_failures && open)
 }
 
-/// The condition a prediction in force calls for.
-pub(super) fn condition(type_: String, prediction: &Prediction) -> DesiredCondition {
-    DesiredCondition {
-        type_,
-        status: CondStatus::False,
-        reason: REASON.into(),
-        message: format!(
-            "predicted failure in {:.0} s (confidence {:.2}): {}",
-            prediction.eta_secs, prediction.confidence, prediction.reason
-        ),
-        last_transition_ms: 0,
-    }
+/// The message of the condition a prediction in force calls for (status False, reason
+/// [`REASON`]).
+pub(super) fn message(prediction: &Prediction) -> String {
+    format!(
+        "predicted failure in {:.0} s (confidence {:.2}): {}",
+        prediction.eta_secs, prediction.confidence, prediction.reason
+    )
 }
 
 /// A note for the overall condition's message: which families have a prediction in force.

@@ -1,7 +1,10 @@
 //! Per node and family state machines, and the phase of a step that feeds them: each new window
 //! is scored (own detector, peer group, vantage) and advances its node's machines once.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    fmt::{self, Write as _},
+};
 
 use super::{
     evidence::{self, AddressBook, VantageEvidence},
@@ -327,38 +330,72 @@ pub fn overall_phase(st: &NodeState) -> Phase {
         .unwrap_or(Phase::Unknown)
 }
 
-pub(super) fn fmt_num(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
+/// A figure in a condition message: whole numbers from 100 up, two decimals below. Displayed
+/// in place, so a message is written without a String per figure (the step writes one message
+/// per node and family every second).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Num(pub f64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.abs() >= 100.0 {
+            write!(f, "{:.0}", self.0)
+        } else {
+            write!(f, "{:.2}", self.0)
+        }
     }
 }
 
+/// Appends one part of a family's detail, `; `-separated.
+fn push_part(parts: &mut String, args: fmt::Arguments<'_>) {
+    if !parts.is_empty() {
+        parts.push_str("; ");
+    }
+    let _ = parts.write_fmt(args);
+}
+
+/// [`push_part`] with `format!`'s arguments.
+macro_rules! part {
+    ($parts:expr, $($arg:tt)*) => {
+        push_part($parts, format_args!($($arg)*))
+    };
+}
+
 /// Peer groups and vantage evidence of one step, computed once over the fresh reports.
-struct Evidence {
-    groups: BTreeMap<(Family, Vec<String>), evidence::GroupStats>,
+struct Evidence<'a> {
+    /// Each fresh node's peer group: the index of its values of `peer_group_labels` among the
+    /// step's distinct ones (a number per node instead of a copy of its labels per lookup).
+    group_of: BTreeMap<&'a str, usize>,
+    groups: BTreeMap<(Family, usize), evidence::GroupStats>,
     vantage: BTreeMap<Family, BTreeMap<String, VantageEvidence>>,
 }
 
-fn group_key(p: &Policy, v: &NodeView) -> Vec<String> {
-    p.peer_group_labels
-        .iter()
-        .map(|l| v.labels.get(l).cloned().unwrap_or_default())
-        .collect()
-}
-
-impl Evidence {
-    fn of(ctx: &StepCtx) -> Self {
+impl<'a> Evidence<'a> {
+    fn of(ctx: &StepCtx<'a>) -> Self {
         let p = ctx.policy;
-        let mut groups: BTreeMap<(Family, Vec<String>), Vec<f64>> = BTreeMap::new();
+        let mut ids: BTreeMap<Vec<&'a str>, usize> = BTreeMap::new();
+        let mut key: Vec<&'a str> = Vec::with_capacity(p.peer_group_labels.len());
+        let mut group_of = BTreeMap::new();
+        let mut groups: BTreeMap<(Family, usize), Vec<f64>> = BTreeMap::new();
         for (n, r) in &ctx.fresh {
             let Some(view) = ctx.input.nodes.get(*n) else {
                 continue;
             };
+            key.clear();
+            key.extend(
+                p.peer_group_labels
+                    .iter()
+                    .map(|l| view.labels.get(l).map_or("", String::as_str)),
+            );
+            let next = ids.len();
+            let group = match ids.get(key.as_slice()) {
+                Some(g) => *g,
+                None => *ids.entry(key.clone()).or_insert(next),
+            };
+            group_of.insert(*n, group);
             for (f, v) in &r.figures {
                 if v.is_finite() {
-                    groups.entry((*f, group_key(p, view))).or_default().push(*v);
+                    groups.entry((*f, group)).or_default().push(*v);
                 }
             }
         }
@@ -382,7 +419,11 @@ impl Evidence {
                 )
             })
             .collect();
-        Self { groups, vantage }
+        Self {
+            group_of,
+            groups,
+            vantage,
+        }
     }
 }
 
@@ -390,7 +431,10 @@ impl Evidence {
 /// without a fresh report goes Unknown (after the start grace).
 pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, plan: &mut Plan) {
     let ev = Evidence::of(ctx);
-    for (name, view) in &ctx.input.nodes {
+    // One scratch buffer for every family's detail parts, so a step in steady state writes its
+    // messages into strings it already has.
+    let mut parts = String::new();
+    for name in ctx.input.nodes.keys() {
         let Some(st) = nodes.get_mut(name) else {
             continue;
         };
@@ -407,7 +451,7 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
         note_lost_events(st, report);
         for f in Family::ALL {
             if let Some(fs) = st.families.get_mut(&f)
-                && let Some(event) = score_family(fs, f, name, view, report, &ev, ctx.policy)
+                && let Some(event) = score_family(fs, f, name, report, &ev, ctx.policy, &mut parts)
             {
                 plan.events.push(event);
             }
@@ -475,22 +519,22 @@ fn note_lost_events(st: &mut NodeState, report: &NodeReport) {
 
 /// The peer-group part of a family's evidence: how far the node's `figure` sits from its
 /// group's (0 when the group is too small to judge).
-fn peer_evidence(f: Family, figure: f64, view: &NodeView, ev: &Evidence, p: &Policy, detail: &mut Vec<String>) -> f64 {
-    let Some(group) = ev
-        .groups
-        .get(&(f, group_key(p, view)))
+fn peer_evidence(f: Family, figure: f64, group: Option<usize>, ev: &Evidence, p: &Policy, detail: &mut String) -> f64 {
+    let Some(group) = group
+        .and_then(|g| ev.groups.get(&(f, g)))
         .filter(|group| group.n >= p.peer_min_group)
     else {
         return 0.0;
     };
     let z = group.z(figure);
-    detail.push(format!(
-        "{} vs peer median {} (z {}, {} peers)",
-        fmt_num(figure),
-        fmt_num(group.median),
-        fmt_num(z),
-        group.n
-    ));
+    let (median, n) = (group.median, group.n);
+    part!(
+        detail,
+        "{} vs peer median {} (z {}, {n} peers)",
+        Num(figure),
+        Num(median),
+        Num(z)
+    );
     evidence::ramp(z, p.peer_z_low, p.peer_z_high)
 }
 
@@ -557,16 +601,25 @@ fn link_event(before: &[String], blamed: &[String], f: Family, name: &str) -> Op
     })
 }
 
+/// `confidence …: <parts>` into `out`, reusing its buffer.
+fn write_detail(out: &mut String, conf: f64, parts: &mut String) {
+    if parts.is_empty() {
+        parts.push_str("nothing stands out (own detector, peer group and observers)");
+    }
+    out.clear();
+    let _ = write!(out, "confidence {}: {parts}", Num(conf));
+}
+
 /// Scores one family of one new window and advances its machine; the Event announcing
 /// uncorroborated vantage evidence or a degraded link, if this window brings it.
 fn score_family(
     fs: &mut FamilyState,
     f: Family,
     name: &str,
-    view: &NodeView,
     report: &NodeReport,
     ev: &Evidence,
     p: &Policy,
+    detail: &mut String,
 ) -> Option<PlannedEvent> {
     let figure = report.figures.get(&f).copied().filter(|v| v.is_finite());
     let local = report.local.get(&f);
@@ -574,14 +627,15 @@ fn score_family(
         *fs = FamilyState::unknown(UnknownReason::NoData);
         return None;
     }
-    let mut detail = Vec::new();
+    detail.clear();
     let local_score = local.map_or(0.0, |(s, r)| {
         if *s > 0.0 {
-            detail.push(format!("local {} ({r})", fmt_num(*s)));
+            part!(detail, "local {} ({r})", Num(*s));
         }
         *s
     });
-    let peer_score = figure.map_or(0.0, |x| peer_evidence(f, x, view, ev, p, &mut detail));
+    let group = ev.group_of.get(name).copied();
+    let peer_score = figure.map_or(0.0, |x| peer_evidence(f, x, group, ev, p, detail));
     // Vantage evidence counts only when corroborated: by the node's own measurements (its
     // detector, its position in its peer group, or its own view of everyone) or by a strict
     // majority of the nodes it reports traffic with. Other nodes' words alone raise Suspect at
@@ -596,7 +650,7 @@ fn score_family(
     if let Some(v) = ev.vantage.get(&f).and_then(|m| m.get(name)) {
         raw_vantage = v.score(p.vantage_min_observers);
         if v.observers > 0 {
-            detail.push(format!("{}/{} peers see it degraded", v.flagged, v.observers));
+            part!(detail, "{}/{} peers see it degraded", v.flagged, v.observers);
         }
         let partners_agree = v.majority_of_partners(p.vantage_min_observers);
         backed |= partners_agree;
@@ -605,10 +659,11 @@ fn score_family(
             vantage_score = raw_vantage;
         } else if raw_vantage > 0.0 {
             observers_alone = Some(v);
-            detail.push(format!(
-                "not corroborated (own figures healthy, {} of its {} traffic partners agree)",
-                v.flagged_partners, v.partners
-            ));
+            let (flagged, partners) = (v.flagged_partners, v.partners);
+            part!(
+                detail,
+                "not corroborated (own figures healthy, {flagged} of its {partners} traffic partners agree)"
+            );
         }
     }
     let conf = evidence::combine(&[
@@ -638,18 +693,16 @@ fn score_family(
     advance(fs, if explained { 0.0 } else { conf }, backed, p);
     fs.confidence = conf;
     if explained {
-        detail.push(format!(
-            "explained by its link to {}: only that link looks degraded, no action",
-            link.join(", ")
-        ));
+        let links = link.join(", ");
+        part!(
+            detail,
+            "explained by its link to {links}: only that link looks degraded, no action"
+        );
     }
     if !blamed.is_empty() && fs.phase == Phase::Healthy {
         fs.phase = Phase::Suspect;
     }
-    if detail.is_empty() {
-        detail.push("nothing stands out (own detector, peer group and observers)".into());
-    }
-    fs.detail = format!("confidence {}: {}", fmt_num(conf), detail.join("; "));
+    write_detail(&mut fs.detail, conf, detail);
     let alone: Vec<String> = match observers_alone {
         Some(v) if !explained && raw_conf >= p.degrade_confidence && conf < p.degrade_confidence => {
             v.flagged_by.clone()
