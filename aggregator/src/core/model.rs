@@ -199,11 +199,17 @@ pub struct PoolSnapshot {
 #[derive(Debug, Default)]
 pub struct AddressBook {
     pub(super) names: Vec<String>,
-    pub(super) by_name: HashMap<String, usize>,
-    exact: HashMap<IpAddr, u32>,
+    pub(super) by_name: FastMap<String, usize>,
+    exact: FastMap<IpAddr, u32>,
     /// By prefix length, longest first: network → node.
-    cidrs: BTreeMap<std::cmp::Reverse<u8>, HashMap<ipnet::IpNet, u32>>,
+    cidrs: BTreeMap<std::cmp::Reverse<u8>, FastMap<ipnet::IpNet, u32>>,
 }
+
+/// The book answers about 400,000 lookups per decision step at 10,000 nodes (20 peers × 2
+/// families each), where std's `SipHash` took 5 % of the step. foldhash (hashbrown's default) is
+/// seeded at random per process and per map: minimally DoS-resistant, which suffices for
+/// addresses only authenticated agents report.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 impl AddressBook {
     #[must_use]
