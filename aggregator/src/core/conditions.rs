@@ -251,11 +251,23 @@ pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &Ste
         if !(changed || refresh_due) {
             continue;
         }
-        for head in heads.iter().filter(|h| !as_written(h)) {
-            let d = with_message(head, st, p);
+        // Each condition's message is built once, for the write and for the Events of the
+        // conditions that changed.
+        let conditions = heads
+            .iter()
+            .map(|h| {
+                let d = with_message(h, st, p);
+                let keep = view.conditions.get(&d.type_).filter(|c| c.status == d.status);
+                DesiredCondition {
+                    last_transition_ms: keep.map_or(ctx.now, |c| c.last_transition_ms),
+                    ..d
+                }
+            })
+            .collect::<Vec<_>>();
+        for (head, d) in heads.iter().zip(&conditions).filter(|(h, _)| !as_written(h)) {
             let prev = st.written.get(&d.type_);
             if let Subject::Family(family) = head.subject
-                && let Some(event) = prediction::transition_event(name, family, prev.map(|(_, r)| r.as_str()), &d)
+                && let Some(event) = prediction::transition_event(name, family, prev.map(|(_, r)| r.as_str()), d)
             {
                 plan.events.push(event);
             }
@@ -273,17 +285,6 @@ pub(super) fn plan_conditions(nodes: &mut BTreeMap<String, NodeState>, ctx: &Ste
                 });
             }
         }
-        let conditions = heads
-            .iter()
-            .map(|h| {
-                let d = with_message(h, st, p);
-                let keep = view.conditions.get(&d.type_).filter(|c| c.status == d.status);
-                DesiredCondition {
-                    last_transition_ms: keep.map_or(ctx.now, |c| c.last_transition_ms),
-                    ..d
-                }
-            })
-            .collect::<Vec<_>>();
         st.written = conditions
             .iter()
             .map(|c| (c.type_.clone(), (c.status, c.reason.clone())))

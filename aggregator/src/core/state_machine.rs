@@ -387,10 +387,12 @@ impl<'a> Evidence<'a> {
                     .iter()
                     .map(|l| view.labels.get(l).map_or("", String::as_str)),
             );
-            let next = ids.len();
-            let group = match ids.get(key.as_slice()) {
-                Some(g) => *g,
-                None => *ids.entry(key.clone()).or_insert(next),
+            let group = if let Some(g) = ids.get(key.as_slice()) {
+                *g
+            } else {
+                let next = ids.len();
+                ids.insert(key.clone(), next);
+                next
             };
             group_of.insert(*n, group);
             for (f, v) in &r.figures {
