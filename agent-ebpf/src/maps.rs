@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use graywatch_common::{
-    DropKey, FlowKey, FlowStats, KernelOffsets, LostEvent, MAX_DROP_KEYS, MAX_FLOWS, MAX_TRACKED_SOCKETS, NetSettings,
-    SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SocketState, TCP_PROBE_RECORD_MAX,
+    DropKey, FlowKey, FlowStats, KernelOffsets, LostEvent, MAX_CONNECTING, MAX_DROP_KEYS, MAX_FLOWS,
+    MAX_TRACKED_SOCKETS, NetSettings, SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SocketState, TCP_PROBE_RECORD_MAX,
 };
 
 /// Cumulative network statistics per (cgroup, remote address). Shared (not per-CPU) with atomic
@@ -30,6 +30,13 @@ pub static DROPS: HashMap<DropKey, u64> = HashMap::with_max_entries(MAX_DROP_KEY
 /// into deltas. Entries go when the connection leaves ESTABLISHED; LRU eviction covers the rest.
 #[map]
 pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+/// Connection attempts in flight: when each socket (by `struct sock` address) entered
+/// `SYN_SENT`. The entry goes when the socket leaves `SYN_SENT` (connected, refused, failed or
+/// abandoned), so an address reused later finds none. A plain hash, not an LRU: an attempt that
+/// finds no room is counted as lost instead of silently pushing out another one's start.
+#[map]
+pub static CONNECTING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CONNECTING, 0);
 
 /// The sockets this CPU last saw in `tcp:tcp_probe` and when each last added an RTT sample: most
 /// probes inside the sampling interval end here without a hash lookup. Several slots, because
@@ -83,6 +90,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sock_dport: 0,
     sock_num: 0,
     sock_state: 0,
+    sock_err: 0,
 };
 
 /// Filled in by the agent from sysctls before load.

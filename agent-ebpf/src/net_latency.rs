@@ -2,7 +2,8 @@
 //! (which fires as segments arrive) at most once per socket and [`RTT_SAMPLE_INTERVAL_NS`], into
 //! a log-linear histogram per (cgroup, remote address). The same hook accumulates data segments
 //! sent, the denominator of the retransmit ratio; `sock:inet_sock_set_state` hands over what a
-//! socket still holds when it leaves ESTABLISHED.
+//! socket still holds when it leaves ESTABLISHED (and tells connection attempts' outcomes to
+//! [`crate::net_loss`]).
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,6 +21,7 @@ use crate::{
         LAST_PROBED, LAST_PROBED_SLOTS, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min,
         flow_stats, kernel_offsets, socket_key_is_address,
     },
+    net_loss::connect_progress,
     sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, socket_peer, socket_ports, tcp_data_segs_out, tcp_srtt_us},
 };
 
@@ -39,11 +41,17 @@ static TCP_PROBE_FIELDS: TcpProbeFields = TcpProbeFields {
 static SOCK_STATE_FIELDS: SockStateFields = SockStateFields {
     skaddr: 0,
     oldstate: 0,
+    newstate: 0,
     protocol: 0,
-    _pad: 0,
+    family: 0,
+    sport: 0,
+    dport: 0,
+    daddr: 0,
+    daddr_v6: 0,
 };
 
 const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
 const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]
@@ -175,8 +183,7 @@ fn sample_socket<C: EbpfContext>(
         last.last_sample_ns = now;
         // Remember the socket, and take its first RTT sample.
         let (flow, sk, srtt) = first()?;
-        let (segs, data_segs_out) =
-            SocketState::first_data_segs(tcp_data_segs_out(&kernel_offsets(), sk as *const u8));
+        let (segs, data_segs_out) = SocketState::first_data_segs(tcp_data_segs_out(&kernel_offsets(), sk as *const u8));
         let state = SocketState {
             flow,
             sk,
@@ -258,8 +265,10 @@ fn record_sample<C: EbpfContext>(ctx: &C, flow: &FlowKey, segs: u32, srtt: u32) 
     Ok(())
 }
 
-/// A TCP socket leaving ESTABLISHED: add the segments it sent since its last sample to its flow
-/// (a connection shorter than the sampling interval would otherwise count none) and forget it.
+/// A TCP socket changing state. Leaving ESTABLISHED: add the segments it sent since its last
+/// sample to its flow (a connection shorter than the sampling interval would otherwise count
+/// none) and forget it. Entering or leaving `SYN_SENT`: a connection attempt's start and outcome
+/// ([`crate::net_loss::connect_progress`]).
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     match try_inet_sock_set_state(&ctx) {
@@ -271,17 +280,24 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a static in .rodata written by the loader.
     let fields = unsafe { core::ptr::read_volatile(&raw const SOCK_STATE_FIELDS) };
     // SAFETY: offsets come from this kernel's tracepoint format file.
-    let (protocol, oldstate) = unsafe {
+    let (protocol, oldstate, newstate) = unsafe {
         (
             ctx.read_at::<u16>(fields.protocol as usize).map_err(|_| ())?,
             ctx.read_at::<i32>(fields.oldstate as usize).map_err(|_| ())?,
+            ctx.read_at::<i32>(fields.newstate as usize).map_err(|_| ())?,
         )
     };
-    if protocol != IPPROTO_TCP || oldstate != TCP_ESTABLISHED {
+    if protocol != IPPROTO_TCP {
         return Ok(());
     }
     // SAFETY: as above.
     let sk = unsafe { ctx.read_at::<u64>(fields.skaddr as usize).map_err(|_| ())? } as *const u8;
+    if oldstate == TCP_SYN_SENT || newstate == TCP_SYN_SENT {
+        return connect_progress(ctx, &fields, sk, oldstate, newstate);
+    }
+    if oldstate != TCP_ESTABLISHED {
+        return Ok(());
+    }
     let offsets = kernel_offsets();
     let key = if socket_key_is_address() {
         sk as u64

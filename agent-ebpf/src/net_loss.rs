@@ -1,18 +1,26 @@
-//! Packet loss: TCP retransmissions (`tcp:tcp_retransmit_skb`) per (cgroup, remote address), and
-//! kernel packet drops with the kernel's own reason (`skb:kfree_skb`).
+//! Packet loss: TCP retransmissions (`tcp:tcp_retransmit_skb`) and connection attempts nobody
+//! answered (`sock:inet_sock_set_state`, from [`crate::net_latency`]'s program) per (cgroup, remote
+//! address), and kernel packet drops with the kernel's own reason (`skb:kfree_skb`).
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use graywatch_common::{
-    AF_INET, AF_INET6, DropKey, FlowKey, KernelOffsets, KfreeSkbFields, TcpRetransmitFields, flow_direction,
+    AF_INET, AF_INET6, DropKey, FlowKey, KernelOffsets, KfreeSkbFields, LostEvent, SockStateFields,
+    TcpRetransmitFields, connect_unanswered, flow_direction,
 };
 
 use crate::{
-    maps::{SOCKETS, add_u64, count_drop, ephemeral_port_min, flow_stats, kernel_offsets, socket_key_is_address},
+    maps::{
+        CONNECTING, SOCKETS, add_u64, count_drop, count_lost, ephemeral_port_min, flow_stats, kernel_offsets,
+        socket_key_is_address,
+    },
     sock::{
-        ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_is_full, socket_peer,
-        tcp_data_segs_out,
+        ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_error,
+        socket_is_full, socket_peer, tcp_data_segs_out,
     },
 };
+
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
 
 #[unsafe(no_mangle)]
 static TCP_RETRANSMIT_FIELDS: TcpRetransmitFields = TcpRetransmitFields {
@@ -114,6 +122,66 @@ fn segments_sent_at_retransmit(offsets: &KernelOffsets, sk: *const u8, retransmi
         Some(state) => u64::from(unsafe { (*state).take_data_segs_sent(tcp_data_segs_out(offsets, sk)) }),
         None => retransmitted,
     }
+}
+
+/// A connection attempt's progress (`sk` entered or left `SYN_SENT`): its start is remembered;
+/// an attempt that closes unanswered (see [`connect_unanswered`]) counts towards its flow. One
+/// that began before the agent has no start and is not judged.
+#[inline(always)]
+pub fn connect_progress(
+    ctx: &TracePointContext,
+    fields: &SockStateFields,
+    sk: *const u8,
+    oldstate: i32,
+    newstate: i32,
+) -> Result<(), ()> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = sk as u64;
+    if newstate == TCP_SYN_SENT {
+        if CONNECTING.insert(key, now, 0).is_err() {
+            count_lost(LostEvent::ConnectMapFull);
+        }
+        return Ok(());
+    }
+    // SAFETY: a plain u64 copied out of the entry at once.
+    let started = unsafe { CONNECTING.get(key).copied() };
+    let _ = CONNECTING.remove(key);
+    let Some(started) = started else { return Ok(()) };
+    if oldstate != TCP_SYN_SENT || newstate != TCP_CLOSE {
+        return Ok(());
+    }
+    let offsets = kernel_offsets();
+    if !connect_unanswered(socket_error(&offsets, sk).ok_or(())?, now.wrapping_sub(started)) {
+        return Ok(());
+    }
+    // From the record: the socket's port is already released (see `SockStateFields`).
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    let (family, sport, dport, remote_addr) = unsafe {
+        let family = ctx.read_at::<u16>(fields.family as usize).map_err(|_| ())?;
+        let remote_addr = match family {
+            AF_INET => ipv4_mapped(ctx.read_at(fields.daddr as usize).map_err(|_| ())?),
+            AF_INET6 => ctx.read_at(fields.daddr_v6 as usize).map_err(|_| ())?,
+            _ => return Ok(()),
+        };
+        (
+            family,
+            ctx.read_at::<u16>(fields.sport as usize).map_err(|_| ())?,
+            ctx.read_at::<u16>(fields.dport as usize).map_err(|_| ())?,
+            remote_addr,
+        )
+    };
+    let flow = FlowKey {
+        cgroup_id: socket_cgroup_id(&offsets, sk).ok_or(())?,
+        remote_addr,
+        family,
+        direction: flow_direction(sport, dport, ephemeral_port_min()),
+        _pad: [0; 5],
+    };
+    let stats = flow_stats(ctx, &flow).ok_or(())?;
+    // SAFETY: `stats` points into a live FLOWS value.
+    unsafe { add_u64(&raw mut (*stats).unanswered_connects, 1) };
+    Ok(())
 }
 
 #[tracepoint]

@@ -108,6 +108,17 @@ pub fn tcp_data_segs_out(offsets: &KernelOffsets, sk: *const u8) -> Option<u32> 
     unsafe { read(sk, offsets.tcp_sock_data_segs_out).ok() }
 }
 
+/// `sock.sk_err`: the error the kernel failed the socket with (0 if none).
+#[inline(always)]
+pub fn socket_error(offsets: &KernelOffsets, sk: *const u8) -> Option<i32> {
+    // SAFETY: bpf_probe_read_kernel.
+    let err = unsafe { read(sk, offsets.sock_err).ok() };
+    if err.is_none() {
+        count_lost(LostEvent::KernelReadFailed);
+    }
+    err
+}
+
 /// `skb->sk`, null when the packet belongs to no socket.
 #[inline(always)]
 pub fn skb_socket(offsets: &KernelOffsets, skb: *const u8) -> *const u8 {

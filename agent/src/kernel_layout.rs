@@ -103,6 +103,7 @@ impl KernelLayout {
             sock_dport: self.offset_of("sock.__sk_common.skc_dport")?,
             sock_num: self.offset_of("sock.__sk_common.skc_num")?,
             sock_state: self.offset_of("sock.__sk_common.skc_state")?,
+            sock_err: self.offset_of("sock.sk_err")?,
         })
     }
 

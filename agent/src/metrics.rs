@@ -98,6 +98,7 @@ pub struct Metrics {
     rtt_p99: Family<WorkloadLabels, GaugeF64>,
     retransmits: Family<WorkloadLabels, Counter>,
     segments_sent: Family<WorkloadLabels, Counter>,
+    unanswered_connects: Family<WorkloadLabels, Counter>,
     drops: Family<ReasonLabels, Counter>,
     lost_events: Family<KindLabels, Gauge>,
     pub signal_available: Family<SignalLabels, Gauge>,
@@ -135,6 +136,7 @@ impl Metrics {
             rtt_p99: Family::default(),
             retransmits: Family::default(),
             segments_sent: Family::default(),
+            unanswered_connects: Family::default(),
             drops: Family::default(),
             lost_events: Family::default(),
             signal_available: Family::default(),
@@ -152,31 +154,7 @@ impl Metrics {
             registry: Registry::default(),
             host: HostMetrics::default(),
         };
-        registry.register(
-            "pod_tcp_rtt_p50_seconds",
-            "Median smoothed TCP RTT of the workload's flows in the last window",
-            m.rtt_p50.clone(),
-        );
-        registry.register(
-            "pod_tcp_rtt_p99_seconds",
-            "99th percentile smoothed TCP RTT of the workload's flows in the last window",
-            m.rtt_p99.clone(),
-        );
-        registry.register(
-            "pod_tcp_retransmits",
-            "TCP segments retransmitted by the workload",
-            m.retransmits.clone(),
-        );
-        registry.register(
-            "pod_tcp_data_segments_sent",
-            "TCP segments with payload sent by the workload, retransmissions included, pure ACKs not (seen at ACK time): the denominator of the retransmit ratio",
-            m.segments_sent.clone(),
-        );
-        registry.register(
-            "kernel_drops",
-            "Packets dropped by the kernel, by the kernel's drop reason",
-            m.drops.clone(),
-        );
+        m.register_network(&mut registry);
         registry.register(
             "ebpf_lost_events",
             "Events the kernel programs could not record (cumulative)",
@@ -228,6 +206,40 @@ impl Metrics {
         Metrics { registry, host, ..m }
     }
 
+    /// The per-workload TCP figures and the kernel's drops.
+    fn register_network(&self, registry: &mut Registry) {
+        registry.register(
+            "pod_tcp_rtt_p50_seconds",
+            "Median smoothed TCP RTT of the workload's flows in the last window",
+            self.rtt_p50.clone(),
+        );
+        registry.register(
+            "pod_tcp_rtt_p99_seconds",
+            "99th percentile smoothed TCP RTT of the workload's flows in the last window",
+            self.rtt_p99.clone(),
+        );
+        registry.register(
+            "pod_tcp_retransmits",
+            "TCP segments retransmitted by the workload",
+            self.retransmits.clone(),
+        );
+        registry.register(
+            "pod_tcp_data_segments_sent",
+            "TCP segments with payload sent by the workload, retransmissions included, pure ACKs not (seen at ACK time): the denominator of the retransmit ratio",
+            self.segments_sent.clone(),
+        );
+        registry.register(
+            "pod_tcp_unanswered_connects",
+            "TCP connection attempts by the workload that nobody answered: closed from SYN_SENT with neither a SYN-ACK nor a refusal (SYN retries ran out, an ICMP error, or the client gave up after at least 200 ms)",
+            self.unanswered_connects.clone(),
+        );
+        registry.register(
+            "kernel_drops",
+            "Packets dropped by the kernel, by the kernel's drop reason",
+            self.drops.clone(),
+        );
+    }
+
     /// Updates the metrics from one window.
     pub fn observe(&self, summary: &WindowSummary) {
         self.windows.inc();
@@ -242,11 +254,15 @@ impl Metrics {
             }
             self.retransmits.get_or_create(&labels).inc_by(w.retransmits);
             self.segments_sent.get_or_create(&labels).inc_by(w.segments_sent);
+            self.unanswered_connects
+                .get_or_create(&labels)
+                .inc_by(w.unanswered_connects);
             self.workload_series.seen(&labels);
         }
         for gone in self.workload_series.end_window(WORKLOAD_SERIES_TTL_WINDOWS) {
             self.retransmits.remove(&gone);
             self.segments_sent.remove(&gone);
+            self.unanswered_connects.remove(&gone);
         }
         for d in &summary.network.drops {
             self.drops
@@ -618,6 +634,7 @@ mod tests {
                         segments_sent: 10,
                         retransmits: 1,
                         retransmit_ratio: Some(0.1),
+                        unanswered_connects: 0,
                         remotes: 1,
                     })
                     .collect(),

@@ -440,6 +440,8 @@ pub struct PeerWindow {
     pub rtt: Option<RttBuckets>,
     pub segments_out: u64,
     pub retransmits: u64,
+    /// Connection attempts towards the peer nobody answered.
+    pub unanswered_connects: u64,
 }
 
 impl PeerWindow {
@@ -458,6 +460,7 @@ impl PeerWindow {
 struct Fold {
     segments_out: u64,
     retransmits: u64,
+    unanswered_connects: u64,
     outbound: RttBuckets,
     other: RttBuckets,
     addresses: u32,
@@ -467,6 +470,7 @@ impl Fold {
     fn add(&mut self, other: &Fold) {
         self.segments_out += other.segments_out;
         self.retransmits += other.retransmits;
+        self.unanswered_connects += other.unanswered_connects;
         self.outbound.add(&other.outbound);
         self.other.add(&other.other);
         self.addresses += other.addresses;
@@ -474,7 +478,7 @@ impl Fold {
 
     /// How busy the peer was: what ranks peers for the top-N.
     fn weight(&self) -> u64 {
-        self.segments_out + self.outbound.samples() + self.other.samples()
+        self.segments_out + self.unanswered_connects + self.outbound.samples() + self.other.samples()
     }
 
     fn into_peer(self, remote: IpAddr, node: Option<Arc<str>>, external: bool) -> PeerWindow {
@@ -497,6 +501,7 @@ impl Fold {
             rtt,
             segments_out: self.segments_out,
             retransmits: self.retransmits,
+            unanswered_connects: self.unanswered_connects,
         }
     }
 }
@@ -515,6 +520,7 @@ pub fn peers(summary: &WindowSummary, book: &PeerBook, answers: &AddressAnswers,
         });
         fold.segments_out += flow.segments_sent;
         fold.retransmits += flow.retransmits;
+        fold.unanswered_connects += flow.unanswered_connects;
         if flow.rtt.is_some() {
             if flow.direction == Direction::Outbound {
                 fold.outbound.add(&flow.rtt_buckets);

@@ -117,15 +117,9 @@ impl LocalScorer {
                     p99,
                 );
             }
-            if loss_measured && (peer.segments_out > 0 || peer.retransmits > 0) {
-                let pct = graywatch_detect::retransmit_pct(peer.retransmits, peer.segments_out);
-                self.feed(
-                    Family::PacketLoss,
-                    format!("retransmits to {}", peer.label()),
-                    "%",
-                    t,
-                    pct,
-                );
+            if loss_measured && (peer.segments_out > 0 || peer.retransmits > 0 || peer.unanswered_connects > 0) {
+                let pct = graywatch_detect::loss_pct(peer.retransmits, peer.unanswered_connects, peer.segments_out);
+                self.feed(Family::PacketLoss, format!("loss to {}", peer.label()), "%", t, pct);
             }
         }
         // No steal column (or no previous reading): no series is fed, so the family stays

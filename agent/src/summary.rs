@@ -138,6 +138,9 @@ pub struct FlowWindow {
     pub retransmits: u64,
     /// retransmits / data segments sent; `None` when nothing was sent.
     pub retransmit_ratio: Option<f64>,
+    /// Connection attempts nobody answered: each closed from `SYN_SENT` with neither an answer
+    /// nor a refusal ([`graywatch_common::connect_unanswered`]).
+    pub unanswered_connects: u64,
     /// The window's RTT distribution as the kernel's bucket counts (small: the per-flow HDR
     /// histograms of ~24 KiB each were most of a busy node's memory), for peers and scoring.
     #[serde(skip)]
@@ -151,6 +154,7 @@ pub struct WorkloadNetWindow {
     pub segments_sent: u64,
     pub retransmits: u64,
     pub retransmit_ratio: Option<f64>,
+    pub unanswered_connects: u64,
     pub remotes: usize,
 }
 

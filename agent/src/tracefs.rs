@@ -323,8 +323,13 @@ impl TryFrom<&EventFormat> for SockStateFields {
         Ok(Self {
             skaddr: f.offset("skaddr")?,
             oldstate: f.offset("oldstate")?,
+            newstate: f.offset("newstate")?,
             protocol: f.offset("protocol")?,
-            _pad: 0,
+            family: f.offset("family")?,
+            sport: f.offset("sport")?,
+            dport: f.offset("dport")?,
+            daddr: f.offset("daddr")?,
+            daddr_v6: f.offset("daddr_v6")?,
         })
     }
 }

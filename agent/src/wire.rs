@@ -93,10 +93,11 @@ pub fn node_summary(
     }
     let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
     let retransmits: u64 = peers.iter().map(|p| p.retransmits).sum();
-    if segments > 0 || retransmits > 0 {
+    let unanswered: u64 = peers.iter().map(|p| p.unanswered_connects).sum();
+    if segments > 0 || retransmits > 0 || unanswered > 0 {
         families.push(FamilyFigures {
             family: Family::PacketLoss.into(),
-            value: graywatch_detect::retransmit_pct(retransmits, segments),
+            value: graywatch_detect::loss_pct(retransmits, unanswered, segments),
             unit: "percent".into(),
             samples: segments,
         });
@@ -156,6 +157,7 @@ pub fn node_summary(
                 rtt_p99_us: p.rtt_p99_us.unwrap_or(0.0),
                 segments_out: p.segments_out,
                 retransmits: p.retransmits,
+                unanswered_connects: p.unanswered_connects,
                 node_name: p.node.as_deref().unwrap_or_default().to_owned(),
                 remote_addresses: p.addresses,
                 external: p.external,

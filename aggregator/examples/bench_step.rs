@@ -139,6 +139,7 @@ fn main() {
                         rtt_p99_us: if bad || j.is_multiple_of(997) { 8000.0 } else { 300.0 },
                         segments_out: 1000,
                         retransmits: 1,
+                        unanswered_connects: 0,
                     }
                 })
                 .collect();

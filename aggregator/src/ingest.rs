@@ -417,6 +417,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             rtt_p99_us: p.rtt_p99_us,
             segments_out: p.segments_out,
             retransmits: p.retransmits,
+            unanswered_connects: p.unanswered_connects,
         });
     }
     Ok((

@@ -563,6 +563,78 @@ fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
     }
 }
 
+/// Issue 17.3: towards a blackholed peer, a client with a deadline gives up each connection
+/// attempt before TCP retransmits its SYN (initial RTO 1 s): nothing is retransmitted and nothing
+/// sent, so only the attempts themselves show the loss. Every attempt the client gave up is
+/// counted, once, towards its peer; a refusal (a reset, the path works) is not, even when it
+/// comes as late as an unanswered attempt would be given up.
+#[test]
+fn connects_nobody_answers_are_counted_and_refusals_are_not() {
+    let mut one = OneFlow::start(RttSource::Auto, "unanswered");
+    let (client_node, server_node) = (one.bench.node(0), one.bench.node(1));
+    let (agent, cgroup) = (&mut one.agent, &one.workload);
+    let server = server_node.ipv4;
+    let unanswered =
+        |summary: &WindowSummary| flow(summary, cgroup, server.into()).map_or(0, |f| f.unanswered_connects);
+    let failures = |client: &mut Client| {
+        client.report()["failures"]
+            .as_u64()
+            .expect("the client reports its failed attempts")
+    };
+
+    // Refused after 250 ms (the link emulator delays the SYN): later than the 200 ms after which
+    // an abandoned attempt counts, so only the kernel's ECONNREFUSED tells it apart.
+    let slow = LinkEmulator::start(
+        &client_node.netns,
+        client_node.ipv4,
+        "eth0",
+        &[server],
+        LinkSpec {
+            delay: Duration::from_millis(250),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+        },
+    )
+    .expect("start the link emulator");
+    let closed_port = SocketAddr::new(server.into(), PORT + 1);
+    let mut refused = Client::start(
+        client_node,
+        cgroup,
+        closed_port,
+        &["--request-timeout", "2s", "--duration", "1500ms"],
+    );
+    let refusals = failures(&mut refused);
+    let _ = refused.child.wait();
+    drop(slow);
+    let after_refusals = agent.collect().expect("collect a window");
+    assert!(refusals >= 2, "the closed port refused the attempts: {refusals}");
+    assert_eq!(unanswered(&after_refusals), 0, "a refusal is an answer");
+
+    // Everything from the peer is dropped: no SYN-ACK ever arrives.
+    let _blackhole = NftDrop::start(&client_node.netns, "input", &format!("ip saddr {server}"), 100).expect("nft drop");
+    let target = SocketAddr::new(server.into(), PORT);
+    let mut client = Client::start(
+        client_node,
+        cgroup,
+        target,
+        &["--request-timeout", "300ms", "--duration", "2s"],
+    );
+    let given_up = failures(&mut client);
+    let _ = client.child.wait();
+    let summary = agent.collect().expect("collect a window");
+    let towards_peer = flow(&summary, cgroup, server.into()).expect("the attempts are a flow towards the peer");
+    eprintln!(
+        "unanswered: client gave up {given_up} attempts; flow {} unanswered, {} retransmits, {} segments",
+        towards_peer.unanswered_connects, towards_peer.retransmits, towards_peer.segments_sent
+    );
+    assert!(given_up >= 3, "the client kept trying: {given_up}");
+    assert_eq!(
+        towards_peer.unanswered_connects, given_up,
+        "each abandoned attempt counted once"
+    );
+    assert_eq!(towards_peer.direction, Direction::Outbound);
+}
+
 /// A `TIME_WAIT` socket is an `inet_timewait_sock`, only a `sock_common`: packets dropped at it
 /// (or that it sent) are reported towards its peer, charged to no workload, and no read of a full
 /// socket's fields (its cgroup) is attempted there, so nothing is counted as lost.

@@ -42,10 +42,12 @@ pub enum LostEvent {
     OomRingFull = 7,
     /// A `bpf_probe_read_kernel` of task or cgroup fields failed.
     TaskReadFailed = 8,
+    /// `CONNECTING` could not take a new connection attempt (its outcome is then not counted).
+    ConnectMapFull = 9,
 }
 
 impl LostEvent {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [LostEvent; Self::COUNT as usize] = [
         LostEvent::FlowMapFull,
         LostEvent::DropMapFull,
@@ -56,6 +58,7 @@ impl LostEvent {
         LostEvent::ReclaimMapFull,
         LostEvent::OomRingFull,
         LostEvent::TaskReadFailed,
+        LostEvent::ConnectMapFull,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -69,6 +72,7 @@ impl LostEvent {
             LostEvent::ReclaimMapFull => "reclaim_map_full",
             LostEvent::OomRingFull => "oom_ring_full",
             LostEvent::TaskReadFailed => "task_read_failed",
+            LostEvent::ConnectMapFull => "connect_map_full",
         }
     }
 }
@@ -77,3 +81,5 @@ impl LostEvent {
 pub const MAX_FLOWS: u32 = 16_384;
 pub const MAX_DROP_KEYS: u32 = 4_096;
 pub const MAX_TRACKED_SOCKETS: u32 = 65_536;
+/// Connection attempts in flight at once (a socket in `SYN_SENT`).
+pub const MAX_CONNECTING: u32 = 16_384;

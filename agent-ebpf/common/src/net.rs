@@ -66,6 +66,11 @@ pub struct FlowStats {
     /// Segments retransmitted (`tcp:tcp_retransmit_skb` events weighted by the skb's segment
     /// count, as the kernel's `TcpRetransSegs` counts them).
     pub retransmits: u64,
+    /// Connection attempts nobody answered (see [`connect_unanswered`]): each sent a SYN and got
+    /// neither a SYN-ACK nor a refusal, so towards a blackholed peer they are the loss that
+    /// retransmits cannot show (a connection that never opened has nothing to retransmit once
+    /// its client gives up, and its SYN retransmission races the client's deadline).
+    pub unanswered_connects: u64,
     /// When the kernel created this entry (`bpf_ktime_get_ns`; 0 until set): tells an entry the
     /// agent evicted and the kernel recreated apart from counters that wrapped. The u32 RTT
     /// buckets do wrap on long-lived flows; the agent takes wrapping deltas unless this changed.
@@ -79,6 +84,7 @@ impl FlowStats {
     pub const ZERO: FlowStats = FlowStats {
         data_segs_out: 0,
         retransmits: 0,
+        unanswered_connects: 0,
         created_ns: 0,
         rtt_buckets: [0; RTT_BUCKETS],
     };
@@ -156,6 +162,34 @@ impl SocketState {
         let sent = now.wrapping_sub(self.data_segs_out);
         self.data_segs_out = now;
         sent
+    }
+}
+
+/// A connection attempt the application abandoned after this long without an answer counts as
+/// unanswered: the kernel's minimum retransmission timeout (`TCP_RTO_MIN`, 200 ms). A handshake
+/// across a cluster takes well under a millisecond, and TCP itself would retransmit a data segment
+/// unacknowledged for that long; an attempt given up sooner (a happy-eyeballs race lost to
+/// another address) says nothing about the path.
+pub const UNANSWERED_CONNECT_MIN_NS: u64 = 200_000_000;
+
+/// `ECONNREFUSED`: the peer answered the SYN with a reset (nothing listens on that port). The
+/// path works; this is no loss.
+pub const ECONNREFUSED: i32 = 111;
+
+/// Whether a connection attempt that closed from `SYN_SENT` went unanswered: the kernel failed it
+/// with an error other than a refusal (its SYN retries ran out, or an ICMP error said the peer is
+/// unreachable), or, with no error (the application closed it), it waited at least
+/// [`UNANSWERED_CONNECT_MIN_NS`].
+#[expect(
+    clippy::inline_always,
+    reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+)]
+#[inline(always)]
+pub fn connect_unanswered(sk_err: i32, waited_ns: u64) -> bool {
+    match sk_err {
+        0 => waited_ns >= UNANSWERED_CONNECT_MIN_NS,
+        ECONNREFUSED => false,
+        _ => true,
     }
 }
 

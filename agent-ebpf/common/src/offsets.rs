@@ -43,6 +43,9 @@ pub struct KernelOffsets {
     /// `struct sock_common.skc_state` (u8): a `TIME_WAIT` or `NEW_SYN_RECV` socket is only a
     /// `sock_common` (an `inet_timewait_sock` / `request_sock`), with no full-socket fields.
     pub sock_state: u32,
+    /// `struct sock.sk_err` (int): why the kernel failed a connection attempt (`ECONNREFUSED`,
+    /// `ETIMEDOUT`, `EHOSTUNREACH`, …), set before the socket goes to `CLOSE`.
+    pub sock_err: u32,
 }
 
 /// Field offsets inside the `tcp:tcp_probe` tracepoint record.
@@ -109,13 +112,18 @@ pub struct SockStateFields {
     pub skaddr: u32,
     /// `int oldstate` (`TCP_ESTABLISHED` = 1, …).
     pub oldstate: u32,
+    /// `int newstate` (`TCP_SYN_SENT` = 2, `TCP_CLOSE` = 7, …).
+    pub newstate: u32,
     /// `__u16 protocol` (`IPPROTO_TCP` = 6).
     pub protocol: u32,
-    #[expect(
-        clippy::pub_underscore_fields,
-        reason = "explicit padding, public so both sides build the value; kernel and user layouts match byte for byte"
-    )]
-    pub _pad: u32,
+    /// `__u16 family`, `__u16 sport` / `dport` (host order), `__u8 daddr[4]`, `__u8
+    /// daddr_v6[16]`: the record keeps them from before the change. The socket's own `skc_num`
+    /// is already 0 when a socket that goes to `CLOSE` fires it (its port is released first).
+    pub family: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub daddr: u32,
+    pub daddr_v6: u32,
 }
 
 /// Field offsets inside the `skb:kfree_skb` tracepoint record.

@@ -28,6 +28,8 @@ pub struct FlowDelta {
     pub rtt_sum_us: u64,
     pub segments_sent: u64,
     pub retransmits: u64,
+    /// Connection attempts nobody answered ([`graywatch_common::connect_unanswered`]).
+    pub unanswered_connects: u64,
     pub rtt_buckets: Box<[u64; RTT_BUCKETS]>,
 }
 
@@ -37,13 +39,14 @@ impl FlowDelta {
         self.rtt_sum_us += other.rtt_sum_us;
         self.segments_sent += other.segments_sent;
         self.retransmits += other.retransmits;
+        self.unanswered_connects += other.unanswered_connects;
         for (total, more) in self.rtt_buckets.iter_mut().zip(other.rtt_buckets.iter()) {
             *total += more;
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.rtt_samples == 0 && self.segments_sent == 0 && self.retransmits == 0
+        self.rtt_samples == 0 && self.segments_sent == 0 && self.retransmits == 0 && self.unanswered_connects == 0
     }
 
     /// `now - before`, or `now` alone if the kernel entry was recreated. Recreation is what the
@@ -56,6 +59,7 @@ impl FlowDelta {
             (b.created_ns != 0 && now.created_ns != 0 && b.created_ns != now.created_ns)
                 || now.data_segs_out < b.data_segs_out
                 || now.retransmits < b.retransmits
+                || now.unanswered_connects < b.unanswered_connects
         });
         let before = if restarted { None } else { before };
         let mut rtt_buckets = Box::new([0u64; RTT_BUCKETS]);
@@ -73,6 +77,7 @@ impl FlowDelta {
             rtt_sum_us,
             segments_sent: now.data_segs_out - before.map_or(0, |b| b.data_segs_out),
             retransmits: now.retransmits - before.map_or(0, |b| b.retransmits),
+            unanswered_connects: now.unanswered_connects - before.map_or(0, |b| b.unanswered_connects),
             rtt_buckets,
         }
     }
@@ -218,6 +223,7 @@ struct WorkloadTotals {
     rtt_sum_us: u64,
     segments_sent: u64,
     retransmits: u64,
+    unanswered_connects: u64,
     remotes: usize,
 }
 
@@ -260,6 +266,7 @@ pub fn network_window(
             rtt_sum_us: 0,
             segments_sent: 0,
             retransmits: 0,
+            unanswered_connects: 0,
             remotes: 0,
         });
         totals.buckets.add(&buckets);
@@ -267,6 +274,7 @@ pub fn network_window(
         totals.rtt_sum_us += change.rtt_sum_us;
         totals.segments_sent += change.segments_sent;
         totals.retransmits += change.retransmits;
+        totals.unanswered_connects += change.unanswered_connects;
         totals.remotes += 1;
         window.flows.push(FlowWindow {
             workload,
@@ -276,6 +284,7 @@ pub fn network_window(
             segments_sent: change.segments_sent,
             retransmits: change.retransmits,
             retransmit_ratio: ratio(change.retransmits, change.segments_sent),
+            unanswered_connects: change.unanswered_connects,
             rtt_buckets: buckets,
         });
     }
@@ -290,6 +299,7 @@ pub fn network_window(
             workload: totals.workload,
             segments_sent: totals.segments_sent,
             retransmits: totals.retransmits,
+            unanswered_connects: totals.unanswered_connects,
             remotes: totals.remotes,
         });
     }

@@ -153,7 +153,9 @@ fn vantage_floor(family: Family) -> f64 {
 fn peer_figure(family: Family, p: &super::model::PeerObservation) -> Option<f64> {
     match family {
         Family::NetworkLatency if p.rtt_samples > 0 && p.rtt_p99_us.is_finite() => Some(p.rtt_p99_us),
-        Family::PacketLoss if p.segments_out > 0 || p.retransmits > 0 => Some(p.retrans_pct()),
+        Family::PacketLoss if p.segments_out > 0 || p.retransmits > 0 || p.unanswered_connects > 0 => {
+            Some(p.loss_pct())
+        }
         _ => None,
     }
 }
@@ -372,6 +374,7 @@ mod tests {
                     rtt_p99_us: *rtt,
                     segments_out: 1000,
                     retransmits: 0,
+                    unanswered_connects: 0,
                 })
                 .collect(),
             ..Default::default()
@@ -432,6 +435,52 @@ mod tests {
         assert_eq!((v["n1"].flagged, v["n2"].flagged), (1, 1));
         for i in 3..=5 {
             assert!(v[&format!("n{i}")].link_partners.is_empty(), "n{i}");
+        }
+    }
+
+    /// n1 ↔ n2 blackholed: neither end can connect to the other, so there is no RTT, nothing
+    /// sent and nothing retransmitted between them, only connection attempts nobody answered.
+    /// Those are total loss, and the link is blamed from both ends.
+    #[test]
+    fn connects_nobody_answers_blame_the_link() {
+        let nodes: Vec<NodeView> = (1..=5).map(node).collect();
+        let book = AddressBook::new(&nodes);
+        let reports: BTreeMap<String, NodeReport> = (1..=5u8)
+            .map(|i| {
+                let mut report = report_towards(
+                    &(1..=5u8)
+                        .filter(|j| *j != i && (i, *j) != (1, 2) && (i, *j) != (2, 1))
+                        .map(|j| (j, 300.0))
+                        .collect::<Vec<_>>(),
+                );
+                if let Some(other) = match i {
+                    1 => Some(2),
+                    2 => Some(1),
+                    _ => None,
+                } {
+                    report.peers.push(PeerObservation {
+                        addr: IpAddr::from([10, 0, 0, other]),
+                        rtt_samples: 0,
+                        rtt_p99_us: 0.0,
+                        segments_out: 0,
+                        retransmits: 0,
+                        unanswered_connects: 2,
+                    });
+                }
+                (format!("n{i}"), report)
+            })
+            .collect();
+        let v = vantage(
+            Family::PacketLoss,
+            &book,
+            reports.iter().map(|(k, r)| (k.as_str(), r)),
+            3.0,
+        );
+        assert_eq!(v["n1"].link_partners, ["n2"]);
+        assert_eq!(v["n2"].link_partners, ["n1"]);
+        for i in 3..=5 {
+            assert!(v[&format!("n{i}")].link_partners.is_empty(), "n{i}");
+            assert_eq!(v[&format!("n{i}")].flagged, 0, "n{i}");
         }
     }
 

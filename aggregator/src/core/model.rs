@@ -17,7 +17,7 @@ pub const PREDICTED_FAILURE_REASON: &str = "PredictedFailure";
 
 /// The signal families; one Node condition each (defined once, shared with agent and wire).
 pub use graywatch_proto::Family;
-use graywatch_proto::retransmit_pct;
+use graywatch_proto::loss_pct;
 
 /// What the cluster says about one Node (from a watch of Nodes), including what we wrote before.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -139,13 +139,16 @@ pub struct PeerObservation {
     pub rtt_p99_us: f64,
     pub segments_out: u64,
     pub retransmits: u64,
+    /// Connection attempts towards the peer nobody answered.
+    pub unanswered_connects: u64,
 }
 
 impl PeerObservation {
-    /// Retransmitted / sent segments in percent (0 when nothing was sent).
+    /// Lost / sent segments in percent, unanswered connection attempts included
+    /// ([`loss_pct`]; 0 when nothing was sent).
     #[must_use]
-    pub fn retrans_pct(&self) -> f64 {
-        retransmit_pct(self.retransmits, self.segments_out)
+    pub fn loss_pct(&self) -> f64 {
+        loss_pct(self.retransmits, self.unanswered_connects, self.segments_out)
     }
 }
 

@@ -118,6 +118,7 @@ impl Sim {
                         rtt_p99_us: if slow { 8000.0 } else { 300.0 + (j % 7) as f64 * 5.0 },
                         segments_out: 1000,
                         retransmits: if slow { 60 } else { 1 },
+                        unanswered_connects: 0,
                     }
                 })
                 .collect();
@@ -937,6 +938,7 @@ fn lie(sim: &mut Sim, liars: &BTreeSet<usize>, victim: usize, low_base: bool, sp
                     rtt_p99_us: 300.0,
                     segments_out: 1000,
                     retransmits: 0,
+                    unanswered_connects: 0,
                 });
             }
         }
