@@ -132,14 +132,19 @@ fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
     }
 }
 
-/// A fault on every link out of one zone, on 9 nodes in 3 zones (between two zones it is
-/// symmetric): one zone verdict, no taint on any of its nodes (they cross into Degraded a
-/// window or two apart; the first waits for the verdict), and no action elsewhere.
+/// On 9 nodes in 3 zones, two faults that are no single node's: a fault on every link out of
+/// one zone (between two zones it is symmetric) gets one zone verdict and no taint on any of its
+/// nodes (they cross into Degraded a window or two apart; the first waits for the verdict); a
+/// blackhole from node-b towards node-a alone is reported as a degraded link, from both of its
+/// ends (connection attempts nobody answered), and acts on neither. No action elsewhere.
 #[test]
-fn a_zone_wide_fault_gets_a_zone_verdict_and_no_taint() {
-    let (results, stdout) = run_scenarios(&["--nodes", "9", "--zones", "3", "--node", "node-b"], &["zone-wide"]);
-    let [zone] = results.as_slice() else {
-        panic!("one result:\n{stdout}");
+fn a_zone_wide_fault_and_a_broken_link_act_on_no_node() {
+    let (results, stdout) = run_scenarios(
+        &["--nodes", "9", "--zones", "3", "--node", "node-b"],
+        &["zone-wide", "blackhole-one-peer"],
+    );
+    let [zone, blackhole] = results.as_slice() else {
+        panic!("two results:\n{stdout}");
     };
     let context = format!("{zone}\n{stdout}");
     assert!(zone["clean_before"].as_bool().unwrap_or(false), "{context}");
@@ -147,4 +152,10 @@ fn a_zone_wide_fault_gets_a_zone_verdict_and_no_taint() {
     assert_eq!(zone["tainted_targets"], serde_json::json!([]), "{context}");
     assert_eq!(zone["false_actions"], serde_json::json!([]), "{context}");
     assert!(zone["recovery_seconds"].is_number(), "no recovery: {context}");
+    let context = format!("{blackhole}\n{stdout}");
+    assert!(blackhole["clean_before"].as_bool().unwrap_or(false), "{context}");
+    assert!(blackhole["link_seconds"].is_number(), "no degraded link: {context}");
+    assert_eq!(blackhole["tainted_targets"], serde_json::json!([]), "{context}");
+    assert_eq!(blackhole["false_actions"], serde_json::json!([]), "{context}");
+    assert!(blackhole["recovery_seconds"].is_number(), "no recovery: {context}");
 }
