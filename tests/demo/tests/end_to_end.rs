@@ -146,16 +146,14 @@ fn a_zone_wide_fault_and_a_broken_link_act_on_no_node() {
     let [zone, blackhole] = results.as_slice() else {
         panic!("two results:\n{stdout}");
     };
-    let context = format!("{zone}\n{stdout}");
-    assert!(zone["clean_before"].as_bool().unwrap_or(false), "{context}");
-    assert!(zone["verdict_seconds"].is_number(), "no zone verdict: {context}");
-    assert_eq!(zone["tainted_targets"], serde_json::json!([]), "{context}");
-    assert_eq!(zone["false_actions"], serde_json::json!([]), "{context}");
-    assert!(zone["recovery_seconds"].is_number(), "no recovery: {context}");
-    let context = format!("{blackhole}\n{stdout}");
-    assert!(blackhole["clean_before"].as_bool().unwrap_or(false), "{context}");
-    assert!(blackhole["link_seconds"].is_number(), "no degraded link: {context}");
-    assert_eq!(blackhole["tainted_targets"], serde_json::json!([]), "{context}");
-    assert_eq!(blackhole["false_actions"], serde_json::json!([]), "{context}");
-    assert!(blackhole["recovery_seconds"].is_number(), "no recovery: {context}");
+    let no_action = |result: &serde_json::Value, reaction: &str| {
+        let context = format!("{result}\n{stdout}");
+        assert!(result["clean_before"].as_bool().unwrap_or(false), "{context}");
+        assert!(result[reaction].is_number(), "no {reaction}: {context}");
+        assert_eq!(result["tainted_targets"], serde_json::json!([]), "{context}");
+        assert_eq!(result["false_actions"], serde_json::json!([]), "{context}");
+        assert!(result["recovery_seconds"].is_number(), "no recovery: {context}");
+    };
+    no_action(zone, "verdict_seconds");
+    no_action(blackhole, "link_seconds");
 }
