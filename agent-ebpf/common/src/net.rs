@@ -364,6 +364,6 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 32);
         assert_eq!(core::mem::size_of::<DropKey>(), 32);
-        assert_eq!(core::mem::size_of::<FlowStats>(), 24 + 4 * RTT_BUCKETS);
+        assert_eq!(core::mem::size_of::<FlowStats>(), 32 + 4 * RTT_BUCKETS);
     }
 }
