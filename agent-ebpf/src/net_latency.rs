@@ -21,7 +21,7 @@ use crate::{
         LAST_PROBED, LAST_PROBED_SLOTS, SOCKETS, TCP_PROBE_SCRATCH, add_u32, add_u64, count_lost, ephemeral_port_min,
         flow_stats, kernel_offsets, socket_key_is_address,
     },
-    net_loss::connect_progress,
+    net_loss::{TCP_SYN_SENT, connect_progress},
     sock::{ipv4_mapped, socket_cgroup_id, socket_cookie, socket_peer, socket_ports, tcp_data_segs_out, tcp_srtt_us},
 };
 
@@ -51,7 +51,6 @@ static SOCK_STATE_FIELDS: SockStateFields = SockStateFields {
 };
 
 const TCP_ESTABLISHED: i32 = 1;
-const TCP_SYN_SENT: i32 = 2;
 const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]

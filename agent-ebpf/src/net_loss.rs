@@ -19,7 +19,8 @@ use crate::{
     },
 };
 
-const TCP_SYN_SENT: i32 = 2;
+/// `TCP_SYN_SENT`: a connection attempt waiting for its answer.
+pub const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 
 #[unsafe(no_mangle)]
@@ -71,13 +72,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), ()> {
             return Ok(());
         }
     }
-    let remote_addr = unsafe {
-        match family {
-            AF_INET => ipv4_mapped(ctx.read_at(fields.daddr as usize).map_err(|_| ())?),
-            AF_INET6 => ctx.read_at(fields.daddr_v6 as usize).map_err(|_| ())?,
-            _ => return Err(()),
-        }
-    };
+    let remote_addr = record_remote(ctx, family, fields.daddr, fields.daddr_v6)?.ok_or(())?;
     let cgroup_id = socket_cgroup_id(&offsets, sk).ok_or(())?;
     // Same key as tcp_probe's, so retransmits and segments sent land in one entry.
     let direction = flow_direction(sport, dport, ephemeral_port_min());
@@ -124,6 +119,20 @@ fn segments_sent_at_retransmit(offsets: &KernelOffsets, sk: *const u8, retransmi
     }
 }
 
+/// The far end of a TCP tracepoint record as an IPv6 or IPv4-mapped address, from its `daddr` /
+/// `daddr_v6` fields (offsets from the format file); `None` for another family.
+#[inline(always)]
+fn record_remote(ctx: &TracePointContext, family: u16, daddr: u32, daddr_v6: u32) -> Result<Option<[u8; 16]>, ()> {
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    unsafe {
+        Ok(match family {
+            AF_INET => Some(ipv4_mapped(ctx.read_at(daddr as usize).map_err(|_| ())?)),
+            AF_INET6 => Some(ctx.read_at(daddr_v6 as usize).map_err(|_| ())?),
+            _ => None,
+        })
+    }
+}
+
 /// A connection attempt's progress (`sk` entered or left `SYN_SENT`): its start is remembered;
 /// an attempt that closes unanswered (see [`connect_unanswered`]) counts towards its flow. One
 /// that began before the agent has no start and is not judged.
@@ -157,19 +166,15 @@ pub fn connect_progress(
     }
     // From the record: the socket's port is already released (see `SockStateFields`).
     // SAFETY: offsets come from this kernel's tracepoint format file.
-    let (family, sport, dport, remote_addr) = unsafe {
-        let family = ctx.read_at::<u16>(fields.family as usize).map_err(|_| ())?;
-        let remote_addr = match family {
-            AF_INET => ipv4_mapped(ctx.read_at(fields.daddr as usize).map_err(|_| ())?),
-            AF_INET6 => ctx.read_at(fields.daddr_v6 as usize).map_err(|_| ())?,
-            _ => return Ok(()),
-        };
+    let (family, sport, dport) = unsafe {
         (
-            family,
+            ctx.read_at::<u16>(fields.family as usize).map_err(|_| ())?,
             ctx.read_at::<u16>(fields.sport as usize).map_err(|_| ())?,
             ctx.read_at::<u16>(fields.dport as usize).map_err(|_| ())?,
-            remote_addr,
         )
+    };
+    let Some(remote_addr) = record_remote(ctx, family, fields.daddr, fields.daddr_v6)? else {
+        return Ok(());
     };
     let flow = FlowKey {
         cgroup_id: socket_cgroup_id(&offsets, sk).ok_or(())?,
