@@ -389,7 +389,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             for answers in reporter.take_answers() {
                 address_answers.absorb(&answers, now);
             }
-            let mut msg = crate::wire::node_summary(&identity, seq, &summary, &peers, &scores);
+            let mut msg = crate::wire::node_summary(&identity, seq, &summary, &peers, &scores, scorer.sustained_loss());
             msg.address_lookups = address_answers
                 .lookups(&unmapped, now, graywatch_proto::MAX_ADDRESS_LOOKUPS)
                 .iter()

@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use graywatch_detect::{Family, FamilyScore, SignalScorer, SignalScorerConfig};
+use graywatch_detect::{
+    Family, FamilyScore, LossSpan, SignalScorer, SignalScorerConfig, SustainedLoss,
+    loss::{SUSTAINED_LOSS_MIN_CHANGE, SUSTAINED_LOSS_WINDOWS},
+};
 
 use crate::{peers::PeerWindow, summary::WindowSummary};
 
@@ -61,6 +64,8 @@ impl Series {
 pub struct LocalScorer {
     config: SignalScorerConfig,
     families: HashMap<Family, HashMap<String, Series>>,
+    /// The node's lost and sent segments over the last windows (all peers, as its wire figure).
+    sustained_loss: SustainedLoss,
 }
 
 impl Default for LocalScorer {
@@ -74,12 +79,24 @@ impl LocalScorer {
         Self {
             config,
             families: HashMap::new(),
+            sustained_loss: SustainedLoss::default(),
         }
     }
 
+    /// The node's sustained loss span, once a window has been counted (for the wire).
+    pub fn sustained_loss(&self) -> Option<LossSpan> {
+        let span = self.sustained_loss.span();
+        (span.windows > 0).then_some(span)
+    }
+
     fn feed(&mut self, family: Family, key: String, unit: &'static str, t: f64, value: f64) {
+        self.feed_with_step(family, key, unit, family.min_change(), t, value);
+    }
+
+    /// [`Self::feed`] with the series' own smallest change that matters (`min_delta`).
+    fn feed_with_step(&mut self, family: Family, key: String, unit: &'static str, step: f64, t: f64, value: f64) {
         let config = SignalScorerConfig {
-            min_delta: family.min_change(),
+            min_delta: step,
             // See `robust_floor`: node-level figures (pressure, run-queue, steal), and the
             // per-peer retransmit ratios, whose 0.5-point `min_delta` keeps one retransmit in a
             // quiet window out, and whose long memory otherwise learns a node's past loss
@@ -121,6 +138,32 @@ impl LocalScorer {
                 let pct = graywatch_detect::loss_pct(peer.retransmits, peer.unanswered_connects, peer.segments_out);
                 self.feed(Family::PacketLoss, format!("loss to {}", peer.label()), "%", t, pct);
             }
+        }
+        // The node's loss over the last windows, counted: a light steady loss (0.5 %) hides
+        // in one window's figure towards each peer (see `graywatch_detect::loss`). Pooled over
+        // every peer, as the node's wire figure; judged once the span is full and sent enough.
+        if loss_measured {
+            let (lost, sent) = peers.iter().fold((0u64, 0u64), |(lost, sent), p| {
+                (
+                    lost.saturating_add(p.retransmits).saturating_add(p.unanswered_connects),
+                    sent.saturating_add(p.segments_out)
+                        .saturating_add(p.unanswered_connects),
+                )
+            });
+            self.sustained_loss.push(lost, sent);
+            let span = self.sustained_loss.span();
+            if span.is_judgeable() {
+                self.feed_with_step(
+                    Family::PacketLoss,
+                    format!("sustained loss (last {SUSTAINED_LOSS_WINDOWS} windows, all peers)"),
+                    "%",
+                    SUSTAINED_LOSS_MIN_CHANGE,
+                    t,
+                    span.pct(),
+                );
+            }
+        } else {
+            self.sustained_loss.clear();
         }
         // No steal column (or no previous reading): no series is fed, so the family stays
         // unscored ("no data" → Unknown upstream), never a healthy 0 %.
@@ -450,6 +493,58 @@ pub(crate) mod tests {
         assert!(quiet.score.is_some_and(|s| s < 0.3), "{quiet:?}");
         let loss = feed(4, 5);
         assert!(loss.score.is_some_and(|s| s > 0.7), "{loss:?}");
+    }
+
+    /// A node that loses 0.45 % of its 400 segments a second, spread over 8 peers: each peer's
+    /// one-window figure is 0 or 2 %, and some windows lose nothing at all. Each peer's
+    /// detector flags its own windows with a loss only; the node's sustained loss, counted over
+    /// the last windows, backs every window, those without a loss included.
+    #[test]
+    fn a_light_steady_loss_scores_every_window_through_the_sustained_loss() {
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        let mut feed = |lost_per_window: &dyn Fn(u32) -> u64, windows: u32| {
+            (0..windows)
+                .map(|w| {
+                    let lost = lost_per_window(w);
+                    // The window's losses go to `lost` peers, one each, a different few each
+                    // window.
+                    let flows: Vec<_> = (0..8u32)
+                        .map(|p| {
+                            let retransmits = u64::from(u64::from((p + 8 - (w * 3) % 8) % 8) < lost);
+                            let octet = 10 + u8::try_from(p).expect("8 peers");
+                            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, octet)), 1_000, 10, 50, retransmits)
+                        })
+                        .collect();
+                    let window = window_with_flows(&flows);
+                    let score = scorer
+                        .observe(t, &window, &peers_of(&window))
+                        .into_iter()
+                        .find(|s| s.family == Family::PacketLoss)
+                        .expect("every family is scored");
+                    t += 1.0;
+                    (lost, score)
+                })
+                .collect::<Vec<_>>()
+        };
+        // Healthy: one lost segment every 5 s (0.05 %).
+        let healthy = feed(&|w| u64::from(w % 5 == 0), 200);
+        let (_, last) = healthy.last().expect("200 windows");
+        assert!(last.score.is_some_and(|s| s < 0.3), "{last:?}");
+        let pattern = [2, 0, 3, 2, 2, 1, 0, 2, 3, 2];
+        let light = feed(&|w| pattern[w as usize % pattern.len()], 20);
+        for (lost, score) in &light[10..] {
+            assert!(score.score.is_some_and(|s| s > 0.7), "{lost} lost: {score:?}");
+            if *lost == 0 {
+                assert!(
+                    score
+                        .reason
+                        .starts_with("sustained loss (last 10 windows, all peers) 0.4"),
+                    "{}",
+                    score.reason
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@ use graywatch_proto::{
     v1::{Family, FamilyFigures, LocalScore, NodeIdentity, NodeSummary, PeerStats, Prediction, Window},
 };
 
+use graywatch_detect::LossSpan;
+
 use crate::{
     peers::PeerWindow,
     scoring::LocalFamilyScore,
@@ -75,58 +77,9 @@ pub fn node_summary(
     summary: &WindowSummary,
     peers: &[PeerWindow],
     scores: &[LocalFamilyScore],
+    sustained_loss: Option<LossSpan>,
 ) -> NodeSummary {
-    let mut families = Vec::new();
-
-    // Network latency: the node's RTT p99 over every peer's merged distribution.
-    let mut all_rtt = RttBuckets::default();
-    for rtt in peers.iter().filter_map(|p| p.rtt.as_ref()) {
-        all_rtt.add(rtt);
-    }
-    if let Some(p99) = all_rtt.quantile_us(0.99) {
-        families.push(FamilyFigures {
-            family: Family::NetworkLatency.into(),
-            value: p99 as f64,
-            unit: "us".into(),
-            samples: all_rtt.samples(),
-        });
-    }
-    let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
-    let retransmits: u64 = peers.iter().map(|p| p.retransmits).sum();
-    let unanswered: u64 = peers.iter().map(|p| p.unanswered_connects).sum();
-    if segments > 0 || retransmits > 0 || unanswered > 0 {
-        families.push(FamilyFigures {
-            family: Family::PacketLoss.into(),
-            value: graywatch_detect::loss_pct(retransmits, unanswered, segments),
-            unit: "percent".into(),
-            samples: segments,
-        });
-    }
-    if let Some(steal) = &summary.cpu.steal {
-        families.push(FamilyFigures {
-            family: Family::CpuSteal.into(),
-            value: steal.node_pct,
-            unit: "percent".into(),
-            samples: 1,
-        });
-    }
-    if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
-        families.push(FamilyFigures {
-            family: Family::CpuContention.into(),
-            value: worst_runq,
-            unit: "us".into(),
-            samples: summary.cpu.run_queue.iter().map(|w| w.latency.samples).sum(),
-        });
-    }
-    if let Some(pct) = summary.pressure.node.memory.as_ref().and_then(|m| m.some_pct) {
-        families.push(FamilyFigures {
-            family: Family::MemoryPressure.into(),
-            value: pct,
-            unit: "percent".into(),
-            samples: 1,
-        });
-    }
-
+    let families = family_figures(summary, peers, sustained_loss);
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -180,6 +133,72 @@ pub fn node_summary(
         // Set by the window loop, which holds the aggregator's earlier answers.
         address_lookups: Vec::new(),
     }
+}
+
+/// The window's headline figure per family (larger = worse); a family the window measured
+/// nothing of has none.
+fn family_figures(
+    summary: &WindowSummary,
+    peers: &[PeerWindow],
+    sustained_loss: Option<LossSpan>,
+) -> Vec<FamilyFigures> {
+    let mut families = Vec::new();
+    // Network latency: the node's RTT p99 over every peer's merged distribution.
+    let mut all_rtt = RttBuckets::default();
+    for rtt in peers.iter().filter_map(|p| p.rtt.as_ref()) {
+        all_rtt.add(rtt);
+    }
+    if let Some(p99) = all_rtt.quantile_us(0.99) {
+        families.push(FamilyFigures {
+            family: Family::NetworkLatency.into(),
+            value: p99 as f64,
+            unit: "us".into(),
+            samples: all_rtt.samples(),
+            ..Default::default()
+        });
+    }
+    let segments: u64 = peers.iter().map(|p| p.segments_out).sum();
+    let retransmits: u64 = peers.iter().map(|p| p.retransmits).sum();
+    let unanswered: u64 = peers.iter().map(|p| p.unanswered_connects).sum();
+    if segments > 0 || retransmits > 0 || unanswered > 0 {
+        families.push(FamilyFigures {
+            family: Family::PacketLoss.into(),
+            value: graywatch_detect::loss_pct(retransmits, unanswered, segments),
+            unit: "percent".into(),
+            samples: segments,
+            span_lost: sustained_loss.map_or(0, |s| s.lost),
+            span_sent: sustained_loss.map_or(0, |s| s.sent),
+            span_windows: sustained_loss.map_or(0, |s| s.windows),
+        });
+    }
+    if let Some(steal) = &summary.cpu.steal {
+        families.push(FamilyFigures {
+            family: Family::CpuSteal.into(),
+            value: steal.node_pct,
+            unit: "percent".into(),
+            samples: 1,
+            ..Default::default()
+        });
+    }
+    if let Some(worst_runq) = summary.cpu.worst_run_queue_p99_us() {
+        families.push(FamilyFigures {
+            family: Family::CpuContention.into(),
+            value: worst_runq,
+            unit: "us".into(),
+            samples: summary.cpu.run_queue.iter().map(|w| w.latency.samples).sum(),
+            ..Default::default()
+        });
+    }
+    if let Some(pct) = summary.pressure.node.memory.as_ref().and_then(|m| m.some_pct) {
+        families.push(FamilyFigures {
+            family: Family::MemoryPressure.into(),
+            value: pct,
+            unit: "percent".into(),
+            samples: 1,
+            ..Default::default()
+        });
+    }
+    families
 }
 
 /// The window's predictions, the soonest per family (they come sorted soonest first).
@@ -241,7 +260,12 @@ mod tests {
             addresses: vec!["10.0.0.1".into()],
             agent_started_ns: 11,
         };
-        let msg = node_summary(&identity, 7, &window, &peers_of(&window), &scores);
+        let span = LossSpan {
+            lost: 12,
+            sent: 4_000,
+            windows: 10,
+        };
+        let msg = node_summary(&identity, 7, &window, &peers_of(&window), &scores, Some(span));
         assert_eq!(msg.protocol_version, PROTOCOL_VERSION);
         assert_eq!(msg.node.as_ref().map(|n| n.agent_started_ns), Some(11));
         assert_eq!(msg.window.as_ref().map(|w| (w.seq, w.end_unix_ms)), Some((7, 2_000)));
@@ -258,6 +282,11 @@ mod tests {
             .find(|f| f.family == i32::from(Family::PacketLoss))
             .expect("loss");
         assert!((loss.value - 2.5).abs() < 1e-9);
+        assert_eq!(
+            (loss.span_lost, loss.span_sent, loss.span_windows),
+            (12, 4_000, 10),
+            "the sustained span rides with the window's figure"
+        );
         assert_eq!(msg.peers.len(), 1);
         assert_eq!(msg.peers[0].remote_addr, "10.0.0.9");
         assert_eq!(msg.peers[0].remote_addresses, 1);
@@ -286,7 +315,7 @@ mod tests {
             reason: format!("{workload} leaks"),
         };
         window.predictions = vec![prediction("a", 30.0), prediction("b", 90.0)];
-        let msg = node_summary(&Identity::default(), 1, &window, &peers_of(&window), &[]);
+        let msg = node_summary(&Identity::default(), 1, &window, &peers_of(&window), &[], None);
         assert_eq!(msg.predictions.len(), 1, "{:?}", msg.predictions);
         let p = &msg.predictions[0];
         assert_eq!(p.family, i32::from(Family::MemoryPressure));
@@ -310,7 +339,7 @@ mod tests {
             .collect();
         let window = window_with_flows(&flows);
         let peers = peers_of(&window);
-        let msg = node_summary(&Identity::default(), 1, &window, &peers, &[]);
+        let msg = node_summary(&Identity::default(), 1, &window, &peers, &[], None);
         assert!(msg.peers.len() <= 4_096, "{} peers", msg.peers.len());
         assert!(msg.encoded_len() < 1024 * 1024, "{} bytes", msg.encoded_len());
         assert!(msg.peers.last().is_some_and(|p| p.external && p.remote_addr == "::"));

@@ -14,7 +14,7 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use graywatch_proto::{
-    MAX_ADDRESS_LOOKUPS, PROTOCOL_VERSION, family_from_wire,
+    Family, LossSpan, MAX_ADDRESS_LOOKUPS, PROTOCOL_VERSION, family_from_wire,
     v1::{self, Directive, NodeSummary, directive, ingest_server::Ingest},
 };
 use tokio::sync::mpsc;
@@ -338,6 +338,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
         )));
     }
     let mut figures = BTreeMap::new();
+    let mut sustained_loss = None;
     for (i, f) in s.families.iter().enumerate() {
         if !f.value.is_finite() || f.value < 0.0 {
             return Err(Status::invalid_argument(format!(
@@ -345,8 +346,21 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
                 f.value
             )));
         }
+        if f.span_lost > f.span_sent {
+            return Err(Status::invalid_argument(format!(
+                "families[{i}].span_lost: {} lost of {} sent",
+                f.span_lost, f.span_sent
+            )));
+        }
         if let Some(fam) = family_from_wire(f.family) {
             figures.insert(fam, f.value);
+            if fam == Family::PacketLoss && f.span_windows > 0 {
+                sustained_loss = Some(LossSpan {
+                    lost: f.span_lost,
+                    sent: f.span_sent,
+                    windows: f.span_windows,
+                });
+            }
         }
     }
     let mut local = BTreeMap::new();
@@ -428,6 +442,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             agent_started_ns: node.agent_started_ns,
             received_ms: now_ms,
             figures,
+            sustained_loss,
             local,
             predictions,
             peers,

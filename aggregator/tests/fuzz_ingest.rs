@@ -53,6 +53,7 @@ fn valid() -> NodeSummary {
             value: 300.0,
             unit: "us".into(),
             samples: 10,
+            ..Default::default()
         }],
         peers: vec![PeerStats {
             remote_addr: "10.0.0.2".into(),

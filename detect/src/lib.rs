@@ -10,6 +10,8 @@
 //! * [`forecast`]: [`forecast::CrossingForecast`], the predicted-failure forecast (Holt's ETA
 //!   to a limit, with the confidence of a steady rise).
 //! * [`filters`]: k-of-n persistence (ignore transient spikes) and warm-up suppression.
+//! * [`loss`]: the loss figures, one window's and the sustained one over the last few
+//!   windows (counted, with each window's share capped).
 //! * [`ensemble`]: [`ensemble::GrayDetector`], the anomaly score inside the shipped pipeline.
 //! * [`combine`]: [`combine::SignalScorer`], the per-signal pipeline the agent runs and the
 //!   evaluation scores (`shipped`), and the per-family [`combine::FamilyScore`] with a
@@ -26,6 +28,7 @@ pub mod detectors;
 pub mod ensemble;
 pub mod filters;
 pub mod forecast;
+pub mod loss;
 mod robust;
 mod tail;
 
@@ -36,6 +39,7 @@ pub use combine::{FamilyScore, Score, SignalScorer, SignalScorerConfig};
 pub use detectors::{Cusum, HalfSpaceTrees, Holt, PageHinkley, RobustZ};
 pub use ensemble::{GrayDetector, GrayDetectorConfig};
 pub use forecast::{Crossing, CrossingConfig, CrossingForecast};
+pub use loss::{LossSpan, SustainedLoss, loss_pct};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,46 +123,6 @@ impl Family {
     #[must_use]
     pub fn has_vantage(self) -> bool {
         matches!(self, Family::NetworkLatency | Family::PacketLoss)
-    }
-}
-
-/// The loss figure of one window towards one peer (or a whole node), in percent: segments lost
-/// over segments sent. Lost are the retransmitted segments plus the connection attempts nobody
-/// answered; sent are the data segments (retransmissions included, pure ACKs not: they are never
-/// retransmitted) plus those attempts (each sent a SYN that got no answer). Loss with nothing
-/// acknowledged is 100 %: a blackhole acknowledges nothing, which is total loss, not "no data".
-/// Capped at 100.
-#[must_use]
-pub fn loss_pct(retransmits: u64, unanswered_connects: u64, segments_sent: u64) -> f64 {
-    let lost = retransmits.saturating_add(unanswered_connects);
-    let sent = segments_sent.saturating_add(unanswered_connects);
-    match (lost, sent) {
-        (0, _) => 0.0,
-        (_, 0) => 100.0,
-        (l, s) => (100.0 * l as f64 / s as f64).min(100.0),
-    }
-}
-
-#[cfg(test)]
-mod loss_pct_tests {
-    use super::loss_pct;
-
-    #[test]
-    fn nothing_acknowledged_is_total_loss_and_nothing_retransmitted_none() {
-        assert!((loss_pct(3, 0, 0) - 100.0).abs() < 1e-12);
-        assert!(loss_pct(0, 0, 0).abs() < 1e-12);
-        assert!((loss_pct(1, 0, 200) - 0.5).abs() < 1e-12);
-        assert!((loss_pct(500, 0, 100) - 100.0).abs() < 1e-12, "capped");
-    }
-
-    #[test]
-    fn unanswered_connects_are_lost_segments_of_their_own() {
-        // A peer reached only by attempts nobody answered: total loss, though nothing was
-        // retransmitted and no data segment sent.
-        assert!((loss_pct(0, 2, 0) - 100.0).abs() < 1e-12);
-        // One unanswered attempt beside a busy healthy connection is a small share.
-        assert!((loss_pct(0, 1, 999) - 0.1).abs() < 1e-12);
-        assert!((loss_pct(1, 1, 199) - 1.0).abs() < 1e-12);
     }
 }
 

@@ -13,7 +13,7 @@ pub mod v1 {
     tonic::include_proto!("graywatch.v1");
 }
 
-pub use graywatch_detect::{Family, loss_pct};
+pub use graywatch_detect::{Family, LossSpan, loss_pct};
 
 /// The wire value of a family: the one place the shared [`Family`] and the wire enum meet.
 impl From<Family> for v1::Family {

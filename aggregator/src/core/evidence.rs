@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use graywatch_proto::LossSpan;
+
 pub use super::model::AddressBook;
 use super::model::{Family, NodeReport};
 
@@ -40,10 +42,44 @@ pub struct GroupStats {
     pub n: usize,
 }
 
+/// Floor of the sustained loss figure's group scale, in points. A quarter of the per-window
+/// floor: the figure pools ten windows (noise down by √10) and caps each window's share.
+const SUSTAINED_LOSS_SCALE_FLOOR: f64 = 0.05;
+
+/// The background loss assumed when a node's peers lose (almost) nothing, in percent: the
+/// sampling noise of a node's sustained figure is judged at least at this rate.
+const SUSTAINED_LOSS_BACKGROUND_PCT: f64 = 0.01;
+
 impl GroupStats {
     /// `None` for an empty group (non-finite values are ignored).
     #[must_use]
     pub fn of(family: Family, group: &[f64]) -> Option<Self> {
+        Self::with_floor(group, |median| scale_floor(family, median))
+    }
+
+    /// Group stats of the nodes' sustained loss figures (percent over their spans).
+    #[must_use]
+    pub fn of_sustained_loss(group: &[f64]) -> Option<Self> {
+        Self::with_floor(group, |median| SUSTAINED_LOSS_SCALE_FLOOR.max(0.2 * median.abs()))
+    }
+
+    /// Robust z of a node's sustained loss against this group (see [`Self::of_sustained_loss`]).
+    /// The spread is the larger of the group's and the node's own sampling noise: a node that
+    /// sent few segments has a noisier figure than its peers' spread says (binomial at the
+    /// group's rate, never below [`SUSTAINED_LOSS_BACKGROUND_PCT`]). 0 for a span too short or
+    /// too quiet to judge.
+    #[must_use]
+    pub fn sustained_loss_z(&self, span: &LossSpan) -> f64 {
+        if !span.is_judgeable() {
+            return 0.0;
+        }
+        let p = self.median.max(SUSTAINED_LOSS_BACKGROUND_PCT) / 100.0;
+        let sampling = 100.0 * (p * (1.0 - p) / span.sent as f64).sqrt();
+        let z = (span.pct() - self.median) / self.scale.max(sampling);
+        if z.is_finite() { z } else { 0.0 }
+    }
+
+    fn with_floor(group: &[f64], floor: impl Fn(f64) -> f64) -> Option<Self> {
         let mut g: Vec<f64> = group.iter().copied().filter(|v| v.is_finite()).collect();
         if g.is_empty() {
             return None;
@@ -51,7 +87,7 @@ impl GroupStats {
         let med = median(&mut g);
         let mut dev: Vec<f64> = g.iter().map(|v| (v - med).abs()).collect();
         let mad = median(&mut dev);
-        let scale = (1.4826 * mad).max(scale_floor(family, med));
+        let scale = (1.4826 * mad).max(floor(med));
         Some(Self {
             median: med,
             scale,

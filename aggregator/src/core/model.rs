@@ -17,7 +17,7 @@ pub const PREDICTED_FAILURE_REASON: &str = "PredictedFailure";
 
 /// The signal families; one Node condition each (defined once, shared with agent and wire).
 pub use graywatch_proto::Family;
-use graywatch_proto::loss_pct;
+use graywatch_proto::{LossSpan, loss_pct};
 
 /// What the cluster says about one Node (from a watch of Nodes), including what we wrote before.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -87,6 +87,9 @@ pub struct NodeReport {
     pub received_ms: Millis,
     /// Headline figure per family (larger = worse).
     pub figures: BTreeMap<Family, f64>,
+    /// The node's sustained loss: lost and sent segments over its agent's last windows (see
+    /// `graywatch_detect::loss`), when the agent sent it.
+    pub sustained_loss: Option<LossSpan>,
     /// The agent's own detector scores in [0,1] with reasons.
     pub local: BTreeMap<Family, (f64, String)>,
     /// Failures the agent forecasts (the soonest per family).

@@ -6,6 +6,8 @@ use std::{
     fmt::{self, Write as _},
 };
 
+use graywatch_proto::LossSpan;
+
 use super::{
     evidence::{self, AddressBook, VantageEvidence},
     model::{CondStatus, Family, Millis, NodeReport, NodeView, PREDICTED_FAILURE_REASON, Prediction, WindowId},
@@ -367,6 +369,8 @@ struct Evidence<'a> {
     /// step's distinct ones (a number per node instead of a copy of its labels per lookup).
     group_of: BTreeMap<&'a str, usize>,
     groups: BTreeMap<(Family, usize), evidence::GroupStats>,
+    /// Per peer group, its nodes' sustained loss figures (spans that can be judged only).
+    sustained_loss: BTreeMap<usize, evidence::GroupStats>,
     vantage: BTreeMap<Family, BTreeMap<String, VantageEvidence>>,
 }
 
@@ -377,6 +381,7 @@ impl<'a> Evidence<'a> {
         let mut key: Vec<&'a str> = Vec::with_capacity(p.peer_group_labels.len());
         let mut group_of = BTreeMap::new();
         let mut groups: BTreeMap<(Family, usize), Vec<f64>> = BTreeMap::new();
+        let mut sustained: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for (n, r) in &ctx.fresh {
             let Some(view) = ctx.input.nodes.get(*n) else {
                 continue;
@@ -400,11 +405,18 @@ impl<'a> Evidence<'a> {
                     groups.entry((*f, group)).or_default().push(*v);
                 }
             }
+            if let Some(span) = r.sustained_loss.filter(LossSpan::is_judgeable) {
+                sustained.entry(group).or_default().push(span.pct());
+            }
         }
         // Median and scale once per group (O(fleet log fleet) per step, not per node).
         let groups = groups
             .into_iter()
             .filter_map(|(k, vals)| evidence::GroupStats::of(k.0, &vals).map(|g| (k, g)))
+            .collect();
+        let sustained_loss = sustained
+            .into_iter()
+            .filter_map(|(k, vals)| evidence::GroupStats::of_sustained_loss(&vals).map(|g| (k, g)))
             .collect();
         let book = ctx
             .input
@@ -424,6 +436,7 @@ impl<'a> Evidence<'a> {
         Self {
             group_of,
             groups,
+            sustained_loss,
             vantage,
         }
     }
@@ -521,7 +534,33 @@ fn note_lost_events(st: &mut NodeState, report: &NodeReport) {
 
 /// The peer-group part of a family's evidence: how far the node's `figure` sits from its
 /// group's (0 when the group is too small to judge).
-fn peer_evidence(f: Family, figure: f64, group: Option<usize>, ev: &Evidence, p: &Policy, detail: &mut String) -> f64 {
+/// For `PacketLoss`, the larger of the window's figure and the sustained loss (`sustained`).
+fn peer_evidence(
+    f: Family,
+    figure: Option<f64>,
+    sustained: Option<LossSpan>,
+    group: Option<usize>,
+    ev: &Evidence,
+    p: &Policy,
+    detail: &mut String,
+) -> f64 {
+    let window = figure.map_or(0.0, |x| window_peer_evidence(f, x, group, ev, p, detail));
+    if f == Family::PacketLoss {
+        window.max(sustained_loss_evidence(sustained, group, ev, p, detail))
+    } else {
+        window
+    }
+}
+
+/// [`peer_evidence`] of one window's figure.
+fn window_peer_evidence(
+    f: Family,
+    figure: f64,
+    group: Option<usize>,
+    ev: &Evidence,
+    p: &Policy,
+    detail: &mut String,
+) -> f64 {
     let Some(group) = group
         .and_then(|g| ev.groups.get(&(f, g)))
         .filter(|group| group.n >= p.peer_min_group)
@@ -538,6 +577,39 @@ fn peer_evidence(f: Family, figure: f64, group: Option<usize>, ev: &Evidence, p:
         Num(z)
     );
     evidence::ramp(z, p.peer_z_low, p.peer_z_high)
+}
+
+/// The peer-group part of the node's sustained loss (its last windows' lost over sent, see
+/// `graywatch_detect::loss`) against its group's: how a light steady loss stands out that
+/// each window's figure hides in noise.
+fn sustained_loss_evidence(
+    span: Option<LossSpan>,
+    group: Option<usize>,
+    ev: &Evidence,
+    p: &Policy,
+    detail: &mut String,
+) -> f64 {
+    let Some((span, group)) = span.filter(LossSpan::is_judgeable).zip(
+        group
+            .and_then(|g| ev.sustained_loss.get(&g))
+            .filter(|group| group.n >= p.peer_min_group),
+    ) else {
+        return 0.0;
+    };
+    let z = group.sustained_loss_z(&span);
+    let score = evidence::ramp(z, p.peer_z_low, p.peer_z_high);
+    if score > 0.0 {
+        part!(
+            detail,
+            "sustained loss {} % over {} windows vs peer median {} % (z {}, {} peers)",
+            Num(span.pct()),
+            span.windows,
+            Num(group.median),
+            Num(z),
+            group.n
+        );
+    }
+    score
 }
 
 /// Judges this window's link evidence: the peers that blame their link to this node back
@@ -637,7 +709,7 @@ fn score_family(
         *s
     });
     let group = ev.group_of.get(name).copied();
-    let peer_score = figure.map_or(0.0, |x| peer_evidence(f, x, group, ev, p, detail));
+    let peer_score = peer_evidence(f, figure, report.sustained_loss, group, ev, p, detail);
     // Vantage evidence counts only when corroborated: by the node's own measurements (its
     // detector, its position in its peer group, or its own view of everyone) or by a strict
     // majority of the nodes it reports traffic with. Other nodes' words alone raise Suspect at

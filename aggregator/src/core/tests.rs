@@ -6,6 +6,7 @@ use std::{
     net::IpAddr,
 };
 
+use graywatch_proto::LossSpan;
 use proptest::prelude::*;
 
 use super::{
@@ -44,6 +45,12 @@ struct Sim {
     memory_figures: bool,
     /// Nodes whose agent forecasts a memory failure.
     predicted: BTreeMap<usize, Prediction>,
+    /// Nodes that lose 0.45 % of their segments steadily: their one-window loss figures jump
+    /// between 0 and 1.25 %, and their agent's own sustained-loss detector scores 1.
+    light_loss: BTreeSet<usize>,
+    /// Sustained loss spans the nodes report (10 windows), if any: the lossy nodes lose 0.45 %
+    /// of what they sent, the others 0.05 % of 4,000 segments.
+    loss_span_sent: Option<u64>,
 }
 
 fn zone_of(i: usize, per_zone: usize) -> String {
@@ -99,6 +106,8 @@ impl Sim {
             steal_figure_only: false,
             memory_figures: false,
             predicted: BTreeMap::new(),
+            light_loss: BTreeSet::new(),
+            loss_span_sent: None,
         }
     }
 
@@ -154,6 +163,28 @@ impl Sim {
             };
             if self.memory_figures {
                 report.figures.insert(Family::MemoryPressure, 0.2);
+            }
+            let light = self.light_loss.contains(&i);
+            if light {
+                let per_window = [0.0, 1.25, 0.25, 0.5][usize::try_from(self.round % 4).expect("under 4")];
+                report.figures.insert(Family::PacketLoss, per_window);
+                let reason = "sustained loss (last 10 windows, all peers) 0.45 % vs baseline 0.05 %, z=12.0, for 3 s";
+                report.local.insert(Family::PacketLoss, (1.0, reason.into()));
+            }
+            if let Some(sent) = self.loss_span_sent {
+                report.sustained_loss = Some(if light {
+                    LossSpan {
+                        lost: sent * 45 / 10_000,
+                        sent,
+                        windows: 10,
+                    }
+                } else {
+                    LossSpan {
+                        lost: 2,
+                        sent: 4_000,
+                        windows: 10,
+                    }
+                });
             }
             self.input.reports.insert(format!("node-{i}"), report.into());
         }
@@ -363,6 +394,43 @@ fn a_peer_group_outlier_alone_degrades_only_after_it_lasts() {
     sim.stolen.insert(4, 30.0);
     sim.run(&mut eng, &set(&[]), p.degrade_windows as usize);
     assert_eq!(steal(&sim).status, CondStatus::False);
+}
+
+/// A node that loses 0.45 % of its segments steadily (the matrix's 0.5 % loss) is degraded
+/// through its sustained loss, which stands out from its peers' where each window's figure
+/// (0–1.25 %) does not enough; a span too quiet to judge (1,500 segments) says nothing.
+#[test]
+fn a_light_steady_loss_degrades_through_the_sustained_figure() {
+    let p = Policy::default();
+    let (mut eng, mut sim) = settled(&p);
+    let loss = |sim: &Sim| sim.input.nodes["node-3"].conditions[&p.family_condition(Family::PacketLoss)].clone();
+    let rounds = 4 * p.degrade_windows as usize;
+    sim.light_loss.insert(3);
+    // Its own detector and its one-window figures alone: not enough, however long.
+    sim.run(&mut eng, &set(&[]), rounds);
+    assert_eq!(loss(&sim).status, CondStatus::True, "{}", loss(&sim).message);
+    // A span too quiet to tell a rate from chance is not judged.
+    sim.loss_span_sent = Some(1_500);
+    sim.run(&mut eng, &set(&[]), rounds);
+    assert_eq!(loss(&sim).status, CondStatus::True, "{}", loss(&sim).message);
+    // Counted over 4,000 segments, 0.45 % against peers at 0.05 % is the node.
+    sim.loss_span_sent = Some(4_000);
+    sim.run(&mut eng, &set(&[]), p.degrade_windows as usize);
+    let c = loss(&sim);
+    assert_eq!(c.status, CondStatus::False, "{}", c.message);
+    assert!(
+        c.message
+            .contains("sustained loss 0.45 % over 10 windows vs peer median 0.05 %"),
+        "{}",
+        c.message
+    );
+    for i in (0..10).filter(|i| *i != 3) {
+        assert_eq!(sim.overall(&p, i), Some(CondStatus::True), "node-{i}");
+    }
+    // The loss stops: its span and detector clear, and so does the condition.
+    sim.light_loss.clear();
+    sim.run(&mut eng, &set(&[]), rounds);
+    assert_eq!(loss(&sim).status, CondStatus::True, "{}", loss(&sim).message);
 }
 
 /// An agent's forecast (a pod's working set reaching its limit in 2 minutes) sets the memory
