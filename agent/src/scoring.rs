@@ -64,7 +64,7 @@ impl Series {
 pub struct LocalScorer {
     config: SignalScorerConfig,
     families: HashMap<Family, HashMap<String, Series>>,
-    /// The node's lost and sent segments over the last windows (all peers, as its wire figure).
+    /// The node's lost and sent segments over the last windows, towards the nodes it talks to.
     sustained_loss: SustainedLoss,
 }
 
@@ -141,21 +141,26 @@ impl LocalScorer {
         }
         // The node's loss over the last windows, counted: a light steady loss (0.5 %) hides
         // in one window's figure towards each peer (see `graywatch_detect::loss`). Pooled over
-        // every peer, as the node's wire figure; judged once the span is full and sent enough.
+        // the peers that are cluster nodes, the traffic its peers' figures are made of (a
+        // gateway's loss towards the internet is not the node's); judged once the span is full
+        // and sent enough.
         if loss_measured {
-            let (lost, sent) = peers.iter().fold((0u64, 0u64), |(lost, sent), p| {
-                (
-                    lost.saturating_add(p.retransmits).saturating_add(p.unanswered_connects),
-                    sent.saturating_add(p.segments_out)
-                        .saturating_add(p.unanswered_connects),
-                )
-            });
+            let (lost, sent) = peers
+                .iter()
+                .filter(|p| p.node.is_some())
+                .fold((0u64, 0u64), |(lost, sent), p| {
+                    (
+                        lost.saturating_add(p.retransmits).saturating_add(p.unanswered_connects),
+                        sent.saturating_add(p.segments_out)
+                            .saturating_add(p.unanswered_connects),
+                    )
+                });
             self.sustained_loss.push(lost, sent);
             let span = self.sustained_loss.span();
             if span.is_judgeable() {
                 self.feed_with_step(
                     Family::PacketLoss,
-                    format!("sustained loss (last {SUSTAINED_LOSS_WINDOWS} windows, all peers)"),
+                    format!("sustained loss (last {SUSTAINED_LOSS_WINDOWS} windows, towards nodes)"),
                     "%",
                     SUSTAINED_LOSS_MIN_CHANGE,
                     t,
@@ -495,7 +500,7 @@ pub(crate) mod tests {
         assert!(loss.score.is_some_and(|s| s > 0.7), "{loss:?}");
     }
 
-    /// A node that loses 0.45 % of its 400 segments a second, spread over 8 peers: each peer's
+    /// A node that loses 0.45 % of its 400 segments a second, spread over 8 peer nodes: each peer's
     /// one-window figure is 0 or 2 %, and some windows lose nothing at all. Each peer's
     /// detector flags its own windows with a loss only; the node's sustained loss, counted over
     /// the last windows, backs every window, those without a loss included.
@@ -503,22 +508,33 @@ pub(crate) mod tests {
     fn a_light_steady_loss_scores_every_window_through_the_sustained_loss() {
         let mut scorer = LocalScorer::default();
         let mut t = 0.0;
+        let window = window_with_flows(&[]);
         let mut feed = |lost_per_window: &dyn Fn(u32) -> u64, windows: u32| {
             (0..windows)
                 .map(|w| {
                     let lost = lost_per_window(w);
                     // The window's losses go to `lost` peers, one each, a different few each
                     // window.
-                    let flows: Vec<_> = (0..8u32)
+                    let peers: Vec<PeerWindow> = (0..8u32)
                         .map(|p| {
-                            let retransmits = u64::from(u64::from((p + 8 - (w * 3) % 8) % 8) < lost);
                             let octet = 10 + u8::try_from(p).expect("8 peers");
-                            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, octet)), 1_000, 10, 50, retransmits)
+                            PeerWindow {
+                                remote: IpAddr::V4(Ipv4Addr::new(10, 0, 0, octet)),
+                                node: Some(format!("node-{p}").into()),
+                                external: false,
+                                addresses: 1,
+                                rtt_samples: 0,
+                                rtt_p50_us: None,
+                                rtt_p99_us: None,
+                                rtt: None,
+                                segments_out: 50,
+                                retransmits: u64::from(u64::from((p + 8 - (w * 3) % 8) % 8) < lost),
+                                unanswered_connects: 0,
+                            }
                         })
                         .collect();
-                    let window = window_with_flows(&flows);
                     let score = scorer
-                        .observe(t, &window, &peers_of(&window))
+                        .observe(t, &window, &peers)
                         .into_iter()
                         .find(|s| s.family == Family::PacketLoss)
                         .expect("every family is scored");
@@ -539,7 +555,7 @@ pub(crate) mod tests {
                 assert!(
                     score
                         .reason
-                        .starts_with("sustained loss (last 10 windows, all peers) 0.4"),
+                        .starts_with("sustained loss (last 10 windows, towards nodes) 0.4"),
                     "{}",
                     score.reason
                 );

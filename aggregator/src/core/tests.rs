@@ -168,7 +168,8 @@ impl Sim {
             if light {
                 let per_window = [0.0, 1.25, 0.25, 0.5][usize::try_from(self.round % 4).expect("under 4")];
                 report.figures.insert(Family::PacketLoss, per_window);
-                let reason = "sustained loss (last 10 windows, all peers) 0.45 % vs baseline 0.05 %, z=12.0, for 3 s";
+                let reason =
+                    "sustained loss (last 10 windows, towards nodes) 0.45 % vs baseline 0.05 %, z=12.0, for 3 s";
                 report.local.insert(Family::PacketLoss, (1.0, reason.into()));
             }
             if let Some(sent) = self.loss_span_sent {

@@ -101,7 +101,9 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
 }
 
 /// Memory pressure and run-queue contention inside one node's cgroup (node-level figures from
-/// the node's own cgroup, not the shared kernel's) and 10 % loss on the node's links: each is
+/// the node's own cgroup, not the shared kernel's) and a light 0.5 % loss on the node's links
+/// (a segment or two a second, which only its sustained loss over ten windows tells from
+/// noise): each is
 /// detected on the faulty node, in its own family, tainted and recovered, and no other node is
 /// ever False or tainted. The demo injects only once every agent's detectors are warm, awaits
 /// each reaction (bounded) and reports what it saw.
@@ -113,7 +115,7 @@ fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
         // scheduling class, see `Fault::CpuHogs`.)
         ("run-queue", &["CpuContentionHealthy"]),
         ("memory-pressure", &["MemoryPressureHealthy"]),
-        ("loss-10%", &["PacketLossHealthy", "NetworkLatencyHealthy"]),
+        ("loss-0.5%", &["PacketLossHealthy"]),
     ];
     let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
     let (results, stdout) = run_scenarios(&["--node", "node-c"], &scenarios);
