@@ -162,8 +162,16 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 }
 
 fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock is read only when a stamp or a sample needs it: a switch to the idle task, or
+    // to a task that was not waiting since a stamp we saw, needs none.
+    let mut now = 0u64;
+    let mut clock = || {
+        if now == 0 {
+            // SAFETY: a helper without preconditions.
+            now = unsafe { bpf_ktime_get_ns() };
+        }
+        now
+    };
     let preempt: u64 = ctx.arg(0);
     let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
@@ -179,7 +187,7 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     } else if preempt & 1 == 1 || prev_state & 0xffff_ffff == TASK_RUNNING {
         // A preempted task is still runnable. So is one that yielded (switched out "running"
         // without preemption), except the idle task, which leaves the CPU that way too.
-        mark_runnable(prev, now);
+        mark_runnable(prev, clock());
     }
     // SAFETY: as above.
     if next == unsafe { *idle_task } {
@@ -195,6 +203,7 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     task.since_ns = 0;
+    let now = clock();
     let waited_us = now.saturating_sub(since_ns) / 1_000;
     if task.cgroup_id == 0 || now.saturating_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
         task.cgroup_id = task_cgroup_id(&o, next as *const u8, o.cpu_hierarchy).ok_or(())?;

@@ -38,8 +38,8 @@ pub static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(
 #[map]
 pub static CONNECTING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CONNECTING, 0);
 
-/// The sockets this CPU last saw in `tcp:tcp_probe` and when each last added an RTT sample: most
-/// probes inside the sampling interval end here without a hash lookup. Several slots, because
+/// The sockets this CPU last saw in `tcp:tcp_probe` and the tick in which each last added an RTT
+/// sample: most probes within that tick end here without a hash lookup. Several slots, because
 /// the two ends of a local connection (or a request and its response) alternate on one CPU, and
 /// with one slot every probe missed. Only ever behind `SOCKETS` (a stale entry makes a probe skip
 /// a sample that `SOCKETS` would also have skipped).
@@ -59,7 +59,8 @@ pub struct LastProbed {
 #[repr(C)]
 pub struct ProbedSocket {
     pub cookie: u64,
-    pub last_sample_ns: u64,
+    /// See `SocketState::last_sample_tick`.
+    pub last_sample_tick: u64,
 }
 
 /// Per-CPU scratch space for the copy of a `tcp:tcp_probe` record (too big for the 512-byte stack

@@ -1,5 +1,5 @@
 //! Network latency: the smoothed RTT of every established TCP socket, sampled by `tcp:tcp_probe`
-//! (which fires as segments arrive) at most once per socket and [`RTT_SAMPLE_INTERVAL_NS`], into
+//! (which fires as segments arrive) at most once per socket and scheduler tick (`SocketState::last_sample_tick`), into
 //! a log-linear histogram per (cgroup, remote address). The same hook accumulates data segments
 //! sent, the denominator of the retransmit ratio; `sock:inet_sock_set_state` hands over what a
 //! socket still holds when it leaves ESTABLISHED (and tells connection attempts' outcomes to
@@ -7,12 +7,12 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+    helpers::{bpf_jiffies64, bpf_probe_read_kernel_buf},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
 use graywatch_common::{
-    AF_INET, AF_INET6, FlowKey, LostEvent, RTT_SAMPLE_INTERVAL_NS, SockStateFields, SocketState, TCP_PROBE_RECORD_MAX,
+    AF_INET, AF_INET6, FlowKey, LostEvent, SockStateFields, SocketState, TCP_PROBE_RECORD_MAX,
     TcpProbeFields, flow_direction, rtt_bucket,
 };
 
@@ -146,7 +146,7 @@ fn try_tcp_probe_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
     )
 }
 
-/// One probe of socket `key`: at most one RTT sample per socket and [`RTT_SAMPLE_INTERVAL_NS`].
+/// One probe of socket `key`: at most one RTT sample per socket and scheduler tick.
 /// `first` resolves a socket seen for the first time to (flow, `struct sock` address, srtt);
 /// `srtt` reads the smoothed RTT of a known one.
 #[inline(always)]
@@ -156,15 +156,18 @@ fn sample_socket<C: EbpfContext>(
     first: impl FnOnce() -> Result<(FlowKey, u64, u32), ()>,
     srtt: impl FnOnce() -> Result<u32, ()>,
 ) -> Result<(), ()> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The tick counter, not a clock read (in a VM a pvclock read): see
+    // `SocketState::last_sample_tick`. (`bpf_ktime_get_coarse_ns` would do too, but tracing
+    // programs may not call it.)
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let now = unsafe { bpf_jiffies64() };
     let cache = LAST_PROBED.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's slots, used only while this program runs on it.
     let cache = unsafe { &mut *cache };
     let mut hit = None;
     for (i, slot) in cache.slots.iter().enumerate() {
         if slot.cookie == key {
-            if now.wrapping_sub(slot.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
+            if slot.last_sample_tick == now {
                 return Ok(());
             }
             hit = Some(i);
@@ -179,14 +182,14 @@ fn sample_socket<C: EbpfContext>(
     let last = cache.slots.get_mut(index).ok_or(())?;
     last.cookie = key;
     let Some(state) = SOCKETS.get_ptr_mut(key) else {
-        last.last_sample_ns = now;
+        last.last_sample_tick = now;
         // Remember the socket, and take its first RTT sample.
         let (flow, sk, srtt) = first()?;
         let (segs, data_segs_out) = SocketState::first_data_segs(tcp_data_segs_out(&kernel_offsets(), sk as *const u8));
         let state = SocketState {
             flow,
             sk,
-            last_sample_ns: now,
+            last_sample_tick: now,
             data_segs_out,
             _pad: 0,
         };
@@ -198,12 +201,12 @@ fn sample_socket<C: EbpfContext>(
     // SAFETY: value pointer of a live LRU entry; a socket's probes (and its state changes) are
     // serialised by the socket lock.
     let state = unsafe { &mut *state };
-    if now.wrapping_sub(state.last_sample_ns) < RTT_SAMPLE_INTERVAL_NS {
-        last.last_sample_ns = state.last_sample_ns;
+    if state.last_sample_tick == now {
+        last.last_sample_tick = now;
         return Ok(());
     }
-    state.last_sample_ns = now;
-    last.last_sample_ns = now;
+    state.last_sample_tick = now;
+    last.last_sample_tick = now;
     let segs = state.take_data_segs_sent(tcp_data_segs_out(&kernel_offsets(), state.sk as *const u8));
     let flow = state.flow;
     record_sample(ctx, &flow, segs, srtt()?)

@@ -90,17 +90,6 @@ impl FlowStats {
     };
 }
 
-/// A socket contributes at most one RTT sample to its flow's histogram per this interval.
-///
-/// `tcp:tcp_probe` fires for every segment received: over a million times a second per busy
-/// connection, while the smoothed RTT it reports moves by at most 1/8 per ACK. Sampling each
-/// socket once a millisecond keeps every change that lasts longer than that, weights the histogram
-/// by time instead of by packet rate, and makes the common case (an ACK within the interval) one
-/// map lookup and a clock read, with no kernel read and no update of the shared flow entry.
-/// Segments sent lose nothing: the kernel's counter is cumulative, so each sample (and the
-/// socket leaving ESTABLISHED) adds everything sent since the previous one.
-pub const RTT_SAMPLE_INTERVAL_NS: u64 = 1_000_000;
-
 /// What the latency program remembers per socket (keyed by socket cookie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,8 +99,18 @@ pub struct SocketState {
     pub flow: FlowKey,
     /// The `struct sock` address, to read `tcp_sock.data_segs_out` without the tracepoint record.
     pub sk: u64,
-    /// When the socket last added an RTT sample (`bpf_ktime_get_ns`).
-    pub last_sample_ns: u64,
+    /// The scheduler tick (`bpf_jiffies64`) in which the socket last added an RTT sample: a
+    /// socket adds at most one per tick (1 ms at `HZ=1000`, 4 ms at 250, 10 ms at 100).
+    ///
+    /// `tcp:tcp_probe` fires for every segment received: over a million times a second per
+    /// busy connection, while the smoothed RTT it reports moves by at most 1/8 per ACK. One
+    /// sample per tick keeps every change that lasts longer than that, weights the histogram by
+    /// time instead of by packet rate, and makes the common case (an ACK within the tick) a
+    /// read of the tick counter and a compare, with no clock read, no kernel read and no update
+    /// of the shared flow entry. Segments sent lose nothing: the kernel's counter is
+    /// cumulative, so each sample (and the socket leaving ESTABLISHED) adds everything sent
+    /// since the previous one.
+    pub last_sample_tick: u64,
     /// `tcp_sock.data_segs_out` when the flow's `data_segs_out` was last brought up to date: at
     /// the previous RTT sample (or the socket leaving ESTABLISHED, `sock:inet_sock_set_state`).
     pub data_segs_out: u32,

@@ -202,6 +202,10 @@ struct ScenarioRun {
     /// For a fault on one link: when the aggregator reported the link degraded.
     #[serde(default)]
     link_seconds: Option<f64>,
+    /// For a forecast failure (the memory leak): how long before the OOM kill the family's
+    /// condition said `PredictedFailure`.
+    #[serde(default)]
+    predicted_lead_seconds: Option<f64>,
     recovery_seconds: Option<f64>,
     #[serde(default)]
     tainted_targets: Vec<String>,
@@ -300,23 +304,24 @@ fn matrix(args: &DetectArgs, scenarios: &str, demo: &std::path::Path, baseline: 
 fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value) {
     let figures =
         |f: fn(&ScenarioRun) -> Option<f64>| -> Vec<f64> { of.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect() };
-    let (condition, taint, verdict, link, recovery) = (
+    let (condition, taint, verdict, link, lead, recovery) = (
         figures(|r| r.condition_seconds),
         figures(|r| r.taint_seconds),
         figures(|r| r.verdict_seconds),
         figures(|r| r.link_seconds),
+        figures(|r| r.predicted_lead_seconds),
         figures(|r| r.recovery_seconds),
     );
     let spread = |v: &[f64]| {
         let (lo, hi) = min_max(v);
         format!("{} ({}–{})", fmt(median(v), 1), fmt(lo, 1), fmt(hi, 1))
     };
-    // Detected: the faulty node went False, or (a fault on one link) the link was reported.
-    let detected = condition
-        .iter()
-        .zip(&link)
-        .filter(|(c, l)| c.is_finite() || l.is_finite())
+    // Detected: the faulty node went False, (a fault on one link) the link was reported, or (a
+    // forecast failure) the failure was predicted before it happened.
+    let detected = (0..of.len())
+        .filter(|&i| condition[i].is_finite() || link[i].is_finite() || lead[i].is_finite())
         .count();
+    let predicted = lead.iter().filter(|v| v.is_finite()).count();
     let mut reacted: Vec<String> = of.iter().flat_map(|r| r.reacted.iter().cloned()).collect();
     reacted.sort();
     reacted.dedup();
@@ -342,6 +347,11 @@ fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value
         spread(&condition),
         spread(&taint),
         match (verdicts, links) {
+            (0, 0) if predicted > 0 => format!(
+                "predicted {predicted}/{}, lead {} before the kill",
+                of.len(),
+                spread(&lead)
+            ),
             (0, 0) => "—".to_owned(),
             (0, _) => format!("link {links}/{} ({})", of.len(), fmt(median(&link), 1)),
             _ => format!("{verdicts}/{} ({})", of.len(), fmt(median(&verdict), 1)),
@@ -368,6 +378,7 @@ fn summarise(name: &str, of: &[&ScenarioRun]) -> (Vec<String>, serde_json::Value
         "fault_to_own_family_condition_false": series(&figures(|r| r.expected_condition_seconds)),
         "fault_to_zone_verdict": series(&verdict),
         "fault_to_degraded_link": series(&link),
+        "predicted_lead_before_failure": series(&lead),
         "recovery": series(&recovery),
         "tainted_targets": of.iter().map(|r| r.tainted_targets.clone()).collect::<Vec<_>>(),
         "false_actions": false_actions,
