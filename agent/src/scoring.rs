@@ -148,12 +148,9 @@ impl LocalScorer {
             let (lost, sent) = peers
                 .iter()
                 .filter(|p| p.node.is_some())
-                .fold((0u64, 0u64), |(lost, sent), p| {
-                    (
-                        lost.saturating_add(p.retransmits).saturating_add(p.unanswered_connects),
-                        sent.saturating_add(p.segments_out)
-                            .saturating_add(p.unanswered_connects),
-                    )
+                .map(|p| graywatch_detect::loss::lost_and_sent(p.retransmits, p.unanswered_connects, p.segments_out))
+                .fold((0u64, 0u64), |(lost, sent), (l, s)| {
+                    (lost.saturating_add(l), sent.saturating_add(s))
                 });
             self.sustained_loss.push(lost, sent);
             let span = self.sustained_loss.span();

@@ -22,13 +22,21 @@ use std::collections::VecDeque;
 /// Capped at 100.
 #[must_use]
 pub fn loss_pct(retransmits: u64, unanswered_connects: u64, segments_sent: u64) -> f64 {
-    let lost = retransmits.saturating_add(unanswered_connects);
-    let sent = segments_sent.saturating_add(unanswered_connects);
-    match (lost, sent) {
+    match lost_and_sent(retransmits, unanswered_connects, segments_sent) {
         (0, _) => 0.0,
         (_, 0) => 100.0,
         (l, s) => (100.0 * l as f64 / s as f64).min(100.0),
     }
+}
+
+/// The segments lost and sent that [`loss_pct`] divides: retransmits plus unanswered connection
+/// attempts, and data segments plus those attempts (each one SYN sent and lost).
+#[must_use]
+pub fn lost_and_sent(retransmits: u64, unanswered_connects: u64, segments_sent: u64) -> (u64, u64) {
+    (
+        retransmits.saturating_add(unanswered_connects),
+        segments_sent.saturating_add(unanswered_connects),
+    )
 }
 
 /// Windows the sustained figure pools (ten one-second windows by default).

@@ -589,7 +589,8 @@ fn sustained_loss_evidence(
     p: &Policy,
     detail: &mut String,
 ) -> f64 {
-    let Some((span, group)) = span.filter(LossSpan::is_judgeable).zip(
+    // A span too short or too quiet to judge has z 0 (`sustained_loss_z`).
+    let Some((span, group)) = span.zip(
         group
             .and_then(|g| ev.sustained_loss.get(&g))
             .filter(|group| group.n >= p.peer_min_group),

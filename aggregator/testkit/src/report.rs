@@ -87,21 +87,6 @@ impl ReportBuilder {
         self
     }
 
-    /// The sustained loss span on this window's `PacketLoss` figure (added with
-    /// [`Self::family`] before).
-    #[must_use]
-    pub fn loss_span(mut self, lost: u64, sent: u64, windows: u32) -> Self {
-        if let Some(f) = self
-            .summary
-            .families
-            .iter_mut()
-            .find(|f| f.family == Family::PacketLoss as i32)
-        {
-            (f.span_lost, f.span_sent, f.span_windows) = (lost, sent, windows);
-        }
-        self
-    }
-
     /// The agent's local score for a family.
     #[must_use]
     pub fn score(mut self, family: Family, score: f64, reason: &str) -> Self {
