@@ -4,34 +4,35 @@
 //! log-linear histogram of the *picked* task's cgroup, so a noisy neighbour or a CFS quota shows
 //! up on the pod that waits, not on whoever happened to be running.
 //!
-//! Raw tracepoints, because the classic ones give a pid but not the task pointer needed to find
-//! the task's cgroup; the cgroup chain is read with offsets the agent resolved from BTF.
+//! BTF tracepoints (`tp_btf`), because the classic ones give a pid but not the task pointer:
+//! the task pointer finds the task's clock in task-local storage (no hashing, freed with the
+//! task) and its cgroup, whose chain is read with offsets the agent resolved from BTF.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, raw_tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::RawTracePointContext,
+    macros::{btf_map, btf_tracepoint, map},
+    maps::{HashMap, PerCpuArray},
+    programs::BtfTracePointContext,
 };
-use graywatch_common::{
-    CGROUP_V2, LostEvent, MAX_RUNNABLE_TASKS, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket,
-};
+use graywatch_common::{CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket};
 
-use crate::maps::{add_u32, add_u64, count_lost};
+use crate::maps::{TaskStorage, add_u32, add_u64, count_lost};
 
 /// Cumulative run-queue latency per cgroup id.
 #[map]
 pub static RUNQ: HashMap<u64, RunqStats> = HashMap::with_max_entries(MAX_RUNQ_CGROUPS, 0);
 
-/// When each runnable task (by `task_struct` address) started waiting. Keyed by address so the
-/// hot wakeup path reads nothing from the task. Entries are kept (the cached cgroup id is worth
-/// keeping) but the stamp is cleared when the task is picked, so a switch-in that no traced
-/// wakeup or preemption preceded (a task already runnable when the agent started, a wakeup path
-/// the tracepoints do not see) is skipped instead of measured from a stale stamp. LRU eviction
-/// bounds the map as tasks exit. Per-CPU LRU lists avoid a shared lock per wakeup.
-#[map]
-static RUNNABLE: LruHashMap<u64, RunnableTask> = LruHashMap::with_max_entries(MAX_RUNNABLE_TASKS, BPF_F_NO_COMMON_LRU);
+/// When each runnable task started waiting, in the task's own storage: a pointer chase instead
+/// of a hash lookup per switch (the program's main cost with a hash map), and no bound to size:
+/// the kernel frees a task's value when the task exits. The value is kept (the cached cgroup id
+/// is worth keeping) but the stamp is cleared when the task is picked, so a switch-in that no
+/// traced wakeup or preemption preceded (a task already runnable when the agent started, a
+/// wakeup path the tracepoints do not see) is skipped instead of measured from a stale stamp.
+#[btf_map]
+static RUNNABLE: TaskStorage<RunnableTask> = TaskStorage::new();
 
 /// This CPU's idle task (its `task_struct` address), learnt when it switches out: a switch to it
 /// ends no wait (the idle task is never runnable in our sense), so it needs no `RUNNABLE` lookup.
@@ -118,35 +119,33 @@ pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Optio
 }
 
 #[inline(always)]
-fn mark_runnable(task: u64, now: u64) {
-    // Overwrite in place when the task has an entry (the common case: no allocation, which is
-    // most of an LRU insert's cost); insert only for tasks not seen yet.
-    if let Some(entry) = RUNNABLE.get_ptr_mut(task) {
-        // SAFETY: value pointer of a live entry; a racing writer stores the same kind of value.
-        unsafe { (*entry).since_ns = now };
-        return;
-    }
-    let entry = RunnableTask {
+fn mark_runnable(task: *mut c_void, now: u64) {
+    let mut init = RunnableTask {
         since_ns: now,
         cgroup_id: 0,
         cgroup_checked_ns: 0,
     };
-    if RUNNABLE.insert(task, entry, 0).is_err() {
-        count_lost(LostEvent::RunnableMapFull);
+    match RUNNABLE.get_or_insert(task, &mut init) {
+        // SAFETY: the task's own value; a racing writer stores the same kind of value.
+        Some(entry) => unsafe { (*entry).since_ns = now },
+        // No memory for a new value, or a storage call already running on this CPU.
+        None => {
+            count_lost(LostEvent::RunnableMapFull);
+        }
     }
 }
 
 /// `sched_wakeup(struct task_struct *p)`.
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
-pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
     // SAFETY: a helper without preconditions.
     mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
 }
 
 /// `sched_wakeup_new(struct task_struct *p)`.
-#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> u32 {
     // SAFETY: a helper without preconditions.
     mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
@@ -154,14 +153,14 @@ pub fn sched_wakeup_new(ctx: RawTracePointContext) -> u32 {
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
 /// unsigned int prev_state)` (`prev_state` is an argument since 5.18).
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
         Ok(()) | Err(()) => 0,
     }
 }
 
-fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
+fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // The clock is read only when a stamp or a sample needs it: a switch to the idle task, or
     // to a task that was not waiting since a stamp we saw, needs none.
     let mut now = 0u64;
@@ -173,8 +172,8 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
         now
     };
     let preempt: u64 = ctx.arg(0);
-    let prev: u64 = ctx.arg(1);
-    let next: u64 = ctx.arg(2);
+    let prev: *mut c_void = ctx.arg(1);
+    let next: *mut c_void = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
     let idle_task = IDLE_TASK.get_ptr_mut(0).ok_or(())?;
     // The tracepoint fires before the switch, so `current` is still `prev`: its pid comes from a
@@ -183,18 +182,18 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     let prev_is_idle = bpf_get_current_pid_tgid() as u32 == 0;
     if prev_is_idle {
         // SAFETY: this CPU's slot, used only while a program runs on it.
-        unsafe { *idle_task = prev };
+        unsafe { *idle_task = prev as u64 };
     } else if preempt & 1 == 1 || prev_state & 0xffff_ffff == TASK_RUNNING {
         // A preempted task is still runnable. So is one that yielded (switched out "running"
         // without preemption), except the idle task, which leaves the CPU that way too.
         mark_runnable(prev, clock());
     }
     // SAFETY: as above.
-    if next == unsafe { *idle_task } {
+    if next as u64 == unsafe { *idle_task } {
         return Ok(());
     }
     let o = task_offsets();
-    let entry = RUNNABLE.get_ptr_mut(next).ok_or(())?;
+    let entry = RUNNABLE.get(next).ok_or(())?;
     // SAFETY: value pointer of a live entry, only this CPU switches `next` in.
     let task = unsafe { &mut *entry };
     let since_ns = task.since_ns;
@@ -206,7 +205,7 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), ()> {
     let now = clock();
     let waited_us = now.saturating_sub(since_ns) / 1_000;
     if task.cgroup_id == 0 || now.saturating_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
-        task.cgroup_id = task_cgroup_id(&o, next as *const u8, o.cpu_hierarchy).ok_or(())?;
+        task.cgroup_id = task_cgroup_id(&o, next.cast_const().cast(), o.cpu_hierarchy).ok_or(())?;
         task.cgroup_checked_ns = now;
     }
     let cgroup_id = task.cgroup_id;

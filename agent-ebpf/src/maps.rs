@@ -205,3 +205,54 @@ pub fn count_drop(key: &DropKey) {
         }
     }
 }
+
+/// Task-local storage (`BPF_MAP_TYPE_TASK_STORAGE`): a value that lives in the task itself,
+/// found from the task pointer without hashing and freed by the kernel when the task exits.
+/// aya-ebpf 0.2.1 defines no such map, so this is its BTF map layout written out (the loader
+/// reads the type, key, value and flags from these fields' BTF types; nothing reads the fields).
+/// Needs a BTF-typed task pointer: a `tp_btf` program's argument. Kernel 5.11+ (EKS: 6.1, 6.12).
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: placeholder pointers the loader replaces with the map; never dereferenced.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The task's value, created from `init` when it has none. `None` when the kernel cannot
+    /// allocate one, or refuses because a storage call is already running on this CPU.
+    #[inline(always)]
+    pub fn get_or_insert(&self, task: *mut core::ffi::c_void, init: &mut T) -> Option<*mut T> {
+        self.get_with(task, core::ptr::from_mut(init).cast(), aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE.into())
+    }
+
+    /// The task's value, if it has one.
+    #[inline(always)]
+    pub fn get(&self, task: *mut core::ffi::c_void) -> Option<*mut T> {
+        self.get_with(task, core::ptr::null_mut(), 0)
+    }
+
+    #[inline(always)]
+    fn get_with(&self, task: *mut core::ffi::c_void, init: *mut core::ffi::c_void, flags: u64) -> Option<*mut T> {
+        let map = core::ptr::from_ref(self).cast_mut().cast();
+        // SAFETY: `task` is a BTF task pointer (the verifier refuses anything else); `init` is
+        // null or points to a whole `T`.
+        let value = unsafe { aya_ebpf::helpers::generated::bpf_task_storage_get(map, task.cast(), init, flags) };
+        (!value.is_null()).then_some(value.cast())
+    }
+}

@@ -10,9 +10,9 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::Map,
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
 };
 use graywatch_common::{
     KfreeSkbFields, NetSettings, SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SockStateFields, TcpProbeFields,
@@ -74,12 +74,24 @@ fn fields_or_skip<T: Default>(
 /// Every signal a network program can feed (each reported as available or not).
 pub const NETWORK_SIGNALS: &[&str] = &["rtt", "segments_sent", "retransmits", "drops", "segments_sent_at_close"];
 
-/// An optional program a caller brings (the CPU/memory families): a raw tracepoint (`None`
-/// category) or a classic tracepoint, and the `signal_available` label it feeds.
+/// How a program attaches to its tracepoint.
+#[derive(Debug, Clone, Copy)]
+pub enum Attach {
+    /// A classic tracepoint of this category (the record's layout from tracefs).
+    Tracepoint(&'static str),
+    /// A raw tracepoint (the tracepoint's arguments, untyped).
+    Raw,
+    /// A BTF tracepoint (`tp_btf`): the arguments typed by the kernel's BTF, which a program
+    /// needs to pass a task to a helper such as task-local storage.
+    Btf,
+}
+
+/// An optional program a caller brings (the CPU/memory families), how it attaches, and the
+/// `signal_available` label it feeds.
 #[derive(Debug)]
 pub struct ProgramSpec {
     pub program: &'static str,
-    pub category: Option<&'static str>,
+    pub attach: Attach,
     pub event: &'static str,
     pub signal: &'static str,
 }
@@ -160,6 +172,8 @@ pub enum EbpfError {
         error: std::io::Error,
         log_tail: String,
     },
+    #[error("kernel program `{program}` cannot attach: {why}")]
+    Unavailable { program: &'static str, why: String },
     #[error("kernel program `{program}`: {source}{hint}")]
     Program {
         program: &'static str,
@@ -298,6 +312,9 @@ impl KernelPrograms {
             // (offsets come from tracefs and BTF above): free its parsed copy before maps and
             // programs are created.
             .btf(None)
+            // The run-queue clock lives in task-local storage, a map type aya creates from the
+            // object's BTF but has no typed wrapper for (only the kernel programs use it).
+            .allow_unsupported_maps()
             .override_global("NET_SETTINGS", &net_settings, true)
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("TCP_PROBE_FIELDS", &tcp_probe, true)
@@ -330,7 +347,7 @@ impl KernelPrograms {
             let (program, why) = &unavailable_programs[0];
             warn!(program, %why, "no network program could be attached on this kernel");
         }
-        programs.attach_group(group.programs, group_unavailable);
+        programs.attach_group(group.programs, group_unavailable, &options.btf);
         info!(programs = ?programs.attached, "kernel programs attached");
         release_startup_heap();
         Ok(programs)
@@ -404,19 +421,34 @@ impl KernelPrograms {
 
     /// Attaches a caller's programs; a failure disables that signal (logged once, listed by
     /// [`KernelPrograms::unavailable`]) instead of stopping the agent.
-    fn attach_group(&mut self, specs: &[ProgramSpec], unresolved: Option<String>) {
+    fn attach_group(&mut self, specs: &[ProgramSpec], unresolved: Option<String>, btf_path: &Path) {
+        // The kernel's BTF, parsed only if a program attaches by it, and dropped after.
+        let mut btf: Option<Result<Btf, String>> = None;
         for p in specs {
             if let Some(why) = &unresolved {
                 self.unavailable.push((p.signal.to_owned(), why.clone()));
                 continue;
             }
-            let result = match p.category {
-                Some(category) => self.attach_tracepoint(&TracepointProgram {
+            let result = match p.attach {
+                Attach::Tracepoint(category) => self.attach_tracepoint(&TracepointProgram {
                     program: p.program,
                     category,
                     event: p.event,
                 }),
-                None => self.attach_raw_tracepoint(p.program, p.event),
+                Attach::Raw => self.attach_raw_tracepoint(p.program, p.event),
+                Attach::Btf => {
+                    let parsed = btf.get_or_insert_with(|| {
+                        Btf::parse_file(btf_path, Endianness::default())
+                            .map_err(|error| format!("cannot read the kernel's BTF at {}: {error}", btf_path.display()))
+                    });
+                    match parsed {
+                        Ok(btf) => self.attach_btf_tracepoint(p.program, p.event, btf),
+                        Err(why) => Err(EbpfError::Unavailable {
+                            program: p.program,
+                            why: why.clone(),
+                        }),
+                    }
+                }
             };
             if let Err(error) = result {
                 warn!(program = p.program, signal = p.signal, %error, "signal unavailable on this kernel");
@@ -426,6 +458,39 @@ impl KernelPrograms {
         if let Some(why) = unresolved {
             warn!(%why, "CPU/memory kernel programs not attached: layout facts missing on this kernel");
         }
+    }
+
+    fn attach_btf_tracepoint(&mut self, name: &'static str, event: &'static str, btf: &Btf) -> Result<(), EbpfError> {
+        let program: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| EbpfError::Program {
+                program: name,
+                source,
+                hint: "",
+            })?;
+        program.load(event, btf).map_err(|source| match source {
+            ProgramError::LoadError { io_error, verifier_log } => EbpfError::Verifier {
+                program: name,
+                error: io_error,
+                log_tail: tail(&verifier_log.to_string(), 20),
+            },
+            source => EbpfError::Program {
+                program: name,
+                hint: hint_for(&source),
+                source,
+            },
+        })?;
+        program.attach().map_err(|source| EbpfError::Program {
+            program: name,
+            hint: hint_for(&source),
+            source,
+        })?;
+        self.attached.push(format!("tp_btf:{event}"));
+        self.attached_programs.push(name);
+        Ok(())
     }
 
     fn attach_raw_tracepoint(&mut self, name: &'static str, event: &'static str) -> Result<(), EbpfError> {

@@ -240,7 +240,7 @@ fn check(line: &str, serial: &str) -> String {
         "tcp:tcp_retransmit_skb",
         "skb:kfree_skb",
         "sock:inet_sock_set_state",
-        "raw_tp:sched_switch",
+        "tp_btf:sched_switch",
         "vmscan:mm_vmscan_memcg_reclaim_begin",
     ] {
         assert!(

@@ -62,9 +62,9 @@ impl RunqStats {
     };
 }
 
-/// Bound on cgroups with run-queue stats, and on tasks waiting to run at one time.
+/// Bound on cgroups with run-queue stats. (Tasks waiting to run keep their clock in
+/// task-local storage, which has no bound to size.)
 pub const MAX_RUNQ_CGROUPS: u32 = 4_096;
-pub const MAX_RUNNABLE_TASKS: u32 = 32_768;
 
 #[cfg(feature = "user")]
 mod pod {

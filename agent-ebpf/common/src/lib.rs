@@ -34,7 +34,8 @@ pub enum LostEvent {
     SocketMapFull = 3,
     /// `RUNQ` was full when a new cgroup was switched in.
     RunqMapFull = 4,
-    /// `RUNNABLE` could not take a newly runnable task.
+    /// `RUNNABLE` (task-local storage) gave a newly runnable task no value: no memory, or a
+    /// storage call already running on that CPU.
     RunnableMapFull = 5,
     /// `RECLAIM` or `RECLAIMING` was full.
     ReclaimMapFull = 6,

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     cgroups::CgroupLayout,
     config::{CgroupAttribution, HostPaths},
-    ebpf::{EbpfError, KernelPrograms, ProgramGlobals, ProgramGroup, ProgramSpec, typed_map},
+    ebpf::{Attach, EbpfError, KernelPrograms, ProgramGlobals, ProgramGroup, ProgramSpec, typed_map},
     kernel_layout::KernelLayout,
     summary::{
         CpuWindow, MemoryWindow, PressureWindow, Resource, Workload, WorkloadOomKill, WorkloadReclaim, WorkloadRunq,
@@ -112,49 +112,49 @@ impl ProgramGlobals for HostGlobals {
 pub const HOST_PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
         program: "sched_wakeup",
-        category: None,
+        attach: Attach::Btf,
         event: "sched_wakeup",
         signal: "run_queue",
     },
     ProgramSpec {
         program: "sched_wakeup_new",
-        category: None,
+        attach: Attach::Btf,
         event: "sched_wakeup_new",
         signal: "run_queue",
     },
     ProgramSpec {
         program: "sched_switch",
-        category: None,
+        attach: Attach::Btf,
         event: "sched_switch",
         signal: "run_queue",
     },
     ProgramSpec {
         program: "direct_reclaim_begin",
-        category: Some("vmscan"),
+        attach: Attach::Tracepoint("vmscan"),
         event: "mm_vmscan_direct_reclaim_begin",
         signal: "reclaim",
     },
     ProgramSpec {
         program: "direct_reclaim_end",
-        category: Some("vmscan"),
+        attach: Attach::Tracepoint("vmscan"),
         event: "mm_vmscan_direct_reclaim_end",
         signal: "reclaim",
     },
     ProgramSpec {
         program: "memcg_reclaim_begin",
-        category: Some("vmscan"),
+        attach: Attach::Tracepoint("vmscan"),
         event: "mm_vmscan_memcg_reclaim_begin",
         signal: "reclaim",
     },
     ProgramSpec {
         program: "memcg_reclaim_end",
-        category: Some("vmscan"),
+        attach: Attach::Tracepoint("vmscan"),
         event: "mm_vmscan_memcg_reclaim_end",
         signal: "reclaim",
     },
     ProgramSpec {
         program: "mark_victim",
-        category: None,
+        attach: Attach::Raw,
         event: "mark_victim",
         signal: "oom_kill",
     },
