@@ -1,23 +1,28 @@
-//! CPU contention: run-queue latency per cgroup, the runqlat method. A task's clock starts when
-//! it becomes runnable (`sched_wakeup`, `sched_wakeup_new`, or being preempted while still
-//! runnable in `sched_switch`) and stops when `sched_switch` picks it. The delay lands in a
-//! log-linear histogram of the *picked* task's cgroup, so a noisy neighbour or a CFS quota shows
-//! up on the pod that waits, not on whoever happened to be running.
+//! CPU contention: run-queue latency per cgroup. The kernel already measures it per task
+//! (`task_struct.sched_info`, CONFIG_SCHED_INFO, the figures behind /proc/<pid>/schedstat):
+//! `run_delay` is the total time the task spent runnable but waiting for a CPU, from wakeup or
+//! preemption until it ran, and `pcount` the number of such waits. `sched_switch` reads them as a
+//! task leaves the CPU: what they grew since it last left is the wait that preceded this run. The
+//! delay lands in a log-linear histogram of that task's cgroup, so a noisy neighbour or a CFS
+//! quota shows up on the pod that waits, not on whoever happened to be running. No clock is read
+//! and nothing runs on the wakeup path: that was most of the cost of timing waits ourselves.
 //!
-//! BTF tracepoints (`tp_btf`), because the classic ones give a pid but not the task pointer:
-//! the task pointer finds the task's clock in task-local storage (no hashing, freed with the
-//! task) and its cgroup, whose chain is read with offsets the agent resolved from BTF.
+//! A BTF tracepoint (`tp_btf`), because its task argument is typed: it finds the task's last
+//! reading in task-local storage (no hashing, freed with the task). Task and cgroup fields are
+//! read with offsets the agent resolved from BTF.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{btf_map, btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray},
+    maps::HashMap,
     programs::BtfTracePointContext,
 };
-use graywatch_common::{CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket};
+use graywatch_common::{
+    CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, SCHED_INFO_READ_LEN, TaskOffsets, rtt_bucket,
+};
 
 use crate::maps::{TaskStorage, add_u32, add_u64, count_lost};
 
@@ -25,30 +30,22 @@ use crate::maps::{TaskStorage, add_u32, add_u64, count_lost};
 #[map]
 pub static RUNQ: HashMap<u64, RunqStats> = HashMap::with_max_entries(MAX_RUNQ_CGROUPS, 0);
 
-/// When each runnable task started waiting, in the task's own storage: a pointer chase instead
-/// of a hash lookup per switch (the program's main cost with a hash map), and no bound to size:
-/// the kernel frees a task's value when the task exits. The value is kept (the cached cgroup id
-/// is worth keeping) but the stamp is cleared when the task is picked, so a switch-in that no
-/// traced wakeup or preemption preceded (a task already runnable when the agent started, a
-/// wakeup path the tracepoints do not see) is skipped instead of measured from a stale stamp.
+/// Each task's `sched_info` counters when it last left the CPU, and its cgroup, in the task's own
+/// storage (the kernel frees it when the task exits).
 #[btf_map]
-static RUNNABLE: TaskStorage<RunnableTask> = TaskStorage::new();
+static TASK_RUNQ: TaskStorage<TaskRunq> = TaskStorage::new();
 
-/// This CPU's idle task (its `task_struct` address), learnt when it switches out: a switch to it
-/// ends no wait (the idle task is never runnable in our sense), so it needs no `RUNNABLE` lookup.
-/// On a machine that idles between requests every other switch is one to the idle task.
-#[map]
-static IDLE_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-task state of the run-queue clock (kernel side only).
+/// Per-task state (kernel side only).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct RunnableTask {
-    /// When the task last became runnable.
-    since_ns: u64,
+struct TaskRunq {
+    /// `sched_info.pcount` and `sched_info.run_delay` (ns) when last read.
+    pcount: u64,
+    run_delay_ns: u64,
     /// The task's cgroup id, cached: reading it is a chain of four kernel reads, and tasks
     /// rarely change cgroup (re-read at most once per [`CGROUP_RECHECK_NS`]).
     cgroup_id: u64,
+    /// `sched_info.last_arrival` (the run queue's clock, ns) when the cgroup id was read.
     cgroup_checked_ns: u64,
 }
 
@@ -68,6 +65,10 @@ static TASK_OFFSETS: TaskOffsets = TaskOffsets {
     css_cgroup: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
+    task_sched_info: 0,
+    sched_info_pcount: 0,
+    sched_info_run_delay: 0,
+    sched_info_last_arrival: 0,
     cpu_hierarchy: CGROUP_V2,
     memory_hierarchy: CGROUP_V2,
     _pad: 0,
@@ -76,8 +77,6 @@ static TASK_OFFSETS: TaskOffsets = TaskOffsets {
 /// Zeroed value to insert new cgroups from (larger than the BPF stack allows).
 static ZERO_RUNQ: RunqStats = RunqStats::ZERO;
 
-/// `TASK_RUNNING`: a task switched out in this state is still runnable (preempted).
-const TASK_RUNNING: u64 = 0;
 
 #[inline(always)]
 pub fn task_offsets() -> TaskOffsets {
@@ -118,41 +117,8 @@ pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Optio
     }
 }
 
-#[inline(always)]
-fn mark_runnable(task: *mut c_void, now: u64) {
-    let mut init = RunnableTask {
-        since_ns: now,
-        cgroup_id: 0,
-        cgroup_checked_ns: 0,
-    };
-    match RUNNABLE.get_or_insert(task, &mut init) {
-        // SAFETY: the task's own value; a racing writer stores the same kind of value.
-        Some(entry) => unsafe { (*entry).since_ns = now },
-        // No memory for a new value, or a storage call already running on this CPU.
-        None => {
-            count_lost(LostEvent::RunnableMapFull);
-        }
-    }
-}
-
-/// `sched_wakeup(struct task_struct *p)`.
-#[btf_tracepoint(function = "sched_wakeup")]
-pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
-    // SAFETY: a helper without preconditions.
-    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
-    0
-}
-
-/// `sched_wakeup_new(struct task_struct *p)`.
-#[btf_tracepoint(function = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> u32 {
-    // SAFETY: a helper without preconditions.
-    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
-    0
-}
-
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-/// unsigned int prev_state)` (`prev_state` is an argument since 5.18).
+/// unsigned int prev_state)`: `prev` leaves the CPU.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
@@ -160,56 +126,59 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     }
 }
 
+/// One of the `SCHED_INFO_READ_LEN / 8` words read from `sched_info` (the index masked so the
+/// verifier sees it in bounds; the agent checked each offset fits).
+#[inline(always)]
+fn word(info: &[u64; SCHED_INFO_READ_LEN / 8], offset: u32) -> u64 {
+    info[(offset as usize / 8) & (SCHED_INFO_READ_LEN / 8 - 1)]
+}
+
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    // The clock is read only when a stamp or a sample needs it: a switch to the idle task, or
-    // to a task that was not waiting since a stamp we saw, needs none.
-    let mut now = 0u64;
-    let mut clock = || {
-        if now == 0 {
-            // SAFETY: a helper without preconditions.
-            now = unsafe { bpf_ktime_get_ns() };
-        }
-        now
-    };
-    let preempt: u64 = ctx.arg(0);
-    let prev: *mut c_void = ctx.arg(1);
-    let next: *mut c_void = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
-    let idle_task = IDLE_TASK.get_ptr_mut(0).ok_or(())?;
-    // The tracepoint fires before the switch, so `current` is still `prev`: its pid comes from a
-    // helper, not from a kernel read. (pid 0 is this CPU's idle task.)
+    // The tracepoint fires before the switch, so `current` is still `prev`. pid 0 is this CPU's
+    // idle task, which never waits for a CPU.
     #[expect(clippy::cast_possible_truncation, reason = "the low 32 bits are the thread id")]
-    let prev_is_idle = bpf_get_current_pid_tgid() as u32 == 0;
-    if prev_is_idle {
-        // SAFETY: this CPU's slot, used only while a program runs on it.
-        unsafe { *idle_task = prev as u64 };
-    } else if preempt & 1 == 1 || prev_state & 0xffff_ffff == TASK_RUNNING {
-        // A preempted task is still runnable. So is one that yielded (switched out "running"
-        // without preemption), except the idle task, which leaves the CPU that way too.
-        mark_runnable(prev, clock());
-    }
-    // SAFETY: as above.
-    if next as u64 == unsafe { *idle_task } {
+    if bpf_get_current_pid_tgid() as u32 == 0 {
         return Ok(());
     }
+    let prev: *mut c_void = ctx.arg(1);
     let o = task_offsets();
-    let entry = RUNNABLE.get(next).ok_or(())?;
-    // SAFETY: value pointer of a live entry, only this CPU switches `next` in.
+    // SAFETY: read through bpf_probe_read_kernel; the offset comes from this kernel's BTF.
+    let Ok(info) = (unsafe { read::<[u64; SCHED_INFO_READ_LEN / 8]>(prev.cast_const().cast(), o.task_sched_info) }) else {
+        count_lost(LostEvent::TaskReadFailed);
+        return Err(());
+    };
+    let pcount = word(&info, o.sched_info_pcount);
+    let run_delay_ns = word(&info, o.sched_info_run_delay);
+    let mut first = TaskRunq {
+        pcount,
+        run_delay_ns,
+        cgroup_id: 0,
+        cgroup_checked_ns: 0,
+    };
+    let Some(entry) = TASK_RUNQ.get_or_insert(prev, &mut first) else {
+        // No memory for a new value, or a storage call already running on this CPU.
+        count_lost(LostEvent::TaskStateMissing);
+        return Err(());
+    };
+    // SAFETY: the task's own value, written only while the task switches out on this CPU.
     let task = unsafe { &mut *entry };
-    let since_ns = task.since_ns;
-    if since_ns == 0 {
-        // Not waiting since a stamp we saw: no sample rather than a made-up one.
+    let waits = pcount.wrapping_sub(task.pcount);
+    if waits == 0 || waits > MAX_WAITS_BETWEEN_READS {
+        // No wait since it last left (it ran on, or this is its first reading); a delay the
+        // kernel added without counting a wait (a migration) joins the next counted one.
         return Ok(());
     }
-    task.since_ns = 0;
-    let now = clock();
-    let waited_us = now.saturating_sub(since_ns) / 1_000;
-    if task.cgroup_id == 0 || now.saturating_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
-        task.cgroup_id = task_cgroup_id(&o, next.cast_const().cast(), o.cpu_hierarchy).ok_or(())?;
+    let waited_ns = run_delay_ns.wrapping_sub(task.run_delay_ns);
+    task.pcount = pcount;
+    task.run_delay_ns = run_delay_ns;
+    // Normally one wait; several only if switches were missed (the mean of them then).
+    let waited_us = waited_ns / waits / 1_000;
+    let now = word(&info, o.sched_info_last_arrival);
+    if task.cgroup_id == 0 || now.wrapping_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
+        task.cgroup_id = task_cgroup_id(&o, prev.cast_const().cast(), o.cpu_hierarchy).ok_or(())?;
         task.cgroup_checked_ns = now;
     }
-    let cgroup_id = task.cgroup_id;
-    let stats = runq_stats(cgroup_id).ok_or(())?;
+    let stats = runq_stats(task.cgroup_id).ok_or(())?;
     // SAFETY: `stats` points into a live RUNQ value; fields are updated atomically. (No sample
     // counter: the agent sums the histogram, one shared atomic add fewer per switch.)
     unsafe {
@@ -225,6 +194,9 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     Ok(())
 }
+
+/// More waits than this between two readings of one task means a counter we misread, not waits.
+const MAX_WAITS_BETWEEN_READS: u64 = 1 << 20;
 
 #[inline(always)]
 fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {

@@ -102,6 +102,10 @@ pub trait ProgramGlobals: Sized {
     /// these and are not attached.
     fn unresolved() -> Self;
     fn write<'a>(&'a self, loader: &mut EbpfLoader<'a>);
+    /// Programs of the group that cannot run on this kernel although the rest can, and why.
+    fn skipped(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 }
 
 /// The caller's optional programs and how to resolve their globals from this kernel's layout
@@ -347,7 +351,8 @@ impl KernelPrograms {
             let (program, why) = &unavailable_programs[0];
             warn!(program, %why, "no network program could be attached on this kernel");
         }
-        programs.attach_group(group.programs, group_unavailable, &options.btf);
+        let skipped = group_globals.skipped();
+        programs.attach_group(group.programs, group_unavailable, &skipped, &options.btf);
         info!(programs = ?programs.attached, "kernel programs attached");
         release_startup_heap();
         Ok(programs)
@@ -421,11 +426,22 @@ impl KernelPrograms {
 
     /// Attaches a caller's programs; a failure disables that signal (logged once, listed by
     /// [`KernelPrograms::unavailable`]) instead of stopping the agent.
-    fn attach_group(&mut self, specs: &[ProgramSpec], unresolved: Option<String>, btf_path: &Path) {
+    fn attach_group(
+        &mut self,
+        specs: &[ProgramSpec],
+        unresolved: Option<String>,
+        skipped: &[(&'static str, String)],
+        btf_path: &Path,
+    ) {
         // The kernel's BTF, parsed only if a program attaches by it, and dropped after.
         let mut btf: Option<Result<Btf, String>> = None;
         for p in specs {
             if let Some(why) = &unresolved {
+                self.unavailable.push((p.signal.to_owned(), why.clone()));
+                continue;
+            }
+            if let Some((_, why)) = skipped.iter().find(|(program, _)| *program == p.program) {
+                warn!(program = p.program, signal = p.signal, %why, "signal unavailable on this kernel");
                 self.unavailable.push((p.signal.to_owned(), why.clone()));
                 continue;
             }

@@ -34,9 +34,9 @@ pub enum LostEvent {
     SocketMapFull = 3,
     /// `RUNQ` was full when a new cgroup was switched in.
     RunqMapFull = 4,
-    /// `RUNNABLE` (task-local storage) gave a newly runnable task no value: no memory, or a
-    /// storage call already running on that CPU.
-    RunnableMapFull = 5,
+    /// `TASK_RUNQ` (task-local storage) gave a task no value: no memory, or a storage call
+    /// already running on that CPU. That task's wait is not counted.
+    TaskStateMissing = 5,
     /// `RECLAIM` or `RECLAIMING` was full.
     ReclaimMapFull = 6,
     /// `OOM_EVENTS` ring buffer had no room (the kill is still counted in `OOM_KILLS`).
@@ -55,7 +55,7 @@ impl LostEvent {
         LostEvent::KernelReadFailed,
         LostEvent::SocketMapFull,
         LostEvent::RunqMapFull,
-        LostEvent::RunnableMapFull,
+        LostEvent::TaskStateMissing,
         LostEvent::ReclaimMapFull,
         LostEvent::OomRingFull,
         LostEvent::TaskReadFailed,
@@ -69,7 +69,7 @@ impl LostEvent {
             LostEvent::KernelReadFailed => "kernel_read_failed",
             LostEvent::SocketMapFull => "socket_map_full",
             LostEvent::RunqMapFull => "runq_map_full",
-            LostEvent::RunnableMapFull => "runnable_map_full",
+            LostEvent::TaskStateMissing => "task_state_missing",
             LostEvent::ReclaimMapFull => "reclaim_map_full",
             LostEvent::OomRingFull => "oom_ring_full",
             LostEvent::TaskReadFailed => "task_read_failed",

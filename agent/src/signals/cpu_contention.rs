@@ -2,24 +2,18 @@
 //! window and turns it into per-window counts and percentiles ([`RunqWindow`]).
 //!
 //! Also resolves what the scheduler and memory programs need before load: task/cgroup member
-//! offsets from BTF and which cgroup hierarchy to attribute to ([`task_offsets`]).
+//! offsets from BTF, where the kernel keeps each task's run-queue accounting
+//! ([`sched_info_offsets`]), and which cgroup hierarchy to attribute to ([`task_offsets`]).
 
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use graywatch_common::{CGROUP_V2, RTT_BUCKETS, RunqStats, TaskOffsets, rtt_bucket_bounds};
+use graywatch_common::{CGROUP_V2, RTT_BUCKETS, RunqStats, SCHED_INFO_READ_LEN, TaskOffsets, rtt_bucket_bounds};
 
 use crate::{
     kernel_layout::{KernelLayout, LayoutError},
     summary::RunqWindow,
 };
-
-/// Programs of this family: (program name in the object, raw tracepoint name).
-pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
-    ("sched_wakeup", "sched_wakeup"),
-    ("sched_wakeup_new", "sched_wakeup_new"),
-    ("sched_switch", "sched_switch"),
-];
 
 /// Name of the map this module reads.
 pub const RUNQ_MAP: &str = "RUNQ";
@@ -67,7 +61,30 @@ pub fn choose_hierarchies(has_v2: bool, proc_cgroups: &[String]) -> (u32, u32) {
     (index("cpu").unwrap_or(CGROUP_V2), index("memory").unwrap_or(CGROUP_V2))
 }
 
-/// Task and cgroup member offsets for the `TASK_OFFSETS` global.
+/// Where the kernel's run-queue accounting sits (`task_struct.sched_info`: offset, then `pcount`,
+/// `run_delay` and `last_arrival` within it). `Err` on a kernel built without CONFIG_SCHED_INFO,
+/// or with a `sched_info` the program cannot read in one go.
+pub fn sched_info_offsets(layout: &KernelLayout) -> Result<[u32; 4], String> {
+    let base = layout
+        .offset_of("task_struct.sched_info")
+        .map_err(|e| format!("no run-queue accounting in this kernel (CONFIG_SCHED_INFO): {e}"))?;
+    let mut out = [base, 0, 0, 0];
+    for (slot, member) in out[1..].iter_mut().zip(["pcount", "run_delay", "last_arrival"]) {
+        let path = format!("task_struct.sched_info.{member}");
+        let at = layout.offset_of(&path).map_err(|e| e.to_string())?;
+        let within = at - base;
+        if !within.is_multiple_of(8) || within as usize >= SCHED_INFO_READ_LEN {
+            return Err(format!(
+                "{path} is {within} bytes into sched_info; the run-queue program reads 8-byte words within its first {SCHED_INFO_READ_LEN}"
+            ));
+        }
+        *slot = within;
+    }
+    Ok(out)
+}
+
+/// Task and cgroup member offsets for the `TASK_OFFSETS` global (the `sched_info` ones zero:
+/// see [`sched_info_offsets`]).
 pub fn task_offsets(
     layout: &KernelLayout,
     cpu_hierarchy: u32,
@@ -83,6 +100,10 @@ pub fn task_offsets(
         css_cgroup: layout.offset_of("cgroup_subsys_state.cgroup")?,
         cgroup_kn: layout.offset_of("cgroup.kn")?,
         kernfs_node_id: layout.offset_of("kernfs_node.id")?,
+        task_sched_info: 0,
+        sched_info_pcount: 0,
+        sched_info_run_delay: 0,
+        sched_info_last_arrival: 0,
         cpu_hierarchy,
         memory_hierarchy,
         _pad: 0,
@@ -229,6 +250,21 @@ mod tests {
     use graywatch_common::rtt_bucket;
 
     use super::*;
+
+    /// The run-queue program reads `pcount`, `run_delay` and `last_arrival` as words of one
+    /// `SCHED_INFO_READ_LEN`-byte read; this kernel's layout (6.18: two more fields than 6.1)
+    /// must fit, and the three must be distinct words.
+    #[test]
+    fn sched_info_resolves_to_words_of_one_read_on_this_kernel() {
+        let layout = KernelLayout::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux")).expect("parse vmlinux BTF");
+        let [base, pcount, run_delay, last_arrival] = sched_info_offsets(&layout).expect("sched_info resolves");
+        assert!(base > 0);
+        assert_eq!(pcount, 0, "pcount opens sched_info");
+        for word in [run_delay, last_arrival] {
+            assert!(word % 8 == 0 && (word as usize) < SCHED_INFO_READ_LEN, "{word}");
+        }
+        assert!(run_delay != pcount && last_arrival != run_delay && last_arrival != pcount);
+    }
 
     fn stats(samples_us: &[u32]) -> RunqStats {
         let mut s = RunqStats::ZERO;

@@ -28,11 +28,13 @@ use crate::{
 };
 
 /// Values of the CPU/memory programs' globals, resolved before load.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HostGlobals {
     pub task_offsets: TaskOffsets,
     pub reclaim_end: ReclaimEndFields,
     pub oom_arg_is_task: u32,
+    /// Why the run-queue program cannot run on this kernel, if it cannot.
+    pub run_queue_unavailable: Option<String>,
 }
 
 impl HostGlobals {
@@ -54,7 +56,17 @@ impl HostGlobals {
         };
         let force_v1 = attribution == CgroupAttribution::V1;
         let (cpu, memory) = choose_hierarchies(cgroup_layout.v2_root().is_some() && !force_v1, &subsystems);
-        let task_offsets = cpu_contention::task_offsets(layout, cpu, memory).map_err(|e| e.to_string())?;
+        let mut task_offsets = cpu_contention::task_offsets(layout, cpu, memory).map_err(|e| e.to_string())?;
+        let run_queue_unavailable = match cpu_contention::sched_info_offsets(layout) {
+            Ok([base, pcount, run_delay, last_arrival]) => {
+                task_offsets.task_sched_info = base;
+                task_offsets.sched_info_pcount = pcount;
+                task_offsets.sched_info_run_delay = run_delay;
+                task_offsets.sched_info_last_arrival = last_arrival;
+                None
+            }
+            Err(why) => Some(why),
+        };
         let reclaim_end = tracefs
             .event("vmscan", "mm_vmscan_direct_reclaim_end")
             .and_then(|f| f.field("nr_reclaimed"))
@@ -71,6 +83,7 @@ impl HostGlobals {
             task_offsets,
             reclaim_end,
             oom_arg_is_task,
+            run_queue_unavailable,
         })
     }
 
@@ -97,6 +110,7 @@ impl ProgramGlobals for HostGlobals {
                 _pad: 0,
             },
             oom_arg_is_task: 1,
+            run_queue_unavailable: None,
         }
     }
 
@@ -106,22 +120,17 @@ impl ProgramGlobals for HostGlobals {
             .override_global("RECLAIM_END_FIELDS", &self.reclaim_end, true)
             .override_global("OOM_ARG_IS_TASK", &self.oom_arg_is_task, true);
     }
+
+    fn skipped(&self) -> Vec<(&'static str, String)> {
+        self.run_queue_unavailable
+            .iter()
+            .map(|why| ("sched_switch", why.clone()))
+            .collect()
+    }
 }
 
 /// The CPU/memory programs: what they attach to and the `signal_available` label each feeds.
 pub const HOST_PROGRAMS: &[ProgramSpec] = &[
-    ProgramSpec {
-        program: "sched_wakeup",
-        attach: Attach::Btf,
-        event: "sched_wakeup",
-        signal: "run_queue",
-    },
-    ProgramSpec {
-        program: "sched_wakeup_new",
-        attach: Attach::Btf,
-        event: "sched_wakeup_new",
-        signal: "run_queue",
-    },
     ProgramSpec {
         program: "sched_switch",
         attach: Attach::Btf,
