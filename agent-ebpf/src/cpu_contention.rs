@@ -1,5 +1,5 @@
 //! CPU contention: run-queue latency per cgroup. The kernel already measures it per task
-//! (`task_struct.sched_info`, CONFIG_SCHED_INFO, the figures behind /proc/<pid>/schedstat):
+//! (`task_struct.sched_info`, `CONFIG_SCHED_INFO`, the figures behind `/proc/<pid>/schedstat`):
 //! `run_delay` is the total time the task spent runnable but waiting for a CPU, from wakeup or
 //! preemption until it ran, and `pcount` the number of such waits. `sched_switch` reads them as a
 //! task leaves the CPU: what they grew since it last left is the wait that preceded this run. The
@@ -15,13 +15,13 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::bpf_probe_read_kernel,
     macros::{btf_map, btf_tracepoint, map},
     maps::HashMap,
     programs::BtfTracePointContext,
 };
 use graywatch_common::{
-    CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, SCHED_INFO_READ_LEN, TaskOffsets, rtt_bucket,
+    CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket,
 };
 
 use crate::maps::{TaskStorage, add_u32, add_u64, count_lost};
@@ -126,29 +126,28 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     }
 }
 
-/// One of the `SCHED_INFO_READ_LEN / 8` words read from `sched_info` (the index masked so the
-/// verifier sees it in bounds; the agent checked each offset fits).
-#[inline(always)]
-fn word(info: &[u64; SCHED_INFO_READ_LEN / 8], offset: u32) -> u64 {
-    info[(offset as usize / 8) & (SCHED_INFO_READ_LEN / 8 - 1)]
-}
-
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    // The tracepoint fires before the switch, so `current` is still `prev`. pid 0 is this CPU's
-    // idle task, which never waits for a CPU.
-    #[expect(clippy::cast_possible_truncation, reason = "the low 32 bits are the thread id")]
-    if bpf_get_current_pid_tgid() as u32 == 0 {
-        return Ok(());
-    }
     let prev: *mut c_void = ctx.arg(1);
     let o = task_offsets();
-    // SAFETY: read through bpf_probe_read_kernel; the offset comes from this kernel's BTF.
-    let Ok(info) = (unsafe { read::<[u64; SCHED_INFO_READ_LEN / 8]>(prev.cast_const().cast(), o.task_sched_info) }) else {
-        count_lost(LostEvent::TaskReadFailed);
-        return Err(());
+    // `prev` is a BTF task pointer: its fields load directly (the verifier checks each load
+    // against the kernel's BTF and makes it fault-safe), no helper call per field.
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "BTF offsets of u64 and pid_t members of task_struct, aligned to their types"
+    )]
+    let field = |offset: u32| -> u64 {
+        // SAFETY: a field of `struct task_struct` at an offset this kernel's BTF gave.
+        unsafe { core::ptr::read_volatile(prev.cast::<u8>().add(offset as usize).cast::<u64>()) }
     };
-    let pcount = word(&info, o.sched_info_pcount);
-    let run_delay_ns = word(&info, o.sched_info_run_delay);
+    #[expect(clippy::cast_ptr_alignment, reason = "as above")]
+    // SAFETY: as above (`pid_t`).
+    let pid = unsafe { core::ptr::read_volatile(prev.cast::<u8>().add(o.task_pid as usize).cast::<i32>()) };
+    // pid 0 is this CPU's idle task, which never waits for a CPU.
+    if pid == 0 {
+        return Ok(());
+    }
+    let pcount = field(o.task_sched_info + o.sched_info_pcount);
+    let run_delay_ns = field(o.task_sched_info + o.sched_info_run_delay);
     let mut first = TaskRunq {
         pcount,
         run_delay_ns,
@@ -168,12 +167,12 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
         // kernel added without counting a wait (a migration) joins the next counted one.
         return Ok(());
     }
-    let waited_ns = run_delay_ns.wrapping_sub(task.run_delay_ns);
+    let delay_grew_ns = run_delay_ns.wrapping_sub(task.run_delay_ns);
     task.pcount = pcount;
     task.run_delay_ns = run_delay_ns;
     // Normally one wait; several only if switches were missed (the mean of them then).
-    let waited_us = waited_ns / waits / 1_000;
-    let now = word(&info, o.sched_info_last_arrival);
+    let wait_us = delay_grew_ns / waits / 1_000;
+    let now = field(o.task_sched_info + o.sched_info_last_arrival);
     if task.cgroup_id == 0 || now.wrapping_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
         task.cgroup_id = task_cgroup_id(&o, prev.cast_const().cast(), o.cpu_hierarchy).ok_or(())?;
         task.cgroup_checked_ns = now;
@@ -182,12 +181,12 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: `stats` points into a live RUNQ value; fields are updated atomically. (No sample
     // counter: the agent sums the histogram, one shared atomic add fewer per switch.)
     unsafe {
-        add_u64(&raw mut (*stats).sum_us, waited_us);
+        add_u64(&raw mut (*stats).sum_us, wait_us);
         #[expect(
             clippy::cast_possible_truncation,
             reason = "clamped to u32::MAX first; the verifier rejects the program when this is written with try_from"
         )]
-        let bucket = rtt_bucket(waited_us.min(u64::from(u32::MAX)) as u32);
+        let bucket = rtt_bucket(wait_us.min(u64::from(u32::MAX)) as u32);
         if let Some(slot) = (*stats).buckets.get_mut(bucket) {
             add_u32(slot, 1);
         }

@@ -241,12 +241,6 @@ impl<T> TaskStorage<T> {
         self.get_with(task, core::ptr::from_mut(init).cast(), aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE.into())
     }
 
-    /// The task's value, if it has one.
-    #[inline(always)]
-    pub fn get(&self, task: *mut core::ffi::c_void) -> Option<*mut T> {
-        self.get_with(task, core::ptr::null_mut(), 0)
-    }
-
     #[inline(always)]
     fn get_with(&self, task: *mut core::ffi::c_void, init: *mut core::ffi::c_void, flags: u64) -> Option<*mut T> {
         let map = core::ptr::from_ref(self).cast_mut().cast();

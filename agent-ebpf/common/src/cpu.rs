@@ -32,10 +32,9 @@ pub struct TaskOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id`.
     pub kernfs_node_id: u32,
-    /// `task_struct.sched_info` (CONFIG_SCHED_INFO): the kernel's own run-queue accounting.
+    /// `task_struct.sched_info` (`CONFIG_SCHED_INFO`): the kernel's own run-queue accounting.
     pub task_sched_info: u32,
-    /// `sched_info.pcount`, `.run_delay` and `.last_arrival`, from the start of `sched_info`
-    /// (each a multiple of 8 below [`SCHED_INFO_READ_LEN`]).
+    /// `sched_info.pcount`, `.run_delay` and `.last_arrival`, from the start of `sched_info`.
     pub sched_info_pcount: u32,
     pub sched_info_run_delay: u32,
     pub sched_info_last_arrival: u32,
@@ -68,9 +67,6 @@ impl RunqStats {
         buckets: [0; RTT_BUCKETS],
     };
 }
-
-/// Bytes of `task_struct.sched_info` the run-queue program reads in one go (a power of two).
-pub const SCHED_INFO_READ_LEN: usize = 64;
 
 /// Bound on cgroups with run-queue stats. (Tasks waiting to run keep their clock in
 /// task-local storage, which has no bound to size.)

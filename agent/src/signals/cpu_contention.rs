@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use graywatch_common::{CGROUP_V2, RTT_BUCKETS, RunqStats, SCHED_INFO_READ_LEN, TaskOffsets, rtt_bucket_bounds};
+use graywatch_common::{CGROUP_V2, RTT_BUCKETS, RunqStats, TaskOffsets, rtt_bucket_bounds};
 
 use crate::{
     kernel_layout::{KernelLayout, LayoutError},
@@ -62,8 +62,7 @@ pub fn choose_hierarchies(has_v2: bool, proc_cgroups: &[String]) -> (u32, u32) {
 }
 
 /// Where the kernel's run-queue accounting sits (`task_struct.sched_info`: offset, then `pcount`,
-/// `run_delay` and `last_arrival` within it). `Err` on a kernel built without CONFIG_SCHED_INFO,
-/// or with a `sched_info` the program cannot read in one go.
+/// `run_delay` and `last_arrival` within it). `Err` on a kernel built without `CONFIG_SCHED_INFO`.
 pub fn sched_info_offsets(layout: &KernelLayout) -> Result<[u32; 4], String> {
     let base = layout
         .offset_of("task_struct.sched_info")
@@ -72,13 +71,7 @@ pub fn sched_info_offsets(layout: &KernelLayout) -> Result<[u32; 4], String> {
     for (slot, member) in out[1..].iter_mut().zip(["pcount", "run_delay", "last_arrival"]) {
         let path = format!("task_struct.sched_info.{member}");
         let at = layout.offset_of(&path).map_err(|e| e.to_string())?;
-        let within = at - base;
-        if !within.is_multiple_of(8) || within as usize >= SCHED_INFO_READ_LEN {
-            return Err(format!(
-                "{path} is {within} bytes into sched_info; the run-queue program reads 8-byte words within its first {SCHED_INFO_READ_LEN}"
-            ));
-        }
-        *slot = within;
+        *slot = at - base;
     }
     Ok(out)
 }
@@ -251,17 +244,17 @@ mod tests {
 
     use super::*;
 
-    /// The run-queue program reads `pcount`, `run_delay` and `last_arrival` as words of one
-    /// `SCHED_INFO_READ_LEN`-byte read; this kernel's layout (6.18: two more fields than 6.1)
-    /// must fit, and the three must be distinct words.
+    /// The run-queue program loads `pcount`, `run_delay` and `last_arrival` (6.18 has two
+    /// more fields between them than 6.1): three distinct 8-byte members of `sched_info`.
     #[test]
-    fn sched_info_resolves_to_words_of_one_read_on_this_kernel() {
-        let layout = KernelLayout::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux")).expect("parse vmlinux BTF");
+    fn sched_info_resolves_on_this_kernel() {
+        let layout =
+            KernelLayout::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux")).expect("parse vmlinux BTF");
         let [base, pcount, run_delay, last_arrival] = sched_info_offsets(&layout).expect("sched_info resolves");
         assert!(base > 0);
         assert_eq!(pcount, 0, "pcount opens sched_info");
         for word in [run_delay, last_arrival] {
-            assert!(word % 8 == 0 && (word as usize) < SCHED_INFO_READ_LEN, "{word}");
+            assert!(word % 8 == 0 && word > 0, "{word}");
         }
         assert!(run_delay != pcount && last_arrival != run_delay && last_arrival != pcount);
     }
