@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::Map,
-    programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, Program, ProgramError, RawTracePoint, TracePoint},
 };
 use graywatch_common::{
     KfreeSkbFields, NetSettings, SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SockStateFields, TcpProbeFields,
@@ -358,36 +358,28 @@ impl KernelPrograms {
         Ok(programs)
     }
 
-    fn attach_tracepoint(&mut self, tp: &TracepointProgram) -> Result<(), EbpfError> {
-        let program: &mut TracePoint = self
-            .ebpf
-            .program_mut(tp.program)
-            .ok_or(EbpfError::MissingProgram(tp.program))?
+    /// Program `name` of the object, as its type.
+    fn program<T>(&mut self, name: &'static str) -> Result<&mut T, EbpfError>
+    where
+        for<'a> &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
             .try_into()
             .map_err(|source| EbpfError::Program {
-                program: tp.program,
+                program: name,
                 source,
                 hint: "",
-            })?;
-        program.load().map_err(|source| match source {
-            ProgramError::LoadError { io_error, verifier_log } => EbpfError::Verifier {
-                program: tp.program,
-                error: io_error,
-                log_tail: tail(&verifier_log.to_string(), 20),
-            },
-            source => EbpfError::Program {
-                program: tp.program,
-                hint: hint_for(&source),
-                source,
-            },
-        })?;
+            })
+    }
+
+    fn attach_tracepoint(&mut self, tp: &TracepointProgram) -> Result<(), EbpfError> {
+        let program: &mut TracePoint = self.program(tp.program)?;
+        program.load().map_err(|source| load_failed(tp.program, source))?;
         program
             .attach(tp.category, tp.event)
-            .map_err(|source| EbpfError::Program {
-                program: tp.program,
-                hint: hint_for(&source),
-                source,
-            })?;
+            .map_err(|source| attach_failed(tp.program, source))?;
         self.attached.push(format!("{}:{}", tp.category, tp.event));
         self.attached_programs.push(tp.program);
         Ok(())
@@ -477,66 +469,18 @@ impl KernelPrograms {
     }
 
     fn attach_btf_tracepoint(&mut self, name: &'static str, event: &'static str, btf: &Btf) -> Result<(), EbpfError> {
-        let program: &mut BtfTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                program: name,
-                source,
-                hint: "",
-            })?;
-        program.load(event, btf).map_err(|source| match source {
-            ProgramError::LoadError { io_error, verifier_log } => EbpfError::Verifier {
-                program: name,
-                error: io_error,
-                log_tail: tail(&verifier_log.to_string(), 20),
-            },
-            source => EbpfError::Program {
-                program: name,
-                hint: hint_for(&source),
-                source,
-            },
-        })?;
-        program.attach().map_err(|source| EbpfError::Program {
-            program: name,
-            hint: hint_for(&source),
-            source,
-        })?;
+        let program: &mut BtfTracePoint = self.program(name)?;
+        program.load(event, btf).map_err(|source| load_failed(name, source))?;
+        program.attach().map_err(|source| attach_failed(name, source))?;
         self.attached.push(format!("tp_btf:{event}"));
         self.attached_programs.push(name);
         Ok(())
     }
 
     fn attach_raw_tracepoint(&mut self, name: &'static str, event: &'static str) -> Result<(), EbpfError> {
-        let program: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                program: name,
-                source,
-                hint: "",
-            })?;
-        program.load().map_err(|source| match source {
-            ProgramError::LoadError { io_error, verifier_log } => EbpfError::Verifier {
-                program: name,
-                error: io_error,
-                log_tail: tail(&verifier_log.to_string(), 20),
-            },
-            source => EbpfError::Program {
-                program: name,
-                hint: hint_for(&source),
-                source,
-            },
-        })?;
-        program.attach(event).map_err(|source| EbpfError::Program {
-            program: name,
-            hint: hint_for(&source),
-            source,
-        })?;
+        let program: &mut RawTracePoint = self.program(name)?;
+        program.load().map_err(|source| load_failed(name, source))?;
+        program.attach(event).map_err(|source| attach_failed(name, source))?;
         self.attached.push(format!("raw_tp:{event}"));
         self.attached_programs.push(name);
         Ok(())
@@ -592,6 +536,30 @@ fn ephemeral_port_min(procfs: &std::path::Path) -> u32 {
         warn!(path = %path.display(), "cannot read the ephemeral port range; assuming 32768");
         32_768
     })
+}
+
+/// A program the kernel refused to load: the verifier's last lines when it was the verifier.
+fn load_failed(program: &'static str, source: ProgramError) -> EbpfError {
+    match source {
+        ProgramError::LoadError { io_error, verifier_log } => EbpfError::Verifier {
+            program,
+            error: io_error,
+            log_tail: tail(&verifier_log.to_string(), 20),
+        },
+        source => EbpfError::Program {
+            program,
+            hint: hint_for(&source),
+            source,
+        },
+    }
+}
+
+fn attach_failed(program: &'static str, source: ProgramError) -> EbpfError {
+    EbpfError::Program {
+        program,
+        hint: hint_for(&source),
+        source,
+    }
 }
 
 fn tail(text: &str, lines: usize) -> String {
