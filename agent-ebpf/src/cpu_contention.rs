@@ -162,7 +162,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: the task's own value, written only while the task switches out on this CPU.
     let task = unsafe { &mut *entry };
     let waits = pcount.wrapping_sub(task.pcount);
-    if waits == 0 || waits > MAX_WAITS_BETWEEN_READS {
+    if waits == 0 {
         // No wait since it last left (it ran on, or this is its first reading); a delay the
         // kernel added without counting a wait (a migration) joins the next counted one.
         return Ok(());
@@ -170,6 +170,10 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let delay_grew_ns = run_delay_ns.wrapping_sub(task.run_delay_ns);
     task.pcount = pcount;
     task.run_delay_ns = run_delay_ns;
+    if waits > MAX_WAITS_BETWEEN_READS || delay_grew_ns > MAX_DELAY_BETWEEN_READS_NS {
+        // Counters that went backwards: start again from these, record nothing.
+        return Ok(());
+    }
     // Normally one wait; several only if switches were missed (the mean of them then).
     let wait_us = delay_grew_ns / waits / 1_000;
     let now = field(o.task_sched_info + o.sched_info_last_arrival);
@@ -194,8 +198,10 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// More waits than this between two readings of one task means a counter we misread, not waits.
+/// More waits, or more delay, than this between two readings of one task means a counter that
+/// went backwards (wrapped), not waits.
 const MAX_WAITS_BETWEEN_READS: u64 = 1 << 20;
+const MAX_DELAY_BETWEEN_READS_NS: u64 = 1 << 62;
 
 #[inline(always)]
 fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {
