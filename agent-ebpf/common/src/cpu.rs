@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<TaskOffsets>(), 12 * 4);
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 16 * 4);
         assert_eq!(core::mem::size_of::<RunqStats>(), 8 + 4 * RTT_BUCKETS);
     }
 }
