@@ -85,6 +85,16 @@ const fn link(name: &'static str, spec: &'static str) -> Scenario {
     }
 }
 
+/// A loss on every link of the node: awaited until `PacketLossHealthy` is False too. Loss also
+/// inflates the RTT the kernel measures (with timestamps, the ACKs sent while a lost segment is
+/// recovered echo an older segment), so `NetworkLatencyHealthy` may react first.
+const fn lossy(name: &'static str, spec: &'static str) -> Scenario {
+    Scenario {
+        condition: Some("PacketLossHealthy"),
+        ..link(name, spec)
+    }
+}
+
 /// The default link fault of the demo, for the scenarios about who is faulty and when.
 const DEMO_FAULT: Fault = Fault::Link {
     spec: "delay=30ms,loss=1%",
@@ -96,9 +106,9 @@ pub const ALL: &[Scenario] = &[
     link("delay-5ms", "delay=5ms"),
     link("delay-20ms", "delay=20ms"),
     link("delay-100ms", "delay=100ms"),
-    link("loss-0.5%", "loss=0.5%"),
-    link("loss-2%", "loss=2%"),
-    link("loss-10%", "loss=10%"),
+    lossy("loss-0.5%", "loss=0.5%"),
+    lossy("loss-2%", "loss=2%"),
+    lossy("loss-10%", "loss=10%"),
     Scenario {
         name: "blackhole-one-peer",
         fault: Fault::Link {
