@@ -1,22 +1,21 @@
-//! CPU contention: run-queue latency per cgroup. The kernel already measures it per task
+//! CPU contention: run-queue latency per cgroup. The kernel already times each task's wait
 //! (`task_struct.sched_info`, `CONFIG_SCHED_INFO`, the figures behind `/proc/<pid>/schedstat`):
-//! `run_delay` is the total time the task spent runnable but waiting for a CPU, from wakeup or
-//! preemption until it ran, and `pcount` the number of such waits. `sched_switch` reads them as a
-//! task leaves the CPU: what they grew since it last left is the wait that preceded this run. The
-//! delay lands in a log-linear histogram of that task's cgroup, so a noisy neighbour or a CFS
-//! quota shows up on the pod that waits, not on whoever happened to be running. No clock is read
-//! and nothing runs on the wakeup path: that was most of the cost of timing waits ourselves.
+//! `last_queued` is the run queue's clock when the task became runnable (wakeup, or preemption
+//! while still runnable), and when the task is switched in the kernel adds `clock - last_queued`
+//! to its `run_delay`. `sched_switch` fires just before that: the same difference, read from the
+//! incoming task and its run queue's clock, is the wait that ends here. It lands in a log-linear
+//! histogram of that task's cgroup, so a noisy neighbour or a CFS quota shows up on the pod that
+//! waits, not on whoever happened to be running. No clock is read, no per-task state is kept and
+//! nothing runs on the wakeup path: those were most of the cost of timing waits ourselves.
 //!
-//! A BTF tracepoint (`tp_btf`), because its task argument is typed: it finds the task's last
-//! reading in task-local storage (no hashing, freed with the task). Task and cgroup fields are
-//! read with offsets the agent resolved from BTF.
-
-use core::ffi::c_void;
+//! A BTF tracepoint (`tp_btf`), because its task arguments are typed: the task's, its cgroup's
+//! and its run queue's fields are plain loads the verifier checks against the kernel's BTF (and
+//! makes fault-safe), at offsets the agent resolved from BTF.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_probe_read_kernel,
-    macros::{btf_map, btf_tracepoint, map},
+    macros::{btf_tracepoint, map},
     maps::HashMap,
     programs::BtfTracePointContext,
 };
@@ -24,34 +23,11 @@ use graywatch_common::{
     CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket,
 };
 
-use crate::maps::{TaskStorage, add_u32, add_u64, count_lost};
+use crate::maps::{add_u32, add_u64, count_lost};
 
 /// Cumulative run-queue latency per cgroup id.
 #[map]
 pub static RUNQ: HashMap<u64, RunqStats> = HashMap::with_max_entries(MAX_RUNQ_CGROUPS, 0);
-
-/// Each task's `sched_info` counters when it last left the CPU, and its cgroup, in the task's own
-/// storage (the kernel frees it when the task exits).
-#[btf_map]
-static TASK_RUNQ: TaskStorage<TaskRunq> = TaskStorage::new();
-
-/// Per-task state (kernel side only).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TaskRunq {
-    /// `sched_info.pcount` and `sched_info.run_delay` (ns) when last read.
-    pcount: u64,
-    run_delay_ns: u64,
-    /// The task's cgroup id, cached: reading it is a chain of four kernel reads, and tasks
-    /// rarely change cgroup (re-read at most once per [`CGROUP_RECHECK_NS`]).
-    cgroup_id: u64,
-    /// `sched_info.last_arrival` (the run queue's clock, ns) when the cgroup id was read.
-    cgroup_checked_ns: u64,
-}
-
-/// How long a cached task cgroup id is trusted; bounds misattribution after a task is moved
-/// (e.g. a container's init process, which runc forks and then moves into the pod's cgroup).
-const CGROUP_RECHECK_NS: u64 = 1_000_000_000;
 
 /// Filled in by the agent from BTF before load.
 #[unsafe(no_mangle)]
@@ -65,10 +41,10 @@ static TASK_OFFSETS: TaskOffsets = TaskOffsets {
     css_cgroup: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
-    task_sched_info: 0,
-    sched_info_pcount: 0,
-    sched_info_run_delay: 0,
-    sched_info_last_arrival: 0,
+    task_last_queued: 0,
+    task_cfs_rq: 0,
+    cfs_rq_rq: 0,
+    rq_clock: 0,
     cpu_hierarchy: CGROUP_V2,
     memory_hierarchy: CGROUP_V2,
     _pad: 0,
@@ -118,7 +94,7 @@ pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Optio
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-/// unsigned int prev_state)`: `prev` leaves the CPU.
+/// unsigned int prev_state)`: `next` is about to run on this CPU.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
@@ -126,66 +102,72 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     }
 }
 
+/// A field of the kernel object at `base`, at an offset this kernel's BTF gave.
+///
+/// `base` must be a BTF-typed pointer (a `tp_btf` argument, or a pointer loaded from one): the
+/// verifier checks each such load against BTF and turns a fault into a zero, and a loaded
+/// pointer keeps its BTF type, so chains of them need no helper call.
+#[inline(always)]
+fn btf_field<T>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the verifier refuses the program if an offset is not such a member.
+    unsafe {
+        core::ptr::read_volatile(base.add(offset as usize).cast::<T>())
+    }
+}
+
+/// One member of [`TASK_OFFSETS`], loaded alone: the per-switch program needs a few of its 16.
+macro_rules! task_offset {
+    ($member:ident) => {
+        // SAFETY: a static in .rodata; volatile so the compiler cannot fold the initialiser.
+        unsafe { core::ptr::read_volatile(&raw const TASK_OFFSETS.$member) }
+    };
+}
+
+/// `task`'s cgroup id for CPU attribution through BTF-typed loads (see [`task_cgroup_id`]).
+#[inline(always)]
+fn btf_task_cpu_cgroup_id(task: *const u8) -> u64 {
+    let hierarchy = task_offset!(cpu_hierarchy);
+    let css_set: *const u8 = btf_field(task, task_offset!(task_cgroups));
+    let cgroup: *const u8 = if hierarchy == CGROUP_V2 {
+        btf_field(css_set, task_offset!(css_set_dfl_cgrp))
+    } else {
+        // Bounded so the verifier sees a constant-range offset.
+        let css: *const u8 = btf_field(css_set, task_offset!(css_set_subsys) + (hierarchy & 0x3f) * 8);
+        btf_field(css, task_offset!(css_cgroup))
+    };
+    let kn: *const u8 = btf_field(cgroup, task_offset!(cgroup_kn));
+    btf_field(kn, task_offset!(kernfs_node_id))
+}
+
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    let prev: *mut c_void = ctx.arg(1);
-    let o = task_offsets();
-    // `prev` is a BTF task pointer: its fields load directly (the verifier checks each load
-    // against the kernel's BTF and makes it fault-safe), no helper call per field.
-    #[expect(
-        clippy::cast_ptr_alignment,
-        reason = "BTF offsets of u64 and pid_t members of task_struct, aligned to their types"
-    )]
-    let field = |offset: u32| -> u64 {
-        // SAFETY: a field of `struct task_struct` at an offset this kernel's BTF gave.
-        unsafe { core::ptr::read_volatile(prev.cast::<u8>().add(offset as usize).cast::<u64>()) }
-    };
-    #[expect(clippy::cast_ptr_alignment, reason = "as above")]
-    // SAFETY: as above (`pid_t`).
-    let pid = unsafe { core::ptr::read_volatile(prev.cast::<u8>().add(o.task_pid as usize).cast::<i32>()) };
-    // pid 0 is this CPU's idle task, which never waits for a CPU.
-    if pid == 0 {
+    let next: *const u8 = ctx.arg(2);
+    let last_queued_ns: u64 = btf_field(next, task_offset!(task_last_queued));
+    // 0: the task did not wait (or is this CPU's idle task, which the kernel does not account).
+    if last_queued_ns == 0 {
         return Ok(());
     }
-    let pcount = field(o.task_sched_info + o.sched_info_pcount);
-    let run_delay_ns = field(o.task_sched_info + o.sched_info_run_delay);
-    let mut first = TaskRunq {
-        pcount,
-        run_delay_ns,
-        cgroup_id: 0,
-        cgroup_checked_ns: 0,
-    };
-    let Some(entry) = TASK_RUNQ.get_or_insert(prev, &mut first) else {
-        // No memory for a new value, or a storage call already running on this CPU.
-        count_lost(LostEvent::TaskStateMissing);
+    let cfs_rq: *const u8 = btf_field(next, task_offset!(task_cfs_rq));
+    let rq: *const u8 = btf_field(cfs_rq, task_offset!(cfs_rq_rq));
+    let now_ns: u64 = btf_field(rq, task_offset!(rq_clock));
+    let delay_ns = now_ns.wrapping_sub(last_queued_ns);
+    if delay_ns > MAX_WAIT_NS {
+        // A clock behind the enqueue time (a read that faulted to zero): nothing to record.
+        return Ok(());
+    }
+    let cgroup_id = btf_task_cpu_cgroup_id(next);
+    if cgroup_id == 0 {
+        count_lost(LostEvent::TaskReadFailed);
         return Err(());
-    };
-    // SAFETY: the task's own value, written only while the task switches out on this CPU.
-    let task = unsafe { &mut *entry };
-    let waits = pcount.wrapping_sub(task.pcount);
-    if waits == 0 {
-        // No wait since it last left (it ran on, or this is its first reading); a delay the
-        // kernel added without counting a wait (a migration) joins the next counted one.
-        return Ok(());
     }
-    let delay_grew_ns = run_delay_ns.wrapping_sub(task.run_delay_ns);
-    task.pcount = pcount;
-    task.run_delay_ns = run_delay_ns;
-    if waits > MAX_WAITS_BETWEEN_READS || delay_grew_ns > MAX_DELAY_BETWEEN_READS_NS {
-        // Counters that went backwards: start again from these, record nothing.
-        return Ok(());
-    }
-    // Normally one wait; several only if switches were missed (the mean of them then).
-    let wait_us = delay_grew_ns / waits / 1_000;
-    let now = field(o.task_sched_info + o.sched_info_last_arrival);
-    if task.cgroup_id == 0 || now.wrapping_sub(task.cgroup_checked_ns) > CGROUP_RECHECK_NS {
-        task.cgroup_id = task_cgroup_id(&o, prev.cast_const().cast(), o.cpu_hierarchy).ok_or(())?;
-        task.cgroup_checked_ns = now;
-    }
-    let stats = runq_stats(task.cgroup_id).ok_or(())?;
+    let wait_us = delay_ns / 1_000;
+    let stats = runq_stats(cgroup_id).ok_or(())?;
     // SAFETY: `stats` points into a live RUNQ value; fields are updated atomically. (No sample
     // counter: the agent sums the histogram, one shared atomic add fewer per switch.)
     unsafe {
-        add_u64(&raw mut (*stats).sum_us, wait_us);
+        // Most waits are under a microsecond: they add nothing to the sum, so skip the add.
+        if wait_us != 0 {
+            add_u64(&raw mut (*stats).sum_us, wait_us);
+        }
         #[expect(
             clippy::cast_possible_truncation,
             reason = "clamped to u32::MAX first; the verifier rejects the program when this is written with try_from"
@@ -198,10 +180,8 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// More waits, or more delay, than this between two readings of one task means a counter that
-/// went backwards (wrapped), not waits.
-const MAX_WAITS_BETWEEN_READS: u64 = 1 << 20;
-const MAX_DELAY_BETWEEN_READS_NS: u64 = 1 << 62;
+/// A wait longer than this is a clock read that went wrong, not a wait (2^62 ns is 146 years).
+const MAX_WAIT_NS: u64 = 1 << 62;
 
 #[inline(always)]
 fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {

@@ -81,8 +81,8 @@ pub enum Attach {
     Tracepoint(&'static str),
     /// A raw tracepoint (the tracepoint's arguments, untyped).
     Raw,
-    /// A BTF tracepoint (`tp_btf`): the arguments typed by the kernel's BTF, which a program
-    /// needs to pass a task to a helper such as task-local storage.
+    /// A BTF tracepoint (`tp_btf`): the arguments typed by the kernel's BTF, so a program can
+    /// load a task's fields (and follow its pointers) directly, checked by the verifier.
     Btf,
 }
 
@@ -316,9 +316,6 @@ impl KernelPrograms {
             // (offsets come from tracefs and BTF above): free its parsed copy before maps and
             // programs are created.
             .btf(None)
-            // The run-queue clock lives in task-local storage, a map type aya creates from the
-            // object's BTF but has no typed wrapper for (only the kernel programs use it).
-            .allow_unsupported_maps()
             .override_global("NET_SETTINGS", &net_settings, true)
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("TCP_PROBE_FIELDS", &tcp_probe, true)

@@ -32,12 +32,15 @@ pub struct TaskOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id`.
     pub kernfs_node_id: u32,
-    /// `task_struct.sched_info` (`CONFIG_SCHED_INFO`): the kernel's own run-queue accounting.
-    pub task_sched_info: u32,
-    /// `sched_info.pcount`, `.run_delay` and `.last_arrival`, from the start of `sched_info`.
-    pub sched_info_pcount: u32,
-    pub sched_info_run_delay: u32,
-    pub sched_info_last_arrival: u32,
+    /// `task_struct.sched_info.last_queued` (`CONFIG_SCHED_INFO`): when the task joined its run
+    /// queue (the queue's clock, ns), 0 while it is not waiting.
+    pub task_last_queued: u32,
+    /// `task_struct.se.cfs_rq` (`CONFIG_FAIR_GROUP_SCHED`): the task's CFS queue on its CPU.
+    pub task_cfs_rq: u32,
+    /// `cfs_rq.rq`: the CPU's run queue.
+    pub cfs_rq_rq: u32,
+    /// `rq.clock`: the run queue's clock, the one `last_queued` was read from.
+    pub rq_clock: u32,
     /// Hierarchy for CPU attribution: [`CGROUP_V2`] or the v1 cpu controller's subsys index.
     pub cpu_hierarchy: u32,
     /// Hierarchy for memory attribution: [`CGROUP_V2`] or the v1 memory controller's index.
@@ -68,8 +71,7 @@ impl RunqStats {
     };
 }
 
-/// Bound on cgroups with run-queue stats. (Tasks waiting to run keep their clock in
-/// task-local storage, which has no bound to size.)
+/// Bound on cgroups with run-queue stats.
 pub const MAX_RUNQ_CGROUPS: u32 = 4_096;
 
 #[cfg(feature = "user")]

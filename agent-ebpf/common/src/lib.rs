@@ -34,28 +34,24 @@ pub enum LostEvent {
     SocketMapFull = 3,
     /// `RUNQ` was full when a new cgroup was switched in.
     RunqMapFull = 4,
-    /// `TASK_RUNQ` (task-local storage) gave a task no value: no memory, or a storage call
-    /// already running on that CPU. That task's wait is not counted.
-    TaskStateMissing = 5,
     /// `RECLAIM` or `RECLAIMING` was full.
-    ReclaimMapFull = 6,
+    ReclaimMapFull = 5,
     /// `OOM_EVENTS` ring buffer had no room (the kill is still counted in `OOM_KILLS`).
-    OomRingFull = 7,
+    OomRingFull = 6,
     /// A `bpf_probe_read_kernel` of task or cgroup fields failed.
-    TaskReadFailed = 8,
+    TaskReadFailed = 7,
     /// `CONNECTING` could not take a new connection attempt (its outcome is then not counted).
-    ConnectMapFull = 9,
+    ConnectMapFull = 8,
 }
 
 impl LostEvent {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 9;
     pub const ALL: [LostEvent; Self::COUNT as usize] = [
         LostEvent::FlowMapFull,
         LostEvent::DropMapFull,
         LostEvent::KernelReadFailed,
         LostEvent::SocketMapFull,
         LostEvent::RunqMapFull,
-        LostEvent::TaskStateMissing,
         LostEvent::ReclaimMapFull,
         LostEvent::OomRingFull,
         LostEvent::TaskReadFailed,
@@ -69,7 +65,6 @@ impl LostEvent {
             LostEvent::KernelReadFailed => "kernel_read_failed",
             LostEvent::SocketMapFull => "socket_map_full",
             LostEvent::RunqMapFull => "runq_map_full",
-            LostEvent::TaskStateMissing => "task_state_missing",
             LostEvent::ReclaimMapFull => "reclaim_map_full",
             LostEvent::OomRingFull => "oom_ring_full",
             LostEvent::TaskReadFailed => "task_read_failed",

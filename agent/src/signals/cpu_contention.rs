@@ -3,7 +3,7 @@
 //!
 //! Also resolves what the scheduler and memory programs need before load: task/cgroup member
 //! offsets from BTF, where the kernel keeps each task's run-queue accounting
-//! ([`sched_info_offsets`]), and which cgroup hierarchy to attribute to ([`task_offsets`]).
+//! ([`run_queue_offsets`]), and which cgroup hierarchy to attribute to ([`task_offsets`]).
 
 use std::collections::HashMap;
 
@@ -61,23 +61,26 @@ pub fn choose_hierarchies(has_v2: bool, proc_cgroups: &[String]) -> (u32, u32) {
     (index("cpu").unwrap_or(CGROUP_V2), index("memory").unwrap_or(CGROUP_V2))
 }
 
-/// Where the kernel's run-queue accounting sits (`task_struct.sched_info`: offset, then `pcount`,
-/// `run_delay` and `last_arrival` within it). `Err` on a kernel built without `CONFIG_SCHED_INFO`.
-pub fn sched_info_offsets(layout: &KernelLayout) -> Result<[u32; 4], String> {
-    let base = layout
-        .offset_of("task_struct.sched_info")
-        .map_err(|e| format!("no run-queue accounting in this kernel (CONFIG_SCHED_INFO): {e}"))?;
-    let mut out = [base, 0, 0, 0];
-    for (slot, member) in out[1..].iter_mut().zip(["pcount", "run_delay", "last_arrival"]) {
-        let path = format!("task_struct.sched_info.{member}");
-        let at = layout.offset_of(&path).map_err(|e| e.to_string())?;
-        *slot = at - base;
-    }
-    Ok(out)
+/// Where the kernel keeps what the run-queue program reads: each task's enqueue time
+/// (`task_struct.sched_info.last_queued`, `CONFIG_SCHED_INFO`) and the clock it was read from
+/// (`task_struct.se.cfs_rq` → `cfs_rq.rq` → `rq.clock`, `CONFIG_FAIR_GROUP_SCHED`), as
+/// `[task_last_queued, task_cfs_rq, cfs_rq_rq, rq_clock]`. `Err` names what this kernel lacks.
+pub fn run_queue_offsets(layout: &KernelLayout) -> Result<[u32; 4], String> {
+    let member = |path: &str, needs: &str| {
+        layout
+            .offset_of(path)
+            .map_err(|e| format!("no run-queue accounting in this kernel ({needs}): {e}"))
+    };
+    Ok([
+        member("task_struct.sched_info.last_queued", "CONFIG_SCHED_INFO")?,
+        member("task_struct.se.cfs_rq", "CONFIG_FAIR_GROUP_SCHED")?,
+        member("cfs_rq.rq", "CONFIG_FAIR_GROUP_SCHED")?,
+        member("rq.clock", "struct rq")?,
+    ])
 }
 
-/// Task and cgroup member offsets for the `TASK_OFFSETS` global (the `sched_info` ones zero:
-/// see [`sched_info_offsets`]).
+/// Task and cgroup member offsets for the `TASK_OFFSETS` global (the run-queue ones zero: see
+/// [`run_queue_offsets`]).
 pub fn task_offsets(
     layout: &KernelLayout,
     cpu_hierarchy: u32,
@@ -93,10 +96,10 @@ pub fn task_offsets(
         css_cgroup: layout.offset_of("cgroup_subsys_state.cgroup")?,
         cgroup_kn: layout.offset_of("cgroup.kn")?,
         kernfs_node_id: layout.offset_of("kernfs_node.id")?,
-        task_sched_info: 0,
-        sched_info_pcount: 0,
-        sched_info_run_delay: 0,
-        sched_info_last_arrival: 0,
+        task_last_queued: 0,
+        task_cfs_rq: 0,
+        cfs_rq_rq: 0,
+        rq_clock: 0,
         cpu_hierarchy,
         memory_hierarchy,
         _pad: 0,
@@ -244,19 +247,17 @@ mod tests {
 
     use super::*;
 
-    /// The run-queue program loads `pcount`, `run_delay` and `last_arrival` (6.18 has two
-    /// more fields between them than 6.1): three distinct 8-byte members of `sched_info`.
+    /// The run-queue program's chain from a task to its run queue's clock resolves here: four
+    /// distinct members, the pointers 8-byte aligned.
     #[test]
-    fn sched_info_resolves_on_this_kernel() {
+    fn run_queue_offsets_resolve_on_this_kernel() {
         let layout =
             KernelLayout::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux")).expect("parse vmlinux BTF");
-        let [base, pcount, run_delay, last_arrival] = sched_info_offsets(&layout).expect("sched_info resolves");
-        assert!(base > 0);
-        assert_eq!(pcount, 0, "pcount opens sched_info");
-        for word in [run_delay, last_arrival] {
-            assert!(word % 8 == 0 && word > 0, "{word}");
+        let [last_queued, cfs_rq, rq, clock] = run_queue_offsets(&layout).expect("run-queue offsets resolve");
+        assert!(last_queued > 0 && cfs_rq > 0 && last_queued != cfs_rq);
+        for offset in [last_queued, cfs_rq, rq, clock] {
+            assert_eq!(offset % 8, 0, "{offset}");
         }
-        assert!(run_delay != pcount && last_arrival != run_delay && last_arrival != pcount);
     }
 
     fn stats(samples_us: &[u32]) -> RunqStats {

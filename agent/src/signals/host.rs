@@ -57,12 +57,12 @@ impl HostGlobals {
         let force_v1 = attribution == CgroupAttribution::V1;
         let (cpu, memory) = choose_hierarchies(cgroup_layout.v2_root().is_some() && !force_v1, &subsystems);
         let mut task_offsets = cpu_contention::task_offsets(layout, cpu, memory).map_err(|e| e.to_string())?;
-        let run_queue_unavailable = match cpu_contention::sched_info_offsets(layout) {
-            Ok([base, pcount, run_delay, last_arrival]) => {
-                task_offsets.task_sched_info = base;
-                task_offsets.sched_info_pcount = pcount;
-                task_offsets.sched_info_run_delay = run_delay;
-                task_offsets.sched_info_last_arrival = last_arrival;
+        let run_queue_unavailable = match cpu_contention::run_queue_offsets(layout) {
+            Ok([last_queued, cfs_rq, rq, clock]) => {
+                task_offsets.task_last_queued = last_queued;
+                task_offsets.task_cfs_rq = cfs_rq;
+                task_offsets.cfs_rq_rq = rq;
+                task_offsets.rq_clock = clock;
                 None
             }
             Err(why) => Some(why),
