@@ -14,16 +14,7 @@ use crate::{
     tracefs::EventFormat,
 };
 
-/// (program, category, event) of the classic tracepoints of this family.
-pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin"),
-    ("direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end"),
-    ("memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin"),
-    ("memcg_reclaim_end", "vmscan", "mm_vmscan_memcg_reclaim_end"),
-];
-/// (program, raw tracepoint).
-pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[("mark_victim", "mark_victim")];
-
+/// Names of the maps this module reads (the programs: `host::HOST_PROGRAMS`).
 pub const RECLAIM_MAP: &str = "RECLAIM";
 pub const OOM_KILLS_MAP: &str = "OOM_KILLS";
 pub const OOM_EVENTS_MAP: &str = "OOM_EVENTS";
