@@ -19,9 +19,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::BtfTracePointContext,
 };
-use graywatch_common::{
-    CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket,
-};
+use graywatch_common::{CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket};
 
 use crate::maps::{add_u32, add_u64, count_lost};
 
@@ -52,7 +50,6 @@ static TASK_OFFSETS: TaskOffsets = TaskOffsets {
 
 /// Zeroed value to insert new cgroups from (larger than the BPF stack allows).
 static ZERO_RUNQ: RunqStats = RunqStats::ZERO;
-
 
 #[inline(always)]
 pub fn task_offsets() -> TaskOffsets {
@@ -110,9 +107,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn btf_field<T>(base: *const u8, offset: u32) -> T {
     // SAFETY: see above; the verifier refuses the program if an offset is not such a member.
-    unsafe {
-        core::ptr::read_volatile(base.add(offset as usize).cast::<T>())
-    }
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
 /// One member of [`TASK_OFFSETS`], loaded alone: the per-switch program needs a few of its 16.
