@@ -12,18 +12,28 @@
 //! and its run queue's fields are plain loads the verifier checks against the kernel's BTF (and
 //! makes fault-safe), at offsets the agent resolved from BTF.
 
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, map},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
-use graywatch_common::{CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RunqStats, TaskOffsets, rtt_bucket};
+use graywatch_common::{
+    CGROUP_V2, LostEvent, MAX_RUNQ_CGROUPS, RUNQ_SLOT_COUNT, RUNQ_SLOT_FREE, RunqSlot, RunqStats, TaskOffsets,
+    rtt_bucket, runq_slot_index,
+};
 
 use crate::maps::{add_u32, add_u64, count_lost};
 
-/// Cumulative run-queue latency per cgroup id.
+/// Cumulative run-queue latency per cgroup, at the cgroup's fixed slot (see [`RunqSlot`]).
+/// Mmapable: the agent reads it without a syscall per slot.
+#[map]
+pub static RUNQ_SLOTS: Array<RunqSlot> = Array::with_max_entries(RUNQ_SLOT_COUNT, BPF_F_MMAPABLE);
+
+/// Cumulative run-queue latency of the cgroups whose slot in [`RUNQ_SLOTS`] another one holds.
 #[map]
 pub static RUNQ: HashMap<u64, RunqStats> = HashMap::with_max_entries(MAX_RUNQ_CGROUPS, 0);
 
@@ -175,11 +185,32 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     Ok(())
 }
 
+/// Takes a free slot for `cgroup_id`; `false` when another CPU took it first.
+#[inline(always)]
+fn claim(owner: *mut u64, cgroup_id: u64) -> bool {
+    // SAFETY: `owner` points into a live array value and is 8-byte aligned. (The BPF target has
+    // no `AtomicU64::compare_exchange`; the intrinsic is the kernel's `BPF_CMPXCHG`.)
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(owner, RUNQ_SLOT_FREE, cgroup_id)
+    };
+    swapped
+}
+
 /// A wait longer than this is a clock read that went wrong, not a wait (2^62 ns is 146 years).
 const MAX_WAIT_NS: u64 = 1 << 62;
 
 #[inline(always)]
 fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {
+    if let Some(slot) = RUNQ_SLOTS.get_ptr_mut(runq_slot_index(cgroup_id)) {
+        // SAFETY: `slot` points into a live array value; `owner` is 8-byte aligned.
+        let owner = unsafe { &raw mut (*slot).owner };
+        // SAFETY: as above (a plain load: the agent's and other CPUs' writes are single stores).
+        let holder = unsafe { core::ptr::read_volatile(owner) };
+        if holder == cgroup_id || (holder == RUNQ_SLOT_FREE && claim(owner, cgroup_id)) {
+            // SAFETY: as above.
+            return Some(unsafe { &raw mut (*slot).stats });
+        }
+    }
     if let Some(stats) = RUNQ.get_ptr_mut(cgroup_id) {
         return Some(stats);
     }

@@ -14,9 +14,10 @@ use graywatch_agent::{
     app::{Collector, CollectorOptions},
     config::{CgroupAttribution, HostPaths},
     pods::PodDirectory,
-    signals::psi::read_psi,
+    signals::{cpu_contention::RunqPlace, psi::read_psi},
     summary::{CgroupWindow, WindowSummary, WorkloadReclaim, WorkloadRunq},
 };
+use graywatch_common::{RUNQ_SLOT_FREE, runq_slot_index};
 use graywatch_testbench::cgroup::{Limits, TestCgroup, is_root};
 
 fn collector() -> Option<Collector> {
@@ -442,6 +443,86 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
         collector.collect().expect("idle window");
     }
     assert_eq!(entries(&mut collector), (0, 0), "idle entries evicted from both maps");
+}
+
+/// Issue 18: the run-queue program keeps each cgroup's counters in the slot of `RUNQ_SLOTS` at
+/// the cgroup's index, claimed by the program itself (the `RUNQ` hash only takes cgroups whose
+/// slot another holds). A cgroup idle for long gives its place back, the slot zeroed; when it
+/// runs again it claims the slot afresh and its counts start from zero.
+#[test]
+fn idle_run_queue_places_are_taken_back_and_claimed_afresh() {
+    let Some(mut collector) = collector() else {
+        return;
+    };
+    #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
+    const IDLE: u32 = 2;
+    collector
+        .host_mut()
+        .runq_reader_mut()
+        .expect("run-queue program loaded")
+        .set_idle_windows_before_eviction(IDLE);
+    let group = cgroup(
+        &mut collector,
+        "runq-slot",
+        Limits {
+            cpu_quota: Some((20_000, 100_000)),
+            memory_max: None,
+        },
+    );
+    let id = group.v2_id().expect("a v2 cgroup (the CPU hierarchy here)");
+    let index = runq_slot_index(id);
+    let busy_window = |collector: &mut Collector| {
+        collector.collect().expect("baseline window");
+        let mut busy = stress(&group, &["--cpu", "2", "--timeout", "1s"]);
+        wait(&mut busy, Duration::from_mins(1));
+        let summary = collector.collect().expect("window");
+        let samples = runq(&summary, &group).expect("run-queue samples").latency.samples;
+        let reader = collector.host_mut().runq_reader_mut().expect("run-queue program");
+        let place = reader
+            .places()
+            .into_iter()
+            .find(|(_, owner)| *owner == id)
+            .expect("the cgroup has a place")
+            .0;
+        (samples, place, reader.slot(index))
+    };
+
+    let (samples, place, (owner, in_slot)) = busy_window(&mut collector);
+    eprintln!("first run: {samples} samples at {place:?}; slot {index} owner {owner} holds {in_slot}");
+    match place {
+        RunqPlace::Slot(i) => {
+            assert_eq!(i, index, "a cgroup's slot is at its index");
+            assert_eq!(owner, id);
+            assert!(in_slot >= samples, "the slot holds at least this window's samples");
+        }
+        // Only when another cgroup holds the slot.
+        RunqPlace::Hash => assert!(owner != RUNQ_SLOT_FREE && owner != id, "slot {index}: owner {owner}"),
+    }
+
+    // Idle: the place goes back, a slot zeroed.
+    for _ in 0..IDLE {
+        collector.collect().expect("idle window");
+    }
+    let reader = collector.host_mut().runq_reader_mut().expect("run-queue program");
+    assert!(
+        !reader.places().iter().any(|(_, owner)| *owner == id),
+        "idle cgroup's place taken back: {:?}",
+        reader.places()
+    );
+    if place == RunqPlace::Slot(index) {
+        let (owner, held) = reader.slot(index);
+        assert!(owner != id, "slot {index} released");
+        if owner == RUNQ_SLOT_FREE {
+            assert_eq!(held, 0, "a released slot is zeroed");
+        }
+    }
+
+    // Busy again: measured again, counting from zero.
+    let (again, place, (owner, in_slot)) = busy_window(&mut collector);
+    eprintln!("second run: {again} samples at {place:?}; slot {index} owner {owner} holds {in_slot}");
+    if place == RunqPlace::Slot(index) {
+        assert_eq!(in_slot, again, "a slot claimed afresh holds only the new samples");
+    }
 }
 
 /// Host paths with no PSI, no cgroup hierarchy and no /proc/cgroups (an old kernel as a

@@ -1,22 +1,36 @@
-//! CPU contention: reads the kernel's cumulative run-queue latency per cgroup (`RUNQ`) each
-//! window and turns it into per-window counts and percentiles ([`RunqWindow`]).
+//! CPU contention: reads the kernel's cumulative run-queue latency per cgroup (`RUNQ_SLOTS`,
+//! mapped into memory, and the `RUNQ` hash for cgroups whose slot another holds) each window and
+//! turns it into per-window counts and percentiles ([`RunqWindow`]).
 //!
 //! Also resolves what the scheduler and memory programs need before load: task/cgroup member
 //! offsets from BTF, where the kernel keeps each task's run-queue accounting
 //! ([`run_queue_offsets`]), and which cgroup hierarchy to attribute to ([`task_offsets`]).
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    num::NonZeroUsize,
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use graywatch_common::{CGROUP_V2, RTT_BUCKETS, RunqStats, TaskOffsets, rtt_bucket_bounds};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use graywatch_common::{
+    CGROUP_V2, RTT_BUCKETS, RUNQ_SLOT_COUNT, RUNQ_SLOT_FREE, RUNQ_SLOT_RELEASING, RunqSlot, RunqStats, TaskOffsets,
+    rtt_bucket_bounds,
+};
 
+use super::IdleEviction;
 use crate::{
     kernel_layout::{KernelLayout, LayoutError},
     summary::RunqWindow,
 };
 
-/// Name of the map this module reads.
+/// Names of the maps this module reads.
 pub const RUNQ_MAP: &str = "RUNQ";
+pub const RUNQ_SLOTS_MAP: &str = "RUNQ_SLOTS";
+
+/// `BPF_F_MMAPABLE`, which `RUNQ_SLOTS` must have been created with.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcCgroupsError {
@@ -150,92 +164,301 @@ pub fn bucket_deltas(prev: Option<&[u32; RTT_BUCKETS]>, now: &[u32; RTT_BUCKETS]
 
 /// Window of one cgroup from two cumulative readings; `None` when nothing was scheduled.
 pub fn runq_window(cgroup_id: u64, prev: Option<&RunqStats>, now: &RunqStats) -> Option<RunqWindow> {
-    // The kernel keeps no sample counter: the histogram's deltas add up to it.
-    let buckets = bucket_deltas(prev.map(|p| &p.buckets), &now.buckets);
-    let samples: u64 = buckets.iter().sum();
-    if samples == 0 {
-        return None;
-    }
-    let sum_us = now.sum_us.wrapping_sub(prev.map_or(0, |p| p.sum_us));
-    Some(RunqWindow {
-        cgroup_id,
-        samples,
-        mean_us: sum_us as f64 / samples as f64,
-        p50_us: quantile_us(&buckets, 0.50)?,
-        p99_us: quantile_us(&buckets, 0.99)?,
-        total_wait_ms: sum_us as f64 / 1_000.0,
-    })
+    RunqDelta::between(prev, now).window(cgroup_id)
 }
 
-/// Reads `RUNQ` once per window. Blocking (map syscalls): call from `spawn_blocking`.
+/// What one cgroup added between two readings.
+#[derive(Clone, Debug)]
+pub struct RunqDelta {
+    buckets: BucketDeltas,
+    sum_us: u64,
+}
+
+impl RunqDelta {
+    fn between(prev: Option<&RunqStats>, now: &RunqStats) -> Self {
+        Self {
+            buckets: bucket_deltas(prev.map(|p| &p.buckets), &now.buckets),
+            sum_us: now.sum_us.wrapping_sub(prev.map_or(0, |p| p.sum_us)),
+        }
+    }
+
+    fn add(&mut self, other: &RunqDelta) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *mine += theirs;
+        }
+        self.sum_us = self.sum_us.wrapping_add(other.sum_us);
+    }
+
+    /// `None` when nothing was scheduled.
+    fn window(&self, cgroup_id: u64) -> Option<RunqWindow> {
+        // The kernel keeps no sample counter: the histogram's deltas add up to it.
+        let samples: u64 = self.buckets.iter().sum();
+        if samples == 0 {
+            return None;
+        }
+        Some(RunqWindow {
+            cgroup_id,
+            samples,
+            mean_us: self.sum_us as f64 / samples as f64,
+            p50_us: quantile_us(&self.buckets, 0.50)?,
+            p99_us: quantile_us(&self.buckets, 0.99)?,
+            total_wait_ms: self.sum_us as f64 / 1_000.0,
+        })
+    }
+}
+
+/// Where the kernel keeps one cgroup's counters: its slot in `RUNQ_SLOTS`, or the `RUNQ` hash.
+/// A cgroup can have both (it waited in the hash while its slot was held, then took the slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RunqPlace {
+    Slot(u32),
+    Hash,
+}
+
+/// One cumulative reading per (place, cgroup).
+pub type RunqReadings = HashMap<(RunqPlace, u64), RunqStats>;
+
+/// Windows of every cgroup that had tasks switched in between two sets of readings, one per
+/// cgroup (its places summed), sorted by cgroup id. A place first seen in `now` counts from zero:
+/// the kernel zeroes a slot before it is claimed and a hash entry starts at zero.
+pub fn runq_windows(prev: &RunqReadings, now: &RunqReadings) -> Vec<RunqWindow> {
+    let mut per_cgroup: HashMap<u64, RunqDelta> = HashMap::new();
+    for (key, stats) in now {
+        let delta = RunqDelta::between(prev.get(key), stats);
+        match per_cgroup.entry(key.1) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(&delta),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(delta);
+            }
+        }
+    }
+    let mut out: Vec<RunqWindow> = per_cgroup.iter().filter_map(|(id, delta)| delta.window(*id)).collect();
+    out.sort_by_key(|w| w.cgroup_id);
+    out
+}
+
+/// The kernel's `RUNQ_SLOTS` array mapped into the agent's memory: reading 1024 slots is a
+/// memory scan, not 1024 lookup syscalls. Written by hand because aya maps no array into memory
+/// (its `Array` reads one element per syscall).
+pub struct RunqSlots {
+    base: NonNull<RunqSlot>,
+    bytes: NonZeroUsize,
+    /// Keeps the map (and so the mapping's object) alive.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is plain shared memory; the kernel side only does atomic adds and
+// compare-and-swaps on it, and this side reads and writes through atomics or volatile copies.
+unsafe impl Send for RunqSlots {}
+
+impl std::fmt::Debug for RunqSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunqSlots")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why `RUNQ_SLOTS` could not be mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunqSlotsError {
+    #[error("`{RUNQ_SLOTS_MAP}` is not an array map")]
+    NotAnArray,
+    #[error("cannot read `{RUNQ_SLOTS_MAP}`'s kernel info: {0}")]
+    Info(#[source] MapError),
+    #[error(
+        "`{RUNQ_SLOTS_MAP}` has {entries} slots of {value_size} bytes, flags {flags:#x}; this agent expects \
+         {RUNQ_SLOT_COUNT} of {expected} bytes, mmapable (agent and agent-ebpf out of sync?)"
+    )]
+    Layout {
+        entries: u32,
+        value_size: u32,
+        flags: u32,
+        expected: usize,
+    },
+    #[error("mapping `{RUNQ_SLOTS_MAP}` into memory failed: {0}")]
+    Mmap(#[source] nix::Error),
+}
+
+impl RunqSlots {
+    pub fn new(map: Map) -> Result<Self, RunqSlotsError> {
+        let Map::Array(data) = map else {
+            return Err(RunqSlotsError::NotAnArray);
+        };
+        let info = data.info().map_err(RunqSlotsError::Info)?;
+        let expected = size_of::<RunqSlot>();
+        if info.max_entries() != RUNQ_SLOT_COUNT
+            || usize::try_from(info.value_size()).ok() != Some(expected)
+            || info.map_flags() & BPF_F_MMAPABLE == 0
+        {
+            return Err(RunqSlotsError::Layout {
+                entries: info.max_entries(),
+                value_size: info.value_size(),
+                flags: info.map_flags(),
+                expected,
+            });
+        }
+        let bytes = NonZeroUsize::new(expected * RUNQ_SLOT_COUNT as usize).ok_or(RunqSlotsError::NotAnArray)?;
+        // SAFETY: a fresh shared mapping of the map's fd at offset 0, of the array's size (an
+        // mmapable array's values start page-aligned, at element size, here a multiple of 8).
+        let base = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                bytes,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                data.fd(),
+                0,
+            )
+        }
+        .map_err(RunqSlotsError::Mmap)?;
+        Ok(Self {
+            base: base.cast(),
+            bytes,
+            _map: data,
+        })
+    }
+
+    fn slot(&self, index: u32) -> *mut RunqSlot {
+        assert!(index < RUNQ_SLOT_COUNT, "slot {index} out of range");
+        // SAFETY: index < RUNQ_SLOT_COUNT, inside the mapping.
+        unsafe { self.base.as_ptr().add(index as usize) }
+    }
+
+    fn owner(&self, index: u32) -> &AtomicU64 {
+        // SAFETY: `owner` is the 8-byte-aligned first field of a slot inside the mapping, which
+        // lives as long as `self`; the kernel updates it only atomically.
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.slot(index)).owner) }
+    }
+
+    /// The cgroup holding slot `index` and its counters, or `None` for a free slot.
+    fn read(&self, index: u32) -> Option<(u64, RunqStats)> {
+        let owner = self.owner(index).load(Ordering::Acquire);
+        if owner == RUNQ_SLOT_FREE || owner == RUNQ_SLOT_RELEASING {
+            return None;
+        }
+        // SAFETY: inside the mapping; a copy racing with the kernel's atomic adds sees each
+        // counter before or after an add, as a hash lookup's copy would.
+        let stats = unsafe { std::ptr::read_volatile(&raw const (*self.slot(index)).stats) };
+        Some((owner, stats))
+    }
+
+    /// Takes slot `index` back from `owner` (idle for long): zeroed, then free for the next
+    /// cgroup to claim. Nothing happens if another cgroup holds it by now.
+    fn release(&self, index: u32, owner: u64) {
+        let owner_cell = self.owner(index);
+        if owner_cell
+            .compare_exchange(owner, RUNQ_SLOT_RELEASING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        // SAFETY: inside the mapping; while RELEASING, the kernel program neither claims the
+        // slot nor writes its stats.
+        unsafe { std::ptr::write_volatile(&raw mut (*self.slot(index)).stats, RunqStats::ZERO) };
+        owner_cell.store(RUNQ_SLOT_FREE, Ordering::Release);
+    }
+}
+
+impl Drop for RunqSlots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this length, not used after this.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes.get()) } {
+            tracing::warn!(error = %e, "unmapping RUNQ_SLOTS failed");
+        }
+    }
+}
+
+/// Reads `RUNQ_SLOTS` and `RUNQ` once per window. Blocking (map syscalls): call from
+/// `spawn_blocking`.
 pub struct RunqReader {
+    slots: RunqSlots,
     map: BpfHashMap<MapData, u64, RunqStats>,
-    last: HashMap<u64, RunqStats>,
-    /// Set by the first (baseline) call; the map counts from zero at load, so a cgroup first
+    last: RunqReadings,
+    /// Set by the first (baseline) call; the maps count from zero at load, so a cgroup first
     /// seen later is compared against zero.
     primed: bool,
-    /// Consecutive windows without a new sample, per cgroup.
-    idle: HashMap<u64, u32>,
+    idle: IdleEviction<(RunqPlace, u64)>,
 }
 
-/// Windows a cgroup may stay without samples before its entry leaves the kernel map.
+/// Windows a cgroup may stay without samples before its slot or entry is taken back.
 const IDLE_WINDOWS_BEFORE_EVICTION: u32 = 120;
 
 impl std::fmt::Debug for RunqReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunqReader")
-            .field("cgroups", &self.last.len())
+            .field("places", &self.last.len())
             .finish_non_exhaustive()
     }
 }
 
 impl RunqReader {
-    pub fn new(map: BpfHashMap<MapData, u64, RunqStats>) -> Self {
+    pub fn new(slots: RunqSlots, map: BpfHashMap<MapData, u64, RunqStats>) -> Self {
         Self {
+            slots,
             map,
             last: HashMap::new(),
             primed: false,
-            idle: HashMap::new(),
+            idle: IdleEviction::new(IDLE_WINDOWS_BEFORE_EVICTION),
         }
     }
 
+    /// Takes places back after `windows` unchanged windows instead of the default (tests).
+    pub fn set_idle_windows_before_eviction(&mut self, windows: u32) {
+        self.idle = IdleEviction::new(windows);
+    }
+
+    /// Slot `index` as the kernel has it now: its owner (or [`RUNQ_SLOT_FREE`]) and the samples
+    /// its histogram holds (tests and diagnostics).
+    pub fn slot(&self, index: u32) -> (u64, u64) {
+        let owner = self.slots.owner(index).load(Ordering::Acquire);
+        // SAFETY: inside the mapping (see `RunqSlots::read`).
+        let stats = unsafe { std::ptr::read_volatile(&raw const (*self.slots.slot(index)).stats) };
+        (owner, stats.buckets.iter().map(|b| u64::from(*b)).sum())
+    }
+
+    /// Where each cgroup's counters were at the last reading (tests and diagnostics).
+    pub fn places(&self) -> Vec<(RunqPlace, u64)> {
+        let mut places: Vec<_> = self.last.keys().copied().collect();
+        places.sort_unstable();
+        places
+    }
+
     /// Windows of every cgroup that had tasks switched in since the previous call. The first
-    /// call only sets the baseline for cgroups already in the map.
+    /// call only sets the baseline for cgroups already in the maps.
     pub fn collect(&mut self) -> Result<Vec<RunqWindow>, MapError> {
         let first = !self.primed;
         self.primed = true;
-        let mut now = HashMap::with_capacity(self.last.len());
+        let mut now: RunqReadings = HashMap::with_capacity(self.last.len());
+        for index in 0..RUNQ_SLOT_COUNT {
+            if let Some((owner, stats)) = self.slots.read(index) {
+                now.insert((RunqPlace::Slot(index), owner), stats);
+            }
+        }
         for entry in &self.map {
             let (id, stats) = entry?;
-            now.insert(id, stats);
+            now.insert((RunqPlace::Hash, id), stats);
         }
-        let mut out: Vec<RunqWindow> = if first {
+        let out = if first {
             Vec::new()
         } else {
-            now.iter()
-                .filter_map(|(id, stats)| runq_window(*id, self.last.get(id), stats))
-                .collect()
+            runq_windows(&self.last, &now)
         };
-        out.sort_by_key(|w| w.cgroup_id);
-        // Cgroups idle for long (typically deleted pods) leave the bounded kernel map; if one
-        // comes back its counters restart from zero and are compared against zero.
-        for (id, stats) in &now {
-            let unchanged = self.last.get(id).is_some_and(|p| p.buckets == stats.buckets);
-            let idle = self.idle.entry(*id).or_insert(0);
-            *idle = if unchanged { *idle + 1 } else { 0 };
+        // Cgroups idle for long (typically deleted pods) give their place back; if one comes
+        // back its counters restart from zero and are compared against zero.
+        let expired = self.idle.observe(
+            now.iter()
+                .map(|(key, stats)| (*key, self.last.get(key).is_none_or(|p| p.buckets != stats.buckets))),
+        );
+        for key in expired {
+            match key {
+                (RunqPlace::Slot(index), owner) => self.slots.release(index, owner),
+                (RunqPlace::Hash, id) => {
+                    let _ = self.map.remove(&id);
+                }
+            }
+            now.remove(&key);
         }
-        let expired: Vec<u64> = self
-            .idle
-            .iter()
-            .filter(|(_, n)| **n >= IDLE_WINDOWS_BEFORE_EVICTION)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            let _ = self.map.remove(&id);
-            now.remove(&id);
-            self.idle.remove(&id);
-        }
-        self.idle.retain(|id, _| now.contains_key(id));
         self.last = now;
         Ok(out)
     }
@@ -292,6 +515,26 @@ mod tests {
             runq_window(1, Some(&after), &after).is_none(),
             "no samples: no invented zero"
         );
+    }
+
+    #[test]
+    fn a_cgroup_in_a_slot_and_the_hash_gives_one_window() {
+        let (a, b) = (11u64, 12u64);
+        let prev: RunqReadings = HashMap::from([((RunqPlace::Hash, a), stats(&[10; 5]))]);
+        let now: RunqReadings = HashMap::from([
+            // a waited in the hash, then took its freed slot: both places count.
+            ((RunqPlace::Hash, a), stats(&[10; 8])),
+            ((RunqPlace::Slot(3), a), stats(&[500; 2])),
+            ((RunqPlace::Slot(9), b), stats(&[20; 4])),
+        ]);
+        let windows = runq_windows(&prev, &now);
+        assert_eq!(
+            windows.iter().map(|w| (w.cgroup_id, w.samples)).collect::<Vec<_>>(),
+            [(a, 5), (b, 4)]
+        );
+        assert!((windows[0].total_wait_ms - (3.0 * 10.0 + 2.0 * 500.0) / 1_000.0).abs() < 1e-9);
+        assert!(windows[0].p99_us > 400.0, "{}", windows[0].p99_us);
+        assert!(runq_windows(&now, &now).is_empty(), "nothing new: no window");
     }
 
     #[test]

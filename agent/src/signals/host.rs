@@ -11,7 +11,7 @@ use tracing::warn;
 
 use super::{
     cgroup_stats::CgroupStatsCollector,
-    cpu_contention::{self, RunqReader, choose_hierarchies, parse_proc_cgroups},
+    cpu_contention::{self, RunqReader, RunqSlots, choose_hierarchies, parse_proc_cgroups},
     cpu_steal::CpuStealCollector,
     memory_pressure::{self, MemoryPressureReader},
     psi::NodePsiCollector,
@@ -190,10 +190,19 @@ impl HostSignals {
     /// `watch`: cgroups reported besides the pods (relative to each hierarchy root).
     pub fn new(paths: &HostPaths, watch: &[String], programs: &mut KernelPrograms) -> Result<Self, EbpfError> {
         let runq = if programs.is_attached("sched_switch") {
-            Some(RunqReader::new(typed_map::<BpfHashMap<_, _, _>>(
-                programs.take_map(cpu_contention::RUNQ_MAP)?,
-                cpu_contention::RUNQ_MAP,
-            )?))
+            let slots = RunqSlots::new(programs.take_map(cpu_contention::RUNQ_SLOTS_MAP)?).map_err(|e| {
+                EbpfError::Unavailable {
+                    program: "sched_switch",
+                    why: e.to_string(),
+                }
+            })?;
+            Some(RunqReader::new(
+                slots,
+                typed_map::<BpfHashMap<_, _, _>>(
+                    programs.take_map(cpu_contention::RUNQ_MAP)?,
+                    cpu_contention::RUNQ_MAP,
+                )?,
+            ))
         } else {
             None
         };
@@ -237,6 +246,10 @@ impl HostSignals {
 
     /// Also report the cgroup at `rel` (relative to each hierarchy root) in `pressure.cgroups`.
     /// The kernel memory maps' reader, when those programs are loaded (tests, diagnostics).
+    pub fn runq_reader_mut(&mut self) -> Option<&mut RunqReader> {
+        self.runq.as_mut()
+    }
+
     pub fn memory_reader_mut(&mut self) -> Option<&mut MemoryPressureReader> {
         self.memory.as_mut()
     }

@@ -8,7 +8,10 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError, RingBuf};
 use graywatch_common::{OomEvent, ReclaimKey, ReclaimKind, ReclaimStats};
 use serde::Serialize;
 
-use super::cpu_contention::{bucket_deltas, quantile_us};
+use super::{
+    IdleEviction,
+    cpu_contention::{bucket_deltas, quantile_us},
+};
 use crate::{
     summary::{OomKill, ReclaimWindow},
     tracefs::EventFormat,
@@ -77,43 +80,6 @@ pub struct MemoryKernelWindow {
 /// Windows a `RECLAIM` or `OOM_KILLS` entry may stay unchanged before it is evicted from the
 /// kernel map (as `FLOWS` entries are): pods come and go, and a full map loses new cgroups.
 pub const IDLE_WINDOWS_BEFORE_EVICTION: u32 = 120;
-
-/// Counts the windows each key of a kernel map stayed unchanged.
-#[derive(Debug)]
-pub struct IdleEviction<K> {
-    idle: HashMap<K, u32>,
-    limit: u32,
-}
-
-impl<K: std::hash::Hash + Eq + Copy> IdleEviction<K> {
-    pub fn new(limit: u32) -> Self {
-        Self {
-            idle: HashMap::new(),
-            limit: limit.max(1),
-        }
-    }
-
-    /// This window's keys, each with whether it changed; returns the keys unchanged for the
-    /// limit (to evict; they are forgotten here). Keys no longer in the map are forgotten too.
-    pub fn observe(&mut self, keys: impl IntoIterator<Item = (K, bool)>) -> Vec<K> {
-        let mut next = HashMap::with_capacity(self.idle.len());
-        let mut evict = Vec::new();
-        for (key, changed) in keys {
-            let idle = if changed {
-                0
-            } else {
-                self.idle.get(&key).map_or(1, |n| n + 1)
-            };
-            if idle >= self.limit {
-                evict.push(key);
-            } else {
-                next.insert(key, idle);
-            }
-        }
-        self.idle = next;
-        evict
-    }
-}
 
 /// Reads the memory maps once per window. Blocking: call from `spawn_blocking`.
 pub struct MemoryPressureReader {
