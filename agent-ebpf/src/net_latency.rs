@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use graywatch_common::{
-    AF_INET, AF_INET6, FlowKey, LostEvent, SockStateFields, SocketState, TCP_PROBE_RECORD_MAX,
-    TcpProbeFields, flow_direction, rtt_bucket,
+    AF_INET, AF_INET6, FlowKey, LostEvent, SockStateFields, SocketState, TCP_PROBE_RECORD_MAX, TcpProbeFields,
+    flow_direction, rtt_bucket,
 };
 
 use crate::{

@@ -30,10 +30,20 @@ pub fn run(args: &BuildEbpfArgs) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
-/// Clippy on agent-ebpf (its own workspace, lints in its Cargo.toml), warnings denied. It must be
+/// rustfmt and clippy on agent-ebpf (its own workspace, so `cargo fmt --all` and the workspace's
+/// clippy do not reach it), warnings denied. rustfmt is the workspace's; clippy must be
 /// Debian's clippy: rustup's toolchains have no `core` for bpfel-unknown-none, and the kernel
 /// crate is built by Debian's rustc of the same version. Checking does not link, so no bpf-linker.
 pub fn lint() -> anyhow::Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = workspace_root().join("agent-ebpf/Cargo.toml");
+    run_cmd(
+        Command::new(cargo)
+            .arg("fmt")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .args(["--", "--check"]),
+    )?;
     crate::util::ensure_debian_packages(setup::EBPF_PACKAGES)?;
     let mut cmd = Command::new("/usr/bin/cargo-clippy");
     cmd.current_dir(workspace_root().join("agent-ebpf"))

@@ -34,7 +34,7 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Build the kernel programs (agent-ebpf) with Debian's rustc + bpf-linker.
     BuildEbpf(ebpf::BuildEbpfArgs),
-    /// Clippy on the kernel programs (agent-ebpf) with Debian's clippy, warnings denied.
+    /// rustfmt (check) and clippy on the kernel programs (agent-ebpf), warnings denied.
     LintEbpf,
     /// Run the whole test suite: unit, property and integration tests on the real kernel.
     Test(test::TestArgs),
