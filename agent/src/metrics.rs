@@ -36,6 +36,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlaceLabels {
+    pub place: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -400,6 +405,7 @@ pub struct HostMetrics {
     runq_p50: Family<WorkloadLabels, GaugeF64>,
     runq_p99: Family<WorkloadLabels, GaugeF64>,
     runq_wait: Family<WorkloadLabels, Counter<f64, AtomicU64>>,
+    runq_cgroups: Family<PlaceLabels, Gauge>,
     reclaim_events: Family<WorkloadLabels, Counter>,
     reclaim_stall: Family<WorkloadLabels, Counter<f64, AtomicU64>>,
     oom_kills: Family<OomLabels, Counter>,
@@ -442,6 +448,12 @@ impl HostMetrics {
             "pod_runqueue_wait_seconds",
             "Total time the workload's tasks waited for a CPU",
             m.runq_wait.clone(),
+        );
+        registry.register(
+            "runqueue_cgroups",
+            "Cgroups with run-queue counters in the kernel, by place (slot: the direct-mapped array; \
+             hash: the fallback for a cgroup whose slot another holds, a hash lookup per context switch)",
+            m.runq_cgroups.clone(),
         );
         registry.register(
             "pod_reclaim_stalls",
@@ -499,6 +511,13 @@ impl HostMetrics {
                 self.steal_ratio_per_cpu
                     .get_or_create(&CpuLabels { cpu: id.to_string() })
                     .set(pct / 100.0);
+            }
+        }
+        if let Some(places) = cpu.run_queue_places {
+            for (place, count) in [("slot", places.slot), ("hash", places.hash)] {
+                self.runq_cgroups
+                    .get_or_create(&PlaceLabels { place })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
         self.runq_p50.clear();
@@ -611,8 +630,8 @@ mod tests {
 
     use super::*;
     use crate::summary::{
-        NetworkWindow, NodePsi, OomKill, Psi, PsiLine, PsiWindow, RunqWindow, StealWindow, WorkloadNetWindow,
-        WorkloadOomKill, WorkloadRunq,
+        NetworkWindow, NodePsi, OomKill, Psi, PsiLine, PsiWindow, RunqPlaceCounts, RunqWindow, StealWindow,
+        WorkloadNetWindow, WorkloadOomKill, WorkloadRunq,
     };
 
     fn window(pods: &[&str]) -> WindowSummary {
@@ -700,6 +719,7 @@ mod tests {
                     total_wait_ms: 0.5,
                 },
             }],
+            run_queue_places: Some(RunqPlaceCounts { slot: 5, hash: 1 }),
         };
         let memory = MemoryWindow {
             reclaim: Vec::new(),
@@ -738,6 +758,7 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         assert!(text.contains("node_cpu_steal_ratio 0.02"), "{text}");
+        assert!(text.contains("runqueue_cgroups{place=\"hash\"} 1"), "{text}");
         assert!(
             text.contains("pod_runqueue_latency_p99_seconds{cgroup=\"/pod\",namespace=\"\",pod=\"\"} 0.09"),
             "{text}"

@@ -180,6 +180,18 @@ pub struct CpuWindow {
     /// `None` on the first window or when the kernel has no steal column.
     pub steal: Option<StealWindow>,
     pub run_queue: Vec<WorkloadRunq>,
+    /// Where the kernel keeps the cgroups' run-queue counters; `None` without the program.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_queue_places: Option<RunqPlaceCounts>,
+}
+
+/// Cgroups with run-queue counters in the kernel, by place: a slot of the direct-mapped array,
+/// or the fallback hash (for a cgroup whose slot another holds; each of its context switches
+/// pays a hash lookup).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RunqPlaceCounts {
+    pub slot: usize,
+    pub hash: usize,
 }
 
 impl CpuWindow {

@@ -22,7 +22,7 @@ use graywatch_common::{
 use super::IdleEviction;
 use crate::{
     kernel_layout::{KernelLayout, LayoutError},
-    summary::RunqWindow,
+    summary::{RunqPlaceCounts, RunqWindow},
 };
 
 /// Names of the maps this module reads.
@@ -415,6 +415,15 @@ impl RunqReader {
         // SAFETY: inside the mapping (see `RunqSlots::read`).
         let stats = unsafe { std::ptr::read_volatile(&raw const (*self.slots.slot(index)).stats) };
         (owner, stats.buckets.iter().map(|b| u64::from(*b)).sum())
+    }
+
+    /// How many cgroups had their counters in a slot and in the hash at the last reading.
+    pub fn place_counts(&self) -> RunqPlaceCounts {
+        let slot = self.last.keys().filter(|(place, _)| *place != RunqPlace::Hash).count();
+        RunqPlaceCounts {
+            slot,
+            hash: self.last.len() - slot,
+        }
     }
 
     /// Where each cgroup's counters were at the last reading (tests and diagnostics).

@@ -316,6 +316,7 @@ impl HostSignals {
                 }
                 Err(error) => warn!(%error, "reading the run-queue map failed"),
             }
+            cpu.run_queue_places = Some(runq.place_counts());
         }
         let mut memory = MemoryWindow::default();
         if let Some(reader) = &mut self.memory {
