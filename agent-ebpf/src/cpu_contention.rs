@@ -73,31 +73,47 @@ unsafe fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<T>()) }
 }
 
-/// The task's cgroup id in `hierarchy` ([`CGROUP_V2`] or a v1 controller's subsys index).
+/// One member of [`TASK_OFFSETS`], loaded alone: the per-switch program needs a few of its 16.
+macro_rules! task_offset {
+    ($member:ident) => {
+        // SAFETY: a static in .rodata; volatile so the compiler cannot fold the initialiser.
+        unsafe { core::ptr::read_volatile(&raw const TASK_OFFSETS.$member) }
+    };
+}
+
+/// The cgroup id of `task` in `hierarchy` ([`CGROUP_V2`] or a v1 controller's subsys index):
+/// `task->cgroups->dfl_cgrp->kn->id`, or `task->cgroups->subsys[i]->cgroup->kn->id`. Each step
+/// is `load(base, offset)`: a helper read for an untyped task pointer, a plain load for a
+/// BTF-typed one (see [`btf_field`]).
 #[inline(always)]
-pub fn task_cgroup_id(o: &TaskOffsets, task: *const u8, hierarchy: u32) -> Option<u64> {
-    let id = (|| -> Result<u64, i32> {
-        // SAFETY: all reads go through bpf_probe_read_kernel.
-        unsafe {
-            let css_set: *const u8 = read(task, o.task_cgroups)?;
-            let cgroup: *const u8 = if hierarchy == CGROUP_V2 {
-                read(css_set, o.css_set_dfl_cgrp)?
-            } else {
-                // Bounded so the verifier sees a constant-range offset.
-                let index = hierarchy & 0x3f;
-                let css: *const u8 = read(css_set, o.css_set_subsys + index * 8)?;
-                read(css, o.css_cgroup)?
-            };
-            let kn: *const u8 = read(cgroup, o.cgroup_kn)?;
-            read(kn, o.kernfs_node_id)
-        }
-    })();
-    if let Ok(id) = id {
-        Some(id)
+fn cgroup_chain<E>(
+    task: *const u8,
+    hierarchy: u32,
+    load: impl Fn(*const u8, u32) -> Result<*const u8, E>,
+) -> Result<u64, E> {
+    let css_set = load(task, task_offset!(task_cgroups))?;
+    let cgroup = if hierarchy == CGROUP_V2 {
+        load(css_set, task_offset!(css_set_dfl_cgrp))?
     } else {
+        // Bounded so the verifier sees a constant-range offset.
+        let css = load(css_set, task_offset!(css_set_subsys) + (hierarchy & 0x3f) * 8)?;
+        load(css, task_offset!(css_cgroup))?
+    };
+    let kn = load(cgroup, task_offset!(cgroup_kn))?;
+    // `kernfs_node.id` is a u64, loaded as the pointer-sized word it is.
+    Ok(load(kn, task_offset!(kernfs_node_id))? as u64)
+}
+
+/// The cgroup id of `task` (read through helpers) in `hierarchy` (see [`cgroup_chain`]).
+#[inline(always)]
+pub fn task_cgroup_id(task: *const u8, hierarchy: u32) -> Option<u64> {
+    // SAFETY: bpf_probe_read_kernel validates every address.
+    let helper_read = |base, offset| unsafe { read::<*const u8>(base, offset) };
+    let id = cgroup_chain(task, hierarchy, helper_read).ok();
+    if id.is_none() {
         count_lost(LostEvent::TaskReadFailed);
-        None
     }
+    id
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
@@ -120,28 +136,16 @@ fn btf_field<T>(base: *const u8, offset: u32) -> T {
     unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
-/// One member of [`TASK_OFFSETS`], loaded alone: the per-switch program needs a few of its 16.
-macro_rules! task_offset {
-    ($member:ident) => {
-        // SAFETY: a static in .rodata; volatile so the compiler cannot fold the initialiser.
-        unsafe { core::ptr::read_volatile(&raw const TASK_OFFSETS.$member) }
-    };
-}
-
-/// `task`'s cgroup id for CPU attribution through BTF-typed loads (see [`task_cgroup_id`]).
+/// `task`'s cgroup id for CPU attribution, `task` a BTF-typed pointer (see [`cgroup_chain`]).
 #[inline(always)]
 fn btf_task_cpu_cgroup_id(task: *const u8) -> u64 {
-    let hierarchy = task_offset!(cpu_hierarchy);
-    let css_set: *const u8 = btf_field(task, task_offset!(task_cgroups));
-    let cgroup: *const u8 = if hierarchy == CGROUP_V2 {
-        btf_field(css_set, task_offset!(css_set_dfl_cgrp))
-    } else {
-        // Bounded so the verifier sees a constant-range offset.
-        let css: *const u8 = btf_field(css_set, task_offset!(css_set_subsys) + (hierarchy & 0x3f) * 8);
-        btf_field(css, task_offset!(css_cgroup))
-    };
-    let kn: *const u8 = btf_field(cgroup, task_offset!(cgroup_kn));
-    btf_field(kn, task_offset!(kernfs_node_id))
+    let loaded = cgroup_chain(task, task_offset!(cpu_hierarchy), |base, offset| {
+        Ok::<_, core::convert::Infallible>(btf_field::<*const u8>(base, offset))
+    });
+    match loaded {
+        Ok(id) => id,
+        Err(never) => match never {},
+    }
 }
 
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {

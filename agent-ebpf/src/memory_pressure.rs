@@ -140,7 +140,7 @@ fn current_memory_cgroup() -> Result<u64, ()> {
     }
     // SAFETY: a helper without preconditions; the task is read through bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    task_cgroup_id(&o, task, o.memory_hierarchy).ok_or(())
+    task_cgroup_id(task, o.memory_hierarchy).ok_or(())
 }
 
 #[inline(always)]
@@ -186,8 +186,8 @@ fn try_mark_victim(ctx: &RawTracePointContext) -> Result<(), ()> {
     };
     if arg_is_task {
         let task = arg0 as *const u8;
-        event.cgroup_id = task_cgroup_id(&o, task, o.memory_hierarchy).ok_or(())?;
-        event.cgroup_v2_id = task_cgroup_id(&o, task, CGROUP_V2).unwrap_or(0);
+        event.cgroup_id = task_cgroup_id(task, o.memory_hierarchy).ok_or(())?;
+        event.cgroup_v2_id = task_cgroup_id(task, CGROUP_V2).unwrap_or(0);
         // SAFETY: reads go through bpf_probe_read_kernel.
         unsafe {
             event.pid = bpf_probe_read_kernel(task.add(o.task_pid as usize).cast::<u32>()).unwrap_or(0);
