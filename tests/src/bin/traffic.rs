@@ -61,6 +61,14 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
         duration: Duration,
     },
+    /// Send `count` 64-byte UDP datagrams to an address where nothing listens: the receiving
+    /// kernel drops each one (`skb:kfree_skb`, reason `NO_SOCKET`), a drop load at line rate.
+    Unreachable {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+    },
     /// Leak memory slowly: allocate and touch this many MiB per second (in ten steps a second)
     /// and keep it all, until killed (by a cgroup limit's OOM killer) or `--max-mib` is held.
     Leak {
@@ -184,7 +192,54 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Client(args) => client(args),
+        Cmd::Unreachable { connect, count } => match unreachable(connect, count) {
+            Ok(report) => {
+                print_report(&report, false);
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("graywatch-traffic unreachable {connect}: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// The `unreachable` subcommand's report (the client report's fields: one datagram is one
+/// transaction).
+#[derive(serde::Serialize)]
+struct UnreachableReport {
+    transactions: u64,
+    bytes: u64,
+    elapsed_seconds: f64,
+}
+
+fn unreachable(to: SocketAddr, count: u64) -> std::io::Result<UnreachableReport> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // Unconnected: the ICMP port-unreachable answers are not turned into send errors.
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let payload = [0x5a_u8; 64];
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while sent < count {
+        match socket.send_to(&payload, to) {
+            Ok(_) => sent += 1,
+            // A full queue on the sending side: try again, nothing was sent.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(UnreachableReport {
+        transactions: sent,
+        bytes: sent * payload.len() as u64,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// The `client` subcommand.

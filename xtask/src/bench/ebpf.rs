@@ -36,6 +36,10 @@ pub struct EbpfArgs {
     /// Request/response transactions per run over the delayed path.
     #[arg(long)]
     pub delayed_rr_count: Option<u64>,
+    /// UDP datagrams per run to a port where nothing listens: kernel drops, so `kfree_skb` runs
+    /// often enough for a per-event cost (a TCP load drops almost nothing); 0 leaves it out.
+    #[arg(long)]
+    pub drop_count: Option<u64>,
     /// The CPU the load's server and clients are pinned to (default: the last one; the link
     /// emulator stays unpinned).
     #[arg(long)]
@@ -102,6 +106,7 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
     let bulk_bytes = args
         .bulk_bytes
         .unwrap_or(if quick { 500_000_000 } else { 2_000_000_000 });
+    let drop_count = args.drop_count.unwrap_or(if quick { 50_000 } else { 200_000 });
     let binaries = binaries(&args.common)?;
     let _stats = BpfStats::enable()?;
     let not_runnable = peer_unavailable();
@@ -131,13 +136,18 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
         (Some(bed.delayed_path(&binaries.chaos, delay)?), Some(rr))
     };
     println!(
-        "ebpf: {rounds} round(s) × (none, graywatch, peer); load per run: {rr_count} RR transactions (64 B/64 B, 1 connection) + {} MB bulk{}",
+        "ebpf: {rounds} round(s) × (none, graywatch, peer); load per run: {rr_count} RR transactions (64 B/64 B, 1 connection) + {} MB bulk{}{}",
         bulk_bytes / 1_000_000,
         delayed.map_or(String::new(), |d| format!(
             " + {} RR transactions on a path with {} µs added by the link emulator",
             d.count.unwrap_or(0),
             args.link_delay_us
-        ))
+        )),
+        if drop_count > 0 {
+            format!(" + {drop_count} UDP datagrams to a closed port (dropped by the kernel)")
+        } else {
+            String::new()
+        }
     );
     // Warm-up, unobserved: first connections, page cache, CPU frequency.
     bed.rr(
@@ -166,6 +176,7 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
                 rr: &load,
                 rr_delayed: delayed.as_ref(),
                 bulk_bytes,
+                drop_count,
             };
             let run = one_run(&binaries, &bed, kind, round, &loads, &mut unavailable)?;
             println!(
@@ -181,7 +192,7 @@ pub fn run(args: &EbpfArgs) -> anyhow::Result<()> {
     }
     unavailable.sort();
     unavailable.dedup();
-    let config = json!({"rounds": rounds, "rr_transactions": rr_count, "rr_request_bytes": 64, "rr_response_bytes": 64, "bulk_bytes": bulk_bytes,
+    let config = json!({"rounds": rounds, "rr_transactions": rr_count, "rr_request_bytes": 64, "rr_response_bytes": 64, "bulk_bytes": bulk_bytes, "dropped_datagrams": drop_count,
         "link_delay_us": args.link_delay_us, "delayed_rr_transactions": delayed.and_then(|d| d.count),
         "peer": {"bpftrace": super::observer::BPFTRACE_SCRIPT, "runqlat": "libbpf-tools runqlat (default: one histogram)"}});
     report(&runs, &unavailable, rounds, args.link_delay_us, &config, quick)
@@ -192,6 +203,7 @@ struct Loads<'a> {
     rr: &'a Rr,
     rr_delayed: Option<&'a Rr>,
     bulk_bytes: u64,
+    drop_count: u64,
 }
 
 fn one_run(
@@ -211,6 +223,9 @@ fn one_run(
         None => None,
     };
     let bulk = bed.bulk(loads.bulk_bytes)?;
+    if loads.drop_count > 0 {
+        bed.unreachable(loads.drop_count)?;
+    }
     let after = observer.counters()?;
     observer.stop()?;
     let programs = after

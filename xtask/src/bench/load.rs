@@ -16,6 +16,8 @@ use super::Binaries;
 use crate::util::describe;
 
 const PORT: u16 = 7000;
+/// A server port nothing listens on (the drop load's target).
+const CLOSED_PORT: u16 = 7009;
 
 /// What one client reported.
 #[derive(Debug, Clone, Copy, Default)]
@@ -370,6 +372,23 @@ impl TrafficBed {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         children.into_iter().map(finish).collect()
+    }
+
+    /// `count` UDP datagrams from the client to a server port where nothing listens: each is
+    /// dropped by the server's kernel (`kfree_skb`, reason `NO_SOCKET`).
+    pub fn unreachable(&self, count: u64) -> anyhow::Result<ClientResult> {
+        let mut cmd = self.load_command();
+        cmd.args(["ip", "netns", "exec", &self.client_ns])
+            .arg(&self.traffic)
+            .args(["unreachable", "--connect", &format!("{SERVER_ADDR}:{CLOSED_PORT}")])
+            .args(["--count", &count.to_string()])
+            .stdin(Stdio::null());
+        finish(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting graywatch-traffic unreachable")?,
+        )
     }
 
     /// One bulk transfer of `bytes`.
