@@ -493,6 +493,12 @@ impl KernelPrograms {
         &self.unavailable
     }
 
+    /// Marks `signal` unavailable although its program attached (its maps cannot be read).
+    pub fn mark_unavailable(&mut self, signal: &str, why: String) {
+        warn!(signal, %why, "signal unavailable on this kernel");
+        self.unavailable.push((signal.to_owned(), why));
+    }
+
     /// Takes a map out of the object so a reader can own it.
     pub fn take_map(&mut self, name: &'static str) -> Result<Map, EbpfError> {
         self.ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))

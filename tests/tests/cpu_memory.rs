@@ -20,6 +20,10 @@ use graywatch_agent::{
 use graywatch_common::{RUNQ_SLOT_FREE, runq_slot_index};
 use graywatch_testbench::cgroup::{Limits, TestCgroup, is_root};
 
+/// Windows before an idle cgroup's kernel map entries are taken back, in the eviction tests
+/// (the agent's default is 120).
+const IDLE_WINDOWS: u32 = 2;
+
 fn collector() -> Option<Collector> {
     if !is_root() {
         eprintln!("SKIPPED: loading eBPF programs and creating cgroups needs root (run `cargo xtask test`)");
@@ -398,13 +402,11 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
     let Some(mut collector) = collector() else {
         return;
     };
-    #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
-    const IDLE: u32 = 2;
     collector
         .host_mut()
         .memory_reader_mut()
         .expect("memory programs loaded")
-        .set_idle_windows_before_eviction(IDLE);
+        .set_idle_windows_before_eviction(IDLE_WINDOWS);
     let victim = cgroup(
         &mut collector,
         "evict",
@@ -438,8 +440,8 @@ fn idle_reclaim_and_oom_entries_are_evicted_from_the_kernel_maps() {
     eprintln!("victim entries after the kill: RECLAIM {reclaim}, OOM_KILLS {oom}");
     assert!(oom >= 1, "the kill is counted in OOM_KILLS");
     assert!(reclaim >= 1, "the cgroup reclaimed at its limit before the kill");
-    // The cgroup is idle now: after IDLE unchanged windows its entries go.
-    for _ in 0..IDLE {
+    // The cgroup is idle now: after IDLE_WINDOWS unchanged windows its entries go.
+    for _ in 0..IDLE_WINDOWS {
         collector.collect().expect("idle window");
     }
     assert_eq!(entries(&mut collector), (0, 0), "idle entries evicted from both maps");
@@ -454,13 +456,11 @@ fn idle_run_queue_places_are_taken_back_and_claimed_afresh() {
     let Some(mut collector) = collector() else {
         return;
     };
-    #[expect(clippy::items_after_statements, reason = "declared where the scenario uses it")]
-    const IDLE: u32 = 2;
     collector
         .host_mut()
         .runq_reader_mut()
         .expect("run-queue program loaded")
-        .set_idle_windows_before_eviction(IDLE);
+        .set_idle_windows_before_eviction(IDLE_WINDOWS);
     let group = cgroup(
         &mut collector,
         "runq-slot",
@@ -500,7 +500,7 @@ fn idle_run_queue_places_are_taken_back_and_claimed_afresh() {
     }
 
     // Idle: the place goes back, a slot zeroed.
-    for _ in 0..IDLE {
+    for _ in 0..IDLE_WINDOWS {
         collector.collect().expect("idle window");
     }
     let reader = collector.host_mut().runq_reader_mut().expect("run-queue program");

@@ -190,19 +190,20 @@ impl HostSignals {
     /// `watch`: cgroups reported besides the pods (relative to each hierarchy root).
     pub fn new(paths: &HostPaths, watch: &[String], programs: &mut KernelPrograms) -> Result<Self, EbpfError> {
         let runq = if programs.is_attached("sched_switch") {
-            let slots = RunqSlots::new(programs.take_map(cpu_contention::RUNQ_SLOTS_MAP)?).map_err(|e| {
-                EbpfError::Unavailable {
-                    program: "sched_switch",
-                    why: e.to_string(),
+            match RunqSlots::new(programs.take_map(cpu_contention::RUNQ_SLOTS_MAP)?) {
+                Ok(slots) => Some(RunqReader::new(
+                    slots,
+                    typed_map::<BpfHashMap<_, _, _>>(
+                        programs.take_map(cpu_contention::RUNQ_MAP)?,
+                        cpu_contention::RUNQ_MAP,
+                    )?,
+                )),
+                // The program runs but its figures cannot be read: say so, measure the rest.
+                Err(error) => {
+                    programs.mark_unavailable("run_queue", error.to_string());
+                    None
                 }
-            })?;
-            Some(RunqReader::new(
-                slots,
-                typed_map::<BpfHashMap<_, _, _>>(
-                    programs.take_map(cpu_contention::RUNQ_MAP)?,
-                    cpu_contention::RUNQ_MAP,
-                )?,
-            ))
+            }
         } else {
             None
         };
