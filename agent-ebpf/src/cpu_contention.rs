@@ -26,7 +26,7 @@ use graywatch_common::{
     rtt_bucket, runq_slot_index,
 };
 
-use crate::maps::{add_u32, add_u64, count_lost};
+use crate::maps::{add_u32, add_u64, btf_field, count_lost};
 
 /// Cumulative run-queue latency per cgroup, at the cgroup's fixed slot (see [`RunqSlot`]).
 /// Mmapable: the agent reads it without a syscall per slot.
@@ -123,17 +123,6 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
         Ok(()) | Err(()) => 0,
     }
-}
-
-/// A field of the kernel object at `base`, at an offset this kernel's BTF gave.
-///
-/// `base` must be a BTF-typed pointer (a `tp_btf` argument, or a pointer loaded from one): the
-/// verifier checks each such load against BTF and turns a fault into a zero, and a loaded
-/// pointer keeps its BTF type, so chains of them need no helper call.
-#[inline(always)]
-fn btf_field<T>(base: *const u8, offset: u32) -> T {
-    // SAFETY: see above; the verifier refuses the program if an offset is not such a member.
-    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
 /// `task`'s cgroup id for CPU attribution, `task` a BTF-typed pointer (see [`cgroup_chain`]).

@@ -74,7 +74,7 @@ pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostEve
 
 /// Filled in by the agent from BTF before load.
 #[unsafe(no_mangle)]
-static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sock_family: 0,
     sock_daddr: 0,
     sock_v6_daddr: 0,
@@ -92,6 +92,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sock_num: 0,
     sock_state: 0,
     sock_err: 0,
+    skb_protocol: 0,
 };
 
 /// Filled in by the agent from sysctls before load.
@@ -125,6 +126,29 @@ pub fn socket_key_is_address() -> bool {
 pub fn kernel_offsets() -> KernelOffsets {
     // SAFETY: a static in .rodata; volatile so the compiler cannot fold the zero initialiser.
     unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) }
+}
+
+/// One member of [`KERNEL_OFFSETS`], loaded alone. A load from the frozen `.rodata` map is a
+/// constant to the verifier, which a BTF-typed load ([`btf_field`]) needs for its offset.
+macro_rules! kernel_offset {
+    ($member:ident) => {
+        // SAFETY: a static in .rodata; volatile so the compiler cannot fold the initialiser.
+        unsafe { core::ptr::read_volatile(&raw const $crate::maps::KERNEL_OFFSETS.$member) }
+    };
+}
+pub(crate) use kernel_offset;
+
+/// A field of the kernel object at `base`, at an offset this kernel's BTF gave.
+///
+/// `base` must be a BTF-typed pointer (a `tp_btf` argument, or a struct pointer loaded from
+/// one): the verifier checks each such load against BTF and turns a fault into a zero, and a
+/// loaded struct pointer keeps its BTF type, so chains of them need no helper call. (A pointer
+/// to anything else, like `sk_buff.head`, loads as a plain number: read through it with a
+/// helper.)
+#[inline(always)]
+pub fn btf_field<T>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the verifier refuses the program if an offset is not such a member.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
 /// Zeroed value to insert new flows from: a global, because `FlowStats` is larger than the

@@ -52,7 +52,7 @@ fn network_signals(program: &str) -> &'static [&'static str] {
     match program {
         "tcp_probe" | "tcp_probe_raw" => &["rtt", "segments_sent"],
         "tcp_retransmit_skb" => &["retransmits"],
-        "kfree_skb" => &["drops"],
+        "kfree_skb" | "kfree_skb_btf" | "kfree_skb_btf_rx_sk" => &["drops"],
         "inet_sock_set_state" => &["segments_sent_at_close"],
         _ => &[],
     }
@@ -342,7 +342,14 @@ impl KernelPrograms {
             attached_programs: Vec::new(),
             unavailable: Vec::new(),
         };
-        programs.attach_network_programs(rtt_program, &unavailable_programs);
+        // The drop program as a BTF tracepoint when the kernel allows it (its form depends on
+        // whether the tracepoint names the receiving socket), else the tracepoint program.
+        let drop_program = if kfree_skb.rx_sk == KfreeSkbFields::ABSENT {
+            "kfree_skb_btf"
+        } else {
+            "kfree_skb_btf_rx_sk"
+        };
+        programs.attach_network_programs(rtt_program, drop_program, &unavailable_programs, &options.btf);
         if programs.attached_programs.is_empty() && !unavailable_programs.is_empty() {
             // Not one network program: the first reason is the one a user must fix.
             let (program, why) = &unavailable_programs[0];
@@ -385,7 +392,13 @@ impl KernelPrograms {
     /// Attaches the network programs (`rtt_program` for RTT); a program that cannot attach
     /// disables its signals (logged, listed by [`KernelPrograms::unavailable`]) and the others
     /// keep working.
-    fn attach_network_programs(&mut self, rtt_program: &'static str, skipped: &[(&'static str, String)]) {
+    fn attach_network_programs(
+        &mut self,
+        rtt_program: &'static str,
+        drop_program: &'static str,
+        skipped: &[(&'static str, String)],
+        btf_path: &Path,
+    ) {
         let disable = |programs: &mut Self, program: &'static str, why: String| {
             warn!(program, %why, "kernel program not attached; its signals are unavailable on this kernel");
             for signal in network_signals(program) {
@@ -402,7 +415,17 @@ impl KernelPrograms {
         for tp in rtt.into_iter().chain(NETWORK_TRACEPOINTS) {
             if let Some((_, why)) = skipped.iter().find(|(p, _)| *p == tp.program) {
                 disable(self, tp.program, why.clone());
-            } else if let Err(error) = self.attach_tracepoint(tp) {
+                continue;
+            }
+            if tp.program == "kfree_skb" {
+                match self.attach_btf_by_path(drop_program, tp.event, btf_path) {
+                    Ok(()) => continue,
+                    Err(error) => {
+                        info!(program = drop_program, %error, "drops counted by the skb:kfree_skb tracepoint program instead");
+                    }
+                }
+            }
+            if let Err(error) = self.attach_tracepoint(tp) {
                 disable(self, tp.program, error.to_string());
             }
         }
@@ -463,6 +486,20 @@ impl KernelPrograms {
         if let Some(why) = unresolved {
             warn!(%why, "CPU/memory kernel programs not attached: layout facts missing on this kernel");
         }
+    }
+
+    /// [`Self::attach_btf_tracepoint`] with the kernel's BTF parsed for it and dropped after.
+    fn attach_btf_by_path(
+        &mut self,
+        name: &'static str,
+        event: &'static str,
+        btf_path: &Path,
+    ) -> Result<(), EbpfError> {
+        let btf = Btf::parse_file(btf_path, Endianness::default()).map_err(|error| EbpfError::Unavailable {
+            program: name,
+            why: format!("cannot read the kernel's BTF at {}: {error}", btf_path.display()),
+        })?;
+        self.attach_btf_tracepoint(name, event, &btf)
     }
 
     fn attach_btf_tracepoint(&mut self, name: &'static str, event: &'static str, btf: &Btf) -> Result<(), EbpfError> {

@@ -104,6 +104,7 @@ impl KernelLayout {
             sock_num: self.offset_of("sock.__sk_common.skc_num")?,
             sock_state: self.offset_of("sock.__sk_common.skc_state")?,
             sock_err: self.offset_of("sock.sk_err")?,
+            skb_protocol: self.offset_of("sk_buff.protocol")?,
         })
     }
 

@@ -238,7 +238,7 @@ fn check(line: &str, serial: &str) -> String {
     for program in [
         rtt_program,
         "tcp:tcp_retransmit_skb",
-        "skb:kfree_skb",
+        "tp_btf:kfree_skb",
         "sock:inet_sock_set_state",
         "tp_btf:sched_switch",
         "vmscan:mm_vmscan_memcg_reclaim_begin",

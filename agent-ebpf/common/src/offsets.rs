@@ -46,6 +46,8 @@ pub struct KernelOffsets {
     /// `struct sock.sk_err` (int): why the kernel failed a connection attempt (`ECONNREFUSED`,
     /// `ETIMEDOUT`, `EHOSTUNREACH`, …), set before the socket goes to `CLOSE`.
     pub sock_err: u32,
+    /// `struct sk_buff.protocol` (__be16, the Ethernet protocol of the packet).
+    pub skb_protocol: u32,
 }
 
 /// Field offsets inside the `tcp:tcp_probe` tracepoint record.
