@@ -3,7 +3,7 @@
 //! address), and kernel packet drops with the kernel's own reason (`skb:kfree_skb`).
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
@@ -18,8 +18,8 @@ use crate::{
         kernel_offsets, socket_key_is_address,
     },
     sock::{
-        ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie, socket_error,
-        socket_is_full, socket_peer, tcp_data_segs_out,
+        ip_source, ipv4_mapped, skb_socket, skb_source, skb_tcp_segments, socket_cgroup_id, socket_cookie,
+        socket_error, socket_is_full, socket_peer, tcp_data_segs_out,
     },
 };
 
@@ -221,6 +221,15 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
     if sk.is_null() {
         sk = skb_socket(&offsets, skb);
     }
+    count_skb_drop(sk, protocol, reason, || skb_source(&offsets, skb));
+    Ok(())
+}
+
+/// Counts one dropped packet by workload, remote address, protocol and reason: charged to
+/// `sk`'s workload and named by its peer when there is a socket, else named by the packet's
+/// source (`packet_source`).
+#[inline(always)]
+fn count_skb_drop(sk: *const u8, protocol: u16, reason: u32, packet_source: impl Fn() -> Option<(u16, [u8; 16])>) {
     let mut key = DropKey {
         cgroup_id: 0,
         remote_addr: [0; 16],
@@ -229,13 +238,15 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
         reason,
     };
     let peer = if sk.is_null() {
-        skb_source(&offsets, skb)
+        packet_source()
     } else {
+        // Only a drop with a socket needs the socket offsets (a datagram to a closed port has none).
+        let offsets = kernel_offsets();
         // A `TIME_WAIT` or handshake socket has no cgroup of its own: charged to no workload.
         if socket_is_full(&offsets, sk) {
             key.cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0);
         }
-        socket_peer(&offsets, sk).or_else(|| skb_source(&offsets, skb))
+        socket_peer(&offsets, sk).or_else(packet_source)
     };
     if let Some((family, addr)) = peer
         && (family == AF_INET || family == AF_INET6)
@@ -244,7 +255,6 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
         key.remote_addr = addr;
     }
     count_drop(&key);
-    Ok(())
 }
 
 /// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason)` as a BTF
@@ -271,7 +281,8 @@ pub fn kfree_skb_btf_rx_sk(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// Counts one dropped `skb` (a BTF pointer) by workload, remote address, protocol and reason.
+/// Counts one dropped `skb` (a BTF pointer): the skb's socket, protocol, head and network header
+/// are plain loads; only the IP header is a helper read (`head` is not a BTF struct pointer).
 #[inline(always)]
 fn record_drop(skb: *const u8, reason: u64, rx_sk: *const u8) {
     // The receiving socket if the kernel names one, else the socket the skb is charged to.
@@ -283,51 +294,11 @@ fn record_drop(skb: *const u8, reason: u64, rx_sk: *const u8) {
     // The tracepoint record holds the protocol in host order; the skb in network order.
     let protocol = u16::from_be(btf_field(skb, kernel_offset!(skb_protocol)));
     #[expect(clippy::cast_possible_truncation, reason = "an enum value in a 64-bit argument slot")]
-    let mut key = DropKey {
-        cgroup_id: 0,
-        remote_addr: [0; 16],
-        family: 0,
-        protocol,
-        reason: reason as u32,
-    };
-    let peer = if sk.is_null() {
-        skb_source_btf(skb)
-    } else {
-        // Only a drop with a socket needs the socket offsets (a datagram to a closed port has none).
-        let offsets = kernel_offsets();
-        // A `TIME_WAIT` or handshake socket has no cgroup of its own: charged to no workload.
-        if socket_is_full(&offsets, sk) {
-            key.cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0);
-        }
-        socket_peer(&offsets, sk).or_else(|| skb_source_btf(skb))
-    };
-    if let Some((family, addr)) = peer
-        && (family == AF_INET || family == AF_INET6)
-    {
-        key.family = family;
-        key.remote_addr = addr;
-    }
-    count_drop(&key);
-}
-
-/// Source address of the IP packet in `skb` (a BTF pointer): the head and network header
-/// offset are plain loads, the header one helper read (`head` is not a BTF struct pointer).
-#[inline(always)]
-fn skb_source_btf(skb: *const u8) -> Option<(u16, [u8; 16])> {
-    let head: *const u8 = btf_field(skb, kernel_offset!(skb_head));
-    let network_header: u16 = btf_field(skb, kernel_offset!(skb_network_header));
-    // Up to the end of an IPv6 source address (byte 24); an IPv4 header is at least 20 bytes
-    // and the packet's buffer goes on past it.
-    // SAFETY: bpf_probe_read_kernel validates the address.
-    let header: [u8; 24] = unsafe { bpf_probe_read_kernel(head.add(usize::from(network_header)).cast()) }.ok()?;
-    match header[0] >> 4 {
-        // IPv4 source at byte 12, IPv6 source at byte 8.
-        4 => Some((AF_INET, ipv4_mapped([header[12], header[13], header[14], header[15]]))),
-        6 => {
-            let mut addr = [0u8; 16];
-            addr.copy_from_slice(&header[8..24]);
-            Some((AF_INET6, addr))
-        }
-        _ => None,
-    }
+    let reason = reason as u32;
+    count_skb_drop(sk, protocol, reason, || {
+        let head: *const u8 = btf_field(skb, kernel_offset!(skb_head));
+        let network_header: u16 = btf_field(skb, kernel_offset!(skb_network_header));
+        // SAFETY: only an address to read from; `ip_source` reads through a helper.
+        ip_source(unsafe { head.add(usize::from(network_header)) })
+    });
 }

@@ -137,17 +137,32 @@ pub fn skb_tcp_segments(offsets: &KernelOffsets, skb: *const u8) -> u16 {
 #[inline(always)]
 pub fn skb_source(offsets: &KernelOffsets, skb: *const u8) -> Option<(u16, [u8; 16])> {
     // SAFETY: bpf_probe_read_kernel.
-    unsafe {
-        let head: *const u8 = read(skb, offsets.skb_head).ok()?;
-        let network_header: u16 = read(skb, offsets.skb_network_header).ok()?;
-        let ip = head.add(usize::from(network_header));
-        let version_ihl: u8 = read(ip, 0).ok()?;
-        match version_ihl >> 4 {
-            // IPv4 source at byte 12, IPv6 source at byte 8.
-            4 => Some((AF_INET, ipv4_mapped(read(ip, 12).ok()?))),
-            6 => Some((AF_INET6, read(ip, 8).ok()?)),
-            _ => None,
+    let (head, network_header): (*const u8, u16) = unsafe {
+        (
+            read(skb, offsets.skb_head).ok()?,
+            read(skb, offsets.skb_network_header).ok()?,
+        )
+    };
+    // SAFETY: only an address to read from; `ip_source` reads through a helper.
+    ip_source(unsafe { head.add(usize::from(network_header)) })
+}
+
+/// Source address of the IP packet whose header starts at `ip`, in one read: up to the end of
+/// an IPv6 source address (byte 24). An IPv4 header is at least 20 bytes, and a packet's buffer
+/// goes on past it.
+#[inline(always)]
+pub fn ip_source(ip: *const u8) -> Option<(u16, [u8; 16])> {
+    // SAFETY: bpf_probe_read_kernel validates the address.
+    let header: [u8; 24] = unsafe { bpf_probe_read_kernel(ip.cast()) }.ok()?;
+    match header[0] >> 4 {
+        // IPv4 source at byte 12, IPv6 source at byte 8.
+        4 => Some((AF_INET, ipv4_mapped([header[12], header[13], header[14], header[15]]))),
+        6 => {
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&header[8..24]);
+            Some((AF_INET6, addr))
         }
+        _ => None,
     }
 }
 

@@ -118,6 +118,30 @@ pub struct ProgramGroup<'a, G> {
 /// Resolves a group's globals from this kernel's BTF layout and tracepoint formats.
 pub type ResolveGlobals<'a, G> = Box<dyn FnOnce(&KernelLayout, &Tracefs) -> Result<G, String> + 'a>;
 
+/// The kernel's BTF, parsed when the first program that attaches by it asks (aya's loader was
+/// given none: see [`KernelPrograms::load`]), then kept for the others.
+struct KernelBtf<'a> {
+    path: &'a Path,
+    parsed: Option<Result<Btf, String>>,
+}
+
+impl<'a> KernelBtf<'a> {
+    fn new(path: &'a Path) -> Self {
+        Self { path, parsed: None }
+    }
+
+    fn get(&mut self) -> Result<&Btf, String> {
+        let path = self.path;
+        self.parsed
+            .get_or_insert_with(|| {
+                Btf::parse_file(path, Endianness::default())
+                    .map_err(|error| format!("cannot read the kernel's BTF at {}: {error}", path.display()))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
 /// A kernel program and the tracepoint it attaches to.
 struct TracepointProgram {
     program: &'static str,
@@ -349,14 +373,18 @@ impl KernelPrograms {
         } else {
             "kfree_skb_btf_rx_sk"
         };
-        programs.attach_network_programs(rtt_program, drop_program, &unavailable_programs, &options.btf);
+        // The kernel's BTF for the programs that attach by it: parsed at the first one, once, and
+        // dropped when every program is attached.
+        let mut btf = KernelBtf::new(&options.btf);
+        programs.attach_network_programs(rtt_program, drop_program, &unavailable_programs, &mut btf);
         if programs.attached_programs.is_empty() && !unavailable_programs.is_empty() {
             // Not one network program: the first reason is the one a user must fix.
             let (program, why) = &unavailable_programs[0];
             warn!(program, %why, "no network program could be attached on this kernel");
         }
         let skipped = group_globals.skipped();
-        programs.attach_group(group.programs, group_unavailable, &skipped, &options.btf);
+        programs.attach_group(group.programs, group_unavailable, &skipped, &mut btf);
+        drop(btf);
         info!(programs = ?programs.attached, "kernel programs attached");
         release_startup_heap();
         Ok(programs)
@@ -397,7 +425,7 @@ impl KernelPrograms {
         rtt_program: &'static str,
         drop_program: &'static str,
         skipped: &[(&'static str, String)],
-        btf_path: &Path,
+        btf: &mut KernelBtf<'_>,
     ) {
         let disable = |programs: &mut Self, program: &'static str, why: String| {
             warn!(program, %why, "kernel program not attached; its signals are unavailable on this kernel");
@@ -418,7 +446,7 @@ impl KernelPrograms {
                 continue;
             }
             if tp.program == "kfree_skb" {
-                match self.attach_btf_by_path(drop_program, tp.event, btf_path) {
+                match self.attach_btf_tracepoint(drop_program, tp.event, btf) {
                     Ok(()) => continue,
                     Err(error) => {
                         info!(program = drop_program, %error, "drops counted by the skb:kfree_skb tracepoint program instead");
@@ -443,10 +471,8 @@ impl KernelPrograms {
         specs: &[ProgramSpec],
         unresolved: Option<String>,
         skipped: &[(&'static str, String)],
-        btf_path: &Path,
+        btf: &mut KernelBtf<'_>,
     ) {
-        // The kernel's BTF, parsed only if a program attaches by it, and dropped after.
-        let mut btf: Option<Result<Btf, String>> = None;
         for p in specs {
             if let Some(why) = &unresolved {
                 self.unavailable.push((p.signal.to_owned(), why.clone()));
@@ -464,19 +490,7 @@ impl KernelPrograms {
                     event: p.event,
                 }),
                 Attach::Raw => self.attach_raw_tracepoint(p.program, p.event),
-                Attach::Btf => {
-                    let parsed = btf.get_or_insert_with(|| {
-                        Btf::parse_file(btf_path, Endianness::default())
-                            .map_err(|error| format!("cannot read the kernel's BTF at {}: {error}", btf_path.display()))
-                    });
-                    match parsed {
-                        Ok(btf) => self.attach_btf_tracepoint(p.program, p.event, btf),
-                        Err(why) => Err(EbpfError::Unavailable {
-                            program: p.program,
-                            why: why.clone(),
-                        }),
-                    }
-                }
+                Attach::Btf => self.attach_btf_tracepoint(p.program, p.event, btf),
             };
             if let Err(error) = result {
                 warn!(program = p.program, signal = p.signal, %error, "signal unavailable on this kernel");
@@ -488,21 +502,13 @@ impl KernelPrograms {
         }
     }
 
-    /// [`Self::attach_btf_tracepoint`] with the kernel's BTF parsed for it and dropped after.
-    fn attach_btf_by_path(
+    fn attach_btf_tracepoint(
         &mut self,
         name: &'static str,
         event: &'static str,
-        btf_path: &Path,
+        btf: &mut KernelBtf<'_>,
     ) -> Result<(), EbpfError> {
-        let btf = Btf::parse_file(btf_path, Endianness::default()).map_err(|error| EbpfError::Unavailable {
-            program: name,
-            why: format!("cannot read the kernel's BTF at {}: {error}", btf_path.display()),
-        })?;
-        self.attach_btf_tracepoint(name, event, &btf)
-    }
-
-    fn attach_btf_tracepoint(&mut self, name: &'static str, event: &'static str, btf: &Btf) -> Result<(), EbpfError> {
+        let btf = btf.get().map_err(|why| EbpfError::Unavailable { program: name, why })?;
         let program: &mut BtfTracePoint = self.program(name)?;
         program.load(event, btf).map_err(|source| load_failed(name, source))?;
         program.attach().map_err(|source| attach_failed(name, source))?;

@@ -331,16 +331,19 @@ impl RunqSlots {
         unsafe { AtomicU64::from_ptr(&raw mut (*self.slot(index)).owner) }
     }
 
-    /// The cgroup holding slot `index` and its counters, or `None` for a free slot.
-    fn read(&self, index: u32) -> Option<(u64, RunqStats)> {
+    /// Slot `index`'s owner and counters as they are, free or not.
+    fn raw(&self, index: u32) -> (u64, RunqStats) {
         let owner = self.owner(index).load(Ordering::Acquire);
-        if owner == RUNQ_SLOT_FREE || owner == RUNQ_SLOT_RELEASING {
-            return None;
-        }
         // SAFETY: inside the mapping; a copy racing with the kernel's atomic adds sees each
         // counter before or after an add, as a hash lookup's copy would.
         let stats = unsafe { std::ptr::read_volatile(&raw const (*self.slot(index)).stats) };
-        Some((owner, stats))
+        (owner, stats)
+    }
+
+    /// The cgroup holding slot `index` and its counters, or `None` for a free slot.
+    fn read(&self, index: u32) -> Option<(u64, RunqStats)> {
+        let (owner, stats) = self.raw(index);
+        (owner != RUNQ_SLOT_FREE && owner != RUNQ_SLOT_RELEASING).then_some((owner, stats))
     }
 
     /// Takes slot `index` back from `owner` (idle for long): zeroed, then free for the next
@@ -411,9 +414,7 @@ impl RunqReader {
     /// Slot `index` as the kernel has it now: its owner (or [`RUNQ_SLOT_FREE`]) and the samples
     /// its histogram holds (tests and diagnostics).
     pub fn slot(&self, index: u32) -> (u64, u64) {
-        let owner = self.slots.owner(index).load(Ordering::Acquire);
-        // SAFETY: inside the mapping (see `RunqSlots::read`).
-        let stats = unsafe { std::ptr::read_volatile(&raw const (*self.slots.slot(index)).stats) };
+        let (owner, stats) = self.slots.raw(index);
         (owner, stats.buckets.iter().map(|b| u64::from(*b)).sum())
     }
 

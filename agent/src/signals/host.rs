@@ -245,16 +245,17 @@ impl HostSignals {
         Ok(signals)
     }
 
-    /// Also report the cgroup at `rel` (relative to each hierarchy root) in `pressure.cgroups`.
-    /// The kernel memory maps' reader, when those programs are loaded (tests, diagnostics).
+    /// The run-queue maps' reader, when that program is loaded (tests, diagnostics).
     pub fn runq_reader_mut(&mut self) -> Option<&mut RunqReader> {
         self.runq.as_mut()
     }
 
+    /// The kernel memory maps' reader, when those programs are loaded (tests, diagnostics).
     pub fn memory_reader_mut(&mut self) -> Option<&mut MemoryPressureReader> {
         self.memory.as_mut()
     }
 
+    /// Also report the cgroup at `rel` (relative to each hierarchy root) in `pressure.cgroups`.
     pub fn watch_cgroup(&mut self, rel: &str) {
         self.cgroups.watch(rel);
     }
