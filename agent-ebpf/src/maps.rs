@@ -1,19 +1,20 @@
 //! Maps shared by the programs, the globals the loader fills in, and the small helpers that
 //! update them.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use aya_log_ebpf::warn;
 use graywatch_common::{
-    DropKey, FlowKey, FlowStats, KernelOffsets, LostEvent, MAX_CONNECTING, MAX_DROP_KEYS, MAX_FLOWS,
-    MAX_TRACKED_SOCKETS, NetSettings, SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SocketState, TCP_PROBE_RECORD_MAX,
+    DROP_SLOT_CLAIMING, DROP_SLOT_COUNT, DROP_SLOT_FREE, DROP_SLOT_HELD, DropKey, DropSlot, FlowKey, FlowStats,
+    KernelOffsets, LostEvent, MAX_CONNECTING, MAX_DROP_KEYS, MAX_FLOWS, MAX_TRACKED_SOCKETS, NetSettings,
+    SOCKET_KEY_ADDRESS, SOCKET_KEY_COOKIE, SocketState, TCP_PROBE_RECORD_MAX, drop_slot_index, same_words,
 };
 
 /// Cumulative network statistics per (cgroup, remote address). Shared (not per-CPU) with atomic
@@ -21,7 +22,12 @@ use graywatch_common::{
 #[map]
 pub static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// Cumulative drop counts per (cgroup, remote, reason).
+/// Cumulative drop counts per (cgroup, remote, protocol, reason), at the key's fixed slot (see
+/// [`DropSlot`]). Mmapable: the agent reads it without a syscall per slot.
+#[map]
+pub static DROP_SLOTS: Array<DropSlot> = Array::with_max_entries(DROP_SLOT_COUNT, BPF_F_MMAPABLE);
+
+/// Cumulative drop counts of the keys whose slot in [`DROP_SLOTS`] another key holds.
 #[map]
 pub static DROPS: HashMap<DropKey, u64> = HashMap::with_max_entries(MAX_DROP_KEYS, 0);
 
@@ -217,6 +223,33 @@ pub fn add_u32(slot: *mut u32, value: u32) {
 
 #[inline(always)]
 pub fn count_drop(key: &DropKey) {
+    let words = key.words();
+    if let Some(slot) = DROP_SLOTS.get_ptr_mut(drop_slot_index(&words)) {
+        // SAFETY: `slot` points into a live array value; `state` and `count` are 8-byte aligned.
+        let (state, count) = unsafe { (&raw mut (*slot).state, &raw mut (*slot).count) };
+        // SAFETY: as above (a plain load; every writer of `state` stores it whole).
+        match unsafe { core::ptr::read_volatile(state) } {
+            DROP_SLOT_HELD => {
+                // SAFETY: as above; the key was written before `state` became HELD.
+                if same_words(&unsafe { (*slot).key.words() }, &words) {
+                    add_u64(count, 1);
+                    return;
+                }
+            }
+            DROP_SLOT_FREE if claim_drop_slot(state) => {
+                // SAFETY: as above; this program holds the slot while it is CLAIMING, and the
+                // agent left it zeroed when it freed it.
+                unsafe {
+                    (*slot).key = *key;
+                    core::ptr::write_volatile(count, 1);
+                    // Publishes the key and the count: an exchange is ordered after them.
+                    atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(state, DROP_SLOT_HELD);
+                }
+                return;
+            }
+            _ => {}
+        }
+    }
     if let Some(count) = DROPS.get_ptr_mut(key) {
         add_u64(count, 1);
         return;
@@ -228,4 +261,18 @@ pub fn count_drop(key: &DropKey) {
             count_lost(LostEvent::DropMapFull);
         }
     }
+}
+
+/// Takes a free drop slot (to [`DROP_SLOT_CLAIMING`]); `false` when another CPU took it first.
+#[inline(always)]
+fn claim_drop_slot(state: *mut u64) -> bool {
+    // SAFETY: `state` points into a live array value and is 8-byte aligned (`BPF_CMPXCHG`).
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            state,
+            DROP_SLOT_FREE,
+            DROP_SLOT_CLAIMING,
+        )
+    };
+    swapped
 }

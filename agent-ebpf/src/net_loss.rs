@@ -2,6 +2,8 @@
 //! answered (`sock:inet_sock_set_state`, from [`crate::net_latency`]'s program) per (cgroup, remote
 //! address), and kernel packet drops with the kernel's own reason (`skb:kfree_skb`).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, tracepoint},
@@ -230,13 +232,19 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), ()> {
 /// source (`packet_source`).
 #[inline(always)]
 fn count_skb_drop(sk: *const u8, protocol: u16, reason: u32, packet_source: impl Fn() -> Option<(u16, [u8; 16])>) {
-    let mut key = DropKey {
-        cgroup_id: 0,
-        remote_addr: [0; 16],
-        family: 0,
-        protocol,
-        reason,
-    };
+    let mut slot = MaybeUninit::<DropKey>::uninit();
+    let key = slot.as_mut_ptr();
+    // SAFETY: `key` points at this frame's `slot`, zeroed word by word before the fields are
+    // written (four aligned words cover the key, which has no padding). The zeros are volatile
+    // stores: zeroing the key as a value is merged into a `memset`, which a kernel program calls
+    // as a byte-by-byte loop (~130 instructions).
+    unsafe {
+        for i in 0..4 {
+            core::ptr::write_volatile(key.cast::<u64>().add(i), 0);
+        }
+        (*key).protocol = protocol;
+        (*key).reason = reason;
+    }
     let peer = if sk.is_null() {
         packet_source()
     } else {
@@ -244,17 +252,24 @@ fn count_skb_drop(sk: *const u8, protocol: u16, reason: u32, packet_source: impl
         let offsets = kernel_offsets();
         // A `TIME_WAIT` or handshake socket has no cgroup of its own: charged to no workload.
         if socket_is_full(&offsets, sk) {
-            key.cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0);
+            // SAFETY: as above.
+            unsafe { (*key).cgroup_id = socket_cgroup_id(&offsets, sk).unwrap_or(0) };
         }
         socket_peer(&offsets, sk).or_else(packet_source)
     };
+    // Filled in only where there is an address: a select between the peer and zeros would read
+    // the payload of a `None`, a register the verifier rejects as never written.
     if let Some((family, addr)) = peer
         && (family == AF_INET || family == AF_INET6)
     {
-        key.family = family;
-        key.remote_addr = addr;
+        // SAFETY: as above.
+        unsafe {
+            (*key).family = family;
+            (*key).remote_addr = addr;
+        }
     }
-    count_drop(&key);
+    // SAFETY: every byte of the key was written above.
+    count_drop(unsafe { slot.assume_init_ref() });
 }
 
 /// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason)` as a BTF

@@ -80,6 +80,7 @@ impl From<&Config> for CollectorOptions {
                 tracefs: config.tracefs.clone(),
                 btf: config.btf.clone(),
                 rtt_source: config.rtt_source,
+                drop_source: config.drop_source,
             },
             paths: config.paths.clone(),
             cgroup_root: config.cgroup_root.clone(),
@@ -211,6 +212,11 @@ impl Collector {
     /// The CPU/memory collectors, e.g. to watch a test's cgroup.
     pub fn host_mut(&mut self) -> &mut HostSignals {
         &mut self.host
+    }
+
+    /// The network reader, e.g. to inspect or tune its drop reader (tests and diagnostics).
+    pub fn net_mut(&mut self) -> &mut NetCollector {
+        &mut self.net
     }
 
     /// The cgroup resolver, e.g. to look up the id of a test's cgroup.

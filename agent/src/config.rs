@@ -59,6 +59,12 @@ pub struct Cli {
     #[arg(long, value_enum, env = "GRAYWATCH_RTT_SOURCE")]
     pub rtt_source: Option<RttSource>,
 
+    /// Which program counts kernel packet drops: `auto` takes the BTF tracepoint on
+    /// `kfree_skb` (plain loads of the skb, less than half the cost per drop) and falls back to
+    /// the `skb:kfree_skb` tracepoint if it cannot attach; `tracepoint` forces the latter.
+    #[arg(long, value_enum, env = "GRAYWATCH_DROP_SOURCE")]
+    pub drop_source: Option<DropSource>,
+
     /// cgroup v2 mount point; found from /proc/self/mountinfo when unset.
     #[arg(long, env = "GRAYWATCH_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -190,6 +196,17 @@ pub enum RttSource {
     RawTracepoint,
 }
 
+/// Which program counts kernel packet drops (both hook `kfree_skb`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DropSource {
+    /// The BTF tracepoint, else the tracepoint.
+    #[default]
+    Auto,
+    /// `skb:kfree_skb`: reads the record the kernel prepares and the skb through helper calls.
+    Tracepoint,
+}
+
 /// Which cgroups key the CPU and memory signals (see `--cgroup-attribution`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -235,6 +252,7 @@ pub struct FileConfig {
     pub tracefs: Option<PathBuf>,
     pub btf: Option<PathBuf>,
     pub rtt_source: Option<RttSource>,
+    pub drop_source: Option<DropSource>,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
     #[serde(default)]
@@ -266,6 +284,7 @@ pub struct Config {
     pub tracefs: PathBuf,
     pub btf: PathBuf,
     pub rtt_source: RttSource,
+    pub drop_source: DropSource,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_scope: Option<String>,
     /// Node-level PSI from the scope's cgroup (bench nodes sharing one kernel).
@@ -481,6 +500,7 @@ impl Config {
             },
             kube: cli.kube.or(file.kube).unwrap_or(KubeMode::Auto),
             rtt_source: cli.rtt_source.or(file.rtt_source).unwrap_or_default(),
+            drop_source: cli.drop_source.or(file.drop_source).unwrap_or_default(),
         })
     }
 }

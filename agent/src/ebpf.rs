@@ -21,7 +21,7 @@ use graywatch_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::RttSource,
+    config::{DropSource, RttSource},
     kernel_layout::{KernelLayout, LayoutError},
     tracefs::{Tracefs, TracefsError},
 };
@@ -35,6 +35,7 @@ pub struct LoadOptions {
     pub tracefs: PathBuf,
     pub btf: PathBuf,
     pub rtt_source: RttSource,
+    pub drop_source: DropSource,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +44,7 @@ impl Default for LoadOptions {
             tracefs: crate::tracefs::DEFAULT_TRACEFS.into(),
             btf: "/sys/kernel/btf/vmlinux".into(),
             rtt_source: RttSource::default(),
+            drop_source: DropSource::default(),
         }
     }
 }
@@ -368,10 +370,10 @@ impl KernelPrograms {
         };
         // The drop program as a BTF tracepoint when the kernel allows it (its form depends on
         // whether the tracepoint names the receiving socket), else the tracepoint program.
-        let drop_program = if kfree_skb.rx_sk == KfreeSkbFields::ABSENT {
-            "kfree_skb_btf"
-        } else {
-            "kfree_skb_btf_rx_sk"
+        let drop_program = match options.drop_source {
+            DropSource::Tracepoint => None,
+            DropSource::Auto if kfree_skb.rx_sk == KfreeSkbFields::ABSENT => Some("kfree_skb_btf"),
+            DropSource::Auto => Some("kfree_skb_btf_rx_sk"),
         };
         // The kernel's BTF for the programs that attach by it: parsed at the first one, once, and
         // dropped when every program is attached.
@@ -423,7 +425,7 @@ impl KernelPrograms {
     fn attach_network_programs(
         &mut self,
         rtt_program: &'static str,
-        drop_program: &'static str,
+        drop_program: Option<&'static str>,
         skipped: &[(&'static str, String)],
         btf: &mut KernelBtf<'_>,
     ) {
@@ -445,7 +447,9 @@ impl KernelPrograms {
                 disable(self, tp.program, why.clone());
                 continue;
             }
-            if tp.program == "kfree_skb" {
+            if tp.program == "kfree_skb"
+                && let Some(drop_program) = drop_program
+            {
                 match self.attach_btf_tracepoint(drop_program, tp.event, btf) {
                     Ok(()) => continue,
                     Err(error) => {

@@ -105,6 +105,7 @@ pub struct Metrics {
     segments_sent: Family<WorkloadLabels, Counter>,
     unanswered_connects: Family<WorkloadLabels, Counter>,
     drops: Family<ReasonLabels, Counter>,
+    drop_keys: Family<PlaceLabels, Gauge>,
     lost_events: Family<KindLabels, Gauge>,
     pub signal_available: Family<SignalLabels, Gauge>,
     windows: Counter,
@@ -143,6 +144,7 @@ impl Metrics {
             segments_sent: Family::default(),
             unanswered_connects: Family::default(),
             drops: Family::default(),
+            drop_keys: Family::default(),
             lost_events: Family::default(),
             signal_available: Family::default(),
             windows: Counter::default(),
@@ -243,6 +245,12 @@ impl Metrics {
             "Packets dropped by the kernel, by the kernel's drop reason",
             self.drops.clone(),
         );
+        registry.register(
+            "drop_keys",
+            "(workload, remote, protocol, reason) keys with drop counters in the kernel, by place (slot: the \
+             direct-mapped array; hash: the fallback for a key whose slot another holds, a hash lookup per drop)",
+            self.drop_keys.clone(),
+        );
     }
 
     /// Updates the metrics from one window.
@@ -275,6 +283,13 @@ impl Metrics {
                     reason: d.reason.clone(),
                 })
                 .inc_by(d.count);
+        }
+        if let Some(places) = summary.network.drop_places {
+            for (place, count) in [("slot", places.slot), ("hash", places.hash)] {
+                self.drop_keys
+                    .get_or_create(&PlaceLabels { place })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
         }
         for (kind, total) in &summary.lost_events {
             self.lost_events
@@ -630,7 +645,7 @@ mod tests {
 
     use super::*;
     use crate::summary::{
-        NetworkWindow, NodePsi, OomKill, Psi, PsiLine, PsiWindow, RunqPlaceCounts, RunqWindow, StealWindow,
+        NetworkWindow, NodePsi, OomKill, PlaceCounts, Psi, PsiLine, PsiWindow, RunqWindow, StealWindow,
         WorkloadNetWindow, WorkloadOomKill, WorkloadRunq,
     };
 
@@ -694,6 +709,23 @@ mod tests {
     }
 
     #[test]
+    fn drop_keys_are_shown_by_place_only_when_drops_are_read() {
+        let metrics = Metrics::new();
+        metrics.observe(&window(&["p"]));
+        let text = metrics.encode().expect("encode");
+        assert!(
+            !text.contains("graywatch_drop_keys{"),
+            "no drop reader, no series: {text}"
+        );
+        let mut with_drops = window(&["p"]);
+        with_drops.network.drop_places = Some(PlaceCounts { slot: 3, hash: 1 });
+        metrics.observe(&with_drops);
+        let text = metrics.encode().expect("encode");
+        assert!(text.contains("graywatch_drop_keys{place=\"slot\"} 3"), "{text}");
+        assert!(text.contains("graywatch_drop_keys{place=\"hash\"} 1"), "{text}");
+    }
+
+    #[test]
     fn metrics_carry_every_family_and_skip_what_is_missing() {
         let mut registry = Registry::default();
         let metrics = HostMetrics::register(&mut registry);
@@ -719,7 +751,7 @@ mod tests {
                     total_wait_ms: 0.5,
                 },
             }],
-            run_queue_places: Some(RunqPlaceCounts { slot: 5, hash: 1 }),
+            run_queue_places: Some(PlaceCounts { slot: 5, hash: 1 }),
         };
         let memory = MemoryWindow {
             reclaim: Vec::new(),

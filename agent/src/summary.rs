@@ -92,6 +92,9 @@ pub struct NetworkWindow {
     pub workloads: Vec<WorkloadNetWindow>,
     /// Kernel packet drops by workload, remote and reason.
     pub drops: Vec<DropWindow>,
+    /// Where the kernel keeps the drop counters; `None` when drops are unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_places: Option<PlaceCounts>,
 }
 
 /// Latency distribution of one window, in microseconds.
@@ -182,14 +185,14 @@ pub struct CpuWindow {
     pub run_queue: Vec<WorkloadRunq>,
     /// Where the kernel keeps the cgroups' run-queue counters; `None` without the program.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub run_queue_places: Option<RunqPlaceCounts>,
+    pub run_queue_places: Option<PlaceCounts>,
 }
 
-/// Cgroups with run-queue counters in the kernel, by place: a slot of the direct-mapped array,
-/// or the fallback hash (for a cgroup whose slot another holds; each of its context switches
-/// pays a hash lookup).
+/// Keys with counters in the kernel (run-queue cgroups, drop keys), by place: a slot of the
+/// direct-mapped array, or the fallback hash (for a key whose slot another holds; each of its
+/// events pays a hash lookup).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct RunqPlaceCounts {
+pub struct PlaceCounts {
     pub slot: usize,
     pub hash: usize,
 }

@@ -11,10 +11,12 @@ use std::{
 
 use graywatch_agent::{
     app::{Collector, CollectorOptions},
-    config::RttSource,
+    config::{DropSource, RttSource},
     pods::PodDirectory,
+    signals::net::{DropPlace, remote_addr},
     summary::{Direction, FlowWindow, WindowSummary},
 };
+use graywatch_common::{DROP_SLOT_FREE, DROP_SLOT_HELD, drop_slot_index};
 use graywatch_testbench::{
     fault::{LinkEmulator, LinkSpec, NftDrop},
     ground_truth::{nstat_counter, nstat_retrans_segs, ss_segments, ss_srtt_ms},
@@ -340,10 +342,28 @@ fn retransmits_follow_injected_loss_and_agree_with_nstat() {
 
 #[test]
 fn drops_are_reported_with_the_kernels_reason() {
+    drops_are_reported_with_the_kernels_reason_by(DropSource::Auto, "tp_btf:kfree_skb");
+}
+
+/// The fallback drop program (the agent takes it where the BTF one cannot attach) counts the same.
+#[test]
+fn drops_are_reported_with_the_kernels_reason_by_the_tracepoint_program() {
+    drops_are_reported_with_the_kernels_reason_by(DropSource::Tracepoint, "skb:kfree_skb");
+}
+
+fn drops_are_reported_with_the_kernels_reason_by(source: DropSource, program: &str) {
     let bench = Bench::new(3).expect("bench");
     let (client_node, closed, firewalled) = (bench.node(0), bench.node(1), bench.node(2));
     let _server = Server::start(firewalled);
-    let mut agent = collector();
+    let mut options = CollectorOptions::for_node("bench");
+    options.load.drop_source = source;
+    let mut agent = Collector::start(&options, PodDirectory::default())
+        .expect("load and attach the kernel programs (root, tracefs, BTF)");
+    let attached = agent.programs_mut().attached().to_vec();
+    assert!(
+        attached.iter().any(|p| p == program),
+        "{program} attached: {attached:?}"
+    );
     let blocked = cgroup(&mut agent, "drops-blocked");
     let _fault = NftDrop::start(
         &client_node.netns,
@@ -399,6 +419,91 @@ fn drops_are_reported_with_the_kernels_reason() {
         Some(blocked.cgroup_path.as_str()),
         "the drop is charged to the socket's cgroup"
     );
+}
+
+/// Issue 18: the drop program counts each (workload, remote, protocol, reason) in the slot of
+/// `DROP_SLOTS` at the key's index, claimed by the program itself (the `DROPS` hash only takes
+/// keys whose slot another holds). A key idle for long gives its place back, the slot zeroed;
+/// when it drops again it claims the slot afresh and counts from zero. Every drop is counted
+/// once: the kernel's own `UdpNoPorts` counter is the truth.
+#[test]
+fn idle_drop_keys_give_their_place_back_and_count_afresh() {
+    const IDLE_WINDOWS: u32 = 3;
+    let bench = Bench::new(2).expect("bench");
+    let (sender, closed) = (bench.node(0), bench.node(1));
+    let mut agent = collector();
+    agent
+        .net_mut()
+        .drop_reader()
+        .expect("the drop slots are mapped")
+        .set_idle_windows_before_eviction(IDLE_WINDOWS);
+    let target = SocketAddr::new(closed.ipv4.into(), 7009);
+    // Sends `count` datagrams to a closed port and returns this window's NO_SOCKET drops from
+    // the sender, once the kernel has counted every one of them.
+    let burst = |agent: &mut Collector, count: u64| -> u64 {
+        let before = nstat_counter(&closed.netns, "UdpNoPorts").expect("nstat");
+        let mut cmd = sender.command(TRAFFIC, &[]).expect("traffic command");
+        let target = target.to_string();
+        cmd.args(["unreachable", "--connect", &target, "--count", &count.to_string()]);
+        let out = cmd.output().expect("run graywatch-traffic unreachable");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while nstat_counter(&closed.netns, "UdpNoPorts").expect("nstat") < before + count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the kernel never counted {count} datagrams"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let summary = agent.collect().expect("collect a window");
+        summary
+            .network
+            .drops
+            .iter()
+            .filter(|d| d.reason == "NO_SOCKET" && d.remote == Some(sender.ipv4.into()))
+            .map(|d| d.count)
+            .sum()
+    };
+    let place_of_sender = |agent: &mut Collector| {
+        let reader = agent.net_mut().drop_reader().expect("drop reader");
+        reader
+            .places()
+            .into_iter()
+            .find(|(_, key)| remote_addr(key.family, key.remote_addr) == IpAddr::from(sender.ipv4))
+    };
+
+    agent.collect().expect("baseline window");
+    assert_eq!(burst(&mut agent, 50), 50, "every drop counted once");
+    let (place, key) = place_of_sender(&mut agent).expect("the sender's drops have a place");
+    let index = drop_slot_index(&key.words());
+    let slot_state = agent.net_mut().drop_reader().expect("drop reader").slot_state(index);
+    eprintln!("first burst at {place:?}; slot {index} state {slot_state}");
+    match place {
+        DropPlace::Slot(i) => assert_eq!(i, index, "a key's slot is at its index"),
+        // Only when another key holds the slot.
+        DropPlace::Hash => assert_eq!(slot_state, DROP_SLOT_HELD, "slot {index} held by another key"),
+    }
+
+    // Idle: the place goes back (a slot freed and zeroed).
+    for _ in 0..IDLE_WINDOWS {
+        agent.collect().expect("idle window");
+    }
+    assert!(
+        place_of_sender(&mut agent).is_none(),
+        "an idle key's place is taken back"
+    );
+    if place == DropPlace::Slot(index) {
+        let state = agent.net_mut().drop_reader().expect("drop reader").slot_state(index);
+        assert!(
+            state == DROP_SLOT_FREE || state == DROP_SLOT_HELD,
+            "slot {index} released: {state}"
+        );
+    }
+
+    // Dropping again: counted afresh, not as 50 + 30 and not as a negative change.
+    assert_eq!(burst(&mut agent, 30), 30, "a reclaimed place counts from zero");
+    let (again, _) = place_of_sender(&mut agent).expect("a place again");
+    eprintln!("second burst at {again:?}");
 }
 
 #[test]

@@ -207,6 +207,99 @@ pub struct DropKey {
     pub reason: u32,
 }
 
+impl DropKey {
+    /// The key as four words (it has no padding): what the drop program compares a slot's key
+    /// with, and what its slot index is computed from.
+    #[expect(
+        clippy::inline_always,
+        reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+    )]
+    #[inline(always)]
+    #[must_use]
+    pub const fn words(&self) -> [u64; 4] {
+        // SAFETY: 32 bytes of plain integers, no padding (checked by a test), into [u64; 4].
+        unsafe { core::mem::transmute::<Self, [u64; 4]>(*self) }
+    }
+}
+
+/// log2 of the number of [`DropSlot`]s.
+pub const DROP_SLOT_BITS: u32 = 9;
+/// Slots of the direct-mapped `DROP_SLOTS` array: a few times the (workload, remote, reason)
+/// keys a node drops packets for in a couple of minutes.
+pub const DROP_SLOT_COUNT: u32 = 1 << DROP_SLOT_BITS;
+/// [`DropSlot::state`] of a slot no key holds.
+pub const DROP_SLOT_FREE: u64 = 0;
+/// [`DropSlot::state`] while the program that claimed the slot writes its key.
+pub const DROP_SLOT_CLAIMING: u64 = 1;
+/// [`DropSlot::state`] of a slot whose `key` and `count` are in use.
+pub const DROP_SLOT_HELD: u64 = 2;
+/// [`DropSlot::state`] while the agent clears a slot it took back.
+pub const DROP_SLOT_RELEASING: u64 = 3;
+
+/// One slot of the direct-mapped drop-count array: the count of the key that holds it.
+///
+/// Why not only a hash: on a lossy node the drop program runs for every dropped packet, and the
+/// `DROPS` hash update (hashing a 32-byte key) was 35–50 ns of it. A slot at a fixed index is
+/// found with a multiply and an inlined bounds check. The program claims a free slot
+/// (compare-and-swap of `state` to [`DROP_SLOT_CLAIMING`]), writes the key and its first drop,
+/// then publishes it with an atomic exchange to [`DROP_SLOT_HELD`] (ordered after those writes
+/// on every architecture); a key whose slot another holds, or is being claimed or cleared,
+/// falls back to the `DROPS` hash, so no drop goes uncounted. The agent takes back the slots of
+/// idle keys: [`DROP_SLOT_RELEASING`], key and count zeroed, then [`DROP_SLOT_FREE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropSlot {
+    /// [`DROP_SLOT_FREE`], [`DROP_SLOT_CLAIMING`], [`DROP_SLOT_HELD`] or [`DROP_SLOT_RELEASING`].
+    pub state: u64,
+    pub key: DropKey,
+    /// Drops counted for `key` since the slot was claimed.
+    pub count: u64,
+}
+
+impl DropSlot {
+    pub const FREE: Self = Self {
+        state: DROP_SLOT_FREE,
+        key: DropKey {
+            cgroup_id: 0,
+            remote_addr: [0; 16],
+            family: 0,
+            protocol: 0,
+            reason: 0,
+        },
+        count: 0,
+    };
+}
+
+/// Whether two keys' words are equal, without branches: `==` on the arrays (or a chain of `&&`,
+/// which LLVM merges) becomes a call to a byte-by-byte `memcmp` in a kernel program.
+#[expect(
+    clippy::inline_always,
+    reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+)]
+#[inline(always)]
+#[must_use]
+pub const fn same_words(a: &[u64; 4], b: &[u64; 4]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0
+}
+
+/// The slot of a drop key (its [`DropKey::words`]) in `DROP_SLOTS`: the words folded, then
+/// mixed (splitmix64's finalizer: keys differ in a byte or two, often in the middle of a word,
+/// which a single multiply leaves crowded onto few slots).
+#[expect(
+    clippy::inline_always,
+    reason = "called from kernel programs: inlined so the verifier sees each program as one function"
+)]
+#[inline(always)]
+#[must_use]
+pub const fn drop_slot_index(words: &[u64; 4]) -> u32 {
+    let mut z = words[0] ^ words[1] ^ words[2].rotate_left(29) ^ words[3].rotate_left(47);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // The shift leaves DROP_SLOT_BITS bits: the cast keeps them all.
+    (z >> (64 - DROP_SLOT_BITS)) as u32
+}
+
 /// Index of the histogram bucket for an RTT of `us` microseconds.
 ///
 /// Written without `leading_zeros` so the BPF backend never has to expand `ctlz`.
@@ -273,12 +366,76 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::DropSlot {}
     unsafe impl aya::Pod for super::SocketState {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drop_key_is_four_words_and_a_slot_six() {
+        assert_eq!(core::mem::size_of::<DropKey>(), 32);
+        assert_eq!(core::mem::size_of::<DropSlot>(), 48);
+        let key = DropKey {
+            cgroup_id: 7,
+            remote_addr: [1; 16],
+            family: 2,
+            protocol: 0x0800,
+            reason: 2,
+        };
+        assert_eq!(key.words()[0], 7);
+        assert_ne!(key.words(), DropSlot::FREE.key.words());
+        assert!(same_words(&key.words(), &key.words()));
+        assert!(!same_words(&key.words(), &DropKey { reason: 3, ..key }.words()));
+    }
+
+    #[test]
+    fn drop_slot_indices_spread_keys_that_differ_in_one_field() {
+        let base = DropKey {
+            cgroup_id: 5_000,
+            remote_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 0, 0],
+            family: 2,
+            protocol: 0x0800,
+            reason: 2,
+        };
+        let distinct = |keys: &mut dyn Iterator<Item = DropKey>| {
+            let mut used = [false; DROP_SLOT_COUNT as usize];
+            let mut n = 0;
+            for key in keys {
+                let index = drop_slot_index(&key.words()) as usize;
+                assert!(index < DROP_SLOT_COUNT as usize);
+                n += usize::from(!used[index]);
+                used[index] = true;
+            }
+            n
+        };
+        // 128 keys at random in 512 slots leave ~113 distinct; each family of keys must not do worse.
+        let by_source = distinct(&mut (0..128u8).map(|i| {
+            let mut key = base;
+            key.remote_addr[15] = i;
+            key
+        }));
+        let by_subnet = distinct(&mut (0..128u8).map(|i| {
+            let mut key = base;
+            key.remote_addr[14] = i;
+            key
+        }));
+        let by_cgroup = distinct(&mut (0..128u64).map(|i| DropKey {
+            cgroup_id: 5_000 + i * 48,
+            ..base
+        }));
+        let by_reason = distinct(&mut (0..128u32).map(|i| DropKey { reason: i, ..base }));
+        for (what, n) in [
+            ("source", by_source),
+            ("subnet", by_subnet),
+            ("cgroup", by_cgroup),
+            ("reason", by_reason),
+        ] {
+            assert!(n >= 105, "{what}: {n} distinct slots of 128 keys");
+        }
+    }
 
     #[test]
     fn segments_sent_are_counted_once_across_reads_wraps_and_failed_reads() {

@@ -6,12 +6,7 @@
 //! offsets from BTF, where the kernel keeps each task's run-queue accounting
 //! ([`run_queue_offsets`]), and which cgroup hierarchy to attribute to ([`task_offsets`]).
 
-use std::{
-    collections::HashMap,
-    num::NonZeroUsize,
-    ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
 use graywatch_common::{
@@ -19,18 +14,18 @@ use graywatch_common::{
     rtt_bucket_bounds,
 };
 
-use super::IdleEviction;
+use super::{
+    IdleEviction,
+    slots::{MappedSlots, SlotsError},
+};
 use crate::{
     kernel_layout::{KernelLayout, LayoutError},
-    summary::{RunqPlaceCounts, RunqWindow},
+    summary::{PlaceCounts, RunqWindow},
 };
 
 /// Names of the maps this module reads.
 pub const RUNQ_MAP: &str = "RUNQ";
 pub const RUNQ_SLOTS_MAP: &str = "RUNQ_SLOTS";
-
-/// `BPF_F_MMAPABLE`, which `RUNQ_SLOTS` must have been created with.
-const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcCgroupsError {
@@ -237,107 +232,19 @@ pub fn runq_windows(prev: &RunqReadings, now: &RunqReadings) -> Vec<RunqWindow> 
     out
 }
 
-/// The kernel's `RUNQ_SLOTS` array mapped into the agent's memory: reading 1024 slots is a
-/// memory scan, not 1024 lookup syscalls. Written by hand because aya maps no array into memory
-/// (its `Array` reads one element per syscall).
-pub struct RunqSlots {
-    base: NonNull<RunqSlot>,
-    bytes: NonZeroUsize,
-    /// Keeps the map (and so the mapping's object) alive.
-    _map: MapData,
-}
-
-// SAFETY: the mapping is plain shared memory; the kernel side only does atomic adds and
-// compare-and-swaps on it, and this side reads and writes through atomics or volatile copies.
-unsafe impl Send for RunqSlots {}
-
-impl std::fmt::Debug for RunqSlots {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunqSlots")
-            .field("bytes", &self.bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why `RUNQ_SLOTS` could not be mapped.
-#[derive(Debug, thiserror::Error)]
-pub enum RunqSlotsError {
-    #[error("`{RUNQ_SLOTS_MAP}` is not an array map")]
-    NotAnArray,
-    #[error("cannot read `{RUNQ_SLOTS_MAP}`'s kernel info: {0}")]
-    Info(#[source] MapError),
-    #[error(
-        "`{RUNQ_SLOTS_MAP}` has {entries} slots of {value_size} bytes, flags {flags:#x}; this agent expects \
-         {RUNQ_SLOT_COUNT} of {expected} bytes, mmapable (agent and agent-ebpf out of sync?)"
-    )]
-    Layout {
-        entries: u32,
-        value_size: u32,
-        flags: u32,
-        expected: usize,
-    },
-    #[error("mapping `{RUNQ_SLOTS_MAP}` into memory failed: {0}")]
-    Mmap(#[source] nix::Error),
-}
+/// The kernel's `RUNQ_SLOTS` array, mapped into the agent's memory.
+#[derive(Debug)]
+pub struct RunqSlots(MappedSlots<RunqSlot>);
 
 impl RunqSlots {
-    pub fn new(map: Map) -> Result<Self, RunqSlotsError> {
-        let Map::Array(data) = map else {
-            return Err(RunqSlotsError::NotAnArray);
-        };
-        let info = data.info().map_err(RunqSlotsError::Info)?;
-        let expected = size_of::<RunqSlot>();
-        if info.max_entries() != RUNQ_SLOT_COUNT
-            || usize::try_from(info.value_size()).ok() != Some(expected)
-            || info.map_flags() & BPF_F_MMAPABLE == 0
-        {
-            return Err(RunqSlotsError::Layout {
-                entries: info.max_entries(),
-                value_size: info.value_size(),
-                flags: info.map_flags(),
-                expected,
-            });
-        }
-        let bytes = NonZeroUsize::new(expected * RUNQ_SLOT_COUNT as usize).ok_or(RunqSlotsError::NotAnArray)?;
-        // SAFETY: a fresh shared mapping of the map's fd at offset 0, of the array's size (an
-        // mmapable array's values start page-aligned, at element size, here a multiple of 8).
-        let base = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                bytes,
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                data.fd(),
-                0,
-            )
-        }
-        .map_err(RunqSlotsError::Mmap)?;
-        Ok(Self {
-            base: base.cast(),
-            bytes,
-            _map: data,
-        })
-    }
-
-    fn slot(&self, index: u32) -> *mut RunqSlot {
-        assert!(index < RUNQ_SLOT_COUNT, "slot {index} out of range");
-        // SAFETY: index < RUNQ_SLOT_COUNT, inside the mapping.
-        unsafe { self.base.as_ptr().add(index as usize) }
-    }
-
-    fn owner(&self, index: u32) -> &AtomicU64 {
-        // SAFETY: `owner` is the 8-byte-aligned first field of a slot inside the mapping, which
-        // lives as long as `self`; the kernel updates it only atomically.
-        unsafe { AtomicU64::from_ptr(&raw mut (*self.slot(index)).owner) }
+    pub fn new(map: Map) -> Result<Self, SlotsError> {
+        MappedSlots::new(map, RUNQ_SLOTS_MAP, RUNQ_SLOT_COUNT).map(Self)
     }
 
     /// Slot `index`'s owner and counters as they are, free or not.
     fn raw(&self, index: u32) -> (u64, RunqStats) {
-        let owner = self.owner(index).load(Ordering::Acquire);
-        // SAFETY: inside the mapping; a copy racing with the kernel's atomic adds sees each
-        // counter before or after an add, as a hash lookup's copy would.
-        let stats = unsafe { std::ptr::read_volatile(&raw const (*self.slot(index)).stats) };
-        (owner, stats)
+        let (owner, slot) = self.0.read(index);
+        (owner, slot.stats)
     }
 
     /// The cgroup holding slot `index` and its counters, or `None` for a free slot.
@@ -349,26 +256,11 @@ impl RunqSlots {
     /// Takes slot `index` back from `owner` (idle for long): zeroed, then free for the next
     /// cgroup to claim. Nothing happens if another cgroup holds it by now.
     fn release(&self, index: u32, owner: u64) {
-        let owner_cell = self.owner(index);
-        if owner_cell
-            .compare_exchange(owner, RUNQ_SLOT_RELEASING, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        // SAFETY: inside the mapping; while RELEASING, the kernel program neither claims the
-        // slot nor writes its stats.
-        unsafe { std::ptr::write_volatile(&raw mut (*self.slot(index)).stats, RunqStats::ZERO) };
-        owner_cell.store(RUNQ_SLOT_FREE, Ordering::Release);
-    }
-}
-
-impl Drop for RunqSlots {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of this length, not used after this.
-        if let Err(e) = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes.get()) } {
-            tracing::warn!(error = %e, "unmapping RUNQ_SLOTS failed");
-        }
+        self.0
+            .release(index, owner, RUNQ_SLOT_RELEASING, RUNQ_SLOT_FREE, |slot| {
+                // SAFETY: a slot inside the mapping, which the kernel leaves alone while releasing.
+                unsafe { std::ptr::write_volatile(&raw mut (*slot).stats, RunqStats::ZERO) };
+            });
     }
 }
 
@@ -419,9 +311,9 @@ impl RunqReader {
     }
 
     /// How many cgroups had their counters in a slot and in the hash at the last reading.
-    pub fn place_counts(&self) -> RunqPlaceCounts {
+    pub fn place_counts(&self) -> PlaceCounts {
         let slot = self.last.keys().filter(|(place, _)| *place != RunqPlace::Hash).count();
-        RunqPlaceCounts {
+        PlaceCounts {
             slot,
             hash: self.last.len() - slot,
         }

@@ -8,6 +8,7 @@ pub mod host;
 pub mod memory_pressure;
 pub mod net;
 pub mod psi;
+pub mod slots;
 
 use std::collections::HashMap;
 

@@ -1,4 +1,5 @@
-//! Network latency and loss: reads the `FLOWS`, `DROPS` and `LOST_EVENTS` maps each window and
+//! Network latency and loss: reads the `FLOWS`, `DROP_SLOTS` (mapped into memory), `DROPS` and
+//! `LOST_EVENTS` maps each window and
 //! turns the kernel's cumulative counters into per-window deltas ([`NetDelta`]), then into the
 //! attributed [`NetworkWindow`] (pure, testable without a kernel).
 
@@ -8,13 +9,18 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
-use graywatch_common::{AF_INET, DropKey, FlowKey, FlowStats, LostEvent, RTT_BUCKETS, rtt_bucket_bounds};
+use graywatch_common::{
+    AF_INET, DROP_SLOT_COUNT, DROP_SLOT_FREE, DROP_SLOT_HELD, DROP_SLOT_RELEASING, DropKey, DropSlot, FlowKey,
+    FlowStats, LostEvent, RTT_BUCKETS, rtt_bucket_bounds,
+};
 use tracing::warn;
 
+use super::{IdleEviction, slots::MappedSlots};
 use crate::{
     ebpf::{EbpfError, KernelPrograms, typed_map},
     summary::{
-        Direction, DropWindow, FlowWindow, NetworkWindow, RttBuckets, RttSummary, Workload, WorkloadNetWindow, ratio,
+        Direction, DropWindow, FlowWindow, NetworkWindow, PlaceCounts, RttBuckets, RttSummary, Workload,
+        WorkloadNetWindow, ratio,
     },
 };
 
@@ -88,6 +94,8 @@ impl FlowDelta {
 pub struct NetDelta {
     pub flows: Vec<(FlowKey, FlowDelta)>,
     pub drops: Vec<(DropKey, u64)>,
+    /// Where the drop counters are; `None` when drops are unavailable.
+    pub drop_places: Option<PlaceCounts>,
     /// Cumulative lost events by kind.
     pub lost_events: BTreeMap<String, u64>,
 }
@@ -100,21 +108,34 @@ struct Tracked<V> {
 /// Owns the network maps and the previous window's cumulative values.
 pub struct NetCollector {
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
-    drops: BpfHashMap<MapData, DropKey, u64>,
+    /// `None` when the drop slots cannot be mapped (the drop signal is then reported unavailable).
+    drops: Option<DropReader>,
     lost: PerCpuArray<MapData, u64>,
     previous_flows: HashMap<FlowKey, Tracked<Box<FlowStats>>>,
-    previous_drops: HashMap<DropKey, Tracked<u64>>,
 }
 
 impl NetCollector {
     pub fn new(programs: &mut KernelPrograms) -> Result<Self, EbpfError> {
+        let hash = typed_map(programs.take_map(DROPS_MAP)?, DROPS_MAP)?;
+        let drops = match MappedSlots::new(programs.take_map(DROP_SLOTS_MAP)?, DROP_SLOTS_MAP, DROP_SLOT_COUNT) {
+            Ok(slots) => Some(DropReader::new(slots, hash)),
+            // The program counts but its figures cannot all be read: say so, measure the rest.
+            Err(error) => {
+                programs.mark_unavailable("drops", error.to_string());
+                None
+            }
+        };
         Ok(Self {
             flows: typed_map(programs.take_map("FLOWS")?, "FLOWS")?,
-            drops: typed_map(programs.take_map("DROPS")?, "DROPS")?,
+            drops,
             lost: typed_map(programs.take_map("LOST_EVENTS")?, "LOST_EVENTS")?,
             previous_flows: HashMap::new(),
-            previous_drops: HashMap::new(),
         })
+    }
+
+    /// The drop reader (tests and diagnostics); `None` when drops are unavailable.
+    pub fn drop_reader(&mut self) -> Option<&mut DropReader> {
+        self.drops.as_mut()
     }
 
     /// Reads the maps and returns what changed since the last call. Blocking (map syscalls).
@@ -164,23 +185,10 @@ impl NetCollector {
             self.previous_flows.remove(&key);
         }
 
-        let mut seen_drops = HashSet::new();
-        for entry in &self.drops {
-            let (key, count) = entry?;
-            seen_drops.insert(key);
-            let previous = self.previous_drops.get(&key).map_or(0, |t| t.value);
-            let change = if count >= previous { count - previous } else { count };
-            if change > 0 {
-                delta.drops.push((key, change));
-            }
-            let tracked = self.previous_drops.entry(key).or_insert(Tracked {
-                value: count,
-                idle_windows: 0,
-            });
-            tracked.idle_windows = if change > 0 { 0 } else { tracked.idle_windows + 1 };
-            tracked.value = count;
+        if let Some(drops) = &mut self.drops {
+            delta.drops = drops.collect()?;
+            delta.drop_places = Some(drops.place_counts());
         }
-        self.previous_drops.retain(|key, _| seen_drops.contains(key));
 
         for kind in LostEvent::ALL {
             let total = self.lost.get(&(kind as u32), 0)?.iter().sum();
@@ -188,6 +196,138 @@ impl NetCollector {
         }
         Ok(delta)
     }
+}
+
+/// Names of the drop maps.
+pub const DROPS_MAP: &str = "DROPS";
+pub const DROP_SLOTS_MAP: &str = "DROP_SLOTS";
+
+/// Where a drop key's count lives: its slot in `DROP_SLOTS`, or the `DROPS` hash (its slot was
+/// held by another key when it first dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropPlace {
+    Slot(u32),
+    Hash,
+}
+
+type DropReadings = HashMap<(DropPlace, DropKey), u64>;
+
+/// Reads the drop counts (`DROP_SLOTS` and `DROPS`) once per window and takes back the places of
+/// keys idle for long, so neither fills up with keys of gone pods and old remotes.
+pub struct DropReader {
+    slots: MappedSlots<DropSlot>,
+    map: BpfHashMap<MapData, DropKey, u64>,
+    last: DropReadings,
+    idle: IdleEviction<(DropPlace, DropKey)>,
+}
+
+impl std::fmt::Debug for DropReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DropReader")
+            .field("places", &self.last.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DropReader {
+    pub fn new(slots: MappedSlots<DropSlot>, map: BpfHashMap<MapData, DropKey, u64>) -> Self {
+        Self {
+            slots,
+            map,
+            last: HashMap::new(),
+            idle: IdleEviction::new(IDLE_WINDOWS_BEFORE_EVICTION),
+        }
+    }
+
+    /// Takes places back after `windows` unchanged windows instead of the default (tests).
+    pub fn set_idle_windows_before_eviction(&mut self, windows: u32) {
+        self.idle = IdleEviction::new(windows);
+    }
+
+    /// Where each key's count was at the last reading (tests and diagnostics).
+    pub fn places(&self) -> Vec<(DropPlace, DropKey)> {
+        let mut places: Vec<_> = self.last.keys().copied().collect();
+        places.sort_unstable_by_key(|(place, key)| (*place, key.words()));
+        places
+    }
+
+    /// How many keys had their counts in a slot and in the hash at the last reading.
+    pub fn place_counts(&self) -> PlaceCounts {
+        let slot = self.last.keys().filter(|(place, _)| *place != DropPlace::Hash).count();
+        PlaceCounts {
+            slot,
+            hash: self.last.len() - slot,
+        }
+    }
+
+    /// Slot `index`'s state word as the kernel has it now (tests and diagnostics).
+    pub fn slot_state(&self, index: u32) -> u64 {
+        self.slots.read(index).0
+    }
+
+    /// Drops per key since the previous call (every drop since load on the first).
+    pub fn collect(&mut self) -> Result<Vec<(DropKey, u64)>, MapError> {
+        let mut now: DropReadings = HashMap::with_capacity(self.last.len());
+        for index in 0..self.slots.count() {
+            // A slot being claimed is read once it is held, its first drop included.
+            let (state, slot) = self.slots.read(index);
+            if state == DROP_SLOT_HELD {
+                now.insert((DropPlace::Slot(index), slot.key), slot.count);
+            }
+        }
+        for entry in &self.map {
+            let (key, count) = entry?;
+            now.insert((DropPlace::Hash, key), count);
+        }
+        let changes = drop_changes(&self.last, &now);
+        let expired = self.idle.observe(
+            now.iter()
+                .map(|(place, count)| (*place, self.last.get(place) != Some(count))),
+        );
+        for place in expired {
+            match place {
+                (DropPlace::Slot(index), _) => {
+                    self.slots
+                        .release(index, DROP_SLOT_HELD, DROP_SLOT_RELEASING, DROP_SLOT_FREE, |slot| {
+                            // SAFETY: a slot inside the mapping, which the kernel leaves alone
+                            // while releasing.
+                            unsafe {
+                                std::ptr::write_volatile(&raw mut (*slot).key, DropSlot::FREE.key);
+                                std::ptr::write_volatile(&raw mut (*slot).count, 0);
+                            }
+                        });
+                }
+                (DropPlace::Hash, key) => {
+                    // A drop between our read and this delete is lost: at most one drop of a
+                    // key idle for minutes.
+                    if let Err(error) = self.map.remove(&key) {
+                        warn!(%error, "could not evict an idle drop key from the kernel map");
+                    }
+                }
+            }
+            now.remove(&place);
+        }
+        self.last = now;
+        Ok(changes)
+    }
+}
+
+/// Drops per key between two readings of every place: a key can have counts in a slot and in
+/// the hash (it fell back to the hash while its slot was held, then claimed the freed slot),
+/// and one total comes out. A place first seen counts from zero (slots and hash entries start
+/// there); a count that went down started again (the place was taken back and reclaimed).
+pub fn drop_changes(last: &DropReadings, now: &DropReadings) -> Vec<(DropKey, u64)> {
+    let mut by_key: HashMap<DropKey, u64> = HashMap::new();
+    for (place, count) in now {
+        let before = last.get(place).copied().unwrap_or(0);
+        let change = if *count >= before { count - before } else { *count };
+        if change > 0 {
+            *by_key.entry(place.1).or_default() += change;
+        }
+    }
+    let mut changes: Vec<_> = by_key.into_iter().collect();
+    changes.sort_unstable_by_key(|(key, _)| key.words());
+    changes
 }
 
 /// The remote address of a key, IPv4-mapped addresses shown as IPv4.
@@ -237,7 +377,10 @@ pub fn network_window(
     drop_reasons: &HashMap<u32, String>,
     mut workload_of: impl FnMut(u64) -> Workload,
 ) -> NetworkWindow {
-    let mut window = NetworkWindow::default();
+    let mut window = NetworkWindow {
+        drop_places: delta.drop_places,
+        ..NetworkWindow::default()
+    };
     let mut per_workload: BTreeMap<u64, WorkloadTotals> = BTreeMap::new();
 
     // Dual-stack sockets report IPv4 peers as IPv4-mapped IPv6: merge them with IPv4 keys.
@@ -432,6 +575,26 @@ mod tests {
         });
         assert!(w.flows[0].rtt.is_none());
         assert_eq!(w.flows[0].retransmit_ratio, None);
+    }
+
+    #[test]
+    fn a_key_in_a_slot_and_the_hash_gives_one_total() {
+        let key = |reason| DropKey {
+            cgroup_id: 9,
+            reason,
+            ..DropKey::default()
+        };
+        let (a, b) = (key(2), key(3));
+        let last = HashMap::from([((DropPlace::Hash, a), 5), ((DropPlace::Slot(7), b), 40)]);
+        let now = HashMap::from([
+            // a: 2 more in the hash, then its freed slot claimed (3 there).
+            ((DropPlace::Hash, a), 7),
+            ((DropPlace::Slot(1), a), 3),
+            // b: its slot taken back and claimed afresh by b (counts restart).
+            ((DropPlace::Slot(7), b), 4),
+        ]);
+        assert_eq!(drop_changes(&last, &now), vec![(a, 5), (b, 4)]);
+        assert!(drop_changes(&now, &now).is_empty(), "no change, no drops");
     }
 
     #[test]
