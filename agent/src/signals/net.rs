@@ -577,6 +577,47 @@ mod tests {
         assert_eq!(w.flows[0].retransmit_ratio, None);
     }
 
+    proptest! {
+        /// Drops land on random keys, each in its slot or the hash, over several windows; after
+        /// some readings places are taken back (their counts gone from the kernel, as the
+        /// reader does it: right after reading them). Every drop is counted exactly once.
+        #[test]
+        fn every_drop_is_counted_once_across_places_and_releases(
+            windows in proptest::collection::vec(
+                (
+                    proptest::collection::vec((0u32..4, any::<bool>()), 0..40),
+                    proptest::collection::vec((0u32..4, any::<bool>()), 0..3),
+                ),
+                1..12,
+            )
+        ) {
+            let key = |reason: u32| DropKey { reason, ..DropKey::default() };
+            let place = |reason: u32, in_slot: bool| if in_slot { DropPlace::Slot(reason * 7) } else { DropPlace::Hash };
+            let mut kernel: DropReadings = HashMap::new();
+            let mut last: DropReadings = HashMap::new();
+            let mut dropped: HashMap<DropKey, u64> = HashMap::new();
+            let mut counted: HashMap<DropKey, u64> = HashMap::new();
+            for (drops, releases) in windows {
+                for (reason, in_slot) in drops {
+                    *kernel.entry((place(reason, in_slot), key(reason))).or_default() += 1;
+                    *dropped.entry(key(reason)).or_default() += 1;
+                }
+                let mut now = kernel.clone();
+                for (k, n) in drop_changes(&last, &now) {
+                    prop_assert!(n > 0);
+                    *counted.entry(k).or_default() += n;
+                }
+                for (reason, in_slot) in releases {
+                    let at = (place(reason, in_slot), key(reason));
+                    kernel.remove(&at);
+                    now.remove(&at);
+                }
+                last = now;
+            }
+            prop_assert_eq!(counted, dropped);
+        }
+    }
+
     #[test]
     fn a_key_in_a_slot_and_the_hash_gives_one_total() {
         let key = |reason| DropKey {
