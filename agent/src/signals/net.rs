@@ -1,7 +1,7 @@
 //! Network latency and loss: reads the `FLOWS`, `DROP_SLOTS` (mapped into memory), `DROPS` and
-//! `LOST_EVENTS` maps each window and
-//! turns the kernel's cumulative counters into per-window deltas ([`NetDelta`]), then into the
-//! attributed [`NetworkWindow`] (pure, testable without a kernel).
+//! `LOST_EVENTS` maps each window and turns the kernel's cumulative counters into per-window
+//! deltas ([`NetDelta`]), then into the attributed [`NetworkWindow`] (pure, testable without a
+//! kernel).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
