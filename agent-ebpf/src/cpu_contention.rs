@@ -12,8 +12,6 @@
 //! and its run queue's fields are plain loads the verifier checks against the kernel's BTF (and
 //! makes fault-safe), at offsets the agent resolved from BTF.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::bpf_probe_read_kernel,
@@ -26,7 +24,7 @@ use graywatch_common::{
     rtt_bucket, runq_slot_index,
 };
 
-use crate::maps::{add_u32, add_u64, btf_field, count_lost};
+use crate::maps::{add_u32, add_u64, btf_field, compare_and_swap, count_lost};
 
 /// Cumulative run-queue latency per cgroup, at the cgroup's fixed slot (see [`RunqSlot`]).
 /// Mmapable: the agent reads it without a syscall per slot.
@@ -178,17 +176,6 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// Takes a free slot for `cgroup_id`; `false` when another CPU took it first.
-#[inline(always)]
-fn claim(owner: *mut u64, cgroup_id: u64) -> bool {
-    // SAFETY: `owner` points into a live array value and is 8-byte aligned. (The BPF target has
-    // no `AtomicU64::compare_exchange`; the intrinsic is the kernel's `BPF_CMPXCHG`.)
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(owner, RUNQ_SLOT_FREE, cgroup_id)
-    };
-    swapped
-}
-
 /// A wait longer than this is a clock read that went wrong, not a wait (2^62 ns is 146 years).
 const MAX_WAIT_NS: u64 = 1 << 62;
 
@@ -199,7 +186,7 @@ fn runq_stats(cgroup_id: u64) -> Option<*mut RunqStats> {
         let owner = unsafe { &raw mut (*slot).owner };
         // SAFETY: as above (a plain load: the agent's and other CPUs' writes are single stores).
         let holder = unsafe { core::ptr::read_volatile(owner) };
-        if holder == cgroup_id || (holder == RUNQ_SLOT_FREE && claim(owner, cgroup_id)) {
+        if holder == cgroup_id || (holder == RUNQ_SLOT_FREE && compare_and_swap(owner, RUNQ_SLOT_FREE, cgroup_id)) {
             // SAFETY: as above.
             return Some(unsafe { &raw mut (*slot).stats });
         }

@@ -236,7 +236,7 @@ pub fn count_drop(key: &DropKey) {
                     return;
                 }
             }
-            DROP_SLOT_FREE if claim_drop_slot(state) => {
+            DROP_SLOT_FREE if compare_and_swap(state, DROP_SLOT_FREE, DROP_SLOT_CLAIMING) => {
                 // SAFETY: as above; this program holds the slot while it is CLAIMING, and the
                 // agent left it zeroed when it freed it.
                 unsafe {
@@ -263,16 +263,13 @@ pub fn count_drop(key: &DropKey) {
     }
 }
 
-/// Takes a free drop slot (to [`DROP_SLOT_CLAIMING`]); `false` when another CPU took it first.
+/// Sets `*cell` from `expected` to `new` if it still holds `expected`: how a program claims a
+/// free slot (`RUNQ_SLOTS`, `DROP_SLOTS`); `false` when another CPU changed it first.
 #[inline(always)]
-fn claim_drop_slot(state: *mut u64) -> bool {
-    // SAFETY: `state` points into a live array value and is 8-byte aligned (`BPF_CMPXCHG`).
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
-            state,
-            DROP_SLOT_FREE,
-            DROP_SLOT_CLAIMING,
-        )
-    };
+pub fn compare_and_swap(cell: *mut u64, expected: u64, new: u64) -> bool {
+    // SAFETY: `cell` points into a live map value and is 8-byte aligned. (The BPF target has no
+    // `AtomicU64::compare_exchange`; the intrinsic is the kernel's `BPF_CMPXCHG`.)
+    let (_, swapped) =
+        unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(cell, expected, new) };
     swapped
 }

@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::summary::{CpuWindow, MemoryWindow, PressureWindow, Resource, WindowSummary, Workload};
+use crate::summary::{CpuWindow, MemoryWindow, PlaceCounts, PressureWindow, Resource, WindowSummary, Workload};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkloadLabels {
@@ -38,6 +38,15 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaceLabels {
     pub place: &'static str,
+}
+
+/// Sets a `{place="slot"|"hash"}` gauge family from a reader's place counts.
+fn set_place_counts(family: &Family<PlaceLabels, Gauge>, places: PlaceCounts) {
+    for (place, count) in [("slot", places.slot), ("hash", places.hash)] {
+        family
+            .get_or_create(&PlaceLabels { place })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -285,11 +294,7 @@ impl Metrics {
                 .inc_by(d.count);
         }
         if let Some(places) = summary.network.drop_places {
-            for (place, count) in [("slot", places.slot), ("hash", places.hash)] {
-                self.drop_keys
-                    .get_or_create(&PlaceLabels { place })
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
-            }
+            set_place_counts(&self.drop_keys, places);
         }
         for (kind, total) in &summary.lost_events {
             self.lost_events
@@ -529,11 +534,7 @@ impl HostMetrics {
             }
         }
         if let Some(places) = cpu.run_queue_places {
-            for (place, count) in [("slot", places.slot), ("hash", places.hash)] {
-                self.runq_cgroups
-                    .get_or_create(&PlaceLabels { place })
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
-            }
+            set_place_counts(&self.runq_cgroups, places);
         }
         self.runq_p50.clear();
         self.runq_p99.clear();
@@ -645,8 +646,8 @@ mod tests {
 
     use super::*;
     use crate::summary::{
-        NetworkWindow, NodePsi, OomKill, PlaceCounts, Psi, PsiLine, PsiWindow, RunqWindow, StealWindow,
-        WorkloadNetWindow, WorkloadOomKill, WorkloadRunq,
+        NetworkWindow, NodePsi, OomKill, Psi, PsiLine, PsiWindow, RunqWindow, StealWindow, WorkloadNetWindow,
+        WorkloadOomKill, WorkloadRunq,
     };
 
     fn window(pods: &[&str]) -> WindowSummary {

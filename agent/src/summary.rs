@@ -197,6 +197,16 @@ pub struct PlaceCounts {
     pub hash: usize,
 }
 
+impl PlaceCounts {
+    /// Counts places, each `true` for a slot and `false` for the hash.
+    pub fn tally(in_slot: impl IntoIterator<Item = bool>) -> Self {
+        in_slot.into_iter().fold(Self::default(), |counts, slot| Self {
+            slot: counts.slot + usize::from(slot),
+            hash: counts.hash + usize::from(!slot),
+        })
+    }
+}
+
 impl CpuWindow {
     /// The worst workload's run-queue p99 (µs); `None` without run-queue figures.
     pub fn worst_run_queue_p99_us(&self) -> Option<f64> {

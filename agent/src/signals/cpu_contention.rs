@@ -312,11 +312,7 @@ impl RunqReader {
 
     /// How many cgroups had their counters in a slot and in the hash at the last reading.
     pub fn place_counts(&self) -> PlaceCounts {
-        let slot = self.last.keys().filter(|(place, _)| *place != RunqPlace::Hash).count();
-        PlaceCounts {
-            slot,
-            hash: self.last.len() - slot,
-        }
+        PlaceCounts::tally(self.last.keys().map(|(place, _)| *place != RunqPlace::Hash))
     }
 
     /// Where each cgroup's counters were at the last reading (tests and diagnostics).

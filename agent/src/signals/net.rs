@@ -253,11 +253,7 @@ impl DropReader {
 
     /// How many keys had their counts in a slot and in the hash at the last reading.
     pub fn place_counts(&self) -> PlaceCounts {
-        let slot = self.last.keys().filter(|(place, _)| *place != DropPlace::Hash).count();
-        PlaceCounts {
-            slot,
-            hash: self.last.len() - slot,
-        }
+        PlaceCounts::tally(self.last.keys().map(|(place, _)| *place != DropPlace::Hash))
     }
 
     /// Slot `index`'s state word as the kernel has it now (tests and diagnostics).
@@ -315,7 +311,8 @@ impl DropReader {
 /// Drops per key between two readings of every place: a key can have counts in a slot and in
 /// the hash (it fell back to the hash while its slot was held, then claimed the freed slot),
 /// and one total comes out. A place first seen counts from zero (slots and hash entries start
-/// there); a count that went down started again (the place was taken back and reclaimed).
+/// there; the reader forgets a place when it takes it back). A count below the last reading,
+/// which that protocol never produces, is taken as counted from zero rather than as negative.
 pub fn drop_changes(last: &DropReadings, now: &DropReadings) -> Vec<(DropKey, u64)> {
     let mut by_key: HashMap<DropKey, u64> = HashMap::new();
     for (place, count) in now {
