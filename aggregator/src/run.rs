@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
     actuate::Actuator,
@@ -32,13 +32,11 @@ use crate::{
 
 /// A gRPC server builder, with TLS (and client-certificate verification) when configured.
 fn grpc_server(sec: &SecurityConfig) -> anyhow::Result<Server> {
-    // Half-open connections (a partitioned agent) are found by HTTP/2 PINGs and TCP
-    // keepalive and closed: their streams end and free their per-identity slots.
-    let interval = Duration::from_millis(sec.keepalive_interval_ms);
+    // Half-open connections (a partitioned agent) are found by HTTP/2 PINGs (and TCP keepalive,
+    // see `ingest_incoming`) and closed: their streams end and free their per-identity slots.
     let builder = Server::builder()
-        .http2_keepalive_interval(Some(interval))
-        .http2_keepalive_timeout(Some(Duration::from_millis(sec.keepalive_timeout_ms)))
-        .tcp_keepalive(Some(interval));
+        .http2_keepalive_interval(Some(Duration::from_millis(sec.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(sec.keepalive_timeout_ms)));
     let (Some(cert), Some(key)) = (&sec.tls_cert_file, &sec.tls_key_file) else {
         tracing::warn!("INSECURE: the ingest stream is plaintext (set security.tls_cert_file and tls_key_file)");
         return Ok(builder);
@@ -52,6 +50,17 @@ fn grpc_server(sec: &SecurityConfig) -> anyhow::Result<Server> {
     builder
         .tls_config(tls)
         .context("configuring TLS for the ingest stream (certificate/key)")
+}
+
+/// The ingest listener's connections, with the socket options tonic's own `serve` would set:
+/// on a listener we bound ourselves (`serve_with_incoming*`), tonic ignores its builder's TCP
+/// settings. Without `TCP_NODELAY`, an Ack written while the previous one is unacknowledged
+/// waits for the agent's delayed ACK: 1 in 9 Acks took ~42 ms at 10,000 agents (BENCHMARKS.md,
+/// "fleet", fourteenth session).
+fn ingest_incoming(listener: TcpListener, sec: &SecurityConfig) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_millis(sec.keepalive_interval_ms)))
 }
 
 /// The window of each node a leader step last saw, so that each window is one latency sample.
@@ -129,6 +138,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         shutdown: shutdown.clone(),
     };
     let mut grpc_server = grpc_server(&cfg.security)?;
+    let incoming = ingest_incoming(grpc, &cfg.security);
     let grpc_task = {
         let shutdown = shutdown.clone();
         let server = IngestServer::new(svc)
@@ -137,10 +147,7 @@ pub async fn run(cfg: FileConfig, client: Client, shutdown: CancellationToken) -
         tokio::spawn(async move {
             grpc_server
                 .add_service(server)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                    shutdown.cancelled_owned(),
-                )
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
         })
     };
@@ -365,6 +372,32 @@ mod tests {
             received_ms,
             ..NodeReport::default()
         })
+    }
+
+    /// `SOL_SOCKET`/`IPPROTO_TCP` option `name` of `stream`, as the kernel holds it.
+    fn socket_option(stream: &tokio::net::TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = 0;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("an int's size");
+        // SAFETY: a live socket, and a buffer of the option's size with its length.
+        let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), level, name, (&raw mut value).cast(), &raw mut len) };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        value
+    }
+
+    #[tokio::test]
+    async fn ingest_connections_send_acks_at_once_and_are_kept_alive() {
+        use futures::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let sec = SecurityConfig::default();
+        let mut incoming = ingest_incoming(listener, &sec);
+        let _client = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let accepted = incoming.next().await.expect("a connection").expect("accepted");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"), "Nagle would hold Acks back");
+        assert_eq!(socket_option(&accepted, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        let idle_s = i64::from(socket_option(&accepted, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE));
+        assert_eq!(idle_s * 1000, i64::try_from(sec.keepalive_interval_ms).expect("ms"));
     }
 
     #[test]
