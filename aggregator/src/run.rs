@@ -55,7 +55,7 @@ fn grpc_server(sec: &SecurityConfig) -> anyhow::Result<Server> {
 /// The ingest listener's connections, with the socket options tonic's own `serve` would set:
 /// on a listener we bound ourselves (`serve_with_incoming*`), tonic ignores its builder's TCP
 /// settings. Without `TCP_NODELAY`, an Ack written while the previous one is unacknowledged
-/// waits for the agent's delayed ACK: 1 in 9 Acks took ~42 ms at 10,000 agents (BENCHMARKS.md,
+/// waits for the agent's delayed ACK: 1 in 8 Acks took 40–48 ms at 10,000 agents (BENCHMARKS.md,
 /// "fleet", fourteenth session).
 fn ingest_incoming(listener: TcpListener, sec: &SecurityConfig) -> TcpIncoming {
     TcpIncoming::from(listener)

@@ -139,7 +139,7 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         api.create_nodes(n)?;
         println!("  {n} Node objects created in {:.1} s", started.elapsed().as_secs_f64());
-        let agg = Aggregator::start(aggregator, &api, dry_run, writes, n)?;
+        let agg = Aggregator::start(aggregator, &api, dry_run, writes, n, interval)?;
         let m = measure(n, &agg, &api, warmup, window, interval)?;
         let writes_per_min = m.actions as f64 / window.as_secs_f64() * 60.0;
         let api_writes_per_min = m.apiserver_writes as f64 / window.as_secs_f64() * 60.0;
@@ -409,7 +409,14 @@ struct Aggregator {
 }
 
 impl Aggregator {
-    fn start(bin: &Path, api: &Apiserver, dry_run: bool, writes: Option<usize>, nodes: usize) -> anyhow::Result<Self> {
+    fn start(
+        bin: &Path,
+        api: &Apiserver,
+        dry_run: bool,
+        writes: Option<usize>,
+        nodes: usize,
+        interval: Duration,
+    ) -> anyhow::Result<Self> {
         let [grpc_port, http_port, _] = kit::free_ports()?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], grpc_port));
         let http = SocketAddr::from(([127, 0, 0, 1], http_port));
@@ -428,11 +435,17 @@ impl Aggregator {
         if let Some(w) = writes {
             cmd.args(["--max-concurrent-writes", &w.to_string()]);
         }
-        // Past the default cap of the fleet view (20,000 nodes) the fleet needs a config that
-        // raises it, as a cluster that size would.
-        if nodes > 20_000 {
-            let config = output_dir()?.join(format!("aggregator-{nodes}.toml"));
-            std::fs::write(&config, format!("[ingest]\nmax_nodes = {nodes}\n"))?;
+        // Configured as a fleet of that size would be (README, "Large fleets"): the decision
+        // period follows the agents' report interval (a step more often sees no new window),
+        // and past the fleet view's default cap (20,000 nodes) the cap is raised.
+        let tick_ms = interval.as_millis();
+        if nodes > 20_000 || tick_ms != 1000 {
+            let config = output_dir()?.join(format!("aggregator-{nodes}-{tick_ms}.toml"));
+            let max_nodes = nodes.max(20_000);
+            std::fs::write(
+                &config,
+                format!("tick_ms = {tick_ms}\n\n[ingest]\nmax_nodes = {max_nodes}\n"),
+            )?;
             cmd.arg("--config").arg(&config);
         }
         let child = kit::spawn_logged(&mut cmd, &log)?;
