@@ -1,11 +1,12 @@
 //! The node's local gray-failure score: one streaming scorer per series (RTT and retransmit
-//! ratio per peer, steal, run-queue delay, memory PSI), folded into one score per family with the
-//! worst series' reason. Pure over window summaries; no I/O.
+//! ratio per peer, the kernel's drops for lack of room and of corrupt packets, steal, run-queue
+//! delay, memory PSI), folded into one score per family with the worst series' reason. Pure over
+//! window summaries; no I/O.
 
 use std::collections::HashMap;
 
 use graywatch_detect::{
-    Family, FamilyScore, LossSpan, SignalScorer, SignalScorerConfig, SustainedLoss,
+    DropClass, Family, FamilyScore, LossSpan, SignalScorer, SignalScorerConfig, SustainedLoss, drop_class, drops,
     loss::{SUSTAINED_LOSS_MIN_CHANGE, SUSTAINED_LOSS_WINDOWS},
 };
 
@@ -28,6 +29,10 @@ const SCORED: [Family; 5] = [
 /// At most this many series per family: the longest idle go first (peers come and go on a busy
 /// node; the window's own peers are bounded, their turnover is not).
 const MAX_SERIES_PER_FAMILY: usize = 4_096;
+
+/// The `PacketLoss` series of the kernel's drops that say the node itself is losing packets.
+const NO_ROOM_DROPS: &str = "kernel drops for lack of room (backlog, ring, qdisc, memory)";
+const CORRUPT_DROPS: &str = "corrupt packets dropped by the kernel";
 
 /// A family's local verdict for one window.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,6 +171,27 @@ impl LocalScorer {
             }
         } else {
             self.sustained_loss.clear();
+        }
+        // Packets the node's own kernel lost for lack of room or as corrupt, a second: what no
+        // retransmit shows (UDP, DNS). Fed every window the drop program runs, 0 included, so
+        // each series has its baseline; see `graywatch_detect::drops` for which reasons count.
+        if !summary.unavailable.contains_key("drops") && summary.window_seconds > 0.0 {
+            let rate = |class: DropClass| {
+                let dropped: u64 = summary
+                    .network
+                    .drops
+                    .iter()
+                    .filter(|d| drop_class(&d.reason) == class)
+                    .map(|d| d.count)
+                    .sum();
+                dropped as f64 / summary.window_seconds
+            };
+            for (class, label, step) in [
+                (DropClass::NoRoom, NO_ROOM_DROPS, drops::NO_ROOM_MIN_CHANGE_PER_S),
+                (DropClass::Corrupt, CORRUPT_DROPS, drops::CORRUPT_MIN_CHANGE_PER_S),
+            ] {
+                self.feed_with_step(Family::PacketLoss, label.into(), "/s", step, t, rate(class));
+            }
         }
         // No steal column (or no previous reading): no series is fed, so the family stays
         // unscored ("no data" → Unknown upstream), never a healthy 0 %.
@@ -339,6 +365,77 @@ pub(crate) mod tests {
         let memory = scorer.observe(t, &slow, &peers_of(&slow)).remove(4);
         assert_eq!(memory.family, Family::MemoryPressure);
         assert_eq!(memory.score, None);
+    }
+
+    /// A quiet window to one peer with the kernel's drops, `(reason, count)` in one second.
+    fn window_with_drops(drops: &[(&str, u64)]) -> WindowSummary {
+        let mut window = window_with(Ipv4Addr::new(10, 0, 0, 7), 300, 100, 1000, 0);
+        window.network.drops = drops
+            .iter()
+            .map(|&(reason, count)| crate::summary::DropWindow {
+                workload: None,
+                remote: None,
+                reason: reason.into(),
+                reason_code: 0,
+                count,
+            })
+            .collect();
+        window
+    }
+
+    /// The node's kernel dropping packets for lack of room is packet loss, whatever the
+    /// protocol; dropping them by policy or for want of a listener, however many, is not.
+    #[test]
+    fn kernel_drops_for_lack_of_room_raise_packet_loss_but_policy_drops_do_not() {
+        let mut scorer = LocalScorer::default();
+        let mut t = 0.0;
+        let mut observe = |scorer: &mut LocalScorer, window: &WindowSummary| {
+            t += 1.0;
+            family(&scorer.observe(t, window, &peers_of(window)), Family::PacketLoss).clone()
+        };
+        for i in 0..120 {
+            // Scans and closed ports: some NO_SOCKET drops every second, a few bad checksums.
+            let window = window_with_drops(&[("NO_SOCKET", 10 + i % 40), ("UDP_CSUM", i % 2)]);
+            let loss = observe(&mut scorer, &window);
+            if i > 100 {
+                assert!(loss.score.is_some_and(|s| s < 0.3), "quiet baseline: {loss:?}");
+            }
+        }
+        let policy = window_with_drops(&[("NO_SOCKET", 20), ("NETFILTER_DROP", 5_000)]);
+        for _ in 0..10 {
+            let loss = observe(&mut scorer, &policy);
+            assert!(loss.score.is_some_and(|s| s < 0.3), "a NetworkPolicy at work: {loss:?}");
+        }
+        // The drop program unavailable on this kernel: no figure, never a read of stale counts.
+        let mut unavailable = window_with_drops(&[("CPU_BACKLOG", 5_000)]);
+        unavailable
+            .unavailable
+            .insert("drops".into(), "no kfree_skb tracepoint".into());
+        let loss = observe(&mut scorer, &unavailable);
+        assert!(loss.score.is_some_and(|s| s < 0.3), "{loss:?}");
+        let backlog = window_with_drops(&[("NO_SOCKET", 20), ("CPU_BACKLOG", 500)]);
+        let mut loss = None;
+        for _ in 0..10 {
+            loss = Some(observe(&mut scorer, &backlog));
+        }
+        let loss = loss.expect("scored");
+        assert!(loss.score.is_some_and(|s| s > 0.7), "{loss:?}");
+        assert!(loss.reason.starts_with(NO_ROOM_DROPS), "{}", loss.reason);
+    }
+
+    /// A NIC or link damaging packets shows as checksum drops well before anything else.
+    #[test]
+    fn corrupt_packets_raise_packet_loss() {
+        let mut scorer = LocalScorer::default();
+        let mut last = None;
+        for i in 0..130u32 {
+            let corrupt = if i < 120 { u64::from(i % 2) } else { 100 };
+            let window = window_with_drops(&[("TCP_CSUM", corrupt)]);
+            last = Some(scorer.observe(f64::from(i), &window, &peers_of(&window)));
+        }
+        let loss = family(&last.expect("scored"), Family::PacketLoss).clone();
+        assert!(loss.score.is_some_and(|s| s > 0.7), "{loss:?}");
+        assert!(loss.reason.starts_with(CORRUPT_DROPS), "{}", loss.reason);
     }
 
     /// A window with `steal_pct` of CPU steal (`None`: the kernel has no steal column).
@@ -580,7 +677,15 @@ pub(crate) mod tests {
         window
             .unavailable
             .insert("retransmits".into(), "tcp_retransmit_skb: not on this kernel".into());
+        // The kernel's drops are still counted: the family has their series, and only theirs.
         let score = loss(blind.observe(0.0, &window, &peers_of(&window)));
+        assert_eq!(blind.families[&Family::PacketLoss].len(), 2, "the two drop series");
+        assert_eq!(score.reason, "warming up");
+        let mut blinder = LocalScorer::default();
+        window
+            .unavailable
+            .insert("drops".into(), "kfree_skb: not on this kernel".into());
+        let score = loss(blinder.observe(0.0, &window, &peers_of(&window)));
         assert_eq!((score.score, score.reason.as_str()), (None, "no data"));
     }
 }

@@ -165,6 +165,8 @@ pub struct WorkloadNetWindow {
 pub struct DropWindow {
     /// `None` when the packet belonged to no socket (e.g. nobody listening).
     pub workload: Option<Workload>,
+    /// `None` when the drop names no peer: neither its socket (unconnected, as most UDP
+    /// senders are) nor, without a socket, the packet.
     pub remote: Option<IpAddr>,
     /// The kernel's name for the reason (`NO_SOCKET`, `NETFILTER_DROP`, …).
     pub reason: String,

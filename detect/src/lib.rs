@@ -25,6 +25,7 @@
 
 pub mod combine;
 pub mod detectors;
+pub mod drops;
 pub mod ensemble;
 pub mod filters;
 pub mod forecast;
@@ -37,6 +38,7 @@ pub mod eval;
 
 pub use combine::{FamilyScore, Score, SignalScorer, SignalScorerConfig};
 pub use detectors::{Cusum, HalfSpaceTrees, Holt, PageHinkley, RobustZ};
+pub use drops::{DropClass, drop_class};
 pub use ensemble::{GrayDetector, GrayDetectorConfig};
 pub use forecast::{Crossing, CrossingConfig, CrossingForecast};
 pub use loss::{LossSpan, SustainedLoss, loss_pct};

@@ -1,5 +1,5 @@
 //! The kernel's own view of a node's TCP state, to check the agent against: `ss -tin` smoothed
-//! RTT and segment counts per connection, and `nstat` `TcpRetransSegs`.
+//! RTT and segment counts per connection, `nstat` counters, and a qdisc's drops (`tc -s`).
 
 use std::net::IpAddr;
 
@@ -77,6 +77,21 @@ pub fn parse_nstat(text: &str, counter: &str) -> Option<u64> {
     })
 }
 
+/// Packets the root qdisc of `device` in `netns` has dropped (`tc -s qdisc show`).
+pub fn qdisc_dropped(netns: &str, device: &str) -> Result<u64, BenchError> {
+    let output = exec_in(netns, "tc", &["-s", "qdisc", "show", "dev", device, "root"])?;
+    parse_qdisc_dropped(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| BenchError::Command {
+        command: format!("tc -s qdisc show dev {device} root"),
+        stderr: "no `dropped` figure".into(),
+    })
+}
+
+/// The first qdisc's `(dropped N, …)` in `tc -s qdisc show` output.
+pub fn parse_qdisc_dropped(text: &str) -> Option<u64> {
+    let (_, rest) = text.split_once("(dropped ")?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +105,8 @@ mod tests {
         let nstat = "#kernel\nTcpRetransSegs                  42                 0.0\n";
         assert_eq!(parse_nstat(nstat, "TcpRetransSegs"), Some(42));
         assert_eq!(parse_nstat("#kernel\n", "TcpRetransSegs"), None);
+        let tc = "qdisc tbf 8001: root refcnt 2 rate 8Kbit burst 4Kb lat 400ms \n Sent 5 bytes 1 pkt (dropped 1234, overlimits 7 requeues 0) \n backlog 0b 0p requeues 0\n";
+        assert_eq!(parse_qdisc_dropped(tc), Some(1234));
+        assert_eq!(parse_qdisc_dropped("qdisc noqueue 0: root refcnt 2\n"), None);
     }
 }

@@ -18,8 +18,8 @@ use graywatch_agent::{
 };
 use graywatch_common::{DROP_SLOT_FREE, DROP_SLOT_HELD, drop_slot_index};
 use graywatch_testbench::{
-    fault::{LinkEmulator, LinkSpec, NftDrop},
-    ground_truth::{nstat_counter, nstat_retrans_segs, ss_segments, ss_srtt_ms},
+    fault::{LinkEmulator, LinkSpec, NftDrop, RateLimit},
+    ground_truth::{nstat_counter, nstat_retrans_segs, qdisc_dropped, ss_segments, ss_srtt_ms},
     netns::{Bench, Node, TestCgroup2, spawn_piped},
     traffic::await_line,
 };
@@ -418,6 +418,57 @@ fn drops_are_reported_with_the_kernels_reason_by(source: DropSource, program: &s
         netfilter.workload.as_ref().and_then(|w| w.cgroup_path.as_deref()),
         Some(blocked.cgroup_path.as_str()),
         "the drop is charged to the socket's cgroup"
+    );
+}
+
+/// A node whose egress queue overflows loses datagrams that no retransmit will ever show. The
+/// kernel drops them for lack of room (a qdisc reason), charged to the sending workload, and the
+/// agent counts each of them: the qdisc's own drop counter is the truth. That reason is one the
+/// local score counts as packet loss (`graywatch_detect::drops`).
+#[test]
+fn a_full_egress_queue_is_reported_as_drops_for_lack_of_room() {
+    const DATAGRAMS: u64 = 3_000;
+    let bench = Bench::new(2).expect("bench");
+    let (sender, receiver) = (bench.node(0), bench.node(1));
+    let mut agent = collector();
+    let workload = cgroup(&mut agent, "drops-no-room");
+    // 8 kbit/s with a 400 ms queue: a few dozen small datagrams fit, the rest of a burst cannot.
+    let _limit = RateLimit::start(&sender.netns, "eth0", "8kbit").expect("tbf on the sender's interface");
+    agent.collect().expect("baseline window");
+    let before = qdisc_dropped(&sender.netns, "eth0").expect("tc -s qdisc");
+    let target = SocketAddr::new(receiver.ipv4.into(), 7010).to_string();
+    let mut cmd = sender.command(TRAFFIC, &[workload.procs()]).expect("traffic command");
+    cmd.args(["unreachable", "--connect", &target, "--count", &DATAGRAMS.to_string()]);
+    let out = cmd.output().expect("run graywatch-traffic unreachable");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A qdisc drops at enqueue, inside the send: all drops are counted once the sender is done.
+    let dropped = qdisc_dropped(&sender.netns, "eth0").expect("tc -s qdisc") - before;
+    assert!(
+        dropped > DATAGRAMS / 2,
+        "the queue overflowed: {dropped} of {DATAGRAMS} dropped"
+    );
+
+    let summary = agent.collect().expect("collect a window");
+    let ours: Vec<_> = summary
+        .network
+        .drops
+        .iter()
+        .filter(|d| d.workload.as_ref().and_then(|w| w.cgroup_path.as_deref()) == Some(workload.cgroup_path.as_str()))
+        .collect();
+    for d in &ours {
+        eprintln!("drop {} x{} remote {:?}", d.reason, d.count, d.remote);
+    }
+    assert!(
+        ours.iter()
+            .all(|d| graywatch_detect::drop_class(&d.reason) == graywatch_detect::DropClass::NoRoom),
+        "every drop of the workload is the queue's: {ours:?}"
+    );
+    // The sending socket is unconnected: it names no peer, and the drop none either.
+    assert!(ours.iter().all(|d| d.remote.is_none()), "no made-up peer: {ours:?}");
+    assert_eq!(
+        ours.iter().map(|d| d.count).sum::<u64>(),
+        dropped,
+        "each drop counted once"
     );
 }
 

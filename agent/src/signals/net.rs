@@ -447,7 +447,10 @@ pub fn network_window(
     for (key, count) in &delta.drops {
         window.drops.push(DropWindow {
             workload: (key.cgroup_id != 0).then(|| workload_of(key.cgroup_id)),
-            remote: (key.family != 0).then(|| remote_addr(key.family, key.remote_addr)),
+            // An unconnected socket (most UDP senders) has no peer address: 0.0.0.0 is none.
+            remote: (key.family != 0)
+                .then(|| remote_addr(key.family, key.remote_addr))
+                .filter(|remote| !remote.is_unspecified()),
             reason: drop_reasons
                 .get(&key.reason)
                 .cloned()
