@@ -315,8 +315,21 @@ impl TrafficBed {
             listener: Some(self.start_listener("server", &format!("{DELAYED_SERVER_ADDR}:{PORT}"))?),
             emulator: None,
         };
-        let mut emulator = Command::new("nice")
-            .args(LOAD_NICE)
+        // The emulator runs real-time (SCHED_FIFO) and off the load's CPU. As a normal task,
+        // each delayed packet also waited for a CPU after its timer fired (the 2 vCPUs are busy
+        // with the load and the observers), plus the default 50 µs timer slack, so rounds
+        // spread far more than the observers' cost (BENCHMARKS.md, "ebpf", fourteenth session).
+        let mut command = Command::new("chrt");
+        command.args(["--fifo", "10"]);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let others: Vec<String> = (0..cpus)
+            .filter(|c| self.cpu.is_some_and(|load| load != *c))
+            .map(|c| c.to_string())
+            .collect();
+        if !others.is_empty() {
+            command.args(["taskset", "-c", &others.join(",")]);
+        }
+        let mut emulator = command
             .arg(chaos)
             .args(["link", "--netns", &self.client_ns, "--local", CLIENT_ADDR])
             .args(["--to", DELAYED_SERVER_ADDR, "--egress", "eth0"])
