@@ -179,8 +179,12 @@ impl NetCollector {
         for key in idle {
             // A concurrent update between our read and this delete is lost; it is at most one
             // window of an idle flow.
-            if let Err(error) = self.flows.remove(&key) {
-                warn!(%error, "could not evict an idle flow from the kernel map");
+            if let Err(error) = self.flows.remove(&key)
+                && !already_gone(&error)
+            {
+                // Still in the kernel: remembered, so its counts are not taken for new ones.
+                warn!(%error, "could not evict an idle flow from the kernel map; retrying next window");
+                continue;
             }
             self.previous_flows.remove(&key);
         }
@@ -296,8 +300,13 @@ impl DropReader {
                 (DropPlace::Hash, key) => {
                     // A drop between our read and this delete is lost: at most one drop of a
                     // key idle for minutes.
-                    if let Err(error) = self.map.remove(&key) {
-                        warn!(%error, "could not evict an idle drop key from the kernel map");
+                    if let Err(error) = self.map.remove(&key)
+                        && !already_gone(&error)
+                    {
+                        // Still in the kernel: its reading is kept, so its whole count is not
+                        // taken for new drops; the idle tracking tries again later.
+                        warn!(%error, "could not evict an idle drop key from the kernel map; keeping it");
+                        continue;
                     }
                 }
             }
@@ -305,6 +314,16 @@ impl DropReader {
         }
         self.last = now;
         Ok(changes)
+    }
+}
+
+/// A map delete that failed because the entry is not there (the kernel or a previous delete
+/// removed it): nothing is left to count twice.
+fn already_gone(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
@@ -471,6 +490,19 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn only_a_missing_entry_counts_as_already_gone() {
+        let failed = |errno| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        assert!(already_gone(&failed(libc::ENOENT)));
+        assert!(!already_gone(&failed(libc::EPERM)));
+        assert!(already_gone(&MapError::KeyNotFound));
+    }
 
     fn stats_with(rtts_us: &[u32], segs: u64, retrans: u64) -> FlowStats {
         let mut s = FlowStats::ZERO;
