@@ -164,13 +164,16 @@ fn cpu_quota_shows_as_run_queue_delay_and_throttling() {
         lim.p99_us,
         fre.p99_us
     );
-    // Medians and tails, not means: one long wait of the free worker (the machine's own load
-    // preempting it once) moves its mean by tens of ms but not its p50.
+    // The tail and the mean, not the median: a quota holds a worker back only once its period's
+    // budget is spent, so most of its waits are as short as anyone's and the delay sits in the
+    // throttled stretches. With the machine loaded by other work (CPU PSI 92 % in one CI run)
+    // every median rises with the load: 200 vs 108 µs there, while the p99s were 118,784 vs
+    // 3,968 µs and the means 6,657 vs 410 µs.
     assert!(
-        lim.p50_us > 2.0 * fre.p50_us,
-        "limited p50 {} not clearly above free p50 {}",
-        lim.p50_us,
-        fre.p50_us
+        lim.mean_us > 2.0 * fre.mean_us,
+        "limited mean {} not clearly above free mean {}",
+        lim.mean_us,
+        fre.mean_us
     );
     assert!(
         lim_stats.throttled_periods.is_some_and(|n| n > 0),
