@@ -20,7 +20,7 @@ use graywatch_common::{DROP_SLOT_FREE, DROP_SLOT_HELD, drop_slot_index};
 use graywatch_testbench::{
     fault::{LinkEmulator, LinkSpec, NftDrop, RateLimit},
     ground_truth::{nstat_counter, nstat_retrans_segs, qdisc_dropped, ss_segments, ss_srtt_ms},
-    netns::{Bench, Node, TestCgroup2, spawn_piped},
+    netns::{Bench, Node, TestCgroup2, exec_in, ip_in, spawn_piped},
     traffic::await_line,
 };
 
@@ -432,6 +432,16 @@ fn a_full_egress_queue_is_reported_as_drops_for_lack_of_room() {
     let (sender, receiver) = (bench.node(0), bench.node(1));
     let mut agent = collector();
     let workload = cgroup(&mut agent, "drops-no-room");
+    // Only our datagrams go through the queue, so that its drop counter is ours alone: a static
+    // neighbour entry (no ARP) and no IPv6 on the interface (no neighbour discovery, no MLD).
+    // Without them one kernel packet in a CI run was dropped beside ours (2,921 for 2,920).
+    let neighbour = format!(
+        "neigh replace {} lladdr {} dev eth0 nud permanent",
+        receiver.ipv4,
+        interface_mac(&receiver.netns, "eth0")
+    );
+    ip_in(&sender.netns, &neighbour.split(' ').collect::<Vec<_>>()).expect("a static neighbour entry");
+    exec_in(&sender.netns, "sysctl", &["-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]).expect("IPv6 off on eth0");
     // 8 kbit/s with a 400 ms queue: a few dozen small datagrams fit, the rest of a burst cannot.
     let _limit = RateLimit::start(&sender.netns, "eth0", "8kbit").expect("tbf on the sender's interface");
     agent.collect().expect("baseline window");
@@ -470,6 +480,17 @@ fn a_full_egress_queue_is_reported_as_drops_for_lack_of_room() {
         dropped,
         "each drop counted once"
     );
+}
+
+/// The hardware address of `device` in `netns` (`ip -o link show`).
+fn interface_mac(netns: &str, device: &str) -> String {
+    let out = ip_in(netns, &["-o", "link", "show", device]).expect("ip link show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no link/ether address in {text:?}"))
+        .to_owned()
 }
 
 /// Issue 18: the drop program counts each (workload, remote, protocol, reason) in the slot of
