@@ -88,6 +88,9 @@ const PODS_PER_NODE: usize = 30;
 /// re-asks when its answers expire.
 const LOOKUPS_PER_PEER: usize = 4;
 const LOOKUP_PERIOD: u64 = 300;
+/// The aggregator's default `ingest.max_nodes` (`graywatch_aggregator::ingest::DEFAULT_MAX_NODES`;
+/// xtask does not link the aggregator).
+const AGGREGATOR_DEFAULT_MAX_NODES: usize = 20_000;
 /// Virtual agents per HTTP/2 connection (stays under the server's concurrent-stream limit).
 const STREAMS_PER_CONNECTION: usize = 100;
 
@@ -437,17 +440,16 @@ impl Aggregator {
         }
         // Configured as a fleet of that size would be (README, "Large fleets"): the decision
         // period follows the agents' report interval (a step more often sees no new window),
-        // and past the fleet view's default cap (20,000 nodes) the cap is raised.
+        // and past the fleet view's default cap the cap is raised. At 1 Hz and up to the cap
+        // these are the aggregator's defaults.
         let tick_ms = interval.as_millis();
-        if nodes > 20_000 || tick_ms != 1000 {
-            let config = output_dir()?.join(format!("aggregator-{nodes}-{tick_ms}.toml"));
-            let max_nodes = nodes.max(20_000);
-            std::fs::write(
-                &config,
-                format!("tick_ms = {tick_ms}\n\n[ingest]\nmax_nodes = {max_nodes}\n"),
-            )?;
-            cmd.arg("--config").arg(&config);
-        }
+        let max_nodes = nodes.max(AGGREGATOR_DEFAULT_MAX_NODES);
+        let config = output_dir()?.join(format!("aggregator-{nodes}-{tick_ms}.toml"));
+        std::fs::write(
+            &config,
+            format!("tick_ms = {tick_ms}\n\n[ingest]\nmax_nodes = {max_nodes}\n"),
+        )?;
+        cmd.arg("--config").arg(&config);
         let child = kit::spawn_logged(&mut cmd, &log)?;
         let mut agg = Self { child, http, grpc, log };
         let started = Instant::now();
