@@ -330,7 +330,7 @@ pub fn combine(parts: &[(f64, f64)]) -> f64 {
 mod tests {
     use proptest::prelude::*;
 
-    use std::net::IpAddr;
+    use std::{net::IpAddr, sync::Arc};
 
     use super::*;
     use crate::core::model::{NodeView, PeerObservation};
@@ -390,6 +390,56 @@ mod tests {
         assert_eq!(book.node_of(&"10.244.1.7".parse().expect("ip")), Some("b"));
         assert_eq!(book.node_of(&"10.244.2.7".parse().expect("ip")), Some("a"));
         assert_eq!(book.node_of(&"192.168.0.1".parse().expect("ip")), None);
+    }
+
+    /// Reported pod IPs, in both families: the first claim holds until another node claims the
+    /// same address (then neither, however many claims follow); an InternalIP or a host pod
+    /// CIDR is never taken over; a node's claim on its own InternalIP changes nothing.
+    #[test]
+    fn pod_ip_claims_yield_to_node_addresses_and_contested_ones_map_nowhere() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let view = |name: &str, internal: &str, host_cidr: &str| NodeView {
+            name: name.into(),
+            internal_ips: vec![ip(internal)],
+            pod_cidrs: vec![host_cidr.parse().expect("cidr")],
+            ..Default::default()
+        };
+        let nodes: BTreeMap<String, NodeView> = [
+            view("a", "10.0.0.1", "fd00::a/128"),
+            view("b", "10.0.0.2", "fd00::b/128"),
+            view("c", "10.0.0.3", "10.9.9.9/32"),
+        ]
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect();
+        let list = |addrs: &[&str]| -> Arc<[IpAddr]> { addrs.iter().map(|a| ip(a)).collect() };
+        let reported: BTreeMap<String, Arc<[IpAddr]>> = [
+            (
+                "a",
+                list(&["10.1.0.1", "fd01::1", "10.0.0.2", "10.7.0.1", "10.0.0.1", "fd00::b"]),
+            ),
+            ("b", list(&["10.1.0.2", "fd01::2", "10.7.0.1", "fd01::7", "10.9.9.9"])),
+            ("c", list(&["10.7.0.1", "fd01::7", "fd01::3"])),
+        ]
+        .into_iter()
+        .map(|(n, l)| (n.to_owned(), l))
+        .collect();
+        let book = AddressBook::with_pod_addresses(&nodes, &reported);
+        for (addr, owner) in [
+            ("10.1.0.1", Some("a")),
+            ("fd01::1", Some("a")),
+            ("10.1.0.2", Some("b")),
+            ("fd01::2", Some("b")),
+            ("fd01::3", Some("c")),
+            ("10.0.0.1", Some("a")),
+            ("10.0.0.2", Some("b")),
+            ("fd00::b", Some("b")),
+            ("10.9.9.9", Some("c")),
+            ("10.7.0.1", None),
+            ("fd01::7", None),
+        ] {
+            assert_eq!(book.node_of(&ip(addr)), owner, "{addr}");
+        }
     }
 
     fn node(i: u8) -> NodeView {
