@@ -5,7 +5,7 @@
 //!   drops it with probability `loss`) and re-sends it through a raw socket whose firewall mark
 //!   selects a routing table that bypasses the TUN, out of the node's real interface.
 //! - [`NftDrop`]: nftables random drop (`numgen random`) of matching packets.
-//! - [`RateLimit`]: a tbf bandwidth limit on the node's interface.
+//! - [`RateLimit`]: a tbf bandwidth limit on the node's interface, with a bounded queue.
 //!
 //! Every fault is undone when its guard is dropped.
 
@@ -382,12 +382,19 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Limits egress of `device` in `netns` to `rate` (tc syntax, e.g. `10mbit`).
+    /// Limits egress of `device` in `netns` to `rate` (tc syntax, e.g. `10mbit`), with a queue
+    /// of 400 ms at that rate.
     pub fn start(netns: &str, device: &str, rate: &str) -> Result<Self, BenchError> {
+        Self::with_queue(netns, device, rate, "400ms")
+    }
+
+    /// [`Self::start`] with a queue of `latency` at the rate (tc syntax, e.g. `20ms`): what
+    /// does not fit is dropped (`QDISC_DROP`).
+    pub fn with_queue(netns: &str, device: &str, rate: &str, latency: &str) -> Result<Self, BenchError> {
         ip_netns_tc(
             netns,
             &[
-                "qdisc", "add", "dev", device, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms",
+                "qdisc", "add", "dev", device, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", latency,
             ],
         )?;
         Ok(Self {

@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context;
 use graywatch_testbench::{
     cgroup::{Layout, Limits, TestCgroup},
-    fault::{LinkEmulator, LinkSpec},
+    fault::{LinkEmulator, LinkSpec, RateLimit},
     netns::Bench,
 };
 use serde_json::json;
@@ -34,7 +34,17 @@ pub enum Fault {
     /// killer ends it: the memory condition should go False with reason `PredictedFailure`
     /// before the kill (see [`run_matrix`]: this one measures the lead time).
     MemoryLeak,
+    /// The node's egress capped ([`EGRESS_RATE`], a [`EGRESS_QUEUE`] queue) while bulk senders
+    /// in its cgroup try to send more: a node past its bandwidth allowance (EC2's
+    /// `bw_out_allowance_exceeded`), whose own traffic queues and is dropped with everyone's.
+    EgressSaturated,
 }
+
+/// The egress cap and its queue: far above what the node's RPC traffic needs, far under what
+/// [`BULK_SENDERS`] bulk transfers send.
+const EGRESS_RATE: &str = "20mbit";
+const EGRESS_QUEUE: &str = "20ms";
+const BULK_SENDERS: usize = 4;
 
 /// The leak's rate and limit: the kill comes ~2 minutes in, after the forecast's 30 s warm-up.
 const LEAK_MIB_PER_SECOND: &str = "2";
@@ -152,6 +162,13 @@ pub const ALL: &[Scenario] = &[
         condition: Some("MemoryPressureHealthy"),
     },
     Scenario {
+        name: "egress-saturated",
+        fault: Fault::EgressSaturated,
+        targets: Targets::One,
+        flapping: false,
+        condition: None,
+    },
+    Scenario {
         name: "zone-wide",
         fault: DEMO_FAULT,
         targets: Targets::Zone,
@@ -208,6 +225,7 @@ pub struct Cluster<'a> {
 /// A fault in force; dropping it removes it.
 enum Injected {
     Link(#[expect(dead_code, reason = "held for its Drop, which restores the node's routing")] LinkEmulator),
+    Rate(#[expect(dead_code, reason = "held for its Drop, which removes the qdisc")] RateLimit),
     Load(#[expect(dead_code, reason = "held for its Drop, which kills the load")] Load),
 }
 
@@ -335,6 +353,38 @@ impl Cluster<'_> {
                     }));
                 }
                 Fault::MemoryLeak => injected.push(Injected::Load(self.start_leak(t, run)?)),
+                Fault::EgressSaturated => {
+                    injected.push(Injected::Rate(RateLimit::with_queue(
+                        &node.netns,
+                        "eth0",
+                        EGRESS_RATE,
+                        EGRESS_QUEUE,
+                    )?));
+                    let peer = self
+                        .bench
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .find(|(i, _)| *i != t && !spare.contains(i))
+                        .map(|(_, n)| n.ipv4)
+                        .context("no peer to send to")?;
+                    let cgroup = self.load_cgroup(t, "bulk-senders", run, Limits::default())?;
+                    // Bulk transfers that never end, to the peer's traffic server; TCP's
+                    // congestion control keeps the queue full. One shell in the node's network
+                    // namespace starts them all (killed with the cgroup).
+                    let script = format!(
+                        "for sender in $(seq {BULK_SENDERS}); do \
+                         {traffic} client --connect {peer}:{port} --bulk 1000000000000 > /dev/null & done; wait",
+                        traffic = self.bin_dir.join("graywatch-traffic").display(),
+                        port = crate::TRAFFIC_PORT,
+                    );
+                    let child = cgroup.spawn(node.command("sh", &[])?.args(["-c", &script]))?;
+                    injected.push(Injected::Load(Load {
+                        cgroup,
+                        child,
+                        _file: None,
+                    }));
+                }
             }
         }
         Ok(injected)

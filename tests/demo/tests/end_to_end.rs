@@ -101,21 +101,23 @@ fn injected_gray_failure_is_detected_tainted_and_recovered() {
 }
 
 /// Memory pressure and run-queue contention inside one node's cgroup (node-level figures from
-/// the node's own cgroup, not the shared kernel's) and a light 0.5 % loss on the node's links
+/// the node's own cgroup, not the shared kernel's), a light 0.5 % loss on the node's links
 /// (a segment or two a second, which only its sustained loss over ten windows tells from
-/// noise): each is
+/// noise) and the node's egress saturated past a bandwidth cap by its own bulk senders: each is
 /// detected on the faulty node, in its own family, tainted and recovered, and no other node is
 /// ever False or tainted. The demo injects only once every agent's detectors are warm, awaits
 /// each reaction (bounded) and reports what it saw.
 #[test]
 fn distinct_gray_failures_are_acted_on_the_faulty_node_only() {
-    let expected: [(&str, &[&str]); 3] = [
+    let expected: [(&str, &[&str]); 4] = [
         // Run-queue first: the memory thrash queues on the CPU too. (The fault was missed in
         // CI when its hogs delayed every node of the bench alike; they now run at the idle
         // scheduling class, see `Fault::CpuHogs`.)
         ("run-queue", &["CpuContentionHealthy"]),
         ("memory-pressure", &["MemoryPressureHealthy"]),
         ("loss-0.5%", &["PacketLossHealthy"]),
+        // Past its bandwidth allowance, the node's own traffic queues and is dropped.
+        ("egress-saturated", &["NetworkLatencyHealthy", "PacketLossHealthy"]),
     ];
     let scenarios: Vec<&str> = expected.iter().map(|(s, _)| *s).collect();
     let (results, stdout) = run_scenarios(&["--node", "node-c"], &scenarios);
