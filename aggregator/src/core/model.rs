@@ -240,23 +240,20 @@ impl ExactAddresses {
         }
     }
 
-    /// `replace`: whether an address already present takes the new id.
-    fn put(&mut self, addr: IpAddr, id: u32, replace: bool) {
-        fn put_in<K: std::hash::Hash + Eq>(map: &mut FastMap<K, u32>, key: K, id: u32, replace: bool) {
-            match map.entry(key) {
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(id);
-                }
-                std::collections::hash_map::Entry::Occupied(mut slot) if replace => {
-                    slot.insert(id);
-                }
-                std::collections::hash_map::Entry::Occupied(_) => {}
-            }
-        }
+    /// `addr` maps to `id`, whatever it mapped to before.
+    fn insert(&mut self, addr: IpAddr, id: u32) {
         match addr {
-            IpAddr::V4(a) => put_in(&mut self.v4, a, id, replace),
-            IpAddr::V6(a) => put_in(&mut self.v6, a, id, replace),
-        }
+            IpAddr::V4(a) => self.v4.insert(a, id),
+            IpAddr::V6(a) => self.v6.insert(a, id),
+        };
+    }
+
+    /// `addr` maps to `id` unless it maps to a node already.
+    fn insert_if_absent(&mut self, addr: IpAddr, id: u32) {
+        match addr {
+            IpAddr::V4(a) => self.v4.entry(a).or_insert(id),
+            IpAddr::V6(a) => self.v6.entry(a).or_insert(id),
+        };
     }
 
     /// Records `node`'s claim of a pod IP: first claim wins the address for now, a second
@@ -302,11 +299,11 @@ impl AddressBook {
             book.names.push(n.name.clone());
             for ip in &n.internal_ips {
                 // An InternalIP wins over another node's pod IP (hostNetwork pods share it).
-                book.exact.put(*ip, id, true);
+                book.exact.insert(*ip, id);
             }
             for c in &n.pod_cidrs {
                 if c.prefix_len() == c.max_prefix_len() {
-                    book.exact.put(c.addr(), id, false);
+                    book.exact.insert_if_absent(c.addr(), id);
                 } else {
                     book.cidrs
                         .entry(std::cmp::Reverse(c.prefix_len()))
