@@ -226,7 +226,24 @@ pub struct Cluster<'a> {
 enum Injected {
     Link(#[expect(dead_code, reason = "held for its Drop, which restores the node's routing")] LinkEmulator),
     Rate(#[expect(dead_code, reason = "held for its Drop, which removes the qdisc")] RateLimit),
-    Load(#[expect(dead_code, reason = "held for its Drop, which kills the load")] Load),
+    /// Held for its Drop, which kills the load.
+    Load(Load),
+}
+
+impl Injected {
+    /// A load stopped before its fault was removed: the bench broke, not the detection (a
+    /// load that cannot start would otherwise read as a fault nobody detected).
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Self::Load(load) = self
+            && let Some(status) = load.child.try_wait().context("checking the fault's load")?
+        {
+            anyhow::bail!(
+                "the fault's load in {} ended while the fault was on: {status}",
+                load.cgroup.rel()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A load running in a cgroup inside a node; dropping it kills and reaps it.
@@ -745,6 +762,9 @@ where
                 if !outcome.complete(scenario) {
                     tokio::time::sleep(tick).await;
                 }
+            }
+            for fault in injected.iter_mut().flatten() {
+                fault.ensure_running()?;
             }
             drop(injected);
             let removed = Instant::now();
