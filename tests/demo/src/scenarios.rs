@@ -299,12 +299,7 @@ impl Cluster<'_> {
                 Fault::Link { spec, one_peer } => {
                     let spec = LinkSpec::parse(spec).map_err(anyhow::Error::msg)?;
                     let peers: Vec<_> = self
-                        .bench
-                        .nodes
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| *i != t && !spare.contains(i))
-                        .map(|(_, n)| n.ipv4)
+                        .peers_of(t, spare)
                         .take(if one_peer { 1 } else { usize::MAX })
                         .collect();
                     injected.push(Injected::Link(LinkEmulator::start(
@@ -377,14 +372,7 @@ impl Cluster<'_> {
                         EGRESS_RATE,
                         EGRESS_QUEUE,
                     )?));
-                    let peer = self
-                        .bench
-                        .nodes
-                        .iter()
-                        .enumerate()
-                        .find(|(i, _)| *i != t && !spare.contains(i))
-                        .map(|(_, n)| n.ipv4)
-                        .context("no peer to send to")?;
+                    let peer = self.peers_of(t, spare).next().context("no peer to send to")?;
                     let cgroup = self.load_cgroup(t, "bulk-senders", run, Limits::default())?;
                     // Bulk transfers that never end, to the peer's traffic server; TCP's
                     // congestion control keeps the queue full. One shell in the node's network
@@ -405,6 +393,17 @@ impl Cluster<'_> {
             }
         }
         Ok(injected)
+    }
+
+    /// The addresses node `t`'s fault is towards: every other node but the `spare` ones, in
+    /// bench order.
+    fn peers_of<'s>(&'s self, t: usize, spare: &'s [usize]) -> impl Iterator<Item = std::net::Ipv4Addr> + 's {
+        self.bench
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i != t && !spare.contains(i))
+            .map(|(_, n)| n.ipv4)
     }
 
     /// The leak in node `t`'s cgroup, at [`leak_cgroup`].
