@@ -362,6 +362,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let t = started_at.elapsed().as_secs_f64();
         let scores = scorer.observe(t, &summary, &peers);
         health.metrics.observe_scores(&scores);
+        for (family, onset) in scores.iter().filter_map(|s| s.onset.as_ref().map(|o| (s.family, o))) {
+            info!(
+                family = family.as_str(),
+                score = format!("{:.2}", onset.score),
+                reason = %onset.reason,
+                "anomaly onset"
+            );
+        }
         let predictions = predictor.observe(t, &summary, |uid| {
             pods.get(uid).map(|pod| format!("{}/{}", pod.namespace, pod.name))
         });
@@ -374,6 +382,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     family: s.family.as_str().to_owned(),
                     score,
                     reason: s.reason.clone(),
+                    onset: s.onset.clone(),
                 })
             })
             .collect();

@@ -122,6 +122,7 @@ pub struct Metrics {
     pub errors: Family<KindLabels, Counter>,
     host: HostMetrics,
     local_score: Family<FamilyLabels, GaugeF64>,
+    anomaly_onsets: Family<FamilyLabels, Counter>,
     report: Family<KindLabels, Counter>,
     report_seen: std::sync::Mutex<[u64; 6]>,
     report_buffered: Gauge,
@@ -160,6 +161,7 @@ impl Metrics {
             collect_seconds: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
             errors: Family::default(),
             local_score: Family::default(),
+            anomaly_onsets: Family::default(),
             report: Family::default(),
             report_seen: std::sync::Mutex::new([0; 6]),
             report_buffered: Gauge::default(),
@@ -192,6 +194,11 @@ impl Metrics {
             "local_score",
             "The node's local gray-failure score per family, 0 (normal) to 1; absent while warming up",
             m.local_score.clone(),
+        );
+        registry.register(
+            "anomaly_onsets",
+            "Anomalies started per family (temporary problems: a spike counts as much as the start of a lasting fault; the local_score gauge and the Node conditions follow what lasts)",
+            m.anomaly_onsets.clone(),
         );
         registry.register(
             "report_windows",
@@ -328,12 +335,14 @@ impl Metrics {
     pub fn observe_scores(&self, scores: &[crate::scoring::LocalFamilyScore]) {
         self.local_score.clear();
         for score in scores {
+            let labels = FamilyLabels {
+                family: score.family.as_str().to_owned(),
+            };
             if let Some(value) = score.score {
-                self.local_score
-                    .get_or_create(&FamilyLabels {
-                        family: score.family.as_str().to_owned(),
-                    })
-                    .set(value);
+                self.local_score.get_or_create(&labels).set(value);
+            }
+            if score.onset.is_some() {
+                self.anomaly_onsets.get_or_create(&labels).inc();
             }
         }
     }
@@ -705,6 +714,53 @@ mod tests {
                 "graywatch_pod_tcp_data_segments_sent_total{{cgroup=\"/kubepods/stays\",namespace=\"\",pod=\"\"}} {}",
                 10 * (WORKLOAD_SERIES_TTL_WINDOWS + 1)
             )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn anomaly_onsets_are_counted_per_family_and_scores_without_a_value_are_removed() {
+        use crate::{scoring::LocalFamilyScore, summary::AnomalyOnset};
+        let metrics = Metrics::new();
+        let window = |latency: Option<f64>, onset: bool| {
+            vec![
+                LocalFamilyScore {
+                    family: graywatch_proto::Family::NetworkLatency,
+                    score: latency,
+                    reason: "rtt".into(),
+                    onset: onset.then(|| AnomalyOnset {
+                        score: 0.9,
+                        reason: "rtt".into(),
+                    }),
+                },
+                LocalFamilyScore {
+                    family: graywatch_proto::Family::MemoryPressure,
+                    score: Some(0.1),
+                    reason: "psi".into(),
+                    onset: None,
+                },
+            ]
+        };
+        metrics.observe_scores(&window(Some(0.9), true));
+        metrics.observe_scores(&window(Some(0.9), false));
+        metrics.observe_scores(&window(Some(0.2), true));
+        let text = metrics.encode().expect("encode");
+        assert!(
+            text.contains("graywatch_anomaly_onsets_total{family=\"NetworkLatency\"} 2"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("graywatch_anomaly_onsets_total{family=\"MemoryPressure\"}"),
+            "{text}"
+        );
+        metrics.observe_scores(&window(None, false));
+        let text = metrics.encode().expect("encode");
+        assert!(
+            !text.contains("graywatch_local_score{family=\"NetworkLatency\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("graywatch_local_score{family=\"MemoryPressure\"} 0.1"),
             "{text}"
         );
     }

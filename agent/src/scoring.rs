@@ -10,7 +10,10 @@ use graywatch_detect::{
     loss::{SUSTAINED_LOSS_MIN_CHANGE, SUSTAINED_LOSS_WINDOWS},
 };
 
-use crate::{peers::PeerWindow, summary::WindowSummary};
+use crate::{
+    peers::PeerWindow,
+    summary::{AnomalyOnset, WindowSummary},
+};
 
 /// Forget a peer's scorers after this many windows without traffic to it.
 const PEER_IDLE_WINDOWS: u32 = 300;
@@ -41,6 +44,9 @@ pub struct LocalFamilyScore {
     /// `None` while every series of the family is warming up or absent (→ Unknown upstream).
     pub score: Option<f64>,
     pub reason: String,
+    /// A new anomaly started in this window (a temporary problem, counted and logged), whether
+    /// or not it lasts long enough for the aggregator to act on the held score.
+    pub onset: Option<AnomalyOnset>,
 }
 
 struct Series {
@@ -229,6 +235,7 @@ impl LocalScorer {
                 family,
                 score: None,
                 reason: "no data".into(),
+                onset: None,
             };
         };
         // Only series fed in this window count: a silent peer is no evidence either way.
@@ -238,10 +245,20 @@ impl LocalScorer {
             .worst
             .and_then(|i| live.get(i))
             .map_or_else(|| "warming up".to_owned(), |s| s.scorer.reason(&s.label, s.unit));
+        // The reason is built only for an onset that counts: most windows have none.
+        let onset = combined
+            .onset_signal
+            .filter(|_| combined.onset >= self.config.elevated)
+            .and_then(|i| live.get(i))
+            .map(|s| AnomalyOnset {
+                score: combined.onset,
+                reason: s.scorer.reason(&s.label, s.unit),
+            });
         LocalFamilyScore {
             family,
             score: combined.value,
             reason,
+            onset,
         }
     }
 }
@@ -350,17 +367,25 @@ pub(crate) mod tests {
                 let latency = &scores[0];
                 assert_eq!(latency.family, Family::NetworkLatency);
                 assert!(latency.score.is_some_and(|s| s < 0.3), "quiet baseline: {latency:?}");
+                assert_eq!(latency.onset, None);
             }
         }
-        let mut last = None;
         let slow = window_with(peer, 20_000, 100, 1000, 0);
+        let mut windows = Vec::new();
         for _ in 0..10 {
-            last = Some(scorer.observe(t, &slow, &peers_of(&slow)));
+            windows.push(scorer.observe(t, &slow, &peers_of(&slow)).remove(0));
             t += 1.0;
         }
-        let latency = &last.expect("scored")[0];
+        let latency = windows.last().expect("scored");
         assert!(latency.score.is_some_and(|s| s > 0.7), "{latency:?}");
         assert!(latency.reason.contains("rtt p99 to 10.0.0.2"), "{}", latency.reason);
+        // One onset, in the window the step started, with the series' figures; the score holds.
+        let onset = windows[0].onset.as_ref().expect("onset");
+        assert!(
+            onset.score > 0.7 && onset.reason.contains("rtt p99 to 10.0.0.2"),
+            "{onset:?}"
+        );
+        assert!(windows[1..].iter().all(|w| w.onset.is_none()), "{windows:?}");
         // Families with no data have no score (Unknown upstream), never a healthy zero.
         let memory = scorer.observe(t, &slow, &peers_of(&slow)).remove(4);
         assert_eq!(memory.family, Family::MemoryPressure);

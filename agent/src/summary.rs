@@ -60,6 +60,18 @@ pub struct LocalScoreView {
     pub family: String,
     pub score: f64,
     pub reason: String,
+    /// An anomaly started in this window: its score and series (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset: Option<AnomalyOnset>,
+}
+
+/// The start of an anomaly in one of a family's series: the scorer's onset
+/// (`SignalScorer::onset`) at or over the score a sample needs to count as elevated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnomalyOnset {
+    pub score: f64,
+    /// The series that started it, with its figures.
+    pub reason: String,
 }
 
 /// Who a measurement belongs to: a cgroup, and the pod when the cgroup is a pod's.

@@ -247,11 +247,13 @@ mod tests {
                 family: graywatch_proto::Family::NetworkLatency,
                 score: Some(0.9),
                 reason: "rtt".into(),
+                onset: None,
             },
             LocalFamilyScore {
                 family: graywatch_proto::Family::MemoryPressure,
                 score: None,
                 reason: "warming up".into(),
+                onset: None,
             },
         ];
         let identity = Identity {

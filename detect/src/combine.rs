@@ -47,6 +47,11 @@ pub struct SignalScorerConfig {
     /// scored 0.65–0.77, under the aggregator's 0.75. The agent sets it for the node-level
     /// families (pressure, run-queue, steal), whose `min_delta` keeps noise out; off for NAB.
     pub robust_floor: bool,
+    /// Half-life, in samples, of the level a new onset must rise past (see
+    /// [`SignalScorer::onset`]): the level jumps to every score and decays towards 0.
+    pub onset_half_life: f64,
+    /// A score is an onset when it rises this much above that decayed level.
+    pub onset_margin: f64,
 }
 
 impl Default for SignalScorerConfig {
@@ -80,6 +85,10 @@ impl Default for SignalScorerConfig {
             min_ratio: 1.5,
             min_delta: 0.0,
             robust_floor: false,
+            // GrayDetector's refractory figures (chosen on NAB): at one sample a second, a
+            // fault that clears and returns within ~50 s is the same event.
+            onset_half_life: 300.0,
+            onset_margin: 0.1,
         }
     }
 }
@@ -103,6 +112,10 @@ pub struct SignalScorer {
     anomalous_since: Option<f64>,
     /// Baseline at the moment the anomaly started, for the reason.
     frozen_baseline: f64,
+    /// The highest recent score, decaying (half-life `onset_half_life` samples).
+    onset_level: f64,
+    onset_decay: f64,
+    last_onset: f64,
 }
 
 impl SignalScorer {
@@ -116,6 +129,8 @@ impl SignalScorer {
         check_range("max_freeze_secs", cfg.max_freeze_secs, 0.0, 1e9, "non-negative")?;
         check_range("min_ratio", cfg.min_ratio, 0.0, 1e9, "non-negative")?;
         check_range("min_delta", cfg.min_delta, 0.0, f64::MAX, "non-negative")?;
+        check_range("onset_half_life", cfg.onset_half_life, 1.0, 1e9, "1 or more samples")?;
+        check_range("onset_margin", cfg.onset_margin, 0.0, 1.0, "0..=1")?;
         Ok(Self {
             gray: GrayDetector::new(cfg.gray)?,
             z: RobustZ::new(cfg.robust)?,
@@ -129,6 +144,9 @@ impl SignalScorer {
             ready: false,
             anomalous_since: None,
             frozen_baseline: f64::NAN,
+            onset_level: 0.0,
+            onset_decay: 0.5f64.powf(1.0 / cfg.onset_half_life),
+            last_onset: 0.0,
         })
     }
 
@@ -141,11 +159,14 @@ impl SignalScorer {
         self.anomalous_since = None;
         self.ready = false;
         self.last_score = 0.0;
+        self.onset_level = 0.0;
+        self.last_onset = 0.0;
     }
 
     /// Feed one sample; returns the score in `[0, 1]` (0 while warming up or for a NaN).
     pub fn update(&mut self, t: f64, x: f64) -> f64 {
         if x.is_nan() {
+            self.last_onset = 0.0;
             return self.last_score;
         }
         let warm = self.warm.observe(t);
@@ -200,7 +221,27 @@ impl SignalScorer {
         self.last_x = x;
         self.last_z = zo.z;
         self.last_score = score.clamp(0.0, 1.0);
+        self.onset_level *= self.onset_decay;
+        self.last_onset = if self.ready && self.last_score > self.onset_level + self.cfg.onset_margin {
+            self.last_score
+        } else {
+            0.0
+        };
+        // The level follows a held score, so a fault that lasts is one onset, not one per
+        // half-life.
+        self.onset_level = self.onset_level.max(self.last_score);
         self.last_score
+    }
+
+    /// The last sample's score if it starts a new anomaly, else 0: the score rose past the
+    /// decayed level of the series' recent scores by `onset_margin`. One onset per event (a
+    /// step, a spike, a flapping fault whose gaps are short next to `onset_half_life`), and a
+    /// new one when the event grows. The agent counts onsets (temporary problems, next to the
+    /// held score its conditions follow); NAB, which rewards one early alarm per anomaly, scores
+    /// this output (`shipped_onset`).
+    #[must_use]
+    pub fn onset(&self) -> f64 {
+        self.last_onset
     }
 
     /// Last score.
@@ -284,12 +325,17 @@ pub struct FamilyScore {
     pub value: Option<f64>,
     /// Index (in the caller's order) of the signal that set the value.
     pub worst: Option<usize>,
+    /// Highest onset ([`SignalScorer::onset`]) among the ready signals, 0 if none.
+    pub onset: f64,
+    /// Index of the signal with that onset, `None` if no signal started an anomaly.
+    pub onset_signal: Option<usize>,
 }
 
 impl FamilyScore {
     /// Fold the current scores of a family's signals (no allocation).
     pub fn combine<'a>(family: Family, signals: impl IntoIterator<Item = &'a SignalScorer>) -> Self {
         let mut best: Option<(usize, f64)> = None;
+        let mut onset: Option<(usize, f64)> = None;
         for (i, s) in signals.into_iter().enumerate() {
             if !s.is_ready() {
                 continue;
@@ -297,11 +343,16 @@ impl FamilyScore {
             if best.is_none_or(|(_, v)| s.score() > v) {
                 best = Some((i, s.score()));
             }
+            if s.onset() > onset.map_or(0.0, |(_, v)| v) {
+                onset = Some((i, s.onset()));
+            }
         }
         Self {
             family,
             value: best.map(|(_, v)| v),
             worst: best.map(|(i, _)| i),
+            onset: onset.map_or(0.0, |(_, v)| v),
+            onset_signal: onset.map(|(i, _)| i),
         }
     }
 

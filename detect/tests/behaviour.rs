@@ -189,6 +189,92 @@ fn signal_scorer_scores_a_spike_once_and_a_sustained_rise_throughout() {
     assert!(reason.ends_with(", for 5 s"), "{reason}");
 }
 
+/// Onsets: one per event. A fault that flaps (5 s on, 5 s off) is one event; a step that lasts
+/// starts one anomaly, not one per sample or per half-life of the onset level; once the level
+/// has decayed, the fault coming back is a new one.
+#[test]
+fn signal_scorer_reports_one_onset_per_event() {
+    let mut s = scorer();
+    let mut t = 0.0;
+    let mut run = |s: &mut SignalScorer, n: u32, level: f64| -> Vec<(f64, f64)> {
+        (0..n)
+            .map(|i| {
+                t += 1.0;
+                let score = s.update(t, level + 0.02 * noise(i + 7 * n));
+                (score, s.onset())
+            })
+            .collect()
+    };
+    let onsets = |v: &[(f64, f64)]| v.iter().filter(|(_, o)| *o > 0.0).count();
+    let quiet = run(&mut s, 200, 0.4);
+    assert_eq!(onsets(&quiet[60..]), 0, "noise after warm-up: {:?}", &quiet[60..]);
+    // Flapping: one event, started by its first sample.
+    let mut flapping = Vec::new();
+    for _ in 0..6 {
+        flapping.extend(run(&mut s, 5, 4.0));
+        flapping.extend(run(&mut s, 5, 0.4));
+    }
+    assert_eq!(onsets(&flapping), 1, "{flapping:?}");
+    assert!(
+        flapping[0].1 > 0.7 && (flapping[0].1 - flapping[0].0).abs() < 1e-12,
+        "{:?}",
+        flapping[0]
+    );
+    // Quiet for an hour (12 onset half-lives), then ten minutes of a step (longer than the
+    // 600 s freeze, so it ends learnt as the new normal): one onset.
+    run(&mut s, 3600, 0.4);
+    let step = run(&mut s, 600, 4.0);
+    assert_eq!(onsets(&step), 1, "{:?}", &step[..5]);
+    assert!(step[0].1 > 0.7, "{:?}", step[0]);
+    // Back to normal, then the fault again an hour later: a new event.
+    run(&mut s, 3600, 0.4);
+    let back = run(&mut s, 30, 4.0);
+    assert_eq!(onsets(&back), 1, "{:?}", &back[..5]);
+}
+
+/// A fault that grows while it lasts (a link that loses more and more) starts a new onset when
+/// its score rises past the first one's by the margin; a warming-up scorer reports none.
+#[test]
+fn signal_scorer_reports_an_onset_when_the_fault_grows() {
+    let mut s = SignalScorer::new(SignalScorerConfig {
+        min_delta: 0.5,
+        ..SignalScorerConfig::default()
+    })
+    .expect("config");
+    let mut t = 0.0;
+    for _ in 0..29 {
+        t += 1.0;
+        s.update(t, if t > 20.0 { 50.0 } else { 0.0 });
+        assert!(s.onset() < 1e-12, "warming up at {t}");
+    }
+    s.restart(t);
+    for i in 0..200 {
+        t += 1.0;
+        s.update(t, 10.0 + noise(i));
+    }
+    // Under `min_delta`: capped, at most an onset too weak for the agent to count (under
+    // `elevated`).
+    t += 1.0;
+    s.update(t, 10.4);
+    assert!(
+        s.onset() <= SignalScorerConfig::default().transient_cap,
+        "{}",
+        s.onset()
+    );
+    // A moderate anomaly, then it grows.
+    let mut onsets = Vec::new();
+    for x in [15.5, 15.5, 15.5, 60.0, 60.0, 60.0] {
+        t += 1.0;
+        s.update(t, x);
+        onsets.push(s.onset());
+    }
+    assert!(onsets[0] > 0.5 && onsets[1..3].iter().all(|o| *o < 1e-12), "{onsets:?}");
+    assert!(
+        onsets[3] > onsets[0] + 0.1 && onsets[4..].iter().all(|o| *o < 1e-12),
+        "{onsets:?}"
+    );
+}
+
 /// A series that sits at 0 has no scale: `min_delta` keeps a tiny first deviation transient.
 #[test]
 fn signal_scorer_ignores_changes_below_min_delta() {

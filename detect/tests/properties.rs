@@ -106,6 +106,26 @@ proptest! {
     }
 
     #[test]
+    fn an_onset_is_the_held_score_of_its_sample_or_nothing(
+        samples in prop::collection::vec((hostile_dt(), hostile_value()), 1..400)
+    ) {
+        let mut s = SignalScorer::new(SignalScorerConfig::default()).expect("config");
+        let mut t = 0.0;
+        for &(dt, x) in &samples {
+            t += dt;
+            let score = s.update(t, x);
+            let onset = s.onset();
+            // Exactly the sample's score, not a near value: the onset is that score, passed on.
+            prop_assert!(
+                onset.to_bits() == 0.0f64.to_bits() || (onset.to_bits() == score.to_bits() && s.is_ready()),
+                "onset {} score {}",
+                onset,
+                score
+            );
+        }
+    }
+
+    #[test]
     fn detectors_recover_after_hostile_input(
         junk in prop::collection::vec(hostile_value(), 1..50)
     ) {

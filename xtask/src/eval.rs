@@ -286,6 +286,8 @@ fn run_loco(a: &NabArgs, corpus: &nab::NabCorpus) -> anyhow::Result<()> {
         row("in-sample, defaults", &defaults);
         row("LOCO, defaults (threshold tuned)", &loco_fixed);
         row("LOCO, knobs and threshold tuned", &loco_tuned);
+        let own: Vec<f64> = tuned.iter().map(|r| r.normalized_own_threshold).collect();
+        row("LOCO knobs, threshold on left-out", &own);
         println!();
         for f in &tuned[0].folds {
             println!(

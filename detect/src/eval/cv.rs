@@ -34,6 +34,12 @@ pub struct Fold {
     pub perfect_score: f64,
     /// Windows of the left-out category detected / present.
     pub windows: (u32, usize),
+    /// Raw score of the left-out category with its threshold optimised on that category itself
+    /// (the held-out protocol: knobs from the other categories, threshold the way NAB
+    /// optimises one on the data it scores).
+    pub score_own_threshold: f64,
+    /// The null detector's raw score there, its threshold optimised the same way.
+    pub null_score_own_threshold: f64,
 }
 
 /// LOCO result of one profile.
@@ -45,6 +51,8 @@ pub struct CvResult {
     pub folds: Vec<Fold>,
     /// `100 (ΣS − ΣS_null) / (ΣS_perfect − ΣS_null)` over the folds.
     pub normalized: f64,
+    /// The same with each left-out category's threshold optimised on itself.
+    pub normalized_own_threshold: f64,
 }
 
 /// The category of a corpus file (`<category>/<file>.csv`).
@@ -148,6 +156,8 @@ pub fn loco(corpus: &NabCorpus, candidates: &[Candidate]) -> Result<Vec<CvResult
                 null_score: nab::score_at(&null_test, n_ids, p, null_threshold).score,
                 perfect_score,
                 windows: (held.windows_detected, windows),
+                score_own_threshold: nab::optimize_threshold(&test, n_ids, p).score,
+                null_score_own_threshold: nab::optimize_threshold(&null_test, n_ids, p).score,
             });
         }
     }
@@ -158,8 +168,10 @@ pub fn loco(corpus: &NabCorpus, candidates: &[Candidate]) -> Result<Vec<CvResult
         .map(|(p, folds)| {
             let sum = |f: fn(&Fold) -> f64| folds.iter().map(f).sum::<f64>();
             let (s, n, perfect) = (sum(|f| f.score), sum(|f| f.null_score), sum(|f| f.perfect_score));
+            let (so, no) = (sum(|f| f.score_own_threshold), sum(|f| f.null_score_own_threshold));
             CvResult {
                 profile: p.name.clone(),
+                normalized_own_threshold: 100.0 * (so - no) / (perfect - no),
                 normalized: 100.0 * (s - n) / (perfect - n),
                 folds,
             }

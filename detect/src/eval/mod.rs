@@ -75,9 +75,12 @@ pub(crate) fn read_to_string(path: &Path) -> Result<String, EvalError> {
 
 /// Detectors the harness can run, by name. `shipped` is the per-signal pipeline the agent runs
 /// ([`SignalScorer`] with [`SignalScorerConfig::default`], the same constructor and config the
-/// agent's local scorer uses); it comes first and is what the evaluations score by default.
+/// agent's local scorer uses), scored by its held score (what the Node conditions follow);
+/// `shipped_onset` is the same pipeline scored by its onsets ([`SignalScorer::onset`], what the
+/// agent counts as anomaly onsets). They come first and are what the evaluations score by default.
 pub const DETECTORS: &[&str] = &[
     "shipped",
+    "shipped_onset",
     "gray",
     "robust_z",
     "cusum",
@@ -113,6 +116,7 @@ pub fn make_detector_with(name: &str, json: Option<&str>) -> Result<Box<dyn Dete
     let over = over.as_ref();
     Ok(match name {
         "shipped" => Box::new(SignalScorer::new(config::<SignalScorerConfig>(name, over)?)?),
+        "shipped_onset" => Box::new(Onsets(SignalScorer::new(config::<SignalScorerConfig>(name, over)?)?)),
         "gray" => Box::new(GrayDetector::new(config::<GrayDetectorConfig>(name, over)?)?),
         "robust_z" => Box::new(RobustZ::new(config::<RobustZConfig>(name, over)?)?),
         "cusum" => Box::new(Cusum::new(config::<CusumConfig>(name, over)?)?),
@@ -121,6 +125,25 @@ pub fn make_detector_with(name: &str, json: Option<&str>) -> Result<Box<dyn Dete
         "holt" => Box::new(Holt::new(config::<HoltConfig>(name, over)?)?),
         other => return Err(EvalError::UnknownDetector(other.to_owned())),
     })
+}
+
+/// The shipped pipeline scored by its onsets instead of its held score.
+struct Onsets(SignalScorer);
+
+impl Detector for Onsets {
+    fn update(&mut self, t_secs: f64, x: f64) -> crate::DetectorOutput {
+        let held = Detector::update(&mut self.0, t_secs, x);
+        crate::DetectorOutput {
+            score: self.0.onset(),
+            ..held
+        }
+    }
+    fn reset(&mut self) {
+        Detector::reset(&mut self.0);
+    }
+    fn name(&self) -> &'static str {
+        "shipped_onset"
+    }
 }
 
 /// The default config with `over` merged in.
@@ -177,6 +200,10 @@ pub fn knobs(name: &str) -> Vec<Knob> {
         "shipped" => vec![
             k("persist_k", vec![json!(1), json!(2), json!(3)]),
             k("gray.z_half", vec![json!(5.0), json!(3.5), json!(7.0)]),
+        ],
+        "shipped_onset" => vec![
+            k("gray.z_half", vec![json!(5.0), json!(3.5), json!(7.0)]),
+            k("onset_half_life", vec![json!(300.0), json!(100.0), json!(900.0)]),
         ],
         "gray" => vec![
             k("z_half", vec![json!(5.0), json!(3.5), json!(7.0)]),
