@@ -13,7 +13,7 @@ use graywatch_common::{
     AF_INET, DROP_SLOT_COUNT, DROP_SLOT_FREE, DROP_SLOT_HELD, DROP_SLOT_RELEASING, DropKey, DropSlot, FlowKey,
     FlowStats, LostEvent, RTT_BUCKETS, rtt_bucket_bounds,
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{IdleEviction, slots::MappedSlots};
 use crate::{
@@ -112,6 +112,9 @@ pub struct NetCollector {
     drops: Option<DropReader>,
     lost: PerCpuArray<MapData, u64>,
     previous_flows: HashMap<FlowKey, Tracked<Box<FlowStats>>>,
+    /// Evicting idle flows failed in the last window that had any to evict: said once, at the
+    /// first failure, not every window the retry fails again.
+    eviction_failing: bool,
 }
 
 impl NetCollector {
@@ -130,6 +133,7 @@ impl NetCollector {
             drops,
             lost: typed_map(programs.take_map("LOST_EVENTS")?, "LOST_EVENTS")?,
             previous_flows: HashMap::new(),
+            eviction_failing: false,
         })
     }
 
@@ -176,6 +180,9 @@ impl NetCollector {
             .filter(|(_, t)| t.idle_windows >= IDLE_WINDOWS_BEFORE_EVICTION)
             .map(|(k, _)| *k)
             .collect();
+        let mut failed = 0usize;
+        let mut first_error = None;
+        let to_evict = idle.len();
         for key in idle {
             // A concurrent update between our read and this delete is lost; it is at most one
             // window of an idle flow.
@@ -183,10 +190,25 @@ impl NetCollector {
                 && !already_gone(&error)
             {
                 // Still in the kernel: remembered, so its counts are not taken for new ones.
-                warn!(%error, "could not evict an idle flow from the kernel map; retrying next window");
+                failed += 1;
+                first_error.get_or_insert(error);
                 continue;
             }
             self.previous_flows.remove(&key);
+        }
+        if let Some(error) = first_error {
+            if !self.eviction_failing {
+                warn!(
+                    %error,
+                    failed,
+                    idle = to_evict,
+                    "could not evict idle flows from the kernel map; retrying every window (said again when it recovers)"
+                );
+            }
+            self.eviction_failing = true;
+        } else if to_evict > 0 && self.eviction_failing {
+            info!(evicted = to_evict, "idle flows evicted from the kernel map again");
+            self.eviction_failing = false;
         }
 
         if let Some(drops) = &mut self.drops {
