@@ -16,7 +16,9 @@ fn main() -> ExitCode {
     // Logs go to stderr so stdout carries only window summaries.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: `kubectl logs` and log shippers read stderr from a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

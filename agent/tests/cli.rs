@@ -119,6 +119,8 @@ fn serves_metrics_and_health_then_stops_on_sigterm() {
             stderr.read_line(&mut line).expect("agent log") > 0,
             "agent exited early"
         );
+        // Piped, as under a kubelet: no terminal colour codes in the log.
+        assert!(!line.contains('\x1b'), "colour codes in a piped log: {line:?}");
         serving |= line.contains("serving /metrics");
         if serving && line.contains(" window") && line.contains("flows") {
             break;
