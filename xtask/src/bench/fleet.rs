@@ -265,6 +265,16 @@ fn aggregator_binaries(args: &FleetArgs) -> anyhow::Result<Vec<(String, PathBuf)
             if !path.is_file() {
                 bail!("--aggregator {spec}: {} is not a file", path.display());
             }
+            // The bench reads CPU time and RSS from /proc/<pid> of the process it starts, and
+            // stops that process: under a wrapper script it would measure (and stop) the shell.
+            let mut magic = [0u8; 2];
+            let read = std::fs::File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+            if read.is_ok() && &magic == b"#!" {
+                bail!(
+                    "--aggregator {spec}: {} is a script; give the aggregator binary itself (the bench measures and stops the process it starts; attach a profiler to its pid instead, e.g. heaptrack -p)",
+                    path.display()
+                );
+            }
             Ok((label.to_owned(), path))
         })
         .collect()
