@@ -60,13 +60,15 @@ pub struct LocalScoreView {
     pub family: String,
     pub score: f64,
     pub reason: String,
-    /// An anomaly started in this window: its score and series (absent otherwise).
+    /// An anomaly that started in the last window and lasted into this one: its score and
+    /// series as of its first window (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub onset: Option<AnomalyOnset>,
 }
 
 /// The start of an anomaly in one of a family's series: the scorer's onset
-/// (`SignalScorer::onset`) at or over the score a sample needs to count as elevated.
+/// (`SignalScorer::onset`) at or over the score a sample needs to count as elevated, in a series
+/// still elevated a window later.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AnomalyOnset {
     pub score: f64,
