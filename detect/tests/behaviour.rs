@@ -189,6 +189,15 @@ fn signal_scorer_scores_a_spike_once_and_a_sustained_rise_throughout() {
     assert!(reason.ends_with(", for 5 s"), "{reason}");
 }
 
+/// The shipped pipeline with a smallest change that matters (`min_delta`).
+fn scorer_with_min_delta(min_delta: f64) -> SignalScorer {
+    SignalScorer::new(SignalScorerConfig {
+        min_delta,
+        ..SignalScorerConfig::default()
+    })
+    .expect("config")
+}
+
 /// Onsets: one per event. A fault that flaps (5 s on, 5 s off) is one event; a step that lasts
 /// starts one anomaly, not one per sample or per half-life of the onset level; once the level
 /// has decayed, the fault coming back is a new one.
@@ -236,11 +245,7 @@ fn signal_scorer_reports_one_onset_per_event() {
 /// its score rises past the first one's by the margin; a warming-up scorer reports none.
 #[test]
 fn signal_scorer_reports_an_onset_when_the_fault_grows() {
-    let mut s = SignalScorer::new(SignalScorerConfig {
-        min_delta: 0.5,
-        ..SignalScorerConfig::default()
-    })
-    .expect("config");
+    let mut s = scorer_with_min_delta(0.5);
     let mut t = 0.0;
     for _ in 0..29 {
         t += 1.0;
@@ -278,11 +283,7 @@ fn signal_scorer_reports_an_onset_when_the_fault_grows() {
 /// A series that sits at 0 has no scale: `min_delta` keeps a tiny first deviation transient.
 #[test]
 fn signal_scorer_ignores_changes_below_min_delta() {
-    let mut s = SignalScorer::new(SignalScorerConfig {
-        min_delta: 0.5,
-        ..SignalScorerConfig::default()
-    })
-    .expect("config");
+    let mut s = scorer_with_min_delta(0.5);
     let mut t = 0.0;
     for _ in 0..200 {
         t += 1.0;
