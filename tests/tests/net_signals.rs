@@ -716,13 +716,22 @@ fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
             windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
         }
     }
-    let summary = agent.collect().expect("collect a window");
-    if let Some(f) = flow(&summary, cgroup, target.ip()) {
-        retransmits += f.retransmits;
-        segments += f.segments_sent;
-        windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
-    }
+    // The kernel counts a retransmission (RetransSegs) before it sends it and fires the
+    // tracepoint after: on a busy machine the agent's map lags nstat by a segment for a moment.
     let kernel = nstat_retrans_segs(&client_node.netns).expect("nstat") - before;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let summary = agent.collect().expect("collect a window");
+        if let Some(f) = flow(&summary, cgroup, target.ip()) {
+            retransmits += f.retransmits;
+            segments += f.segments_sent;
+            windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
+        }
+        if retransmits >= kernel.min(3) || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = client.child.kill();
     let _ = client.child.wait();
     eprintln!(
