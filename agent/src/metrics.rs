@@ -197,7 +197,7 @@ impl Metrics {
         );
         registry.register(
             "anomaly_onsets",
-            "Anomalies started per family (temporary problems: a spike counts as much as the start of a lasting fault; the local_score gauge and the Node conditions follow what lasts)",
+            "Anomalies started per family, counted once they last a second window (temporary problems: a two-window anomaly counts as much as the start of a lasting fault; the local_score gauge and the Node conditions follow what lasts)",
             m.anomaly_onsets.clone(),
         );
         registry.register(
