@@ -236,9 +236,9 @@ impl SignalScorer {
     /// The last sample's score if it starts a new anomaly, else 0: the score rose past the
     /// decayed level of the series' recent scores by `onset_margin`. One onset per event (a
     /// step, a spike, a flapping fault whose gaps are short next to `onset_half_life`), and a
-    /// new one when the event grows. The agent counts onsets (temporary problems, next to the
-    /// held score its conditions follow); NAB, which rewards one early alarm per anomaly, scores
-    /// this output (`shipped_onset`).
+    /// new one when the event grows. The agent counts those whose series is still elevated a
+    /// window later (temporary problems, next to the held score its conditions follow); NAB,
+    /// which rewards one early alarm per anomaly, scores this output (`shipped_onset`).
     #[must_use]
     pub fn onset(&self) -> f64 {
         self.last_onset

@@ -76,8 +76,8 @@ pub(crate) fn read_to_string(path: &Path) -> Result<String, EvalError> {
 /// Detectors the harness can run, by name. `shipped` is the per-signal pipeline the agent runs
 /// ([`SignalScorer`] with [`SignalScorerConfig::default`], the same constructor and config the
 /// agent's local scorer uses), scored by its held score (what the Node conditions follow);
-/// `shipped_onset` is the same pipeline scored by its onsets ([`SignalScorer::onset`], what the
-/// agent counts as anomaly onsets). They come first and are what the evaluations score by default.
+/// `shipped_onset` is the same pipeline scored by its onsets ([`SignalScorer::onset`]; the agent
+/// counts those whose series is still elevated a window later). They come first and are what the evaluations score by default.
 pub const DETECTORS: &[&str] = &[
     "shipped",
     "shipped_onset",
