@@ -704,34 +704,30 @@ fn blackholed_peer_shows_its_loss_ratio(source: RttSource) {
     )
     .expect("nft drop");
     let before = nstat_retrans_segs(&client_node.netns).expect("nstat");
-    let mut retransmits = 0;
-    let mut segments = 0;
+    // (retransmits, segments sent, loss ratio) of each window with the flow.
     let mut windows = Vec::new();
+    let mut next_window = || {
+        let summary = agent.collect().expect("collect a window");
+        flow(&summary, cgroup, target.ip()).map(|f| (f.retransmits, f.segments_sent, f.retransmit_ratio))
+    };
     // RTO backoff: 200 ms, 400 ms, 800 ms, … — three retransmissions within a couple of seconds.
     while nstat_retrans_segs(&client_node.netns).expect("nstat") < before + 3 {
-        let summary = agent.collect().expect("collect a window");
-        if let Some(f) = flow(&summary, cgroup, target.ip()) {
-            retransmits += f.retransmits;
-            segments += f.segments_sent;
-            windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
-        }
+        windows.extend(next_window());
     }
     // The kernel counts a retransmission (RetransSegs) before it sends it and fires the
     // tracepoint after: on a busy machine the agent's map lags nstat by a segment for a moment.
     let kernel = nstat_retrans_segs(&client_node.netns).expect("nstat") - before;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let counted = |windows: &[(u64, u64, Option<f64>)]| windows.iter().map(|w| w.0).sum::<u64>();
     loop {
-        let summary = agent.collect().expect("collect a window");
-        if let Some(f) = flow(&summary, cgroup, target.ip()) {
-            retransmits += f.retransmits;
-            segments += f.segments_sent;
-            windows.push((f.retransmits, f.segments_sent, f.retransmit_ratio));
-        }
-        if retransmits >= kernel.min(3) || std::time::Instant::now() >= deadline {
+        windows.extend(next_window());
+        if counted(&windows) >= 3 || std::time::Instant::now() >= deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let retransmits = counted(&windows);
+    let segments: u64 = windows.iter().map(|w| w.1).sum();
     let _ = client.child.kill();
     let _ = client.child.wait();
     eprintln!(
