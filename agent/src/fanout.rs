@@ -175,7 +175,7 @@ impl Fanout {
             if let Some(reporter) = self.reporters.remove(&addr) {
                 info!(%addr, source, "aggregator replica no longer listed; closing its stream");
                 add_into(&self.retired, reporter.stats());
-                reporter.shutdown().await;
+                reporter.close().await;
             }
         }
         for addr in change.added {
@@ -237,10 +237,9 @@ impl Fanout {
         self.reporters.len()
     }
 
+    /// The agent stops: every stream sends its last windows and a stop notice, all at once.
     pub async fn shutdown(self) {
-        for reporter in self.reporters.into_values() {
-            reporter.shutdown().await;
-        }
+        futures::future::join_all(self.reporters.into_values().map(Reporter::shutdown)).await;
     }
 }
 

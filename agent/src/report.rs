@@ -5,7 +5,9 @@
 //! sends every buffered window it has not sent on this connection, forgets windows the
 //! aggregator acknowledged, and on any failure reconnects with exponential backoff and jitter,
 //! replaying what is still buffered (the aggregator drops replays it has already seen). The
-//! latest peer book directive is published on a watch channel.
+//! latest peer book directive is published on a watch channel. On [`Reporter::shutdown`] an open
+//! stream sends what is still unsent and then a stop notice (`NodeSummary.stopping`), so the
+//! aggregator holds the node's conditions for the next agent rather than marking them stale.
 //!
 //! Depends only on the wire types (graywatch-proto), tokio and tonic.
 
@@ -171,6 +173,8 @@ struct Shared {
     buf: Mutex<WindowBuffer>,
     notify: Notify,
     closed: AtomicBool,
+    /// Set with `closed` when the agent stops: the stream ends with a stop notice.
+    stop_notice: AtomicBool,
     stats: ReportStats,
     /// The node's pod IPs and their generation (see [`Reporter::set_pod_addresses`]).
     pod_addresses: Mutex<Option<(u64, Vec<String>)>>,
@@ -179,7 +183,14 @@ struct Shared {
     /// Answers to this agent's address lookups not yet taken (see [`Reporter::take_answers`]);
     /// at most [`MAX_PENDING_ANSWERS`], the oldest dropped first.
     answers: Mutex<std::collections::VecDeque<AddressAnswers>>,
+    /// The identity, window and version of the last window pushed: what the stop notice repeats.
+    last_pushed: Mutex<Option<NodeSummary>>,
 }
+
+/// How long [`Reporter::shutdown`] waits for the last windows and the stop notice to be taken
+/// (the aggregator has answered everything, or the stream is gone) before it gives up: well
+/// inside the pod's termination grace period.
+pub const STOP_NOTICE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Answers held for the window loop at most (one arrives per summary that asked; the loop takes
 /// them every window).
@@ -217,10 +228,12 @@ impl Reporter {
             buf: Mutex::new(WindowBuffer::with_byte_cap(cfg.buffer_windows, cfg.buffer_bytes)),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
+            stop_notice: AtomicBool::new(false),
             stats: ReportStats::default(),
             pod_addresses: Mutex::new(None),
             peer_book: watch::Sender::new(None),
             answers: Mutex::new(std::collections::VecDeque::new()),
+            last_pushed: Mutex::new(None),
         });
         let task = tokio::spawn(run(shared.clone(), cfg));
         Self { shared, task }
@@ -228,6 +241,7 @@ impl Reporter {
 
     /// Queues one window; never blocks. The oldest window is dropped (and counted) if full.
     pub fn push(&self, summary: NodeSummary) {
+        *self.shared.last_pushed.lock().unwrap_or_else(PoisonError::into_inner) = Some(stop_notice(&summary));
         let dropped = self
             .shared
             .buf
@@ -279,11 +293,31 @@ impl Reporter {
         self.shared.peer_book.borrow().clone()
     }
 
-    /// Stops the stream task; unsent windows are discarded.
+    /// Stops the stream task because the agent stops. An open stream first sends the windows
+    /// not yet sent on it and the stop notice, then waits until the aggregator has taken them,
+    /// for [`STOP_NOTICE_TIMEOUT`] at most; windows still unsent then (the stream was down) are
+    /// discarded.
     pub async fn shutdown(self) {
+        self.shared.stop_notice.store(true, Ordering::Relaxed);
+        self.end().await;
+    }
+
+    /// Stops the stream task without a stop notice (the replica is no longer listed; the agent
+    /// goes on with the others). Unsent windows are discarded.
+    pub async fn close(self) {
+        self.end().await;
+    }
+
+    async fn end(mut self) {
         self.shared.closed.store(true, Ordering::Relaxed);
         self.shared.notify.notify_one();
-        let _ = self.task.await;
+        if tokio::time::timeout(STOP_NOTICE_TIMEOUT, &mut self.task).await.is_err() {
+            tracing::warn!(
+                timeout_ms = STOP_NOTICE_TIMEOUT.as_millis(),
+                "the aggregator did not take the last windows in time; stopping the stream without them"
+            );
+            self.task.abort();
+        }
     }
 }
 
@@ -296,6 +330,17 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     ((t as u64) ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+/// The stop notice that would follow `summary`: its identity, window and version, nothing else.
+fn stop_notice(summary: &NodeSummary) -> NodeSummary {
+    NodeSummary {
+        protocol_version: summary.protocol_version,
+        node: summary.node.clone(),
+        window: summary.window,
+        stopping: true,
+        ..NodeSummary::default()
+    }
 }
 
 fn xorshift(x: &mut u64) -> u64 {
@@ -386,9 +431,6 @@ async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Res
     // The aggregator's book pages on this stream (its first page resets them).
     let mut book_pages = crate::peers::BookPages::default();
     loop {
-        if shared.closed.load(Ordering::Relaxed) {
-            return Ok(());
-        }
         let pending = shared
             .buf
             .lock()
@@ -410,6 +452,12 @@ async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Res
             tx.send(s).await.map_err(|_| SessionError::Closed)?;
             shared.stats.sent.fetch_add(1, Ordering::Relaxed);
             sent_upto = Some(seq);
+        }
+        if shared.closed.load(Ordering::Relaxed) {
+            if shared.stop_notice.load(Ordering::Relaxed) {
+                return say_stopping(&cfg.endpoint, shared, tx, inbound).await;
+            }
+            return Ok(());
         }
         tokio::select! {
             () = shared.notify.notified() => {}
@@ -443,6 +491,37 @@ async fn session(shared: &Shared, cfg: &ReportConfig, healthy: &mut bool) -> Res
             },
         }
     }
+}
+
+/// The end of a stream on shutdown: the stop notice (when a window was ever pushed), then the
+/// request side closed, then the aggregator's answers read until it ends the stream (it has
+/// taken everything before it does).
+async fn say_stopping(
+    endpoint: &str,
+    shared: &Shared,
+    tx: mpsc::Sender<NodeSummary>,
+    mut inbound: tonic::Streaming<graywatch_proto::v1::Directive>,
+) -> Result<(), SessionError> {
+    let notice = shared
+        .last_pushed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if let Some(notice) = notice {
+        tx.send(notice).await.map_err(|_| SessionError::Closed)?;
+        tracing::info!(
+            endpoint,
+            "stop notice sent: the aggregator holds this node's conditions for the next agent"
+        );
+    }
+    drop(tx);
+    while let Some(directive) = inbound.message().await? {
+        if let Some(directive::Kind::Ack(a)) = directive.kind {
+            shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+            shared.buf.lock().unwrap_or_else(PoisonError::into_inner).ack(a.seq);
+        }
+    }
+    Ok(())
 }
 
 /// A minimal `Stream` over an mpsc receiver (keeps this module free of tokio-stream).
@@ -550,6 +629,8 @@ mod tests {
         invalid_seq: Arc<AtomicU64>,
         /// (seq, pod addresses it carried) of every window received.
         pods: Arc<Mutex<Vec<SeenPods>>>,
+        /// Every message in arrival order: (seq, whether it was a stop notice).
+        log: Arc<Mutex<Vec<(u64, bool)>>>,
     }
 
     type Out = Pin<Box<dyn Stream<Item = Result<Directive, tonic::Status>> + Send>>;
@@ -567,6 +648,13 @@ mod tests {
             tokio::spawn(async move {
                 while let Some(Ok(s)) = inbound.next().await {
                     let seq = seq_of(&s);
+                    this.log
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((seq, s.stopping));
+                    if s.stopping {
+                        continue;
+                    }
                     this.seen.lock().unwrap_or_else(PoisonError::into_inner).push(seq);
                     this.pods
                         .lock()
@@ -717,6 +805,40 @@ mod tests {
         assert_eq!(v.iter().filter(|s| **s == 2).count(), 1, "never replayed: {v:?}");
         assert_eq!(rep.stats().invalid.load(Ordering::Relaxed), 1);
         rep.shutdown().await;
+    }
+
+    /// An agent that stops sends what it has not sent yet, then its stop notice (the last
+    /// window's seq), and returns once the aggregator has taken them.
+    #[tokio::test]
+    async fn shutdown_sends_the_last_windows_then_a_stop_notice() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake::default();
+        tokio::spawn(serve(fake.clone(), listener));
+        let rep = Reporter::spawn(cfg(addr, 16));
+        rep.push(window(1));
+        until("1 acked", || rep.buffered() == 0).await;
+        rep.push(window(2));
+        rep.push(window(3));
+        rep.shutdown().await;
+        let log = fake.log.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(log, vec![(1, false), (2, false), (3, false), (3, true)]);
+    }
+
+    /// A stream closed because its replica is no longer listed ends without a stop notice: the
+    /// agent goes on reporting to the others.
+    #[tokio::test]
+    async fn close_sends_no_stop_notice() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake::default();
+        tokio::spawn(serve(fake.clone(), listener));
+        let rep = Reporter::spawn(cfg(addr, 16));
+        rep.push(window(1));
+        until("1 acked", || rep.buffered() == 0).await;
+        rep.close().await;
+        let log = fake.log.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(log, vec![(1, false)]);
     }
 
     /// The node's pod IPs ride on the first window of each stream and after a change only.

@@ -132,6 +132,8 @@ pub fn node_summary(
         predictions: predictions(summary),
         // Set by the window loop, which holds the aggregator's earlier answers.
         address_lookups: Vec::new(),
+        // Only the reporter's stop notice sets it (report.rs).
+        stopping: false,
     }
 }
 

@@ -243,6 +243,24 @@ impl FleetStore {
         }
     }
 
+    /// Records that `notice`'s agent incarnation is stopping on purpose (its last message, see
+    /// `NodeSummary.stopping`): its latest stored report gets `stopped_ms`. Ignored (false) when
+    /// the stored report is of another incarnation (a new agent already reported, or the node
+    /// rebooted) or there is none.
+    pub fn mark_stopping(&self, node: &str, notice: &NodeReport) -> bool {
+        let mut fleet = self.lock();
+        let Some(prev) = fleet.reports.get_mut(node) else {
+            return false;
+        };
+        if prev.boot_id != notice.boot_id || prev.agent_started_ns != notice.agent_started_ns {
+            return false;
+        }
+        if prev.stopped_ms.is_none() {
+            Arc::make_mut(prev).stopped_ms = Some(notice.received_ms);
+        }
+        true
+    }
+
     /// Records `node`'s pod IPs (the latest list replaces the previous one); ignored for a node
     /// without a stored report (refused, or evicted meanwhile).
     pub fn set_pod_addresses(&self, node: &str, addresses: Vec<IpAddr>) {
@@ -441,6 +459,7 @@ pub fn validate(s: &NodeSummary, max_peers: usize, now_ms: Millis) -> Result<(St
             boot_id: node.boot_id.clone(),
             agent_started_ns: node.agent_started_ns,
             received_ms: now_ms,
+            stopped_ms: None,
             figures,
             sustained_loss,
             local,
@@ -539,6 +558,22 @@ impl Ingest for IngestService {
                             return;
                         }
                         let seq = report.seq;
+                        if summary.stopping {
+                            let held = this.store.mark_stopping(&name, &report);
+                            tracing::info!(
+                                node = %name,
+                                boot_id = %report.boot_id,
+                                agent_started_ns = report.agent_started_ns,
+                                held,
+                                "agent stopping (a rollout or a node shutdown): its node's conditions are held for the next agent"
+                            );
+                            this.metrics.stop_notice(held);
+                            node = Some(name);
+                            if tx.send(Outbound::Ack(seq)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         let stored = this.store.store(&name, report);
                         if stored == Stored::Full {
                             let cap = this.store.max_nodes();
@@ -700,6 +735,38 @@ mod tests {
             seq,
             ..Default::default()
         }
+    }
+
+    /// A stop notice marks the latest report of its own incarnation only; that incarnation's
+    /// next window (it did not stop after all) or its successor's clears the mark.
+    #[test]
+    fn a_stop_notice_marks_only_its_own_incarnation() {
+        let store = FleetStore::default();
+        let notice = |started_ns, received_ms| NodeReport {
+            received_ms,
+            ..incarnation(started_ns, 7)
+        };
+        assert!(!store.mark_stopping("node-1", &notice(100, 5)), "nothing stored yet");
+        assert_eq!(store.store("node-1", incarnation(100, 7)), Stored::New);
+        assert!(!store.mark_stopping("node-1", &notice(99, 5)), "an older incarnation's");
+        assert_eq!(store.snapshot()["node-1"].stopped_ms, None);
+        assert!(store.mark_stopping("node-1", &notice(100, 5)));
+        assert!(
+            store.mark_stopping("node-1", &notice(100, 9)),
+            "repeated (another replica's path)"
+        );
+        assert_eq!(
+            store.snapshot()["node-1"].stopped_ms,
+            Some(5),
+            "the first notice counts"
+        );
+        assert_eq!(store.store("node-1", incarnation(200, 1)), Stored::New);
+        assert_eq!(store.snapshot()["node-1"].stopped_ms, None, "the successor reports");
+        assert!(
+            !store.mark_stopping("node-1", &notice(100, 11)),
+            "the old one's late notice"
+        );
+        assert_eq!(store.snapshot()["node-1"].stopped_ms, None);
     }
 
     #[test]

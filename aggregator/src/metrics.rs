@@ -111,7 +111,7 @@ impl Default for Metrics {
         };
         registry.register(
             "summaries",
-            "Node summaries ingested (result=new|replay)",
+            "Node summaries ingested (result=new|replay; stop notices of agents stopping on purpose: result=stopping, or stopping_ignored when of an older incarnation)",
             m.summaries.clone(),
         );
         registry.register("rejected", "Messages rejected, by gRPC status code", m.rejected.clone());
@@ -197,6 +197,15 @@ impl Default for Metrics {
 impl Metrics {
     pub fn ingested(&self, replay: bool) {
         let result = if replay { "replay" } else { "new" };
+        self.summaries
+            .get_or_create(&ResultLabel { result: result.into() })
+            .inc();
+    }
+
+    /// A stop notice (`NodeSummary.stopping`): `held` when it applied to the node's latest agent
+    /// incarnation (`result=stopping`), else `result=stopping_ignored`.
+    pub fn stop_notice(&self, held: bool) {
+        let result = if held { "stopping" } else { "stopping_ignored" };
         self.summaries
             .get_or_create(&ResultLabel { result: result.into() })
             .inc();

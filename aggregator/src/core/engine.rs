@@ -16,7 +16,7 @@ use super::{
     conditions,
     guardrails::{self, Guardrails},
     karpenter::{self, KarpenterState},
-    model::{Input, Millis},
+    model::{Input, Millis, NodeReport},
     plan::Plan,
     policy::Policy,
     state_machine::{self, NodeState},
@@ -108,17 +108,29 @@ impl Engine {
         let now = input.now_ms;
         let started = self.start(input);
         self.track_nodes(input);
+        let fresh: BTreeMap<&str, &NodeReport> = input
+            .reports
+            .iter()
+            .filter(|(n, r)| input.nodes.contains_key(n.as_str()) && now - r.received_ms <= policy.stale_after_ms)
+            .map(|(n, r)| (n.as_str(), &**r))
+            .collect();
+        let restarting = input
+            .reports
+            .iter()
+            .filter(|(n, r)| {
+                input.nodes.contains_key(n.as_str())
+                    && !fresh.contains_key(n.as_str())
+                    && r.stopped_ms.is_some_and(|t| now - t <= policy.restart_grace_ms)
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
         let mut ctx = StepCtx {
             policy: &policy,
             input,
             now,
             started,
-            fresh: input
-                .reports
-                .iter()
-                .filter(|(n, r)| input.nodes.contains_key(n.as_str()) && now - r.received_ms <= policy.stale_after_ms)
-                .map(|(n, r)| (n.as_str(), &**r))
-                .collect(),
+            fresh,
+            restarting,
             settled: false,
         };
         let mut plan = Plan {
@@ -187,7 +199,12 @@ impl Engine {
         if self.settling == Settling::Settled || ctx.now - ctx.started >= self.policy.stale_after_ms {
             return Settling::Settled;
         }
-        if !ctx.input.nodes.keys().all(|n| ctx.fresh.contains_key(n.as_str())) {
+        if !ctx
+            .input
+            .nodes
+            .keys()
+            .all(|n| ctx.fresh.contains_key(n.as_str()) || ctx.restarting.contains(n.as_str()))
+        {
             return Settling::Gathering;
         }
         match self.settling {

@@ -348,6 +348,7 @@ mod tests {
             now: 0,
             started: 0,
             fresh: input.reports.iter().map(|(n, r)| (n.as_str(), &**r)).collect(),
+            restarting: BTreeSet::new(),
             settled: true,
         };
         guard.update_verdicts(&nodes, &ctx);

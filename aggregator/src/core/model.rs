@@ -85,6 +85,10 @@ pub struct NodeReport {
     pub agent_started_ns: u64,
     /// When the aggregator received it.
     pub received_ms: Millis,
+    /// When this agent incarnation said it was stopping on purpose (its last message, a rollout
+    /// or a node shutdown), as the aggregator received that: the node's conditions are held for
+    /// `restart_grace_ms` from then, waiting for the next incarnation.
+    pub stopped_ms: Option<Millis>,
     /// Headline figure per family (larger = worse).
     pub figures: BTreeMap<Family, f64>,
     /// The node's sustained loss: lost and sent segments over its agent's last windows (see

@@ -46,6 +46,11 @@ pub struct Policy {
     pub blast_radius_labels: Vec<String>,
     /// No report for this long → conditions Unknown.
     pub stale_after_ms: Millis,
+    /// After an agent said it was stopping on purpose (a rollout, a node shutdown), its node's
+    /// conditions are held this long from then (when longer than `stale_after_ms`) for the next
+    /// agent to report: a new pod can take longer than `stale_after_ms` to start (image pull, a
+    /// slow kubelet) and an ordinary rollout should not make every node Unknown. 0: no hold.
+    pub restart_grace_ms: Millis,
     /// Confidence at or above which a window counts as bad.
     pub degrade_confidence: f64,
     /// Confidence below which a window counts as good.
@@ -140,6 +145,7 @@ impl Default for Policy {
             nodepool_label: "karpenter.sh/nodepool".into(),
             blast_radius_labels: vec!["karpenter.sh/nodepool".into(), "topology.kubernetes.io/zone".into()],
             stale_after_ms: 60_000,
+            restart_grace_ms: 300_000,
             degrade_confidence: 0.75,
             recover_confidence: 0.4,
             degrade_windows: 3,
@@ -235,6 +241,9 @@ impl Policy {
         }
         if self.stale_after_ms <= 0 {
             return err("stale_after_ms", "must be positive");
+        }
+        if self.restart_grace_ms < 0 {
+            return err("restart_grace_ms", "must be 0 (no hold) or positive");
         }
         if self.condition_refresh_ms <= 0 {
             return err("condition_refresh_ms", "must be positive");

@@ -51,6 +51,9 @@ pub enum UnknownReason {
     NoReport,
     /// The agent's last report is older than `stale_after_ms`.
     AgentStale,
+    /// The agent said it was stopping (a rollout, a node shutdown) and no agent has reported
+    /// since, for longer than `restart_grace_ms`.
+    AgentStopped,
     /// The agent reports nothing for this family.
     NoData,
 }
@@ -62,6 +65,7 @@ impl UnknownReason {
         match self {
             UnknownReason::NoReport => "NoReport",
             UnknownReason::AgentStale => "AgentStale",
+            UnknownReason::AgentStopped => "AgentStopped",
             UnknownReason::NoData => "NoData",
         }
     }
@@ -71,6 +75,7 @@ impl UnknownReason {
     pub fn from_reason(reason: &str) -> Self {
         match reason {
             "AgentStale" => UnknownReason::AgentStale,
+            "AgentStopped" => UnknownReason::AgentStopped,
             "NoData" => UnknownReason::NoData,
             _ => UnknownReason::NoReport,
         }
@@ -81,6 +86,10 @@ impl UnknownReason {
     pub fn message(self, p: &Policy) -> String {
         match self {
             UnknownReason::AgentStale => format!("no report for more than {} s", p.stale_after_ms / 1000),
+            UnknownReason::AgentStopped => format!(
+                "the agent stopped (a rollout or a node shutdown) and no agent has reported within {} s",
+                p.restart_grace_ms.max(p.stale_after_ms) / 1000
+            ),
             UnknownReason::NoData => "the agent reports no data for this family".into(),
             UnknownReason::NoReport => "no report from the graywatch agent yet".into(),
         }
@@ -454,7 +463,10 @@ pub(super) fn observe(nodes: &mut BTreeMap<String, NodeState>, ctx: &StepCtx, pl
             continue;
         };
         let Some(report) = ctx.fresh.get(name.as_str()) else {
-            go_unknown(st, name, ctx);
+            // Its agent stopped on purpose: what was last known holds until the next one reports.
+            if !ctx.restarting.contains(name.as_str()) {
+                go_unknown(st, name, ctx);
+            }
             continue;
         };
         let window = report.window_id();
@@ -509,7 +521,10 @@ fn go_unknown(st: &mut NodeState, name: &str, ctx: &StepCtx) {
     if !reported && ctx.now - ctx.started < ctx.policy.stale_after_ms {
         return;
     }
-    let reason = if reported {
+    let stopped = ctx.input.reports.get(name).is_some_and(|r| r.stopped_ms.is_some());
+    let reason = if stopped {
+        UnknownReason::AgentStopped
+    } else if reported {
         UnknownReason::AgentStale
     } else {
         UnknownReason::NoReport
@@ -842,6 +857,7 @@ mod tests {
         for r in [
             UnknownReason::NoReport,
             UnknownReason::AgentStale,
+            UnknownReason::AgentStopped,
             UnknownReason::NoData,
         ] {
             assert_eq!(UnknownReason::from_reason(r.as_str()), r);

@@ -2,7 +2,7 @@
 //! one phase reads. A leaf of `core`, so the phases depend on it rather than on `engine`, which
 //! calls them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     model::{Input, Millis, NodeReport},
@@ -25,6 +25,10 @@ pub(super) struct StepCtx<'a> {
     pub started: Millis,
     /// The reports of existing nodes no older than `stale_after_ms`.
     pub fresh: BTreeMap<&'a str, &'a NodeReport>,
+    /// Existing nodes without a fresh report whose agent said it was stopping on purpose no
+    /// longer than `restart_grace_ms` ago: their state is held for the next agent, neither
+    /// updated nor made Unknown. They count as neither fresh nor stale evidence.
+    pub restarting: BTreeSet<&'a str>,
     /// The view is settled (set once the state machines have seen this step's windows).
     pub settled: bool,
 }

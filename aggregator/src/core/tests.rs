@@ -699,6 +699,107 @@ fn stale_agent_goes_unknown_never_false() {
     );
 }
 
+/// Marks node `i`'s latest report as followed by its agent's stop notice, received now.
+fn stop_notice(sim: &mut Sim, i: usize) {
+    let now = sim.input.now_ms;
+    let report = sim.input.reports.get_mut(&format!("node-{i}")).expect("node reported");
+    std::sync::Arc::make_mut(report).stopped_ms = Some(now);
+}
+
+/// An agent that stops on purpose (a rollout) says so: its node's conditions hold for
+/// `restart_grace_ms`, past `stale_after_ms`, and its successor takes over from there. The same
+/// silence without a notice is `AgentStale` after `stale_after_ms`; a successor that never comes
+/// is `AgentStopped` after the grace. Before the notice, a rollout slower than `stale_after_ms`
+/// (a kubelet that deleted the old pod a minute late) made the node Unknown.
+#[test]
+fn a_stopping_agent_holds_its_conditions_until_its_successor_reports() {
+    let p = Policy {
+        stale_after_ms: 3000,
+        restart_grace_ms: 10_000,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    sim.run(&mut eng, &set(&[]), 4);
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
+    stop_notice(&mut sim, 4);
+    // 8 s without node-4 (stopped on purpose) and node-5 (silent): past the stale timeout,
+    // inside the grace.
+    for _ in 0..8 {
+        sim.round(&set(&[]), |i| i < 4);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+        assert_eq!(sim.overall(&p, 4), Some(CondStatus::True), "held");
+    }
+    let reason = |sim: &Sim, i: usize| {
+        sim.input.nodes[&format!("node-{i}")].conditions[&p.overall_condition()]
+            .reason
+            .clone()
+    };
+    assert_eq!(sim.overall(&p, 5), Some(CondStatus::Unknown));
+    assert_eq!(reason(&sim, 5), "AgentStale");
+    // The successor: a later incarnation, its seq from 1 again, the same node's windows.
+    for seq in 1..=3 {
+        sim.round(&set(&[]), |i| i != 5);
+        let report = sim.input.reports.get_mut("node-4").expect("reported");
+        let report = std::sync::Arc::make_mut(report);
+        report.agent_started_ns = 2;
+        report.seq = seq;
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+        assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
+    }
+    // The successor's own windows are taken in: a fault on it degrades it as usual.
+    sim.local_bad = true;
+    for seq in 4..=8 {
+        sim.round(&set(&[4]), |i| i != 5);
+        let report = std::sync::Arc::make_mut(sim.input.reports.get_mut("node-4").expect("reported"));
+        report.agent_started_ns = 2;
+        report.seq = seq;
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+    }
+    assert_eq!(
+        sim.overall(&p, 4),
+        Some(CondStatus::False),
+        "the successor's windows count"
+    );
+    // It stops too, and nothing follows: Unknown once the grace has passed, saying why.
+    stop_notice(&mut sim, 4);
+    let stopped = sim.input.now_ms;
+    while sim.input.now_ms - stopped <= p.restart_grace_ms {
+        assert_ne!(sim.overall(&p, 4), Some(CondStatus::Unknown), "held within the grace");
+        sim.round(&set(&[]), |i| i < 4);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+    }
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::Unknown));
+    assert_eq!(reason(&sim, 4), "AgentStopped");
+    let family = &sim.input.nodes["node-4"].conditions[&p.family_condition(Family::NetworkLatency)];
+    assert_eq!(family.reason, "AgentStopped");
+    assert!(family.message.contains("within 10 s"), "{}", family.message);
+}
+
+/// With `restart_grace_ms` 0, a stop notice holds nothing: Unknown after `stale_after_ms`.
+#[test]
+fn a_zero_restart_grace_holds_nothing() {
+    let p = Policy {
+        stale_after_ms: 3000,
+        restart_grace_ms: 0,
+        ..Policy::default()
+    };
+    let mut eng = Engine::new(p.clone());
+    let mut sim = Sim::new(6, 6);
+    sim.run(&mut eng, &set(&[]), 4);
+    stop_notice(&mut sim, 4);
+    for _ in 0..4 {
+        sim.round(&set(&[]), |i| i != 4);
+        let plan = eng.step(&sim.input);
+        sim.apply(&plan);
+    }
+    assert_eq!(sim.overall(&p, 4), Some(CondStatus::Unknown));
+}
+
 #[test]
 fn restart_reads_existing_state_and_does_not_repeat_actions() {
     let p = Policy::default();

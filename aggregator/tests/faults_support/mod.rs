@@ -253,6 +253,8 @@ pub struct Scenario {
     pub bad: BTreeSet<usize>,
     /// Offset added to a node's window timestamps (its clock), ms.
     pub skew_ms: BTreeMap<usize, i64>,
+    /// Nodes whose agent pushes no window (no process running, or a hung one).
+    pub paused: BTreeSet<usize>,
 }
 
 /// One simulated agent process: the real report client, its window sequence and incarnation.
@@ -311,6 +313,9 @@ impl AgentFleet {
                     .as_millis();
                 let now = i64::try_from(now).expect("now in ms fits i64");
                 for (i, agent) in ags.lock().unwrap().iter_mut().enumerate() {
+                    if cur.paused.contains(&i) {
+                        continue;
+                    }
                     // Every agent keeps measuring whatever its link does.
                     agent.seq += 1;
                     let mut s = summary(i, n, agent.seq, &cur.bad);
@@ -335,9 +340,10 @@ impl AgentFleet {
         }
     }
 
-    /// Restarts node `i`'s agent as a rollout does: the old process stops (its unsent windows
-    /// are lost) and a new one starts on the same boot, its window seq again from 1. Returns
-    /// the last seq the old agent pushed.
+    /// Restarts node `i`'s agent as a rollout does: the old process stops (what its stream has
+    /// not sent goes out with its stop notice; with the stream down, it is lost) and a new one
+    /// starts on the same boot, its window seq again from 1 (from [`Self::resume`] if paused: a
+    /// new pod that takes time to start). Returns the last seq the old agent pushed.
     pub async fn restart(&self, i: usize) -> u64 {
         let fresh = Agent::start(&self.proxies[i]);
         let old = std::mem::replace(&mut self.agents.lock().unwrap()[i], fresh);
@@ -357,6 +363,18 @@ impl AgentFleet {
 
     pub fn set_bad(&self, bad: &[usize]) {
         self.scenario.lock().unwrap().bad = bad.iter().copied().collect();
+    }
+
+    /// The agents of `nodes` stop pushing windows (until [`Self::resume`]).
+    pub fn pause(&self, nodes: &[usize]) {
+        self.scenario.lock().unwrap().paused.extend(nodes);
+    }
+
+    pub fn resume(&self, nodes: &[usize]) {
+        let mut scenario = self.scenario.lock().unwrap();
+        for i in nodes {
+            scenario.paused.remove(i);
+        }
     }
 
     pub fn set_skew(&self, node: usize, ms: i64) {

@@ -7,10 +7,11 @@
 //!    authenticated with their projected tokens and the Node gets `graywatch.io/Healthy=True`;
 //! 2. a fault the node's own agent sees (memory thrash in a pod under a memory limit) turns
 //!    `MemoryPressureHealthy` False, and True again once it stops;
-//! 3. `rollout restart` of the agent DaemonSet keeps every condition True with the chart's
-//!    default staleness (the node has no agent between the old pod's deletion, which the kubelet
-//!    confirms seconds after the agent exits, and the new agent's first window), and the new
-//!    agent's windows are ingested as new, not dropped as replays;
+//! 3. `rollout restart` of the agent DaemonSet keeps every condition True: the old agent's
+//!    stop notice (SIGTERM) reaches the aggregator replicas, which hold the node's conditions
+//!    until the new agent reports (the node has no agent between the old pod's deletion, which
+//!    this kubelet confirms 11–19 s after the agent exits, once 60 s, and the new agent's first
+//!    window), and the new agent's windows are ingested as new, not dropped as replays;
 //! 4. `rollout restart` of the aggregator leaves no gap in decisions longer than the Lease;
 //! 5. `helm upgrade` nrc → direct-taint → nrc → dry-run leaves no taint of a mode no longer
 //!    active;
@@ -725,8 +726,22 @@ async fn the_chart_runs_on_a_real_kubelet_through_its_whole_lifecycle() {
     // 3. Agent rollout: conditions stay True and the new agent's windows are new.
     eprintln!("== agent rollout restart");
     let recorder = ConditionRecorder::start(&cluster);
+    let stop_notices = "result=\"stopping\"";
+    let stopping_before = cluster
+        .aggregator_metric("graywatch_aggregator_summaries_total", stop_notices)
+        .await;
     rollout_restart(&cluster, "DaemonSet", &format!("{fullname}-agent")).await;
     await_rollout(&cluster, "DaemonSet", &format!("{fullname}-agent")).await;
+    // The old agent said it was stopping, to each replica (the aggregator pods are the same
+    // ones: only the agent rolled).
+    let stopping = cluster
+        .aggregator_metric("graywatch_aggregator_summaries_total", stop_notices)
+        .await
+        - stopping_before;
+    assert!(
+        stopping >= 2.0,
+        "stop notices taken by the 2 aggregator replicas during the agent rollout: {stopping}"
+    );
     let new_before = cluster
         .aggregator_metric("graywatch_aggregator_summaries_total", "result=\"new\"")
         .await;
