@@ -807,10 +807,8 @@ mod tests {
         rep.shutdown().await;
     }
 
-    /// An agent that stops sends what it has not sent yet, then its stop notice (the last
-    /// window's seq), and returns once the aggregator has taken them.
-    #[tokio::test]
-    async fn shutdown_sends_the_last_windows_then_a_stop_notice() {
+    /// A reporter streaming to a fake aggregator, window 1 acknowledged.
+    async fn streaming() -> (Fake, Reporter) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let fake = Fake::default();
@@ -818,6 +816,14 @@ mod tests {
         let rep = Reporter::spawn(cfg(addr, 16));
         rep.push(window(1));
         until("1 acked", || rep.buffered() == 0).await;
+        (fake, rep)
+    }
+
+    /// An agent that stops sends what it has not sent yet, then its stop notice (the last
+    /// window's seq), and returns once the aggregator has taken them.
+    #[tokio::test]
+    async fn shutdown_sends_the_last_windows_then_a_stop_notice() {
+        let (fake, rep) = streaming().await;
         rep.push(window(2));
         rep.push(window(3));
         rep.shutdown().await;
@@ -829,13 +835,7 @@ mod tests {
     /// agent goes on reporting to the others.
     #[tokio::test]
     async fn close_sends_no_stop_notice() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let fake = Fake::default();
-        tokio::spawn(serve(fake.clone(), listener));
-        let rep = Reporter::spawn(cfg(addr, 16));
-        rep.push(window(1));
-        until("1 acked", || rep.buffered() == 0).await;
+        let (fake, rep) = streaming().await;
         rep.close().await;
         let log = fake.log.lock().unwrap_or_else(PoisonError::into_inner).clone();
         assert_eq!(log, vec![(1, false)]);
