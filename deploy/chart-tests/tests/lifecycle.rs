@@ -10,7 +10,7 @@
 //! 3. `rollout restart` of the agent DaemonSet keeps every condition True: the old agent's
 //!    stop notice (SIGTERM) reaches the aggregator replicas, which hold the node's conditions
 //!    until the new agent reports (the node has no agent between the old pod's deletion, which
-//!    this kubelet confirms 7–19 s after the agent exits, once 60 s, and the new agent's first
+//!    this kubelet confirms 5–19 s after the agent exits, once 60 s, and the new agent's first
 //!    window), and the new agent's windows are ingested as new, not dropped as replays;
 //! 4. `rollout restart` of the aggregator leaves no gap in decisions longer than the Lease;
 //! 5. `helm upgrade` nrc → direct-taint → nrc → dry-run leaves no taint of a mode no longer
