@@ -753,7 +753,7 @@ mod tests {
         assert!(store.mark_stopping("node-1", &notice(100, 5)));
         assert!(
             store.mark_stopping("node-1", &notice(100, 9)),
-            "repeated (another replica's path)"
+            "a repeated notice of the same incarnation"
         );
         assert_eq!(
             store.snapshot()["node-1"].stopped_ms,

@@ -739,25 +739,22 @@ fn a_stopping_agent_holds_its_conditions_until_its_successor_reports() {
     assert_eq!(sim.overall(&p, 5), Some(CondStatus::Unknown));
     assert_eq!(reason(&sim, 5), "AgentStale");
     // The successor: a later incarnation, its seq from 1 again, the same node's windows.
-    for seq in 1..=3 {
-        sim.round(&set(&[]), |i| i != 5);
-        let report = sim.input.reports.get_mut("node-4").expect("reported");
-        let report = std::sync::Arc::make_mut(report);
-        report.agent_started_ns = 2;
-        report.seq = seq;
-        let plan = eng.step(&sim.input);
-        sim.apply(&plan);
-        assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
-    }
-    // The successor's own windows are taken in: a fault on it degrades it as usual.
-    sim.local_bad = true;
-    for seq in 4..=8 {
-        sim.round(&set(&[4]), |i| i != 5);
+    let successor_round = |sim: &mut Sim, eng: &mut Engine, bad: &BTreeSet<usize>, seq: u64| {
+        sim.round(bad, |i| i != 5);
         let report = std::sync::Arc::make_mut(sim.input.reports.get_mut("node-4").expect("reported"));
         report.agent_started_ns = 2;
         report.seq = seq;
         let plan = eng.step(&sim.input);
         sim.apply(&plan);
+    };
+    for seq in 1..=3 {
+        successor_round(&mut sim, &mut eng, &set(&[]), seq);
+        assert_eq!(sim.overall(&p, 4), Some(CondStatus::True));
+    }
+    // The successor's own windows are taken in: a fault on it degrades it as usual.
+    sim.local_bad = true;
+    for seq in 4..=8 {
+        successor_round(&mut sim, &mut eng, &set(&[4]), seq);
     }
     assert_eq!(
         sim.overall(&p, 4),
